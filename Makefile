@@ -1,0 +1,39 @@
+# CoVT trainer. `make install`, then `make test`; `make precompute && make train`
+# runs the embedded default (configs/tiny.yaml) end to end on a CPU.
+PYTHON_BOOT ?= python3.11
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+CONFIG ?= configs/tiny.yaml
+ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test precompute train inspect bench clean
+
+$(PYTHON):
+	$(PYTHON_BOOT) -m venv $(VENV)
+
+install: $(PYTHON)
+	# torch and torchvision come from this machine's local wheel files
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e '.[test]'
+	# DeepSpeed from its source package, no CUDA ops compiled at install time
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
+
+test:
+	$(PYTHON) -m pytest -q $(ARGS)
+
+precompute:
+	$(PYTHON) -m precompute --config $(CONFIG) $(ARGS)
+
+train:
+	$(PYTHON) -m trainer --config $(CONFIG) $(ARGS)
+
+inspect:
+	$(PYTHON) -m shards inspect --config $(CONFIG) --verify $(ARGS)
+
+clean:
+	rm -rf runs/tiny

@@ -1,0 +1,98 @@
+"""What every anchor model of the precompute phase provides.
+
+An anchor model is a frozen vision expert wrapped so the driver can treat all of
+them alike: it says the square input side it wants, the sizes of the named
+dimensions of its target arrays (see ``shards.anchors``), computes a batch of
+targets from square views, exports the frozen decoders the training loss needs,
+and fingerprints its checkpoint for the manifest.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from shards.config import CheckpointConfig, PrecomputeConfig
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A checkpoint file the config points at does not exist."""
+
+    def __init__(self, anchor: str, path: str, config_key: str, where_to_get: str):
+        super().__init__(
+            f"{anchor}: checkpoint not found: {path}\n"
+            f"  (set by config key {config_key})\n"
+            f"  get it from: {where_to_get}"
+        )
+
+
+class AnchorModel(torch.nn.Module, abc.ABC):
+    name: ClassVar[str]
+
+    #: side of the square view this anchor computes from (the driver resizes the
+    #: original image straight to it with ``shards.views.square_view``)
+    input_size: int
+
+    @abc.abstractmethod
+    def dims(self) -> dict[str, int]:
+        """Sizes of the named dimensions of this anchor's target arrays."""
+
+    @abc.abstractmethod
+    def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
+        """Targets for a batch.
+
+        ``views``: uint8 ``(B, S, S, 3)`` RGB square views, ``S = input_size``, on
+        the anchor's device. Returns one array per target array of the spec,
+        each ``(B, *shape)``: float32 for ``float``, bool for ``mask``, int32 for
+        ``count``, on the CPU.
+        """
+
+    def export_decoders(self, out_dir: Path) -> list[str]:
+        """Write the frozen pieces the training loss needs into ``out_dir``; return file names."""
+        return []
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """Checkpoint hash, preprocessing and versions, for the manifest."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file of a folder (sorted by relative path)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+#: anchor name -> function building the model from its checkpoint config
+AnchorLoader = Callable[[CheckpointConfig, PrecomputeConfig, torch.device], AnchorModel]
+LOADERS: dict[str, AnchorLoader] = {}
+
+
+def register(name: str):
+    def deco(fn: AnchorLoader) -> AnchorLoader:
+        LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+def load_anchor(name: str, pre: PrecomputeConfig, device: torch.device) -> AnchorModel:
+    # importing the package registers every loader
+    import precompute.anchors  # noqa: F401
+
+    if name not in LOADERS:
+        raise KeyError(f"no precompute loader for anchor {name!r} (have {sorted(LOADERS)})")
+    if name not in pre.checkpoints:
+        raise KeyError(f"precompute.checkpoints.{name} is not set: where is the {name} checkpoint?")
+    return LOADERS[name](pre.checkpoints[name], pre, device)

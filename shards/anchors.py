@@ -1,0 +1,99 @@
+"""The registry of anchors: one small spec per anchor, read by precompute, shards and trainer.
+
+This is the single place for an anchor's token count, its prompt name and the
+target arrays it caches. Concrete per-sample shapes depend on the anchor model
+(ViT-L vs ViT-S, input size), so each array declares *named* dimensions; the
+precompute phase fixes their sizes per cache and records them in the manifest
+(``manifest["anchors"][name]["dims"]``), and :func:`array_shape` resolves them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TargetKind = Literal["float", "mask", "count"]
+
+
+@dataclass(frozen=True)
+class TargetArray:
+    name: str
+    dims: tuple[str, ...]  # per-sample shape, by dimension name
+    kind: TargetKind  # float: codec-compressed; mask: bool, bit-packed on disk; count: int32
+    description: str
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    name: str
+    tokens: int  # visual thought tokens for this anchor (the paper's counts)
+    thought_name: str  # how prompts name it: "What is the {thought_name} of the image?"
+    arrays: tuple[TargetArray, ...]
+    description: str
+
+    def array(self, name: str) -> TargetArray:
+        for a in self.arrays:
+            if a.name == name:
+                return a
+        raise KeyError(f"anchor {self.name!r} has no target array {name!r} (has {[a.name for a in self.arrays]})")
+
+
+ANCHORS: dict[str, AnchorSpec] = {
+    spec.name: spec
+    for spec in (
+        AnchorSpec(
+            "sam", 8, "segmentation",
+            (
+                TargetArray("embedding", ("embed_dim", "embed_h", "embed_w"), "float", "SAM image embedding"),
+                TargetArray("masks", ("max_masks", "mask_h", "mask_w"), "mask",
+                            "reference masks from automatic mask generation, best first"),
+                TargetArray("mask_count", (), "count", "how many of the masks are real"),
+            ),
+            "Segment Anything (segment-anything)",
+        ),
+        AnchorSpec(
+            "depth", 4, "depth map",
+            (
+                TargetArray("features", ("layers", "patches", "dim"), "float",
+                            "patch features of the 4 backbone layers the DPT head reads"),
+                TargetArray("depth", ("map_h", "map_w"), "float", "relative depth (disparity), min-max normalised"),
+            ),
+            "Depth Anything V2",
+        ),
+        AnchorSpec(
+            "dino", 4, "DINO features",
+            (TargetArray("features", ("tokens", "dim"), "float", "final-norm tokens, CLS first then patches"),),
+            "DINOv2",
+        ),
+        AnchorSpec(
+            "pidinet", 4, "edge map",
+            (TargetArray("edges", ("map_h", "map_w"), "float", "PIDINet fused edge probability"),),
+            "PIDINet (table5_baseline)",
+        ),
+        AnchorSpec(
+            "siglip", 4, "SigLIP embedding",
+            (TargetArray("embedding", ("dim",), "float", "pooled image embedding"),),
+            "SigLIP",
+        ),
+        AnchorSpec(
+            "metaclip", 4, "MetaCLIP embedding",
+            (TargetArray("embedding", ("dim",), "float", "projected image embedding"),),
+            "MetaCLIP",
+        ),
+    )
+}
+
+
+def get_anchor(name: str) -> AnchorSpec:
+    try:
+        return ANCHORS[name]
+    except KeyError:
+        raise KeyError(f"unknown anchor {name!r} (known: {list(ANCHORS)})") from None
+
+
+def array_shape(anchor: str, array: str, dims: dict[str, int]) -> tuple[int, ...]:
+    """Per-sample shape of ``anchor/array`` given the dimension sizes a cache recorded."""
+    spec = get_anchor(anchor).array(array)
+    missing = [d for d in spec.dims if d not in dims]
+    if missing:
+        raise KeyError(f"{anchor}/{array}: dimension sizes missing for {missing}")
+    return tuple(int(dims[d]) for d in spec.dims)

@@ -1,0 +1,282 @@
+"""Typed configuration shared by both phases.
+
+A config is a YAML file validated into the dataclasses below, then overridden
+from the command line with ``key.sub=value`` (the value is parsed as YAML, so
+``train.lr=1e-4``, ``anchors=[sam,depth]`` and ``data.on_bad_record=error``
+all work). An unknown key or a value of the wrong type is an error naming the
+dotted key. The seed's vocabulary maps onto it: DATA_PATH -> ``data.path``,
+IMAGE_FOLDER -> ``data.image_folder``, VISUAL_MODEL_ID -> ``anchors``.
+
+Relative paths in a config file are resolved against the current working
+directory (the repository root when run through ``make``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA-format JSON
+    image_folder: str = "data/sample/images"  # IMAGE_FOLDER
+    on_bad_record: Literal["skip", "error"] = "skip"
+    limit: Optional[int] = None  # read only the first N records (debugging)
+
+
+# -------------------------------------------------------------------------- cache
+@dataclass
+class CacheConfig:
+    dir: str = "runs/tiny/cache"  # where precompute writes, and train reads
+    shard_size: int = 256  # samples per webdataset tar shard (= zarr shard)
+    codec: str = "bf16"  # default codec of float target arrays
+    codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8"
+
+
+# --------------------------------------------------------------------- precompute
+@dataclass
+class CheckpointConfig:
+    """Where one anchor's weights live, in the format users download."""
+
+    path: str = ""  # file (.pth) or Hugging Face folder
+    variant: str = ""  # e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino
+    # Tiny embedded default only: if the file is missing, write a seeded random-weight
+    # checkpoint of ``variant`` there first (in the same format users download).
+    random_init_seed: Optional[int] = None
+
+
+@dataclass
+class SamPrecomputeConfig:
+    points_per_side: int = 16  # automatic mask generation point grid
+    max_masks: int = 8  # reference masks kept per image
+    pred_iou_thresh: float = 0.80
+    stability_score_thresh: float = 0.90
+    box_nms_thresh: float = 0.70
+    point_batch_size: int = 256
+
+
+@dataclass
+class PrecomputeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["bf16", "fp32"] = "bf16"  # anchors that do not tolerate bf16 stay fp32
+    batch_size: int = 8
+    num_workers: int = 2  # image decoding workers
+    checkpoints: dict[str, CheckpointConfig] = field(default_factory=dict)
+    sam: SamPrecomputeConfig = field(default_factory=SamPrecomputeConfig)
+
+
+# -------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny/base_model"  # Hugging Face Qwen2.5-VL folder
+    # Tiny embedded default only: build a random-weight tiny Qwen2.5-VL with a locally
+    # trained tokenizer at ``path`` if it does not exist.
+    build_tiny_if_missing: bool = False
+    image_size: int = 448  # the square view the VLM sees
+
+
+# -------------------------------------------------------------------------- train
+@dataclass
+class StageConfig:
+    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"]
+    steps: int  # optimizer steps
+    anchor_losses: bool = True
+    # optimizer step (counted from the start of this stage's run, i.e. since the
+    # last merge) from which anchor losses switch off; None = never
+    anchor_losses_off_from: Optional[int] = None
+    merge_after: bool = False  # merge LoRA into the base after this stage
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.01
+    vision_tower: bool = True  # LoRA on the vision tower as well as the LLM
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny/train"
+    stages: list[StageConfig] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # anchor -> weight (default 1)
+    lr: float = 2e-4
+    head_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    max_length: int = 2048
+    num_workers: int = 0
+    bf16: bool = True  # ignored on CPU
+    gradient_checkpointing: bool = True
+    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json)
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    plain_answer_fraction: float = 0.3  # stage 4: share of answers without visual thoughts
+
+
+# ------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    anchors: list[str] = field(default_factory=lambda: ["sam", "depth", "dino"])  # VISUAL_MODEL_ID
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------- validation
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """Validate ``value`` against the annotation ``tp``; ``key`` names it in errors."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _build(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'config'}: expected a mapping for {tp.__name__}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{key}." if key else ""
+            raise ConfigError(
+                f"unknown config key {where}{unknown[0]!s} (known keys{' of ' + key if key else ''}: {sorted(names)})"
+            )
+        kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"{key or 'config'}: {e}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else "")) 
+    return parsed
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``key.sub=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = config_from_dict(tree)
+    from shards.anchors import ANCHORS  # late import: anchors imports nothing from here
+
+    for name in cfg.anchors:
+        if name not in ANCHORS:
+            raise ConfigError(f"anchors: unknown anchor {name!r} (known: {list(ANCHORS)})")
+    return cfg
+
+
+def add_config_arguments(parser) -> None:
+    """The ``--config FILE key.sub=value ...`` arguments every entry point takes."""
+    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+
+
+def config_from_args(args) -> Config:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
