@@ -1,0 +1,360 @@
+"""SAM anchor: image embedding + reference masks from a fast, batched automatic mask generation.
+
+Input: the square view at the image encoder's ``img_size`` (1024 for the real
+models), normalised with SAM's pixel mean/std; no padding is needed because the
+view is already square at that size.
+
+Targets (names from ``shards.anchors``):
+- ``embedding``: the image encoder output (256 x 64 x 64 for the real models);
+- ``masks``: up to ``precompute.sam.max_masks`` reference masks at the mask
+  decoder's low-res size (4x the embedding side: 256 x 256), best first;
+- ``mask_count``: how many of ``masks`` are real (the rest are all-false).
+
+Automatic mask generation follows SAM's recipe (a grid of single-point prompts,
+multimask output, predicted-IoU and stability thresholds, box NMS) but runs all
+images of a batch at once on the device: grid prompts are embedded once, the
+mask decoder's submodules decode prompts of many images in one call, the
+stability score is computed on the low-res logits (SAM upsamples to the
+original size first, which costs 16x more and changes the score only at the
+boundary), and nothing goes through RLE or per-mask CPU work. Masks are ranked
+by predicted IoU x stability score, which is also the NMS score, so of two
+duplicates the one kept is the one the ranking prefers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torchvision.ops import batched_nms
+
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
+
+from .base import AnchorModel, MissingCheckpointError, file_sha256, register
+
+CHECKPOINT_URLS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+DECODER_FILE = "sam_decoder.pt"
+STABILITY_OFFSET = 1.0  # SAM's default: IoU of the masks thresholded at logit +1 and -1
+
+
+def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
+    """A small SAM of the real classes: 256 px input, 16x16x32 embedding, 64x64 low-res masks."""
+    img_size, patch, dim = 256, 16, 32
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img_size, patch_size=patch, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4,
+            out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True, window_size=8, global_attn_indexes=(1,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(img_size // patch, img_size // patch),
+            input_image_size=(img_size, img_size), mask_in_chans=8,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32,
+        ),
+    )
+    sam.eval()
+    if checkpoint is not None:
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam
+
+
+BUILDERS = {**sam_model_registry, "vit_tiny": build_sam_vit_tiny}
+
+
+def write_random_checkpoint(path: Path, variant: str, seed: int) -> None:
+    """A seeded random-weight SAM saved like the released .pth files (a plain state dict)."""
+    torch.manual_seed(seed)
+    sam = BUILDERS[variant](None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sam.state_dict(), tmp)
+    tmp.replace(path)
+
+
+def decoder_architecture(sam: Sam) -> dict:
+    """The constructor arguments of ``sam``'s PromptEncoder and MaskDecoder, read off the modules."""
+    pe, md = sam.prompt_encoder, sam.mask_decoder
+    t = md.transformer
+    return {
+        "prompt_embed_dim": pe.embed_dim,
+        "image_embedding_size": tuple(pe.image_embedding_size),
+        "input_image_size": tuple(pe.input_image_size),
+        "mask_in_chans": pe.mask_downscaling[3].out_channels,
+        "transformer": {"depth": t.depth, "embedding_dim": t.embedding_dim, "mlp_dim": t.mlp_dim,
+                        "num_heads": t.num_heads},
+        "num_multimask_outputs": md.num_multimask_outputs,
+        "iou_head_depth": md.iou_prediction_head.num_layers,
+        "iou_head_hidden_dim": md.iou_prediction_head.layers[0].out_features,
+    }
+
+
+@dataclass
+class MaskProposals:
+    """Automatic masks of a batch, best first; rows past ``count`` are padding."""
+
+    masks: torch.Tensor  # (B, K, H, W) bool
+    count: torch.Tensor  # (B,) int
+    iou: torch.Tensor  # (B, K) predicted IoU
+    stability: torch.Tensor  # (B, K)
+    boxes: torch.Tensor  # (B, K, 4) x0, y0, x1, y1 (exclusive) in low-res pixels
+    points: torch.Tensor  # (B, K, 2) the prompt point (x, y) in input pixels
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes (x0, y0, x1, y1 exclusive) of non-empty bool masks ``(N, H, W)``."""
+    h, w = masks.shape[-2:]
+    rows, cols = masks.any(-1), masks.any(-2)
+    y0 = rows.to(torch.uint8).argmax(-1)
+    y1 = h - rows.flip(-1).to(torch.uint8).argmax(-1)
+    x0 = cols.to(torch.uint8).argmax(-1)
+    x1 = w - cols.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.stack([x0, y0, x1, y1], -1)
+
+
+def point_grid(points_per_side: int, size: int) -> torch.Tensor:
+    """SAM's grid of cell-centre points over a ``size`` square, (P, 2) as (x, y), row-major."""
+    centres = (torch.arange(points_per_side, dtype=torch.float64) + 0.5) / points_per_side * size
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], -1).float()
+
+
+def select_masks(cand: dict[str, torch.Tensor], n_img: int, grid_points: torch.Tensor,
+                 max_masks: int, nms_thresh: float) -> MaskProposals:
+    """Box NMS per image on ``score``, then the ``max_masks`` best survivors of each image, best first.
+
+    ``cand`` holds flat candidates: ``masks`` (N, H, W) bool, ``boxes`` (N, 4), ``score``,
+    ``iou``, ``stability``, ``image`` (index in the batch) and ``point`` (index in ``grid_points``).
+    """
+    keep = batched_nms(cand["boxes"].float(), cand["score"], cand["image"], nms_thresh)
+    # batched_nms returns survivors by decreasing score; a stable sort by image keeps that order
+    keep = keep[torch.sort(cand["image"][keep], stable=True).indices]
+    img = cand["image"][keep]
+    per_image = torch.bincount(img, minlength=n_img)
+    rank = torch.arange(len(keep), device=img.device) - (per_image.cumsum(0) - per_image)[img]
+    top = rank < max_masks
+    keep, img, rank = keep[top], img[top], rank[top]
+    h, w = cand["masks"].shape[-2:]
+
+    def table(values: torch.Tensor, shape: tuple, dtype) -> torch.Tensor:
+        t = torch.zeros((n_img, max_masks, *shape), dtype=dtype, device=values.device)
+        t[img, rank] = values[keep].to(dtype)
+        return t
+
+    return MaskProposals(
+        masks=table(cand["masks"], (h, w), torch.bool),
+        count=per_image.clamp(max=max_masks),
+        iou=table(cand["iou"], (), torch.float32),
+        stability=table(cand["stability"], (), torch.float32),
+        boxes=table(cand["boxes"], (4,), torch.int64),
+        points=table(grid_points[cand["point"]], (2,), torch.float32),
+    )
+
+
+class SamAnchor(AnchorModel):
+    name = "sam"
+
+    def __init__(self, sam: Sam, amg: SamPrecomputeConfig, *, variant: str, checkpoint: str,
+                 checkpoint_sha256: str, bf16: bool):
+        super().__init__()
+        self.sam = sam.eval().requires_grad_(False)
+        self.amg = amg
+        self.variant = variant
+        self.checkpoint = checkpoint
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.bf16 = bf16
+        # Decoding prompts of several images per mask-decoder call ("batched") versus one
+        # image's prompts per call through MaskDecoder.forward ("per_image"); bench compares.
+        self.decode_mode = "batched"
+        # The mask decoder runs under bf16 autocast too when bf16 is on; bench/bench_precompute.py
+        # measures how far its masks move from fp32 (set False to keep it fp32).
+        self.decoder_bf16 = bf16
+        self.input_size = sam.image_encoder.img_size
+        grid = point_grid(amg.points_per_side, self.input_size)
+        self.register_buffer("grid_points", grid, persistent=False)
+        self._grid_sparse: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    def dims(self) -> dict[str, int]:
+        eh, ew = self.sam.prompt_encoder.image_embedding_size
+        return {"embed_dim": self.sam.prompt_encoder.embed_dim, "embed_h": eh, "embed_w": ew,
+                "max_masks": self.amg.max_masks, "mask_h": 4 * eh, "mask_w": 4 * ew}
+
+    def _autocast(self, enabled: bool):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ encoder
+    @torch.no_grad()
+    def embed(self, views: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(B, C, h, w)`` float32 of uint8 ``(B, S, S, 3)`` views."""
+        x = views.to(self.device).permute(0, 3, 1, 2).float()
+        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        with self._autocast(self.bf16):
+            return self.sam.image_encoder(x).float()
+
+    # ------------------------------------------------------------------ decoder
+    def grid_sparse_embeddings(self) -> torch.Tensor:
+        """Prompt-encoder embeddings of the grid points ``(P, 2, C)`` (image-independent)."""
+        if self._grid_sparse is None or self._grid_sparse.device != self.device:
+            pts = self.grid_points[:, None, :]
+            labels = torch.ones(pts.shape[0], 1, dtype=torch.int, device=pts.device)
+            sparse, _ = self.sam.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+            self._grid_sparse = sparse
+        return self._grid_sparse
+
+    def _decode_batched(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
+        """Multimask logits ``(n, M, H, W)`` and IoU ``(n, M)`` for prompts (image ``img``, point ``pt``).
+
+        MaskDecoder.predict_masks pairs one image with all prompts of a call; this
+        applies its submodules to a per-prompt image embedding instead, so one call
+        serves prompts of many images.
+        """
+        md, pe = self.sam.mask_decoder, self.sam.prompt_encoder
+        sparse = self.grid_sparse_embeddings()[pt]
+        n = sparse.shape[0]
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], 1)
+        src = emb[img] + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos = pe.get_dense_pe().expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = md.transformer(src, pos, tokens)
+        iou_out, mask_out = hs[:, 0], hs[:, 1:1 + md.num_mask_tokens]
+        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], 1)
+        logits = (hyper @ up.flatten(2)).view(b, -1, *up.shape[-2:])
+        iou = md.iou_prediction_head(iou_out)
+        return logits[:, 1:], iou[:, 1:]
+
+    def _decode_per_image(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
+        pe = self.sam.prompt_encoder
+        sparse = self.grid_sparse_embeddings()
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        logits, ious = [], []
+        for i in torch.unique_consecutive(img).tolist():
+            sel = img == i
+            lg, iou = self.sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(),
+                                            sparse_prompt_embeddings=sparse[pt[sel]],
+                                            dense_prompt_embeddings=dense, multimask_output=True)
+            logits.append(lg)
+            ious.append(iou)
+        return torch.cat(logits), torch.cat(ious)
+
+    @torch.no_grad()
+    def mask_candidates(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every grid-prompt mask of the batch that passes the IoU and stability thresholds."""
+        amg = self.amg
+        n_img, n_pts = emb.shape[0], self.grid_points.shape[0]
+        prompts = torch.arange(n_img * n_pts, device=emb.device)
+        decode = self._decode_batched if self.decode_mode == "batched" else self._decode_per_image
+        found: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "iou", "stability", "image", "point")}
+        for chunk in prompts.split(amg.point_batch_size):
+            img, pt = chunk // n_pts, chunk % n_pts
+            with self._autocast(self.decoder_bf16):
+                logits, iou = decode(emb, img, pt)
+            m = logits.shape[1]
+            logits, iou = logits.float().flatten(0, 1), iou.float().flatten()
+            img, pt = img.repeat_interleave(m), pt.repeat_interleave(m)
+            inner = (logits > STABILITY_OFFSET).sum((-1, -2))
+            outer = (logits > -STABILITY_OFFSET).sum((-1, -2))
+            stability = inner / outer.clamp_min(1)
+            masks = logits > self.sam.mask_threshold
+            keep = masks.flatten(1).any(1)
+            if amg.pred_iou_thresh > 0:
+                keep &= iou > amg.pred_iou_thresh
+            if amg.stability_score_thresh > 0:
+                keep &= stability >= amg.stability_score_thresh
+            for k, v in (("masks", masks), ("iou", iou), ("stability", stability), ("image", img), ("point", pt)):
+                found[k].append(v[keep])
+        out = {k: torch.cat(v) for k, v in found.items()}
+        out["boxes"] = mask_boxes(out["masks"])
+        out["score"] = out["iou"] * out["stability"]
+        return out
+
+    @torch.no_grad()
+    def automatic_masks(self, emb: torch.Tensor) -> MaskProposals:
+        """Up to ``max_masks`` masks per image after NMS, ranked by predicted IoU x stability."""
+        return select_masks(self.mask_candidates(emb), emb.shape[0], self.grid_points,
+                            self.amg.max_masks, self.amg.box_nms_thresh)
+
+    # -------------------------------------------------------------- interface
+    @torch.no_grad()
+    def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
+        emb = self.embed(views)
+        proposals = self.automatic_masks(emb)
+        return {
+            "embedding": emb.cpu().numpy(),
+            "masks": proposals.masks.cpu().numpy(),
+            "mask_count": proposals.count.to(torch.int32).cpu().numpy(),
+        }
+
+    def export_decoders(self, out_dir: Path) -> list[str]:
+        """Everything the training loss needs to rebuild PromptEncoder + MaskDecoder, no SAM checkpoint."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
+                 for k, m in (("prompt_encoder", self.sam.prompt_encoder), ("mask_decoder", self.sam.mask_decoder))}
+        tmp = out_dir / (DECODER_FILE + ".tmp")
+        torch.save({**decoder_architecture(self.sam), **state}, tmp)
+        tmp.replace(out_dir / DECODER_FILE)
+        return [DECODER_FILE]
+
+    def fingerprint(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint,
+            "sha256": self.checkpoint_sha256,
+            "variant": self.variant,
+            "preprocessing": (
+                f"square view {self.input_size}x{self.input_size} (bicubic, from the original), "
+                "(x - pixel_mean) / pixel_std with SAM's mean/std, no padding"
+            ),
+            "image_encoder_dtype": "bf16" if self.bf16 and self.device.type == "cuda" else "fp32",
+            "mask_decoder_dtype": "bf16" if self.decoder_bf16 and self.device.type == "cuda" else "fp32",
+            "automatic_masks": {
+                "points_per_side": self.amg.points_per_side, "max_masks": self.amg.max_masks,
+                "pred_iou_thresh": self.amg.pred_iou_thresh,
+                "stability_score_thresh": self.amg.stability_score_thresh,
+                "stability_score_offset": STABILITY_OFFSET, "stability_on": "low-res logits",
+                "box_nms_thresh": self.amg.box_nms_thresh, "rank": "predicted_iou * stability_score",
+            },
+            "versions": {"segment_anything": version("segment_anything"), "torch": torch.__version__},
+        }
+
+
+@register("sam")
+def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> SamAnchor:
+    variant = ckpt.variant or "vit_h"
+    if variant not in BUILDERS:
+        raise ValueError(f"precompute.checkpoints.sam.variant: unknown SAM variant {variant!r} "
+                         f"(known: {sorted(BUILDERS)})")
+    path = Path(ckpt.path)
+    if not path.is_file():
+        if ckpt.random_init_seed is None:
+            raise MissingCheckpointError("sam", str(path), "precompute.checkpoints.sam.path",
+                                         CHECKPOINT_URLS.get(variant, CHECKPOINT_URLS["vit_h"]))
+        write_random_checkpoint(path, variant, ckpt.random_init_seed)
+    # build on the target device (no slow CPU init of 600M random weights), then load the file
+    with torch.device(device):
+        sam = BUILDERS[variant](None)
+    try:
+        sam.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except RuntimeError as e:
+        raise ValueError(f"sam: {path} does not fit SAM variant {variant!r} "
+                         f"(precompute.checkpoints.sam.variant): {e}") from None
+    return SamAnchor(sam, pre.sam, variant=variant, checkpoint=str(path), checkpoint_sha256=file_sha256(path),
+                     bf16=pre.dtype == "bf16").to(device)

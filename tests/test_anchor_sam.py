@@ -1,0 +1,164 @@
+"""SAM anchor: targets fit the registry, automatic masks agree with segment_anything's, decoders export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from precompute.anchors.base import MissingCheckpointError, load_anchor
+from precompute.anchors.sam import DECODER_FILE, SamAnchor, build_sam_vit_tiny, select_masks
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from shards.anchors import array_shape, get_anchor
+from shards.config import load_config
+from shards.views import square_view
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "data/sample/images").glob("*.jpg"))
+
+
+def tiny_sam(tmp_path: Path, *overrides: str) -> SamAnchor:
+    cfg = load_config("configs/tiny.yaml", [f"precompute.checkpoints.sam.path={tmp_path}/sam_vit_tiny.pth", *overrides])
+    return load_anchor("sam", cfg.precompute, torch.device("cpu"))
+
+
+def views(anchor, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([square_view(Image.open(p), anchor.input_size) for p in PHOTOS[:n]]))
+
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sam")
+
+
+def test_compute_returns_arrays_of_the_registry_shapes(sam_dir):
+    # thresholds low enough that the random tiny model proposes masks
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.1", "precompute.sam.stability_score_thresh=0.0")
+    out = anchor.compute(views(anchor, 3))
+    dims = anchor.dims()
+    assert dims["mask_h"] == 4 * dims["embed_h"] and dims["max_masks"] == 8
+    kinds = {"float": np.float32, "mask": np.bool_, "count": np.int32}
+    for spec in get_anchor("sam").arrays:
+        assert out[spec.name].shape == (3, *array_shape("sam", spec.name, dims)), spec.name
+        assert out[spec.name].dtype == kinds[spec.kind], spec.name
+    counts = out["mask_count"]
+    assert ((counts >= 1) & (counts <= 8)).all()
+    for i, c in enumerate(counts):
+        assert out["masks"][i, :c].reshape(c, -1).any(1).all(), "a counted mask is empty"
+        assert not out["masks"][i, c:].any(), "padding rows must be all false"
+
+
+def test_random_checkpoint_is_a_plain_sam_state_dict(sam_dir):
+    tiny_sam(sam_dir)
+    path = sam_dir / "sam_vit_tiny.pth"
+    state = torch.load(path, weights_only=True)
+    assert {k.split(".")[0] for k in state} == {"image_encoder", "prompt_encoder", "mask_decoder"}
+    rebuilt = build_sam_vit_tiny(str(path))  # segment_anything's own classes load it
+    assert torch.equal(rebuilt.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
+
+
+def test_candidates_match_segment_anything_automatic_mask_generator(sam_dir):
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.15", "precompute.sam.stability_score_thresh=0.0",
+                      "precompute.sam.point_batch_size=50")
+    v = views(anchor, 2)
+    cand = anchor.mask_candidates(anchor.embed(v))
+    generator = SamAutomaticMaskGenerator(anchor.sam, points_per_side=anchor.amg.points_per_side,
+                                          pred_iou_thresh=0.15, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    for i in range(2):
+        theirs = sorted((*m["point_coords"][0], round(m["predicted_iou"], 4))
+                        for m in generator.generate(v[i].numpy()) if m["area"] > 0)
+        mine = cand["image"] == i
+        ours = sorted((*anchor.grid_points[p].tolist(), round(q, 4))
+                      for p, q in zip(cand["point"][mine].tolist(), cand["iou"][mine].tolist()))
+        assert len(theirs) > 10
+        assert len(ours) == len(theirs)
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=2e-4)
+
+
+def test_decoding_many_images_per_call_equals_mask_decoder_forward(sam_dir):
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.1", "precompute.sam.stability_score_thresh=0.0",
+                      "precompute.sam.point_batch_size=40")
+    emb = anchor.embed(views(anchor, 3))
+    batched = anchor.mask_candidates(emb)
+    anchor.decode_mode = "per_image"
+    per_image = anchor.mask_candidates(emb)
+    for key in ("image", "point"):
+        assert torch.equal(batched[key], per_image[key])
+    torch.testing.assert_close(batched["iou"], per_image["iou"], atol=1e-5, rtol=1e-5)
+    assert (batched["masks"] != per_image["masks"]).float().mean() < 1e-3
+
+
+def rectangle(h, w, y0, x0, y1, x1):
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_selection_suppresses_overlapping_boxes_and_ranks_by_score():
+    from precompute.anchors.sam import mask_boxes
+
+    # image 0: two near-duplicates (IoU 0.9) and a disjoint mask; image 1: ten disjoint masks
+    masks = [rectangle(40, 40, 0, 0, 10, 10), rectangle(40, 40, 0, 0, 10, 9), rectangle(40, 40, 20, 20, 30, 30)]
+    masks += [rectangle(40, 40, 4 * k, 0, 4 * k + 3, 5) for k in range(10)]
+    score = torch.tensor([0.5, 0.9, 0.7] + [0.1 * k for k in range(10)])
+    cand = {
+        "masks": torch.stack(masks), "score": score, "iou": score.sqrt(), "stability": score.sqrt(),
+        "image": torch.tensor([0] * 3 + [1] * 10), "point": torch.arange(13),
+    }
+    cand["boxes"] = mask_boxes(cand["masks"])
+    assert cand["boxes"][0].tolist() == [0, 0, 10, 10]
+    grid = torch.arange(26, dtype=torch.float32).view(13, 2)
+    out = select_masks(cand, 2, grid, max_masks=8, nms_thresh=0.7)
+    assert out.count.tolist() == [2, 8]
+    assert torch.equal(out.masks[0, 0], masks[1]) and torch.equal(out.masks[0, 1], masks[2])
+    assert not out.masks[0, 2:].any()
+    # image 1 keeps its 8 best (scores 0.9 .. 0.2), best first
+    torch.testing.assert_close(out.iou[1] ** 2, torch.tensor([0.1 * k for k in range(9, 1, -1)]))
+    assert torch.equal(out.points[1, 0], grid[12])
+
+
+def rebuild_sam_decoders(path: Path) -> tuple[PromptEncoder, MaskDecoder]:
+    """What the trainer does: segment_anything's PromptEncoder + MaskDecoder from the exported file alone."""
+    d = torch.load(path, weights_only=True)
+    t = d["transformer"]
+    prompt_encoder = PromptEncoder(embed_dim=d["prompt_embed_dim"], image_embedding_size=tuple(d["image_embedding_size"]),
+                                   input_image_size=tuple(d["input_image_size"]), mask_in_chans=d["mask_in_chans"])
+    mask_decoder = MaskDecoder(
+        transformer_dim=d["prompt_embed_dim"],
+        transformer=TwoWayTransformer(depth=t["depth"], embedding_dim=t["embedding_dim"], mlp_dim=t["mlp_dim"],
+                                      num_heads=t["num_heads"]),
+        num_multimask_outputs=d["num_multimask_outputs"], iou_head_depth=d["iou_head_depth"],
+        iou_head_hidden_dim=d["iou_head_hidden_dim"],
+    )
+    prompt_encoder.load_state_dict(d["prompt_encoder"])
+    mask_decoder.load_state_dict(d["mask_decoder"])
+    return prompt_encoder.eval(), mask_decoder.eval()
+
+
+def test_exported_decoders_rebuild_without_a_sam_checkpoint(sam_dir, tmp_path):
+    anchor = tiny_sam(sam_dir)
+    assert anchor.export_decoders(tmp_path) == [DECODER_FILE]
+    prompt_encoder, mask_decoder = rebuild_sam_decoders(tmp_path / DECODER_FILE)
+    emb = anchor.embed(views(anchor, 1))
+    prompts = torch.randn(5, 3, anchor.sam.prompt_encoder.embed_dim)  # e.g. projected thought tokens
+    with torch.no_grad():
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        ref_dense = anchor.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        ours = mask_decoder(emb, prompt_encoder.get_dense_pe(), prompts, dense, multimask_output=False)
+        ref = anchor.sam.mask_decoder(emb, anchor.sam.prompt_encoder.get_dense_pe(), prompts, ref_dense,
+                                      multimask_output=False)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def test_missing_checkpoint_names_file_key_and_download(tmp_path):
+    cfg = load_config("configs/tiny.yaml", [f"precompute.checkpoints.sam.path={tmp_path}/sam_vit_h_4b8939.pth",
+                                             "precompute.checkpoints.sam.variant=vit_h",
+                                             "precompute.checkpoints.sam.random_init_seed=null"])
+    with pytest.raises(MissingCheckpointError) as e:
+        load_anchor("sam", cfg.precompute, torch.device("cpu"))
+    msg = str(e.value)
+    assert "sam_vit_h_4b8939.pth" in msg and "precompute.checkpoints.sam.path" in msg
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in msg
