@@ -1,0 +1,205 @@
+"""The LLaVA-format reader: a JSON list of records -> validated records + the bad ones, with reasons.
+
+A record is ``{"id", "image", "conversations"}``; ``image`` is a path relative to
+the image folder, an absolute path, or a list of them; ``conversations``
+alternate ``human``/``gpt`` starting with ``human``, and the first human turn
+holds one ``<image>`` per image. Every record that breaks a rule becomes a
+:class:`BadRecord` naming the record id and the reason; ``data.on_bad_record``
+decides whether the first one stops the run or all are skipped, logged and
+counted (they end up in the cache manifest). Nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from shards.config import DataConfig
+from shards.views import open_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+ROLES = ("human", "gpt")
+
+
+@dataclass
+class Record:
+    index: int  # position among the good records = sample index in the cache (0..N-1)
+    source_index: int  # position in the JSON list
+    id: str
+    images: list[Path]
+    conversations: list[dict]
+
+
+@dataclass
+class BadRecord:
+    source_index: int
+    id: str
+    reason: str
+    kind: str = "other"  # short category, counted in the manifest
+
+
+class BadRecordError(ValueError):
+    """A bad record while ``data.on_bad_record: error``."""
+
+    def __init__(self, bad: BadRecord, data_path: str | Path = ""):
+        where = f" in {data_path}" if data_path else ""
+        super().__init__(
+            f"bad record id={bad.id!r} (entry {bad.source_index}{where}): {bad.reason}"
+            f"  [set data.on_bad_record=skip to skip and count bad records]"
+        )
+        self.bad = bad
+
+
+class _Bad(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def _image_paths(entry: dict, image_folder: Path) -> list[Path]:
+    if "image" not in entry or entry["image"] in (None, "", []):
+        raise _Bad("no_image", "record has no image")
+    raw = entry["image"]
+    names = raw if isinstance(raw, list) else [raw]
+    paths = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise _Bad("bad_image_field", f"image entry {name!r} is not a file path")
+        p = Path(name)
+        paths.append(p if p.is_absolute() else image_folder / p)
+    return paths
+
+
+def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
+    if not isinstance(conversations, list) or not conversations:
+        raise _Bad("no_conversations", "conversations is missing or not a non-empty list")
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise _Bad("bad_turn", f"turn {i} is not a mapping with string 'from' and 'value'")
+        expected = ROLES[i % 2]
+        if turn["from"] != expected:
+            raise _Bad("role_order", f"turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt, starting with human)")
+        if not turn["value"].strip():
+            raise _Bad("empty_turn", f"turn {i} ({turn['from']}) is empty")
+    if len(conversations) % 2:
+        raise _Bad("role_order", "last turn is from 'human' with no 'gpt' answer")
+    first = conversations[0]["value"].count(IMAGE_TOKEN)
+    if first == 0:
+        raise _Bad("no_image_token", f"first human turn has no {IMAGE_TOKEN}")
+    later = [i for i, t in enumerate(conversations[1:], 1) if IMAGE_TOKEN in t["value"]]
+    if later:
+        raise _Bad("image_token_misplaced", f"{IMAGE_TOKEN} outside the first human turn (turn {later[0]})")
+    if first != num_images:
+        raise _Bad("image_count", f"first human turn has {first} {IMAGE_TOKEN} but the record has {num_images} image(s)")
+    return [{"from": t["from"], "value": t["value"]} for t in conversations]
+
+
+def _check_image(path: Path) -> str | None:
+    """Reason the image at ``path`` is unusable, or None."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"image not found: {path}"
+    except OSError as e:
+        return f"image unreadable: {path}: {e}"
+    try:
+        open_rgb(data)
+    except Exception as e:  # PIL raises several types for broken/truncated files
+        return f"image cannot be decoded (missing, truncated or corrupt): {path}: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclass
+class _Candidate:
+    source_index: int
+    id: str
+    images: list[Path] = field(default_factory=list)
+    conversations: list[dict] = field(default_factory=list)
+    bad: BadRecord | None = None
+
+
+def _candidates(entries: list, image_folder: Path) -> Iterator[_Candidate]:
+    seen: dict[str, int] = {}
+    for source_index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            yield _Candidate(source_index, str(source_index),
+                             bad=BadRecord(source_index, str(source_index), "record is not a JSON object", "not_an_object"))
+            continue
+        rid = str(entry["id"]) if entry.get("id") not in (None, "") else str(source_index)
+        cand = _Candidate(source_index, rid)
+        try:
+            if rid in seen:
+                raise _Bad("duplicate_id", f"duplicate id (first used by entry {seen[rid]})")
+            seen[rid] = source_index
+            cand.images = _image_paths(entry, image_folder)
+            cand.conversations = _check_conversations(entry.get("conversations"), len(cand.images))
+        except _Bad as e:
+            cand.bad = BadRecord(source_index, rid, e.reason, e.kind)
+        yield cand
+
+
+def _with_image_checks(cands: Iterator[_Candidate], total: int) -> Iterator[_Candidate]:
+    """Decode each candidate's images fully, in parallel threads, yielding in source order."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+
+    def check(c: _Candidate) -> _Candidate:
+        if c.bad is None:
+            for p in c.images:
+                reason = _check_image(p)
+                if reason:
+                    kind = "image_missing" if reason.startswith("image not found") else "image_unreadable"
+                    c.bad = BadRecord(c.source_index, c.id, reason, kind)
+                    break
+        return c
+
+    # a bounded window keeps memory flat and lets an error stop the run without decoding the rest
+    window = 64 * workers
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=total, desc="checking records", unit="rec",
+                                                  disable=total < 1000, leave=False) as bar:
+        batch: list[_Candidate] = []
+        for cand in cands:
+            batch.append(cand)
+            if len(batch) == window:
+                yield from pool.map(check, batch)
+                bar.update(len(batch))
+                batch = []
+        yield from pool.map(check, batch)
+        bar.update(len(batch))
+
+
+def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
+    """Read and validate the LLaVA JSON at ``data_cfg.path``; see the module docstring."""
+    path = Path(data_cfg.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: LLaVA JSON not found: {path}")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data.path: {path} is not valid JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"data.path: {path} must hold a JSON list of records, got {type(entries).__name__}")
+    if data_cfg.limit is not None:
+        entries = entries[: data_cfg.limit]
+    image_folder = Path(data_cfg.image_folder)
+
+    records: list[Record] = []
+    bad: list[BadRecord] = []
+    for cand in _with_image_checks(_candidates(entries, image_folder), len(entries)):
+        if cand.bad is not None:
+            if data_cfg.on_bad_record == "error":
+                raise BadRecordError(cand.bad, path)
+            log.warning("skipping bad record id=%r (entry %d): %s", cand.bad.id, cand.bad.source_index, cand.bad.reason)
+            bad.append(cand.bad)
+            continue
+        records.append(Record(len(records), cand.source_index, cand.id, cand.images, cand.conversations))
+    if bad:
+        log.warning("%d of %d records skipped as bad (see the cache manifest's bad_records)", len(bad), len(entries))
+    return records, bad
