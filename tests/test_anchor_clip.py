@@ -1,0 +1,66 @@
+"""SigLIP / MetaCLIP anchors: tiny folders in the released layout, embeddings equal transformers' own."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from precompute.anchors.base import MissingCheckpointError, load_anchor
+from shards.anchors import array_shape
+from shards.config import load_config
+from shards.views import square_view
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "data/sample/images").glob("*.jpg"))
+
+
+def load(name: str, folder: Path, *overrides: str):
+    cfg = load_config("configs/tiny.yaml", [f"precompute.checkpoints.{name}.path={folder}", *overrides])
+    return load_anchor(name, cfg.precompute, torch.device("cpu"))
+
+
+def reference_embedding(name: str, folder: Path, images: list[Image.Image]) -> np.ndarray:
+    """The embedding through transformers' full model and the folder's own image processor."""
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        if name == "siglip":
+            model = transformers.SiglipModel.from_pretrained(folder).eval()
+            return model.vision_model(pixel_values=pixel_values).pooler_output.numpy()
+        model = transformers.CLIPModel.from_pretrained(folder).eval()
+        pooled = model.vision_model(pixel_values=pixel_values).pooler_output
+        return model.visual_projection(pooled).numpy()
+
+
+@pytest.mark.parametrize("name,dim", [("siglip", 32), ("metaclip", 24)])
+def test_embedding_equals_transformers_forward(name, dim, tmp_path):
+    anchor = load(name, tmp_path / name)
+    assert (tmp_path / name / "preprocessor_config.json").is_file()
+    assert anchor.dims() == {"dim": dim} and anchor.input_size == 64
+    images = [Image.open(p).convert("RGB") for p in PHOTOS[:3]]
+    square = [square_view(im, anchor.input_size) for im in images]
+    out = anchor.compute(torch.from_numpy(np.stack(square)))["embedding"]
+    assert out.shape == (3, *array_shape(name, "embedding", anchor.dims())) and out.dtype == np.float32
+    ref = reference_embedding(name, tmp_path / name, [Image.fromarray(s) for s in square])
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert np.abs(out[0] - out[1]).max() > 1e-3  # different photos, different embeddings
+    assert anchor.fingerprint()["sha256"]
+
+
+def test_reloading_an_existing_folder_gives_the_same_model(tmp_path):
+    views = torch.from_numpy(np.stack([square_view(Image.open(PHOTOS[0]), 64)]))
+    first = load("siglip", tmp_path / "s").compute(views)["embedding"]
+    again = load("siglip", tmp_path / "s", "precompute.checkpoints.siglip.random_init_seed=null").compute(views)
+    np.testing.assert_array_equal(first, again["embedding"])
+
+
+@pytest.mark.parametrize("name,where", [("siglip", "google/siglip-so400m-patch14-384"),
+                                        ("metaclip", "facebook/metaclip-h14-fullcc2.5b")])
+def test_missing_folder_names_it_and_where_to_get_it(name, where, tmp_path):
+    with pytest.raises(MissingCheckpointError) as e:
+        load(name, tmp_path / "nowhere", f"precompute.checkpoints.{name}.random_init_seed=null")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and where in msg and f"precompute.checkpoints.{name}.path" in msg
