@@ -1,0 +1,372 @@
+"""``python -m shards inspect``: summarise a cache, verify every byte of it, render one sample.
+
+    python -m shards inspect DIR                      # summary table
+    python -m shards inspect DIR --verify             # checksums, counts, every sample readable
+    python -m shards inspect DIR --render KEY -o x.png
+    python -m shards inspect --config configs/tiny.yaml [cache.dir=...]   # DIR from the config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shards import layout
+from shards.codecs import get_codec
+from shards.reader import Cache, CacheError
+from shards.views import open_rgb
+
+
+# --------------------------------------------------------------------- summary
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary(cache: Cache) -> str:
+    m = cache.manifest
+    tar_bytes = sum(s["bytes"] for s in m["shards"])
+    out = [
+        f"cache    {cache.cache_dir}  ({m['schema']})",
+        f"samples  {m['num_samples']}  in {m['num_shards']} shards of up to {m['shard_size']}"
+        f"  (tar {_size(tar_bytes)}, {_size(tar_bytes / max(m['num_samples'], 1))}/sample)",
+        f"created  {', '.join(f'{k} {v}' for k, v in m['created_by'].items() if v)}",
+        "",
+    ]
+    rows = [["anchor", "array", "shape", "dtype", "codec", "stored/sample", "disk/sample", "max abs err", "rel L2 err"]]
+    for anchor, a in m["anchors"].items():
+        for name, info in a["arrays"].items():
+            err = info["measured_error"]
+            rows.append([anchor, name, "x".join(map(str, info["shape"])) or "scalar", info["dtype"], info["codec"],
+                         _size(info["stored_bytes_per_sample"]), _size(info["disk_bytes_per_sample"]),
+                         f"{err['max_abs']:.3g}" if err else "lossless", f"{err['rel_l2']:.3g}" if err else "-"])
+    out.append(_table(rows) if len(rows) > 1 else "anchors  none")
+    out.append("")
+    for anchor, a in m["anchors"].items():
+        decoders = ", ".join(f"{d} ({_size(v['bytes'])})" for d, v in a["decoders"].items()) or "none"
+        fp = json.dumps(a["fingerprint"], sort_keys=True)
+        out.append(f"{anchor:<9}{a['tokens']} tokens; dims {a['dims']}; decoders: {decoders}")
+        out.append(f"{'':<9}fingerprint {fp if len(fp) < 160 else fp[:157] + '...'}")
+    bad = m["bad_records"]
+    out.append("")
+    out.append(f"skipped records: {bad['count']}" + (f"  ({', '.join(f'{k}: {v}' for k, v in bad['by_kind'].items())})"
+                                                    if bad["count"] else ""))
+    for b in bad["records"][:50]:
+        out.append(f"  id={b['id']!r} (entry {b['source_index']}): {b['reason']}")
+    if bad["count"] > 50:
+        out.append(f"  ... and {bad['count'] - 50} more (manifest.json lists them all)")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- verify
+def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> None:
+    from shards.writer import CacheWriter  # the exact header bytes the writer wrote
+
+    tar = cache.cache_dir / shard["tar"]
+    if not tar.is_file():
+        problems.append(f"{shard['tar']}: missing")
+        return
+    if layout.sha256_file(tar) == shard["sha256"]:
+        return
+    where_found = len(problems)
+    raw = tar.read_bytes()
+    if len(raw) != shard["bytes"]:
+        problems.append(f"{shard['tar']}: {len(raw)} bytes, manifest says {shard['bytes']}")
+    for s in prog["samples"]:
+        for mem in s["members"]:
+            header = CacheWriter._tarinfo(mem["name"], mem["size"]).tobuf(
+                __import__("tarfile").USTAR_FORMAT, "utf-8", "surrogateescape")
+            if raw[mem["offset"] - len(header):mem["offset"]] != header:
+                problems.append(f"{shard['tar']}: sample {s['key']} (id {s['id']!r}): tar header of "
+                                f"{mem['name']} is corrupt")
+    if len(problems) == where_found:
+        problems.append(f"{shard['tar']}: sha256 differs from the manifest (damage in a member payload or the "
+                        f"archive trailer; see the member checks)")
+
+
+def _check_sample_bytes(cache: Cache, shard_id: int, tar_rel: str, entry: dict, problems: list[str]) -> bool:
+    ok = True
+    payloads = []
+    for mem in entry["members"]:
+        try:
+            data = cache._read_member(shard_id, mem)
+        except (OSError, CacheError) as e:
+            problems.append(f"{tar_rel}: sample {entry['key']} (id {entry['id']!r}): cannot read {mem['name']}: {e}")
+            return False
+        if layout.sha256_bytes(data) != mem["sha256"]:
+            problems.append(f"{tar_rel}: sample {entry['key']} (index {entry['index']}, id {entry['id']!r}): "
+                            f"checksum mismatch in {mem['name']}")
+            ok = False
+        payloads.append((mem["name"], data))
+    for name, data in payloads:
+        try:
+            if name.endswith(".json"):
+                json.loads(data)
+            else:
+                open_rgb(data)
+        except Exception as e:
+            problems.append(f"{tar_rel}: sample {entry['key']} (id {entry['id']!r}): {name} unreadable: {e}")
+            ok = False
+    return ok
+
+
+def verify(cache: Cache, show_progress: bool = True) -> list[str]:
+    """Every problem found, each naming the file and the sample; empty if the cache is sound."""
+    m = cache.manifest
+    problems: list[str] = []
+    if sum(s["count"] for s in m["shards"]) != m["num_samples"] or len(m["shards"]) != m["num_shards"]:
+        problems.append(f"manifest: shard counts add to {sum(s['count'] for s in m['shards'])} samples in "
+                        f"{len(m['shards'])} shards, expected {m['num_samples']} in {m['num_shards']}")
+    for anchor, a in m["anchors"].items():
+        for d, info in a["decoders"].items():
+            path = cache.decoders_dir / d
+            if not path.is_file() or layout.sha256_file(path) != info["sha256"]:
+                problems.append(f"decoders/{d} ({anchor}): missing or checksum mismatch")
+    next_index = 0
+    bar = tqdm(total=m["num_samples"], desc="verifying", unit="sample", disable=not show_progress)
+    for shard in m["shards"]:
+        sid = shard["id"]
+        progress_files = {"samples": layout.samples_progress_name(sid),
+                          **{a: layout.targets_progress_name(sid, a) for a in m["anchors"]}}
+        progs = {}
+        for part, rel in progress_files.items():
+            path = cache.cache_dir / rel
+            if not path.is_file():
+                problems.append(f"{rel}: commit record of shard {sid} missing")
+            elif layout.sha256_file(path) != shard["progress_sha256"].get(part):
+                problems.append(f"{rel}: commit record of shard {sid} differs from the manifest")
+            else:
+                progs[part] = layout.read_json(path)
+        if "samples" not in progs:
+            bar.update(shard["count"])
+            next_index += shard["count"]
+            continue
+        prog = progs["samples"]
+        _check_tar(cache, shard, prog, problems)
+        if len(prog["samples"]) != shard["count"] or prog["samples"][0]["index"] != next_index:
+            problems.append(f"{shard['tar']}: holds {len(prog['samples'])} samples from index "
+                            f"{prog['samples'][0]['index']}, expected {shard['count']} from {next_index}")
+        for anchor in m["anchors"]:
+            tp = progs.get(anchor)
+            if tp is None:
+                continue
+            for array in tp["arrays"].values():
+                for sname, st in array["stored"].items():
+                    path = cache.cache_dir / st["file"]
+                    if not path.is_file() or layout.sha256_file(path) != st["file_sha256"]:
+                        problems.append(f"{st['file']}: zarr shard of shard {sid} ({anchor}/{sname}) "
+                                        f"missing or checksum mismatch")
+        for i, entry in enumerate(prog["samples"]):
+            _check_sample_bytes(cache, sid, shard["tar"], entry, problems)
+            for anchor, a in m["anchors"].items():
+                tp = progs.get(anchor)
+                if tp is None:
+                    continue
+                for name, info in a["arrays"].items():
+                    parts = {}
+                    for sname in info["stored"]:
+                        st = tp["arrays"][name]["stored"][sname]
+                        where = (f"{st['file']}: sample {entry['key']} (index {entry['index']}, id {entry['id']!r}) "
+                                 f"{anchor}/{sname}")
+                        try:
+                            value = np.asarray(cache.stored(anchor, sname)[entry["index"]])
+                        except Exception as e:
+                            problems.append(f"{where}: unreadable: {type(e).__name__}: {e}")
+                            continue
+                        if layout.sha256_bytes(np.ascontiguousarray(value).tobytes()) != st["samples"][i]:
+                            problems.append(f"{where}: checksum mismatch")
+                        parts[sname[len(name) + 1:] if sname != name else ""] = value[None]
+                    if len(parts) == len(info["stored"]):
+                        get_codec(info["codec"], info["kind"]).decode(parts, tuple(info["shape"]))
+            bar.update(1)
+        next_index += shard["count"]
+    bar.close()
+    return problems
+
+
+# ---------------------------------------------------------------------- render
+def _pca_rgb(features: np.ndarray) -> np.ndarray:
+    """``(n, d)`` -> ``(n, 3)`` in [0, 1]: the top 3 principal components, each stretched to its 1-99% range."""
+    x = features.astype(np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    if x.shape[1] < 3:
+        x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+    return np.clip((comps - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
+
+
+def _patch_grid(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """Drop leading non-patch tokens (CLS, registers) so the rest fills a square grid."""
+    n = tokens.shape[0]
+    for prefix in prefer_prefix:
+        side = math.isqrt(max(n - prefix, 0))
+        if side > 0 and side * side == n - prefix:
+            return tokens[prefix:].reshape(side, side, -1), prefix
+    return tokens.reshape(1, n, -1), 0
+
+
+def _pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    grid, prefix = _patch_grid(tokens, prefer_prefix)
+    h, w, d = grid.shape
+    return _pca_rgb(grid.reshape(h * w, d)).reshape(h, w, 3), prefix
+
+
+def _panels(sample: dict, manifest: dict) -> list[tuple[str, callable]]:
+    """(title, draw(ax)) for every panel of one sample."""
+    from shards.views import square_view
+
+    image = sample["images"][0]
+    panels = [(f"image  id={sample['id']}  key={sample['key']}  {image.size[0]}x{image.size[1]}",
+               lambda ax: ax.imshow(image))]
+    colours = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]]) / 255.0
+
+    def masks_overlay(ax, masks, count):
+        view = square_view(image, masks.shape[-1]).astype(np.float64) / 255.0
+        over = view.copy()
+        for k in range(count):
+            over[masks[k]] = 0.45 * over[masks[k]] + 0.55 * colours[k % len(colours)]
+        ax.imshow(over)
+
+    def imshow_bar(ax, arr, cmap):
+        im = ax.imshow(arr, cmap=cmap)
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+    from shards.anchors import ANCHORS
+
+    order = sorted(sample["targets"], key=lambda a: list(ANCHORS).index(a) if a in ANCHORS else len(ANCHORS))
+    for anchor in order:
+        t = {k: v.numpy() for k, v in sample["targets"][anchor].items()}
+        if anchor == "sam":
+            count = int(t["mask_count"])
+            panels.append((f"sam: {count} reference masks", lambda ax, m=t["masks"], c=count: masks_overlay(ax, m, c)))
+            emb = t["embedding"]
+            d, h, w = emb.shape
+            panels.append((f"sam: image embedding {d}x{h}x{w} (PCA)",
+                           lambda ax, e=emb: ax.imshow(_pca_rgb(e.reshape(e.shape[0], -1).T).reshape(
+                               e.shape[1], e.shape[2], 3))))
+        elif anchor == "depth":
+            panels.append(("depth: relative depth", lambda ax, a=t["depth"]: imshow_bar(ax, a, "magma")))
+            for layer, feats in enumerate(t["features"]):
+                img, _ = _pca_image(feats, (0, 1, 5))
+                panels.append((f"depth: layer {layer + 1}/{len(t['features'])} features (PCA)",
+                               lambda ax, i=img: ax.imshow(i)))
+        elif anchor == "dino":
+            img, prefix = _pca_image(t["features"], (1, 5, 0))
+            panels.append((f"dino: patch features (PCA, {prefix} prefix token(s) dropped)",
+                           lambda ax, i=img: ax.imshow(i)))
+        elif anchor == "pidinet":
+            panels.append(("pidinet: edges", lambda ax, a=t["edges"]: imshow_bar(ax, a, "inferno")))
+        else:
+            for name, arr in t.items():
+                if arr.ndim == 1:
+                    def bars(ax, a=arr):
+                        ax.bar(np.arange(len(a)), a, width=1.0, color=np.where(a >= 0, "tab:blue", "tab:red"))
+                        ax.set_xlim(-0.5, len(a) - 0.5)
+                        ax.set_xlabel("dimension")
+                    panels.append((f"{anchor}: {name} ({len(arr)}-d, |v|={np.linalg.norm(arr):.2f})", bars))
+                elif arr.ndim == 2:
+                    panels.append((f"{anchor}: {name}", lambda ax, a=arr: imshow_bar(ax, a, "viridis")))
+    return panels
+
+
+def render(cache: Cache, key: str | int, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = cache.resolve(key)
+    sample = cache.sample(index)
+    panels = _panels(sample, cache.manifest)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, draw) in zip(axes.flat, panels):
+        draw(ax)
+        ax.set_title(title, fontsize=9)
+        if not ax.get_xlabel():
+            ax.set_xticks([]), ax.set_yticks([])
+        else:
+            ax.axis("on")
+    fig.suptitle(f"{cache.cache_dir}  sample {sample['key']}", fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------- cli
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards inspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="DIR | key.sub=value",
+                   help="the cache directory, or config overrides when --config gives it")
+    p.add_argument("--config", help="take the cache directory from this config's cache.dir")
+    p.add_argument("--verify", action="store_true", help="check every checksum and count, read every sample")
+    p.add_argument("--render", metavar="KEY", help="sample index, key or record id to draw")
+    p.add_argument("-o", "--output", help="PNG to write with --render (default: sample-KEY.png)")
+    a = p.parse_args(argv)
+    dirs = [x for x in a.args if "=" not in x]
+    overrides = [x for x in a.args if "=" in x]
+    if len(dirs) > 1:
+        p.error(f"one cache directory expected, got {dirs}")
+    if dirs:
+        cache_dir = dirs[0]
+    else:
+        from shards.config import ConfigError, load_config
+
+        try:
+            cache_dir = load_config(a.config or "configs/tiny.yaml", overrides).cache.dir
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+    try:
+        cache = Cache(cache_dir)
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(cache))
+    status = 0
+    if a.verify:
+        problems = verify(cache)
+        print()
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        if problems:
+            print(f"verify: {len(problems)} problem(s) in {cache.cache_dir}")
+            status = 1
+        else:
+            print(f"verify: OK ({cache.num_samples} samples, {cache.num_shards} shards, "
+                  f"{len(cache.anchors)} anchors: every checksum matches, every sample readable)")
+    if a.render is not None:
+        try:
+            out = render(cache, a.render, a.output or f"sample-{a.render}.png")
+        except CacheError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"rendered sample {a.render} to {out}")
+    return status
