@@ -136,7 +136,7 @@ def build_tokenizer(vocab_size: int = 3000):
         model_max_length=32768,
         split_special_tokens=False,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"extra_special_tokens": QWEN_SPECIAL_TOKENS})
     return tokenizer
 
 

@@ -1,0 +1,208 @@
+"""Raw cache samples -> model tensors for one optimizer step's stage.
+
+The DataLoader hands over lists of raw samples (``collate_fn=list``); the main process
+calls :func:`build_batch` with the stage of the current optimizer step, so a sample's
+format depends only on (stage, train.seed, global step, sample index).
+
+Per sample: the stage format (trainer.formats), Qwen's chat template, the processor on
+the square view of image 0 at ``model.image_size`` (the view the anchors saw), labels
+on assistant tokens only, truncation to ``train.max_length`` that never splits the image
+or a visual thought. Per anchor: which rows carry its thoughts, where its pad tokens
+are, the stacked cached targets of those rows and, for heads that ask, uint8 views.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shards.anchors import get_anchor
+from shards.views import square_view
+from trainer.formats import FormatError, format_conversation, sample_rng
+from trainer.tokens import ThoughtTokens
+
+IGNORE_INDEX = -100
+
+
+class BatchError(ValueError):
+    """A sample that cannot become training tensors (names the sample and the reason)."""
+
+
+def _name(sample: dict) -> str:
+    return f"sample {sample.get('index')} (key {sample.get('key')!r}, id {sample.get('id')!r})"
+
+
+def sample_messages(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> list[dict]:
+    """The chat messages of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
+    rng = sample_rng(cfg.train.seed, step, sample["index"])
+    try:
+        return format_conversation(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
+    except FormatError as e:
+        raise BatchError(f"{_name(sample)}: {e}") from None
+
+
+def render(messages: list[dict], processor) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def _find(ids: list[int], pattern: list[int], start: int = 0) -> int:
+    n = len(pattern)
+    for i in range(start, len(ids) - n + 1):
+        if ids[i:i + n] == pattern:
+            return i
+    return -1
+
+
+def assistant_labels(input_ids: torch.Tensor, processor, num_answers: int, where: str) -> torch.Tensor:
+    """Copy of ``input_ids`` with -100 everywhere except assistant answers and their ``<|im_end|>``."""
+    tok = processor.tokenizer
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = input_ids.tolist()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    found, pos = 0, _find(ids, header)
+    while pos >= 0:
+        begin = pos + len(header)
+        try:
+            end = ids.index(im_end, begin)
+        except ValueError:
+            raise BatchError(f"{where}: an assistant turn has no <|im_end|>") from None
+        labels[begin:end + 1] = input_ids[begin:end + 1]
+        found += 1
+        pos = _find(ids, header, end + 1)
+    if found != num_answers:
+        raise BatchError(f"{where}: found {found} assistant turns in the tokens, expected {num_answers}")
+    return labels
+
+
+def _spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
+    spans, begin = [], None
+    for i, t in enumerate(ids):
+        if t == open_id:
+            begin = i
+        elif t == close_id and begin is not None:
+            spans.append((begin, i))
+            begin = None
+    return spans
+
+
+def truncation_point(ids: list[int], max_length: int, processor, tokens: ThoughtTokens, where: str) -> int:
+    """Largest length <= max_length that splits neither the image nor a visual thought."""
+    if len(ids) <= max_length:
+        return len(ids)
+    tok = processor.tokenizer
+    vision = _spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
+    for begin, end in vision:
+        if begin < max_length <= end:
+            raise BatchError(f"{where}: train.max_length={max_length} would cut through the image "
+                             f"(tokens {begin}..{end} of {len(ids)}); raise train.max_length")
+        if begin >= max_length:
+            raise BatchError(f"{where}: train.max_length={max_length} leaves out the image "
+                             f"(it starts at token {begin} of {len(ids)}); raise train.max_length")
+    cut = max_length
+    for begin, end in _spans(ids, tokens.start_id, tokens.end_id):
+        if begin < cut <= end:
+            cut = begin  # drop the whole thought rather than train on half of one
+    return cut
+
+
+def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, processor, tokens: ThoughtTokens, cfg):
+    where = _name(sample)
+    if not sample.get("images"):
+        raise BatchError(f"{where}: no image")
+    messages = sample_messages(sample, stage_name, anchors, step, cfg)
+    view = Image.fromarray(square_view(sample["images"][0], cfg.model.image_size))
+    enc = processor(text=[render(messages, processor)], images=[view], return_tensors="pt")
+    num_answers = sum(m["role"] == "assistant" for m in messages)
+    labels = assistant_labels(enc["input_ids"][0], processor, num_answers, where)
+    cut = truncation_point(enc["input_ids"][0].tolist(), cfg.train.max_length, processor, tokens, where)
+    if not (labels[:cut] != IGNORE_INDEX).any():
+        raise BatchError(f"{where}: train.max_length={cfg.train.max_length} leaves no answer token to train on "
+                         f"(the sequence has {labels.numel()} tokens); raise train.max_length")
+    row = {k: enc[k][0, :cut] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
+    row["labels"] = labels[:cut]
+    return row, enc["pixel_values"], enc["image_grid_thw"]
+
+
+def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(r.numel() for r in rows)), value, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :r.numel()] = r
+    return out
+
+
+def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, tokens: ThoughtTokens,
+                 view_size: int | None) -> dict[str, Any]:
+    n = get_anchor(anchor).tokens
+    is_pad = input_ids == tokens.pad_id[anchor]
+    rows, positions = [], []
+    for r in range(input_ids.shape[0]):
+        pos = is_pad[r].nonzero().flatten()
+        if pos.numel() == 0:
+            continue
+        if pos.numel() != n:
+            raise BatchError(f"{_name(samples[r])}: {pos.numel()} <|{anchor}_pad|> tokens, expected 0 or {n}")
+        rows.append(r)
+        positions.append(pos)
+    for s in samples:
+        if anchor not in s.get("targets", {}):
+            raise BatchError(f"{_name(s)}: the cache has no targets for anchor {anchor!r} "
+                             f"(has {sorted(s.get('targets', {}))})")
+    first = samples[0]["targets"][anchor]
+    targets = {name: torch.stack([samples[r]["targets"][anchor][name] for r in rows]) if rows
+               else first[name].unsqueeze(0)[:0] for name in first}
+    views = None
+    if view_size:
+        arrays = [square_view(samples[r]["images"][0], view_size) for r in rows]
+        views = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
+                 else torch.zeros((0, 3, view_size, view_size), dtype=torch.uint8))
+    return {
+        "rows": torch.tensor(rows, dtype=torch.long),
+        "positions": torch.stack(positions) if positions else torch.zeros((0, n), dtype=torch.long),
+        "targets": targets,
+        "views": views,
+    }
+
+
+def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens, cfg,
+                view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Model tensors for ``samples`` in ``stage``'s format (a shards.config.StageConfig) at global ``step``.
+
+    Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
+    mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
+    {anchor: {rows, positions (B_a, tokens), targets {array: (B_a, ...)}, views (B_a,3,S,S) uint8 or None}}
+    for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``keys``.
+    """
+    if not samples:
+        raise BatchError("empty batch")
+    anchors = list(cfg.anchors)
+    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, cfg) for s in samples]
+    rows = [e[0] for e in encoded]
+    pad_id = processor.tokenizer.pad_token_id
+    batch: dict[str, Any] = {
+        "input_ids": _pad([r["input_ids"] for r in rows], pad_id),
+        "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
+        "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX),
+        "pixel_values": torch.cat([e[1] for e in encoded]),
+        "image_grid_thw": torch.cat([e[2] for e in encoded]),
+    }
+    if "mm_token_type_ids" in rows[0]:
+        batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
+    view_sizes = view_sizes or {}
+    batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
+                        if anchors_on else {})
+    batch["keys"] = [s.get("key") for s in samples]
+    return batch
+
+
+def batch_to(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor moved to ``device`` (dtypes unchanged: the VLM casts pixel values itself)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(v, device) for v in batch)
+    return batch

@@ -1,0 +1,104 @@
+"""The visual thought tokens: ``<|anchor_start|>``, ``<|anchor_end|>`` and one pad token per anchor.
+
+A visual thought of anchor ``a`` is written ``<|anchor_start|>`` + N x ``<|a_pad|>`` +
+``<|anchor_end|>`` with N = ``ANCHORS[a].tokens``. The tokens are added to the tokenizer
+as special tokens (never split, decodable), the VLM's input embedding and lm_head are
+grown to cover them, and the new rows start at the mean of the existing vocabulary's rows
+(plus tiny seeded noise, so pads of different anchors are distinguishable from step 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shards.anchors import ANCHORS, get_anchor
+
+ANCHOR_START = "<|anchor_start|>"
+ANCHOR_END = "<|anchor_end|>"
+
+
+def pad_token(anchor: str) -> str:
+    return f"<|{anchor}_pad|>"
+
+
+def thought_token_strings() -> list[str]:
+    """Every thought token, in a fixed order (start, end, then one pad per registry anchor)."""
+    return [ANCHOR_START, ANCHOR_END] + [pad_token(a) for a in ANCHORS]
+
+
+def thought_text(anchor: str) -> str:
+    """The pads of one anchor as text: start + N pads + end."""
+    return ANCHOR_START + pad_token(anchor) * get_anchor(anchor).tokens + ANCHOR_END
+
+
+@dataclass(frozen=True)
+class ThoughtTokens:
+    start_id: int
+    end_id: int
+    pad_id: dict[str, int]  # anchor -> id of <|anchor_pad|>
+
+    @property
+    def ids(self) -> list[int]:
+        return [self.start_id, self.end_id] + list(self.pad_id.values())
+
+    def anchor_of(self, token_id: int) -> str | None:
+        for anchor, pid in self.pad_id.items():
+            if pid == token_id:
+                return anchor
+        return None
+
+
+def thought_tokens(tokenizer) -> ThoughtTokens:
+    """Ids of the thought tokens in a tokenizer that already has them (e.g. a trained CoVT folder)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in thought_token_strings() if t not in vocab]
+    if missing:
+        raise KeyError(f"tokenizer lacks the visual thought tokens {missing}; call add_thought_tokens first")
+    return ThoughtTokens(
+        start_id=vocab[ANCHOR_START],
+        end_id=vocab[ANCHOR_END],
+        pad_id={a: vocab[pad_token(a)] for a in ANCHORS},
+    )
+
+
+def add_thought_tokens(processor, model=None, seed: int = 0) -> ThoughtTokens:
+    """Add the thought tokens to ``processor.tokenizer`` and make room for them in ``model``.
+
+    Idempotent: tokens already in the tokenizer (a folder saved after stage 1) keep their
+    ids and their trained embedding rows; only rows of tokens added by this call are
+    initialised.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab()
+    new = [t for t in thought_token_strings() if t not in vocab]
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    tokens = thought_tokens(tokenizer)
+    if model is not None:
+        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new]
+        _grow_embeddings(model, len(tokenizer), new_ids, seed)
+    return tokens
+
+
+@torch.no_grad()
+def _grow_embeddings(model, tokenizer_len: int, new_ids: list[int], seed: int) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer_len > rows:
+        # Real checkpoints have spare rows past the tokenizer (Qwen2.5-VL-7B: 152064 for
+        # 151665 tokens); only grow when the new ids do not fit.
+        model.resize_token_embeddings(tokenizer_len, mean_resizing=False)
+    if not new_ids:
+        return
+    known = min(new_ids)  # rows below the first new id belong to the original vocabulary
+    generator = torch.Generator().manual_seed(seed)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    for weight in matrices:
+        old = weight[:known].float()
+        mean, std = old.mean(0), old.std(0).mean()
+        noise = torch.randn(len(new_ids), weight.shape[1], generator=generator) * (1e-3 * std)
+        idx = torch.tensor(new_ids, device=weight.device)
+        weight[idx] = (mean.cpu() + noise).to(weight.dtype).to(weight.device)
