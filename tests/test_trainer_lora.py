@@ -1,0 +1,131 @@
+"""LoRA on the tiny Qwen2.5-VL: targets, trainable token rows, merge == base + LoRA."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+from shards.config import LoraConfig
+from trainer.lora import attach_lora, merge_lora
+from trainer.tiny_model import build_tiny_base_model
+
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return build_tiny_base_model(tmp_path_factory.mktemp("lora") / "base", seed=0, image_size=112)
+
+
+def load_with_new_rows(base_dir):
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(old + NEW_TOKENS, mean_resizing=False)
+    return model.eval(), list(range(old, old + NEW_TOKENS))
+
+
+def image_inputs(base_dir, new_ids):
+    processor = AutoProcessor.from_pretrained(base_dir)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n"
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    # the new rows are not in this tokenizer yet: append their ids to every per-token tensor
+    extra = torch.tensor([new_ids])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    for key in ("attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            fill = 1 if key == "attention_mask" else 0
+            inputs[key] = torch.cat([inputs[key], torch.full_like(extra, fill)], dim=1)
+    return inputs
+
+
+def randomise_adapters(model, seed=1):
+    """Fresh LoRA has B = 0 (a no-op); give every trainable tensor a random value so merging matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def lora_modules(model):
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A"))
+
+
+def test_lora_goes_on_every_llm_and_vision_block_linear_and_nowhere_else(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    cfg = vlm.config
+    peft_model = attach_lora(vlm, LoraConfig(), new_ids)
+    names = lora_modules(peft_model)
+    llm = [n for n in names if ".language_model.layers." in n]
+    vision = [n for n in names if ".visual.blocks." in n]
+    assert len(llm) == cfg.text_config.num_hidden_layers * 7
+    assert len(vision) == cfg.vision_config.depth * 5
+    assert len(names) == len(llm) + len(vision)  # no patch_embed.proj (Conv3d), merger, lm_head
+    assert {n.rsplit(".", 1)[1] for n in vision} == {"qkv", "proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_without_vision_tower_only_the_llm_gets_lora(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    names = lora_modules(attach_lora(vlm, LoraConfig(vision_tower=False), new_ids))
+    assert names and all(".language_model.layers." in n for n in names)
+
+
+def test_unknown_target_module_is_a_clear_error(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    with pytest.raises(ValueError, match=r"target_modules: \['c_attn'\]"):
+        attach_lora(vlm, LoraConfig(target_modules=["q_proj", "c_attn"]), new_ids)
+
+
+def test_only_adapters_and_new_token_rows_train(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    peft_model = attach_lora(vlm, LoraConfig(), new_ids)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    rows = [n for n in trainable if "trainable_tokens_delta" in n]
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    # untied Qwen2.5-VL: the new rows of both the input embedding and the lm_head
+    assert len(rows) == 2 and all(trainable[n].shape == (NEW_TOKENS, vlm.config.text_config.hidden_size) for n in rows)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+
+
+def test_merged_weights_give_the_same_logits_as_base_plus_lora(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    inputs = image_inputs(base_dir, new_ids)
+    with torch.no_grad():
+        base_logits = vlm(**inputs).logits
+    peft_model = attach_lora(vlm, LoraConfig(), new_ids).eval()
+    randomise_adapters(peft_model)
+    with torch.no_grad():
+        lora_logits = peft_model(**inputs).logits
+        merged = merge_lora(peft_model)
+        merged_logits = merged(**inputs).logits
+    assert not any(hasattr(m, "lora_A") for m in merged.modules())
+    assert (lora_logits - base_logits).abs().max() > 1e-2  # the adapters really change the output
+    # fp32 throughout; merging only reassociates W x + B(A x) into (W + BA) x, so the
+    # difference is float rounding (~1e-6 relative) accumulated over a few layers.
+    torch.testing.assert_close(merged_logits, lora_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_model_saves_and_reloads_with_plain_transformers(base_dir, tmp_path):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    inputs = image_inputs(base_dir, new_ids)
+    peft_model = attach_lora(vlm, LoraConfig(), new_ids).eval()
+    randomise_adapters(peft_model, seed=2)
+    merged = merge_lora(peft_model)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, merged(**inputs).logits, atol=0, rtol=0)
+
+
+def test_new_lora_on_a_merged_model_starts_from_the_merged_weights(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    inputs = image_inputs(base_dir, new_ids)
+    first = attach_lora(vlm, LoraConfig(), new_ids).eval()
+    randomise_adapters(first, seed=3)
+    merged = merge_lora(first)
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+        second = attach_lora(merged, LoraConfig(), new_ids).eval()  # LoRA B starts at zero
+        torch.testing.assert_close(second(**inputs).logits, merged_logits, atol=1e-6, rtol=1e-6)

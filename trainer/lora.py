@@ -1,0 +1,100 @@
+"""LoRA on Qwen2.5-VL (peft): which modules get adapters, trainable new-token rows, merging.
+
+Adapters go on the linear layers of the language model's decoder layers and, with
+``lora.vision_tower``, of the vision tower's blocks whose leaf name is one of
+``lora.target_modules`` (Qwen2.5-VL names: q/k/v/o_proj, gate/up/down_proj in the
+LLM; attn.qkv, attn.proj and mlp.gate/up/down_proj in the vision blocks). The patch
+embedding (a Conv3d also called ``proj``), the patch merger and the lm_head are left
+alone, and the anchor heads are not part of the VLM at all.
+
+The rows of the added thought tokens train in full through peft's
+``trainable_token_indices`` on the input embedding and, when it is not tied, the
+lm_head; the rest of both matrices stays frozen.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from shards.config import LoraConfig
+
+
+def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in vlm.named_modules():
+        if m is module:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def lora_target_pattern(vlm: torch.nn.Module, lora: LoraConfig) -> str:
+    """A regex (peft full-matches it) naming exactly the Linear layers that get LoRA."""
+    towers = [
+        (_submodule_prefix(vlm, vlm.model.language_model), "layers", True),
+        (_submodule_prefix(vlm, vlm.model.visual), "blocks", lora.vision_tower),
+    ]
+    wanted = set(lora.target_modules)
+    alternatives, found = [], set()
+    for prefix, blocks, use in towers:
+        leaves = set()
+        for name, m in vlm.named_modules():
+            if isinstance(m, torch.nn.Linear) and re.fullmatch(rf"{re.escape(prefix)}\.{blocks}\.\d+\.\w+\.\w+", name):
+                leaf = name.rsplit(".", 1)[1]
+                if leaf in wanted:
+                    leaves.add(leaf)
+        found |= leaves  # names of the vision tower are fine in the list even when it gets no LoRA
+        if leaves and use:
+            alternatives.append(rf"{re.escape(prefix)}\.{blocks}\.\d+\.\w+\.(?:{'|'.join(sorted(leaves))})")
+    missing = sorted(wanted - found)
+    if missing:
+        raise ValueError(
+            f"train.lora.target_modules: {missing} match no Linear layer in the language model or vision tower "
+            f"blocks of this {type(vlm).__name__} (Qwen2.5-VL names: q_proj k_proj v_proj o_proj gate_proj up_proj "
+            "down_proj, vision qkv proj)"
+        )
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[int]) -> PeftModel:
+    """Wrap ``vlm`` with a fresh LoRA; the rows of ``new_token_ids`` train in full.
+
+    Everything else is frozen. Trainable tensors (adapters, token rows) are kept in
+    fp32 even when the base is bf16, so the optimizer updates them at full precision.
+    """
+    token_ids = sorted(set(int(i) for i in new_token_ids))
+    tied = bool(getattr(vlm.config, "tie_word_embeddings", False))
+    if not token_ids:
+        token_indices = None
+    elif tied:  # peft keeps the tied lm_head in sync with the embedding's rows
+        token_indices = {"embed_tokens": token_ids}
+    else:
+        token_indices = {"embed_tokens": token_ids, "lm_head": token_ids}
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_target_pattern(vlm, lora),
+        trainable_token_indices=token_indices,
+        bias="none",
+    )
+    model = get_peft_model(vlm, config)
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def merge_lora(model: PeftModel) -> torch.nn.Module:
+    """Fold the LoRA adapters and trained token rows into the base weights; returns the plain model."""
+    merged = model.merge_and_unload()
+    merged.requires_grad_(False)
+    return merged
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
