@@ -13,6 +13,7 @@ directory (the repository root when run through ``make``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -149,6 +150,9 @@ class Config:
 
 
 # ------------------------------------------------------------------- validation
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -202,6 +206,9 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         except TypeError as e:  # a required field is missing
             raise ConfigError(f"{key or 'config'}: {e}") from None
     if tp is float:
+        # PyYAML (YAML 1.1) reads 1e-4 as a string; accept it as the number it is written as
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
