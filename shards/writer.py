@@ -262,7 +262,10 @@ class CacheWriter:
     def _zarr(self, anchor: str, name: str) -> zarr.Array:
         key = (anchor, name)
         if key not in self._arrays:
-            self._arrays[key] = zarr.open_array(str(self.cache_dir / layout.TARGETS_DIR / anchor / name), mode="r+")
+            # write_empty_chunks is a runtime setting (not stored): without it an all-zero shard
+            # (e.g. no SAM masks) writes no file at all
+            arr = zarr.open_array(str(self.cache_dir / layout.TARGETS_DIR / anchor / name), mode="r+")
+            self._arrays[key] = arr.with_config({"write_empty_chunks": True})
         return self._arrays[key]
 
     # -------------------------------------------------------------- progress
