@@ -1,0 +1,225 @@
+"""The precompute driver: records -> square views -> anchors -> shards.
+
+Flow: read the LLaVA records; open the cache (``shards.writer.CacheWriter``);
+load the selected anchors; rank 0 exports their frozen decoders and declares
+them, every rank then declares too (idempotent, it checks agreement); each rank
+walks the shards it owns (``shards_for_rank``), writes the sample tar if it is
+not committed yet, decodes the images in a small thread pool, builds each
+anchor's square view straight from the original (``shards.views.square_view``)
+and runs the anchors in batches of ``precompute.batch_size``; each anchor's
+targets for a shard are committed as soon as the shard is done. After a barrier
+rank 0 writes the manifest. A crash loses at most the shard in progress; a
+rerun skips every committed part.
+
+Records with several images: anchors see image 0 (the VLM's view of the others
+is not an anchor target in CoVT).
+
+Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) a process group is
+initialised (NCCL on CUDA, gloo on CPU) only for barriers; ranks own disjoint
+shards and never exchange data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from precompute.anchors.base import AnchorModel, load_anchor
+from shards.config import Config
+from shards.records import Record, load_records
+from shards.views import open_rgb, square_view
+from shards.writer import CacheWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+@dataclass
+class AnchorTiming:
+    """Synchronised compute time per anchor, for images/s in the summary and the bench."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    images: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def images_per_second(self, anchor: str) -> float:
+        s = self.seconds.get(anchor, 0.0)
+        return self.images.get(anchor, 0) / s if s > 0 else float("nan")
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        setting = f"cuda:{local_rank}"
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"precompute.device={setting!r} but CUDA is not available")
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return Dist(), pick_device(device_setting, 0)
+    d = Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    device = pick_device(device_setting, d.local_rank)
+    # ranks only wait for each other (decoders exported, all shards done); a slow rank may
+    # take hours on big datasets, so the barrier timeout must not be the default minutes
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=timedelta(hours=48), **kwargs)
+    return d, device
+
+
+def time_compute(anchor: AnchorModel, views: torch.Tensor, timing: AnchorTiming) -> dict[str, np.ndarray]:
+    sync = torch.cuda.synchronize if views.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = anchor.compute(views)
+    sync()
+    timing.seconds[anchor.name] += time.perf_counter() - start
+    timing.images[anchor.name] += views.shape[0]
+    return out
+
+
+def decode_views(record: Record, sizes: list[int]) -> dict[int, np.ndarray]:
+    """The record's first image as square views at every size the anchors want."""
+    path = record.images[0]
+    try:
+        image = open_rgb(Path(path).read_bytes())
+    except Exception as e:  # records were checked when read; this is a file changed since
+        raise RuntimeError(f"record id={record.id!r}: cannot decode {path}: {type(e).__name__}: {e}") from e
+    return {s: square_view(image, s) for s in sizes}
+
+
+class ViewLoader:
+    """Square views of a shard's records, decoded by ``workers`` threads, one batch ahead."""
+
+    def __init__(self, sizes: list[int], workers: int):
+        self.sizes = sizes
+        self.pool: Executor | None = ThreadPoolExecutor(workers) if workers > 0 else None
+
+    def _submit(self, recs: list[Record]) -> list[Future] | list[dict]:
+        if self.pool is None:
+            return [decode_views(r, self.sizes) for r in recs]
+        return [self.pool.submit(decode_views, r, self.sizes) for r in recs]
+
+    def batches(self, records: list[Record], batch_size: int):
+        groups = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+        pending = self._submit(groups[0]) if groups else []
+        for i in range(len(groups)):
+            current = [f.result() if isinstance(f, Future) else f for f in pending]
+            pending = self._submit(groups[i + 1]) if i + 1 < len(groups) else []
+            yield {s: np.stack([v[s] for v in current]) for s in self.sizes}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
+    """Run (or resume) the precompute; returns a summary. ``anchors`` defaults to ``cfg.anchors``."""
+    names = list(dict.fromkeys(anchors or cfg.anchors))
+    started = time.perf_counter()
+    ddp, device = init_distributed(cfg.precompute.device)
+    try:
+        return _run(cfg, names, ddp, device, started)
+    finally:
+        if ddp.active:
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started: float) -> dict:
+    pre = cfg.precompute
+    records, bad = load_records(cfg.data)
+    writer = CacheWriter(cfg.cache.dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs)
+    models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
+
+    # other ranks read rank 0's declarations from the cache when they write targets
+    if ddp.rank == 0:
+        for name, model in models.items():
+            decoders = model.export_decoders(writer.decoders_dir)
+            writer.declare_anchor(name, model.dims(), model.fingerprint(), decoders)
+    ddp.barrier()
+
+    owned = writer.shards_for_rank(ddp.rank, ddp.world)
+    todo = {s: [n for n in names if not writer.shard_done(s, n)] for s in owned}
+    samples_todo = [s for s in owned if not writer.shard_done(s)]
+    work = [s for s in owned if todo[s] or s in samples_todo]
+    images_todo = sum(len(writer.shard_records(s)) for s in work if todo[s])
+    sizes = sorted({m.input_size for m in models.values()})
+    loader = ViewLoader(sizes, pre.num_workers)
+    timing = AnchorTiming()
+    bar = tqdm(total=images_todo, unit="img", desc=f"precompute rank {ddp.rank}" if ddp.active else "precompute",
+               disable=ddp.rank != 0, dynamic_ncols=True)
+    try:
+        for shard in work:
+            if shard in samples_todo:
+                writer.write_samples(shard)
+            if not todo[shard]:
+                continue
+            recs = writer.shard_records(shard)
+            outputs: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in todo[shard]}
+            for views in loader.batches(recs, pre.batch_size):
+                for name in todo[shard]:
+                    model = models[name]
+                    batch = torch.from_numpy(views[model.input_size]).to(device, non_blocking=True)
+                    outputs[name].append(time_compute(model, batch, timing))
+                bar.update(len(next(iter(views.values()))))
+                bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in todo[shard]}, refresh=False)
+            for name, parts in outputs.items():
+                writer.write_targets(shard, name, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    finally:
+        bar.close()
+        loader.close()
+
+    ddp.barrier()
+    manifest = writer.finalize() if ddp.rank == 0 else None
+    summary = {
+        "rank": ddp.rank, "world": ddp.world, "device": str(device),
+        "samples": len(records), "skipped_bad_records": len(bad),
+        "shards_owned": len(owned), "shards_computed": sum(1 for s in owned if todo[s]),
+        "images_computed": images_todo,
+        "seconds": time.perf_counter() - started,
+        "anchors": {n: {"seconds": timing.seconds.get(n, 0.0), "images": timing.images.get(n, 0),
+                        "images_per_s": timing.images_per_second(n)} for n in names},
+        "manifest": manifest,
+    }
+    print(summary_line(summary), flush=True)
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    rates = ", ".join(
+        f"{n} {a['images_per_s']:.1f} img/s" if a["images"] else f"{n} up to date" for n, a in s["anchors"].items()
+    )
+    who = f"rank {s['rank']}/{s['world']}: " if s["world"] > 1 else ""
+    return (f"precompute {who}{s['samples']} samples ({s['skipped_bad_records']} bad records skipped), "
+            f"{s['images_computed']} images computed on {s['device']} in {s['seconds']:.1f}s; {rates}")
