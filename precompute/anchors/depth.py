@@ -182,6 +182,12 @@ class DepthAnchor(AnchorModel):
 def write_random_checkpoint(path: str | Path, variant: ViTVariant, seed: int) -> None:
     """A seeded random-weight Depth Anything V2 file in the released layout."""
     model = randomize_(DepthAnythingV2(variant), seed)
+    # The head ends in ReLU: with random signs the map is often all zeros. A non-negative
+    # last 1x1 conv over its ReLU'd input keeps the random depth positive and varying.
+    last = model.depth_head.scratch.output_conv2[2]
+    with torch.no_grad():
+        last.weight.abs_()
+        last.bias.fill_(0.1)
     save_atomic(model.state_dict(), path)
 
 

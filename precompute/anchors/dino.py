@@ -46,7 +46,7 @@ class HuggingFaceDino(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32)
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32)
         cfg = self.model.config
         if not cfg.model_type.startswith("dinov2"):
             raise ValueError(f"{folder}: model_type {cfg.model_type!r} is not a DINOv2 model")

@@ -62,8 +62,9 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 # 0 1 2 / 3 4 5 / 6 7 8 (the centre pairs with itself). As a kernel, tap j gets
 # w_j - w_{ANGULAR_PARTNER[j]}.
 ANGULAR_PARTNER = (3, 0, 1, 6, 4, 2, 7, 8, 5)
-# Radial difference on a 5x5 footprint: the 8 outer-ring taps in the directions of
-# the 3x3 neighbours get +w, the matching inner-ring taps -w (3x3 tap 0 is unused).
+# Radial difference on a 5x5 footprint: weights w_1..w_8 (w_0 is unused, as in the
+# original) go in order to the 8 directions (row-major); each pairs the outer-ring tap
+# (+w) with the inner-ring tap on the same ray (-w).
 RADIAL_OUTER = (0, 2, 4, 10, 14, 20, 22, 24)
 RADIAL_INNER = (6, 7, 8, 11, 13, 16, 17, 18)
 
