@@ -123,6 +123,19 @@ def test_missing_base_model_is_a_clear_error_unless_tiny_build_is_asked(tmp_path
     assert not missing.exists()
 
 
+def test_ensure_base_model_builds_the_tiny_model_once_and_never_over_other_files(tmp_path):
+    cfg = ModelConfig(path=str(tmp_path / "base"), build_tiny_if_missing=True, image_size=112)
+    built = ensure_base_model(cfg)
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert ensure_base_model(cfg) == built and (built / "model.safetensors").stat().st_mtime_ns == stamp
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no config.json"):
+        ensure_base_model(ModelConfig(path=str(other), build_tiny_if_missing=True, image_size=112))
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
 # --------------------------------------------------------------------------- thought tokens
 def test_thought_tokens_are_added_once_as_special_tokens_with_rows_at_the_vocabulary_mean(base_dir, tmp_path):
     processor = AutoProcessor.from_pretrained(base_dir)

@@ -241,6 +241,9 @@ def ensure_base_model(model_cfg) -> Path:
     if (path / "config.json").is_file():
         return path
     if model_cfg.build_tiny_if_missing:
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"model.path {str(path)!r} exists but holds no config.json; not building the "
+                                  "tiny model over it (remove it, or point model.path at a Qwen2.5-VL folder)")
         return build_tiny_base_model(path, seed=0, image_size=model_cfg.image_size)
     raise FileNotFoundError(
         f"model.path {str(path)!r}: no Hugging Face model folder there (config.json missing). "
