@@ -1,0 +1,38 @@
+"""``python -m trainer --config configs/tiny.yaml [key.sub=value ...]`` (``make train``).
+
+Resumes from the newest checkpoint in train.output_dir by default. Launch several
+GPUs with ``deepspeed -m trainer ...`` or ``torchrun --nproc-per-node N -m trainer ...``
+and train.deepspeed=configs/deepspeed/zero2.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from shards.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--resume", choices=["auto", "none"], default="auto",
+                        help="auto: continue from the newest checkpoint in train.output_dir (default)")
+    parser.add_argument("--no-resume", dest="resume", action="store_const", const="none",
+                        help="start from step 0 even if checkpoints exist")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                        help="stop once STEP optimizer steps are done (to split a run; resume continues it)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+
+    from trainer.train import train
+
+    final = train(cfg, resume=args.resume == "auto", stop_after=args.stop_after)
+    if final is not None:
+        print(f"done: {final}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Merged model folders and the final CoVT folder.
+
+``merge_to_folder`` rebuilds a run's model on the CPU from its base folder and the
+trained tensors (adapters + token rows), merges the LoRA into the weights and saves
+a standard Hugging Face folder (weights + processor with the thought tokens). Doing
+it from the saved tensors rather than the live model works the same for the plain
+path, ZeRO-2 and ZeRO-3 (whose live parameters are partitioned), and makes a merge
+redoable from a checkpoint.
+
+``export_final`` writes ``output_dir/final``: the last merged folder plus
+``covt_heads.safetensors`` / ``covt_heads.json`` and the frozen decoders the heads
+use (``covt_decoders/``). The folder loads with plain
+``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``;
+:func:`load_covt_heads` rebuilds the heads from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shards.anchors import ANCHORS
+from shards.config import LoraConfig
+from trainer.checkpoint import load_trainable
+from trainer.lora import attach_lora, merge_lora
+from trainer.tokens import ThoughtTokens, add_thought_tokens, pad_token
+
+HEADS_WEIGHTS = "covt_heads.safetensors"
+HEADS_JSON = "covt_heads.json"
+DECODERS = "covt_decoders"
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` and rename the result to ``path`` (replacing it) only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu"):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+
+
+def load_processor(path: str | Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def merge_to_folder(base_path: str | Path, lora: LoraConfig, vlm_state: dict[str, torch.Tensor], out: str | Path,
+                    token_seed: int) -> Path:
+    """Base folder + trained adapters/token rows (names as in the peft-wrapped VLM) -> merged HF folder."""
+    processor = load_processor(base_path)
+    vlm = load_vlm(base_path)
+    tokens = add_thought_tokens(processor, vlm, seed=token_seed)
+    peft_model = attach_lora(vlm, lora, tokens.ids)
+    load_trainable(peft_model, vlm_state, where=f"merging into {base_path}")
+    merged = merge_lora(peft_model)
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return write_atomically(out, write)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # the 7B weights are ~15 GB: share them with the merged folder when possible
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def heads_json(heads: torch.nn.ModuleDict, tokens: ThoughtTokens, loss_weights: dict[str, float]) -> dict:
+    from trainer.heads import heads_metadata
+
+    meta = heads_metadata(heads)
+    meta.update(
+        decoders_dir=DECODERS,
+        token_counts={a: ANCHORS[a].tokens for a in meta["anchors"]},
+        tokens={
+            "anchor_start": {"token": "<|anchor_start|>", "id": tokens.start_id},
+            "anchor_end": {"token": "<|anchor_end|>", "id": tokens.end_id},
+            "pads": {a: {"token": pad_token(a), "id": tokens.pad_id[a]} for a in meta["anchors"]},
+        },
+        loss_weights={a: float(loss_weights.get(a, 1.0)) for a in meta["anchors"]},
+    )
+    return meta
+
+
+def export_final(merged_dir: str | Path, heads: torch.nn.ModuleDict, tokens: ThoughtTokens,
+                 loss_weights: dict[str, float], out: str | Path) -> Path:
+    from trainer.heads import decoder_files
+
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in heads.state_dict().items()}
+    meta = heads_json(heads, tokens, loss_weights)
+
+    def write(tmp: Path) -> None:
+        shutil.rmtree(tmp)
+        shutil.copytree(merged_dir, tmp, copy_function=_link_or_copy)
+        save_file(state, tmp / HEADS_WEIGHTS, metadata={"format": "pt"})
+        (tmp / HEADS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        decoders = tmp / DECODERS
+        decoders.mkdir()
+        for f in decoder_files(heads):
+            shutil.copy2(f, decoders / Path(f).name)
+
+    return write_atomically(out, write)
+
+
+def load_covt_heads(folder: str | Path) -> torch.nn.ModuleDict:
+    """The trained heads of a final CoVT folder (for decoding visual thoughts)."""
+    from trainer.heads import CacheDims, build_heads
+
+    folder = Path(folder)
+    meta = json.loads((folder / HEADS_JSON).read_text())
+    heads = build_heads(meta["anchors"], meta["hidden_size"], CacheDims(meta["dims"], folder / meta["decoders_dir"]))
+    heads.load_state_dict(load_file(folder / HEADS_WEIGHTS))
+    return heads.eval()

@@ -1,0 +1,297 @@
+"""The CoVT training loop: four stages, a LoRA merge after each run, the final folder.
+
+Read top to bottom: set up (distributed, schedule, base model, cache, heads, resume
+point), then for each run (the stages between two merges): the model for the run,
+its optimizer, the data stream from where this run left off, the optimizer steps
+(stage of the step -> batch -> forward -> backward -> step -> log -> checkpoint), and
+the merge. The stage of every batch comes from ``schedule.stage_at(optimizer step)``
+and the data position from the optimizer step, so a resumed run sees exactly the
+stage, data and losses of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from shards.config import Config, TrainConfig
+from shards.reader import Cache, StreamingDataset
+from trainer.batch import batch_to, build_batch
+from trainer.checkpoint import (latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
+                                save_checkpoint, trainable_state)
+from trainer.export import export_final, load_processor, load_vlm, merge_to_folder
+from trainer.heads import build_heads
+from trainer.lora import attach_lora, trainable_summary
+from trainer.model import CoVTModel
+from trainer.schedule import Schedule
+from trainer.tiny_model import ensure_base_model
+from trainer.tokens import add_thought_tokens
+
+MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
+
+
+def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
+    t = cfg.train
+    rank, world, device = setup_distributed(t)
+    schedule = Schedule(t.stages)
+    out = Path(t.output_dir)
+    seed_everything(t.seed)
+    base_path = ensure_base_model_on_rank0(cfg, rank, world)
+    cache = Cache(cfg.cache.dir)
+    heads = build_heads(cfg.anchors, load_vlm_config(base_path).text_config.hidden_size, cache)
+
+    checkpoint = latest_checkpoint(out) if resume else None
+    step = read_meta(checkpoint)["global_step"] if checkpoint else 0
+    if checkpoint:  # heads carry over merges, so every checkpoint restores them
+        load_trainable(torch.nn.ModuleDict({"heads": heads}), load_file(checkpoint / "trainable.safetensors"),
+                       prefix="heads.", where=str(checkpoint))
+    log = Logger(out, rank, schedule.total_steps, step)
+    log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
+             f"samples each):\n{schedule.describe()}")
+    log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
+
+    for run in schedule.runs:
+        merged_dir = out / run.merged_name
+        run_base = base_path if run.index == 0 else out / schedule.runs[run.index - 1].merged_name
+        if step >= run.end:
+            if not (merged_dir / "config.json").is_file():  # interrupted during the merge: redo it
+                redo_merge(checkpoint, step, run, run_base, merged_dir, cfg, rank, world, log)
+            continue
+
+        # --- the model of this run: merged base + fresh LoRA + thought tokens + heads
+        processor = load_processor(run_base)
+        vlm = load_vlm(run_base, dtype=torch.bfloat16 if use_bf16(t, device) else torch.float32)
+        tokens = add_thought_tokens(processor, vlm, seed=t.seed)
+        if t.gradient_checkpointing:
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
+        vlm = attach_lora(vlm, t.lora, tokens.ids)
+        model = CoVTModel(vlm, heads, tokens, t.loss_weights).to(device)
+        optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+        engine = deepspeed_engine(model, optimizer, scheduler, t, world, device) if t.deepspeed else None
+        log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
+                 f"{trainable_summary(model)}")
+
+        resuming_mid_run = checkpoint is not None and run.start < step < run.end
+        if resuming_mid_run:
+            load_checkpoint(checkpoint, model, optimizer, scheduler, engine, rank)
+
+        # --- data: this rank's stream, from the first sample the next optimizer step needs
+        per_step = t.batch_size * t.grad_accum
+        dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
+                                   start=step * per_step, batch_size=t.batch_size)
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
+                                                  collate_fn=list))
+        if resuming_mid_run:  # after the loader took its seed, as the uninterrupted run's loader did
+            load_rng(checkpoint, rank)
+
+        # --- optimizer steps
+        model.train()
+        view_sizes = model.view_sizes()
+        for step in range(step, run.end):
+            if stop_after is not None and step >= stop_after:
+                log.info(f"stopping before step {step} (--stop-after {stop_after})")
+                log.close()
+                return None
+            at = schedule.stage_at(step)
+            losses: dict[str, float] = defaultdict(float)
+            for _ in range(t.grad_accum):
+                batch = build_batch(next(loader), at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
+                                    view_sizes=view_sizes)
+                with autocast(t, device, engine):
+                    result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
+                if engine is not None:
+                    engine.backward(result["loss"])
+                    engine.step()  # steps the optimizer at the end of the accumulation only
+                else:
+                    (result["loss"] / t.grad_accum).backward()
+                losses["loss"] += result["loss"].item() / t.grad_accum
+                for name, value in result.items():
+                    if name != "loss":
+                        losses[name] += value / t.grad_accum
+            if engine is None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every)
+            if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
+                checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
+                                             scheduler=scheduler, engine=engine, rank=rank, world_size=world)
+        step = run.end
+
+        # --- merge this run's LoRA into its base -> the next run's base
+        vlm_state = {k.removeprefix("vlm."): v for k, v in trainable_state(model).items() if k.startswith("vlm.")}
+        del engine, model, optimizer, scheduler, vlm, loader, dataset
+        free_memory()
+        if rank == 0:
+            log.info(f"merging run {run.index} into {merged_dir}")
+            merge_to_folder(run_base, t.lora, vlm_state, merged_dir, token_seed=t.seed)
+        barrier(world)
+
+    final = out / "final"
+    if rank == 0:
+        processor = load_processor(out / schedule.runs[-1].merged_name)
+        tokens = add_thought_tokens(processor)
+        export_final(out / schedule.runs[-1].merged_name, heads, tokens, t.loss_weights, final)
+        log.info(f"final model: {final} (= {schedule.runs[-1].merged_name} + covt_heads)")
+    barrier(world)
+    log.close()
+    return final
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+def setup_distributed(t: TrainConfig) -> tuple[int, int, torch.device]:
+    """Rank, world size and device from the launcher's environment (deepspeed / torchrun set RANK etc.)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if t.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(t.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if (world > 1 or t.deepspeed) and not torch.distributed.is_initialized():
+        if t.deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed()
+        else:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not t.deepspeed:
+        raise ValueError(f"{world} processes but train.deepspeed is not set: several GPUs need "
+                         "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ensure_base_model_on_rank0(cfg: Config, rank: int, world: int) -> Path:
+    if rank == 0:
+        ensure_base_model(cfg.model)
+    barrier(world)
+    return ensure_base_model(cfg.model)
+
+
+def load_vlm_config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def use_bf16(t: TrainConfig, device: torch.device) -> bool:
+    return t.bf16 and device.type == "cuda"
+
+
+def autocast(t: TrainConfig, device: torch.device, engine):
+    if use_bf16(t, device):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def param_groups(model: CoVTModel, t: TrainConfig) -> list[dict]:
+    """LoRA adapters and new-token rows at train.lr, heads at train.head_lr (frozen decoders excluded)."""
+    vlm = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
+    return [{"params": vlm, "lr": t.lr, "name": "lora"}, {"params": heads, "lr": t.head_lr, "name": "heads"}]
+
+
+def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
+    import deepspeed
+
+    with open(t.deepspeed) as f:
+        ds_config = json.load(f)
+    ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds_config["gradient_accumulation_steps"] = t.grad_accum
+    ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
+    ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def position(schedule: Schedule, done: int) -> dict:
+    """Where a checkpoint after ``done`` optimizer steps sits in the schedule (for people reading it)."""
+    at = schedule.stage_at(done - 1)
+    return {"stage": at.name, "stage_index": at.stage_index, "run_index": at.run_index,
+            "step_in_run": at.step_in_run + 1, "stage_end": schedule.is_stage_end(done)}
+
+
+def redo_merge(checkpoint, step, run, run_base, merged_dir, cfg, rank, world, log) -> None:
+    if checkpoint is None or step != run.end:
+        raise FileNotFoundError(f"{merged_dir} is missing and no checkpoint at the end of run {run.index} "
+                                f"(step {run.end}) is left to rebuild it; rerun with --no-resume")
+    if rank == 0:
+        log.info(f"redoing the merge of run {run.index} from {checkpoint}")
+        state = load_file(checkpoint / "trainable.safetensors")
+        vlm_state = {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
+        merge_to_folder(run_base, cfg.train.lora, vlm_state, merged_dir, token_seed=cfg.train.seed)
+    barrier(world)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def barrier(world: int) -> None:
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Logger:
+    """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl, on rank 0 only."""
+
+    def __init__(self, out: Path, rank: int, total: int, initial: int):
+        self.active = rank == 0
+        if not self.active:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(str(out / "tb"))
+        self.metrics = open(out / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        if self.active:
+            tqdm.write(message)
+
+    def step(self, done: int, at, losses: dict[str, float], lrs: list[float], every: int) -> None:
+        if not self.active:
+            return
+        self.bar.set_description(f"stage {at.stage_index + 1} {at.name}", refresh=False)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+        self.bar.update(1)
+        record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
+                  "anchor_losses": at.anchor_losses_on, "lr": lrs[0], "head_lr": lrs[-1], **losses}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if every and done % every == 0:
+            for name, value in losses.items():
+                self.tb.add_scalar(f"loss/{name}", value, done)
+            self.tb.add_scalar("lr/lora", lrs[0], done)
+            self.tb.add_scalar("lr/heads", lrs[-1], done)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.tb.close()
+            self.metrics.close()
