@@ -244,7 +244,7 @@ def _panels(sample: dict, manifest: dict) -> list[tuple[str, callable]]:
         view = square_view(image, masks.shape[-1]).astype(np.float64) / 255.0
         over = view.copy()
         for k in range(count):
-            over[masks[k]] = 0.45 * over[masks[k]] + 0.55 * colours[k % len(colours)]
+            over[masks[k]] = 0.55 * over[masks[k]] + 0.45 * colours[k % len(colours)]
         ax.imshow(over)
 
     def imshow_bar(ax, arr, cmap):
