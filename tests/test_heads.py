@@ -1,0 +1,312 @@
+"""Anchor heads: losses train, SAM's batched decode matches segment_anything, matching is right, sizes come from dims."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from shards.anchors import ANCHORS, array_shape
+from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata
+from trainer.heads.sam import match_masks, matched_mask_loss, pairwise_mask_cost
+
+HIDDEN = 48
+BATCH = 2
+PIDINET_VIEW = 24
+PIDINET_CHANNELS = 8
+
+DIMS = {
+    "sam": {"embed_dim": 32, "embed_h": 8, "embed_w": 8, "max_masks": 4, "mask_h": 32, "mask_w": 32},
+    "depth": {"layers": 4, "patches": 16, "dim": 24, "map_h": 20, "map_w": 20},
+    "dino": {"tokens": 17, "dim": 32},
+    "pidinet": {"map_h": 16, "map_w": 16},
+    "siglip": {"dim": 16},
+    "metaclip": {"dim": 24},
+}
+
+
+# ------------------------------------------------------------ decoder files
+def write_tiny_sam_decoder(path, embed_dim=32, embed_hw=8, seed=0, hyper_gain=6.0):
+    """A seeded random SAM prompt encoder + mask decoder, saved in precompute's sam_decoder.pt format."""
+    torch.manual_seed(seed)
+    arch = {
+        "prompt_embed_dim": embed_dim, "image_embedding_size": (embed_hw, embed_hw),
+        "input_image_size": (16 * embed_hw, 16 * embed_hw), "mask_in_chans": 8,
+        "transformer": {"depth": 2, "embedding_dim": embed_dim, "mlp_dim": 64, "num_heads": 2},
+        "num_multimask_outputs": 3, "iou_head_depth": 3, "iou_head_hidden_dim": 32,
+    }
+    t = arch["transformer"]
+    prompt_encoder = PromptEncoder(embed_dim=embed_dim, image_embedding_size=arch["image_embedding_size"],
+                                   input_image_size=arch["input_image_size"], mask_in_chans=8)
+    mask_decoder = MaskDecoder(transformer_dim=embed_dim,
+                               transformer=TwoWayTransformer(depth=t["depth"], embedding_dim=embed_dim,
+                                                             mlp_dim=t["mlp_dim"], num_heads=t["num_heads"]),
+                               num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=32)
+    with torch.no_grad():  # default init gives logits of ~0.03; a trained SAM's are of order 10
+        for mlp in mask_decoder.output_hypernetworks_mlps:
+            for layer in mlp.layers:
+                layer.weight.mul_(hyper_gain)
+    torch.save({**arch, "prompt_encoder": prompt_encoder.state_dict(), "mask_decoder": mask_decoder.state_dict()},
+               path)
+    return prompt_encoder, mask_decoder
+
+
+def write_tiny_pidinet_stage1(folder, seed=0):
+    """A small conv stack exported with the pidinet_stage1.pt2 / .json contract."""
+    torch.manual_seed(seed)
+    stage = nn.Sequential(nn.Conv2d(3, PIDINET_CHANNELS, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(PIDINET_CHANNELS, PIDINET_CHANNELS, 3, padding=1), nn.ReLU()).eval()
+    example = (torch.rand(2, 3, PIDINET_VIEW, PIDINET_VIEW),)
+    program = torch.export.export(stage, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.export.save(program, str(folder / "pidinet_stage1.pt2"))
+    (folder / "pidinet_stage1.json").write_text(json.dumps(
+        {"input_size": PIDINET_VIEW, "channels": PIDINET_CHANNELS,
+         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}))
+    return stage
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    decoders = tmp_path_factory.mktemp("decoders")
+    write_tiny_sam_decoder(decoders / "sam_decoder.pt")
+    write_tiny_pidinet_stage1(decoders)
+    return CacheDims(DIMS, decoders)
+
+
+# ------------------------------------------------------------ targets
+def blob_masks(generator, count, size):
+    """``count`` random rectangles (bool) at ``size`` x ``size``."""
+    masks = torch.zeros(count, size, size, dtype=torch.bool)
+    for m in masks:
+        y0, x0 = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+        h, w = torch.randint(size // 4, size // 2, (2,), generator=generator).tolist()
+        m[y0:y0 + h, x0:x0 + w] = True
+    return masks
+
+
+def smooth_map(generator, batch, h, w):
+    """Low-frequency maps in [0, 1] (what depth and edge maps look like to an L1 loss)."""
+    coarse = torch.rand(batch, 1, 4, 4, generator=generator)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
+def make_targets(anchor, batch=BATCH, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dims = DIMS[anchor]
+    if anchor == "sam":
+        counts = torch.tensor([3, 0, 2, 4, 1][:batch])
+        masks = torch.zeros(batch, *array_shape("sam", "masks", dims), dtype=torch.bool)
+        for b in range(batch):
+            masks[b, :counts[b]] = blob_masks(g, int(counts[b]), dims["mask_h"])
+        return {"embedding": torch.randn(batch, *array_shape("sam", "embedding", dims), generator=g),
+                "masks": masks, "mask_count": counts}
+    if anchor == "depth":
+        return {"features": torch.randn(batch, *array_shape("depth", "features", dims), generator=g),
+                "depth": smooth_map(g, batch, dims["map_h"], dims["map_w"])}
+    if anchor == "pidinet":
+        return {"edges": block_edges(block_views(batch, seed), dims["map_h"], dims["map_w"])}
+    spec = ANCHORS[anchor]
+    return {a.name: torch.randn(batch, *array_shape(anchor, a.name, dims), generator=g) for a in spec.arrays}
+
+
+def block_views(batch, seed, size=PIDINET_VIEW, blocks=4):
+    """uint8 images of flat-coloured blocks: their edges are what the edge target marks."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.randint(0, 256, (batch, 3, blocks, blocks), generator=g, dtype=torch.uint8)
+    return F.interpolate(colours, size=(size, size), mode="nearest")
+
+
+def block_edges(views, h, w):
+    """1 where a pixel's colour differs from its right or lower neighbour, resized to h x w."""
+    v = views.float()
+    edge = torch.zeros(v.shape[0], 1, *v.shape[-2:])
+    edge[..., :, :-1] += (v[..., :, 1:] != v[..., :, :-1]).any(1, keepdim=True)
+    edge[..., :-1, :] += (v[..., 1:, :] != v[..., :-1, :]).any(1, keepdim=True)
+    return F.interpolate(edge.clamp(max=1), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+
+
+def make_views(head, batch=BATCH, seed=0):
+    return None if head.view_size is None else block_views(batch, seed, head.view_size)
+
+
+def make_thoughts(anchor, batch=BATCH, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, ANCHORS[anchor].tokens, HIDDEN, generator=g)
+
+
+# ------------------------------------------------------------ tests
+@pytest.mark.parametrize("anchor", list(DIMS))
+def test_loss_decreases_when_only_its_head_and_the_thoughts_train(cache, anchor):
+    torch.manual_seed(0)
+    head = build_heads([anchor], HIDDEN, cache)[anchor]
+    targets, views = make_targets(anchor), make_views(head)
+    thoughts = nn.Parameter(make_thoughts(anchor))
+    optimizer = torch.optim.Adam([*head.parameters(), thoughts], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = head(thoughts, targets, views)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0], f"{anchor}: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+@pytest.mark.parametrize("anchor", list(DIMS))
+def test_decode_gives_the_cached_target_shape(cache, anchor):
+    head = build_heads([anchor], HIDDEN, cache)[anchor]
+    targets = make_targets(anchor)
+    out = head.decode(make_thoughts(anchor), targets, make_views(head))
+    if anchor == "sam":  # one mask per thought token
+        assert out.shape == (BATCH, ANCHORS["sam"].tokens, DIMS["sam"]["mask_h"], DIMS["sam"]["mask_w"])
+    else:
+        main_array = {"depth": "depth", "dino": "features", "pidinet": "edges"}.get(anchor, "embedding")
+        assert out.shape == targets[main_array].shape
+
+
+def test_batched_sam_decode_equals_segment_anything_per_image_call(tmp_path):
+    prompt_encoder, mask_decoder = write_tiny_sam_decoder(tmp_path / "sam_decoder.pt", seed=3)
+    head = build_heads(["sam"], HIDDEN, CacheDims(DIMS, tmp_path))["sam"].eval()
+    batch = 3
+    targets = make_targets("sam", batch=batch)
+    thoughts = make_thoughts("sam", batch=batch)
+    with torch.no_grad():
+        batched = head.decode(thoughts, targets)
+        prompts = head.project(thoughts)
+        _, dense = prompt_encoder(points=None, boxes=None, masks=None)
+        for i in range(batch):
+            expected, _ = mask_decoder(image_embeddings=targets["embedding"][i:i + 1],
+                                       image_pe=prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=prompts[i].unsqueeze(1),
+                                       dense_prompt_embeddings=dense, multimask_output=False)
+            torch.testing.assert_close(batched[i], expected[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_sam_decoder_is_frozen_outside_the_head_but_passes_gradients_to_the_thoughts(cache):
+    head = build_heads(["sam"], HIDDEN, cache)["sam"]
+    assert not any(k.startswith(("frozen", "prompt_encoder", "mask_decoder")) for k in head.state_dict())
+    thoughts = nn.Parameter(make_thoughts("sam"))
+    head(thoughts, make_targets("sam")).backward()
+    assert thoughts.grad is not None and thoughts.grad.abs().sum() > 0
+    decoder = head.frozen.on(torch.device("cpu"))
+    assert all(not p.requires_grad and p.grad is None for p in decoder.parameters())
+    assert {id(p) for p in decoder.parameters()}.isdisjoint(id(p) for p in head.parameters())
+
+
+def test_hungarian_matching_finds_the_permutation():
+    g = torch.Generator().manual_seed(0)
+    references = blob_masks(g, 4, 32).unsqueeze(0)  # (1, 4, 32, 32)
+    permutation = [2, 0, 3, 1]  # prediction i looks like reference permutation[i]
+    logits = torch.full((1, 6, 32, 32), -8.0)
+    for i, j in enumerate(permutation):
+        logits[0, i] = references[0, j].float() * 16 - 8
+    assignment = match_masks(pairwise_mask_cost(logits, references), torch.tensor([4]))
+    assert assignment[0].tolist() == permutation + [-1, -1]
+    # only the first two references are real: each goes to its look-alike, the rest stay unmatched
+    assignment = match_masks(pairwise_mask_cost(logits, references), torch.tensor([2]))
+    assert assignment[0].tolist() == [-1, 0, -1, 1, -1, -1]
+
+
+def test_matched_mask_loss_is_low_for_the_right_masks_in_any_order():
+    g = torch.Generator().manual_seed(1)
+    references = blob_masks(g, 3, 32).unsqueeze(0)
+    right = torch.full((1, 4, 32, 32), -12.0)
+    right[0, [2, 0, 1]] = references[0].float() * 24 - 12  # shuffled, plus one background prediction
+    wrong = torch.full((1, 4, 32, 32), -12.0)
+    wrong[0, :3] = (~references[0]).float() * 24 - 12
+    counts = torch.tensor([3])
+    assert matched_mask_loss(right, references, counts) < 0.01
+    assert matched_mask_loss(wrong, references, counts) > 1.0
+
+
+def test_sam_loss_with_no_reference_masks_pushes_every_prediction_to_background(cache):
+    head = build_heads(["sam"], HIDDEN, cache)["sam"]
+    targets = make_targets("sam")
+    targets["mask_count"] = torch.zeros(BATCH, dtype=torch.long)
+    thoughts = nn.Parameter(make_thoughts("sam"))
+    loss = head(thoughts, targets)
+    logits = head.decode(thoughts, targets)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)))
+    loss.backward()
+    assert torch.isfinite(thoughts.grad).all() and thoughts.grad.abs().sum() > 0
+
+
+def test_head_sizes_come_from_the_cache_dims(cache):
+    other = CacheDims({**DIMS, "dino": {"tokens": 5, "dim": 64}, "depth": {**DIMS["depth"], "dim": 40},
+                       "siglip": {"dim": 40}}, cache.decoders_dir)
+    small = build_heads(["dino", "depth", "siglip"], HIDDEN, cache)
+    large = build_heads(["dino", "depth", "siglip"], 96, other)
+    assert small["dino"].queries.queries.shape == (17, 32)
+    assert large["dino"].queries.queries.shape == (5, 64)
+    assert small["depth"].project[-1].out_features == 24 and large["depth"].project[-1].out_features == 40
+    assert small["siglip"].query.output.out_features == 16 and large["siglip"].query.output.out_features == 40
+    assert large["depth"].project[0].normalized_shape == (96,)
+    out = large["dino"].decode(torch.randn(2, ANCHORS["dino"].tokens, 96))
+    assert out.shape == (2, 5, 64)
+
+
+def test_sam_head_rejects_a_decoder_that_does_not_fit_the_cached_embedding(cache):
+    wrong = CacheDims({**DIMS, "sam": {**DIMS["sam"], "embed_dim": 64}}, cache.decoders_dir)
+    with pytest.raises(ValueError, match="sam_decoder.pt"):
+        build_heads(["sam"], HIDDEN, wrong)
+
+
+def test_missing_decoder_file_error_names_the_file(tmp_path):
+    for anchor, name in (("sam", "sam_decoder.pt"), ("pidinet", "pidinet_stage1.pt2")):
+        with pytest.raises(FileNotFoundError, match=name):
+            build_heads([anchor], HIDDEN, CacheDims(DIMS, tmp_path))
+
+
+def test_wrong_target_shape_error_names_the_array(cache):
+    head = build_heads(["depth"], HIDDEN, cache)["depth"]
+    targets = make_targets("depth")
+    targets["depth"] = targets["depth"][:, :10]
+    with pytest.raises(ValueError, match="depth/depth"):
+        head(make_thoughts("depth"), targets)
+
+
+def test_pidinet_head_asks_for_views_of_the_exported_input_size(cache):
+    head = build_heads(["pidinet"], HIDDEN, cache)["pidinet"]
+    assert head.view_size == PIDINET_VIEW
+    with pytest.raises(ValueError, match="views"):
+        head(make_thoughts("pidinet"), make_targets("pidinet"), None)
+
+
+def test_heads_run_under_bf16_autocast(cache):
+    heads = build_heads(list(DIMS), HIDDEN, cache)
+    for anchor, head in heads.items():
+        thoughts = nn.Parameter(make_thoughts(anchor))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(thoughts, make_targets(anchor), make_views(head))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), anchor
+        loss.backward()
+        assert torch.isfinite(thoughts.grad).all(), anchor
+
+
+def test_saved_heads_rebuild_from_metadata_and_decoder_files(cache, tmp_path):
+    heads = build_heads(list(DIMS), HIDDEN, cache)
+    meta = heads_metadata(heads)
+    assert meta["decoder_files"] == ["pidinet_stage1.json", "pidinet_stage1.pt2", "sam_decoder.pt"]
+    for f in decoder_files(heads):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    meta = json.loads(json.dumps(meta))
+    rebuilt = build_heads(meta["anchors"], meta["hidden_size"], CacheDims(meta["dims"], tmp_path))
+    rebuilt.load_state_dict(heads.state_dict())
+    for anchor in DIMS:
+        thoughts, targets, views = make_thoughts(anchor), make_targets(anchor), make_views(heads[anchor])
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt[anchor].decode(thoughts, targets, views),
+                                       heads[anchor].decode(thoughts, targets, views))
+
+
+def test_empty_batch_gives_a_zero_loss_connected_to_every_parameter(cache):
+    head = build_heads(["dino"], HIDDEN, cache)["dino"]
+    loss = head(torch.zeros(0, ANCHORS["dino"].tokens, HIDDEN), {"features": torch.zeros(0, 17, 32)})
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None for p in head.parameters())

@@ -1,0 +1,169 @@
+"""What every anchor head shares: the interface, the token projection and the frozen-decoder holder.
+
+A head turns the last-layer hidden states at one anchor's pad positions
+("visual thoughts", ``(B, tokens, hidden)``) into that anchor's prediction and
+compares it with the cached targets. Sizes come from the cache's recorded
+dimensions (``cache.dims(anchor)``), never from constants here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Generic, Optional, Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.anchors import array_shape, get_anchor
+
+
+class DimsSource(Protocol):
+    """What a head needs from a cache: dimension sizes per anchor and where the frozen decoders are."""
+
+    decoders_dir: Path
+
+    def dims(self, anchor: str) -> dict[str, int]: ...
+
+
+@dataclasses.dataclass
+class CacheDims:
+    """A :class:`DimsSource` without a cache, e.g. to rebuild saved heads from ``covt_heads.json``."""
+
+    dims_by_anchor: dict[str, dict[str, int]]
+    decoders_dir: Path
+
+    def dims(self, anchor: str) -> dict[str, int]:
+        try:
+            return dict(self.dims_by_anchor[anchor])
+        except KeyError:
+            raise KeyError(f"no dimension sizes recorded for anchor {anchor!r} (have {sorted(self.dims_by_anchor)})") from None
+
+
+class AnchorHead(nn.Module):
+    """One anchor's head and loss.
+
+    ``forward(thoughts, targets, views)`` returns the scalar loss; ``decode`` returns
+    the prediction itself (for visualisation and tests).
+    """
+
+    anchor: str
+    #: side of the square uint8 views the head needs (None: no views)
+    view_size: Optional[int] = None
+
+    def __init__(self, anchor: str, hidden_size: int, dims: dict[str, int]):
+        super().__init__()
+        self.anchor = anchor
+        self.hidden_size = int(hidden_size)
+        self.dims = {k: int(v) for k, v in dims.items()}
+        self.num_tokens = get_anchor(anchor).tokens
+        for array in get_anchor(anchor).arrays:  # fail now, naming the missing dim, not mid-training
+            array_shape(anchor, array.name, self.dims)
+
+    @property
+    def decoder_files(self) -> list[Path]:
+        """Frozen decoder files this head loads (to copy beside saved heads)."""
+        return []
+
+    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views: Optional[torch.Tensor] = None):
+        raise NotImplementedError
+
+    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, thoughts: torch.Tensor, targets: dict[str, torch.Tensor],
+                views: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check_thoughts(thoughts)
+        if thoughts.shape[0] == 0:
+            # keeps every head parameter in the graph (DDP / ZeRO expect a gradient for each)
+            return sum(p.sum() for p in self.parameters()) * 0.0 + thoughts.sum() * 0.0
+        return self.loss(self.decode(thoughts, targets, views), targets)
+
+    # ------------------------------------------------------------------ helpers
+    def check_thoughts(self, thoughts: torch.Tensor) -> None:
+        expected = (self.num_tokens, self.hidden_size)
+        if thoughts.dim() != 3 or tuple(thoughts.shape[1:]) != expected:
+            raise ValueError(f"{self.anchor} head: thoughts must be (B, {expected[0]}, {expected[1]}), "
+                             f"got {tuple(thoughts.shape)}")
+
+    def target(self, targets: Optional[dict], array: str, batch: int) -> torch.Tensor:
+        """``targets[array]`` checked against the cache's shape for that array."""
+        if targets is None or array not in targets:
+            raise KeyError(f"{self.anchor} head needs target array {array!r} "
+                           f"(got {sorted(targets) if targets else None})")
+        value = targets[array]
+        shape = (batch, *array_shape(self.anchor, array, self.dims))
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{self.anchor}/{array}: target shape {tuple(value.shape)} does not match "
+                             f"the cache's dims {shape}")
+        return value
+
+
+class TokenProjection(nn.Sequential):
+    """hidden -> out for every thought token: LayerNorm, Linear, GELU, Linear.
+
+    The LayerNorm makes the head indifferent to the LLM's hidden-state scale
+    (which differs between a tiny random model and Qwen2.5-VL-7B).
+    """
+
+    def __init__(self, hidden_size: int, out_features: int):
+        width = max(out_features, 64)
+        super().__init__(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                         nn.Linear(width, out_features))
+
+
+def attention_heads(dim: int) -> int:
+    """Most heads (<= 16) that divide ``dim`` with at least 32 channels each (1 if none)."""
+    for heads in (16, 8, 4, 2):
+        if dim % heads == 0 and dim // heads >= 32:
+            return heads
+    return 1
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class FrozenDecoder(Generic[M]):
+    """A frozen module held OUTSIDE the head's module tree, built lazily per device.
+
+    Why outside the tree: the frozen decoders (SAM's prompt encoder + mask
+    decoder, PIDINet's first stage) must get no optimizer state, must not be cast
+    to bf16 by ``model.bfloat16()`` / DeepSpeed's bf16 mode (SAM's positional
+    encoding loses precision in bf16), must not be partitioned by ZeRO-3 (which
+    would all-gather them every step for nothing) and must not land in the
+    saved heads' state dict (they are copied as files from the cache). Keeping
+    them out of ``nn.Module._modules`` does all four at once. Why lazy: modules
+    built inside ``deepspeed.zero.Init`` get their parameters partitioned at
+    construction; at the first forward that context has been left. Files are
+    read and checked eagerly (``load``), so a bad file fails at build time.
+    """
+
+    def __init__(self, name: str, build: Callable[[torch.device], M]):
+        self.name = name
+        self._build = build
+        self._on_device: dict[torch.device, M] = {}
+
+    def on(self, device: torch.device) -> M:
+        device = torch.device(device)
+        if device not in self._on_device:
+            module = self._build(device)  # the builder puts it in eval mode (exported programs have no .eval())
+            module.requires_grad_(False)
+            self._on_device[device] = module
+        return self._on_device[device]
+
+    def __repr__(self) -> str:
+        return f"FrozenDecoder({self.name}, built on {list(map(str, self._on_device))})"
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, h, w)`` maps to ``size`` (no-op if already there)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def missing_decoder_error(anchor: str, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{anchor} head: frozen decoder file not found: {path}\n"
+        f"  precompute writes it into the cache's decoders/ folder when anchor {anchor!r} is computed;\n"
+        f"  rerun precompute with {anchor!r} in `anchors`, or point cache.dir at a cache that has it")
