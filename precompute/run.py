@@ -7,7 +7,8 @@ walks the shards it owns (``shards_for_rank``), writes the sample tar if it is
 not committed yet, decodes the images in a small thread pool, builds each
 anchor's square view straight from the original (``shards.views.square_view``)
 and runs the anchors in batches of ``precompute.batch_size``; each anchor's
-targets for a shard are committed as soon as the shard is done. After a barrier
+targets for a shard are committed (in a background thread, overlapping the next
+shard's compute) as soon as the shard is done. After a barrier
 rank 0 writes the manifest. A crash loses at most the shard in progress; a
 rerun skips every committed part.
 
@@ -177,6 +178,10 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     sizes = sorted({m.input_size for m in models.values()})
     loader = ViewLoader(sizes, pre.num_workers)
     timing = AnchorTiming()
+    # targets are encoded, compressed and committed in the background while the next shard computes;
+    # at most one shard waits there, so memory stays at two shards of targets
+    committer = ThreadPoolExecutor(1)
+    committing: Future | None = None
     bar = tqdm(total=images_todo, unit="img", desc=f"precompute rank {ddp.rank}" if ddp.active else "precompute",
                disable=ddp.rank != 0, dynamic_ncols=True)
     try:
@@ -194,9 +199,13 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
                     outputs[name].append(time_compute(model, batch, timing))
                 bar.update(len(next(iter(views.values()))))
                 bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in todo[shard]}, refresh=False)
-            for name, parts in outputs.items():
-                writer.write_targets(shard, name, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            if committing is not None:
+                committing.result()
+            committing = committer.submit(commit_targets, writer, shard, outputs)
+        if committing is not None:
+            committing.result()
     finally:
+        committer.shutdown()
         bar.close()
         loader.close()
 
@@ -214,6 +223,11 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     }
     print(summary_line(summary), flush=True)
     return summary
+
+
+def commit_targets(writer: CacheWriter, shard: int, outputs: dict[str, list[dict[str, np.ndarray]]]) -> None:
+    for name, parts in outputs.items():
+        writer.write_targets(shard, name, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 def summary_line(s: dict) -> str:

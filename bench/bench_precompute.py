@@ -1,0 +1,218 @@
+"""Precompute throughput: images/s per anchor and for sam+depth+dino together, at real sizes.
+
+    python bench/bench_precompute.py                   # CUDA: SAM vit_h, Depth Anything V2 ViT-L, DINOv2 ViT-L
+    python bench/bench_precompute.py --batch-sizes 8,16 --iters 5
+    python bench/bench_precompute.py --quick           # CPU smoke run with the tiny variants
+
+Random weights of the real architectures (speed does not depend on the values),
+fed the bundled photos resized to each anchor's square view and repeated to the
+batch size. SAM's automatic mask generation runs with its thresholds at 0 so
+every grid candidate survives to NMS: the worst case for the selection step
+(with trained weights most candidates are dropped before NMS). Times are
+CUDA-synchronised wall times of ``anchor.compute`` (views already on the device,
+targets back on the CPU as numpy), after warm-up. Also measured: SAM's mask
+decoder per-image vs batched across images and bf16 vs fp32 (speed, and how far
+the bf16 masks move), and the CPU cost of ``CacheWriter.write_targets`` per image
+(codec + zstd + checksums), which the driver overlaps with the next shard's compute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from precompute.anchors.base import AnchorModel  # noqa: E402
+from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
+from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
+from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
+from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
+from shards.config import SamPrecomputeConfig  # noqa: E402
+from shards.records import Record  # noqa: E402
+from shards.views import square_view  # noqa: E402
+
+REFERENCE_SECONDS_PER_IMAGE = 1.1  # the reference recomputes the anchors inside each training step (H100)
+TARGET_IMAGES_PER_S = 10.0
+PHOTOS = sorted((REPO / "data/sample/images").glob("*.jpg"))
+
+
+def build_anchors(device: torch.device, quick: bool, dtype: str) -> dict[str, AnchorModel]:
+    sam_variant, vit_variant = ("vit_tiny", "vit_tiny") if quick else ("vit_h", "vitl")
+    amg = SamPrecomputeConfig(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    if quick:
+        amg.points_per_side = 8
+    with torch.device(device):
+        sam = BUILDERS[sam_variant](None)
+        depth = DepthAnythingV2(get_variant(vit_variant))
+        dino = HubDino(randomize_(DinoVisionTransformer(get_variant(vit_variant)), 0))
+    v = get_variant(vit_variant)
+    return {
+        "sam": SamAnchor(sam, amg, variant=sam_variant, checkpoint="(random)", checkpoint_sha256="",
+                         bf16=dtype == "bf16").to(device),
+        "depth": DepthAnchor(depth.to(device), "(random)", dtype),
+        "dino": DinoAnchor(dino.to(device), v.dino_input_size, v.name, "(random)", dtype),
+    }
+
+
+def photo_batch(size: int, batch: int, device: torch.device) -> torch.Tensor:
+    from PIL import Image
+
+    views = [square_view(Image.open(p), size) for p in PHOTOS]
+    return torch.from_numpy(np.stack([views[i % len(views)] for i in range(batch)])).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_batch(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+@contextmanager
+def sam_settings(sam: SamAnchor, **settings):
+    old = {k: getattr(sam, k) for k in settings}
+    for k, v in settings.items():
+        setattr(sam, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(sam, k, v)
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float().clamp_min(1)
+    return float((inter / union).mean())
+
+
+def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters) -> dict:
+    """Encoder vs mask generation time; decoder batched vs per image; bf16 vs fp32 decoder."""
+    out = {}
+    emb = sam.embed(views)
+    out["encoder_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+    for mode in ("batched", "per_image"):
+        for bf16 in ((True, False) if device.type == "cuda" else (False,)):
+            with sam_settings(sam, decode_mode=mode, decoder_bf16=bf16):
+                t = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+            out[f"masks_{mode}_{'bf16' if bf16 else 'fp32'}_s"] = t
+    if device.type == "cuda":
+        with sam_settings(sam, decoder_bf16=False):
+            ref = sam.mask_candidates(emb)
+        with sam_settings(sam, decoder_bf16=True):
+            low = sam.mask_candidates(emb)
+        out["decoder_bf16_vs_fp32_mask_iou"] = mask_iou(ref["masks"], low["masks"]) \
+            if ref["masks"].shape == low["masks"].shape else float("nan")
+        out["decoder_bf16_vs_fp32_max_iou_pred_diff"] = float((ref["iou"] - low["iou"]).abs().max()) \
+            if ref["iou"].shape == low["iou"].shape else float("nan")
+        with sam_settings(sam, bf16=False):
+            emb32 = sam.embed(views)
+        out["encoder_bf16_vs_fp32_rel_l2"] = float((emb - emb32).norm() / emb32.norm())
+    return out
+
+
+def write_cost(name: str, anchor: AnchorModel, outputs: dict[str, np.ndarray]) -> float:
+    """CPU seconds per image of ``CacheWriter.write_targets`` for one shard of these outputs."""
+    from shards.writer import CacheWriter
+
+    n = len(next(iter(outputs.values())))
+    records = [Record(i, i, f"bench{i}", [PHOTOS[i % len(PHOTOS)]], []) for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = CacheWriter(tmp, records, n)
+        decoders = anchor.export_decoders(writer.decoders_dir)
+        writer.declare_anchor(name, anchor.dims(), {"bench": True}, decoders)
+        start = time.perf_counter()
+        writer.write_targets(0, name, outputs)
+        return (time.perf_counter() - start) / n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run with the tiny variants")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 8,16; quick: 2)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    if not args.quick and not torch.cuda.is_available():
+        print("no CUDA device: run with --quick for a CPU smoke run", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.quick else "cuda")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.quick else "8,16")).split(",")]
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    iters = args.iters if args.iters is not None else (1 if args.quick else 5)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads), tiny variants, torch {torch.__version__}")
+
+    anchors = build_anchors(device, args.quick, args.dtype)
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "quick": args.quick, "dtype": args.dtype, "batches": {}}
+    for bs in batch_sizes:
+        views = {n: photo_batch(a.input_size, bs, device) for n, a in anchors.items()}
+        row: dict = {}
+        for name, anchor in anchors.items():
+            t = seconds_per_batch(lambda: anchor.compute(views[name]), device, warmup, iters)
+            row[name] = bs / t
+        t = seconds_per_batch(lambda: [a.compute(views[n]) for n, a in anchors.items()], device, warmup, iters)
+        row["sam+depth+dino"] = bs / t
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters)
+        results["batches"][bs] = row
+        print_row(bs, row)
+
+    outputs = {n: a.compute(views[n]) for n, a in anchors.items()}
+    results["write_targets_s_per_image"] = {n: write_cost(n, anchors[n], outputs[n]) for n in anchors}
+    print("CacheWriter.write_targets, CPU seconds per image (bf16 codec, zstd, checksums): "
+          + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in results["write_targets_s_per_image"].items()))
+    best = max(r["sam+depth+dino"] for r in results["batches"].values())
+    print(f"\nreference: anchors recomputed inside every training step, ~{REFERENCE_SECONDS_PER_IMAGE} s per image "
+          f"on an H100 (~{1 / REFERENCE_SECONDS_PER_IMAGE:.2f} images/s), paid again on every epoch and stage")
+    print(f"here: sam+depth+dino {best:.1f} images/s once = {best * REFERENCE_SECONDS_PER_IMAGE:.0f}x the reference's "
+          f"per-step rate; target >= {TARGET_IMAGES_PER_S:.0f} images/s on one H100: "
+          f"{'met' if best >= TARGET_IMAGES_PER_S else 'NOT met'}{' (quick run: tiny models, not comparable)' if args.quick else ''}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_row(bs: int, row: dict) -> None:
+    anchors = ["sam", "depth", "dino", "sam+depth+dino"]
+    print(f"\nbatch {bs}: images/s  " + "  ".join(f"{n} {row[n]:7.2f}" for n in anchors)
+          + (f"  (peak {row['peak_gib']:.1f} GiB)" if "peak_gib" in row else ""))
+    combined = row["sam+depth+dino"]
+    print("  share of combined time: " + ", ".join(f"{n} {combined / row[n]:.0%}" for n in anchors[:3]))
+    d = row["sam_details"]
+    print(f"  sam: encoder {bs / d['encoder_s']:.1f} img/s; mask generation img/s: "
+          + ", ".join(f"{k[6:-2]} {bs / v:.1f}" for k, v in d.items() if k.startswith("masks_")))
+    for k in ("decoder_bf16_vs_fp32_mask_iou", "decoder_bf16_vs_fp32_max_iou_pred_diff", "encoder_bf16_vs_fp32_rel_l2"):
+        if k in d:
+            print(f"  sam {k}: {d[k]:.4g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
