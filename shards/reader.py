@@ -107,7 +107,7 @@ class Cache:
         return self._progress[shard_id]
 
     def resolve(self, key: str | int) -> int:
-        """Sample index from an index, a sample key (``000000012``) or a record id."""
+        """Sample index from an index, a sample key (``000000012``) or a record id (digit strings are indices/keys first)."""
         if isinstance(key, (int, np.integer)):
             index = int(key)
         elif str(key).isdigit() and int(key) < self.num_samples:
