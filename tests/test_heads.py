@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from precompute.anchors.pidinet import CONFIGS, PiDiNet, PidinetAnchor
 from shards.anchors import ANCHORS, array_shape
 from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata
 from trainer.heads.sam import match_masks, matched_mask_loss, pairwise_mask_cost
@@ -56,17 +58,14 @@ def write_tiny_sam_decoder(path, embed_dim=32, embed_hw=8, seed=0, hyper_gain=6.
 
 
 def write_tiny_pidinet_stage1(folder, seed=0):
-    """A small conv stack exported with the pidinet_stage1.pt2 / .json contract."""
+    """A seeded random narrow PIDINet's first stage, exported by precompute's own exporter."""
     torch.manual_seed(seed)
-    stage = nn.Sequential(nn.Conv2d(3, PIDINET_CHANNELS, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(PIDINET_CHANNELS, PIDINET_CHANNELS, 3, padding=1), nn.ReLU()).eval()
-    example = (torch.rand(2, 3, PIDINET_VIEW, PIDINET_VIEW),)
-    program = torch.export.export(stage, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
-    torch.export.save(program, str(folder / "pidinet_stage1.pt2"))
-    (folder / "pidinet_stage1.json").write_text(json.dumps(
-        {"input_size": PIDINET_VIEW, "channels": PIDINET_CHANNELS,
-         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}))
-    return stage
+    net = PiDiNet(CONFIGS["baseline"], width=PIDINET_CHANNELS, dil=4, sa=True)
+    checkpoint = folder / "pidinet_tiny.pth"  # the exporter fingerprints its checkpoint
+    torch.save(net.state_dict(), checkpoint)
+    anchor = PidinetAnchor(net, "baseline", str(checkpoint))
+    anchor.input_size = PIDINET_VIEW
+    assert anchor.export_decoders(folder) == ["pidinet_stage1.pt2", "pidinet_stage1.json"]
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +309,27 @@ def test_empty_batch_gives_a_zero_loss_connected_to_every_parameter(cache):
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_heads_consume_the_targets_and_views_the_cache_reader_yields(synthetic_cache, tmp_path):
+    from shards.reader import Cache
+    from shards.views import square_view
+
+    shutil.copytree(synthetic_cache, tmp_path / "cache")  # the session's cache is shared: add decoders to a copy
+    cache = Cache(tmp_path / "cache")
+    cache.decoders_dir.mkdir(exist_ok=True)
+    sam = cache.dims("sam")
+    write_tiny_sam_decoder(cache.decoders_dir / "sam_decoder.pt", embed_dim=sam["embed_dim"], embed_hw=sam["embed_h"])
+    write_tiny_pidinet_stage1(cache.decoders_dir)
+    heads = build_heads(cache.anchors, HIDDEN, cache)
+    samples = [cache.sample(i) for i in range(2)]
+    for anchor, head in heads.items():
+        targets = {name: torch.stack([s["targets"][anchor][name] for s in samples])
+                   for name in samples[0]["targets"][anchor]}
+        views = None if head.view_size is None else torch.stack(
+            [torch.from_numpy(square_view(s["images"][0], head.view_size).copy()).permute(2, 0, 1) for s in samples])
+        thoughts = nn.Parameter(make_thoughts(anchor))
+        loss = head(thoughts, targets, views)
+        loss.backward()
+        assert loss.ndim == 0 and torch.isfinite(loss), anchor
+        assert thoughts.grad.abs().sum() > 0, anchor
