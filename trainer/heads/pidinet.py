@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from .base import AnchorHead, DimsSource, FrozenDecoder, TokenProjection, missing_decoder_error, resize_maps
