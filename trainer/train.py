@@ -5,8 +5,8 @@ point), then for each run (the stages between two merges): the model for the run
 its optimizer, the data stream from where this run left off, the optimizer steps
 (stage of the step -> batch -> forward -> backward -> step -> log -> checkpoint), and
 the merge. The stage of every batch comes from ``schedule.stage_at(optimizer step)``
-and the data position from the optimizer step, so a resumed run sees exactly the
-stage, data and losses of an uninterrupted one.
+the data position and the torch seed (LoRA dropout) from the optimizer step, so a
+resumed run sees exactly the stage, data and losses of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                 log.close()
                 return None
             at = schedule.stage_at(step)
+            torch.manual_seed(step_seed(t.seed, rank, step))  # dropout etc. depend on the step, not on history
             losses: dict[str, float] = defaultdict(float)
             for _ in range(t.grad_accum):
                 batch = build_batch(next(loader), at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
@@ -180,6 +181,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def ensure_base_model_on_rank0(cfg: Config, rank: int, world: int) -> Path:

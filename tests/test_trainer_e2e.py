@@ -1,0 +1,152 @@
+"""The whole recipe on the tiny model (CPU): stages, merges, exact resume, the final folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shards.config import CheckpointConfig, PrecomputeConfig, load_config
+from shards.reader import Cache
+from shards.testing import write_synthetic_cache
+
+REPO = Path(__file__).resolve().parents[1]
+ANCHORS = ["sam", "depth", "dino"]  # the paper's main model; the other heads are covered by test_heads
+# understanding 2 -> merge; generation 2, reasoning 1, efficient_reasoning 2 (anchor losses off from step 4
+# of that run, i.e. its last step) -> merge. save_every 3 puts a checkpoint in the middle of generation.
+STAGES = ("[{name: understanding, steps: 2, merge_after: true}, {name: generation, steps: 2}, "
+          "{name: reasoning, steps: 1}, "
+          "{name: efficient_reasoning, steps: 2, anchor_losses_off_from: 4, merge_after: true}]")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A base model and a cache with synthetic targets plus the real (tiny, random) SAM decoder."""
+    from precompute.anchors.base import LOADERS
+
+    root = tmp_path_factory.mktemp("e2e")
+    data_cfg = load_config(REPO / "configs" / "tiny.yaml").data
+    data_cfg.path = str(REPO / data_cfg.path)
+    data_cfg.image_folder = str(REPO / data_cfg.image_folder)
+    sam = LOADERS["sam"](CheckpointConfig(path=str(root / "sam_vit_tiny.pth"), variant="vit_tiny", random_init_seed=0),
+                         PrecomputeConfig(), torch.device("cpu"))
+    cache = write_synthetic_cache(root / "cache", data_cfg, ANCHORS, dims={"sam": sam.dims()}, shard_size=4)
+    sam.export_decoders(Cache(cache).decoders_dir)
+    return root
+
+
+def overrides(workdir: Path, output: str) -> list[str]:
+    return [
+        f"model.path={workdir / 'base'}",
+        f"cache.dir={workdir / 'cache'}",
+        f"train.output_dir={workdir / output}",
+        f"anchors=[{','.join(ANCHORS)}]",
+        f"data.path={REPO / 'data/sample/conversations.json'}",
+        f"data.image_folder={REPO / 'data/sample/images'}",
+        f"train.stages={STAGES}",
+        "train.batch_size=1",
+        "train.save_every=3",
+        "train.lr=5e-3",
+        "train.head_lr=5e-3",
+    ]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    """`python -m trainer` on the tiny config, start to finish, in one go."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, "full")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir / "full"
+
+
+def test_every_stage_runs_in_order_with_its_anchor_losses(uninterrupted):
+    rows = metrics(uninterrupted)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["stage"] for r in rows] == ["understanding"] * 2 + ["generation"] * 2 + ["reasoning"] + \
+        ["efficient_reasoning"] * 2
+    assert [r["run"] for r in rows] == [0, 0, 1, 1, 1, 1, 1]
+    assert [r["anchor_losses"] for r in rows] == [True] * 6 + [False]
+    for r in rows[:6]:
+        if r["stage"] != "efficient_reasoning":  # stage 4 samples a subset of anchors per sample
+            assert set(ANCHORS) <= set(r)
+    assert set(rows[6]) & set(ANCHORS) == set() and rows[6]["loss"] == rows[6]["text"]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_both_merges_and_tensorboard_are_written(uninterrupted):
+    for name in ("lora_stage1_merged", "lora_stage234_merged"):
+        assert (uninterrupted / name / "config.json").is_file()
+        assert (uninterrupted / name / "tokenizer.json").is_file()
+    assert any((uninterrupted / "tb").iterdir())
+    steps = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert steps == ["step-000006", "step-000007"]  # the last two of 2, 3, 4, 5, 6 (save_every), 7
+
+
+def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from trainer.export import load_covt_heads
+    from trainer.tokens import pad_token, thought_text
+
+    final = uninterrupted / "final"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(final).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    meta = json.loads((final / "covt_heads.json").read_text())
+    assert meta["anchors"] == ANCHORS
+    for anchor in ANCHORS:
+        token_id = meta["tokens"]["pads"][anchor]["id"]
+        assert processor.tokenizer.convert_ids_to_tokens(token_id) == pad_token(anchor)
+        assert token_id < model.get_input_embeddings().weight.shape[0]
+        # a visual thought survives encode -> decode as the special tokens themselves
+        ids = processor.tokenizer(thought_text(anchor), add_special_tokens=False)["input_ids"]
+        assert processor.tokenizer.decode(ids) == thought_text(anchor)
+
+    image = Image.open(REPO / "data/sample/images" / sorted(os.listdir(REPO / "data/sample/images"))[0]).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the depth map of the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image.resize((112, 112))], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
+
+    heads = load_covt_heads(final)
+    assert list(heads.keys()) == ANCHORS
+    from safetensors.torch import load_file
+
+    last = load_file(uninterrupted / "checkpoints" / "step-000007" / "trainable.safetensors")
+    for name, value in heads.state_dict().items():
+        if f"heads.{name}" in last:
+            torch.testing.assert_close(value, last[f"heads.{name}"], atol=0, rtol=0)
+
+
+def test_resume_mid_stage_and_across_a_merge_reproduces_the_uninterrupted_losses(workdir, uninterrupted):
+    from trainer.train import train
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(workdir, "split"))
+    assert train(cfg, stop_after=2) is None  # stops right after the first merge
+    assert (workdir / "split" / "lora_stage1_merged" / "config.json").is_file()
+    assert train(cfg, stop_after=3) is None  # resumes at the run boundary, stops mid generation
+    assert [r["step"] for r in metrics(workdir / "split")] == [1, 2, 3]
+    final = train(cfg)  # resumes from step-000003 in the middle of the generation stage
+    assert final is not None and (final / "covt_heads.safetensors").is_file()
+    assert metrics(workdir / "split") == metrics(uninterrupted)  # same stages, data and losses, bit for bit
+
+
+def test_checkpoint_records_its_place_in_the_schedule(uninterrupted):
+    from trainer.checkpoint import latest_checkpoint, read_meta
+
+    meta = read_meta(latest_checkpoint(uninterrupted))
+    assert meta["global_step"] == 7 and meta["stage"] == "efficient_reasoning" and meta["stage_end"]
