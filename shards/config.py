@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA-format JSON
     image_folder: str = "data/sample/images"  # IMAGE_FOLDER
-    on_bad_record: Literal["skip", "error"] = "skip"
+    on_bad_record: Literal["skip", "error"] = "skip"  # skip (report, count in the manifest) or stop at a bad record
     limit: Optional[int] = None  # read only the first N records (debugging)
 
 
@@ -41,7 +41,7 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str = "runs/tiny/cache"  # where precompute writes, and train reads
-    shard_size: int = 256  # samples per webdataset tar shard (= zarr shard)
+    shard_size: int = 64  # samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L
     codec: str = "bf16"  # default codec of float target arrays
     codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8"
 
@@ -55,26 +55,26 @@ class CheckpointConfig:
     variant: str = ""  # e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino
     # Tiny embedded default only: if the file is missing, write a seeded random-weight
     # checkpoint of ``variant`` there first (in the same format users download).
-    random_init_seed: Optional[int] = None
+    random_init_seed: Optional[int] = None  # tiny default only: write seeded random weights here if missing
 
 
 @dataclass
 class SamPrecomputeConfig:
     points_per_side: int = 16  # automatic mask generation point grid
     max_masks: int = 8  # reference masks kept per image
-    pred_iou_thresh: float = 0.80
-    stability_score_thresh: float = 0.90
-    box_nms_thresh: float = 0.70
-    point_batch_size: int = 256
+    pred_iou_thresh: float = 0.80  # keep masks whose predicted IoU exceeds this
+    stability_score_thresh: float = 0.90  # keep masks at least this stable (logit offset 1)
+    box_nms_thresh: float = 0.70  # box IoU above which the lower-ranked mask is dropped
+    point_batch_size: int = 256  # point prompts per mask-decoder call
 
 
 @dataclass
 class PrecomputeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["bf16", "fp32"] = "bf16"  # anchors that do not tolerate bf16 stay fp32
-    batch_size: int = 8
+    batch_size: int = 8  # images per anchor forward pass
     num_workers: int = 2  # image decoding workers
-    checkpoints: dict[str, CheckpointConfig] = field(default_factory=dict)
+    checkpoints: dict[str, CheckpointConfig] = field(default_factory=dict)  # anchor name -> its checkpoint
     sam: SamPrecomputeConfig = field(default_factory=SamPrecomputeConfig)
 
 
@@ -84,54 +84,54 @@ class ModelConfig:
     path: str = "runs/tiny/base_model"  # Hugging Face Qwen2.5-VL folder
     # Tiny embedded default only: build a random-weight tiny Qwen2.5-VL with a locally
     # trained tokenizer at ``path`` if it does not exist.
-    build_tiny_if_missing: bool = False
+    build_tiny_if_missing: bool = False  # tiny default only: build a random tiny Qwen2.5-VL at path
     image_size: int = 448  # the square view the VLM sees
 
 
 # -------------------------------------------------------------------------- train
 @dataclass
 class StageConfig:
-    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"]
+    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"]  # the data format
     steps: int  # optimizer steps
-    anchor_losses: bool = True
+    anchor_losses: bool = True  # anchor losses on in this stage
     # optimizer step (counted from the start of this stage's run, i.e. since the
     # last merge) from which anchor losses switch off; None = never
-    anchor_losses_off_from: Optional[int] = None
+    anchor_losses_off_from: Optional[int] = None  # run step (since the last merge) from which anchor losses are off
     merge_after: bool = False  # merge LoRA into the base after this stage
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.01
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA alpha
+    dropout: float = 0.01  # LoRA dropout
     vision_tower: bool = True  # LoRA on the vision tower as well as the LLM
-    target_modules: list[str] = field(
+    target_modules: list[str] = field(  # module names that get LoRA (LLM and vision blocks)
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"]
     )
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/tiny/train"
-    stages: list[StageConfig] = field(default_factory=list)
+    output_dir: str = "runs/tiny/train"  # checkpoints, merged models, final/, tb/, metrics.jsonl
+    stages: list[StageConfig] = field(default_factory=list)  # the schedule, in order
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss_weights: dict[str, float] = field(default_factory=dict)  # anchor -> weight (default 1)
-    lr: float = 2e-4
-    head_lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = 2e-4  # LoRA and new token rows
+    head_lr: float = 1e-3  # anchor heads
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up, optimizer steps
     batch_size: int = 1  # per device
-    grad_accum: int = 1
-    max_length: int = 2048
-    num_workers: int = 0
+    grad_accum: int = 1  # micro batches per optimizer step
+    max_length: int = 2048  # tokens; truncation never cuts an image or a thought
+    num_workers: int = 0  # DataLoader workers reading the cache
     bf16: bool = True  # ignored on CPU
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # activation checkpointing of the VLM
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
+    log_every: int = 1  # optimizer steps between TensorBoard points
+    seed: int = 0  # data order, stage-4 choices, LoRA init, dropout
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
     plain_answer_fraction: float = 0.3  # stage 4: share of answers without visual thoughts
 
 
@@ -154,6 +154,15 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " / ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"{_type_name(args[0])} -> {_type_name(args[1])}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -287,3 +296,53 @@ def config_from_args(args) -> Config:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+
+
+# ------------------------------------------------------------------ reference
+def _field_comments(cls) -> dict[str, str]:
+    """``name: type = default  # comment`` -> {name: comment}, read from the class source."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README, generated from the dataclasses above."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                default = repr(value) if not (dataclasses.is_dataclass(value)) else "…"
+            else:
+                default = "(required)"
+            type_name = _type_name(tp).replace("shards.config.", "").replace("|", "\\|")
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {type_name} | `{default}` | {meaning} |")
+            args = typing.get_args(tp)
+            item = args[-1] if typing.get_origin(tp) in (list, dict) and args else None
+            if item is not None and dataclasses.is_dataclass(item):
+                walk(item, f"{key}{'[i]' if typing.get_origin(tp) is list else '.NAME'}.")
+
+    walk(Config, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
