@@ -162,3 +162,58 @@ def test_missing_checkpoint_names_file_key_and_download(tmp_path):
     msg = str(e.value)
     assert "sam_vit_h_4b8939.pth" in msg and "precompute.checkpoints.sam.path" in msg
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in msg
+
+
+# ------------------------------------------------------------ fast encoder attention (sam_fast.py)
+@pytest.mark.parametrize("mode", ["sdpa_bias", "sdpa_fold"])
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+@pytest.mark.parametrize("dim,heads,table_side,side", [
+    (32, 2, 8, 8),  # a window of the tiny encoder
+    (32, 2, 16, 16),  # its global block
+    (40, 2, 7, 7),  # head dim 20: the folded keys get zero padding
+    (48, 3, 14, 14),  # vit_h's window side (a mask row needs alignment padding)
+    (32, 2, 8, 6),  # rel-pos tables interpolated to another side
+])
+def test_sdpa_attention_equals_segment_anything_attention(mode, use_rel_pos, dim, heads, table_side, side):
+    from segment_anything.modeling.image_encoder import Attention
+
+    from precompute.anchors.sam_fast import FORWARDS
+
+    torch.manual_seed(0)
+    attn = Attention(dim, num_heads=heads, use_rel_pos=use_rel_pos, rel_pos_zero_init=False,
+                     input_size=(table_side, table_side))
+    if use_rel_pos:
+        torch.nn.init.normal_(attn.rel_pos_h)
+        torch.nn.init.normal_(attn.rel_pos_w)
+    x = torch.randn(3, side, side, dim)
+    with torch.no_grad():
+        ref = attn(x)
+        fast = FORWARDS[mode](attn, x)
+    assert fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    if use_rel_pos:  # the rel-pos terms matter at this scale, so the comparison is not vacuous
+        attn.use_rel_pos = False
+        with torch.no_grad():
+            assert (attn(x) - ref).abs().max() > 1e-2
+
+
+def test_fast_attention_keeps_the_tiny_encoder_output_and_state_dict(sam_dir):
+    from segment_anything.modeling.image_encoder import Attention
+
+    anchor = tiny_sam(sam_dir)
+    torch.manual_seed(1)
+    for m in anchor.sam.image_encoder.modules():  # released checkpoints have non-zero rel-pos tables
+        if isinstance(m, Attention):
+            torch.nn.init.normal_(m.rel_pos_h, std=0.5)
+            torch.nn.init.normal_(m.rel_pos_w, std=0.5)
+    keys = list(anchor.sam.state_dict())
+    v = views(anchor, 2)
+    anchor.encoder_attention = "library"
+    ref = anchor.embed(v)
+    for mode in ("sdpa_bias", "sdpa_fold"):
+        anchor.encoder_attention = mode
+        assert anchor.encoder_attention == mode
+        assert list(anchor.sam.state_dict()) == keys
+        torch.testing.assert_close(anchor.embed(v), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sdpa_bias"):
+        anchor.encoder_attention = "flash"

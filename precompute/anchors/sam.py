@@ -37,6 +37,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 
 from .base import AnchorModel, MissingCheckpointError, file_sha256, register
+from .sam_fast import encoder_attention, use_encoder_attention
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -182,6 +183,12 @@ class SamAnchor(AnchorModel):
         # The mask decoder runs under bf16 autocast too when bf16 is on; bench/bench_precompute.py
         # measures how far its masks move from fp32 (set False to keep it fp32).
         self.decoder_bf16 = bf16
+        # The image encoder's attention: segment_anything's own ("library") or the same function
+        # through fused SDPA kernels ("sdpa_bias", "sdpa_fold"; see sam_fast.py). The bench compares.
+        self.encoder_attention = "sdpa_bias"
+        # torch.compile the image encoder on first use (off: compiling takes minutes at vit_h size)
+        self.compile_encoder = False
+        self._compiled_encoder: tuple | None = None
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -200,13 +207,30 @@ class SamAnchor(AnchorModel):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and self.device.type == "cuda")
 
     # ------------------------------------------------------------------ encoder
+    @property
+    def encoder_attention(self) -> str:
+        return encoder_attention(self.sam.image_encoder)
+
+    @encoder_attention.setter
+    def encoder_attention(self, mode: str) -> None:
+        use_encoder_attention(self.sam.image_encoder, mode)
+        self._compiled_encoder = None
+
+    def _encoder(self):
+        if not self.compile_encoder:
+            return self.sam.image_encoder
+        if self._compiled_encoder is None:
+            # kept in a tuple: a bare OptimizedModule attribute would register as a submodule
+            self._compiled_encoder = (torch.compile(self.sam.image_encoder),)
+        return self._compiled_encoder[0]
+
     @torch.no_grad()
     def embed(self, views: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``(B, C, h, w)`` float32 of uint8 ``(B, S, S, 3)`` views."""
         x = views.to(self.device).permute(0, 3, 1, 2).float()
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
         with self._autocast(self.bf16):
-            return self.sam.image_encoder(x).float()
+            return self._encoder()(x).float()
 
     # ------------------------------------------------------------------ decoder
     def grid_sparse_embeddings(self) -> torch.Tensor:
