@@ -48,7 +48,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     seed_everything(t.seed)
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
     cache = Cache(cfg.cache.dir)
-    heads = build_heads(cfg.anchors, load_vlm_config(base_path).text_config.hidden_size, cache)
+    hidden_size = load_vlm_config(base_path).text_config.hidden_size
+    heads = build_heads(cfg.anchors, hidden_size, cache)
 
     checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
@@ -134,9 +135,13 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         step = run.end
 
         # --- merge this run's LoRA into its base -> the next run's base
-        vlm_state = {k.removeprefix("vlm."): v for k, v in trainable_state(model).items() if k.startswith("vlm.")}
+        state = trainable_state(model)  # gathered under ZeRO-3
+        vlm_state = {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
         del engine, model, optimizer, scheduler, vlm, loader, dataset
         free_memory()
+        # carry the heads on as plain modules (the engine may have partitioned or cast the old ones)
+        heads = build_heads(cfg.anchors, hidden_size, cache)
+        load_trainable(torch.nn.ModuleDict({"heads": heads}), state, prefix="heads.", where=f"end of run {run.index}")
         if rank == 0:
             log.info(f"merging run {run.index} into {merged_dir}")
             merge_to_folder(run_base, t.lora, vlm_state, merged_dir, token_seed=t.seed)
