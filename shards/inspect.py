@@ -168,7 +168,7 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
             for array in tp["arrays"].values():
                 for sname, st in array["stored"].items():
                     path = cache.cache_dir / st["file"]
-                    if not path.is_file() or layout.sha256_file(path) != st["file_sha256"]:
+                    if not path.is_file() or layout.checksum_file(path, st["checksum"]) != st["file_checksum"]:
                         problems.append(f"{st['file']}: zarr shard of shard {sid} ({anchor}/{sname}) "
                                         f"missing or checksum mismatch")
         for i, entry in enumerate(prog["samples"]):
@@ -188,7 +188,7 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
                         except Exception as e:
                             problems.append(f"{where}: unreadable: {type(e).__name__}: {e}")
                             continue
-                        if layout.sha256_bytes(np.ascontiguousarray(value).tobytes()) != st["samples"][i]:
+                        if layout.checksum(value, st["checksum"]) != st["sample_checksums"][i]:
                             problems.append(f"{where}: checksum mismatch")
                         parts[sname[len(name) + 1:] if sname != name else ""] = value[None]
                     if len(parts) == len(info["stored"]):

@@ -34,11 +34,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
 from shards import layout
 from shards.anchors import ANCHORS, array_shape, get_anchor
-from shards.codecs import Codec, CodecError, codec_for, get_codec, stored_name
+from shards.codecs import COMPRESSION_DEFAULTS, Codec, CodecError, codec_for, get_codec, stored_name, zarr_compressors
 from shards.records import BadRecord, Record
 
 LOGICAL_DTYPE = {"float": "float32", "mask": "bool", "count": "int32"}
@@ -81,7 +80,10 @@ class CacheWriter:
         bad_records: Iterable[BadRecord] = (),
         default_codec: str = "bf16",
         codecs: dict[str, str] | None = None,
+        compression: dict[str, str] | None = None,
     ):
+        """``compression`` overrides :data:`shards.codecs.COMPRESSION_DEFAULTS` per kind of array
+        (``{"float": "none"}``); it applies to anchors declared from now on and is part of their declaration."""
         if shard_size < 1:
             raise ValueError(f"cache.shard_size must be >= 1, got {shard_size}")
         if not records:
@@ -100,9 +102,20 @@ class CacheWriter:
             anchor, _, array = key.partition("/")
             if anchor not in ANCHORS or array not in {a.name for a in ANCHORS[anchor].arrays}:
                 raise CodecError(f"cache.codecs: {key!r} is not an anchor/array (e.g. 'depth/features')")
+        unknown = set(compression or {}) - set(COMPRESSION_DEFAULTS)
+        if unknown:
+            raise CodecError(f"compression: {sorted(unknown)} are not kinds of arrays (use {list(COMPRESSION_DEFAULTS)})")
+        self.compression = {**COMPRESSION_DEFAULTS, **(compression or {})}
+        for kind, spec in self.compression.items():
+            zarr_compressors(spec, f"compression[{kind!r}]")
         for sub in (layout.SAMPLES_DIR, layout.PROGRESS_DIR, layout.DECODERS_DIR):
             (self.cache_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._ensure_zarr_group(self.cache_dir / layout.TARGETS_DIR, {"schema": layout.SCHEMA})
+        targets = self.cache_dir / layout.TARGETS_DIR
+        self._ensure_zarr_group(targets, {"schema": layout.SCHEMA})
+        schema = zarr.open_group(str(targets), mode="r").attrs.asdict().get("schema")
+        if schema != layout.SCHEMA:
+            raise CacheMismatchError(f"{self.cache_dir} holds a {schema!r} cache, this code writes {layout.SCHEMA!r}; "
+                                     f"use a new cache.dir or delete this one")
 
         identity = _records_identity(self.records, self.shard_size, self.bad_records)
         existing = layout.create_exclusive_json(self.cache_dir / layout.PROGRESS_DIR / "records.json", identity)
@@ -165,6 +178,7 @@ class CacheWriter:
                 "dtype": LOGICAL_DTYPE[arr.kind],
                 "kind": arr.kind,
                 "codec": codec.name,
+                "compression": self.compression[arr.kind],
                 "stored": {
                     stored_name(arr.name, p.suffix): {"dtype": p.dtype.name, "shape": list(p.shape)}
                     for p in codec.stored(shape)
@@ -233,8 +247,9 @@ class CacheWriter:
                     shards=(self.shard_size, *shape),
                     dtype=part["dtype"],
                     fill_value=0,
-                    compressors=ZstdCodec(level=3, checksum=True),
-                    attributes={"array": array, "codec": info["codec"], "kind": info["kind"],
+                    compressors=zarr_compressors(info["compression"]),
+                    attributes={"array": array, "codec": info["codec"], "compression": info["compression"],
+                                "kind": info["kind"],
                                 "logical_shape": info["shape"], "logical_dtype": info["dtype"]},
                     config={"write_empty_chunks": True},
                 )
@@ -358,7 +373,12 @@ class CacheWriter:
                                  f"{self.shard_records(shard_id)[bad].index}, id {self.shard_records(shard_id)[bad].id!r})")
 
     def write_targets(self, shard_id: int, anchor: str, arrays: dict[str, np.ndarray]) -> None:
-        """Write one anchor's targets for one shard (arrays are ``(n_in_shard, *shape)``) and commit them."""
+        """Write one anchor's targets for one shard (arrays are ``(n_in_shard, *shape)``) and commit them.
+
+        Thread-safe for distinct ``(shard_id, anchor)`` pairs: each writes its own
+        zarr shard files and commit record, and the heavy parts (bf16 rounding,
+        zstd, crc32c) run in C without the GIL, so anchors can be written in parallel.
+        """
         recs = self.shard_records(shard_id)
         n, start = len(recs), recs[0].index
         self._check_arrays(shard_id, anchor, arrays, n)
@@ -370,15 +390,9 @@ class CacheWriter:
             codec: Codec = get_codec(info["codec"], info["kind"], f"{anchor}/{name}")
             x = np.asarray(arrays[name])
             try:
-                parts = codec.encode(x)
+                parts, error = codec.encode_measured(x)
             except CodecError as e:
                 raise CodecError(f"shard {shard_id}, {anchor}/{name}: {e}") from None
-            error = None
-            if codec.lossy:
-                x64 = x.astype(np.float64)
-                err = codec.decode(parts, tuple(info["shape"])).astype(np.float64) - x64
-                error = {"max_abs": float(np.abs(err).max()) if err.size else 0.0,
-                         "sum_sq_err": float(np.square(err).sum()), "sum_sq_ref": float(np.square(x64).sum())}
             stored = {}
             for suffix, part in parts.items():
                 sname = stored_name(name, suffix)
@@ -390,9 +404,10 @@ class CacheWriter:
                 arr[start:start + n] = part
                 stored[sname] = {
                     "file": shard_file.relative_to(self.cache_dir).as_posix(),
-                    "file_sha256": layout.sha256_file(shard_file),
                     "file_bytes": shard_file.stat().st_size,
-                    "samples": [layout.sha256_bytes(np.ascontiguousarray(p).tobytes()) for p in part],
+                    "checksum": layout.TARGET_CHECKSUM,
+                    "file_checksum": layout.checksum_file(shard_file),
+                    "sample_checksums": [layout.checksum(p) for p in part],
                 }
             out[name] = {"error": error, "stored": stored}
         layout.atomic_write_json(prog_path, {
