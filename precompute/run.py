@@ -178,10 +178,11 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     sizes = sorted({m.input_size for m in models.values()})
     loader = ViewLoader(sizes, pre.num_workers)
     timing = AnchorTiming()
-    # targets are encoded, compressed and committed in the background while the next shard computes;
-    # at most one shard waits there, so memory stays at two shards of targets
-    committer = ThreadPoolExecutor(1)
-    committing: Future | None = None
+    # targets are encoded, compressed and committed in the background while the next shard computes,
+    # one thread per anchor (the writer is thread-safe per shard and anchor, and its heavy parts release
+    # the GIL); at most one shard waits there, so memory stays at two shards of targets
+    committer = ThreadPoolExecutor(max(1, len(names)))
+    committing: list[Future] = []
     bar = tqdm(total=images_todo, unit="img", desc=f"precompute rank {ddp.rank}" if ddp.active else "precompute",
                disable=ddp.rank != 0, dynamic_ncols=True)
     try:
@@ -199,11 +200,12 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
                     outputs[name].append(time_compute(model, batch, timing))
                 bar.update(len(next(iter(views.values()))))
                 bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in todo[shard]}, refresh=False)
-            if committing is not None:
-                committing.result()
-            committing = committer.submit(commit_targets, writer, shard, outputs)
-        if committing is not None:
-            committing.result()
+            for f in committing:
+                f.result()
+            committing = [committer.submit(commit_targets, writer, shard, name, parts)
+                          for name, parts in outputs.items()]
+        for f in committing:
+            f.result()
     finally:
         committer.shutdown()
         bar.close()
@@ -225,9 +227,8 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     return summary
 
 
-def commit_targets(writer: CacheWriter, shard: int, outputs: dict[str, list[dict[str, np.ndarray]]]) -> None:
-    for name, parts in outputs.items():
-        writer.write_targets(shard, name, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+def commit_targets(writer: CacheWriter, shard: int, anchor: str, parts: list[dict[str, np.ndarray]]) -> None:
+    writer.write_targets(shard, anchor, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 def summary_line(s: dict) -> str:
