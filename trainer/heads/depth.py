@@ -37,8 +37,9 @@ class DepthHead(AnchorHead):
         self.feature_dim = d["dim"]
         self.map_size = (d["map_h"], d["map_w"])
         self.project = TokenProjection(self.hidden_size, self.feature_dim)
-        self.scale = nn.Parameter(torch.ones(()))
-        self.bias = nn.Parameter(torch.zeros(()))
+        # shape (1,), not (): DeepSpeed ZeRO-2 broadcasts parameters through a byte view, which 0-d tensors lack
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
 
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
         """Predicted depth (B, map_h, map_w) in [0, 1]."""
