@@ -152,12 +152,39 @@ def test_packbits_and_float_codecs_round_trip():
         CODECS["fp16"].encode(np.full((1, 2), 1e5, np.float32))
 
 
-def test_lossy_codec_error_in_manifest_is_what_was_measured(tmp_path, sample_data_cfg):
+def test_bf16_rounds_like_torch_and_measures_its_error():
+    from shards.codecs import BLOCK
+
+    rng = np.random.default_rng(1)
+    n = BLOCK + 1000  # two blocks, the second partial
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[:64] = (bits[:64] & 0xFFFF0000) | 0x8000  # exact ties: half go up (odd), half stay (even)
+    x[64:70] = [0.0, -0.0, 1e-40, -1e-42, 3.3e38, -3.3e38]  # zeros, subnormals, near the top of bf16
+    batch = x.reshape(1, -1)
+    codec = CODECS["bf16"]
+    parts, error = codec.encode_measured(batch)
+    want = torch.from_numpy(batch).to(torch.bfloat16)
+    np.testing.assert_array_equal(parts[""], want.view(torch.int16).numpy().view(np.uint16))
+    decoded = codec.decode(parts, (n,))
+    np.testing.assert_array_equal(decoded, want.float().numpy())
+    np.testing.assert_array_equal(codec.encode(batch)[""], parts[""])
+    diff = decoded.astype(np.float64) - batch
+    assert error["max_abs"] == np.abs(diff).max()
+    assert error["sum_sq_err"] == pytest.approx((diff ** 2).sum(), rel=1e-5)
+    assert error["sum_sq_ref"] == pytest.approx((batch.astype(np.float64) ** 2).sum(), rel=1e-5)
+    empty, err0 = codec.encode_measured(np.zeros((0, 3), np.float32))
+    assert empty[""].shape == (0, 3) and err0 == {"max_abs": 0.0, "sum_sq_err": 0.0, "sum_sq_ref": 0.0}
+
+
+@pytest.mark.parametrize("codec", ["fp8", "bf16"])
+def test_lossy_codec_error_in_manifest_is_what_was_measured(tmp_path, sample_data_cfg, codec):
     cache_dir = write_synthetic_cache(tmp_path / "c", sample_data_cfg, ["dino"], shard_size=3,
-                                      codecs={"dino/features": "fp8"})
+                                      codecs={"dino/features": codec})
     cache = Cache(cache_dir)
     info = cache.manifest["anchors"]["dino"]["arrays"]["features"]
-    assert info["codec"] == "fp8" and set(info["stored"]) == {"features", "features.scale"}
+    assert info["codec"] == codec
+    assert set(info["stored"]) == ({"features", "features.scale"} if codec == "fp8" else {"features"})
     errs, sq_err, sq_ref = [], 0.0, 0.0
     for i in range(cache.num_samples):
         s = cache.sample(i)

@@ -205,3 +205,122 @@ def test_tar_shards_hold_original_bytes_and_read_as_webdataset(synthetic_cache, 
         assert (meta["id"], meta["index"], meta["source_index"]) == (r.id, r.index, r.source_index)
         assert meta["conversations"] == r.conversations
         assert s["img0.jpg"] == Path(r.images[0]).read_bytes()
+
+
+def zarr_compressors(cache: Path, anchor: str, array: str) -> list[dict]:
+    meta = json.loads((cache / "targets.zarr" / anchor / array / "zarr.json").read_text())
+    (sharding,) = meta["codecs"]
+    return [c for c in sharding["configuration"]["codecs"] if c["name"] != "bytes"]
+
+
+def test_compression_per_kind_is_recorded_and_reads_back_the_same_values(tmp_path, sample_data_cfg):
+    from shards.reader import Cache
+
+    plain = write_synthetic_cache(tmp_path / "plain", sample_data_cfg, ["sam"], shard_size=4)
+    records, bad = load_records(sample_data_cfg)
+    zstd = tmp_path / "zstd"
+    writer = CacheWriter(zstd, records, 4, bad, compression={"float": "zstd-1"})
+    writer.declare_anchor("sam", DEFAULT_DIMS["sam"], {"synthetic": True, "seed": 0}, [])
+    for s in range(writer.num_shards):
+        writer.write_samples(s)
+        writer.write_targets(s, "sam", synthetic_shard_targets("sam", DEFAULT_DIMS["sam"], writer.shard_records(s), 0))
+    writer.finalize()
+
+    arrays = {c: json.loads((c / "manifest.json").read_text())["anchors"]["sam"]["arrays"] for c in (plain, zstd)}
+    assert {k: v["compression"] for k, v in arrays[plain].items()} == {
+        "embedding": "none", "masks": "zstd-3", "mask_count": "zstd-3"}
+    assert arrays[zstd]["embedding"]["compression"] == "zstd-1"
+    assert zarr_compressors(plain, "sam", "embedding") == []
+    assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(zstd, "sam", "embedding")] == [("zstd", 1)]
+    assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(plain, "sam", "masks")] == [("zstd", 3)]
+    a, b = Cache(plain), Cache(zstd)
+    for i in range(a.num_samples):
+        for name, value in a.targets(i)["sam"].items():
+            assert torch_equal(value, b.targets(i)["sam"][name]), (i, name)
+    # the same records with other compression are another cache, not a resumable one
+    with pytest.raises(CacheMismatchError, match=r"'sam'.*arrays"):
+        CacheWriter(plain, records, 4, bad, compression={"float": "zstd-1"}).declare_anchor(
+            "sam", DEFAULT_DIMS["sam"], {"synthetic": True, "seed": 0}, [])
+
+
+def torch_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
+def test_unknown_compression_is_an_error_naming_it(tmp_path, sample_data_cfg):
+    from shards.codecs import CodecError
+
+    records, bad = load_records(sample_data_cfg)
+    with pytest.raises(CodecError, match=r"compression\['float'\].*'lz4'"):
+        CacheWriter(tmp_path / "a", records, 3, bad, compression={"float": "lz4"})
+    with pytest.raises(CodecError, match=r"'features'.*not kinds"):
+        CacheWriter(tmp_path / "b", records, 3, bad, compression={"features": "none"})
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd-1"])
+def test_verify_names_the_sample_of_a_flipped_byte_in_a_zarr_shard_of_either_compression(
+        tmp_path, sample_data_cfg, compression):
+    from shards.inspect import verify
+    from shards.reader import Cache
+
+    records, bad = load_records(sample_data_cfg)
+    cache = tmp_path / "c"
+    writer = CacheWriter(cache, records, 4, bad, compression={"float": compression})
+    writer.declare_anchor("dino", DEFAULT_DIMS["dino"], {}, [])
+    for s in range(writer.num_shards):
+        writer.write_samples(s)
+        writer.write_targets(s, "dino", synthetic_shard_targets("dino", DEFAULT_DIMS["dino"], writer.shard_records(s), 0))
+    writer.finalize()
+    assert verify(Cache(cache), show_progress=False) == []
+    shard_file = cache / "targets.zarr/dino/features/c/1/0/0"
+    data = bytearray(shard_file.read_bytes())
+    data[100] ^= 0x01  # inside the first chunk of shard 1: sample 4
+    shard_file.write_bytes(bytes(data))
+    problems = verify(Cache(cache), show_progress=False)
+    assert any("targets.zarr/dino/features/c/1/0/0" in p and "checksum mismatch" in p and "000000004" not in p
+               for p in problems), problems
+    assert any("000000004" in p and "dino/features" in p for p in problems), problems
+    assert not any("000000005" in p or "shard-000000" in p or "c/0/0/0" in p for p in problems), problems
+
+
+def test_anchors_written_from_threads_give_the_same_bytes_as_one_at_a_time(tmp_path, sample_data_cfg):
+    from concurrent.futures import ThreadPoolExecutor
+
+    anchors = ["sam", "depth", "dino", "pidinet"]
+    sequential = write_synthetic_cache(tmp_path / "seq", sample_data_cfg, anchors, shard_size=3)
+    records, bad = load_records(sample_data_cfg)
+    writer = CacheWriter(tmp_path / "threads", records, 3, bad)
+    for a in anchors:
+        writer.declare_anchor(a, DEFAULT_DIMS[a], {"synthetic": True, "seed": 0}, [])
+    jobs = []
+    for s in range(writer.num_shards):
+        writer.write_samples(s)
+        jobs += [(s, a, synthetic_shard_targets(a, DEFAULT_DIMS[a], writer.shard_records(s), 0)) for a in anchors]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for f in [pool.submit(writer.write_targets, *job) for job in jobs]:
+            f.result()
+    writer.finalize()
+    assert_same_tree(sequential, tmp_path / "threads")
+
+
+def test_a_writer_refuses_a_cache_of_another_schema(writer):
+    meta_path = writer.cache_dir / "targets.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["schema"] = "covt-shards/1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CacheMismatchError, match=r"covt-shards/1.*covt-shards/2.*new cache.dir"):
+        CacheWriter(writer.cache_dir, writer.records, 3, writer.bad_records)
+
+
+def test_target_checksums_hash_an_arrays_bytes_in_c_order():
+    import google_crc32c
+
+    from shards import layout
+
+    a = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    assert layout.checksum(a) == layout.checksum(a.tobytes()) == f"{google_crc32c.value(a.tobytes()):08x}"
+    assert layout.checksum(a.T) == layout.checksum(np.ascontiguousarray(a.T).tobytes())
+    assert layout.checksum(a[1]) != layout.checksum(a[2])
+    assert layout.checksum(a, "sha256") == layout.sha256_bytes(a.tobytes())
+    with pytest.raises(ValueError, match="md5"):
+        layout.checksum(a, "md5")
