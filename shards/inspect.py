@@ -48,13 +48,15 @@ def summary(cache: Cache) -> str:
         f"created  {', '.join(f'{k} {v}' for k, v in m['created_by'].items() if v)}",
         "",
     ]
-    rows = [["anchor", "array", "shape", "dtype", "codec", "stored/sample", "disk/sample", "max abs err", "rel L2 err"]]
+    rows = [["anchor", "array", "shape", "dtype", "codec", "stored/sample", "disk/sample", "max abs err", "rel L2 err",
+             "compression"]]
     for anchor, a in m["anchors"].items():
         for name, info in a["arrays"].items():
             err = info["measured_error"]
             rows.append([anchor, name, "x".join(map(str, info["shape"])) or "scalar", info["dtype"], info["codec"],
                          _size(info["stored_bytes_per_sample"]), _size(info["disk_bytes_per_sample"]),
-                         f"{err['max_abs']:.3g}" if err else "lossless", f"{err['rel_l2']:.3g}" if err else "-"])
+                         f"{err['max_abs']:.3g}" if err else "lossless", f"{err['rel_l2']:.3g}" if err else "-",
+                         info["compression"]])
     out.append(_table(rows) if len(rows) > 1 else "anchors  none")
     out.append("")
     for anchor, a in m["anchors"].items():

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def zarr_compressors(cache: Path, anchor: str, array: str) -> list[dict]:
 
 
 def test_compression_per_kind_is_recorded_and_reads_back_the_same_values(tmp_path, sample_data_cfg):
+    from shards.inspect import summary
     from shards.reader import Cache
 
     plain = write_synthetic_cache(tmp_path / "plain", sample_data_cfg, ["sam"], shard_size=4)
@@ -234,6 +236,9 @@ def test_compression_per_kind_is_recorded_and_reads_back_the_same_values(tmp_pat
     assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(zstd, "sam", "embedding")] == [("zstd", 1)]
     assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(plain, "sam", "masks")] == [("zstd", 3)]
     a, b = Cache(plain), Cache(zstd)
+    assert re.search(r"^sam\s+embedding .* none$", summary(a), re.M)
+    assert re.search(r"^sam\s+masks .* zstd-3$", summary(a), re.M)
+    assert re.search(r"^sam\s+embedding .* zstd-1$", summary(b), re.M)
     for i in range(a.num_samples):
         for name, value in a.targets(i)["sam"].items():
             assert torch_equal(value, b.targets(i)["sam"][name]), (i, name)
