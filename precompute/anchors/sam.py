@@ -37,7 +37,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 
 from .base import AnchorModel, MissingCheckpointError, file_sha256, register
-from .sam_fast import encoder_attention, use_encoder_attention
+from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -246,24 +246,9 @@ class SamAnchor(AnchorModel):
         """Multimask logits ``(n, M, H, W)`` and IoU ``(n, M)`` for prompts (image ``img``, point ``pt``).
 
         MaskDecoder.predict_masks pairs one image with all prompts of a call; this
-        applies its submodules to a per-prompt image embedding instead, so one call
-        serves prompts of many images.
+        applies its submodules (sam_fast.decode_prompts) to prompts of many images.
         """
-        md, pe = self.sam.mask_decoder, self.sam.prompt_encoder
-        sparse = self.grid_sparse_embeddings()[pt]
-        n = sparse.shape[0]
-        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
-        tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], 1)
-        src = emb[img] + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        pos = pe.get_dense_pe().expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = md.transformer(src, pos, tokens)
-        iou_out, mask_out = hs[:, 0], hs[:, 1:1 + md.num_mask_tokens]
-        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = torch.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], 1)
-        logits = (hyper @ up.flatten(2)).view(b, -1, *up.shape[-2:])
-        iou = md.iou_prediction_head(iou_out)
-        return logits[:, 1:], iou[:, 1:]
+        return decode_prompts(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
 
     def _decode_per_image(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
         pe = self.sam.prompt_encoder
@@ -292,7 +277,8 @@ class SamAnchor(AnchorModel):
             with self._autocast(self.decoder_bf16):
                 logits, iou = decode(emb, img, pt)
             m = logits.shape[1]
-            logits, iou = logits.float().flatten(0, 1), iou.float().flatten()
+            # thresholds at +-1 and 0 compare exactly in bf16 too: no float copy of the logits
+            logits, iou = logits.flatten(0, 1), iou.float().flatten()
             img, pt = img.repeat_interleave(m), pt.repeat_interleave(m)
             inner = (logits > STABILITY_OFFSET).sum((-1, -2))
             outer = (logits > -STABILITY_OFFSET).sum((-1, -2))

@@ -27,6 +27,9 @@ import types
 import torch
 from torch.nn import functional as F
 
+from segment_anything.modeling import MaskDecoder, Sam, TwoWayTransformer
+from segment_anything.modeling.transformer import Attention as TwoWayAttention
+from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
 ATTENTION_MODES = ("library", "sdpa_bias", "sdpa_fold")
@@ -151,3 +154,139 @@ def encoder_attention(encoder: ImageEncoderViT) -> str:
     if fwd is None:
         return "library"
     return next(name for name, f in FORWARDS.items() if fwd.__func__ is f)
+
+
+# ------------------------------------------------------------------ mask decoder output
+def transposed_conv_as_linear(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (4 * out, in) and bias of a kernel-2 stride-2 ConvTranspose2d as a per-pixel Linear.
+
+    Output rows are ordered (di, dj, out): input pixel (y, x) writes output pixel (2y + di, 2x + dj).
+    """
+    if conv.kernel_size != (2, 2) or conv.stride != (2, 2) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError(f"expected SAM's kernel-2 stride-2 ConvTranspose2d, got {conv}")
+    c_in, c_out = conv.weight.shape[:2]
+    return conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in), conv.bias.repeat(4)
+
+
+def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens: torch.Tensor,
+                token_ids: list[int]) -> torch.Tensor:
+    """``MaskDecoder``'s mask logits ``(n, len(token_ids), 4h, 4w)`` from transformer outputs, channels last.
+
+    ``src`` (n, h*w, C) are the image tokens and ``mask_tokens`` (n, num_mask_tokens, C) the
+    mask-token outputs. The library transposes the tokens to NCHW, upscales with two
+    ConvTranspose2d (LayerNorm2d between them as separate element-wise ops), then contracts
+    the 32-channel map with each hypernetwork's output. Here each transposed convolution
+    is a per-pixel Linear on the token-major layout, the norm is one fused layer_norm over
+    the channel (last) dim, only the wanted tokens are contracted, and the sub-pixel
+    order is unshuffled on the small contracted logits instead of the 32-channel map.
+    """
+    conv1, norm, act1, conv2, act2 = md.output_upscaling
+    w1, b1 = transposed_conv_as_linear(conv1)
+    w2, b2 = transposed_conv_as_linear(conv2)
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    x = F.linear(src, w1, b1).unflatten(-1, (4, c1))  # (n, hw, di*dj, c1)
+    x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    x = act2(F.linear(x, w2, b2))  # (n, hw, di*dj, ei*ej*c2)
+    hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in token_ids], 1)
+    n, m = src.shape[0], len(token_ids)
+    logits = x.reshape(n, -1, c2) @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m)
+    # (n, y, x, di, dj, ei, ej, m) -> (n, m, y, di, ei, x, dj, ej): pixel (4y + 2di + ei, 4x + 2dj + ej)
+    logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(n, m, 4 * h, 4 * w)
+
+
+# ------------------------------------------------------------------ mask decoder transformer
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+
+
+def attend(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment_anything's transformer ``Attention.forward`` on already projected q, k, v, via SDPA."""
+    h = attn.num_heads
+    out = F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h))
+    return attn.out_proj(out.transpose(-3, -2).flatten(-2))
+
+
+def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
+                        groups: list[tuple[int, int]], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayTransformer.forward`` for prompts of several images, image-side work of layer 0 shared.
+
+    ``image_tokens`` (U, HW, C) are the images' tokens (dense prompt embedding added),
+    ``image_pe`` (1, HW, C) their positional encoding, ``tokens`` (n, T, C) the prompts'
+    output + sparse tokens, ordered by image: ``groups`` lists (image index, prompt count)
+    in that order. Until the first image-to-token attention every prompt of an image sees
+    the same image tokens, so their projections are computed once per image and the
+    token-to-image attention runs all of that image's prompts as one query set. Later
+    layers and the final attention are the library's modules on per-prompt tokens.
+    Returns (queries (n, T, C), keys (n, HW, C)) as the library does.
+    """
+    first = t.layers[0]
+    if not first.skip_first_layer_pe:
+        raise ValueError("decoder_transformer expects SAM's first two-way block (skip_first_layer_pe)")
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    n_tok = tokens.shape[1]
+    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+    q_t2i = t2i.q_proj(queries + tokens)
+    shared, attn_out, start = [], [], 0
+    for image, count in groups:
+        keys = image_tokens[image]
+        keys_pe = keys + image_pe[0]
+        shared.append((keys, i2t.q_proj(keys_pe)))
+        q = q_t2i[start:start + count].flatten(0, 1)  # every prompt's tokens query the same image
+        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None])[0])
+        start += count
+    queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, n_tok)))
+    queries = first.norm3(queries + first.mlp(queries))
+    k_i2t, v_i2t = i2t.k_proj(queries + tokens), i2t.v_proj(queries)
+    new_keys, start = [], 0
+    for (image, count), (keys, q_image) in zip(groups, shared):
+        sel = slice(start, start + count)
+        out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel])
+        new_keys.append(first.norm4(keys + out))
+        start += count
+    keys = torch.cat(new_keys)
+    for layer in t.layers[1:]:
+        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe)
+    attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys)
+    return t.norm_final_attn(queries + attn_out), keys
+
+
+def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment_anything's transformer ``Attention.forward(q, k, v)`` via SDPA."""
+    return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+
+
+def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor,
+                  query_pe: torch.Tensor, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayAttentionBlock.forward`` (a block after the first) with SDPA attention."""
+    q = queries + query_pe
+    queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries))
+    keys_pe = keys + key_pe  # the library adds it twice; keys do not change in between
+    queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries)
+    return queries, layer.norm4(keys + out)
+
+
+def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
+    """Multimask logits ``(n, M, 4h, 4w)`` and IoU ``(n, M)`` of single prompts, no dense prompt.
+
+    The function of ``MaskDecoder.forward(emb[img[j]], ..., sparse[j], no_mask_embed,
+    multimask_output=True)`` for each prompt j, for prompts of many images in one call;
+    consecutive prompts of one image share that image's layer-0 work (any order is correct).
+    """
+    md, pe = sam.mask_decoder, sam.prompt_encoder
+    n = sparse.shape[0]
+    _, c, h, w = emb.shape
+    out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+    tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], 1)
+    images, counts = torch.unique_consecutive(img, return_counts=True)
+    used = emb[images] + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    image_tokens = used.flatten(2).transpose(1, 2)
+    image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
+    groups = list(zip(range(len(images)), counts.tolist()))
+    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens)
+    multimask = list(range(1, md.num_mask_tokens))  # token 0 is the single-mask output
+    logits = mask_logits(md, keys, h, w, hs[:, 1:1 + md.num_mask_tokens], multimask)
+    iou = md.iou_prediction_head(hs[:, 0])[:, 1:]
+    return logits, iou
