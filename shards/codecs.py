@@ -88,10 +88,17 @@ class ErrorStats:
             return
         np.abs(err, out=scratch)
         self.max_abs = max(self.max_abs, float(scratch.max()))
-        np.square(err, out=scratch)
-        self.sum_sq_err += float(scratch.sum())
-        np.square(x, out=scratch)
-        self.sum_sq_ref += float(scratch.sum())
+        self.sum_sq_err += self._sum_sq(err, scratch)
+        self.sum_sq_ref += self._sum_sq(x, scratch)
+
+    @staticmethod
+    def _sum_sq(v: np.ndarray, scratch: np.ndarray) -> float:
+        with np.errstate(over="ignore"):
+            np.square(v, out=scratch)
+            total = float(scratch.sum())
+        if not np.isfinite(total):  # values beyond ~1e17 overflow float32 squares: redo this block in float64
+            total = float(np.square(v, dtype=np.float64).sum())
+        return total
 
     def add(self, x: np.ndarray, decoded: np.ndarray) -> None:
         flat, dec = np.ascontiguousarray(x, dtype=np.float32).reshape(-1), np.asarray(decoded).reshape(-1)
@@ -145,7 +152,11 @@ class BF16(Codec):
 
     def encode_measured(self, batch):
         stats = ErrorStats()
-        return self._encode(batch, stats), stats.as_dict()
+        parts = self._encode(batch, stats)
+        if not np.isfinite(stats.max_abs):
+            peak = float(np.abs(batch).max())
+            raise CodecError(f"bf16 cannot hold values up to {peak:g} (they round to inf); use fp32")
+        return parts, stats.as_dict()
 
     @staticmethod
     def _encode(batch: np.ndarray, stats: ErrorStats | None) -> dict[str, np.ndarray]:
@@ -251,8 +262,9 @@ class Int32(Codec):
         return np.asarray(stored[""], dtype=np.int32)
 
 
-# bf16 features: zstd-1 saves ~20% of the disk for ~1 ms of CPU per MB, more than bf16 rounding,
-# zarr's copies and the checksums together (bench/bench_cache_write.py); packed masks shrink several times
+# floats uncompressed: zstd-1 would save ~20% of the disk on bf16 features but costs ~1 ms of CPU per MB,
+# more than bf16 rounding, zarr's copies and the checksums together (bench/bench_cache_write.py);
+# packed masks shrink several times
 COMPRESSION_DEFAULTS: dict[str, str] = {"float": "none", "mask": "zstd-3", "count": "zstd-3"}
 
 

@@ -173,6 +173,8 @@ def test_bf16_rounds_like_torch_and_measures_its_error():
     assert error["max_abs"] == np.abs(diff).max()
     assert error["sum_sq_err"] == pytest.approx((diff ** 2).sum(), rel=1e-5)
     assert error["sum_sq_ref"] == pytest.approx((batch.astype(np.float64) ** 2).sum(), rel=1e-5)
+    with pytest.raises(ValueError, match="bf16 cannot hold values up to 3.4e"):
+        codec.encode_measured(np.array([[1.0, 3.4e38]], np.float32))
     empty, err0 = codec.encode_measured(np.zeros((0, 3), np.float32))
     assert empty[""].shape == (0, 3) and err0 == {"max_abs": 0.0, "sum_sq_err": 0.0, "sum_sq_ref": 0.0}
 
