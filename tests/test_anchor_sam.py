@@ -217,3 +217,57 @@ def test_fast_attention_keeps_the_tiny_encoder_output_and_state_dict(sam_dir):
         torch.testing.assert_close(anchor.embed(v), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sdpa_bias"):
         anchor.encoder_attention = "flash"
+
+
+# ------------------------------------------------------------ fast mask decoding (sam_fast.py)
+def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
+    """Larger random decoder weights than the init: logits beyond the +-1 stability offsets, IoUs around 0.5."""
+    torch.manual_seed(seed)
+    for p in anchor.sam.mask_decoder.parameters():
+        p.data.normal_(0, 0.3)
+    anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
+    anchor._grid_sparse = None
+
+
+def test_decode_prompts_equals_mask_decoder_forward_per_prompt(sam_dir):
+    from precompute.anchors.sam_fast import decode_prompts
+
+    anchor = tiny_sam(sam_dir)
+    spread_decoder_weights(anchor, 2)
+    sam = anchor.sam
+    emb = torch.randn(3, *sam.image_encoder.neck[-1].weight.shape[:1], *sam.prompt_encoder.image_embedding_size)
+    img = torch.tensor([0, 0, 2, 1, 1, 2, 0])  # consecutive runs and an image seen twice
+    pts = torch.rand(len(img), 1, 2) * anchor.input_size
+    sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(len(img), 1, dtype=torch.int)), boxes=None, masks=None)
+    with torch.no_grad():
+        logits, iou = decode_prompts(sam, emb, img, sparse)
+        for j, i in enumerate(img.tolist()):
+            ref_logits, ref_iou = sam.mask_decoder(
+                image_embeddings=emb[i:i + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse[j:j + 1],
+                dense_prompt_embeddings=sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1),
+                multimask_output=True)
+            assert ref_logits.max() > 0.1 and ref_logits.min() < -0.1  # masks with inside and outside
+            torch.testing.assert_close(logits[j:j + 1], ref_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[j:j + 1], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.4", "precompute.sam.stability_score_thresh=0.42",
+                      "precompute.sam.point_batch_size=24")  # chunks that split images
+    spread_decoder_weights(anchor, 3)
+    emb = anchor.embed(views(anchor, 3))
+    fast = anchor.mask_candidates(emb)
+    anchor.decode_mode = "per_image"  # MaskDecoder.forward, segment_anything's own code
+    ref = anchor.mask_candidates(emb)
+    n_all = 3 * len(anchor.grid_points) * 3
+    assert 50 < len(ref["iou"]) < n_all // 3  # both thresholds bite
+    for key in ("image", "point"):
+        assert torch.equal(fast[key], ref[key]), key
+    torch.testing.assert_close(fast["iou"], ref["iou"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast["stability"], ref["stability"], atol=1e-5, rtol=1e-5)
+    assert (fast["masks"] != ref["masks"]).sum() <= 2  # a logit within rounding of 0 may flip
+    a, b = anchor.automatic_masks(emb), None
+    anchor.decode_mode = "batched"
+    b = anchor.automatic_masks(emb)
+    assert torch.equal(a.count, b.count) and torch.equal(a.points, b.points)
