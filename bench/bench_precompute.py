@@ -10,7 +10,9 @@ batch size. SAM's automatic mask generation runs with its thresholds at 0 so
 every grid candidate survives to NMS: the worst case for the selection step
 (with trained weights most candidates are dropped before NMS). Times are
 CUDA-synchronised wall times of ``anchor.compute`` (views already on the device,
-targets back on the CPU as numpy), after warm-up. Also measured: SAM's mask
+targets back on the CPU as numpy), after warm-up. Also measured: SAM's image
+encoder with segment_anything's attention vs the SDPA versions of sam_fast.py on
+the same batch (speed ratio and how far the embedding moves), SAM's mask
 decoder per-image vs batched across images and bf16 vs fp32 (speed, and how far
 the bf16 masks move), and the CPU cost of ``CacheWriter.write_targets`` per image
 (codec + zstd + checksums), which the driver overlaps with the next shard's compute.
@@ -35,6 +37,7 @@ from precompute.anchors.base import AnchorModel  # noqa: E402
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
+from precompute.anchors.sam_fast import ATTENTION_MODES  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.config import SamPrecomputeConfig  # noqa: E402
 from shards.records import Record  # noqa: E402
@@ -104,11 +107,24 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
-def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters) -> dict:
-    """Encoder vs mask generation time; decoder batched vs per image; bf16 vs fp32 decoder."""
+def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool = False) -> dict:
+    """Encoder per attention mode (library vs SDPA) and mask generation time; decoder batched
+    (sam_fast.decode_prompts) vs per image (segment_anything's MaskDecoder.forward); bf16 vs fp32 decoder."""
     out = {}
+    default = sam.encoder_attention
+    with sam_settings(sam, encoder_attention="library"):
+        emb_library = sam.embed(views)
+    for mode in ATTENTION_MODES:  # the same batch through each attention, side by side
+        with sam_settings(sam, encoder_attention=mode):
+            out[f"encoder_{mode}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+            out[f"encoder_{mode}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
+                                                             / emb_library.norm())
+    if compile_encoder:
+        with sam_settings(sam, compile_encoder=True):
+            sam.embed(views)  # compiles
+            out[f"encoder_{default}_compiled_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+    out["encoder_s"] = out[f"encoder_{default}_s"]
     emb = sam.embed(views)
-    out["encoder_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
     for mode in ("batched", "per_image"):
         for bf16 in ((True, False) if device.type == "cuda" else (False,)):
             with sam_settings(sam, decode_mode=mode, decoder_bf16=bf16):
@@ -152,6 +168,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
+                    help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
+    ap.add_argument("--compile-encoder", action="store_true",
+                    help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
     args = ap.parse_args(argv)
 
     if not args.quick and not torch.cuda.is_available():
@@ -169,6 +189,9 @@ def main(argv=None) -> int:
         print(f"device: cpu ({torch.get_num_threads()} threads), tiny variants, torch {torch.__version__}")
 
     anchors = build_anchors(device, args.quick, args.dtype)
+    if args.sam_attention:
+        anchors["sam"].encoder_attention = args.sam_attention
+    print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "batches": {}}
     for bs in batch_sizes:
@@ -181,7 +204,7 @@ def main(argv=None) -> int:
         row["sam+depth+dino"] = bs / t
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters)
+        row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters, args.compile_encoder)
         results["batches"][bs] = row
         print_row(bs, row)
 
@@ -207,8 +230,18 @@ def print_row(bs: int, row: dict) -> None:
     combined = row["sam+depth+dino"]
     print("  share of combined time: " + ", ".join(f"{n} {combined / row[n]:.0%}" for n in anchors[:3]))
     d = row["sam_details"]
-    print(f"  sam: encoder {bs / d['encoder_s']:.1f} img/s; mask generation img/s: "
+    lib = d["encoder_library_s"]
+    print("  sam encoder img/s (x library): " + ", ".join(
+        f"{k[8:-2]} {bs / v:.1f} ({lib / v:.2f}x)" for k, v in d.items()
+        if k.startswith("encoder_") and k.endswith("_s") and k != "encoder_s"))
+    print("  sam encoder drift from library attention (rel L2): " + ", ".join(
+        f"{m} {d[f'encoder_{m}_vs_library_rel_l2']:.2g}" for m in ATTENTION_MODES if m != "library"))
+    print("  sam mask generation img/s: "
           + ", ".join(f"{k[6:-2]} {bs / v:.1f}" for k, v in d.items() if k.startswith("masks_")))
+    for dt in ("bf16", "fp32"):
+        if f"masks_per_image_{dt}_s" in d:
+            print(f"  sam mask generation {dt}: batched (sam_fast) {d[f'masks_per_image_{dt}_s'] / d[f'masks_batched_{dt}_s']:.2f}x "
+                  "per image (MaskDecoder.forward)")
     for k in ("decoder_bf16_vs_fp32_mask_iou", "decoder_bf16_vs_fp32_max_iou_pred_diff", "encoder_bf16_vs_fp32_rel_l2"):
         if k in d:
             print(f"  sam {k}: {d[k]:.4g}")
