@@ -123,6 +123,8 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
         with sam_settings(sam, compile_encoder=True):
             sam.embed(views)  # compiles
             out[f"encoder_{default}_compiled_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+            out["encoder_compiled_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
+                                                              / emb_library.norm())
     out["encoder_s"] = out[f"encoder_{default}_s"]
     emb = sam.embed(views)
     for mode in ("batched", "per_image"):
@@ -235,7 +237,8 @@ def print_row(bs: int, row: dict) -> None:
         f"{k[8:-2]} {bs / v:.1f} ({lib / v:.2f}x)" for k, v in d.items()
         if k.startswith("encoder_") and k.endswith("_s") and k != "encoder_s"))
     print("  sam encoder drift from library attention (rel L2): " + ", ".join(
-        f"{m} {d[f'encoder_{m}_vs_library_rel_l2']:.2g}" for m in ATTENTION_MODES if m != "library"))
+        f"{m} {d[f'encoder_{m}_vs_library_rel_l2']:.2g}" for m in ATTENTION_MODES if m != "library")
+        + (f", compiled {d['encoder_compiled_vs_library_rel_l2']:.2g}" if "encoder_compiled_vs_library_rel_l2" in d else ""))
     print("  sam mask generation img/s: "
           + ", ".join(f"{k[6:-2]} {bs / v:.1f}" for k, v in d.items() if k.startswith("masks_")))
     for dt in ("bf16", "fp32"):

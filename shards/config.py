@@ -66,6 +66,10 @@ class SamPrecomputeConfig:
     stability_score_thresh: float = 0.90  # keep masks at least this stable (logit offset 1)
     box_nms_thresh: float = 0.70  # box IoU above which the lower-ranked mask is dropped
     point_batch_size: int = 256  # point prompts per mask-decoder call
+    # image encoder attention: segment_anything's ("library") or the same function via fused SDPA
+    # kernels (precompute/anchors/sam_fast.py); bench/bench_precompute.py compares them
+    encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = "sdpa_bias"
+    compile_encoder: bool = False  # torch.compile the image encoder (compiles on the first batch)
 
 
 @dataclass

@@ -185,9 +185,9 @@ class SamAnchor(AnchorModel):
         self.decoder_bf16 = bf16
         # The image encoder's attention: segment_anything's own ("library") or the same function
         # through fused SDPA kernels ("sdpa_bias", "sdpa_fold"; see sam_fast.py). The bench compares.
-        self.encoder_attention = "sdpa_bias"
-        # torch.compile the image encoder on first use (off: compiling takes minutes at vit_h size)
-        self.compile_encoder = False
+        self.encoder_attention = amg.encoder_attention
+        # torch.compile the image encoder on first use (default off: compiling takes minutes at vit_h size)
+        self.compile_encoder = amg.compile_encoder
         self._compiled_encoder: tuple | None = None
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)

@@ -89,7 +89,7 @@ def sdpa_bias_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     if self.use_rel_pos:
         rel_h, rel_w = rel_pos_terms(self, q, h, w)
         n = h * w
-        if torch.is_grad_enabled():  # out= does not support autograd
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # out= supports neither autograd nor inductor
             mask = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2).flatten(2, 3)
         else:
             # written straight into a row-aligned buffer: one pass, no padded copy inside SDPA
