@@ -66,9 +66,10 @@ class SamPrecomputeConfig:
     stability_score_thresh: float = 0.90  # keep masks at least this stable (logit offset 1)
     box_nms_thresh: float = 0.70  # box IoU above which the lower-ranked mask is dropped
     point_batch_size: int = 256  # point prompts per mask-decoder call
-    # image encoder attention: segment_anything's ("library") or the same function via fused SDPA
-    # kernels (precompute/anchors/sam_fast.py); bench/bench_precompute.py compares them
-    encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = "sdpa_bias"
+    # The same function three ways (precompute/anchors/sam_fast.py): segment_anything's own attention, or fused
+    # SDPA with the relative-position terms as an additive bias or folded into wider q/k; sdpa_fold measured
+    # fastest on an H100 (BENCHMARKS.md).
+    encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = "sdpa_fold"  # SAM image encoder attention
     compile_encoder: bool = False  # torch.compile the image encoder (compiles on the first batch)
 
 

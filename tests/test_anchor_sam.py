@@ -274,7 +274,7 @@ def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
 
 
 def test_encoder_attention_comes_from_the_config(sam_dir):
-    assert tiny_sam(sam_dir).encoder_attention == "sdpa_bias"
+    assert tiny_sam(sam_dir).encoder_attention == "sdpa_fold"
     assert tiny_sam(sam_dir, "precompute.sam.encoder_attention=library").encoder_attention == "library"
     with pytest.raises(Exception, match="encoder_attention"):
         tiny_sam(sam_dir, "precompute.sam.encoder_attention=flash")
