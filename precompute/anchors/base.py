@@ -59,6 +59,12 @@ class AnchorModel(torch.nn.Module, abc.ABC):
     def fingerprint(self) -> dict:
         """Checkpoint hash, preprocessing and versions, for the manifest."""
 
+    def checkpoint_fields(self, path: str | Path) -> dict:
+        """``checkpoint`` and ``sha256`` entries of a fingerprint; hashed once (real checkpoints are GBs)."""
+        if getattr(self, "_checkpoint_sha256", None) is None:
+            self._checkpoint_sha256 = file_sha256(path)
+        return {"checkpoint": str(path), "sha256": self._checkpoint_sha256}
+
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of every file of a folder (sorted by relative path)."""

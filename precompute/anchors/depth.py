@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, file_sha256, register
+from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
     check_view_size, get_variant, infer_register_tokens, load_strict, normalize_views, randomize_,
@@ -140,7 +140,6 @@ class DepthAnchor(AnchorModel):
         self.map_size = self.variant.depth_map_size
         self.ckpt_path = ckpt_path
         self.dtype = dtype
-        self._sha256: str | None = None
 
     def dims(self) -> dict[str, int]:
         patches = (self.input_size // PATCH_SIZE) ** 2
@@ -162,11 +161,8 @@ class DepthAnchor(AnchorModel):
         return {"features": features.cpu().numpy(), "depth": depth.cpu().numpy()}
 
     def fingerprint(self) -> dict:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.ckpt_path)
         return {
-            "checkpoint": str(self.ckpt_path),
-            "sha256": self._sha256,
+            **self.checkpoint_fields(self.ckpt_path),
             "variant": self.variant.name,
             "input_size": self.input_size,
             "layers": list(self.variant.depth_layers),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, file_sha256, register
+from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
     check_view_size, get_variant, infer_register_tokens, load_strict, normalize_views, randomize_,
@@ -70,7 +70,6 @@ class DinoAnchor(AnchorModel):
         self.variant = variant
         self.ckpt_path = ckpt_path
         self.dtype = dtype
-        self._sha256: str | None = None
 
     def dims(self) -> dict[str, int]:
         return {"tokens": 1 + (self.input_size // PATCH_SIZE) ** 2, "dim": self.model.embed_dim}
@@ -85,11 +84,8 @@ class DinoAnchor(AnchorModel):
         return {"features": tokens.float().cpu().numpy()}
 
     def fingerprint(self) -> dict:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.ckpt_path)
         return {
-            "checkpoint": str(self.ckpt_path),
-            "sha256": self._sha256,
+            **self.checkpoint_fields(self.ckpt_path),
             "format": type(self.model).__name__,
             "variant": self.variant,
             "input_size": self.input_size,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, file_sha256, register
+from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, check_view_size, load_strict, normalize_views, read_checkpoint,
 )
@@ -257,7 +257,6 @@ class PidinetAnchor(AnchorModel):
         self.net = net.eval().requires_grad_(False)
         self.config = config
         self.ckpt_path = ckpt_path
-        self._sha256: str | None = None
 
     def dims(self) -> dict[str, int]:
         return {"map_h": self.input_size, "map_w": self.input_size}
@@ -288,11 +287,8 @@ class PidinetAnchor(AnchorModel):
         return ["pidinet_stage1.pt2", "pidinet_stage1.json"]
 
     def fingerprint(self) -> dict:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.ckpt_path)
         return {
-            "checkpoint": str(self.ckpt_path),
-            "sha256": self._sha256,
+            **self.checkpoint_fields(self.ckpt_path),
             "variant": self.config,
             "input_size": self.input_size,
             "preprocessing": (f"square view {self.input_size}x{self.input_size} RGB /255, normalised mean "
