@@ -94,6 +94,12 @@ def test_both_merges_and_tensorboard_are_written(uninterrupted):
     assert steps == ["step-000006", "step-000007"]  # the last two of 2, 3, 4, 5, 6 (save_every), 7
 
 
+def test_every_optimizer_step_records_its_time(uninterrupted):
+    perf = [json.loads(line) for line in (uninterrupted / "perf-rank0.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in perf] == [r["step"] for r in metrics(uninterrupted)]
+    assert all(p["seconds"] > 0 for p in perf)
+
+
 def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 

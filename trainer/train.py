@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         # --- optimizer steps
         model.train()
         view_sizes = model.view_sizes()
+        log.start_clock()
         for step in range(step, run.end):
             if stop_after is not None and step >= stop_after:
                 log.info(f"stopping before step {step} (--stop-after {stop_after})")
@@ -267,24 +269,39 @@ def barrier(world: int) -> None:
 
 
 class Logger:
-    """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl, on rank 0 only."""
+    """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl on rank 0; every rank writes
+    output_dir/perf-rank{R}.jsonl (seconds per optimizer step, peak GPU memory), kept apart from the
+    losses so that metrics.jsonl of a resumed run equals an uninterrupted one's."""
 
     def __init__(self, out: Path, rank: int, total: int, initial: int):
         self.active = rank == 0
+        out.mkdir(parents=True, exist_ok=True)
+        self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
+        self.last_time = time.perf_counter()
         if not self.active:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        out.mkdir(parents=True, exist_ok=True)
         self.tb = SummaryWriter(str(out / "tb"))
         self.metrics = open(out / "metrics.jsonl", "a")
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def start_clock(self) -> None:
+        """Steps are timed from here (not from the model loading or merge before a run)."""
+        self.last_time = time.perf_counter()
 
     def info(self, message: str) -> None:
         if self.active:
             tqdm.write(message)
 
     def step(self, done: int, at, losses: dict[str, float], lrs: list[float], every: int) -> None:
+        now = time.perf_counter()
+        perf = {"step": done, "seconds": round(now - self.last_time, 4)}
+        self.last_time = now
+        if torch.cuda.is_available():
+            perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        self.perf.write(json.dumps(perf) + "\n")
+        self.perf.flush()
         if not self.active:
             return
         self.bar.set_description(f"stage {at.stage_index + 1} {at.name}", refresh=False)
@@ -301,6 +318,7 @@ class Logger:
             self.tb.add_scalar("lr/heads", lrs[-1], done)
 
     def close(self) -> None:
+        self.perf.close()
         if self.active:
             self.bar.close()
             self.tb.close()
