@@ -1,0 +1,167 @@
+"""Several GPUs: multi-rank precompute equals single-rank, and the 7B recipe under DeepSpeed ZeRO-3.
+
+    python bench/bench_multi_gpu.py --gpus 2 --work /tmp/mgpu     # a machine with 2+ GPUs
+    python bench/bench_multi_gpu.py --gpus 2 --tiny --work /tmp/m  # CPU smoke run (gloo), tiny model
+
+1. ``python -m precompute`` on the embedded default, once with one rank and once under
+   ``torchrun --nproc-per-node N``: the N-rank cache must verify and hold the same targets.
+2. ``torchrun --nproc-per-node N -m trainer`` with configs/deepspeed/zero3.json on a
+   Qwen2.5-VL-7B-sized model with random weights (saved once as a Hugging Face folder), a
+   cache of synthetic targets of the real cached shapes (sam+depth+dino), a schedule with a
+   stage transition, checkpoints every step, a stop after step 2, a resume, the LoRA merge
+   and the final export. Reports seconds per step and peak memory of every GPU
+   (output_dir/perf-rank{R}.jsonl) and whether the resumed run went on from the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# keep NVLink multicast off (shared hosts)
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+           NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+           PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def run(cmd: list[str], what: str) -> float:
+    print(f"$ {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    print(f"  {what}: {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+
+
+def precompute_ranks_agree(n: int, work: Path, device: str) -> dict:
+    import numpy as np
+
+    from shards.reader import Cache
+
+    base = ["--config", "configs/tiny.yaml", f"precompute.device={device}",
+            f"precompute.checkpoints.sam.path={work}/ckpt/sam.pth",
+            f"precompute.checkpoints.depth.path={work}/ckpt/depth.pth",
+            f"precompute.checkpoints.dino.path={work}/ckpt/dino.pth",
+            f"precompute.checkpoints.siglip.path={work}/ckpt/siglip",
+            f"precompute.checkpoints.metaclip.path={work}/ckpt/metaclip"]
+    single, multi = work / "cache-1rank", work / f"cache-{n}ranks"
+    t1 = run([sys.executable, "-m", "precompute", *base, f"cache.dir={single}"], "precompute, 1 rank")
+    tn = run([*torchrun(n), "-m", "precompute", *base, f"cache.dir={multi}"], f"precompute, {n} ranks")
+    run([sys.executable, "-m", "shards", "inspect", str(multi), "--verify"], f"inspect --verify of the {n}-rank cache")
+    a, b = Cache(single), Cache(multi)
+    assert a.num_samples == b.num_samples, (a.num_samples, b.num_samples)
+    worst: dict[str, float] = {}
+    for i in range(a.num_samples):
+        ta, tb = a.sample(i)["targets"], b.sample(i)["targets"]
+        for anchor in ta:
+            for name in ta[anchor]:
+                x, y = ta[anchor][name].double().numpy(), tb[anchor][name].double().numpy()
+                key = f"{anchor}/{name}"
+                worst[key] = max(worst.get(key, 0.0), float(np.abs(x - y).max()) if x.size else 0.0)
+    owners = {}
+    for r in range(n):
+        owners[r] = [s for s in range(len(json.loads((multi / "manifest.json").read_text())["shards"])) if s % n == r]
+    return {"samples": a.num_samples, "seconds_1rank": t1, f"seconds_{n}ranks": tn,
+            "max_abs_difference": worst, "shards_by_rank": owners}
+
+
+def build_base(work: Path, tiny: bool) -> Path:
+    """A Qwen2.5-VL folder: 7B-sized random bf16 weights (or the tiny model), with a local processor."""
+    path = work / ("base-tiny" if tiny else "base-7b")
+    if (path / "config.json").is_file():
+        return path
+    import torch
+
+    from trainer.tiny_model import build_processor, build_tiny_base_model, build_tokenizer
+
+    if tiny:
+        return build_tiny_base_model(path)
+    from bench.bench_train_step import build_vlm, qwen2_5_vl_7b_config
+
+    processor = build_processor(build_tokenizer(), 448)
+    vlm = build_vlm(qwen2_5_vl_7b_config(processor.tokenizer), torch.device("cuda"), torch.bfloat16, False)
+    vlm.save_pretrained(path)
+    processor.save_pretrained(path)
+    del vlm
+    torch.cuda.empty_cache()
+    return path
+
+
+def build_cache(work: Path, tiny: bool) -> Path:
+    from bench.bench_train_step import REAL_DIMS, REAL_SAM, TINY_DIMS, TINY_SAM, write_sam_decoder
+    from shards.config import DataConfig
+    from shards.reader import Cache
+    from shards.testing import write_synthetic_cache
+
+    cache = work / ("cache-synthetic-tiny" if tiny else "cache-synthetic-real")
+    if not (cache / "manifest.json").is_file():
+        data = DataConfig(path=str(REPO / "data/sample/conversations.json"), image_folder=str(REPO / "data/sample/images"))
+        write_synthetic_cache(cache, data, ["sam", "depth", "dino"], dims=TINY_DIMS if tiny else REAL_DIMS, shard_size=4)
+        write_sam_decoder(Cache(cache).decoders_dir, TINY_SAM if tiny else REAL_SAM)
+    return cache
+
+
+def zero3_recipe(n: int, work: Path, tiny: bool) -> dict:
+    base, cache = build_base(work, tiny), build_cache(work, tiny)
+    out = work / "train-zero3"
+    stages = ("[{name: understanding, steps: 2}, "
+              "{name: generation, steps: 2, merge_after: true}]")
+    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
+            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}", f"train.stages={stages}",
+            "train.deepspeed=configs/deepspeed/zero3.json", "train.save_every=1", "train.batch_size=1",
+            "train.max_length=2048"]
+    if tiny:
+        args += ["train.device=cpu", "train.bf16=false", "train.gradient_checkpointing=false"]
+    else:
+        args += ["train.bf16=true", "train.gradient_checkpointing=true"]
+    first = run([*torchrun(n), "-m", "trainer", *args, "--stop-after", "2"], f"ZeRO-3 x{n}: steps 1-2, then stop")
+    second = run([*torchrun(n), "-m", "trainer", *args], f"ZeRO-3 x{n}: resume, steps 3-4, merge, export")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    perf = {r: [json.loads(line) for line in (out / f"perf-rank{r}.jsonl").read_text().splitlines()] for r in range(n)}
+    final = out / "final"
+    return {
+        "steps": [(m["step"], m["stage"], round(m["loss"], 4)) for m in metrics],
+        "resumed_at_step_3": [m["step"] for m in metrics] == [1, 2, 3, 4],
+        "seconds_per_step_by_rank": {r: [p["seconds"] for p in rows] for r, rows in perf.items()},
+        "peak_gpu_memory_gib_by_rank": {r: max((p.get("peak_gpu_memory_gib", 0) for p in rows), default=0)
+                                        for r, rows in perf.items()},
+        "launch_seconds": [round(first, 1), round(second, 1)],
+        "final_has_heads": (final / "covt_heads.safetensors").is_file(),
+        "merged": (out / "lora_stage12_merged").is_dir() or any(out.glob("lora_*_merged")),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: gloo, tiny model")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/covt-multi-gpu"))
+    ap.add_argument("--skip-precompute", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = {"gpus": args.gpus, "tiny": args.tiny}
+    if not args.skip_precompute:
+        result["precompute"] = precompute_ranks_agree(args.gpus, args.work, "cpu" if args.tiny else "auto")
+        print(json.dumps(result["precompute"], indent=1), flush=True)
+    result["zero3"] = zero3_recipe(args.gpus, args.work, args.tiny)
+    print(json.dumps(result["zero3"], indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
