@@ -101,8 +101,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         # --- optimizer steps
         model.train()
         view_sizes = model.view_sizes()
-        log.start_clock()
         for step in range(step, run.end):
+            log.start_clock()
             if stop_after is not None and step >= stop_after:
                 log.info(f"stopping before step {step} (--stop-after {stop_after})")
                 log.close()
@@ -287,7 +287,7 @@ class Logger:
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def start_clock(self) -> None:
-        """Steps are timed from here (not from the model loading or merge before a run)."""
+        """The optimizer step is timed from here (data, forward, backward, optimizer; not checkpoints)."""
         self.last_time = time.perf_counter()
 
     def info(self, message: str) -> None:
