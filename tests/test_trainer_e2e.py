@@ -181,3 +181,17 @@ def test_deepspeed_trains_resumes_and_exports_gathered_heads(workdir, zero):
         assert value.numel() > 0, name  # not a ZeRO-3 partition placeholder
         if f"heads.{name}" in last:
             torch.testing.assert_close(value, last[f"heads.{name}"].to(value.dtype), atol=0, rtol=0)
+
+
+def test_deepspeed_without_a_launcher_starts_a_one_process_group():
+    """`make train` with train.deepspeed set runs plain `python -m trainer`: no RANK, no MPI."""
+    pytest.importorskip("deepspeed")
+    code = ("from shards.config import TrainConfig\n"
+            "from trainer.train import setup_distributed\n"
+            "import torch\n"
+            "t = TrainConfig(deepspeed='configs/deepspeed/zero2.json', device='cpu')\n"
+            "print(setup_distributed(t), torch.distributed.get_world_size())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(0, 1, device(type='cpu')) 1")

@@ -175,6 +175,9 @@ def setup_distributed(t: TrainConfig) -> tuple[int, int, torch.device]:
         if t.deepspeed:
             import deepspeed
 
+            if "RANK" not in os.environ:  # DeepSpeed without a launcher (`make train`): a one-process group
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
             deepspeed.init_distributed()
         else:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -182,6 +185,14 @@ def setup_distributed(t: TrainConfig) -> tuple[int, int, torch.device]:
         raise ValueError(f"{world} processes but train.deepspeed is not set: several GPUs need "
                          "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
     return rank, world, device
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
