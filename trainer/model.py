@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from trainer.batch import batch_to
 from trainer.tokens import ThoughtTokens
 
 VLM_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -66,14 +67,6 @@ def gather_thoughts(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.T
     return hidden[rows[:, None], positions]
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 class CoVTModel(nn.Module):
     def __init__(self, vlm: nn.Module, heads: nn.ModuleDict, tokens: ThoughtTokens,
                  loss_weights: dict[str, float] | None = None):
@@ -114,8 +107,8 @@ class CoVTModel(nn.Module):
                 param = next(head.parameters(), None)
                 if param is not None and param.is_floating_point():
                     thoughts = thoughts.to(param.dtype)
-                loss = head(thoughts, _to_device(part["targets"], hidden.device),
-                            _to_device(part.get("views"), hidden.device))
+                loss = head(thoughts, batch_to(part["targets"], hidden.device),
+                            batch_to(part.get("views"), hidden.device))
                 total = total + self.loss_weights.get(anchor, 1.0) * loss
                 parts[anchor] = loss.detach()
         # one device sync for all the logged numbers
