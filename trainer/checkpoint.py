@@ -109,7 +109,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, m
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(world_size)
+    barrier(world_size)
     weights = trainable_state(model)  # collective under ZeRO-3
     if engine is not None:
         engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
@@ -121,14 +121,14 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, m
             state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
             state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         torch.save(state, tmp / "state.pt")
-    _barrier(world_size)
+    barrier(world_size)
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world_size)
+    barrier(world_size)
     return final
 
 
@@ -160,6 +160,7 @@ def load_rng(path: str | Path, rank: int) -> None:
     set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
 
 
-def _barrier(world_size: int) -> None:
+def barrier(world_size: int) -> None:
+    """Wait for every rank (a no-op in a one-process run)."""
     if world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()

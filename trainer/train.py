@@ -27,7 +27,7 @@ from tqdm import tqdm
 from shards.config import Config, TrainConfig
 from shards.reader import Cache, StreamingDataset
 from trainer.batch import batch_to, build_batch
-from trainer.checkpoint import (latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
+from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
                                 save_checkpoint, trainable_state)
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder
 from trainer.heads import build_heads
@@ -55,8 +55,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
-        load_trainable(torch.nn.ModuleDict({"heads": heads}), load_file(checkpoint / "trainable.safetensors"),
-                       prefix="heads.", where=str(checkpoint))
+        load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
     log = Logger(out, rank, schedule.total_steps, step)
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
@@ -113,7 +112,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             for _ in range(t.grad_accum):
                 batch = build_batch(next(loader), at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
                                     view_sizes=view_sizes)
-                with autocast(t, device, engine):
+                with autocast(t, device):
                     result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
                 if engine is not None:
                     engine.backward(result["loss"])
@@ -138,15 +137,14 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
 
         # --- merge this run's LoRA into its base -> the next run's base
         state = trainable_state(model)  # gathered under ZeRO-3
-        vlm_state = {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
         del engine, model, optimizer, scheduler, vlm, loader, dataset
         free_memory()
         # carry the heads on as plain modules (the engine may have partitioned or cast the old ones)
         heads = build_heads(cfg.anchors, hidden_size, cache)
-        load_trainable(torch.nn.ModuleDict({"heads": heads}), state, prefix="heads.", where=f"end of run {run.index}")
+        load_heads(heads, state, where=f"end of run {run.index}")
         if rank == 0:
             log.info(f"merging run {run.index} into {merged_dir}")
-            merge_to_folder(run_base, t.lora, vlm_state, merged_dir, token_seed=t.seed)
+            merge_to_folder(run_base, t.lora, vlm_tensors(state), merged_dir, token_seed=t.seed)
         barrier(world)
 
     final = out / "final"
@@ -222,7 +220,7 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def autocast(t: TrainConfig, device: torch.device, engine):
+def autocast(t: TrainConfig, device: torch.device):
     if use_bf16(t, device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -263,20 +261,24 @@ def redo_merge(checkpoint, step, run, run_base, merged_dir, cfg, rank, world, lo
     if rank == 0:
         log.info(f"redoing the merge of run {run.index} from {checkpoint}")
         state = load_file(checkpoint / "trainable.safetensors")
-        vlm_state = {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
-        merge_to_folder(run_base, cfg.train.lora, vlm_state, merged_dir, token_seed=cfg.train.seed)
+        merge_to_folder(run_base, cfg.train.lora, vlm_tensors(state), merged_dir, token_seed=cfg.train.seed)
     barrier(world)
+
+
+def load_heads(heads: torch.nn.ModuleDict, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy the ``heads.*`` tensors of a CoVTModel trainable state into ``heads``."""
+    load_trainable(torch.nn.ModuleDict({"heads": heads}), state, prefix="heads.", where=where)
+
+
+def vlm_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VLM's part of a CoVTModel trainable state (adapters, token rows), named as in the peft-wrapped VLM."""
+    return {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
 
 
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def barrier(world: int) -> None:
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class Logger:
