@@ -100,6 +100,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         # --- optimizer steps
         model.train()
         view_sizes = model.view_sizes()
+        trainable = [p for p in model.parameters() if p.requires_grad]
         for step in range(step, run.end):
             log.start_clock()
             if stop_after is not None and step >= stop_after:
@@ -109,6 +110,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             at = schedule.stage_at(step)
             torch.manual_seed(step_seed(t.seed, rank, step))  # dropout etc. depend on the step, not on history
             losses: dict[str, float] = defaultdict(float)
+            totals = []  # read once per optimizer step: a sync after every backward would stall the GPU
             for _ in range(t.grad_accum):
                 batch = build_batch(next(loader), at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
                                     view_sizes=view_sizes)
@@ -119,15 +121,16 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                     engine.step()  # steps the optimizer at the end of the accumulation only
                 else:
                     (result["loss"] / t.grad_accum).backward()
-                losses["loss"] += result["loss"].item() / t.grad_accum
+                totals.append(result["loss"].detach())
                 for name, value in result.items():
                     if name != "loss":
                         losses[name] += value / t.grad_accum
             if engine is None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            losses = {"loss": sum(v / t.grad_accum for v in torch.stack(totals).tolist()), **losses}
             done = step + 1
             log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
@@ -137,7 +140,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
 
         # --- merge this run's LoRA into its base -> the next run's base
         state = trainable_state(model)  # gathered under ZeRO-3
-        del engine, model, optimizer, scheduler, vlm, loader, dataset
+        del engine, model, optimizer, scheduler, vlm, loader, dataset, trainable
         free_memory()
         # carry the heads on as plain modules (the engine may have partitioned or cast the old ones)
         heads = build_heads(cfg.anchors, hidden_size, cache)
