@@ -39,9 +39,10 @@ from shards.anchors import array_shape, get_anchor  # noqa: E402
 from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
 from shards.views import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
+from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
-from trainer.model import CoVTModel  # noqa: E402
+from trainer.model import VLM_INPUTS, CoVTModel  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import MAX_GRAD_NORM, param_groups  # noqa: E402
@@ -169,8 +170,7 @@ def make_step(model: torch.nn.Module, params: list[dict], batch_cpu: dict, devic
             if covt:
                 loss = model(batch, anchor_losses=True)["loss"]
             else:
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                                "image_grid_thw", "mm_token_type_ids") if k in batch}
+                inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
                 loss = model(**inputs, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -220,8 +220,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny model and targets (smoke test)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--stage", default="understanding",
-                        choices=["understanding", "generation", "reasoning", "efficient_reasoning"])
+    parser.add_argument("--stage", default="understanding", choices=STAGES)
     parser.add_argument("--no-gradient-checkpointing", dest="grad_ckpt", action="store_false")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each kind")

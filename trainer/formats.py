@@ -19,12 +19,15 @@ Messages use the Hugging Face chat format: ``{"role": "user", "content": [{"type
 """
 from __future__ import annotations
 
+from typing import get_args, get_type_hints
+
 import numpy as np
 
 from shards.anchors import get_anchor
+from shards.config import StageConfig
 from trainer.tokens import thought_text
 
-STAGES = ("understanding", "generation", "reasoning", "efficient_reasoning")
+STAGES: tuple[str, ...] = get_args(get_type_hints(StageConfig)["name"])  # the names train.stages accepts, in order
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "gpt": "assistant"}
 

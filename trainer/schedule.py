@@ -16,11 +16,10 @@ gradient accumulation, dataloader workers, several ranks and resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence, get_args, get_type_hints
+from typing import Iterator, Sequence
 
 from shards.config import StageConfig
-
-STAGE_NAMES: tuple[str, ...] = get_args(get_type_hints(StageConfig)["name"])
+from trainer.formats import STAGES as STAGE_NAMES
 
 
 class ScheduleError(ValueError):
