@@ -42,12 +42,6 @@ class ThoughtTokens:
     def ids(self) -> list[int]:
         return [self.start_id, self.end_id] + list(self.pad_id.values())
 
-    def anchor_of(self, token_id: int) -> str | None:
-        for anchor, pid in self.pad_id.items():
-            if pid == token_id:
-                return anchor
-        return None
-
 
 def thought_tokens(tokenizer) -> ThoughtTokens:
     """Ids of the thought tokens in a tokenizer that already has them (e.g. a trained CoVT folder)."""
