@@ -66,6 +66,18 @@ class AnchorModel(torch.nn.Module, abc.ABC):
         return {"checkpoint": str(path), "sha256": self._checkpoint_sha256}
 
 
+def checkpoint_file(anchor: str, ckpt: CheckpointConfig, where_to_get: str,
+                    write_random: Callable[[Path, int], None] | None = None) -> Path:
+    """The checkpoint file ``ckpt.path``; if it is missing, a seeded random one written by ``write_random``
+    when the config asks for it (tiny default), else a :class:`MissingCheckpointError`."""
+    path = Path(ckpt.path)
+    if not path.is_file():
+        if ckpt.random_init_seed is None or write_random is None:
+            raise MissingCheckpointError(anchor, str(path), f"precompute.checkpoints.{anchor}.path", where_to_get)
+        write_random(path, ckpt.random_init_seed)
+    return path
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of every file of a folder (sorted by relative path)."""
     path = Path(path)
