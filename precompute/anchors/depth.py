@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
+from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
     check_view_size, get_variant, infer_register_tokens, load_strict, normalize_views, randomize_,
-    read_checkpoint, save_atomic, variant_for_embed_dim,
+    read_checkpoint, resolve_variant, save_atomic,
 )
 from shards.config import CheckpointConfig, PrecomputeConfig
 
@@ -193,10 +193,7 @@ def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path, v
         raise ValueError(f"{source}: not a Depth Anything V2 checkpoint (no {key}; "
                          f"first keys: {list(state_dict)[:5]})")
     embed_dim = int(state_dict[key].shape[-1])
-    variant = get_variant(variant_name) if variant_name else variant_for_embed_dim(embed_dim)
-    if variant.embed_dim != embed_dim:
-        raise ValueError(f"{source}: embed_dim {embed_dim} does not match variant {variant.name!r} "
-                         f"({variant.embed_dim}); fix precompute.checkpoints.depth.variant")
+    variant = resolve_variant(variant_name, embed_dim, source, "depth")
     model = DepthAnythingV2(variant, infer_register_tokens(state_dict, "pretrained."))
     load_strict(model, {k: v.float() for k, v in state_dict.items()}, source)
     return model
@@ -204,10 +201,7 @@ def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path, v
 
 @register("depth")
 def load_depth(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> DepthAnchor:
-    path = Path(ckpt.path)
-    if not path.is_file():
-        if ckpt.random_init_seed is None:
-            raise MissingCheckpointError("depth", str(path), "precompute.checkpoints.depth.path", WHERE_TO_GET)
-        write_random_checkpoint(path, get_variant(ckpt.variant or "vit_tiny"), ckpt.random_init_seed)
+    path = checkpoint_file("depth", ckpt, WHERE_TO_GET, lambda p, seed: write_random_checkpoint(
+        p, get_variant(ckpt.variant or "vit_tiny"), seed))
     model = build_depth_model(read_checkpoint(path), path, ckpt.variant)
     return DepthAnchor(model.to(device), str(path), pre.dtype)

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
+from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
     check_view_size, get_variant, infer_register_tokens, load_strict, normalize_views, randomize_,
-    read_checkpoint, save_atomic, variant_for_embed_dim,
+    read_checkpoint, resolve_variant, save_atomic,
 )
 from shards.config import CheckpointConfig, PrecomputeConfig
 
@@ -107,10 +107,7 @@ def build_hub_dino(state_dict: dict[str, torch.Tensor], source: str | Path, vari
         raise ValueError(f"{source}: not a DINOv2 torch.hub checkpoint (no cls_token){hint}; "
                          f"first keys: {list(state_dict)[:5]}")
     embed_dim = int(state_dict["cls_token"].shape[-1])
-    variant = get_variant(variant_name) if variant_name else variant_for_embed_dim(embed_dim)
-    if variant.embed_dim != embed_dim:
-        raise ValueError(f"{source}: embed_dim {embed_dim} does not match variant {variant.name!r} "
-                         f"({variant.embed_dim}); fix precompute.checkpoints.dino.variant")
+    variant = resolve_variant(variant_name, embed_dim, source, "dino")
     vit = DinoVisionTransformer(variant, infer_register_tokens(state_dict))
     load_strict(vit, {k: v.float() for k, v in state_dict.items()}, source)
     return HubDino(vit)
@@ -121,12 +118,10 @@ def load_dino(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.devic
     path = Path(ckpt.path)
     if path.is_dir():
         model = HuggingFaceDino(path)
-        variant = get_variant(ckpt.variant) if ckpt.variant else variant_for_embed_dim(model.embed_dim)
+        variant = resolve_variant(ckpt.variant, model.embed_dim, path, "dino")
         return DinoAnchor(model.to(device), variant.dino_input_size, variant.name, str(path), pre.dtype)
-    if not path.is_file():
-        if ckpt.random_init_seed is None:
-            raise MissingCheckpointError("dino", str(path), "precompute.checkpoints.dino.path", WHERE_TO_GET)
-        write_random_checkpoint(path, get_variant(ckpt.variant or "vit_tiny"), ckpt.random_init_seed)
+    checkpoint_file("dino", ckpt, WHERE_TO_GET, lambda p, seed: write_random_checkpoint(
+        p, get_variant(ckpt.variant or "vit_tiny"), seed))
     model = build_hub_dino(read_checkpoint(path), path, ckpt.variant)
     variant = model.vit.variant
     return DinoAnchor(model.to(device), variant.dino_input_size, variant.name, str(path), pre.dtype)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, MissingCheckpointError, register
+from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, check_view_size, load_strict, normalize_views, read_checkpoint,
 )
@@ -311,9 +311,7 @@ def export_stage1(net: PiDiNet, size: int) -> torch.export.ExportedProgram:
 
 @register("pidinet")
 def load_pidinet(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> PidinetAnchor:
-    path = Path(ckpt.path)
-    if not path.is_file():
-        raise MissingCheckpointError("pidinet", str(path), "precompute.checkpoints.pidinet.path", WHERE_TO_GET)
+    path = checkpoint_file("pidinet", ckpt, WHERE_TO_GET)
     config = ckpt.variant or "baseline"
     net = build_pidinet(read_checkpoint(path), path, config)
     return PidinetAnchor(net.to(device), config, str(path))

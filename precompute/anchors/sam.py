@@ -36,8 +36,9 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 
-from .base import AnchorModel, MissingCheckpointError, file_sha256, register
+from .base import AnchorModel, checkpoint_file, file_sha256, register
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
+from .vit import save_atomic
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -78,12 +79,10 @@ BUILDERS = {**sam_model_registry, "vit_tiny": build_sam_vit_tiny}
 
 def write_random_checkpoint(path: Path, variant: str, seed: int) -> None:
     """A seeded random-weight SAM saved like the released .pth files (a plain state dict)."""
-    torch.manual_seed(seed)
-    sam = BUILDERS[variant](None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(sam.state_dict(), tmp)
-    tmp.replace(path)
+    with torch.random.fork_rng(devices=[]):  # seeded without moving the caller's RNG
+        torch.manual_seed(seed)
+        sam = BUILDERS[variant](None)
+    save_atomic(sam.state_dict(), path)
 
 
 def decoder_architecture(sam: Sam) -> dict:
@@ -319,9 +318,7 @@ class SamAnchor(AnchorModel):
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
                  for k, m in (("prompt_encoder", self.sam.prompt_encoder), ("mask_decoder", self.sam.mask_decoder))}
-        tmp = out_dir / (DECODER_FILE + ".tmp")
-        torch.save({**decoder_architecture(self.sam), **state}, tmp)
-        tmp.replace(out_dir / DECODER_FILE)
+        save_atomic({**decoder_architecture(self.sam), **state}, out_dir / DECODER_FILE)
         return [DECODER_FILE]
 
     def fingerprint(self) -> dict:
@@ -352,12 +349,8 @@ def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device
     if variant not in BUILDERS:
         raise ValueError(f"precompute.checkpoints.sam.variant: unknown SAM variant {variant!r} "
                          f"(known: {sorted(BUILDERS)})")
-    path = Path(ckpt.path)
-    if not path.is_file():
-        if ckpt.random_init_seed is None:
-            raise MissingCheckpointError("sam", str(path), "precompute.checkpoints.sam.path",
-                                         CHECKPOINT_URLS.get(variant, CHECKPOINT_URLS["vit_h"]))
-        write_random_checkpoint(path, variant, ckpt.random_init_seed)
+    path = checkpoint_file("sam", ckpt, CHECKPOINT_URLS.get(variant, CHECKPOINT_URLS["vit_h"]),
+                           lambda p, seed: write_random_checkpoint(p, variant, seed))
     # build on the target device (no slow CPU init of 600M random weights), then load the file
     with torch.device(device):
         sam = BUILDERS[variant](None)

@@ -90,6 +90,17 @@ def variant_for_embed_dim(embed_dim: int) -> ViTVariant:
                    f"{ {v.name: v.embed_dim for v in VARIANTS.values()} })")
 
 
+def resolve_variant(variant_name: str, embed_dim: int, source: str | Path, anchor: str) -> ViTVariant:
+    """The configured variant (checked against the checkpoint's ``embed_dim``), or the one of that width."""
+    if not variant_name:
+        return variant_for_embed_dim(embed_dim)
+    variant = get_variant(variant_name)
+    if variant.embed_dim != embed_dim:
+        raise ValueError(f"{source}: embed_dim {embed_dim} does not match variant {variant.name!r} "
+                         f"({variant.embed_dim}); fix precompute.checkpoints.{anchor}.variant")
+    return variant
+
+
 # ----------------------------------------------------------------------- modules
 class PatchEmbed(nn.Module):
     def __init__(self, dim: int):
