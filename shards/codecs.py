@@ -302,3 +302,8 @@ def codec_for(anchor: str, array: str, kind: TargetKind, default_float: str, ove
 def stored_name(array: str, suffix: str) -> str:
     """zarr array name of one stored part of ``array``."""
     return f"{array}.{suffix}" if suffix else array
+
+
+def stored_suffix(array: str, stored: str) -> str:
+    """The codec suffix of the stored part ``stored`` of ``array`` (inverse of :func:`stored_name`)."""
+    return stored[len(array) + 1:] if stored != array else ""

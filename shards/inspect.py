@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shards import layout
-from shards.codecs import get_codec
+from shards.codecs import get_codec, stored_suffix
 from shards.reader import Cache, CacheError
 from shards.views import open_rgb
 
@@ -192,7 +192,7 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
                             continue
                         if layout.checksum(value, st["checksum"]) != st["sample_checksums"][i]:
                             problems.append(f"{where}: checksum mismatch")
-                        parts[sname[len(name) + 1:] if sname != name else ""] = value[None]
+                        parts[stored_suffix(name, sname)] = value[None]
                     if len(parts) == len(info["stored"]):
                         get_codec(info["codec"], info["kind"]).decode(parts, tuple(info["shape"]))
             bar.update(1)

@@ -25,7 +25,7 @@ import zarr
 
 from shards import layout
 from shards.anchors import get_anchor
-from shards.codecs import get_codec
+from shards.codecs import get_codec, stored_suffix
 from shards.views import open_rgb
 
 TORCH_DTYPE = {"float": torch.float32, "mask": torch.bool, "count": torch.int64}
@@ -152,8 +152,7 @@ class Cache:
             arrays = {}
             for name, info in self._anchor(anchor)["arrays"].items():
                 codec = get_codec(info["codec"], info["kind"], f"{anchor}/{name}")
-                parts = {sn[len(name) + 1:] if sn != name else "": self.stored(anchor, sn)[index][None]
-                         for sn in info["stored"]}
+                parts = {stored_suffix(name, sn): self.stored(anchor, sn)[index][None] for sn in info["stored"]}
                 value = codec.decode(parts, tuple(info["shape"]))[0]
                 arrays[name] = torch.from_numpy(np.array(value)).to(TORCH_DTYPE[info["kind"]])
             out[anchor] = arrays
