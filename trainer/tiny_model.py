@@ -14,8 +14,6 @@ chat template that renders messages the way Qwen2.5-VL's does.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -209,6 +207,8 @@ def build_tiny_base_model(path: str | Path, seed: int = 0, image_size: int = 112
     """Write a tiny random-weight Qwen2.5-VL folder at ``path`` (deterministic for ``seed``)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from trainer.export import write_atomically
+
     path = Path(path)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, image_size)
@@ -220,19 +220,11 @@ def build_tiny_base_model(path: str | Path, seed: int = 0, image_size: int = 112
     model.generation_config.eos_token_id = [config.text_config.eos_token_id, config.text_config.bos_token_id]
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.do_sample = False
-    # Write next to the target and rename, so an interrupted build never leaves a half folder.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:  # an interrupted build never leaves a half folder
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
+
+    return write_atomically(path, write)
 
 
 def ensure_base_model(model_cfg) -> Path:
