@@ -29,7 +29,7 @@ from shards.anchors import ANCHORS
 from shards.config import LoraConfig
 from trainer.checkpoint import load_trainable
 from trainer.lora import attach_lora, merge_lora
-from trainer.tokens import ThoughtTokens, add_thought_tokens, pad_token
+from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, add_thought_tokens, pad_token
 
 HEADS_WEIGHTS = "covt_heads.safetensors"
 HEADS_JSON = "covt_heads.json"
@@ -95,8 +95,8 @@ def heads_json(heads: torch.nn.ModuleDict, tokens: ThoughtTokens, loss_weights: 
         decoders_dir=DECODERS,
         token_counts={a: ANCHORS[a].tokens for a in meta["anchors"]},
         tokens={
-            "anchor_start": {"token": "<|anchor_start|>", "id": tokens.start_id},
-            "anchor_end": {"token": "<|anchor_end|>", "id": tokens.end_id},
+            "anchor_start": {"token": ANCHOR_START, "id": tokens.start_id},
+            "anchor_end": {"token": ANCHOR_END, "id": tokens.end_id},
             "pads": {a: {"token": pad_token(a), "id": tokens.pad_id[a]} for a in meta["anchors"]},
         },
         loss_weights={a: float(loss_weights.get(a, 1.0)) for a in meta["anchors"]},

@@ -51,7 +51,7 @@ def heads_metadata(heads: nn.ModuleDict) -> dict:
         "anchors": list(heads.keys()),
         "hidden_size": next(iter(heads.values())).hidden_size if len(heads) else None,
         "dims": {name: dict(head.dims) for name, head in heads.items()},
-        "decoder_files": sorted({Path(f).name for head in heads.values() for f in head.decoder_files}),
+        "decoder_files": sorted({f.name for f in decoder_files(heads)}),
     }
 
 
