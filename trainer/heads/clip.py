@@ -6,8 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import AnchorHead, DimsSource
-from .dino import QueryCrossAttention
+from .base import AnchorHead, DimsSource, QueryCrossAttention
 
 
 class PooledEmbeddingHead(AnchorHead):
