@@ -77,8 +77,6 @@ def summary(cache: Cache) -> str:
 
 # ---------------------------------------------------------------------- verify
 def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> None:
-    from shards.writer import CacheWriter  # the exact header bytes the writer wrote
-
     tar = cache.cache_dir / shard["tar"]
     if not tar.is_file():
         problems.append(f"{shard['tar']}: missing")
@@ -91,8 +89,7 @@ def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> No
         problems.append(f"{shard['tar']}: {len(raw)} bytes, manifest says {shard['bytes']}")
     for s in prog["samples"]:
         for mem in s["members"]:
-            header = CacheWriter._tarinfo(mem["name"], mem["size"]).tobuf(
-                __import__("tarfile").USTAR_FORMAT, "utf-8", "surrogateescape")
+            header = layout.tar_header(mem["name"], mem["size"])
             if raw[mem["offset"] - len(header):mem["offset"]] != header:
                 problems.append(f"{shard['tar']}: sample {s['key']} (id {s['id']!r}): tar header of "
                                 f"{mem['name']} is corrupt")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import google_crc32c
@@ -60,6 +61,25 @@ def targets_progress_name(shard_id: int, anchor: str) -> str:
 
 def declaration_name(anchor: str) -> str:
     return f"{PROGRESS_DIR}/anchor-{anchor}.json"
+
+
+TAR_FORMAT = tarfile.USTAR_FORMAT
+TAR_ENCODING = "utf-8"
+
+
+def tar_member_info(name: str, size: int) -> tarfile.TarInfo:
+    """Header of a sample tar member: fixed owner, mode and time, so rewriting a shard gives the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header bytes the writer puts before a member's payload (``verify`` compares them)."""
+    return tar_member_info(name, size).tobuf(TAR_FORMAT, TAR_ENCODING, "surrogateescape")
 
 
 def dumps(obj) -> str:

@@ -302,15 +302,6 @@ class CacheWriter:
         return prog.get("declaration_sha256") == layout.sha256_bytes(layout.dumps(self._decl(anchor)).encode())
 
     # --------------------------------------------------------------- samples
-    @staticmethod
-    def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.type = tarfile.REGTYPE
-        return info
-
     def write_samples(self, shard_id: int) -> None:
         """Write ``samples/shard-XXXXXX.tar`` (original image bytes + conversation JSON) and commit it."""
         recs = self.shard_records(shard_id)
@@ -319,7 +310,8 @@ class CacheWriter:
         prog_path.unlink(missing_ok=True)  # uncommit first: the old tar is about to change
         tmp = tar_path.with_name(tar_path.name + ".partial")
         samples = []
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
+                                                   encoding=layout.TAR_ENCODING) as tar:
             for rec in recs:
                 key = layout.sample_key(rec.index)
                 members = []
@@ -333,9 +325,8 @@ class CacheWriter:
                 for name, path in zip(image_members, rec.images):
                     payloads.append((name, Path(path).read_bytes()))
                 for name, data in payloads:
-                    info = self._tarinfo(name, len(data))
-                    offset_data = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
-                    tar.addfile(info, io.BytesIO(data))
+                    offset_data = tar.offset + len(layout.tar_header(name, len(data)))
+                    tar.addfile(layout.tar_member_info(name, len(data)), io.BytesIO(data))
                     members.append({"name": name, "offset": offset_data, "size": len(data),
                                     "sha256": layout.sha256_bytes(data)})
                 samples.append({"index": rec.index, "key": key, "id": rec.id, "source_index": rec.source_index,
@@ -368,9 +359,8 @@ class CacheWriter:
             if not ok:
                 raise ValueError(f"{where}: {anchor}/{name} has dtype {a.dtype}, expected {info['dtype']}")
             if kind == "float" and not np.isfinite(a).all():
-                bad = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))[0])
-                raise ValueError(f"{where}: {anchor}/{name} has NaN/inf values (sample index "
-                                 f"{self.shard_records(shard_id)[bad].index}, id {self.shard_records(shard_id)[bad].id!r})")
+                bad = self.shard_records(shard_id)[int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))[0])]
+                raise ValueError(f"{where}: {anchor}/{name} has NaN/inf values (sample index {bad.index}, id {bad.id!r})")
 
     def write_targets(self, shard_id: int, anchor: str, arrays: dict[str, np.ndarray]) -> None:
         """Write one anchor's targets for one shard (arrays are ``(n_in_shard, *shape)``) and commit them.
