@@ -102,19 +102,19 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
     return [{"from": t["from"], "value": t["value"]} for t in conversations]
 
 
-def _check_image(path: Path) -> str | None:
-    """Reason the image at ``path`` is unusable, or None."""
+def _check_image(path: Path) -> None:
+    """Raise :class:`_Bad` if the image at ``path`` is unusable."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return f"image not found: {path}"
+        raise _Bad("image_missing", f"image not found: {path}") from None
     except OSError as e:
-        return f"image unreadable: {path}: {e}"
+        raise _Bad("image_unreadable", f"image unreadable: {path}: {e}") from None
     try:
         open_rgb(data)
     except Exception as e:  # PIL raises several types for broken/truncated files
-        return f"image cannot be decoded (missing, truncated or corrupt): {path}: {type(e).__name__}: {e}"
-    return None
+        raise _Bad("image_unreadable", f"image cannot be decoded (missing, truncated or corrupt): {path}: "
+                                       f"{type(e).__name__}: {e}") from None
 
 
 @dataclass
@@ -152,12 +152,11 @@ def _with_image_checks(cands: Iterator[_Candidate], total: int) -> Iterator[_Can
 
     def check(c: _Candidate) -> _Candidate:
         if c.bad is None:
-            for p in c.images:
-                reason = _check_image(p)
-                if reason:
-                    kind = "image_missing" if reason.startswith("image not found") else "image_unreadable"
-                    c.bad = BadRecord(c.source_index, c.id, reason, kind)
-                    break
+            try:
+                for p in c.images:
+                    _check_image(p)
+            except _Bad as e:
+                c.bad = BadRecord(c.source_index, c.id, e.reason, e.kind)
         return c
 
     # a bounded window keeps memory flat and lets an error stop the run without decoding the rest
