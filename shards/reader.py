@@ -67,6 +67,7 @@ class Cache:
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
+            self.close()  # this process's copies of the parent's descriptors; the parent keeps its own
             self._reset_handles()
 
     def __getstate__(self):  # spawned workers reopen everything
