@@ -184,12 +184,11 @@ class PiDiNet(nn.Module):
                 layer += 1
         self.num_blocks = [n for *_, n in stages]
         fuse = [c, 2 * c, 4 * c, 4 * c]
-        side_c = dil if dil is not None else None
         if dil is not None:
             self.dilations = nn.ModuleList(CDCM(f, dil) for f in fuse)
         if sa:
             self.attentions = nn.ModuleList(CSAM(dil if dil is not None else f) for f in fuse)
-        self.conv_reduces = nn.ModuleList(MapReduce(side_c if side_c is not None else f) for f in fuse)
+        self.conv_reduces = nn.ModuleList(MapReduce(dil if dil is not None else f) for f in fuse)
         self.classifier = nn.Conv2d(4, 1, 1)
 
     def stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
