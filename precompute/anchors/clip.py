@@ -79,10 +79,11 @@ FAMILIES = {
 
 def write_tiny_model(folder: Path, family: Family, seed: int) -> None:
     """A seeded random tiny model of the family's full architecture, saved like the released folders."""
-    torch.manual_seed(seed)
     config = getattr(transformers, family.config)(text_config=TINY_TEXT, vision_config=TINY_VISION,
                                                   **family.tiny_extra)
-    model = getattr(transformers, family.full_model)(config)
+    with torch.random.fork_rng(devices=[]):  # seeded without moving the caller's RNG
+        torch.manual_seed(seed)
+        model = getattr(transformers, family.full_model)(config)
     size = TINY_VISION["image_size"]
     processor = getattr(transformers, family.processor)(
         **({"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
