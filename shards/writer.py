@@ -30,7 +30,7 @@ import tarfile
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import zarr
@@ -151,18 +151,24 @@ class CacheWriter:
 
     # ----------------------------------------------------------------- anchors
     @staticmethod
-    def _ensure_zarr_group(path: Path, attributes: dict) -> bool:
-        """Create a zarr group at ``path`` atomically (build aside, rename). False if it already existed."""
-        if (path / "zarr.json").exists():
-            return False
+    def _create_aside(path: Path, build: Callable[[Path], object]) -> bool:
+        """Build a directory beside ``path`` with ``build(tmp)`` and rename it into place, so no reader
+        sees half of it. False if another rank filled ``path`` meanwhile (the caller compares what is there)."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        zarr.open_group(str(tmp), mode="w", attributes=attributes)
+        build(tmp)
         try:
             os.rename(tmp, path)  # replaces a missing or empty dir; fails if another rank filled it
             return True
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
+
+    @classmethod
+    def _ensure_zarr_group(cls, path: Path, attributes: dict) -> bool:
+        """Create a zarr group at ``path`` atomically. False if it already existed."""
+        if (path / "zarr.json").exists():
+            return False
+        return cls._create_aside(path, lambda tmp: zarr.open_group(str(tmp), mode="w", attributes=attributes))
 
     def _declaration(self, anchor: str, dims: dict, fingerprint: dict, decoders: list[str]) -> dict:
         spec = get_anchor(anchor)
@@ -220,8 +226,8 @@ class CacheWriter:
         elif group.exists() and overwrite:
             self._drop_anchor(anchor)
 
-        if not (group / "zarr.json").exists():
-            self._create_anchor_group(group, decl)
+        if not (group / "zarr.json").exists():  # another rank may win the race: compared below
+            self._create_aside(group, lambda tmp: self._build_anchor_group(tmp, decl))
         on_disk = zarr.open_group(str(group), mode="r").attrs.asdict().get("declaration")
         if on_disk != decl:
             raise CacheMismatchError(
@@ -233,8 +239,7 @@ class CacheWriter:
             raise CacheMismatchError(f"another writer declared {anchor!r} differently (differs in {_diff(held, decl)})")
         self._declarations[anchor] = decl
 
-    def _create_anchor_group(self, group: Path, decl: dict) -> None:
-        tmp = group.with_name(f".{group.name}.{uuid.uuid4().hex}.tmp")
+    def _build_anchor_group(self, tmp: Path, decl: dict) -> None:
         zarr.open_group(str(tmp), mode="w", attributes={"declaration": decl})
         n = len(self.records)
         for array, info in decl["arrays"].items():
@@ -253,10 +258,6 @@ class CacheWriter:
                                 "logical_shape": info["shape"], "logical_dtype": info["dtype"]},
                     config={"write_empty_chunks": True},
                 )
-        try:
-            os.rename(tmp, group)
-        except OSError:  # another rank created it meanwhile; declare_anchor compares it
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _drop_anchor(self, anchor: str) -> None:
         shutil.rmtree(self.cache_dir / layout.TARGETS_DIR / anchor, ignore_errors=True)
