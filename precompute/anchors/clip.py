@@ -24,7 +24,7 @@ import transformers
 
 from shards.config import CheckpointConfig, PrecomputeConfig
 
-from .base import AnchorModel, MissingCheckpointError, file_sha256, register
+from .base import AnchorModel, MissingCheckpointError, register
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  vocab_size=99, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -115,7 +115,8 @@ def preprocessing_of(folder: Path, model_image_size: int, family: Family) -> dic
 
 
 class PooledEmbeddingAnchor(AnchorModel):
-    def __init__(self, name: str, model, family: Family, prep: dict, *, checkpoint: str, sha256: str, bf16: bool):
+    def __init__(self, name: str, model, family: Family, prep: dict, *, checkpoint: str, sha256: str | None = None,
+                 bf16: bool):
         super().__init__()
         self.name = name
         self.model = model.eval().requires_grad_(False)
@@ -123,7 +124,7 @@ class PooledEmbeddingAnchor(AnchorModel):
         self.prep = prep
         self.input_size = prep["size"]
         self.checkpoint = checkpoint
-        self.sha256 = sha256
+        self._checkpoint_sha256 = sha256  # None: hashed when first fingerprinted (rank 0 only)
         self.bf16 = bf16
         self.register_buffer("mean", torch.tensor(prep["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(prep["std"]).view(1, 3, 1, 1), persistent=False)
@@ -153,8 +154,7 @@ class PooledEmbeddingAnchor(AnchorModel):
 
     def fingerprint(self) -> dict:
         return {
-            "checkpoint": self.checkpoint,
-            "sha256": self.sha256,
+            **self.checkpoint_fields(self.checkpoint),
             "model_class": self.family.vision_model,
             "model_type": self.model.config.model_type,
             "output": self.family.output,
@@ -187,7 +187,7 @@ def load_pooled_embedding_anchor(name: str, ckpt: CheckpointConfig, pre: Precomp
     model = family.load_vision_model(folder)
     vision_config = getattr(model.config, "vision_config", model.config)
     prep = preprocessing_of(folder, vision_config.image_size, family)
-    return PooledEmbeddingAnchor(name, model, family, prep, checkpoint=str(folder), sha256=file_sha256(folder),
+    return PooledEmbeddingAnchor(name, model, family, prep, checkpoint=str(folder),
                                  bf16=pre.dtype == "bf16").to(device)
 
 

@@ -36,7 +36,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 
-from .base import AnchorModel, checkpoint_file, file_sha256, register
+from .base import AnchorModel, checkpoint_file, register
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
 from .vit import save_atomic
 
@@ -168,13 +168,13 @@ class SamAnchor(AnchorModel):
     name = "sam"
 
     def __init__(self, sam: Sam, amg: SamPrecomputeConfig, *, variant: str, checkpoint: str,
-                 checkpoint_sha256: str, bf16: bool):
+                 checkpoint_sha256: str | None = None, bf16: bool):
         super().__init__()
         self.sam = sam.eval().requires_grad_(False)
         self.amg = amg
         self.variant = variant
         self.checkpoint = checkpoint
-        self.checkpoint_sha256 = checkpoint_sha256
+        self._checkpoint_sha256 = checkpoint_sha256  # None: hashed when first fingerprinted (rank 0 only)
         self.bf16 = bf16
         # Decoding prompts of several images per mask-decoder call ("batched") versus one
         # image's prompts per call through MaskDecoder.forward ("per_image"); bench compares.
@@ -323,8 +323,7 @@ class SamAnchor(AnchorModel):
 
     def fingerprint(self) -> dict:
         return {
-            "checkpoint": self.checkpoint,
-            "sha256": self.checkpoint_sha256,
+            **self.checkpoint_fields(self.checkpoint),
             "variant": self.variant,
             "preprocessing": (
                 f"square view {self.input_size}x{self.input_size} (bicubic, from the original), "
@@ -359,5 +358,4 @@ def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device
     except RuntimeError as e:
         raise ValueError(f"sam: {path} does not fit SAM variant {variant!r} "
                          f"(precompute.checkpoints.sam.variant): {e}") from None
-    return SamAnchor(sam, pre.sam, variant=variant, checkpoint=str(path), checkpoint_sha256=file_sha256(path),
-                     bf16=pre.dtype == "bf16").to(device)
+    return SamAnchor(sam, pre.sam, variant=variant, checkpoint=str(path), bf16=pre.dtype == "bf16").to(device)
