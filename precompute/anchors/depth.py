@@ -20,7 +20,7 @@ from torch import nn
 from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
-    check_view_size, get_variant, infer_register_tokens, load_strict, normalize_views, randomize_,
+    get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
     read_checkpoint, resolve_variant, save_atomic,
 )
 from shards.config import CheckpointConfig, PrecomputeConfig
@@ -148,10 +148,8 @@ class DepthAnchor(AnchorModel):
 
     @torch.inference_mode()
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
-        check_view_size(views, self.input_size, self.name)
-        device = next(self.model.parameters()).device
-        x = normalize_views(views.to(device))
-        with autocast_for(device, self.dtype):
+        x = prepare_views(views, self.model, self.input_size, self.name)
+        with autocast_for(x.device, self.dtype):
             layers, depth = self.model(x)
         skip = self.model.pretrained.num_prefix_tokens
         features = torch.stack([t[:, skip:] for t in layers], dim=1).float()

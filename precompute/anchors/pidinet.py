@@ -24,7 +24,7 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, check_view_size, load_strict, normalize_views, read_checkpoint,
+    IMAGENET_MEAN, IMAGENET_STD, load_strict, prepare_views, read_checkpoint,
 )
 from shards.config import CheckpointConfig, PrecomputeConfig
 
@@ -262,9 +262,7 @@ class PidinetAnchor(AnchorModel):
 
     @torch.inference_mode()
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
-        check_view_size(views, self.input_size, self.name)
-        device = next(self.net.parameters()).device
-        fused = self.net(normalize_views(views.to(device)))[-1]  # fp32 always: the net is tiny
+        fused = self.net(prepare_views(views, self.net, self.input_size, self.name))[-1]  # fp32 always: the net is tiny
         return {"edges": fused[:, 0].float().cpu().numpy()}
 
     def export_decoders(self, out_dir: Path) -> list[str]:

@@ -337,6 +337,12 @@ def check_view_size(views: torch.Tensor, size: int, anchor: str) -> None:
         raise ValueError(f"{anchor}: expected {size}x{size} views, got {tuple(views.shape[1:3])}")
 
 
+def prepare_views(views: torch.Tensor, module: nn.Module, size: int, anchor: str) -> torch.Tensor:
+    """``anchor``'s checked ``size`` x ``size`` uint8 views, normalised on ``module``'s device."""
+    check_view_size(views, size, anchor)
+    return normalize_views(views.to(next(module.parameters()).device))
+
+
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast on CUDA when the config asks for it; plain fp32 elsewhere."""
     enabled = device.type == "cuda" and dtype == "bf16"
