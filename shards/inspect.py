@@ -98,19 +98,17 @@ def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> No
                         f"archive trailer; see the member checks)")
 
 
-def _check_sample_bytes(cache: Cache, shard_id: int, tar_rel: str, entry: dict, problems: list[str]) -> bool:
-    ok = True
+def _check_sample_bytes(cache: Cache, shard_id: int, tar_rel: str, entry: dict, problems: list[str]) -> None:
     payloads = []
     for mem in entry["members"]:
         try:
             data = cache._read_member(shard_id, mem)
         except (OSError, CacheError) as e:
             problems.append(f"{tar_rel}: sample {entry['key']} (id {entry['id']!r}): cannot read {mem['name']}: {e}")
-            return False
+            return
         if layout.sha256_bytes(data) != mem["sha256"]:
             problems.append(f"{tar_rel}: sample {entry['key']} (index {entry['index']}, id {entry['id']!r}): "
                             f"checksum mismatch in {mem['name']}")
-            ok = False
         payloads.append((mem["name"], data))
     for name, data in payloads:
         try:
@@ -120,8 +118,6 @@ def _check_sample_bytes(cache: Cache, shard_id: int, tar_rel: str, entry: dict, 
                 open_rgb(data)
         except Exception as e:
             problems.append(f"{tar_rel}: sample {entry['key']} (id {entry['id']!r}): {name} unreadable: {e}")
-            ok = False
-    return ok
 
 
 def verify(cache: Cache, show_progress: bool = True) -> list[str]:
@@ -229,7 +225,7 @@ def _pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.n
     return _pca_rgb(grid.reshape(h * w, d)).reshape(h, w, 3), prefix
 
 
-def _panels(sample: dict, manifest: dict) -> list[tuple[str, callable]]:
+def _panels(sample: dict) -> list[tuple[str, callable]]:
     """(title, draw(ax)) for every panel of one sample."""
     from shards.views import square_view
 
@@ -296,7 +292,7 @@ def render(cache: Cache, key: str | int, out: str | Path) -> Path:
 
     index = cache.resolve(key)
     sample = cache.sample(index)
-    panels = _panels(sample, cache.manifest)
+    panels = _panels(sample)
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
