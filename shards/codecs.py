@@ -196,17 +196,23 @@ class FP16(_TorchFloat):
         return super().encode(batch)
 
 
-class FP32(Codec):
-    name, kind = "fp32", "float"
+class _Plain(Codec):
+    """Stored as-is in ``dtype`` (lossless)."""
+
+    dtype: np.dtype
 
     def stored(self, shape):
-        return [StoredArray("", np.dtype(np.float32), tuple(shape))]
+        return [StoredArray("", np.dtype(self.dtype), tuple(shape))]
 
     def encode(self, batch):
-        return {"": np.ascontiguousarray(batch, dtype=np.float32)}
+        return {"": np.ascontiguousarray(batch, dtype=self.dtype)}
 
     def decode(self, stored, shape):
-        return np.asarray(stored[""], dtype=np.float32)
+        return np.asarray(stored[""], dtype=self.dtype)
+
+
+class FP32(_Plain):
+    name, kind, dtype = "fp32", "float", np.float32
 
 
 class FP8(Codec):
@@ -249,17 +255,8 @@ class PackBits(Codec):
         return bits.reshape(packed.shape[:1] + tuple(shape))
 
 
-class Int32(Codec):
-    name, kind = "int32", "count"
-
-    def stored(self, shape):
-        return [StoredArray("", np.dtype(np.int32), tuple(shape))]
-
-    def encode(self, batch):
-        return {"": np.ascontiguousarray(batch, dtype=np.int32)}
-
-    def decode(self, stored, shape):
-        return np.asarray(stored[""], dtype=np.int32)
+class Int32(_Plain):
+    name, kind, dtype = "int32", "count", np.int32
 
 
 # floats uncompressed: zstd-1 would save ~20% of the disk on bf16 features but costs ~1 ms of CPU per MB,
