@@ -21,6 +21,7 @@ shards and never exchange data.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,7 +29,6 @@ from collections import defaultdict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def decode_views(record: Record, sizes: list[int]) -> dict[int, np.ndarray]:
     """The record's first image as square views at every size the anchors want."""
     path = record.images[0]
     try:
-        image = open_rgb(Path(path).read_bytes())
+        image = open_rgb(path.read_bytes())
     except Exception as e:  # records were checked when read; this is a file changed since
         raise RuntimeError(f"record id={record.id!r}: cannot decode {path}: {type(e).__name__}: {e}") from e
     return {s: square_view(image, s) for s in sizes}
@@ -160,7 +160,9 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
 def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started: float) -> dict:
     pre = cfg.precompute
     records, bad = load_records(cfg.data)
-    writer = CacheWriter(cfg.cache.dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs)
+    subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
+    writer = CacheWriter(cfg.cache.dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
+                         subset=subset)
     models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
 
     # other ranks read rank 0's declarations from the cache when they write targets

@@ -30,11 +30,25 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- data
 @dataclass
+class SubsetConfig:
+    """Cache a seeded subset instead of every record: the recipe consumes steps x global batch samples."""
+
+    size: Optional[int] = None  # good records to cache (None = all); the recipe's 16000 steps x batch 8 = 128000
+    seed: int = 0  # seed of the subset's permutation of the records
+
+    def __post_init__(self):
+        if self.size is not None and self.size < 1:
+            raise ConfigError(f"data.subset.size must be >= 1 or null, got {self.size}")
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA-format JSON
-    image_folder: str = "data/sample/images"  # IMAGE_FOLDER
+    # LLaVA-format JSON, or the published parquet (a .parquet file, a glob, or a folder of them)
+    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA JSON or parquet file/glob/folder
+    image_folder: str = "data/sample/images"  # IMAGE_FOLDER (JSON input; parquet holds the image bytes)
     on_bad_record: Literal["skip", "error"] = "skip"  # skip (report, count in the manifest) or stop at a bad record
     limit: Optional[int] = None  # read only the first N records (debugging)
+    subset: SubsetConfig = field(default_factory=SubsetConfig)  # a seeded subset of the records
 
 
 # -------------------------------------------------------------------------- cache

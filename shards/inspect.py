@@ -44,7 +44,8 @@ def summary(cache: Cache) -> str:
     out = [
         f"cache    {cache.cache_dir}  ({m['schema']})",
         f"samples  {m['num_samples']}  in {m['num_shards']} shards of up to {m['shard_size']}"
-        f"  (tar {_size(tar_bytes)}, {_size(tar_bytes / max(m['num_samples'], 1))}/sample)",
+        f"  (tar {_size(tar_bytes)}, {_size(tar_bytes / max(m['num_samples'], 1))}/sample)"
+        + (f"; subset of {m['subset']['size']} (seed {m['subset']['seed']})" if m.get("subset") else ""),
         f"created  {', '.join(f'{k} {v}' for k, v in m['created_by'].items() if v)}",
         "",
     ]

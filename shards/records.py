@@ -1,4 +1,4 @@
-"""The LLaVA-format reader: a JSON list of records -> validated records + the bad ones, with reasons.
+"""The record reader: LLaVA JSON or the published parquet -> validated records + the bad ones, with reasons.
 
 A record is ``{"id", "image", "conversations"}``; ``image`` is a path relative to
 the image folder, an absolute path, or a list of them; ``conversations``
@@ -7,6 +7,12 @@ holds one ``<image>`` per image. Every record that breaks a rule becomes a
 :class:`BadRecord` naming the record id and the reason; ``data.on_bad_record``
 decides whether the first one stops the run or all are skipped, logged and
 counted (they end up in the cache manifest). Nothing is dropped silently.
+
+The published CoVT parquet (``shards.parquet``) goes through the same rules: one
+image per row, its bytes inside the file. ``data.subset`` keeps a seeded subset:
+the records are walked in a permutation drawn from ``subset.seed`` and the first
+``subset.size`` good ones are kept, in source order (bad records met on the walk
+are reported as usual; records the walk does not reach are never decoded).
 """
 from __future__ import annotations
 
@@ -16,11 +22,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
-from shards.config import DataConfig
+from shards import parquet
+from shards.config import DataConfig, SubsetConfig
+from shards.parquet import ParquetImage
 from shards.views import open_rgb
 
 log = logging.getLogger(__name__)
@@ -34,7 +43,7 @@ class Record:
     index: int  # position among the good records = sample index in the cache (0..N-1)
     source_index: int  # position in the JSON list
     id: str
-    images: list[Path]
+    images: list[Path | ParquetImage]  # both have .name, .suffix and .read_bytes()
     conversations: list[dict]
 
 
@@ -102,7 +111,7 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
     return [{"from": t["from"], "value": t["value"]} for t in conversations]
 
 
-def _check_image(path: Path) -> None:
+def _check_image(path: Path | ParquetImage) -> None:
     """Raise :class:`_Bad` if the image at ``path`` is unusable."""
     try:
         data = path.read_bytes()
@@ -121,7 +130,7 @@ def _check_image(path: Path) -> None:
 class _Candidate:
     source_index: int
     id: str
-    images: list[Path] = field(default_factory=list)
+    images: list[Path | ParquetImage] = field(default_factory=list)
     conversations: list[dict] = field(default_factory=list)
     bad: BadRecord | None = None
 
@@ -136,13 +145,31 @@ def _candidates(entries: list, image_folder: Path) -> Iterator[_Candidate]:
         rid = str(entry["id"]) if entry.get("id") not in (None, "") else str(source_index)
         cand = _Candidate(source_index, rid)
         try:
-            if rid in seen:
-                raise _Bad("duplicate_id", f"duplicate id (first used by entry {seen[rid]})")
-            seen[rid] = source_index
+            _check_new_id(rid, source_index, seen)
             cand.images = _image_paths(entry, image_folder)
             cand.conversations = _check_conversations(entry.get("conversations"), len(cand.images))
         except _Bad as e:
             cand.bad = BadRecord(source_index, rid, e.reason, e.kind)
+        yield cand
+
+
+def _check_new_id(rid: str, source_index: int, seen: dict[str, int]) -> None:
+    if rid in seen:
+        raise _Bad("duplicate_id", f"duplicate id (first used by entry {seen[rid]})")
+    seen[rid] = source_index
+
+
+def _parquet_candidates(path: str) -> Iterator[_Candidate]:
+    """The JSON rules for parquet rows: one image per row (its bytes are checked later, like a JSON file)."""
+    seen: dict[str, int] = {}
+    for row in parquet.rows(path):
+        rid = row.id if row.id is not None else str(row.source_index)
+        cand = _Candidate(row.source_index, rid, images=[row.image])
+        try:
+            _check_new_id(rid, row.source_index, seen)
+            cand.conversations = _check_conversations(row.conversations, 1)
+        except _Bad as e:
+            cand.bad = BadRecord(row.source_index, rid, e.reason, e.kind)
         yield cand
 
 
@@ -174,9 +201,7 @@ def _with_image_checks(cands: Iterator[_Candidate], total: int) -> Iterator[_Can
         bar.update(len(batch))
 
 
-def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
-    """Read and validate the LLaVA JSON at ``data_cfg.path``; see the module docstring."""
-    path = Path(data_cfg.path)
+def _read_json(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"data.path: LLaVA JSON not found: {path}")
     try:
@@ -185,20 +210,58 @@ def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
         raise ValueError(f"data.path: {path} is not valid JSON: {e}") from None
     if not isinstance(entries, list):
         raise ValueError(f"data.path: {path} must hold a JSON list of records, got {type(entries).__name__}")
+    return entries
+
+
+def _read_candidates(data_cfg: DataConfig) -> list[_Candidate]:
+    """Every record of ``data.path`` (up to ``data.limit``) with the checks that need no image decoding."""
+    if parquet.is_parquet(data_cfg.path):
+        rows = _parquet_candidates(data_cfg.path)
+        return [c for _, c in zip(range(data_cfg.limit), rows)] if data_cfg.limit is not None else list(rows)
+    entries = _read_json(Path(data_cfg.path))
     if data_cfg.limit is not None:
         entries = entries[: data_cfg.limit]
-    image_folder = Path(data_cfg.image_folder)
+    return list(_candidates(entries, Path(data_cfg.image_folder)))
 
-    records: list[Record] = []
+
+def _walk(cands: Sequence[_Candidate], subset: SubsetConfig) -> Iterator[_Candidate]:
+    """Candidates with their images checked, in the order they are decided; with a subset, the seeded walk
+    stops once ``subset.size`` are good. Each step checks the rest it needs in source order, so parquet
+    row groups are read in order, then yields them in walk order (which decides what a bad one is replaced by)."""
+    if subset.size is None:
+        yield from _with_image_checks(iter(cands), len(cands))
+        return
+    order = np.random.default_rng(subset.seed).permutation(len(cands))
+    need, pos = subset.size, 0
+    while need > 0 and pos < len(order):
+        step = order[pos:pos + need]
+        pos += len(step)
+        list(_with_image_checks(iter([cands[i] for i in np.sort(step)]), len(step)))  # fills in .bad
+        for i in step:
+            yield cands[i]
+            need -= cands[i].bad is None
+
+
+def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
+    """Read and validate the records at ``data_cfg.path`` (JSON or parquet); see the module docstring."""
+    cands = _read_candidates(data_cfg)
+    good: list[_Candidate] = []
     bad: list[BadRecord] = []
-    for cand in _with_image_checks(_candidates(entries, image_folder), len(entries)):
+    for cand in _walk(cands, data_cfg.subset):
         if cand.bad is not None:
             if data_cfg.on_bad_record == "error":
-                raise BadRecordError(cand.bad, path)
+                raise BadRecordError(cand.bad, data_cfg.path)
             log.warning("skipping bad record id=%r (entry %d): %s", cand.bad.id, cand.bad.source_index, cand.bad.reason)
             bad.append(cand.bad)
             continue
-        records.append(Record(len(records), cand.source_index, cand.id, cand.images, cand.conversations))
+        good.append(cand)
+    good.sort(key=lambda c: c.source_index)
+    bad.sort(key=lambda b: b.source_index)
+    records = [Record(i, c.source_index, c.id, c.images, c.conversations) for i, c in enumerate(good)]
     if bad:
-        log.warning("%d of %d records skipped as bad (see the cache manifest's bad_records)", len(bad), len(entries))
+        log.warning("%d of %d records skipped as bad (see the cache manifest's bad_records)", len(bad), len(cands))
+    size = data_cfg.subset.size
+    if size is not None and len(records) < size:
+        log.warning("data.subset.size=%d but only %d of %d records are good: caching those", size, len(records),
+                    len(cands))
     return records, bad

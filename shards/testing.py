@@ -7,6 +7,7 @@ bands) so a rendered sample is recognisable, and they are a pure function of
 """
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 
@@ -99,18 +100,19 @@ def synthetic_targets(anchor: str, dims: dict[str, int], img: Image.Image, index
 
 
 def synthetic_shard_targets(anchor: str, dims: dict[str, int], records: list[Record], seed: int) -> dict[str, np.ndarray]:
-    per_sample = [synthetic_targets(anchor, dims, open_rgb(Path(r.images[0]).read_bytes()), r.index, seed)
+    per_sample = [synthetic_targets(anchor, dims, open_rgb(r.images[0].read_bytes()), r.index, seed)
                   for r in records]
     return {name: np.stack([s[name] for s in per_sample]) for name in per_sample[0]}
 
 
 def write_synthetic_cache(cache_dir: str | Path, data_cfg: DataConfig, anchors: list[str],
                           dims: dict[str, dict[str, int]] | None = None, shard_size: int = 4, seed: int = 0,
-                          default_codec: str = "bf16", codecs: dict[str, str] | None = None) -> Path:
+                          default_codec: str = "bf16", codecs: dict[str, str] | None = None,
+                          subset: dict | None = None) -> Path:
     """Write (or finish writing) a complete cache of ``data_cfg``'s records with synthetic targets."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
     records, bad = load_records(data_cfg)
-    writer = CacheWriter(cache_dir, records, shard_size, bad, default_codec, codecs or {})
+    writer = CacheWriter(cache_dir, records, shard_size, bad, default_codec, codecs or {}, subset=subset)
     for anchor in anchors:
         writer.declare_anchor(anchor, dims[anchor], {"synthetic": True, "seed": seed}, [])
     for shard in range(writer.num_shards):
@@ -122,3 +124,31 @@ def write_synthetic_cache(cache_dir: str | Path, data_cfg: DataConfig, anchors: 
                                      synthetic_shard_targets(anchor, dims[anchor], writer.shard_records(shard), seed))
     writer.finalize()
     return Path(cache_dir)
+
+
+def write_covt_parquet(path: str | Path, rows: list[dict], row_group_size: int = 2,
+                       drop_column: str | None = None) -> Path:
+    """A parquet file of the published CoVT schema (tests): ``rows`` hold id, image_bytes, image_relpath,
+    conversations; ``drop_column`` leaves one column out, as a broken file would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    columns = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "image": pa.array([{"bytes": r["image_bytes"], "path": r["image_relpath"]} for r in rows],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "image_relpath": pa.array([r["image_relpath"] for r in rows], pa.string()),
+        "conversations": pa.array([r["conversations"] for r in rows], pa.list_(turn)),
+    }
+    columns.pop(drop_column, None)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return Path(path)
+
+
+def sample_parquet_rows(data_cfg: DataConfig) -> list[dict]:
+    """The bundled LLaVA sample as rows of the published parquet schema (one image each)."""
+    entries = json.loads(Path(data_cfg.path).read_text())
+    return [{"id": str(e["id"]), "image_relpath": e["image"],
+             "image_bytes": (Path(data_cfg.image_folder) / e["image"]).read_bytes(),
+             "conversations": e["conversations"]} for e in entries]

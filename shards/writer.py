@@ -57,9 +57,11 @@ def _created_by() -> dict:
     return versions
 
 
-def _records_identity(records: Sequence[Record], shard_size: int, bad: Iterable[BadRecord]) -> dict:
+def _records_identity(records: Sequence[Record], shard_size: int, bad: Iterable[BadRecord],
+                      subset: dict | None) -> dict:
     ids = "\n".join(f"{r.index}\t{r.source_index}\t{r.id}" for r in records)
     return {
+        **({"subset": subset} if subset is not None else {}),
         "num_samples": len(records),
         "shard_size": shard_size,
         "records_sha256": layout.sha256_bytes(ids.encode()),
@@ -81,9 +83,12 @@ class CacheWriter:
         default_codec: str = "bf16",
         codecs: dict[str, str] | None = None,
         compression: dict[str, str] | None = None,
+        subset: dict | None = None,
     ):
         """``compression`` overrides :data:`shards.codecs.COMPRESSION_DEFAULTS` per kind of array
-        (``{"float": "none"}``); it applies to anchors declared from now on and is part of their declaration."""
+        (``{"float": "none"}``); it applies to anchors declared from now on and is part of their declaration.
+        ``subset`` (``{"size", "seed"}`` of ``data.subset``, or None) says how ``records`` were chosen; the
+        manifest records it."""
         if shard_size < 1:
             raise ValueError(f"cache.shard_size must be >= 1, got {shard_size}")
         if not records:
@@ -95,6 +100,7 @@ class CacheWriter:
         self.records = list(records)
         self.shard_size = int(shard_size)
         self.bad_records = list(bad_records)
+        self.subset = subset
         get_codec(default_codec, "float", "cache.codec")
         self.default_codec = default_codec
         self.codecs = dict(codecs or {})
@@ -117,7 +123,7 @@ class CacheWriter:
             raise CacheMismatchError(f"{self.cache_dir} holds a {schema!r} cache, this code writes {layout.SCHEMA!r}; "
                                      f"use a new cache.dir or delete this one")
 
-        identity = _records_identity(self.records, self.shard_size, self.bad_records)
+        identity = _records_identity(self.records, self.shard_size, self.bad_records, self.subset)
         existing = layout.create_exclusive_json(self.cache_dir / layout.PROGRESS_DIR / "records.json", identity)
         if existing != identity:
             raise CacheMismatchError(
@@ -323,8 +329,8 @@ class CacheWriter:
                     "images": [p.name for p in rec.images], "image_members": image_members,
                 }
                 payloads = [(f"{key}.json", layout.dumps(meta).encode())]
-                for name, path in zip(image_members, rec.images):
-                    payloads.append((name, Path(path).read_bytes()))
+                for name, image in zip(image_members, rec.images):
+                    payloads.append((name, image.read_bytes()))  # a file, or a parquet row's bytes, unchanged
                 for name, data in payloads:
                     offset_data = tar.offset + len(layout.tar_header(name, len(data)))
                     tar.addfile(layout.tar_member_info(name, len(data)), io.BytesIO(data))
@@ -438,6 +444,7 @@ class CacheWriter:
             "schema": layout.SCHEMA,
             "created_by": _created_by(),
             "num_samples": len(self.records),
+            "subset": self.subset,
             "shard_size": self.shard_size,
             "num_shards": self.num_shards,
             "shards": shards,
