@@ -53,7 +53,7 @@ def test_tiny_depth_writes_release_layout_checkpoint_and_computes_spec_shapes(tm
     out = anchor.compute(random_views(3, anchor.input_size))
     assert_targets_fit_spec(anchor, out, 3)
     depth = out["depth"]
-    assert np.allclose(depth.min(axis=(1, 2)), 0) and np.allclose(depth.max(axis=(1, 2)), 1)  # non-degenerate
+    assert (depth >= 0).all() and (depth.std(axis=(1, 2)) > 0).all()  # raw ReLU'd depth, non-degenerate
     # a second load reads the file written by the first and computes the same targets
     again = load_depth(cfg, PrecomputeConfig(), CPU).compute(random_views(3, anchor.input_size))
     np.testing.assert_array_equal(again["features"], out["features"])

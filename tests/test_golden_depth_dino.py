@@ -131,7 +131,7 @@ def test_own_preprocessing_from_256_photo_is_close_to_original_resize(views_518,
 
 
 @needs_golden
-def test_depth_loader_targets_are_layer_patches_and_normalised_depth(views_518, own_outputs_518):
+def test_depth_loader_targets_are_layer_patches_and_raw_depth(views_518, own_outputs_518):
     anchor = load_depth(CheckpointConfig(path=str(CKPT)), PrecomputeConfig(dtype="fp32"), torch.device("cpu"))
     assert anchor.variant.name == "vits" and anchor.input_size == 518
     out = anchor.compute(views_518)
@@ -139,21 +139,7 @@ def test_depth_loader_targets_are_layer_patches_and_normalised_depth(views_518, 
     layers, depth = own_outputs_518
     for i in range(4):
         np.testing.assert_allclose(out["features"][:, i], layers[i][:, 1:].numpy(), atol=1e-4, rtol=0)
-    d = out["depth"]
-    assert d.min(axis=(1, 2)).tolist() == [0.0, 0.0] and np.allclose(d.max(axis=(1, 2)), 1.0)
-    # the normalised 256 map is the 518 depth, resized: same ordering of near and far
-    small = torch.nn.functional.interpolate(depth[:, None], (256, 256), mode="bilinear", antialias=True)[:, 0]
-    for b in range(len(PHOTOS)):
-        corr = np.corrcoef(small[b].numpy().ravel(), d[b].ravel())[0, 1]
-        assert corr > 0.9999, corr
-
-
-@pytest.mark.skipif(not KEYS_JSON.is_file(), reason=f"ViT-L key list not found at {KEYS_JSON}")
-def test_vitl_model_covers_every_key_and_shape_of_the_released_file():
-    expected = {k: tuple(v) for k, v in json.loads(KEYS_JSON.read_text()).items()}
-    with torch.device("meta"):  # no 1.3 GB allocation
-        model = DepthAnythingV2(get_variant("vitl"))
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert sorted(set(expected) - set(ours)) == []
-    assert sorted(set(ours) - set(expected)) == []
-    assert {k: v for k, v in ours.items() if expected[k] != v} == {}
+    # the reference's target: the raw 518 depth (ReLU'd, not normalised) resized with align_corners=True
+    expected = torch.nn.functional.interpolate(depth[:, None], (256, 256), mode="bilinear", align_corners=True)[:, 0]
+    assert expected.max() > 0
+    np.testing.assert_allclose(out["depth"], expected.numpy(), atol=1e-5, rtol=1e-5)

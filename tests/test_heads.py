@@ -1,4 +1,7 @@
-"""Anchor heads: losses train, SAM's batched decode matches segment_anything, matching is right, sizes come from dims."""
+"""Anchor heads: losses train, SAM's batched decode matches segment_anything, matching is right, sizes come from dims.
+
+The heads' maths against the reference's own functions: tests/test_reference_heads.py.
+"""
 from __future__ import annotations
 
 import json
@@ -8,13 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
 from precompute.anchors.pidinet import CONFIGS, PiDiNet, PidinetAnchor
 from shards.anchors import ANCHORS, array_shape
-from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata
-from trainer.heads.sam import match_masks, matched_mask_loss, pairwise_mask_cost
+from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata, uses_projection_lr
+from trainer.heads.sam import dice_coefficients, match_masks, sam_token_loss
 
 HIDDEN = 48
 BATCH = 2
@@ -144,7 +147,7 @@ def test_loss_decreases_when_only_its_head_and_the_thoughts_train(cache, anchor)
     head = build_heads([anchor], HIDDEN, cache)[anchor]
     targets, views = make_targets(anchor), make_views(head)
     thoughts = nn.Parameter(make_thoughts(anchor))
-    optimizer = torch.optim.Adam([*head.parameters(), thoughts], lr=3e-3)
+    optimizer = torch.optim.Adam([*head.parameters(), thoughts], lr=1e-2)
     losses = []
     for _ in range(40):
         loss = head(thoughts, targets, views)
@@ -153,7 +156,9 @@ def test_loss_decreases_when_only_its_head_and_the_thoughts_train(cache, anchor)
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.7 * losses[0], f"{anchor}: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    # sam: a random tiny decoder reachable only through sparse prompts leaves a dice floor (~0.66 of the start)
+    ratio = 0.75 if anchor == "sam" else 0.7
+    assert losses[-1] < ratio * losses[0], f"{anchor}: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 @pytest.mark.parametrize("anchor", list(DIMS))
@@ -168,22 +173,30 @@ def test_decode_gives_the_cached_target_shape(cache, anchor):
         assert out.shape == targets[main_array].shape
 
 
-def test_batched_sam_decode_equals_segment_anything_per_image_call(tmp_path):
+def test_batched_sam_decode_equals_segment_anything_one_prompt_at_a_time(tmp_path):
+    # the reference's decode: each prompt alone as a sparse embedding, no_mask_embed dense,
+    # multimask_output=False, then Sam.postprocess_masks to the mask size
     prompt_encoder, mask_decoder = write_tiny_sam_decoder(tmp_path / "sam_decoder.pt", seed=3)
+    encoder_size = prompt_encoder.input_image_size[0]
+    sam = Sam(ImageEncoderViT(img_size=encoder_size, patch_size=16, embed_dim=16, depth=1, num_heads=2,
+                              out_chans=DIMS["sam"]["embed_dim"]), prompt_encoder, mask_decoder)
     head = build_heads(["sam"], HIDDEN, CacheDims(DIMS, tmp_path))["sam"].eval()
     batch = 3
     targets = make_targets("sam", batch=batch)
     thoughts = make_thoughts("sam", batch=batch)
     with torch.no_grad():
         batched = head.decode(thoughts, targets)
-        prompts = head.project(thoughts)
-        _, dense = prompt_encoder(points=None, boxes=None, masks=None)
+        prompts = head.prompts(thoughts)
         for i in range(batch):
-            expected, _ = mask_decoder(image_embeddings=targets["embedding"][i:i + 1],
-                                       image_pe=prompt_encoder.get_dense_pe(),
-                                       sparse_prompt_embeddings=prompts[i].unsqueeze(1),
-                                       dense_prompt_embeddings=dense, multimask_output=False)
-            torch.testing.assert_close(batched[i], expected[:, 0], rtol=1e-4, atol=1e-5)
+            for k in range(prompts.shape[1]):
+                sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)
+                sparse = torch.cat([sparse, prompts[i, k].reshape(1, 1, -1)], dim=1)
+                low_res, _ = mask_decoder(image_embeddings=targets["embedding"][i:i + 1],
+                                          image_pe=prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                          dense_prompt_embeddings=dense, multimask_output=False)
+                expected = sam.postprocess_masks(low_res, (encoder_size, encoder_size),
+                                                 (DIMS["sam"]["mask_h"], DIMS["sam"]["mask_w"]))
+                torch.testing.assert_close(batched[i, k], expected[0, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_sam_decoder_is_frozen_outside_the_head_but_passes_gradients_to_the_thoughts(cache):
@@ -197,6 +210,10 @@ def test_sam_decoder_is_frozen_outside_the_head_but_passes_gradients_to_the_thou
     assert {id(p) for p in decoder.parameters()}.isdisjoint(id(p) for p in head.parameters())
 
 
+def matching_cost(logits, masks):
+    return 1 - dice_coefficients(logits, masks.float())
+
+
 def test_hungarian_matching_finds_the_permutation():
     g = torch.Generator().manual_seed(0)
     references = blob_masks(g, 4, 32).unsqueeze(0)  # (1, 4, 32, 32)
@@ -204,14 +221,14 @@ def test_hungarian_matching_finds_the_permutation():
     logits = torch.full((1, 6, 32, 32), -8.0)
     for i, j in enumerate(permutation):
         logits[0, i] = references[0, j].float() * 16 - 8
-    assignment = match_masks(pairwise_mask_cost(logits, references), torch.tensor([4]))
+    assignment = match_masks(matching_cost(logits, references), torch.tensor([4]))
     assert assignment[0].tolist() == permutation + [-1, -1]
     # only the first two references are real: each goes to its look-alike, the rest stay unmatched
-    assignment = match_masks(pairwise_mask_cost(logits, references), torch.tensor([2]))
+    assignment = match_masks(matching_cost(logits, references), torch.tensor([2]))
     assert assignment[0].tolist() == [-1, 0, -1, 1, -1, -1]
 
 
-def test_matched_mask_loss_is_low_for_the_right_masks_in_any_order():
+def test_sam_token_loss_is_low_for_the_right_masks_in_any_order():
     g = torch.Generator().manual_seed(1)
     references = blob_masks(g, 3, 32).unsqueeze(0)
     right = torch.full((1, 4, 32, 32), -12.0)
@@ -219,20 +236,34 @@ def test_matched_mask_loss_is_low_for_the_right_masks_in_any_order():
     wrong = torch.full((1, 4, 32, 32), -12.0)
     wrong[0, :3] = (~references[0]).float() * 24 - 12
     counts = torch.tensor([3])
-    assert matched_mask_loss(right, references, counts) < 0.01
-    assert matched_mask_loss(wrong, references, counts) > 1.0
+    assert sam_token_loss(right, references, counts) < 0.01
+    assert sam_token_loss(wrong, references, counts) > 1.0
 
 
-def test_sam_loss_with_no_reference_masks_pushes_every_prediction_to_background(cache):
+def test_sam_loss_of_an_image_without_reference_masks_is_zero_but_stays_in_the_graph(cache):
     head = build_heads(["sam"], HIDDEN, cache)["sam"]
     targets = make_targets("sam")
     targets["mask_count"] = torch.zeros(BATCH, dtype=torch.long)
     thoughts = nn.Parameter(make_thoughts("sam"))
     loss = head(thoughts, targets)
-    logits = head.decode(thoughts, targets)
-    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)))
-    loss.backward()
-    assert torch.isfinite(thoughts.grad).all() and thoughts.grad.abs().sum() > 0
+    assert loss.item() == 0.0  # the reference: no masks -> 0
+    loss.backward()  # DDP / ZeRO still see a (zero) gradient for every head parameter
+    assert all(p.grad is not None for p in head.parameters())
+    assert torch.equal(thoughts.grad, torch.zeros_like(thoughts))
+
+
+def test_reference_projection_lr_rule_selects_projection_queries_and_attention_not_depth_generator(cache):
+    heads = build_heads(list(DIMS), HIDDEN, cache)
+    for anchor, head in heads.items():
+        names = [n for n, _ in head.named_parameters()]
+        slow = {n for n in names if uses_projection_lr(f"heads.{anchor}.{n}")}
+        if anchor == "depth":  # the reference trains depth_token_generator at the base lr
+            assert names and not slow and all(n.startswith("depth_token_generator.") for n in names), names
+            continue
+        assert slow == set(names), (anchor, set(names) - slow)
+        assert {n.split(".")[1] for n in names} == {"thought_projection", "query_vectors", "cross_attention"}
+        assert {n for n in names if "cross_attention" in n} == {
+            f"attend.cross_attention.{p}" for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")}
 
 
 def test_head_sizes_come_from_the_cache_dims(cache):
@@ -240,11 +271,13 @@ def test_head_sizes_come_from_the_cache_dims(cache):
                        "siglip": {"dim": 40}}, cache.decoders_dir)
     small = build_heads(["dino", "depth", "siglip"], HIDDEN, cache)
     large = build_heads(["dino", "depth", "siglip"], 96, other)
-    assert small["dino"].queries.queries.shape == (17, 32)
-    assert large["dino"].queries.queries.shape == (5, 64)
-    assert small["depth"].project[-1].out_features == 24 and large["depth"].project[-1].out_features == 40
-    assert small["siglip"].query.output.out_features == 16 and large["siglip"].query.output.out_features == 40
-    assert large["depth"].project[0].normalized_shape == (96,)
+    assert small["dino"].attend.query_vectors.shape == (17, 32)
+    assert large["dino"].attend.query_vectors.shape == (5, 64)
+    assert small["depth"].depth_token_generator[-1].out_features == 24
+    assert large["depth"].depth_token_generator[-1].out_features == 40
+    assert large["depth"].depth_token_generator[0].weight.shape == (96, 96)  # Linear(hidden, hidden) first
+    assert small["siglip"].attend.thought_projection.out_features == 16
+    assert large["siglip"].attend.thought_projection.weight.shape == (40, 96)
     out = large["dino"].decode(torch.randn(2, ANCHORS["dino"].tokens, 96))
     assert out.shape == (2, 5, 64)
 

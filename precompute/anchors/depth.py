@@ -4,9 +4,10 @@ Targets per image, from the square view at the variant's input size (518 for
 the real variants), normalised with ImageNet mean/std:
   - ``features``: patch tokens (after the backbone norm) of the 4 blocks the DPT
     head reads (ViT-L: 4, 11, 17, 23), ``(4, (S/14)^2, D)``;
-  - ``depth``: the relative depth (disparity, ReLU'd DPT output at S x S),
-    resized bilinearly (antialiased) to the variant's map size and min-max
-    normalised per image to [0, 1].
+  - ``depth``: the raw relative depth (disparity: the DPT head's output after its
+    ReLU, at S x S), resized bilinearly with align_corners=True to the variant's map
+    size (256 for the real variants), not normalised: the reference's target
+    (covt_qwen2_5_vl.py ``get_depth_features_and_gt``), which its L1 x 0.005 is tuned to.
 """
 from __future__ import annotations
 
@@ -121,14 +122,6 @@ class DepthAnythingV2(nn.Module):
 
 
 # ---------------------------------------------------------------------- anchor
-def min_max_normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per image to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(1)
-    lo = flat.min(dim=1, keepdim=True).values
-    hi = flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
-
-
 class DepthAnchor(AnchorModel):
     name = "depth"
 
@@ -154,8 +147,7 @@ class DepthAnchor(AnchorModel):
         skip = self.model.pretrained.num_prefix_tokens
         features = torch.stack([t[:, skip:] for t in layers], dim=1).float()
         depth = F.interpolate(depth.float()[:, None], (self.map_size, self.map_size),
-                              mode="bilinear", align_corners=False, antialias=True)[:, 0]
-        depth = min_max_normalize(depth)
+                              mode="bilinear", align_corners=True)[:, 0]
         return {"features": features.cpu().numpy(), "depth": depth.cpu().numpy()}
 
     def fingerprint(self) -> dict:
@@ -166,8 +158,8 @@ class DepthAnchor(AnchorModel):
             "layers": list(self.variant.depth_layers),
             "preprocessing": (f"square view {self.input_size}x{self.input_size} RGB /255, "
                               f"normalised mean {IMAGENET_MEAN} std {IMAGENET_STD}; depth = ReLU'd DPT "
-                              f"output resized bilinear (antialias) to {self.map_size}x{self.map_size}, "
-                              "min-max normalised per image"),
+                              f"output resized bilinear (align_corners=True) to {self.map_size}x{self.map_size}, "
+                              "raw (not normalised)"),
             "dtype": self.dtype,
             "torch": torch.__version__,
         }

@@ -1,7 +1,9 @@
 """PIDINet edges (Su et al. 2021), from the official ``table5_baseline.pth`` and its kin.
 
 Target per image, from the 256x256 square view, ``/255`` then ImageNet
-mean/std: ``edges`` = the fused sigmoid output at 256x256. The network runs in
+mean/std: ``edges`` = sigmoid(side output 1) at 256x256, the edge map of the first
+stage's branch, which is the reference's target (CoVT's PIDINet returns ``e1`` and
+trains on its sigmoid), not the fused output. The network runs in
 fp32 (it is small). ``export_decoders`` writes the first stage (init block +
 stage-1 blocks, 60 channels at full resolution) with ``torch.export``: the
 trainer's PIDINet head recomputes those features instead of caching 60x256x256
@@ -262,8 +264,9 @@ class PidinetAnchor(AnchorModel):
 
     @torch.inference_mode()
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
-        fused = self.net(prepare_views(views, self.net, self.input_size, self.name))[-1]  # fp32 always: the net is tiny
-        return {"edges": fused[:, 0].float().cpu().numpy()}
+        # fp32 always: the net is tiny. Output 0 is side 1 (the stage-1 branch), already through its sigmoid
+        side1 = self.net(prepare_views(views, self.net, self.input_size, self.name))[0]
+        return {"edges": side1[:, 0].float().cpu().numpy()}
 
     def export_decoders(self, out_dir: Path) -> list[str]:
         """``pidinet_stage1.pt2`` (torch.export, dynamic batch, fixed HxW) and its JSON description."""
@@ -289,7 +292,7 @@ class PidinetAnchor(AnchorModel):
             "variant": self.config,
             "input_size": self.input_size,
             "preprocessing": (f"square view {self.input_size}x{self.input_size} RGB /255, normalised mean "
-                              f"{IMAGENET_MEAN} std {IMAGENET_STD}; fused sigmoid output, fp32"),
+                              f"{IMAGENET_MEAN} std {IMAGENET_STD}; sigmoid of side output 1, fp32"),
             "dtype": "fp32",
             "torch": torch.__version__,
         }

@@ -3,7 +3,9 @@
 ``build_heads(anchors, hidden_size, cache)`` gives one :class:`AnchorHead` per
 anchor, sized from ``cache.dims(anchor)`` and loading frozen decoders from
 ``cache.decoders_dir``. ``head(thoughts, targets, views)`` is the scalar loss;
-``head.decode(thoughts, targets, views)`` the prediction.
+``head.decode(thoughts, targets, views)`` the prediction. Every head computes what CoVT's
+reference computes (checked by tests/test_reference_heads.py against the reference's own
+functions); parameter names follow the reference's optimizer rule (:func:`uses_projection_lr`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from shards.anchors import get_anchor
 
+from .attention import PROJECTION_LR_NAME_PARTS, uses_projection_lr
 from .base import AnchorHead, CacheDims, DimsSource
 from .clip import PooledEmbeddingHead
 from .depth import DepthHead
@@ -60,4 +63,5 @@ def decoder_files(heads: nn.ModuleDict) -> list[Path]:
     return sorted({Path(f) for head in heads.values() for f in head.decoder_files})
 
 
-__all__ = ["AnchorHead", "CacheDims", "DimsSource", "HEADS", "build_heads", "heads_metadata", "decoder_files"]
+__all__ = ["AnchorHead", "CacheDims", "DimsSource", "HEADS", "PROJECTION_LR_NAME_PARTS", "build_heads",
+           "decoder_files", "heads_metadata", "uses_projection_lr"]

@@ -1,4 +1,4 @@
-"""What every anchor head shares: the interface, the token projection, query cross-attention, the frozen-decoder holder.
+"""What every anchor head shares: the interface, the frozen-decoder holder, resizing, error messages.
 
 A head turns the last-layer hidden states at one anchor's pad positions
 ("visual thoughts", ``(B, tokens, hidden)``) into that anchor's prediction and
@@ -97,59 +97,6 @@ class AnchorHead(nn.Module):
             raise ValueError(f"{self.anchor}/{array}: target shape {tuple(value.shape)} does not match "
                              f"the cache's dims {shape}")
         return value
-
-
-class TokenProjection(nn.Sequential):
-    """hidden -> out for every thought token: LayerNorm, Linear, GELU, Linear.
-
-    The LayerNorm makes the head indifferent to the LLM's hidden-state scale
-    (which differs between a tiny random model and Qwen2.5-VL-7B).
-    """
-
-    def __init__(self, hidden_size: int, out_features: int):
-        width = max(out_features, 64)
-        super().__init__(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
-                         nn.Linear(width, out_features))
-
-
-def attention_heads(dim: int) -> int:
-    """Most heads (<= 16) that divide ``dim`` with at least 32 channels each (1 if none)."""
-    for heads in (16, 8, 4, 2):
-        if dim % heads == 0 and dim // heads >= 32:
-            return heads
-    return 1
-
-
-class QueryCrossAttention(nn.Module):
-    """``queries`` learnable (Q, dim) vectors attending over projected thought tokens -> (B, Q, out).
-
-    Written with Linear layers + SDPA rather than nn.MultiheadAttention, whose forward
-    reads ``out_proj``'s weights without calling ``out_proj``: ZeRO-3 gathers a
-    module's parameters when that module's forward runs, so those would stay partitioned.
-    """
-
-    def __init__(self, hidden_size: int, num_queries: int, dim: int, out_features: int):
-        super().__init__()
-        self.heads = attention_heads(dim)
-        self.project = TokenProjection(hidden_size, dim)
-        self.key_norm = nn.LayerNorm(dim)
-        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.out_norm = nn.LayerNorm(dim)
-        self.output = nn.Linear(dim, out_features)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim) -> (B, heads, N, dim/heads)
-        b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
-
-    def forward(self, thoughts: torch.Tensor) -> torch.Tensor:
-        keys = self.key_norm(self.project(thoughts))
-        queries = self.queries.unsqueeze(0).expand(thoughts.shape[0], -1, -1)
-        q = self._split(self.q(queries))
-        k, v = self._split(self.k(keys)), self._split(self.v(keys))
-        attended = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
-        attended = self.o(attended.transpose(1, 2).flatten(2))
-        return self.output(self.out_norm(queries + attended))
 
 
 M = TypeVar("M", bound=nn.Module)

@@ -1,4 +1,10 @@
-"""SigLIP / MetaCLIP head: one learnable query cross-attends over the thoughts; MSE to the pooled embedding."""
+"""SigLIP / MetaCLIP head (the reference's): one learned query attends over the thoughts; MSE x 5 to the pooled embedding.
+
+Front end: :class:`~trainer.heads.attention.ThoughtQueries` (1 query, 8 heads, width =
+the embedding's). The loss is the mean squared error per sample, times 5. The
+reference compares ``(B, 1, dim)`` with ``(B, dim)``, which broadcasts to every pair of
+samples of a batch; with its batch of one that is the per-sample MSE we compute.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,19 +12,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import AnchorHead, DimsSource, QueryCrossAttention
+from .attention import ThoughtQueries
+from .base import AnchorHead, DimsSource
+
+NUM_HEADS = 8
+LOSS_SCALE = 5.0
 
 
 class PooledEmbeddingHead(AnchorHead):
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
-        dim = self.dims["dim"]
-        self.query = QueryCrossAttention(self.hidden_size, 1, dim, dim)
+        self.attend = ThoughtQueries(self.hidden_size, self.dims["dim"], num_queries=1, num_heads=NUM_HEADS)
 
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
         """Predicted embedding (B, dim)."""
-        return self.query(thoughts)[:, 0]
+        return self.attend(thoughts)[:, 0]
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         embedding = self.target(targets, "embedding", prediction.shape[0])
-        return F.mse_loss(prediction.float(), embedding.float())
+        return F.mse_loss(prediction.float(), embedding.float()) * LOSS_SCALE

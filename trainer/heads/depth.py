@@ -1,15 +1,12 @@
-"""Depth head: each thought token is a kernel over one cached Depth Anything V2 layer.
+"""Depth head (the reference's DepthReconstructor): each thought token is a kernel over one cached layer.
 
-Token l (projected to the feature width) is dotted with layer l's cached patch
-features, giving one map per layer on the patch grid; the maps are upsampled
-(bilinear) to the depth map size and averaged; L1 to the cached relative depth
-(min-max normalised to [0, 1]).
-
-Normalisation that keeps it trainable: the patch features are layer-normalised
-(no parameters) so the four layers have comparable scale whatever the backbone,
-the dot product is divided by sqrt(dim), and a learnable scale and bias followed
-by a sigmoid map the average into [0, 1], the range of the target (the sigmoid
-starts at 0.5, the middle of it).
+No attention: ``depth_token_generator`` (Linear(h, h), GELU, Linear(h, dim)) maps each of
+the 4 thought tokens to a feature-width vector; token l is dotted with layer l's cached
+patch features (Depth Anything V2's 4 DPT layers, in the DPT's order), giving one
+score map per layer on the patch grid; the maps are upsampled (bilinear,
+align_corners=False) to the depth map's size and averaged. Loss: L1 to the cached raw
+relative depth (the DPT head's output after ReLU), times 0.005. Reference:
+covt_qwen2_5_vl.py 926-947 (reconstructor), 1600-1620 (use), 316-330 (loss).
 """
 from __future__ import annotations
 
@@ -20,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AnchorHead, DimsSource, TokenProjection, resize_maps
+from .base import AnchorHead, DimsSource
+
+LOSS_SCALE = 0.005
 
 
 class DepthHead(AnchorHead):
@@ -34,23 +33,20 @@ class DepthHead(AnchorHead):
         if self.grid * self.grid != d["patches"]:
             raise ValueError(f"{anchor}/features: {d['patches']} patches is not a square grid "
                              f"(expected patch tokens only, no CLS)")
-        self.feature_dim = d["dim"]
         self.map_size = (d["map_h"], d["map_w"])
-        self.project = TokenProjection(self.hidden_size, self.feature_dim)
-        # shape (1,), not (): DeepSpeed ZeRO-2 broadcasts parameters through a byte view, which 0-d tensors lack
-        self.scale = nn.Parameter(torch.ones(1))
-        self.bias = nn.Parameter(torch.zeros(1))
+        # the name carries none of the projection-lr name parts: the reference trains it at the base lr
+        self.depth_token_generator = nn.Sequential(
+            nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, d["dim"]))
 
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
-        """Predicted depth (B, map_h, map_w) in [0, 1]."""
+        """Predicted raw relative depth (B, map_h, map_w)."""
         b = thoughts.shape[0]
-        kernels = self.project(thoughts)  # (B, layers, dim)
-        features = self.target(targets, "features", b).to(kernels.dtype)
-        features = F.layer_norm(features, (self.feature_dim,))
-        maps = torch.einsum("bld,blpd->blp", kernels, features) / math.sqrt(self.feature_dim)
-        maps = resize_maps(maps.reshape(b, -1, self.grid, self.grid), self.map_size).mean(1)
-        return torch.sigmoid(maps.float() * self.scale + self.bias)
+        kernels = self.depth_token_generator(thoughts)  # (B, layers, dim)
+        features = self.target(targets, "features", b).to(kernels.dtype)  # (B, layers, patches, dim)
+        scores = torch.einsum("bld,blpd->blp", kernels, features).reshape(b, -1, self.grid, self.grid)
+        maps = F.interpolate(scores, size=self.map_size, mode="bilinear", align_corners=False)
+        return maps.mean(1)
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         depth = self.target(targets, "depth", prediction.shape[0])
-        return F.l1_loss(prediction, depth.float())
+        return F.l1_loss(prediction.float(), depth.float()) * LOSS_SCALE

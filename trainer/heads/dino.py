@@ -1,9 +1,8 @@
-"""DINO head: learnable query vectors, one per cached DINOv2 token, cross-attend over the thoughts.
+"""DINO head (the reference's): one learned query per cached DINOv2 token attends over the thoughts; MSE x 0.5.
 
-The thought tokens are projected to the feature width; each query (CLS + one
-per patch) attends over them, and the result (plus the query itself, a
-residual so a query can carry its position's typical feature) is normalised and
-mapped linearly to the feature; MSE to the cached final-norm features.
+Front end: :class:`~trainer.heads.attention.ThoughtQueries` with ``tokens`` queries
+(CLS + patches, 1025 for ViT-L/14 at 448), 8 heads, width = the feature width. The
+attention output is the prediction itself, compared with the cached final-norm tokens.
 """
 from __future__ import annotations
 
@@ -12,19 +11,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import AnchorHead, DimsSource, QueryCrossAttention
+from .attention import ThoughtQueries
+from .base import AnchorHead, DimsSource
+
+NUM_HEADS = 8
+LOSS_SCALE = 0.5
 
 
 class DinoHead(AnchorHead):
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str = "dino"):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
         d = self.dims
-        self.queries = QueryCrossAttention(self.hidden_size, d["tokens"], d["dim"], d["dim"])
+        self.attend = ThoughtQueries(self.hidden_size, d["dim"], num_queries=d["tokens"], num_heads=NUM_HEADS)
 
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
         """Predicted features (B, tokens, dim)."""
-        return self.queries(thoughts)
+        return self.attend(thoughts)
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.target(targets, "features", prediction.shape[0])
-        return F.mse_loss(prediction.float(), features.float())
+        return F.mse_loss(prediction.float(), features.float()) * LOSS_SCALE

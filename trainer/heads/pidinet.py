@@ -1,23 +1,22 @@
-"""PIDINet head: each thought token is a 1x1 kernel over PIDINet's frozen first-stage features.
+"""PIDINet head (the reference's): the 4 attention outputs are 1x1 kernels over PIDINet's stage-1 features x1.
 
-Precompute exports the first stage as ``decoders/pidinet_stage1.pt2`` (a
-``torch.export`` program: float RGB in [0, 1] normalised by the json's
-mean/std -> (B, C, S, S) features) and ``decoders/pidinet_stage1.json``
-({"input_size", "channels", "mean", "std"}). The head asks for square views of
-``input_size`` (``view_size``), runs the stage under no_grad (the features are
-constants), applies each token's kernel (C weights + a bias, a 1x1 conv) to
-get 4 maps, averages them, applies a sigmoid and resizes to the cached edge
-map; L1 to the cached edges.
+Front end: :class:`~trainer.heads.attention.ThoughtQueries` (4 queries, 4 heads, width =
+x1's channels, 60 for PIDINet). Each of the 4 outputs is a bias-free 1x1 convolution
+kernel over x1; the 4 maps are averaged and passed through a sigmoid
+(covt_qwen2_5_vl.py 808-825). Loss: L1 to the cached target, sigmoid(side output 1)
+of PIDINet (372-378, 1749). If the cached map's size differs from x1's (not in the
+reference, where both are 256), the probability map is resized bilinearly to it.
 
-Normalisation that keeps it trainable: each feature channel is standardised
-per image (instance norm without parameters) and the kernel response divided
-by sqrt(C), so the kernels see unit-scale inputs whatever the stage's
-activation scale.
+x1 is recomputed, not cached: precompute exports the first stage as
+``decoders/pidinet_stage1.pt2`` (a ``torch.export`` program: float RGB in [0, 1]
+normalised by the json's mean/std -> (B, C, S, S) features) and
+``decoders/pidinet_stage1.json`` ({"input_size", "channels", "mean", "std"}). The head
+asks for square views of ``input_size`` (``view_size``) and runs the stage under
+no_grad in fp32 (the features are constants).
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -25,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.export.passes import move_to_device_pass
 
-from .base import AnchorHead, DimsSource, FrozenDecoder, TokenProjection, missing_decoder_error, resize_maps
+from .attention import ThoughtQueries
+from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error, resize_maps
 
 PROGRAM_FILE = "pidinet_stage1.pt2"
 META_FILE = "pidinet_stage1.json"
+NUM_HEADS = 4
 
 
 class PidinetHead(AnchorHead):
@@ -51,7 +52,8 @@ class PidinetHead(AnchorHead):
         self.map_size = (self.dims["map_h"], self.dims["map_w"])
         program = torch.export.load(str(self.program_path))
         self.frozen = FrozenDecoder("pidinet_stage1", lambda device: move_to_device_pass(program, device).module())
-        self.project = TokenProjection(self.hidden_size, self.channels + 1)  # 1x1 kernel + its bias
+        self.attend = ThoughtQueries(self.hidden_size, self.channels, num_queries=self.num_tokens,
+                                     num_heads=NUM_HEADS)
 
     @property
     def decoder_files(self) -> list[Path]:
@@ -59,7 +61,7 @@ class PidinetHead(AnchorHead):
 
     @torch.no_grad()
     def stage1_features(self, views: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) standardised first-stage features of uint8 (B, 3, S, S) views."""
+        """(B, C, S, S) first-stage features x1 of uint8 (B, 3, S, S) views."""
         if views is None:
             raise ValueError(f"{self.anchor} head needs uint8 views of size {self.view_size}, got None")
         if views.dim() != 4 or tuple(views.shape[1:]) != (3, self.view_size, self.view_size):
@@ -73,17 +75,20 @@ class PidinetHead(AnchorHead):
         if features.shape[1] != self.channels:
             raise ValueError(f"{self.program_path}: stage gives {features.shape[1]} channels, "
                              f"{self.meta_path} says {self.channels}")
-        return F.instance_norm(features)
+        return features
 
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None,
                views: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted edge probability (B, map_h, map_w)."""
-        features = self.stage1_features(views)
-        kernels = self.project(thoughts)  # (B, tokens, C + 1)
-        weight, bias = kernels[..., :-1], kernels[..., -1]
-        maps = torch.einsum("bkc,bchw->bkhw", weight, features.to(weight.dtype)) / math.sqrt(self.channels)
-        maps = (maps + bias[..., None, None]).mean(1, keepdim=True)
-        return resize_maps(torch.sigmoid(maps.float()), self.map_size)[:, 0]
+        return self.edges_from_features(thoughts, self.stage1_features(views))
+
+    def edges_from_features(self, thoughts: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        """Edge probability (B, map_h, map_w) from the thoughts and stage-1 features x1 (B, C, S, S)."""
+        kernels = self.attend(thoughts)  # (B, tokens, C): one 1x1 kernel per token
+        with torch.autocast(thoughts.device.type, enabled=False):  # the reference convolves in fp32
+            maps = torch.einsum("bkc,bchw->bkhw", kernels.float(), x1.float())
+        edges = torch.sigmoid(maps.mean(1, keepdim=True))
+        return resize_maps(edges, self.map_size)[:, 0]
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         edges = self.target(targets, "edges", prediction.shape[0])

@@ -1,15 +1,26 @@
-"""SAM head: each thought token is one sparse prompt of SAM's frozen mask decoder.
+"""SAM head (the reference's): the thoughts become sparse prompts of SAM's frozen mask decoder.
+
+1. :func:`rotary_embedding` on the 8 thought tokens (the reference's ``apply_rope_custome``,
+   covt_qwen2_5_vl.py 1246-1269, positions 0..7 along the tokens);
+2. :class:`~trainer.heads.attention.ThoughtQueries`: 8 queries, 8 heads, width = SAM's
+   prompt dimension (256); output k is prompt k;
+3. each prompt alone as a one-token sparse embedding, no points or boxes, the prompt
+   encoder's ``no_mask_embed`` as the dense embedding, ``multimask_output=False``
+   (594-635); all prompts of a batch go through the decoder in one pass
+   (:func:`decode_prompts`);
+4. :func:`postprocess_masks`, SAM's own: up to the encoder's input size, crop, down to
+   the cached mask size;
+5. loss (:func:`sam_token_loss`, 251-298): per image, Hungarian matching on 1 - dice,
+   matched predictions dice + BCE, unmatched ones BCE to an empty mask x 0.1, an image
+   without reference masks 0; the mean over the images of the batch (1523).
 
 The decoder is rebuilt with segment_anything's own classes from
-``decoders/sam_decoder.pt`` (written by precompute). The image embedding is the
-cached target ``embedding``; the dense prompt is the prompt encoder's
-``no_mask_embed``. All prompts of a batch are decoded in one pass
-(:func:`decode_prompts`); the loss Hungarian-matches the predicted masks to the
-cached reference masks (dice + BCE) and pushes unmatched predictions to
-background.
+``decoders/sam_decoder.pt`` (written by precompute); the image embedding is the cached
+target ``embedding``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +31,13 @@ from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from .base import AnchorHead, DimsSource, FrozenDecoder, TokenProjection, missing_decoder_error, resize_maps
+from .attention import ThoughtQueries
+from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error
 
 DECODER_FILE = "sam_decoder.pt"
+NUM_HEADS = 8
+UNMATCHED_WEIGHT = 0.1  # BCE-to-empty of the predictions no reference mask was matched to
+DICE_EPS = 1e-6
 _REQUIRED_KEYS = ("prompt_embed_dim", "image_embedding_size", "input_image_size", "mask_in_chans", "transformer",
                   "num_multimask_outputs", "iou_head_depth", "iou_head_hidden_dim", "prompt_encoder", "mask_decoder")
 
@@ -90,65 +105,103 @@ def decode_prompts(decoder: MaskDecoder, image_embeddings: torch.Tensor, image_p
     return masks.reshape(b, k, *masks.shape[-2:])
 
 
-# ------------------------------------------------------------------- matching
-def pairwise_mask_cost(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """dice + BCE cost between every prediction and every reference mask.
+def rotary_embedding(x: torch.Tensor) -> torch.Tensor:
+    """The reference's rotary embedding of ``(..., N, K)`` tokens, position n = index along N.
 
-    ``logits`` (B, P, H, W), ``masks`` (B, M, H, W) in {0, 1}; returns (B, P, M).
-    BCE is the per-pixel mean, written as matrix products so no (P, M, H, W) tensor exists.
+    Channel i of the first half pairs with channel i of the second half and both turn by
+    ``n * 10000^(-2i/K)``; an odd K is padded by one zero channel, dropped again after.
+    The angles are computed in fp32 (the reference computes them in the tokens' dtype).
     """
-    x = logits.flatten(2).float()
-    t = masks.flatten(2).float()
-    hw = x.shape[-1]
-    bce = (F.softplus(-x) @ t.transpose(1, 2) + F.softplus(x) @ (1 - t).transpose(1, 2)) / hw
-    p = x.sigmoid()
-    inter = p @ t.transpose(1, 2)
-    dice = 1 - (2 * inter + 1) / (p.sum(-1, keepdim=True) + t.sum(-1).unsqueeze(1) + 1)
-    return bce + dice
+    n, k = x.shape[-2], x.shape[-1]
+    padded = k + k % 2
+    if padded != k:
+        x = F.pad(x, (0, 1))
+    half = padded // 2
+    frequencies = torch.exp(torch.arange(half, device=x.device, dtype=torch.float32)
+                            * (-2.0 * math.log(10000.0) / padded))
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * frequencies  # (N, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    turned = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return turned[..., :k]
+
+
+def postprocess_masks(logits: torch.Tensor, encoder_size: int, input_size: tuple[int, int],
+                      out_size: tuple[int, int]) -> torch.Tensor:
+    """segment_anything's ``Sam.postprocess_masks`` for ``(..., h, w)`` low-res logits, in fp32.
+
+    Up (bilinear) to the encoder's square input, crop the part the image filled
+    (``input_size``; all of it for our square views), then to ``out_size``.
+    """
+    lead = logits.shape[:-2]
+    masks = logits.float().reshape(-1, 1, *logits.shape[-2:])
+    masks = F.interpolate(masks, (encoder_size, encoder_size), mode="bilinear", align_corners=False)
+    masks = masks[..., :input_size[0], :input_size[1]]
+    masks = F.interpolate(masks, tuple(out_size), mode="bilinear", align_corners=False)
+    return masks.reshape(*lead, *masks.shape[-2:])
+
+
+# ------------------------------------------------------------------- loss
+def dice_coefficients(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The reference's dice coefficient between every prediction and every mask of an image.
+
+    ``logits`` (B, P, H, W), ``masks`` (B, M, H, W); returns (B, P, M),
+    ``(2 |sigmoid(p) * g| + eps) / (|sigmoid(p)| + |g| + eps)``.
+    """
+    p = logits.flatten(2).sigmoid()
+    g = masks.flatten(2).to(p.dtype)
+    intersection = p @ g.transpose(1, 2)
+    union = p.sum(-1, keepdim=True) + g.sum(-1).unsqueeze(1)
+    return (2 * intersection + DICE_EPS) / (union + DICE_EPS)
 
 
 def match_masks(cost: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Hungarian matching per image: (B, P) index of the reference mask each prediction gets, -1 if none.
 
-    Only the first ``counts[b]`` reference masks of image b are real.
+    Only the first ``counts[b]`` reference masks of image b are real. scipy runs on the
+    CPU: cost and counts cross to the host together, in one transfer per batch.
     """
-    cost_np = cost.detach().float().cpu().numpy()
-    counts_np = counts.detach().cpu().numpy()
-    b, p, m = cost_np.shape
+    b, p, m = cost.shape
+    host = torch.cat([cost.detach().float().flatten(), counts.detach().to(cost.device, torch.float32)]).cpu().numpy()
+    cost_np, counts_np = host[:b * p * m].reshape(b, p, m), host[b * p * m:]
     assignment = np.full((b, p), -1, dtype=np.int64)
     for i in range(b):
         n = int(min(max(counts_np[i], 0), m))
-        if n == 0:
-            continue
-        rows, cols = linear_sum_assignment(cost_np[i, :, :n])
-        assignment[i, rows] = cols
+        if n:
+            rows, cols = linear_sum_assignment(cost_np[i, :, :n])
+            assignment[i, rows] = cols
     return torch.from_numpy(assignment).to(cost.device)
 
 
-def matched_mask_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean dice + BCE of matched predictions to their references + mean BCE of the rest to background."""
-    logits = logits.float()
-    masks = masks.float()
+def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The reference's SAM loss, per image then averaged over the batch.
+
+    ``logits`` (B, P, H, W) predicted masks, ``masks`` (B, M, H, W) reference masks of which
+    the first ``counts[b]`` are real. Per image: match on 1 - dice; matched predictions
+    ``1 - mean dice + mean BCE``; unmatched ones ``0.1 x mean BCE`` to an empty mask (if any);
+    no reference mask: 0.
+    """
+    logits, masks = logits.float(), masks.float()
     with torch.no_grad():
-        assignment = match_masks(pairwise_mask_cost(logits, masks), counts)
+        assignment = match_masks(1 - dice_coefficients(logits, masks), counts)
     matched = assignment >= 0
-    index = assignment.clamp(min=0)
-    target = torch.gather(masks, 1, index[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
-    target = target * matched[:, :, None, None]  # unmatched -> all-zero background
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(-1)
-    p = logits.sigmoid().flatten(2)
+    target = torch.gather(masks, 1, assignment.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
+    target = target * matched[:, :, None, None]  # unmatched -> the empty mask
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(2).mean(-1)  # (B, P)
+    p = logits.flatten(2).sigmoid()
     t = target.flatten(2)
-    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
-    # each group its own mean, so the many background predictions of an image with few
-    # reference masks do not drown the mask terms (and vice versa)
-    background = ~matched
-    mask_loss = ((bce + dice) * matched).sum() / matched.sum().clamp(min=1)
-    background_loss = (bce * background).sum() / background.sum().clamp(min=1)
-    return mask_loss + background_loss
+    dice = (2 * (p * t).sum(-1) + DICE_EPS) / (p.sum(-1) + t.sum(-1) + DICE_EPS)  # each prediction with its target
+    n_matched = matched.sum(1)
+    n_unmatched = matched.shape[1] - n_matched
+    per_match = n_matched.clamp(min=1)
+    positive = (1 - (dice * matched).sum(1) / per_match) + (bce * matched).sum(1) / per_match
+    negative = (bce * ~matched).sum(1) / n_unmatched.clamp(min=1)  # 0 when every prediction is matched
+    per_image = torch.where(n_matched > 0, positive + UNMATCHED_WEIGHT * negative, torch.zeros_like(positive))
+    return per_image.mean()
 
 
 class SamHead(AnchorHead):
-    """Thought tokens -> SAM sparse prompts -> frozen mask decoder -> Hungarian-matched mask loss."""
+    """Thought tokens -> rotary -> queries -> SAM sparse prompts -> frozen mask decoder -> matched mask loss."""
 
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str = "sam"):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
@@ -160,30 +213,37 @@ class SamHead(AnchorHead):
             raise ValueError(
                 f"{self.decoder_path}: decoder expects image embeddings {spec['prompt_embed_dim']}x{embed_size} "
                 f"but the cache's sam/embedding is {d['embed_dim']}x{(d['embed_h'], d['embed_w'])}")
-        self.prompt_dim = d["embed_dim"]
+        input_size = tuple(int(s) for s in spec["input_image_size"])
+        if input_size[0] != input_size[1]:
+            raise ValueError(f"{self.decoder_path}: input_image_size {input_size} is not square")
+        self.encoder_size = input_size[0]  # our SAM views fill the encoder's whole square input
         self.mask_size = (d["mask_h"], d["mask_w"])
-        self.project = TokenProjection(self.hidden_size, self.prompt_dim)
+        self.attend = ThoughtQueries(self.hidden_size, d["embed_dim"], num_queries=self.num_tokens,
+                                     num_heads=NUM_HEADS)
         self.frozen = FrozenDecoder("sam_decoder", lambda device: SamDecoder(spec).to(device).eval())
 
     @property
     def decoder_files(self) -> list[Path]:
         return [self.decoder_path]
 
+    def prompts(self, thoughts: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, prompt_dim): one sparse prompt per query."""
+        return self.attend(rotary_embedding(thoughts))
+
     def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
-        """Low-res mask logits (B, tokens, mask_h, mask_w), one mask per thought token."""
+        """Mask logits (B, tokens, mask_h, mask_w), one mask per prompt, fp32."""
         embedding = self.target(targets, "embedding", thoughts.shape[0])
         sam = self.frozen.on(thoughts.device)
-        prompts = self.project(thoughts)
+        prompts = self.prompts(thoughts)
         if not torch.is_autocast_enabled(thoughts.device.type):
             # the frozen decoder stays fp32 (see FrozenDecoder); without autocast feed it fp32
             prompts = prompts.float()
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         logits = decode_prompts(sam.mask_decoder, embedding.to(prompts.dtype), sam.dense_pe.to(prompts.dtype),
                                 dense.to(prompts.dtype), prompts)
-        return resize_maps(logits, self.mask_size)
+        size = (self.encoder_size, self.encoder_size)
+        return postprocess_masks(logits, self.encoder_size, size, self.mask_size)
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         b = prediction.shape[0]
-        masks = self.target(targets, "masks", b)
-        counts = self.target(targets, "mask_count", b)
-        return matched_mask_loss(prediction, masks, counts)
+        return sam_token_loss(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b))
