@@ -55,7 +55,8 @@ ANCHORS: dict[str, AnchorSpec] = {
             (
                 TargetArray("features", ("layers", "patches", "dim"), "float",
                             "patch features of the 4 backbone layers the DPT head reads"),
-                TargetArray("depth", ("map_h", "map_w"), "float", "raw relative depth (disparity, ReLU'd DPT output), not normalised"),
+                TargetArray("depth", ("map_h", "map_w"), "float",
+                            "raw relative depth (disparity, ReLU'd DPT output), not normalised"),
             ),
             "Depth Anything V2",
         ),
@@ -66,7 +67,8 @@ ANCHORS: dict[str, AnchorSpec] = {
         ),
         AnchorSpec(
             "pidinet", 4, "edge map",
-            (TargetArray("edges", ("map_h", "map_w"), "float", "PIDINet side output 1 (stage-1 branch) edge probability"),),
+            (TargetArray("edges", ("map_h", "map_w"), "float",
+                         "sigmoid of PIDINet's side output 1 (the stage-1 branch)"),),
             "PIDINet (table5_baseline)",
         ),
         AnchorSpec(

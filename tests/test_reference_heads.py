@@ -26,7 +26,7 @@ GOLDEN = Path(os.environ.get("COVT_HEADS_GOLDEN") or DEFAULT_GOLDEN)
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 pytestmark = pytest.mark.skipif(
-    not GOLDEN.is_file(), reason=f"reference heads golden not found at {GOLDEN} (set COVT_HEADS_GOLDEN to another file)")
+    not GOLDEN.is_file(), reason=f"reference heads golden not found at {GOLDEN} (COVT_HEADS_GOLDEN names another)")
 
 
 def reference_state_dict(golden, anchor: str) -> dict[str, torch.Tensor]:

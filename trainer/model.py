@@ -5,6 +5,11 @@ batch with labels (the text loss), reads the last-layer hidden states (the outpu
 language model's final norm, the states the lm_head reads), gathers each anchor's pad
 positions into ``(B_a, tokens, hidden)`` "visual thoughts" and, when anchor losses are on,
 scores them with that anchor's head against the cached targets.
+
+The loss is the reference's: text cross-entropy + the sum of the anchor losses (each head
+already carries the reference's own scale, e.g. depth x 0.005, dino x 0.5); with anchor
+losses off, the text loss alone. ``train.loss_weights`` is an optional extra multiplier
+per anchor (default 1, the reference).
 """
 from __future__ import annotations
 

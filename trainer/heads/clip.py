@@ -1,4 +1,4 @@
-"""SigLIP / MetaCLIP head (the reference's): one learned query attends over the thoughts; MSE x 5 to the pooled embedding.
+"""SigLIP / MetaCLIP head (the reference's): one learned query attends over the thoughts; MSE x 5 to the embedding.
 
 Front end: :class:`~trainer.heads.attention.ThoughtQueries` (1 query, 8 heads, width =
 the embedding's). The loss is the mean squared error per sample, times 5. The
