@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from precompute.anchors.base import AnchorModel, load_anchor
 from shards.config import Config
+from shards.lock import CacheLock
 from shards.records import Record, load_records
 from shards.views import open_rgb, square_view
 from shards.writer import CacheWriter
@@ -151,7 +152,8 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ddp, device = init_distributed(cfg.precompute.device)
     try:
-        return _run(cfg, names, ddp, device, started)
+        with CacheLock(cfg.cache.dir):  # one precompute per cache; every rank of this launch enters
+            return _run(cfg, names, ddp, device, started)
     finally:
         if ddp.active:
             dist.destroy_process_group()

@@ -25,10 +25,13 @@ per-array ``compression`` in the declarations.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import google_crc32c
@@ -41,6 +44,8 @@ SAMPLES_DIR = "samples"
 TARGETS_DIR = "targets.zarr"
 DECODERS_DIR = "decoders"
 PROGRESS_DIR = "progress"
+LOCK = "writer.lock"  # shards.lock: the precompute writing this cache
+MANIFEST_CHECKSUM = "manifest_sha256"  # the manifest's checksum of itself (every other key)
 
 
 def sample_key(index: int) -> str:
@@ -154,7 +159,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     the leftover instead of accumulating them (each file has a single writer).
     """
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with naming_disk_full(path), open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -181,3 +186,60 @@ def create_exclusive_json(path: Path, obj) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest without its own checksum key (``finalize`` stores it, readers compare)."""
+    return sha256_bytes(dumps({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}).encode())
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """Why the manifest cannot be trusted (edited after it was written), or None."""
+    stored = manifest.get(MANIFEST_CHECKSUM)
+    if stored is None:
+        return f"{MANIFEST} has no self-checksum ({MANIFEST_CHECKSUM}); rewrite it by rerunning precompute"
+    if stored != manifest_checksum(manifest):
+        return (f"{MANIFEST} was edited after precompute wrote it (its {MANIFEST_CHECKSUM} does not match its "
+                f"contents); restore it or rerun precompute into a new cache.dir")
+    return None
+
+
+# ------------------------------------------------------------------ disk full
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_FREE_BYTES = 1 << 20  # below this, a failed write (torch.save raises RuntimeError) is a full disk
+
+
+class DiskFullError(OSError):
+    """No space left while writing; says where, and that rerunning resumes."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+@contextmanager
+def naming_disk_full(path: str | Path, resume: str = "it resumes from what was committed"):
+    """Turn a write that failed for lack of space into a :class:`DiskFullError` naming ``path``.
+
+    Some writers (torch.save's zip writer) report a full disk as a RuntimeError without an errno,
+    so a failure with almost no free space left at ``path`` counts as a full disk too.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in DISK_FULL_ERRNOS
+        if not full:
+            free = _free_bytes(Path(path))
+            full = free is not None and free < DISK_FULL_FREE_BYTES
+        if not full:
+            raise
+        raise DiskFullError(errno.ENOSPC, f"disk full: no space left on device while writing {path} ({e}). "
+                                          f"Free space there, then rerun the same command: {resume}") from e

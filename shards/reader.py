@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -23,10 +24,14 @@ import numpy as np
 import torch
 import zarr
 
-from shards import layout
+from shards import integrity, layout
 from shards.anchors import get_anchor
 from shards.codecs import get_codec, stored_suffix
+from shards.integrity import DamagedSampleError
+from shards.lock import lock_holder_message, unfinished_hint
 from shards.views import open_rgb
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPE = {"float": torch.float32, "mask": torch.bool, "count": torch.int64}
 
@@ -36,13 +41,17 @@ class CacheError(ValueError):
 
 
 class Cache:
-    def __init__(self, cache_dir: str | Path):
+    """One cache, read-only. With ``verify`` (the default) every sample read is checked against its
+    commit records (``shards.integrity``): a damaged one raises :class:`DamagedSampleError`."""
+
+    def __init__(self, cache_dir: str | Path, verify: bool = True, strict: bool = True):
+        """``strict``: an edited manifest (its self-checksum differs) is an error; ``inspect`` opens with
+        ``strict=False`` to summarise it and report the problem."""
         self.cache_dir = Path(cache_dir)
+        self.verify = verify
         path = self.cache_dir / layout.MANIFEST
         if not path.is_file():
-            hint = (" (writing was not finished: run the writer's finalize())"
-                    if (self.cache_dir / layout.PROGRESS_DIR).is_dir() else " (run precompute first)")
-            raise CacheError(f"{self.cache_dir} is not a shards cache: no {layout.MANIFEST}{hint}")
+            raise CacheError(f"{self.cache_dir} is not a shards cache: no {layout.MANIFEST}{unfinished_hint(self.cache_dir)}")
         try:
             self.manifest = layout.read_json(path)
         except ValueError as e:
@@ -50,6 +59,12 @@ class Cache:
         schema = self.manifest.get("schema")
         if schema != layout.SCHEMA:
             raise CacheError(f"{path}: schema {schema!r}, this code reads {layout.SCHEMA!r}; rewrite the cache")
+        self.manifest_problem = layout.manifest_problem(self.manifest)
+        if strict and self.manifest_problem:
+            raise CacheError(f"{path}: {self.manifest_problem}")
+        busy = lock_holder_message(self.cache_dir)
+        if strict and busy:
+            raise CacheError(f"{self.cache_dir}: {busy}")
         self.num_samples: int = self.manifest["num_samples"]
         self.shard_size: int = self.manifest["shard_size"]
         self.num_shards: int = self.manifest["num_shards"]
@@ -62,7 +77,7 @@ class Cache:
         self._pid = os.getpid()
         self._files: dict[int, int] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._progress: dict[int, dict] = {}
+        self._progress: dict[tuple[int, str], dict] = {}
         self._id_index: dict[str, int] | None = None
 
     def _check_pid(self) -> None:
@@ -98,14 +113,22 @@ class Cache:
             raise CacheError(f"sample index {index} out of range (cache has {self.num_samples} samples)")
         return index // self.shard_size
 
-    def shard_progress(self, shard_id: int) -> dict:
+    def shard_progress(self, shard_id: int, part: str = "samples") -> dict:
+        """Commit record of shard ``shard_id``: its tar (``part="samples"``) or an anchor's targets;
+        checked once per process against the manifest when verifying."""
         self._check_pid()
-        if shard_id not in self._progress:
-            path = self.cache_dir / layout.samples_progress_name(shard_id)
-            if not path.is_file():
-                raise CacheError(f"{self.cache_dir}: commit record {path.name} of shard {shard_id} is missing")
-            self._progress[shard_id] = layout.read_json(path)
-        return self._progress[shard_id]
+        key = (shard_id, part)
+        if key not in self._progress:
+            rel = (layout.samples_progress_name(shard_id) if part == "samples"
+                   else layout.targets_progress_name(shard_id, part))
+            if self.verify:
+                expected = self.manifest["shards"][shard_id]["progress_sha256"].get(part)
+                self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, expected, shard_id)
+            elif not (self.cache_dir / rel).is_file():
+                raise CacheError(f"{self.cache_dir}: commit record {rel} of shard {shard_id} is missing")
+            else:
+                self._progress[key] = layout.read_json(self.cache_dir / rel)
+        return self._progress[key]
 
     def resolve(self, key: str | int) -> int:
         """Sample index from an index, a sample key (``000000012``) or a record id (digit strings are indices/keys first)."""
@@ -129,8 +152,15 @@ class Cache:
         fd = self._files.get(shard_id)
         if fd is None:
             fd = self._files[shard_id] = os.open(self.cache_dir / layout.tar_name(shard_id), os.O_RDONLY)
-        data = os.pread(fd, member["size"], member["offset"])
-        if len(data) != member["size"]:
+        return os.pread(fd, member["size"], member["offset"])
+
+    def member_bytes(self, entry: dict, member: dict) -> bytes:
+        """The payload of one tar member of the sample ``entry``, checked when verifying."""
+        shard_id = self.shard_of(entry["index"])
+        data = self._read_member(shard_id, member)
+        if self.verify:
+            integrity.check_member(layout.tar_name(shard_id), entry, member, data)
+        elif len(data) != member["size"]:
             raise CacheError(f"{layout.tar_name(shard_id)}: member {member['name']} is truncated")
         return data
 
@@ -147,13 +177,25 @@ class Cache:
             self._arrays[key] = zarr.open_array(str(self.cache_dir / layout.TARGETS_DIR / anchor / name), mode="r")
         return self._arrays[key]
 
+    def stored_value(self, anchor: str, array: str, stored: str, index: int) -> np.ndarray:
+        """One sample's stored array ``anchor/stored`` (a part of the logical ``array``), checked when verifying."""
+        value = np.asarray(self.stored(anchor, stored)[index])
+        if self.verify:
+            shard_id = self.shard_of(index)
+            info = self.shard_progress(shard_id, anchor)["arrays"][array]["stored"][stored]
+            entry = self.sample_entry(index)
+            integrity.check_target_file(self.cache_dir, info, entry, f"{anchor}/{stored}")
+            integrity.check_target(info, index - shard_id * self.shard_size, entry, f"{anchor}/{stored}", value)
+        return value
+
     def targets(self, index: int, anchors: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for anchor in self.anchors if anchors is None else anchors:
             arrays = {}
             for name, info in self._anchor(anchor)["arrays"].items():
                 codec = get_codec(info["codec"], info["kind"], f"{anchor}/{name}")
-                parts = {stored_suffix(name, sn): self.stored(anchor, sn)[index][None] for sn in info["stored"]}
+                parts = {stored_suffix(name, sn): self.stored_value(anchor, name, sn, index)[None]
+                         for sn in info["stored"]}
                 value = codec.decode(parts, tuple(info["shape"]))[0]
                 arrays[name] = torch.from_numpy(np.array(value)).to(TORCH_DTYPE[info["kind"]])
             out[anchor] = arrays
@@ -161,10 +203,9 @@ class Cache:
 
     def sample(self, index: int, anchors: list[str] | None = None) -> dict:
         entry = self.sample_entry(index)
-        shard_id = self.shard_of(index)
         meta_member, *image_members = entry["members"]
-        meta = json.loads(self._read_member(shard_id, meta_member))
-        image_bytes = [self._read_member(shard_id, m) for m in image_members]
+        meta = json.loads(self.member_bytes(entry, meta_member))
+        image_bytes = [self.member_bytes(entry, m) for m in image_members]
         return {
             "index": index,
             "key": entry["key"],
@@ -201,8 +242,11 @@ def rank_epoch_order(num_samples: int, shard_size: int, seed: int, epoch: int, r
 class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(self, cache_dir: str | Path, anchors: list[str] | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start: int = 0, batch_size: int = 1, shuffle: bool = True,
-                 epochs: int | None = None):
+                 epochs: int | None = None, on_damaged: str = "error"):
         super().__init__()
+        if on_damaged not in ("error", "skip"):
+            raise ValueError(f"on_damaged must be 'error' or 'skip', got {on_damaged!r}")
+        self.on_damaged = on_damaged
         self.cache = Cache(cache_dir)
         for a in anchors or []:
             self.cache._anchor(a)
@@ -239,8 +283,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                                                    self.rank, self.world_size, self.shuffle)
         return int(self._orders[epoch][offset])
 
-    def indices(self) -> Iterator[int]:
-        """Sample indices this process yields, in order (this worker's share inside a DataLoader)."""
+    def positions(self) -> Iterator[int]:
+        """Stream positions this process yields, in order (this worker's share inside a DataLoader)."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         end = None if self.epochs is None else self.epochs * self.per_rank
@@ -249,9 +293,37 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if end is not None and first >= end:
                 return
             last = first + self.batch_size if end is None else min(first + self.batch_size, end)
-            for position in range(first, last):
-                yield self.index_at(position)
+            yield from range(first, last)
+
+    def indices(self) -> Iterator[int]:
+        """Sample indices this process yields, in order."""
+        for position in self.positions():
+            yield self.index_at(position)
 
     def __iter__(self) -> Iterator[dict]:
-        for index in self.indices():
-            yield self.cache.sample(index, self.anchors)
+        for position in self.positions():
+            yield self.read(position)
+
+    def read(self, position: int) -> dict:
+        """The sample at ``position``. A damaged one stops the stream (``on_damaged="error"``), or its slot is
+        filled by the next readable sample of the stream (``"skip"``), so batch shapes, the stage of every
+        step and resume positions stay what they would be; the sample says what it replaced
+        (``damaged_skipped``: one message per damaged sample passed over)."""
+        skipped: list[str] = []
+        for offset in range(self.per_rank):
+            try:
+                sample = self.cache.sample(self.index_at(position + offset), self.anchors)
+            except DamagedSampleError as e:
+                if self.on_damaged == "error":
+                    raise DamagedSampleError(
+                        f"damaged sample in {self.cache.cache_dir}: {e}. `python -m shards inspect "
+                        f"{self.cache.cache_dir} --verify` lists every problem; rerun precompute into a new "
+                        f"cache.dir to rewrite the cache, or set train.on_damaged_sample=skip to skip damaged "
+                        f"samples") from None
+                log.warning("skipping damaged sample: %s", e)
+                skipped.append(str(e))
+                continue
+            sample["damaged_skipped"] = skipped
+            return sample
+        raise DamagedSampleError(f"{self.cache.cache_dir}: every sample of rank {self.rank}'s stream is damaged "
+                                 f"(first: {skipped[0]})")

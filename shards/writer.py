@@ -40,6 +40,7 @@ from shards.anchors import ANCHORS, array_shape, get_anchor
 from shards.codecs import COMPRESSION_DEFAULTS, Codec, CodecError, codec_for, get_codec, stored_name, zarr_compressors
 from shards.records import BadRecord, Record
 
+RESUME = "precompute resumes, keeping every committed shard"
 LOGICAL_DTYPE = {"float": "float32", "mask": "bool", "count": "int32"}
 
 
@@ -317,7 +318,7 @@ class CacheWriter:
         prog_path.unlink(missing_ok=True)  # uncommit first: the old tar is about to change
         tmp = tar_path.with_name(tar_path.name + ".partial")
         samples = []
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
+        with layout.naming_disk_full(tar_path, RESUME), open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
                                                    encoding=layout.TAR_ENCODING) as tar:
             for rec in recs:
                 key = layout.sample_key(rec.index)
@@ -398,7 +399,8 @@ class CacheWriter:
                 shard_file = self.cache_dir / layout.TARGETS_DIR / anchor / sname / chunk_key
                 # start from an empty zarr shard so a crash leftover never leaks into the bytes
                 shard_file.unlink(missing_ok=True)
-                arr[start:start + n] = part
+                with layout.naming_disk_full(shard_file, RESUME):
+                    arr[start:start + n] = part
                 stored[sname] = {
                     "file": shard_file.relative_to(self.cache_dir).as_posix(),
                     "file_bytes": shard_file.stat().st_size,
@@ -455,6 +457,7 @@ class CacheWriter:
                 "records": [{"source_index": b.source_index, "id": b.id, "kind": b.kind, "reason": b.reason} for b in bad],
             },
         }
+        manifest[layout.MANIFEST_CHECKSUM] = layout.manifest_checksum(manifest)
         layout.atomic_write_json(self.cache_dir / layout.MANIFEST, manifest)
         return manifest
 

@@ -1,0 +1,58 @@
+"""The checks of one sample against what the writer committed: the one place both the training stream
+(``shards.reader.Cache`` with ``verify=True``) and ``python -m shards inspect --verify`` use.
+
+What is checked, per sample: the sha256 of each tar member (conversation JSON, image bytes), that the
+zarr shard file holding its targets exists (a missing file would otherwise read as zarr's fill value,
+zeros), and the crc32c of each stored target array; per shard, once: that each commit record is the
+one the manifest names. Each failure is a :class:`DamagedSampleError` naming the file, the sample
+(key, index, record id) and the member or array.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shards import layout
+
+
+class DamagedSampleError(ValueError):
+    """A sample whose bytes differ from what the writer committed (or whose file is gone)."""
+
+
+def sample_name(entry: dict) -> str:
+    return f"sample {entry['key']} (index {entry['index']}, id {entry['id']!r})"
+
+
+def check_commit_record(cache_dir: Path, rel: str, expected_sha256: str | None, shard_id: int) -> dict:
+    """Read a shard's commit record (``progress/...json``) after checking it is the one the manifest names."""
+    path = cache_dir / rel
+    if not path.is_file():
+        raise DamagedSampleError(f"{rel}: commit record of shard {shard_id} missing")
+    data = path.read_bytes()
+    if layout.sha256_bytes(data) != expected_sha256:
+        raise DamagedSampleError(f"{rel}: commit record of shard {shard_id} differs from the manifest")
+    return json.loads(data)
+
+
+def check_member(tar_rel: str, entry: dict, member: dict, data: bytes) -> None:
+    """``data`` read for ``member`` of the sample ``entry`` in ``tar_rel`` is what was written."""
+    if len(data) != member["size"]:
+        raise DamagedSampleError(f"{tar_rel}: {sample_name(entry)}: member {member['name']} is truncated "
+                                 f"({len(data)} of {member['size']} bytes)")
+    if layout.sha256_bytes(data) != member["sha256"]:
+        raise DamagedSampleError(f"{tar_rel}: {sample_name(entry)}: checksum mismatch in {member['name']}")
+
+
+def check_target_file(cache_dir: Path, stored: dict, entry: dict, array: str) -> None:
+    """The zarr shard file of ``array`` (``anchor/stored name``) exists: zarr would read a missing one as zeros."""
+    if not (cache_dir / stored["file"]).is_file():
+        raise DamagedSampleError(f"{stored['file']}: {sample_name(entry)} {array}: zarr shard file missing "
+                                 f"(zarr would read its samples as fill values)")
+
+
+def check_target(stored: dict, position: int, entry: dict, array: str, value: np.ndarray) -> None:
+    """``value``, the stored array ``array`` of the ``position``-th sample of its shard, is what was written."""
+    if layout.checksum(value, stored["checksum"]) != stored["sample_checksums"][position]:
+        raise DamagedSampleError(f"{stored['file']}: {sample_name(entry)} {array}: checksum mismatch")

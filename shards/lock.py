@@ -1,0 +1,141 @@
+"""One writer per cache: ``CACHE/writer.lock`` names the precompute writing it (host, pid, start time).
+
+Precompute holds the lock from before its first write until the manifest is written
+(:class:`CacheLock`). The ranks of one launch share it (the lock records the launch's
+job id, and every rank of that job may enter); another precompute on the same cache
+stops at once naming the holder. A lock whose process is dead on this host is stale
+(a killed run) and is taken over. Readers use :func:`unfinished_hint` and
+:func:`lock_holder_message` to say that precompute is still running or has not
+finished, and what to run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from shards import layout
+
+log = logging.getLogger(__name__)
+
+
+class CacheBusyError(RuntimeError):
+    """Another precompute holds the cache's writer lock."""
+
+
+def job_id() -> str:
+    """Identifies one launch: every rank of a torchrun/deepspeed job gets the same id."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        return f"{env.get('TORCHELASTIC_RUN_ID', 'job')}@{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def read_holder(cache_dir: str | Path) -> dict | None:
+    """What the lock file says, or None if there is none (an unreadable one names an unknown holder)."""
+    path = Path(cache_dir) / layout.LOCK
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": "?", "pid": -1, "started": "?", "job": "?"}
+
+
+def holder_alive(holder: dict) -> bool | None:
+    """True/False for a holder on this host; None when it runs elsewhere (cannot be checked from here)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def describe(holder: dict) -> str:
+    return f"precompute on host {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')})"
+
+
+def live_holder(cache_dir: str | Path) -> dict | None:
+    """The holder of the lock unless there is none or it is dead (a stale lock)."""
+    holder = read_holder(cache_dir)
+    if holder is None or holder_alive(holder) is False:
+        return None
+    return holder
+
+
+def lock_holder_message(cache_dir: str | Path) -> str | None:
+    holder = live_holder(cache_dir)
+    if holder is None:
+        return None
+    return (f"{describe(holder)} is writing this cache now; wait until it has finished (if that process is "
+            f"gone, delete {Path(cache_dir) / layout.LOCK})")
+
+
+def unfinished_hint(cache_dir: str | Path) -> str:
+    """Why a cache has no manifest, and what to run (appended to the reader's error)."""
+    cache_dir = Path(cache_dir)
+    busy = lock_holder_message(cache_dir)
+    if busy:
+        return f" (precompute is running: {busy})"
+    if (cache_dir / layout.PROGRESS_DIR).is_dir():
+        return (f" (precompute has not finished: rerun it on this cache, `python -m precompute --config YOUR_CONFIG "
+                f"cache.dir={cache_dir}`; it resumes where it stopped)")
+    return f" (run precompute first: `python -m precompute --config YOUR_CONFIG cache.dir={cache_dir}`)"
+
+
+class CacheLock:
+    """``with CacheLock(cache_dir):`` hold the writer lock of ``cache_dir`` (see the module docstring)."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        self.path = self.cache_dir / layout.LOCK
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id()}
+        self.owner = False
+
+    def acquire(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                held = layout.create_exclusive_json(self.path, self.me)
+            except (OSError, ValueError):  # an unreadable leftover: judged below like any holder
+                held = None
+            if held == self.me:
+                self.owner = True
+                return
+            holder = read_holder(self.cache_dir)
+            if holder is None:  # released between the two looks: try again
+                continue
+            if holder.get("job") == self.me["job"]:
+                return  # another rank of this launch created it
+            if holder_alive(holder) is False:
+                log.warning("removing the stale writer lock of %s (that process is dead): %s",
+                            describe(holder), self.path)
+                self.path.unlink(missing_ok=True)
+                continue
+            raise CacheBusyError(
+                f"{self.cache_dir} is being written by {describe(holder)}: one precompute per cache. Wait for "
+                f"it to finish; if that process is gone (e.g. it ran on another machine), delete {self.path} "
+                f"and rerun")
+        raise CacheBusyError(f"could not take the writer lock {self.path}: it keeps changing hands")
+
+    def release(self) -> None:
+        if self.owner and read_holder(self.cache_dir) == self.me:
+            self.path.unlink(missing_ok=True)
+        self.owner = False
+
+    def __enter__(self) -> "CacheLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
