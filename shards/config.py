@@ -150,6 +150,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
     log_every: int = 1  # optimizer steps between TensorBoard points
     seed: int = 0  # data order, stage-4 choices, LoRA init, dropout
+    on_damaged_sample: Literal["error", "skip"] = "error"  # a sample failing its checksums: stop, or skip it (logged, counted)
+    max_nonfinite_steps: int = 5  # optimizer steps in a row with a non-finite loss or gradient (each skipped) that stop the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
     plain_answer_fraction: float = 0.3  # stage 4: share of answers without visual thoughts
 
@@ -278,8 +280,92 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+# ------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class Range:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the low end itself is excluded
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if value != value or value in (float("inf"), float("-inf")):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_0, UNIT = Range(0, low_open=True), Range(1), Range(0), Range(0, 1)
+# Every numeric field's range, by dotted key ([i]: any list item, NAME: any mapping value); a numeric
+# field missing here fails tests/test_config.py.
+RANGES: dict[str, Range] = {
+    "data.limit": AT_LEAST_1,
+    "cache.shard_size": AT_LEAST_1,
+    "precompute.batch_size": AT_LEAST_1,
+    "precompute.num_workers": AT_LEAST_0,
+    "precompute.checkpoints.NAME.random_init_seed": AT_LEAST_0,
+    "precompute.sam.points_per_side": AT_LEAST_1,
+    "precompute.sam.max_masks": AT_LEAST_1,
+    "precompute.sam.pred_iou_thresh": UNIT,
+    "precompute.sam.stability_score_thresh": UNIT,
+    "precompute.sam.box_nms_thresh": UNIT,
+    "precompute.sam.point_batch_size": AT_LEAST_1,
+    "model.image_size": Range(28),  # one 2x2 group of 14-pixel patches
+    "train.stages[i].steps": AT_LEAST_1,
+    "train.stages[i].anchor_losses_off_from": AT_LEAST_0,
+    "train.lora.r": AT_LEAST_1,
+    "train.lora.alpha": POSITIVE,
+    "train.lora.dropout": Range(0, 1, high_open=True),
+    "train.loss_weights.NAME": AT_LEAST_0,
+    "train.lr": POSITIVE,
+    "train.head_lr": POSITIVE,
+    "train.weight_decay": AT_LEAST_0,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.batch_size": AT_LEAST_1,
+    "train.grad_accum": AT_LEAST_1,
+    "train.max_length": AT_LEAST_1,
+    "train.num_workers": AT_LEAST_0,
+    "train.save_every": AT_LEAST_0,
+    "train.log_every": AT_LEAST_0,
+    "train.seed": AT_LEAST_0,
+    "train.plain_answer_fraction": UNIT,
+    "train.max_nonfinite_steps": AT_LEAST_1,
+}
+
+
+def _numbers(node: Any, key: str, pattern: str):
+    """(dotted key, RANGES pattern, value) of every int/float value in a built config."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            dot = "." if key else ""
+            yield from _numbers(getattr(node, f.name), f"{key}{dot}{f.name}", f"{pattern}{dot}{f.name}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _numbers(item, f"{key}[{i}]", f"{pattern}[i]")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            yield from _numbers(item, f"{key}.{name}", f"{pattern}.NAME")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield key, pattern, node
+
+
+def check_ranges(cfg: Config) -> None:
+    for key, pattern, value in _numbers(cfg, "", ""):
+        allowed = RANGES.get(pattern)
+        if allowed is not None and not allowed.holds(value):
+            raise ConfigError(f"{key}: {value!r} is out of range (must be {allowed})")
+
+
 def config_from_dict(tree: dict) -> Config:
-    return _build(Config, tree or {}, "")
+    cfg = _build(Config, tree or {}, "")
+    check_ranges(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

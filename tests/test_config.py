@@ -1,3 +1,8 @@
+import dataclasses
+import re
+import types
+import typing
+
 import pytest
 
 from shards.config import ConfigError, load_config
@@ -53,3 +58,51 @@ def test_bundled_tiny_config_loads(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     assert cfg.data.path.endswith("conversations.json")
     assert set(cfg.anchors) <= {"sam", "depth", "dino", "pidinet", "siglip", "metaclip"}
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("train.grad_accum=0", "train.grad_accum", ">= 1"),
+    ("train.batch_size=-1", "train.batch_size", ">= 1"),
+    ("train.lr=-1", "train.lr", "> 0"),
+    ("cache.shard_size=0", "cache.shard_size", ">= 1"),
+    ("train.lora.dropout=1", "train.lora.dropout", "in [0, 1)"),
+    ("train.plain_answer_fraction=.nan", "train.plain_answer_fraction", "in [0, 1]"),
+    ("train.loss_weights={depth: -2}", "train.loss_weights.depth", ">= 0"),
+    ("train.stages=[{name: understanding, steps: 0}]", r"train.stages\[0\].steps", ">= 1"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps", ">= 1"),
+])
+def test_a_number_out_of_range_is_refused_at_load_naming_the_key(override, key, shown):
+    with pytest.raises(ConfigError, match=rf"^{key}: .* is out of range \(must be {re.escape(shown)}\)"):
+        load_config(None, [override])
+
+
+def _numeric_patterns(tp, pattern=""):
+    """RANGES patterns of every int/float field reachable from the dataclass ``tp``."""
+    for f in dataclasses.fields(tp):
+        yield from _patterns_of(typing.get_type_hints(tp)[f.name], f"{pattern}{'.' if pattern else ''}{f.name}")
+
+
+def _patterns_of(hint, pattern):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        yield from _numeric_patterns(hint, pattern)
+    elif origin is list:
+        yield from _patterns_of(args[0], f"{pattern}[i]")
+    elif origin is dict:
+        yield from _patterns_of(args[1], f"{pattern}.NAME")
+    elif origin in (typing.Union, types.UnionType):
+        for a in args:
+            yield from _patterns_of(a, pattern)
+    elif hint in (int, float):
+        yield pattern
+
+
+def test_every_numeric_field_has_a_range_and_every_range_a_field(repo_root):
+    from shards.config import RANGES, Config
+
+    fields = set(_numeric_patterns(Config))
+    assert fields - set(RANGES) == set(), "add these to shards.config.RANGES"
+    assert set(RANGES) - fields == set(), "RANGES names fields that do not exist"
+    for name in ("tiny.yaml", "covt_7b_all.yaml", "covt_7b_sam_depth_dino.yaml"):
+        load_config(repo_root / "configs" / name)  # the shipped configs are in range
