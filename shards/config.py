@@ -43,8 +43,8 @@ class SubsetConfig:
 
 @dataclass
 class DataConfig:
-    # LLaVA-format JSON, or the published parquet (a .parquet file, a glob, or a folder of them)
-    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA JSON or parquet file/glob/folder
+    # LLaVA-format JSON (or JSON Lines, .jsonl), or the published parquet (a .parquet file, a glob, or a folder)
+    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA JSON / JSONL or parquet file/glob/folder
     image_folder: str = "data/sample/images"  # IMAGE_FOLDER (JSON input; parquet holds the image bytes)
     on_bad_record: Literal["skip", "error"] = "skip"  # skip (report, count in the manifest) or stop at a bad record
     limit: Optional[int] = None  # read only the first N records (debugging)
@@ -306,6 +306,8 @@ POSITIVE, AT_LEAST_1, AT_LEAST_0, UNIT = Range(0, low_open=True), Range(1), Rang
 # field missing here fails tests/test_config.py.
 RANGES: dict[str, Range] = {
     "data.limit": AT_LEAST_1,
+    "data.subset.size": AT_LEAST_1,
+    "data.subset.seed": AT_LEAST_0,
     "cache.shard_size": AT_LEAST_1,
     "precompute.batch_size": AT_LEAST_1,
     "precompute.num_workers": AT_LEAST_0,

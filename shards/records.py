@@ -1,4 +1,6 @@
-"""The record reader: LLaVA JSON or the published parquet -> validated records + the bad ones, with reasons.
+"""The record reader: LLaVA JSON (a list, or JSON Lines ``*.jsonl``: one record per line) or the published
+parquet -> validated records + the bad ones, with reasons. A JSONL line that is not JSON is a bad record
+named by its line number.
 
 A record is ``{"id", "image", "conversations"}``; ``image`` is a path relative to
 the image folder, an absolute path, or a list of them; ``conversations``
@@ -135,9 +137,36 @@ class _Candidate:
     bad: BadRecord | None = None
 
 
+@dataclass
+class _BadLine:
+    """A line of a JSONL file that is not JSON: a bad record named by its line number."""
+
+    line: int
+    error: str
+
+
+def _jsonl_entries(path: Path) -> list:
+    """The records of a JSON Lines file (one JSON object per line; blank lines ignored)."""
+    entries: list = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                entries.append(_BadLine(line_number, e.msg))
+    return entries
+
+
 def _candidates(entries: list, image_folder: Path) -> Iterator[_Candidate]:
     seen: dict[str, int] = {}
     for source_index, entry in enumerate(entries):
+        if isinstance(entry, _BadLine):
+            rid = f"line {entry.line}"
+            yield _Candidate(source_index, rid, bad=BadRecord(
+                source_index, rid, f"line {entry.line} is not valid JSON: {entry.error}", "bad_json"))
+            continue
         if not isinstance(entry, dict):
             yield _Candidate(source_index, str(source_index),
                              bad=BadRecord(source_index, str(source_index), "record is not a JSON object", "not_an_object"))
@@ -204,10 +233,14 @@ def _with_image_checks(cands: Iterator[_Candidate], total: int) -> Iterator[_Can
 def _read_json(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"data.path: LLaVA JSON not found: {path}")
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"data.path: {path} is not valid JSON: {e}") from None
+    if path.suffix.lower() == ".jsonl":
+        entries = _jsonl_entries(path)
+    else:
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            hint = " (one record per line? name the file .jsonl)" if "Extra data" in e.msg else ""
+            raise ValueError(f"data.path: {path} is not valid JSON: {e}{hint}") from None
     if not isinstance(entries, list):
         raise ValueError(f"data.path: {path} must hold a JSON list of records, got {type(entries).__name__}")
     return entries

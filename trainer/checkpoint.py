@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shards.layout import naming_disk_full
+
 CHECKPOINTS = "checkpoints"
+TMP_PREFIX = ".tmp-"  # temporary folders of checkpoints and of export.write_atomically: removed when a run resumes
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -105,22 +108,23 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, m
                     scheduler=None, engine=None, rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically; every rank calls it (rank 0 writes the shared files)."""
     final = checkpoint_path(output_dir, step)
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world_size)
     weights = trainable_state(model)  # collective under ZeRO-3
-    if engine is not None:
-        engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        save_file(weights, tmp / "trainable.safetensors")
-        state = {"meta": dict(meta, global_step=step)}
-        if engine is None:
-            state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
-            state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-        torch.save(state, tmp / "state.pt")
+    with naming_disk_full(tmp, "training resumes from the last complete checkpoint"):
+        if engine is not None:
+            engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            save_file(weights, tmp / "trainable.safetensors")
+            state = {"meta": dict(meta, global_step=step)}
+            if engine is None:
+                state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+                state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            torch.save(state, tmp / "state.pt")
     barrier(world_size)
     if rank == 0:
         if final.exists():

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shards.anchors import ANCHORS
+from shards.layout import naming_disk_full
 from shards.config import LoraConfig
-from trainer.checkpoint import load_trainable
+from trainer.checkpoint import CHECKPOINTS, TMP_PREFIX, load_trainable
 from trainer.lora import attach_lora, merge_lora
 from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, add_thought_tokens, pad_token
 
@@ -40,15 +41,43 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` and rename the result to ``path`` (replacing it) only once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
     try:
-        write(tmp)
+        with naming_disk_full(path, "training resumes from its last checkpoint and redoes this write"):
+            write(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def remove_interrupted_writes(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders an interrupted merge, export or checkpoint left in ``output_dir``
+    (a 7B merge leaves ~15 GB); the run about to resume rewrites whatever they were for."""
+    output_dir = Path(output_dir)
+    removed = []
+    for folder in (output_dir, output_dir / CHECKPOINTS):
+        for tmp in sorted(folder.glob(f"{TMP_PREFIX}*")) if folder.is_dir() else []:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+    return removed
+
+
+class NonFiniteTensorError(ValueError):
+    """A merge or export would have written NaN/inf weights."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``what`` if any floating tensor holds NaN or inf, naming them."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteTensorError(
+            f"not writing {what}: {len(bad)} of {len(tensors)} tensors hold NaN/inf ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the trained weights diverged. Resume from an earlier "
+            f"checkpoint (delete the later ones) with a lower train.lr")
 
 
 def load_vlm(path: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu"):
@@ -72,6 +101,7 @@ def merge_to_folder(base_path: str | Path, lora: LoraConfig, vlm_state: dict[str
     peft_model = attach_lora(vlm, lora, tokens.ids)
     load_trainable(peft_model, vlm_state, where=f"merging into {base_path}")
     merged = merge_lora(peft_model)
+    check_finite(merged.state_dict(), f"the merged model {out}")
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
@@ -109,6 +139,7 @@ def export_final(merged_dir: str | Path, heads: torch.nn.ModuleDict, tokens: Tho
     from trainer.heads import decoder_files
 
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in heads.state_dict().items()}
+    check_finite(state, f"the heads of {out}")
     meta = heads_json(heads, tokens, loss_weights)
 
     def write(tmp: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from shards.reader import Cache, StreamingDataset
 from trainer.batch import batch_to, build_batch
 from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
                                 save_checkpoint, trainable_state)
-from trainer.export import export_final, load_processor, load_vlm, merge_to_folder
+from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
 from trainer.model import CoVTModel
@@ -47,16 +48,20 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     schedule = Schedule(t.stages)
     out = Path(t.output_dir)
     seed_everything(t.seed)
+    cache = Cache(cfg.cache.dir)  # before any model: an unfinished or edited cache is said at once
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
-    cache = Cache(cfg.cache.dir)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
     heads = build_heads(cfg.anchors, hidden_size, cache)
 
+    if rank == 0:
+        remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
+    barrier(world)
     checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
-    log = Logger(out, rank, schedule.total_steps, step)
+    log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
+    guard = NonFiniteGuard(t.max_nonfinite_steps, log)
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
@@ -91,7 +96,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         # --- data: this rank's stream, from the first sample the next optimizer step needs
         per_step = t.batch_size * t.grad_accum
         dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
-                                   start=step * per_step, batch_size=t.batch_size)
+                                   start=step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample)
         loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
                                                   collate_fn=list))
         if resuming_mid_run:  # after the loader took its seed, as the uninterrupted run's loader did
@@ -112,27 +117,22 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             losses: dict[str, float] = defaultdict(float)
             totals = []  # read once per optimizer step: a sync after every backward would stall the GPU
             for _ in range(t.grad_accum):
-                batch = build_batch(next(loader), at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
+                samples = next(loader)
+                log.damaged_samples(samples, step)
+                batch = build_batch(samples, at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
                                     view_sizes=view_sizes)
                 with autocast(t, device):
                     result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
-                if engine is not None:
-                    engine.backward(result["loss"])
-                    engine.step()  # steps the optimizer at the end of the accumulation only
-                else:
-                    (result["loss"] / t.grad_accum).backward()
+                backward(result, engine, t.grad_accum)
                 totals.append(result["loss"].detach())
                 for name, value in result.items():
                     if name != "loss":
                         losses[name] += value / t.grad_accum
-            if engine is None:
-                torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses = {"loss": sum(v / t.grad_accum for v in torch.stack(totals).tolist()), **losses}
+            mean_loss, grad_norm, applied = finish_step(totals, engine, optimizer, scheduler, trainable)
+            losses = {"loss": mean_loss, **losses}
             done = step + 1
-            log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every)
+            guard.check(done, applied, losses, grad_norm)
+            log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every, skipped=not applied)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
                 checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
                                              scheduler=scheduler, engine=engine, rank=rank, world_size=world)
@@ -243,6 +243,8 @@ def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, de
         ds_config = json.load(f)
     ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
     ds_config["gradient_accumulation_steps"] = t.grad_accum
+    # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
+    ds_config.setdefault("gradient_clipping", MAX_GRAD_NORM)
     ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
     ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -278,6 +280,68 @@ def vlm_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
 
 
+def backward(result: dict, engine, grad_accum: int) -> None:
+    """Backward of one micro-batch. Under DeepSpeed a non-finite loss is multiplied by NaN, so every
+    gradient it reaches is NaN and the engine's own overflow check (ZeRO's grad-norm check, on with
+    gradient clipping) skips the optimizer step and the lr scheduler, which ``finish_step`` reads back."""
+    loss = result["loss"]
+    if engine is not None:
+        if not all(math.isfinite(v) for k, v in result.items() if k != "loss"):
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()  # steps the optimizer at the end of the accumulation only
+    else:
+        (loss / grad_accum).backward()
+
+
+def finish_step(totals: list[torch.Tensor], engine, optimizer, scheduler, trainable) -> tuple[float, float, bool]:
+    """End an optimizer step: (mean loss, gradient norm before clipping, whether the update was applied).
+    A non-finite loss or gradient skips the update and the lr scheduler (as DeepSpeed does), never the step."""
+    if engine is not None:
+        mean = sum(torch.stack(totals).tolist()) / len(totals)
+        norm = engine.get_global_grad_norm()
+        return mean, float("nan") if norm is None else float(norm), engine.was_step_applied()
+    norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    *values, norm = torch.stack([*(t.float() for t in totals), norm.float().to(totals[0].device)]).tolist()
+    mean = sum(values) / len(values)
+    applied = math.isfinite(mean) and math.isfinite(norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean, norm, applied
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; ``limit`` in a row stop the run."""
+
+    def __init__(self, limit: int, log: "Logger"):
+        self.limit, self.log = limit, log
+        self.in_a_row = self.total = 0
+
+    def check(self, done: int, applied: bool, losses: dict[str, float], grad_norm: float) -> None:
+        if applied:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        what = (f"non-finite loss ({', '.join(f'{k}={v}' for k, v in bad.items())})" if bad
+                else f"non-finite gradient (norm {grad_norm})")
+        self.log.warning(f"step {done}: {what}; optimizer step skipped ({self.in_a_row} in a row, "
+                         f"{self.total} in this session)")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"stopping: {self.in_a_row} optimizer steps in a row (steps {done - self.in_a_row + 1}-{done}) had a "
+                f"non-finite loss or gradient, the last a {what} (train.max_nonfinite_steps={self.limit}). Check the "
+                f"cache (`python -m shards inspect CACHE --verify`) and train.lr; rerunning resumes from the last "
+                f"checkpoint")
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -287,10 +351,13 @@ def free_memory() -> None:
 class Logger:
     """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl on rank 0; every rank writes
     output_dir/perf-rank{R}.jsonl (seconds per optimizer step, peak GPU memory), kept apart from the
-    losses so that metrics.jsonl of a resumed run equals an uninterrupted one's."""
+    losses so that metrics.jsonl of a resumed run equals an uninterrupted one's: resuming at step
+    ``initial`` drops the lines and TensorBoard points a cut-short run wrote after it."""
 
     def __init__(self, out: Path, rank: int, total: int, initial: int):
         self.active = rank == 0
+        self.rank = rank
+        self.damaged = 0
         out.mkdir(parents=True, exist_ok=True)
         self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
         self.last_time = time.perf_counter()
@@ -298,7 +365,8 @@ class Logger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=initial + 1)  # readers hide points from a cut run
+        truncate_metrics(out / "metrics.jsonl", initial)
         self.metrics = open(out / "metrics.jsonl", "a")
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
@@ -310,7 +378,19 @@ class Logger:
         if self.active:
             tqdm.write(message)
 
-    def step(self, done: int, at, losses: dict[str, float], lrs: list[float], every: int) -> None:
+    def warning(self, message: str) -> None:
+        """Every rank: a fault seen by one rank only (a damaged sample) must not go unsaid."""
+        tqdm.write(f"WARNING rank {self.rank}: {message}" if self.rank else f"WARNING: {message}")
+
+    def damaged_samples(self, samples: list[dict], step: int) -> None:
+        for sample in samples:
+            for problem in sample.get("damaged_skipped", ()):
+                self.damaged += 1
+                self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
+                             f"train.on_damaged_sample=skip): {problem}")
+
+    def step(self, done: int, at, losses: dict[str, float], lrs: list[float], every: int,
+             skipped: bool = False) -> None:
         now = time.perf_counter()
         perf = {"step": done, "seconds": round(now - self.last_time, 4)}
         self.last_time = now
@@ -325,6 +405,10 @@ class Logger:
         self.bar.update(1)
         record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
                   "anchor_losses": at.anchor_losses_on, "lr": lrs[0], "head_lr": lrs[-1], **losses}
+        if skipped:
+            record["skipped"] = True  # non-finite loss or gradient: no update
+        if self.damaged:
+            record["damaged_samples_skipped"] = self.damaged
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if every and done % every == 0:
@@ -339,3 +423,16 @@ class Logger:
             self.bar.close()
             self.tb.close()
             self.metrics.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` (metrics.jsonl) up to optimizer step ``step``, rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
