@@ -179,13 +179,18 @@ class Cache:
 
     def stored_value(self, anchor: str, array: str, stored: str, index: int) -> np.ndarray:
         """One sample's stored array ``anchor/stored`` (a part of the logical ``array``), checked when verifying."""
-        value = np.asarray(self.stored(anchor, stored)[index])
-        if self.verify:
-            shard_id = self.shard_of(index)
-            info = self.shard_progress(shard_id, anchor)["arrays"][array]["stored"][stored]
-            entry = self.sample_entry(index)
-            integrity.check_target_file(self.cache_dir, info, entry, f"{anchor}/{stored}")
-            integrity.check_target(info, index - shard_id * self.shard_size, entry, f"{anchor}/{stored}", value)
+        if not self.verify:
+            return np.asarray(self.stored(anchor, stored)[index])
+        shard_id = self.shard_of(index)
+        info = self.shard_progress(shard_id, anchor)["arrays"][array]["stored"][stored]
+        entry, name = self.sample_entry(index), f"{anchor}/{stored}"
+        integrity.check_target_file(self.cache_dir, info, entry, name)
+        try:
+            value = np.asarray(self.stored(anchor, stored)[index])
+        except Exception as e:  # a damaged zarr shard index or compressed chunk fails to decode
+            raise DamagedSampleError(f"{info['file']}: {integrity.sample_name(entry)} {name}: unreadable "
+                                     f"({type(e).__name__}: {e})") from None
+        integrity.check_target(info, index - shard_id * self.shard_size, entry, name, value)
         return value
 
     def targets(self, index: int, anchors: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
