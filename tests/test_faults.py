@@ -303,3 +303,151 @@ def test_jsonl_data_is_read_and_a_bad_line_is_a_bad_record_named_by_its_line(tmp
     cfg.on_bad_record = "error"
     with pytest.raises(BadRecordError, match=r"line 4 is not valid JSON"):
         load_records(cfg)
+
+
+# ---------------------------------------------------------------- the tiny trainer
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A cache with synthetic depth targets (4 samples per shard) and a path for the tiny base model."""
+    from shards.testing import write_synthetic_cache
+
+    root = tmp_path_factory.mktemp("faults")
+    data = DataConfig(path=str(REPO / "data/sample/conversations.json"),
+                      image_folder=str(REPO / "data/sample/images"), on_bad_record="error")
+    write_synthetic_cache(root / "cache", data, ["depth"], shard_size=4)
+    return root
+
+
+def overrides(workdir: Path, output: str, steps: int, *extra: str, cache: str = "cache") -> list[str]:
+    return [f"model.path={workdir / 'base'}", f"cache.dir={workdir / cache}", f"train.output_dir={workdir / output}",
+            "anchors=[depth]", f"train.stages=[{{name: understanding, steps: {steps}, merge_after: true}}]",
+            "train.save_every=2", "train.lr=5e-3", "train.head_lr=5e-3", *extra]
+
+
+def tiny(workdir: Path, output: str, steps: int, *extra: str, cache: str = "cache"):
+    return load_config(REPO / "configs/tiny.yaml", overrides(workdir, output, steps, *extra, cache=cache))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def nan_depth_loss(monkeypatch, at_calls: set[int]) -> None:
+    """The depth head's loss turns NaN at the given calls (one call per optimizer step here)."""
+    from trainer.heads.depth import DepthHead
+
+    real, calls = DepthHead.loss, [0]
+
+    def loss(self, prediction, targets):
+        calls[0] += 1
+        value = real(self, prediction, targets)
+        return value * float("nan") if calls[0] in at_calls else value
+
+    monkeypatch.setattr(DepthHead, "loss", loss)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_logs_exactly_what_an_uninterrupted_run_logs(workdir):
+    from trainer.train import train
+
+    assert train(tiny(workdir, "full", 5)) is not None
+    killed = workdir / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml",
+                             *overrides(workdir, "killed", 5)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((killed / "metrics.jsonl").is_file() and len(metrics(killed)) >= 3):  # checkpoint at 2
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(metrics(killed)) > 2  # more than the checkpoint holds: what resume must drop
+    (killed / ".tmp-lora_stage1_merged.a1b2").mkdir()  # as a merge killed half way leaves it
+    assert train(tiny(workdir, "killed", 5)) is not None
+    assert metrics(killed) == metrics(workdir / "full")
+    assert tensorboard_scalars(killed) == tensorboard_scalars(workdir / "full")
+    assert list(killed.glob(".tmp-*")) == []
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_skips_the_update_and_k_in_a_row_stop_the_run(workdir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from trainer.train import NonFiniteError, train
+
+    nan_depth_loss(monkeypatch, {2, 4, 5})
+    run = workdir / "nan"
+    with pytest.raises(NonFiniteError) as e:
+        train(tiny(workdir, "nan", 6, "train.save_every=1", "train.max_nonfinite_steps=2"))
+    for needle in ("2 optimizer steps in a row (steps 4-5)", "depth=nan", "train.max_nonfinite_steps=2"):
+        assert needle in str(e.value), needle
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r.get("skipped", False) for r in rows] == [False, True, False, True, True]
+    assert np.isnan(rows[1]["depth"]) and np.isfinite(rows[2]["depth"])
+    before, after = (load_file(run / f"checkpoints/step-00000{s}/trainable.safetensors") for s in (3, 4))
+    for name, value in after.items():  # step 4 was skipped: nothing moved, nothing went NaN
+        assert torch.equal(value, before[name]) and value.isfinite().all(), name
+    assert not (run / "lora_stage1_merged").exists()
+
+
+@pytest.mark.slow
+def test_under_deepspeed_a_non_finite_loss_skips_the_engine_step(workdir, tmp_path):
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    script = tmp_path / "nan_at_step_2.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(REPO)!r})
+from trainer.heads.depth import DepthHead
+real, calls = DepthHead.loss, [0]
+def loss(self, prediction, targets):
+    calls[0] += 1
+    value = real(self, prediction, targets)
+    return value * float("nan") if calls[0] == 2 else value
+DepthHead.loss = loss
+from trainer.__main__ import main
+main(sys.argv[1:])
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(script),
+           "--config", "configs/tiny.yaml", *overrides(workdir, "ds", 2, "train.save_every=1", "train.device=cpu",
+                                                       "train.deepspeed=configs/deepspeed/zero2.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "step 2: non-finite loss (loss=nan, depth=nan); optimizer step skipped" in proc.stdout + proc.stderr
+    run = workdir / "ds"
+    assert [r.get("skipped", False) for r in metrics(run)] == [False, True]
+    first, second = (load_file(run / f"checkpoints/step-00000{s}/trainable.safetensors") for s in (1, 2))
+    for name, value in second.items():
+        assert torch.equal(value, first[name]), name
+    assert (run / "final" / "covt_heads.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_trainer_stops_at_a_damaged_sample_or_skips_and_counts_it(workdir):
+    from shards.reader import rank_epoch_order
+    from trainer.train import train
+
+    damaged = Path(shutil.copytree(workdir / "cache", workdir / "damaged"))
+    first = int(rank_epoch_order(7, 4, seed=0, epoch=0, rank=0, world_size=1)[0])  # the first sample trained on
+    image = entry_of(damaged, first)["members"][1]
+    flip(damaged / layout.tar_name(first // 4), image["offset"] + image["size"] // 2)
+    with pytest.raises(DamagedSampleError, match=rf"{layout.sample_key(first)} .*checksum mismatch in "
+                                                 rf"{image['name']}"):
+        train(tiny(workdir, "stops", 2, cache="damaged"))
+    assert train(tiny(workdir, "skips", 2, "train.on_damaged_sample=skip", cache="damaged")) is not None
+    rows = metrics(workdir / "skips")
+    assert [r.get("damaged_samples_skipped") for r in rows] == [1, 1]

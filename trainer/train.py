@@ -131,8 +131,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             mean_loss, grad_norm, applied = finish_step(totals, engine, optimizer, scheduler, trainable)
             losses = {"loss": mean_loss, **losses}
             done = step + 1
-            guard.check(done, applied, losses, grad_norm)
             log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every, skipped=not applied)
+            guard.check(done, applied, losses, grad_norm)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
                 checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
                                              scheduler=scheduler, engine=engine, rank=rank, world_size=world)
