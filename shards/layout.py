@@ -10,6 +10,7 @@ CACHE/
   progress/anchor-<anchor>.json      an anchor's declaration: dims, fingerprint, codecs
   progress/shard-000000.samples.json commit record of a tar shard (offsets, sizes, sha256)
   progress/shard-000000.<anchor>.json commit record of an anchor's targets for a shard
+  writer.lock                        while a precompute writes (shards.lock): its host, pid, start time
 ```
 A shard part counts as written only once its commit record exists; commit
 records are written last and atomically.
