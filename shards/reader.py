@@ -86,10 +86,10 @@ class Cache:
             self._reset_handles()
 
     def __getstate__(self):  # spawned workers reopen everything
-        return {"cache_dir": self.cache_dir}
+        return {"cache_dir": self.cache_dir, "verify": self.verify}
 
     def __setstate__(self, state):
-        self.__init__(state["cache_dir"])
+        self.__init__(state["cache_dir"], verify=state["verify"], strict=False)  # the parent checked the manifest
 
     def __len__(self) -> int:
         return self.num_samples
