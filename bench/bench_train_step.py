@@ -145,18 +145,16 @@ def sample(targets) -> dict:
 
 
 def plain_batch_of(one: dict, processor, image_size: int) -> dict:
-    """The sample's own conversation (no visual thoughts), chat template, labels on the answers only."""
+    """The sample's first exchange without visual thoughts, the reference's layout, labels on the answer only."""
     from PIL import Image
 
     from shards.views import square_view
-    from trainer.batch import assistant_labels, render
-    from trainer.formats import _messages, _turns
+    from trainer.batch import encode_text
+    from trainer.formats import plain_text
 
-    messages = _messages(_turns(one["conversations"]))
     view = Image.fromarray(square_view(one["images"][0], image_size))
-    enc = processor(text=[render(messages, processor)], images=[view], return_tensors="pt")
-    answers = sum(m["role"] == "assistant" for m in messages)
-    return {**enc, "labels": assistant_labels(enc["input_ids"][0], processor, answers, one["key"])[None]}
+    row = encode_text(plain_text(one["conversations"]), view, processor)
+    return {k: (v if k in ("pixel_values", "image_grid_thw") else v[None]) for k, v in row.items()}
 
 
 def make_step(model: torch.nn.Module, params: list[dict], batch_cpu: dict, device: torch.device, covt: bool,

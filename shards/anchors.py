@@ -61,7 +61,7 @@ ANCHORS: dict[str, AnchorSpec] = {
             "Depth Anything V2",
         ),
         AnchorSpec(
-            "dino", 4, "DINO features",
+            "dino", 4, "perception feature",
             (TargetArray("features", ("tokens", "dim"), "float", "final-norm tokens, CLS first then patches"),),
             "DINOv2",
         ),
@@ -72,12 +72,12 @@ ANCHORS: dict[str, AnchorSpec] = {
             "PIDINet (table5_baseline)",
         ),
         AnchorSpec(
-            "siglip", 4, "SigLIP embedding",
+            "siglip", 4, "clip feature",
             (TargetArray("embedding", ("dim",), "float", "pooled image embedding"),),
             "SigLIP",
         ),
         AnchorSpec(
-            "metaclip", 4, "MetaCLIP embedding",
+            "metaclip", 4, "metaclip feature",
             (TargetArray("embedding", ("dim",), "float", "projected image embedding"),),
             "MetaCLIP",
         ),

@@ -108,6 +108,9 @@ class ModelConfig:
 
 
 # -------------------------------------------------------------------------- train
+PLAIN_ANSWER_FRACTION = 1 / 6  # the reference draws randint(0, 5) == 0 per stage-4 sample
+
+
 @dataclass
 class StageConfig:
     name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"]  # the data format
@@ -136,10 +139,11 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)  # the schedule, in order
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss_weights: dict[str, float] = field(default_factory=dict)  # anchor -> weight (default 1)
-    lr: float = 2e-4  # LoRA and new token rows
-    head_lr: float = 1e-3  # anchor heads
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up, optimizer steps
+    # AdamW as the reference's trainer.py: two learning rates, decay on all but biases and norms
+    lr: float = 5e-5  # LoRA, new token rows and heads (the reference's learning_rate)
+    projection_lr: float = 1e-5  # parameters named *_projection*, *query_vectors*, *cross_attention* (projection_layer_lr)
+    weight_decay: float = 0.1  # AdamW weight decay, except biases and norm weights
+    warmup_ratio: float = 0.05  # linear warm-up over this share of each run, then cosine to 0 (per run)
     batch_size: int = 1  # per device
     grad_accum: int = 1  # micro batches per optimizer step
     max_length: int = 2048  # tokens; truncation never cuts an image or a thought
@@ -153,7 +157,7 @@ class TrainConfig:
     on_damaged_sample: Literal["error", "skip"] = "error"  # a sample failing its checksums: stop, or skip it (logged, counted)
     max_nonfinite_steps: int = 5  # optimizer steps in a row with a non-finite loss or gradient (each skipped) that stop the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
-    plain_answer_fraction: float = 0.3  # stage 4: share of answers without visual thoughts
+    plain_answer_fraction: float = PLAIN_ANSWER_FRACTION  # stage 4: share of plain answers (the reference's 1 in 6)
 
 
 # ------------------------------------------------------------------------- root

@@ -10,8 +10,9 @@ from shards.anchors import ANCHORS
 from shards.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from shards.views import square_view
-from trainer.batch import IGNORE_INDEX, BatchError, build_batch, render, sample_messages
-from trainer.formats import FormatError, choose_efficient, format_conversation, sample_rng
+from trainer.batch import IGNORE_INDEX, BatchError, build_batch, sample_text
+from trainer.formats import (FormatError, choose_efficient, first_pair, format_sample, plain_text, sample_rng,
+                             stage_text)
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
@@ -26,7 +27,7 @@ CONVERSATION = [
     {"from": "human", "value": QUESTION_2},
     {"from": "gpt", "value": ANSWER_2},
 ]
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.\n<|im_end|>\n"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -35,11 +36,11 @@ def pads(anchor):
 
 
 def user(text):
-    return f"<|im_start|>user\n{text}<|im_end|>\n"
+    return f"<|im_start|>user\n{text}\n<|im_end|>\n<|im_start|>assistant\n"
 
 
-def assistant(text):
-    return f"<|im_start|>assistant\n{text}<|im_end|>\n"
+def answer(text):
+    return f"{text}\n<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def samples(synthetic_cache):
     return by_id
 
 
-def config(anchors=ANCHORS_2, max_length=2048, plain=0.3, seed=0):
+def config(anchors=ANCHORS_2, max_length=2048, plain=1 / 6, seed=0):
     return Config(anchors=list(anchors), model=ModelConfig(image_size=112),
                   train=TrainConfig(max_length=max_length, plain_answer_fraction=plain, seed=seed))
 
@@ -70,46 +71,38 @@ def astronaut(samples):
     return s
 
 
-# ------------------------------------------------------------------ exact text of each stage
-def test_understanding_puts_every_anchors_pads_right_after_the_image_and_keeps_all_turns(samples, processor):
-    proc, _ = processor
-    text = render(sample_messages(astronaut(samples), "understanding", ANCHORS_2, 0, config()), proc)
-    assert text == (SYSTEM + user(IMAGE + pads("sam") + pads("depth") + QUESTION) + assistant(ANSWER)
-                    + user(QUESTION_2) + assistant(ANSWER_2))
+# ------------------------------------------------------ texts (every stage exactly: test_reference_formats.py)
+def test_understanding_puts_the_thoughts_right_after_the_image_and_keeps_only_the_first_exchange(samples):
+    text = sample_text(astronaut(samples), "understanding", ANCHORS_2, 0, config())
+    assert text.prompt == SYSTEM + user(IMAGE + pads("sam") + pads("depth") + QUESTION)
+    assert text.labelled == answer(ANSWER)
 
 
-def test_generation_asks_for_the_thoughts_by_name_and_answers_with_the_pads(samples, processor):
-    proc, _ = processor
-    text = render(sample_messages(astronaut(samples), "generation", ["depth"], 0, config()), proc)
-    assert text == SYSTEM + user(IMAGE + "What is the depth map of the image?") + assistant(pads("depth"))
-    text = render(sample_messages(astronaut(samples), "generation", ANCHORS_2, 0, config()), proc)
-    assert text == (SYSTEM + user(IMAGE + "What is the segmentation and depth map of the image?")
-                    + assistant(pads("sam") + pads("depth")))
+def test_generation_joins_the_names_with_commas_and_answers_with_the_pads():
+    text = format_sample(CONVERSATION, "generation", ["sam", "depth", "dino"])
+    assert text.prompt == SYSTEM + user(IMAGE + "What is the segmentation, depth map, perception feature of the image?")
+    assert text.labelled == answer(pads("sam") + pads("depth") + pads("dino"))
 
 
-def test_reasoning_wraps_the_first_answer_in_think_and_answer_and_keeps_later_turns_plain(samples, processor):
-    proc, _ = processor
-    text = render(sample_messages(astronaut(samples), "reasoning", ANCHORS_2, 0, config()), proc)
-    first = (f"<think> Because the segmentation of the image is {pads('sam')}, the depth map of the image is "
-             f"{pads('depth')}. </think><answer> {ANSWER} </answer>")
-    assert text == SYSTEM + user(IMAGE + QUESTION) + assistant(first) + user(QUESTION_2) + assistant(ANSWER_2)
+def test_reasoning_wraps_the_first_answer_in_think_and_answer():
+    text = format_sample(CONVERSATION, "reasoning", ANCHORS_2)
+    assert text.prompt == SYSTEM + user(IMAGE + QUESTION)
+    assert text.labelled == answer(f"<think> Because the segmentation of the image is {pads('sam')}, and the depth "
+                                   f"map of the image is {pads('depth')}.  </think>\n<answer> {ANSWER} </answer>")
 
 
-def test_efficient_reasoning_is_reasoning_over_the_chosen_subset_or_a_plain_answer():
+def test_efficient_reasoning_is_reasoning_over_the_chosen_subset_or_the_plain_answer():
     seen_plain = seen_subset = False
     for step in range(40):
-        rng_a, rng_b = sample_rng(0, step, 3), sample_rng(0, step, 3)
-        chosen = choose_efficient(ANCHORS_2, rng_a, 0.3)
-        messages = format_conversation(CONVERSATION, "efficient_reasoning", ANCHORS_2, rng_b, 0.3)
-        first = messages[1]["content"]
+        chosen = choose_efficient(ANCHORS_2, sample_rng(0, step, 3), 0.3)
+        text = format_sample(CONVERSATION, "efficient_reasoning", ANCHORS_2, sample_rng(0, step, 3), 0.3)
+        assert text == stage_text("efficient_reasoning", *first_pair(CONVERSATION), chosen)
         if chosen:
             seen_subset = True
-            clauses = ", ".join(f"the {ANCHORS[a].thought_name} of the image is {pads(a)}" for a in chosen)
-            assert first == f"<think> Because {clauses}. </think><answer> {ANSWER} </answer>"
+            assert text == format_sample(CONVERSATION, "reasoning", chosen)
         else:
             seen_plain = True
-            assert first == ANSWER
-        assert messages[3]["content"] == ANSWER_2
+            assert text == plain_text(CONVERSATION) and text.labelled == answer(ANSWER)
     assert seen_plain and seen_subset
 
 
@@ -130,15 +123,25 @@ def test_efficient_subset_is_non_empty_and_reproducible_for_the_same_seed_step_a
 def test_plain_answer_fraction_is_respected_on_average():
     plain = [not choose_efficient(ANCHORS_2, sample_rng(0, step, 0), 0.3) for step in range(2000)]
     assert 0.25 < np.mean(plain) < 0.35
+    assert TrainConfig().plain_answer_fraction == pytest.approx(1 / 6)  # the reference's default
 
 
-def test_image_placeholder_in_a_later_turn_or_wrong_role_order_is_a_format_error():
+def test_image_placeholder_in_a_later_turn_missing_or_twice_or_wrong_role_order_is_a_format_error():
     bad = copy.deepcopy(CONVERSATION)
     bad[2]["value"] = "<image>\n" + QUESTION_2
     with pytest.raises(FormatError, match="turn 2"):
-        format_conversation(bad, "understanding", ANCHORS_2)
+        format_sample(bad, "understanding", ANCHORS_2)
     with pytest.raises(FormatError, match="turn 1: expected a assistant turn"):
-        format_conversation([CONVERSATION[0], CONVERSATION[0]], "understanding", ANCHORS_2)
+        format_sample([CONVERSATION[0], CONVERSATION[0]], "understanding", ANCHORS_2)
+    for question in (QUESTION, "<image><image>" + QUESTION):
+        with pytest.raises(FormatError, match="exactly one image"):
+            format_sample([{"from": "human", "value": question}, CONVERSATION[1]], "understanding", ANCHORS_2)
+
+
+def test_the_image_takes_the_place_of_the_placeholder_and_its_newlines():
+    conversation = [{"from": "human", "value": "Look:\n<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    text = format_sample(conversation, "understanding", ["depth"])
+    assert text.prompt == SYSTEM + user("Look:" + IMAGE + pads("depth") + "What is it?")
 
 
 def test_a_bad_conversation_error_names_the_sample(samples, processor):
@@ -151,17 +154,22 @@ def test_a_bad_conversation_error_names_the_sample(samples, processor):
 
 # -------------------------------------------------------------------------- labels and pads
 @pytest.mark.parametrize("stage", ["understanding", "generation", "reasoning", "efficient_reasoning"])
-def test_only_assistant_answers_and_their_im_end_are_supervised(samples, processor, stage):
+def test_only_the_labelled_part_is_supervised_and_the_prompt_is_the_text_with_the_image_expanded(
+        samples, processor, stage):
     proc, tokens = processor
     cfg = config()
     batch_samples = [samples["astronaut"], samples["coffee"], samples["chelsea"]]
     batch = build_batch(batch_samples, StageConfig(stage, 1), True, 7, proc, tokens, cfg)
+    image_pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for row, s in enumerate(batch_samples):
-        messages = sample_messages(s, stage, cfg.anchors, 7, cfg)
-        answers = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
-        labels = batch["labels"][row]
+        text = sample_text(s, stage, cfg.anchors, 7, cfg)
+        labels, ids = batch["labels"][row], batch["input_ids"][row][batch["attention_mask"][row] == 1]
         supervised = labels[labels != IGNORE_INDEX]
-        assert proc.tokenizer.decode(supervised) == answers
+        assert proc.tokenizer.decode(supervised) == text.labelled
+        prompt = ids[:ids.numel() - supervised.numel()].tolist()
+        first = prompt.index(image_pad)
+        prompt = prompt[:first + 1] + [t for t in prompt[first + 1:] if t != image_pad]  # one pad per image
+        assert proc.tokenizer.decode(prompt) == text.prompt
         # labels are the input ids themselves where supervised (the VLM shifts them)
         mask = labels != IGNORE_INDEX
         assert torch.equal(labels[mask], batch["input_ids"][row][mask])
@@ -250,10 +258,10 @@ def test_truncation_keeps_whole_turns_within_max_length(samples, processor):
 
 def test_max_length_inside_the_image_is_a_clear_error(samples, processor):
     proc, tokens = processor
-    with pytest.raises(BatchError, match=r"max_length=20 would cut through the image.*astronaut|astronaut.*"
-                                         r"max_length=20 would cut through the image"):
+    with pytest.raises(BatchError, match=r"max_length=24 would cut through the image.*astronaut|astronaut.*"
+                                         r"max_length=24 would cut through the image"):
         build_batch([samples["astronaut"]], StageConfig("understanding", 1), True, 0, proc, tokens,
-                    config(ANCHORS_2, max_length=20))
+                    config(ANCHORS_2, max_length=24))
 
 
 def test_max_length_that_leaves_no_answer_is_a_clear_error(samples, processor):

@@ -15,7 +15,7 @@ from trainer.batch import build_batch
 from trainer.heads import build_heads
 from trainer.model import CoVTModel, final_norm, text_hidden_size
 from trainer.tiny_model import build_tiny_base_model, ensure_base_model
-from trainer.tokens import add_thought_tokens, thought_text, thought_token_strings
+from trainer.tokens import REASONING_TAGS, add_thought_tokens, thought_text, thought_token_strings
 
 REAL_HEAD_ANCHORS = ["depth", "dino", "siglip"]  # real heads that need no exported decoder file
 PROBE_ANCHOR = "pidinet"  # stands in for a head that asks for views
@@ -143,8 +143,9 @@ def test_thought_tokens_are_added_once_as_special_tokens_with_rows_at_the_vocabu
     vlm.resize_token_embeddings(len(processor.tokenizer))  # no spare rows: the new ids must grow the tables
     old_len = len(processor.tokenizer)
     tokens = add_thought_tokens(processor, vlm, seed=0)
-    assert len(processor.tokenizer) == old_len + 2 + len(ANCHORS)
-    assert sorted(tokens.ids) == list(range(old_len, old_len + 2 + len(ANCHORS)))
+    added = 2 + len(ANCHORS) + len(REASONING_TAGS)
+    assert len(processor.tokenizer) == old_len + added
+    assert sorted(tokens.ids) == list(range(old_len, old_len + added))
     for matrix in (vlm.get_input_embeddings().weight, vlm.get_output_embeddings().weight):
         assert matrix.shape[0] == len(processor.tokenizer)
         mean = matrix[:old_len].mean(0)
@@ -154,6 +155,11 @@ def test_thought_tokens_are_added_once_as_special_tokens_with_rows_at_the_vocabu
     ids = processor.tokenizer(thought_text("sam"), add_special_tokens=False).input_ids
     assert ids == [tokens.start_id] + [tokens.pad_id["sam"]] * ANCHORS["sam"].tokens + [tokens.end_id]
     assert processor.tokenizer.decode(ids, skip_special_tokens=True) == ""
+    # the reasoning tags are single tokens that survive skip_special_tokens (answers are parsed from them)
+    tagged = "<think> x </think>\n<answer> y </answer>"
+    tag_ids = processor.tokenizer(tagged, add_special_tokens=False).input_ids
+    assert [i for i in tag_ids if i in tokens.tag_ids] == list(tokens.tag_ids)
+    assert processor.tokenizer.decode(tag_ids, skip_special_tokens=True) == tagged
 
     # saved and reloaded (as after a stage-1 merge): same ids, trained rows untouched
     with torch.no_grad():

@@ -4,10 +4,10 @@ The DataLoader hands over lists of raw samples (``collate_fn=list``); the main p
 calls :func:`build_batch` with the stage of the current optimizer step, so a sample's
 format depends only on (stage, train.seed, global step, sample index).
 
-Per sample: the stage format (trainer.formats), Qwen's chat template, the processor on
-the square view of image 0 at ``model.image_size`` (the view the anchors saw), labels
-on assistant tokens only, truncation to ``train.max_length`` that never splits the image
-or a visual thought. Per anchor: which rows carry its thoughts, where its pad tokens
+Per sample: the stage's training text (trainer.formats: prompt + labelled part, the
+reference's texts), the processor on the prompt with the square view of image 0 at
+``model.image_size`` (the view the anchors saw), labels on the labelled part only,
+truncation to ``train.max_length`` that never splits the image or a visual thought. Per anchor: which rows carry its thoughts, where its pad tokens
 are, the stacked cached targets of those rows and, for heads that ask, uint8 views.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 
 from shards.anchors import get_anchor
 from shards.views import square_view
-from trainer.formats import FormatError, format_conversation, sample_rng
+from trainer.formats import FormatError, TrainingText, format_sample, sample_rng
 from trainer.tokens import ThoughtTokens
 
 IGNORE_INDEX = -100
@@ -34,47 +34,36 @@ def _name(sample: dict) -> str:
     return f"sample {sample.get('index')} (key {sample.get('key')!r}, id {sample.get('id')!r})"
 
 
-def sample_messages(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> list[dict]:
-    """The chat messages of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
+def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> TrainingText:
+    """The training text of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
     rng = sample_rng(cfg.train.seed, step, sample["index"])
     try:
-        return format_conversation(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
+        return format_sample(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
     except FormatError as e:
         raise BatchError(f"{_name(sample)}: {e}") from None
 
 
-def render(messages: list[dict], processor) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+def encode_text(text: TrainingText, view: Image.Image, processor) -> dict[str, torch.Tensor]:
+    """input_ids, labels (and the processor's other per-token rows) of one sample, 1-D, not truncated.
 
-
-def _find(ids: list[int], pattern: list[int], start: int = 0) -> int:
-    n = len(pattern)
-    for i in range(start, len(ids) - n + 1):
-        if ids[i:i + n] == pattern:
-            return i
-    return -1
-
-
-def assistant_labels(input_ids: torch.Tensor, processor, num_answers: int, where: str) -> torch.Tensor:
-    """Copy of ``input_ids`` with -100 everywhere except assistant answers and their ``<|im_end|>``."""
-    tok = processor.tokenizer
-    header = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = input_ids.tolist()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    found, pos = 0, _find(ids, header)
-    while pos >= 0:
-        begin = pos + len(header)
-        try:
-            end = ids.index(im_end, begin)
-        except ValueError:
-            raise BatchError(f"{where}: an assistant turn has no <|im_end|>") from None
-        labels[begin:end + 1] = input_ids[begin:end + 1]
-        found += 1
-        pos = _find(ids, header, end + 1)
-    if found != num_answers:
-        raise BatchError(f"{where}: found {found} assistant turns in the tokens, expected {num_answers}")
-    return labels
+    As the reference does, the prompt goes through the processor with the image (which
+    expands ``<|image_pad|>``) and the labelled part through the tokenizer alone; the two
+    are concatenated, and only the labelled part carries labels.
+    """
+    enc = processor(text=[text.prompt], images=[view], return_tensors="pt")
+    answer = processor.tokenizer(text.labelled, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    prompt_ids = enc["input_ids"][0]
+    row = {
+        "input_ids": torch.cat([prompt_ids, answer]),
+        "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer]),
+        "attention_mask": torch.ones(prompt_ids.numel() + answer.numel(), dtype=enc["attention_mask"].dtype),
+        "pixel_values": enc["pixel_values"],
+        "image_grid_thw": enc["image_grid_thw"],
+    }
+    if "mm_token_type_ids" in enc:  # 0 = text: the labelled part has no image
+        types = enc["mm_token_type_ids"][0]
+        row["mm_token_type_ids"] = torch.cat([types, torch.zeros(answer.numel(), dtype=types.dtype)])
+    return row
 
 
 def _spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
@@ -112,17 +101,15 @@ def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, proces
     where = _name(sample)
     if not sample.get("images"):
         raise BatchError(f"{where}: no image")
-    messages = sample_messages(sample, stage_name, anchors, step, cfg)
+    text = sample_text(sample, stage_name, anchors, step, cfg)
     view = Image.fromarray(square_view(sample["images"][0], cfg.model.image_size))
-    enc = processor(text=[render(messages, processor)], images=[view], return_tensors="pt")
-    num_answers = sum(m["role"] == "assistant" for m in messages)
-    labels = assistant_labels(enc["input_ids"][0], processor, num_answers, where)
-    cut = truncation_point(enc["input_ids"][0].tolist(), cfg.train.max_length, processor, tokens, where)
+    enc = encode_text(text, view, processor)
+    labels = enc["labels"]
+    cut = truncation_point(enc["input_ids"].tolist(), cfg.train.max_length, processor, tokens, where)
     if not (labels[:cut] != IGNORE_INDEX).any():
         raise BatchError(f"{where}: train.max_length={cfg.train.max_length} leaves no answer token to train on "
                          f"(the sequence has {labels.numel()} tokens); raise train.max_length")
-    row = {k: enc[k][0, :cut] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
-    row["labels"] = labels[:cut]
+    row = {k: enc[k][:cut] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels") if k in enc}
     return row, enc["pixel_values"], enc["image_grid_thw"]
 
 

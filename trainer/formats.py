@@ -1,107 +1,135 @@
-"""The four CoVT stage formats: a LLaVA conversation -> chat messages for the processor.
+"""The four CoVT stage formats: a LLaVA conversation -> the exact text the model trains on.
 
-Pure functions of (conversation, stage, active anchors, rng). ``thoughts(anchors)`` is the
-pads of each anchor in order, ``<|anchor_start|>`` + N x ``<|a_pad|>`` + ``<|anchor_end|>``.
+The texts are the reference implementation's, byte for byte (Wakals/CoVT
+``train/src/training/data.py``; ``tests/test_reference_formats.py`` checks them against
+the golden texts its own functions produce). A sample is one :class:`TrainingText`:
+``prompt`` (no labels) and ``labelled`` (labels on every token). Like the reference,
+only the FIRST question/answer pair of a conversation is used; later turns are dropped.
 
-1. understanding: the first user turn becomes image, thoughts, question (the LLaVA
-   ``<image>\\n`` placeholder is where the image goes); every turn kept, answers unchanged.
-2. generation: the conversation is replaced by one exchange, the user asking
-   "What is the {names} of the image?" and the answer being the thoughts.
-3. reasoning: the FIRST answer becomes
-   ``<think> Because the {name} of the image is {pads}, the ... . </think><answer> {answer} </answer>``
-   (one clause per anchor); later turns stay as they are (plain question, plain answer),
-   so the model keeps multi-turn ability and sees its earlier thoughts in context.
-4. efficient_reasoning: like 3 with a random non-empty subset of the anchors, or with
-   probability ``plain_answer_fraction`` the first answer left plain (no think/answer tags).
+    prompt   = <|im_start|>system\\nYou are a helpful assistant.\\n<|im_end|>\\n
+               <|im_start|>user\\n{question}\\n<|im_end|>\\n<|im_start|>assistant\\n
+    labelled = {answer}\\n<|im_end|>\\n
 
-Messages use the Hugging Face chat format: ``{"role": "user", "content": [{"type": "image"},
-{"type": "text", "text": ...}]}``; assistant contents are plain strings.
+(note the newline before each ``<|im_end|>``: the reference's own layout, not Qwen's chat
+template). ``<image>`` and the newlines around it become ``IMAGE_TEXT`` where it stands
+(the processor expands ``<|image_pad|>`` to the image's patches). ``thoughts(anchors)``
+is each anchor's ``<|anchor_start|>`` + N x ``<|a_pad|>`` + ``<|anchor_end|>``, in order.
+
+1. understanding: the thoughts right after the image in the question; answer unchanged.
+2. generation: the question becomes IMAGE_TEXT + "What is the {names joined by ', '} of
+   the image?" and the answer is the thoughts.
+3. reasoning: the answer becomes ``<think> Because the {name} of the image is {pads}, ...,
+   and the {name} of the image is {pads}.  </think>\\n<answer> {answer} </answer>``.
+4. efficient_reasoning: like 3 over a random non-empty subset of the anchors (uniform
+   size, then uniform subset, kept in config order), or with probability
+   ``PLAIN_ANSWER_FRACTION`` (the reference's 1 in 6) the plain answer.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import get_args, get_type_hints
 
 import numpy as np
 
 from shards.anchors import get_anchor
-from shards.config import StageConfig
+from shards.config import PLAIN_ANSWER_FRACTION, StageConfig
 from trainer.tokens import thought_text
 
 STAGES: tuple[str, ...] = get_args(get_type_hints(StageConfig)["name"])  # the names train.stages accepts, in order
-IMAGE_PLACEHOLDER = "<image>"
-_ROLES = {"human": "user", "gpt": "assistant"}
+SYSTEM_MESSAGE = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's
+IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"  # Qwen2.5-VL's, before the processor expands it
+_IMAGE_AND_NEWLINES = re.compile(r"\n?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?")
+_SPEAKERS = {"human": "user", "gpt": "assistant"}
 
 
 class FormatError(ValueError):
     """A conversation that cannot be put into a stage format."""
 
 
+@dataclass(frozen=True)
+class TrainingText:
+    prompt: str  # system turn + user turn + assistant header: no labels
+    labelled: str  # the assistant's answer + "\n<|im_end|>\n": every token labelled
+
+
 def thoughts(anchors: list[str]) -> str:
     return "".join(thought_text(a) for a in anchors)
 
 
-def join_names(names: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+def thought_names(anchors: list[str]) -> list[str]:
+    return [get_anchor(a).thought_name for a in anchors]
+
+
+def turn(role: str, content: str) -> str:
+    return f"{IM_START}{role}\n{content}\n{IM_END}\n"
+
+
+SYSTEM_TURN = turn("system", SYSTEM_MESSAGE)
+ASSISTANT_HEADER = f"{IM_START}assistant\n"
 
 
 def generation_question(anchors: list[str]) -> str:
-    return f"What is the {join_names([get_anchor(a).thought_name for a in anchors])} of the image?"
+    return f"{IMAGE_TEXT}What is the {', '.join(thought_names(anchors))} of the image?"
 
 
 def reasoning_answer(answer: str, anchors: list[str]) -> str:
-    clauses = ", ".join(f"the {get_anchor(a).thought_name} of the image is {thought_text(a)}" for a in anchors)
-    return f"<think> Because {clauses}. </think><answer> {answer} </answer>"
+    """Stage 3's answer: the chain over ``anchors``, then the answer (spacing exactly the reference's)."""
+    clauses = [f"the {name} of the image is {thought_text(a)}" for a, name in zip(anchors, thought_names(anchors))]
+    chain = clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + ", and " + clauses[-1]
+    return f"<think> Because {chain}.  </think>\n<answer> {answer} </answer>"
 
 
-def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    """(role, text) pairs, checked to alternate user/assistant starting with the user."""
+def first_pair(conversations: list[dict]) -> tuple[str, str]:
+    """(question with the image in place, answer) of the first exchange; the rest is checked, then dropped."""
     if not conversations:
         raise FormatError("empty conversation")
-    turns = []
-    for i, turn in enumerate(conversations):
-        role = _ROLES.get(turn.get("from"))
+    texts = []
+    for i, entry in enumerate(conversations):
+        role = _SPEAKERS.get(entry.get("from"))
         if role is None:
-            raise FormatError(f"turn {i}: unknown speaker {turn.get('from')!r} (expected 'human' or 'gpt')")
+            raise FormatError(f"turn {i}: unknown speaker {entry.get('from')!r} (expected 'human' or 'gpt')")
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise FormatError(f"turn {i}: expected a {expected} turn, got {role}")
-        text = str(turn.get("value", "")).strip()
+        text = str(entry.get("value", ""))
         if i > 0 and IMAGE_PLACEHOLDER in text:
             raise FormatError(f"turn {i}: {IMAGE_PLACEHOLDER} outside the first turn (one image per sample)")
-        turns.append((role, text))
-    if len(turns) < 2:
+        texts.append(text)
+    if len(texts) < 2:
         raise FormatError("conversation has no answer")
-    return turns
+    question, answer = texts[0], texts[1]
+    if question.count(IMAGE_PLACEHOLDER) != 1:
+        raise FormatError(f"first turn has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders "
+                          "(exactly one image per sample)")
+    if not answer.strip():
+        raise FormatError("turn 1: empty answer")
+    return _IMAGE_AND_NEWLINES.sub(IMAGE_TEXT, question), answer
 
 
-def _first_user_content(text: str, inserted: str) -> list[dict]:
-    """Image where ``<image>`` was (start if absent), ``inserted`` right after it, then the text."""
-    if text.count(IMAGE_PLACEHOLDER) > 1:
-        raise FormatError(f"first turn has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders (one image per sample)")
-    before, _, after = text.partition(IMAGE_PLACEHOLDER) if IMAGE_PLACEHOLDER in text else ("", "", text)
-    content = []
-    if before.strip():
-        content.append({"type": "text", "text": before.strip() + "\n"})
-    content.append({"type": "image"})
-    rest = inserted + after.strip()
-    if rest:
-        content.append({"type": "text", "text": rest})
-    return content
+def stage_text(stage: str, question: str, answer: str, anchors: list[str]) -> TrainingText:
+    """``stage``'s text of one exchange over ``anchors``; for efficient_reasoning ``anchors`` is the drawn
+    subset and [] means the plain answer."""
+    if stage not in STAGES:
+        raise FormatError(f"unknown stage {stage!r} (known: {list(STAGES)})")
+    plain = TrainingText(SYSTEM_TURN + turn("user", question) + ASSISTANT_HEADER, f"{answer}\n{IM_END}\n")
+    if stage == "understanding":
+        with_thoughts = question.replace(IMAGE_TEXT, IMAGE_TEXT + thoughts(anchors))
+        return TrainingText(SYSTEM_TURN + turn("user", with_thoughts) + ASSISTANT_HEADER, plain.labelled)
+    if stage == "generation":
+        return TrainingText(SYSTEM_TURN + turn("user", generation_question(anchors)) + ASSISTANT_HEADER,
+                            f"{thoughts(anchors)}\n{IM_END}\n")
+    if stage == "efficient_reasoning" and not anchors:
+        return plain
+    return TrainingText(plain.prompt, f"{reasoning_answer(answer, anchors)}\n{IM_END}\n")
 
 
-def _messages(turns: list[tuple[str, str]], first_user_insert: str = "") -> list[dict]:
-    messages = []
-    for i, (role, text) in enumerate(turns):
-        if i == 0:
-            messages.append({"role": "user", "content": _first_user_content(text, first_user_insert)})
-        else:
-            messages.append({"role": role, "content": text if role == "assistant" else [{"type": "text", "text": text}]})
-    return messages
-
-
-def choose_efficient(anchors: list[str], rng: np.random.Generator, plain_answer_fraction: float) -> list[str]:
-    """Stage 4's choice: [] for a plain answer, else a non-empty subset (kept in ``anchors`` order)."""
+def choose_efficient(anchors: list[str], rng: np.random.Generator,
+                     plain_answer_fraction: float = PLAIN_ANSWER_FRACTION) -> list[str]:
+    """Stage 4's draw: [] for a plain answer, else a subset of uniform size 1..n, uniform among that size,
+    kept in ``anchors`` order (the reference's ``randint(0, 5) == 0``, ``randint(1, n)``, ``sample``)."""
     if rng.random() < plain_answer_fraction:
         return []
     size = int(rng.integers(1, len(anchors) + 1))
@@ -109,32 +137,23 @@ def choose_efficient(anchors: list[str], rng: np.random.Generator, plain_answer_
     return [a for i, a in enumerate(anchors) if i in chosen]
 
 
-def format_conversation(
-    conversations: list[dict],
-    stage: str,
-    anchors: list[str],
-    rng: np.random.Generator | None = None,
-    plain_answer_fraction: float = 0.0,
-) -> list[dict]:
-    """Chat messages of one LLaVA conversation in ``stage``'s format with the active ``anchors``."""
-    if stage not in STAGES:
-        raise FormatError(f"unknown stage {stage!r} (known: {list(STAGES)})")
+def format_sample(conversations: list[dict], stage: str, anchors: list[str], rng: np.random.Generator | None = None,
+                  plain_answer_fraction: float = PLAIN_ANSWER_FRACTION) -> TrainingText:
+    """The training text of one LLaVA conversation in ``stage``'s format with the active ``anchors``."""
     if not anchors:
         raise FormatError("no active anchors")
-    turns = _turns(conversations)
-    if stage == "understanding":
-        return _messages(turns, first_user_insert=thoughts(anchors))
-    if stage == "generation":
-        return _messages([("user", IMAGE_PLACEHOLDER + generation_question(anchors)), ("assistant", thoughts(anchors))])
+    question, answer = first_pair(conversations)
     if stage == "efficient_reasoning":
         if rng is None:
             raise FormatError("efficient_reasoning needs an rng")
         anchors = choose_efficient(anchors, rng, plain_answer_fraction)
-        if not anchors:
-            return _messages(turns)
-    first_answer = turns[1][1]
-    turns = [turns[0], ("assistant", reasoning_answer(first_answer, anchors))] + turns[2:]
-    return _messages(turns)
+    return stage_text(stage, question, answer, anchors)
+
+
+def plain_text(conversations: list[dict]) -> TrainingText:
+    """The first exchange without visual thoughts (stage 4's plain answer; the baseline of benchmarks)."""
+    question, answer = first_pair(conversations)
+    return stage_text("efficient_reasoning", question, answer, [])
 
 
 def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:

@@ -1,10 +1,13 @@
-"""The visual thought tokens: ``<|anchor_start|>``, ``<|anchor_end|>`` and one pad token per anchor.
+"""The tokens CoVT adds: the visual thought tokens and the reasoning tags.
 
 A visual thought of anchor ``a`` is written ``<|anchor_start|>`` + N x ``<|a_pad|>`` +
-``<|anchor_end|>`` with N = ``ANCHORS[a].tokens``. The tokens are added to the tokenizer
-as special tokens (never split, decodable), the VLM's input embedding and lm_head are
-grown to cover them, and the new rows start at the mean of the existing vocabulary's rows
-(plus tiny seeded noise, so pads of different anchors are distinguishable from step 0).
+``<|anchor_end|>`` with N = ``ANCHORS[a].tokens``; these are added to the tokenizer as
+special tokens (never split, decodable). ``<think>``, ``</think>``, ``<answer>`` and
+``</answer>`` are added as ordinary added tokens, as the reference does, so that
+``decode(..., skip_special_tokens=True)`` keeps them and answers can be parsed. The VLM's
+input embedding and lm_head are grown to cover them when needed, and the new rows start
+at the mean of the existing vocabulary's rows (plus tiny seeded noise, so pads of
+different anchors are distinguishable from step 0). Only these rows train.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from shards.anchors import ANCHORS, get_anchor
 
 ANCHOR_START = "<|anchor_start|>"
 ANCHOR_END = "<|anchor_end|>"
+REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # stages 3-4 (trainer.formats)
 
 
 def pad_token(anchor: str) -> str:
@@ -25,6 +29,11 @@ def pad_token(anchor: str) -> str:
 def thought_token_strings() -> list[str]:
     """Every thought token, in a fixed order (start, end, then one pad per registry anchor)."""
     return [ANCHOR_START, ANCHOR_END] + [pad_token(a) for a in ANCHORS]
+
+
+def added_token_strings() -> list[str]:
+    """Every token CoVT adds, in a fixed order: the thought tokens, then the reasoning tags."""
+    return thought_token_strings() + list(REASONING_TAGS)
 
 
 def thought_text(anchor: str) -> str:
@@ -37,27 +46,30 @@ class ThoughtTokens:
     start_id: int
     end_id: int
     pad_id: dict[str, int]  # anchor -> id of <|anchor_pad|>
+    tag_ids: tuple[int, ...] = ()  # ids of REASONING_TAGS, in that order
 
     @property
     def ids(self) -> list[int]:
-        return [self.start_id, self.end_id] + list(self.pad_id.values())
+        """Every added token's id: the rows of the embedding and lm_head that train."""
+        return [self.start_id, self.end_id] + list(self.pad_id.values()) + list(self.tag_ids)
 
 
 def thought_tokens(tokenizer) -> ThoughtTokens:
-    """Ids of the thought tokens in a tokenizer that already has them (e.g. a trained CoVT folder)."""
+    """Ids of the added tokens in a tokenizer that already has them (e.g. a trained CoVT folder)."""
     vocab = tokenizer.get_vocab()
-    missing = [t for t in thought_token_strings() if t not in vocab]
+    missing = [t for t in added_token_strings() if t not in vocab]
     if missing:
-        raise KeyError(f"tokenizer lacks the visual thought tokens {missing}; call add_thought_tokens first")
+        raise KeyError(f"tokenizer lacks the CoVT tokens {missing}; call add_thought_tokens first")
     return ThoughtTokens(
         start_id=vocab[ANCHOR_START],
         end_id=vocab[ANCHOR_END],
         pad_id={a: vocab[pad_token(a)] for a in ANCHORS},
+        tag_ids=tuple(vocab[t] for t in REASONING_TAGS),
     )
 
 
 def add_thought_tokens(processor, model=None, seed: int = 0) -> ThoughtTokens:
-    """Add the thought tokens to ``processor.tokenizer`` and make room for them in ``model``.
+    """Add the thought tokens and reasoning tags to ``processor.tokenizer`` and make room for them in ``model``.
 
     Idempotent: tokens already in the tokenizer (a folder saved after stage 1) keep their
     ids and their trained embedding rows; only rows of tokens added by this call are
@@ -65,9 +77,12 @@ def add_thought_tokens(processor, model=None, seed: int = 0) -> ThoughtTokens:
     """
     tokenizer = getattr(processor, "tokenizer", processor)
     vocab = tokenizer.get_vocab()
-    new = [t for t in thought_token_strings() if t not in vocab]
-    if new:
-        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    new = [t for t in added_token_strings() if t not in vocab]
+    special = [t for t in new if t not in REASONING_TAGS]
+    if special:
+        tokenizer.add_special_tokens({"extra_special_tokens": special}, replace_extra_special_tokens=False)
+    if len(special) < len(new):
+        tokenizer.add_tokens([t for t in new if t in REASONING_TAGS])
     tokens = thought_tokens(tokenizer)
     if model is not None:
         new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new]
