@@ -128,6 +128,7 @@ class LoraConfig:
     alpha: int = 32  # LoRA alpha
     dropout: float = 0.01  # LoRA dropout
     vision_tower: bool = True  # LoRA on the vision tower as well as the LLM
+    merger: bool = True  # LoRA also on the vision tower's patch merger (its 2 Linear layers), as the reference
     target_modules: list[str] = field(  # module names that get LoRA (LLM and vision blocks)
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"]
     )
@@ -141,7 +142,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # anchor -> weight (default 1)
     # AdamW as the reference's trainer.py: two learning rates, decay on all but biases and norms
     lr: float = 5e-5  # LoRA, new token rows and heads (the reference's learning_rate)
-    projection_lr: float = 1e-5  # parameters named *_projection*, *query_vectors*, *cross_attention* (projection_layer_lr)
+    projection_lr: float = 1e-5  # parameters named *_projection*, *query_vectors*, *cross_attention*
     weight_decay: float = 0.1  # AdamW weight decay, except biases and norm weights
     warmup_ratio: float = 0.05  # linear warm-up over this share of each run, then cosine to 0 (per run)
     batch_size: int = 1  # per device
@@ -330,9 +331,9 @@ RANGES: dict[str, Range] = {
     "train.lora.dropout": Range(0, 1, high_open=True),
     "train.loss_weights.NAME": AT_LEAST_0,
     "train.lr": POSITIVE,
-    "train.head_lr": POSITIVE,
+    "train.projection_lr": POSITIVE,
     "train.weight_decay": AT_LEAST_0,
-    "train.warmup_steps": AT_LEAST_0,
+    "train.warmup_ratio": Range(0, 1, high_open=True),
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
     "train.max_length": AT_LEAST_1,
@@ -394,6 +395,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if name not in ANCHORS:
             raise ConfigError(f"anchors: unknown anchor {name!r} (known: {list(ANCHORS)})")
     return cfg
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (every key, defaults included); ``load_config`` reads it back to ``cfg``."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=120)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``config_yaml(cfg)`` to ``path`` atomically (a run folder keeps the config it ran with)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(config_yaml(cfg))
+    tmp.replace(path)
+    return path
 
 
 def add_config_arguments(parser) -> None:

@@ -324,7 +324,7 @@ def workdir(tmp_path_factory):
 def overrides(workdir: Path, output: str, steps: int, *extra: str, cache: str = "cache") -> list[str]:
     return [f"model.path={workdir / 'base'}", f"cache.dir={workdir / cache}", f"train.output_dir={workdir / output}",
             "anchors=[depth]", f"train.stages=[{{name: understanding, steps: {steps}, merge_after: true}}]",
-            "train.save_every=2", "train.lr=5e-3", "train.head_lr=5e-3", *extra]
+            "train.save_every=2", "train.lr=5e-3", "train.projection_lr=5e-3", *extra]
 
 
 def tiny(workdir: Path, output: str, steps: int, *extra: str, cache: str = "cache"):

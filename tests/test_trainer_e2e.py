@@ -53,7 +53,7 @@ def overrides(workdir: Path, output: str) -> list[str]:
         "train.batch_size=1",
         "train.save_every=3",
         "train.lr=5e-3",
-        "train.head_lr=5e-3",
+        "train.projection_lr=5e-3",
     ]
 
 
@@ -83,6 +83,22 @@ def test_every_stage_runs_in_order_with_its_anchor_losses(uninterrupted):
             assert set(ANCHORS) <= set(r)
     assert set(rows[6]) & set(ANCHORS) == set() and rows[6]["loss"] == rows[6]["text"]
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_run_folder_keeps_the_resolved_config(uninterrupted, workdir):
+    saved = load_config(uninterrupted / "config.yaml")
+    assert saved == load_config(REPO / "configs/tiny.yaml", overrides(workdir, "full"))
+    assert saved.train.output_dir == str(workdir / "full")
+
+
+def test_each_run_has_its_own_warmup_and_cosine_schedule(uninterrupted):
+    # run 0: 2 steps (warm-up 1), run 1: 5 steps (warm-up 1); the logged lr is the next step's
+    lrs = [r["lr"] for r in metrics(uninterrupted)]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(0.0, abs=1e-12)  # run 0 ends at 0
+    assert lrs[2] == pytest.approx(5e-3)  # run 1 starts a fresh schedule after the merge
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # the heads' projections, queries and attention (when the heads have such names) follow the same schedule
+    assert [r.get("projection_lr", r["lr"]) for r in metrics(uninterrupted)] == pytest.approx(lrs)
 
 
 def test_both_merges_and_tensorboard_are_written(uninterrupted):

@@ -53,17 +53,27 @@ def lora_modules(model):
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A"))
 
 
-def test_lora_goes_on_every_llm_and_vision_block_linear_and_nowhere_else(base_dir):
+def test_lora_goes_on_every_llm_and_vision_tower_linear_including_the_merger_and_nowhere_else(base_dir):
     vlm, new_ids = load_with_new_rows(base_dir)
     cfg = vlm.config
+    linears = sorted(n for n, m in vlm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     peft_model = attach_lora(vlm, LoraConfig(), new_ids)
     names = lora_modules(peft_model)
     llm = [n for n in names if ".language_model.layers." in n]
     vision = [n for n in names if ".visual.blocks." in n]
+    merger = [n for n in names if ".visual.merger." in n]
     assert len(llm) == cfg.text_config.num_hidden_layers * 7
     assert len(vision) == cfg.vision_config.depth * 5
-    assert len(names) == len(llm) + len(vision)  # no patch_embed.proj (Conv3d), merger, lm_head
+    assert merger == ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert len(names) == len(llm) + len(vision) + len(merger)  # no patch_embed.proj (Conv3d), lm_head
     assert {n.rsplit(".", 1)[1] for n in vision} == {"qkv", "proj", "gate_proj", "up_proj", "down_proj"}
+    assert names == linears  # the reference's rule: every Linear but the lm_head (and the heads, not in the VLM)
+
+
+def test_the_merger_can_be_left_without_lora(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    names = lora_modules(attach_lora(vlm, LoraConfig(merger=False), new_ids))
+    assert names and not any(".merger." in n for n in names)
 
 
 def test_without_vision_tower_only_the_llm_gets_lora(base_dir):

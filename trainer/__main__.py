@@ -1,8 +1,9 @@
 """``python -m trainer --config configs/tiny.yaml [key.sub=value ...]`` (``make train``).
 
-Resumes from the newest checkpoint in train.output_dir by default. Launch several
-GPUs with ``deepspeed -m trainer ...`` or ``torchrun --nproc-per-node N -m trainer ...``
-and train.deepspeed=configs/deepspeed/zero2.json.
+Resumes from the newest checkpoint in train.output_dir by default; the run folder keeps
+the resolved config it started with as ``config.yaml`` (``--print-config`` prints it and
+exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
+--nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
 """
 from __future__ import annotations
 
@@ -23,9 +24,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="start from step 0 even if checkpoints exist")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop once STEP optimizer steps are done (to split a run; resume continues it)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.print_config:
+        from shards.config import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return
 
     from trainer.train import train
 

@@ -7,8 +7,9 @@ format depends only on (stage, train.seed, global step, sample index).
 Per sample: the stage's training text (trainer.formats: prompt + labelled part, the
 reference's texts), the processor on the prompt with the square view of image 0 at
 ``model.image_size`` (the view the anchors saw), labels on the labelled part only,
-truncation to ``train.max_length`` that never splits the image or a visual thought. Per anchor: which rows carry its thoughts, where its pad tokens
-are, the stacked cached targets of those rows and, for heads that ask, uint8 views.
+truncation to ``train.max_length`` that never splits the image or a visual thought.
+Per anchor: which rows carry its thoughts, where its pad tokens are, the stacked cached
+targets of those rows and, for heads that ask, uint8 views.
 """
 from __future__ import annotations
 

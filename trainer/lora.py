@@ -3,9 +3,12 @@
 Adapters go on the linear layers of the language model's decoder layers and, with
 ``lora.vision_tower``, of the vision tower's blocks whose leaf name is one of
 ``lora.target_modules`` (Qwen2.5-VL names: q/k/v/o_proj, gate/up/down_proj in the
-LLM; attn.qkv, attn.proj and mlp.gate/up/down_proj in the vision blocks). The patch
-embedding (a Conv3d also called ``proj``), the patch merger and the lm_head are left
-alone, and the anchor heads are not part of the VLM at all.
+LLM; attn.qkv, attn.proj and mlp.gate/up/down_proj in the vision blocks), and with
+``lora.merger`` on both Linear layers of the vision tower's patch merger: with the
+defaults that is every Linear of the LLM and the vision tower, as in the reference
+(its LoRA targets every Linear but those of embed_tokens, lm_head and the heads). The
+patch embedding (a Conv3d also called ``proj``) and the lm_head are left alone, and
+the anchor heads are not part of the VLM at all.
 
 The rows of the added thought tokens train in full through peft's
 ``trainable_token_indices`` on the input embedding and, when it is not tied, the
@@ -48,6 +51,12 @@ def lora_target_pattern(vlm: torch.nn.Module, lora: LoraConfig) -> str:
         found |= leaves  # names of the vision tower are fine in the list even when it gets no LoRA
         if leaves and use:
             alternatives.append(rf"{re.escape(prefix)}\.{blocks}\.\d+\.\w+\.(?:{'|'.join(sorted(leaves))})")
+    if lora.merger and lora.vision_tower:
+        merger = _submodule_prefix(vlm, vlm.model.visual.merger)
+        linears = [n for n, m in vlm.named_modules() if n.startswith(merger + ".") and isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise ValueError(f"train.lora.merger: {type(vlm).__name__}'s patch merger has no Linear layer")
+        alternatives += [re.escape(n) for n in linears]
     missing = sorted(wanted - found)
     if missing:
         raise ValueError(

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from shards.config import Config, TrainConfig
+from shards.config import Config, TrainConfig, save_config
 from shards.reader import Cache, StreamingDataset
 from trainer.batch import batch_to, build_batch
 from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
@@ -34,6 +34,7 @@ from trainer.export import export_final, load_processor, load_vlm, merge_to_fold
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
 from trainer.model import CoVTModel
+from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.schedule import Schedule
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import add_thought_tokens
@@ -62,6 +63,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
     log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
     guard = NonFiniteGuard(t.max_nonfinite_steps, log)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
@@ -83,8 +86,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
         vlm = attach_lora(vlm, t.lora, tokens.ids)
         model = CoVTModel(vlm, heads, tokens, t.loss_weights).to(device)
-        optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+        optimizer = make_optimizer(model, t)
+        scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
         engine = deepspeed_engine(model, optimizer, scheduler, t, world, device) if t.deepspeed else None
         log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
                  f"{trainable_summary(model)}")
@@ -131,7 +134,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             mean_loss, grad_norm, applied = finish_step(totals, engine, optimizer, scheduler, trainable)
             losses = {"loss": mean_loss, **losses}
             done = step + 1
-            log.step(done, at, losses, scheduler.get_last_lr(), every=t.log_every, skipped=not applied)
+            log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied)
             guard.check(done, applied, losses, grad_norm)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
                 checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
@@ -227,13 +230,6 @@ def autocast(t: TrainConfig, device: torch.device):
     if use_bf16(t, device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def param_groups(model: CoVTModel, t: TrainConfig) -> list[dict]:
-    """LoRA adapters and new-token rows at train.lr, heads at train.head_lr (frozen decoders excluded)."""
-    vlm = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
-    return [{"params": vlm, "lr": t.lr, "name": "lora"}, {"params": heads, "lr": t.head_lr, "name": "heads"}]
 
 
 def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
@@ -389,7 +385,7 @@ class Logger:
                 self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
                              f"train.on_damaged_sample=skip): {problem}")
 
-    def step(self, done: int, at, losses: dict[str, float], lrs: list[float], every: int,
+    def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
              skipped: bool = False) -> None:
         now = time.perf_counter()
         perf = {"step": done, "seconds": round(now - self.last_time, 4)}
@@ -404,7 +400,7 @@ class Logger:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
         self.bar.update(1)
         record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
-                  "anchor_losses": at.anchor_losses_on, "lr": lrs[0], "head_lr": lrs[-1], **losses}
+                  "anchor_losses": at.anchor_losses_on, **lrs, **losses}
         if skipped:
             record["skipped"] = True  # non-finite loss or gradient: no update
         if self.damaged:
@@ -414,8 +410,8 @@ class Logger:
         if every and done % every == 0:
             for name, value in losses.items():
                 self.tb.add_scalar(f"loss/{name}", value, done)
-            self.tb.add_scalar("lr/lora", lrs[0], done)
-            self.tb.add_scalar("lr/heads", lrs[-1], done)
+            for name, value in lrs.items():
+                self.tb.add_scalar(f"lr/{name}", value, done)
 
     def close(self) -> None:
         self.perf.close()
