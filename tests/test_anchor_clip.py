@@ -57,10 +57,52 @@ def test_reloading_an_existing_folder_gives_the_same_model(tmp_path):
     np.testing.assert_array_equal(first, again["embedding"])
 
 
-@pytest.mark.parametrize("name,where", [("siglip", "google/siglip-so400m-patch14-384"),
+@pytest.mark.parametrize("name,where", [("siglip", "google/siglip2-large-patch16-256"),
                                         ("metaclip", "facebook/metaclip-h14-fullcc2.5b")])
 def test_missing_folder_names_it_and_where_to_get_it(name, where, tmp_path):
     with pytest.raises(MissingCheckpointError) as e:
         load(name, tmp_path / "nowhere", f"precompute.checkpoints.{name}.random_init_seed=null")
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg and where in msg and f"precompute.checkpoints.{name}.path" in msg
+
+
+def write_siglip2_fixed_resolution_folder(folder: Path, size: int = 64) -> None:
+    """A random tiny folder laid out as google/siglip2-large-patch16-256 is: SigLIP architecture
+    (model_type siglip, SiglipModel), a fixed-size SiglipImageProcessor (bilinear, mean/std 0.5)."""
+    config = transformers.SiglipConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=256, max_position_embeddings=64),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=size, patch_size=16))
+    torch.manual_seed(0)
+    transformers.SiglipModel(config).save_pretrained(folder)
+    transformers.SiglipImageProcessor(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3).save_pretrained(folder)
+
+
+def test_a_siglip2_fixed_resolution_folder_loads_and_gives_get_image_features(tmp_path):
+    folder = tmp_path / "siglip2-large-patch16-256"
+    write_siglip2_fixed_resolution_folder(folder)
+    anchor = load("siglip", folder, "precompute.checkpoints.siglip.random_init_seed=null")
+    assert anchor.input_size == 64 and anchor.dims() == {"dim": 48}
+    square = [square_view(Image.open(p).convert("RGB"), 64) for p in PHOTOS[:2]]
+    out = anchor.compute(torch.from_numpy(np.stack(square)))["embedding"]
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    assert type(model).__name__ == "SiglipModel"  # what the reference's AutoModel.from_pretrained gives
+    with torch.no_grad():  # the reference's target: get_image_features of the processor's input
+        ref = model.get_image_features(**processor(images=[Image.fromarray(s) for s in square], return_tensors="pt"))
+    np.testing.assert_allclose(out, ref.pooler_output.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_siglip2_naflex_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "siglip2-naflex"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "siglip2"}')
+    with pytest.raises(ValueError, match="NaFlex"):
+        load("siglip", folder, "precompute.checkpoints.siglip.random_init_seed=null")
+
+
+def test_the_7b_recipe_uses_the_references_siglip(repo_root):
+    cfg = load_config(repo_root / "configs/covt_7b_all.yaml")
+    assert Path(cfg.precompute.checkpoints["siglip"].path).name == "siglip2-large-patch16-256"

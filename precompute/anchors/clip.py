@@ -1,16 +1,20 @@
 """SigLIP and MetaCLIP anchors: one pooled image embedding per image from a Hugging Face folder.
 
 Input: the square view at the folder's processor size (``preprocessor_config.json``:
-``crop_size`` when the processor centre-crops, else ``size``; SigLIP so400m: 384,
-MetaCLIP H/14: 224), rescaled to [0, 1] and normalised with the processor's
-mean/std. Because the view is already square at that size, the processor's
+``crop_size`` when the processor centre-crops, else ``size``; SigLIP 2 large
+patch16-256: 256, MetaCLIP H/14: 224), rescaled to [0, 1] and normalised with the
+processor's mean/std. Because the view is already square at that size, the processor's
 resize and centre crop are identities and are skipped.
 
-Targets: ``embedding`` = SigLIP's ``pooler_output`` (the attention-pooling head,
-1152-d for so400m), MetaCLIP's ``image_embeds`` (the projected embedding the
-contrastive loss uses, 1024-d for H/14). MetaCLIP is a CLIP architecture, loaded
-with ``CLIPVisionModelWithProjection``. Both load from the full released folders
-(vision + text); the text tower's weights are ignored.
+Targets: ``embedding`` = SigLIP's ``pooler_output`` (the attention-pooling head; what
+``SiglipModel.get_image_features`` returns, the reference's target; 1024-d for SigLIP 2
+large), MetaCLIP's ``image_embeds`` (the projected embedding the contrastive loss uses,
+1024-d for H/14). The reference's SigLIP is ``google/siglip2-large-patch16-256``: SigLIP 2
+fixed-resolution checkpoints are published in SigLIP's architecture (config.json
+``model_type: siglip``, ``SiglipModel``) and load as such; SigLIP 2 NaFlex folders
+(``model_type: siglip2``, variable resolution) are not supported. MetaCLIP is a CLIP
+architecture, loaded with ``CLIPVisionModelWithProjection``. Both load from the full
+released folders (vision + text); the text tower's weights are ignored.
 """
 from __future__ import annotations
 
@@ -63,8 +67,8 @@ class Family:
 FAMILIES = {
     "siglip": Family(
         "siglip", ("siglip",), "SiglipVisionModel", "pooler_output", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        "https://huggingface.co/google/siglip-so400m-patch14-384 (the whole folder, e.g. "
-        "`huggingface-cli download google/siglip-so400m-patch14-384 --local-dir PATH`)",
+        "https://huggingface.co/google/siglip2-large-patch16-256 (the reference's SigLIP; the whole folder, e.g. "
+        "`huggingface-cli download google/siglip2-large-patch16-256 --local-dir PATH`)",
         "SiglipModel", "SiglipConfig", "SiglipImageProcessor", {},
     ),
     "metaclip": Family(
