@@ -5,8 +5,9 @@ load the selected anchors; rank 0 exports their frozen decoders and declares
 them, every rank then declares too (idempotent, it checks agreement); each rank
 walks the shards it owns (``shards_for_rank``), writes the sample tar if it is
 not committed yet, decodes the images in a small thread pool, builds each
-anchor's square view straight from the original (``shards.views.square_view``)
-and runs the anchors in batches of ``precompute.batch_size``; each anchor's
+anchor's view (``precompute.views``: by default the square view straight from the
+original, ``shards.views.square_view``; ``reference`` the reference's inputs,
+``precompute/views.py``) and runs the anchors in batches of ``precompute.batch_size``; each anchor's
 targets for a shard are committed (in a background thread, overlapping the next
 shard's compute) as soon as the shard is done. After a barrier
 rank 0 writes the manifest. A crash loses at most the shard in progress; a
@@ -39,7 +40,8 @@ from precompute.anchors.base import AnchorModel, load_anchor
 from shards.config import Config
 from shards.lock import CacheLock
 from shards.records import Record, load_records
-from shards.views import open_rgb, square_view
+from precompute.views import ViewKey, describe, make_view, view_key
+from shards.views import open_rgb
 from shards.writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -111,27 +113,27 @@ def time_compute(anchor: AnchorModel, views: torch.Tensor, timing: AnchorTiming)
     return out
 
 
-def decode_views(record: Record, sizes: list[int]) -> dict[int, np.ndarray]:
-    """The record's first image as square views at every size the anchors want."""
+def decode_views(record: Record, keys: list[ViewKey]) -> dict[ViewKey, np.ndarray]:
+    """The record's first image as every view the anchors want."""
     path = record.images[0]
     try:
         image = open_rgb(path.read_bytes())
     except Exception as e:  # records were checked when read; this is a file changed since
         raise RuntimeError(f"record id={record.id!r}: cannot decode {path}: {type(e).__name__}: {e}") from e
-    return {s: square_view(image, s) for s in sizes}
+    return {key: make_view(image, key) for key in keys}
 
 
 class ViewLoader:
-    """Square views of a shard's records, decoded by ``workers`` threads, one batch ahead."""
+    """The views of a shard's records, decoded by ``workers`` threads, one batch ahead."""
 
-    def __init__(self, sizes: list[int], workers: int):
-        self.sizes = sizes
+    def __init__(self, keys: list[ViewKey], workers: int):
+        self.keys = keys
         self.pool: Executor | None = ThreadPoolExecutor(workers) if workers > 0 else None
 
     def _submit(self, recs: list[Record]) -> list[Future] | list[dict]:
         if self.pool is None:
-            return [decode_views(r, self.sizes) for r in recs]
-        return [self.pool.submit(decode_views, r, self.sizes) for r in recs]
+            return [decode_views(r, self.keys) for r in recs]
+        return [self.pool.submit(decode_views, r, self.keys) for r in recs]
 
     def batches(self, records: list[Record], batch_size: int):
         groups = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
@@ -139,7 +141,7 @@ class ViewLoader:
         for i in range(len(groups)):
             current = [f.result() if isinstance(f, Future) else f for f in pending]
             pending = self._submit(groups[i + 1]) if i + 1 < len(groups) else []
-            yield {s: np.stack([v[s] for v in current]) for s in self.sizes}
+            yield {k: np.stack([v[k] for v in current]) for k in self.keys}
 
     def close(self) -> None:
         if self.pool is not None:
@@ -168,10 +170,14 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
 
     # other ranks read rank 0's declarations from the cache when they write targets
+    keys = {name: view_key(name, model.input_size, pre.views) for name, model in models.items()}
     if ddp.rank == 0:
         for name, model in models.items():
             decoders = model.export_decoders(writer.decoders_dir)
-            writer.declare_anchor(name, model.dims(), model.fingerprint(), decoders)
+            fingerprint = model.fingerprint()
+            if pre.views != "square":  # recorded only when not the default, so existing caches stay valid
+                fingerprint["views"] = describe(keys[name])
+            writer.declare_anchor(name, model.dims(), fingerprint, decoders)
     ddp.barrier()
 
     owned = writer.shards_for_rank(ddp.rank, ddp.world)
@@ -179,8 +185,7 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     samples_todo = [s for s in owned if not writer.shard_done(s)]
     work = [s for s in owned if todo[s] or s in samples_todo]
     images_todo = sum(len(writer.shard_records(s)) for s in work if todo[s])
-    sizes = sorted({m.input_size for m in models.values()})
-    loader = ViewLoader(sizes, pre.num_workers)
+    loader = ViewLoader(sorted(set(keys.values())), pre.num_workers)
     timing = AnchorTiming()
     # targets are encoded, compressed and committed in the background while the next shard computes,
     # one thread per anchor (the writer is thread-safe per shard and anchor, and its heavy parts release
@@ -200,7 +205,7 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
             for views in loader.batches(recs, pre.batch_size):
                 for name in todo[shard]:
                     model = models[name]
-                    batch = torch.from_numpy(views[model.input_size]).to(device, non_blocking=True)
+                    batch = torch.from_numpy(views[keys[name]]).to(device, non_blocking=True)
                     outputs[name].append(time_compute(model, batch, timing))
                 bar.update(len(next(iter(views.values()))))
                 bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in todo[shard]}, refresh=False)

@@ -94,6 +94,9 @@ class PrecomputeConfig:
     batch_size: int = 8  # images per anchor forward pass
     num_workers: int = 2  # image decoding workers
     checkpoints: dict[str, CheckpointConfig] = field(default_factory=dict)  # anchor name -> its checkpoint
+    # square: every anchor from the square view the VLM sees; reference: the reference's own inputs (256 thumbnails,
+    # BGR into Depth Anything, zero-padded DINO...: precompute/views.py), to compare with its released checkpoints
+    views: Literal["square", "reference"] = "square"  # what the anchors compute from (square / reference)
     sam: SamPrecomputeConfig = field(default_factory=SamPrecomputeConfig)
 
 
