@@ -45,7 +45,8 @@ from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import VLM_INPUTS, CoVTModel  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
-from trainer.train import MAX_GRAD_NORM, param_groups  # noqa: E402
+from trainer.optim import param_groups  # noqa: E402
+from trainer.train import MAX_GRAD_NORM  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
 
