@@ -25,12 +25,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from shards.config import TrainConfig
-
-PROJECTION_NAMES = ("_projection", "query_vectors", "cross_attention")  # at train.projection_lr (the reference's)
-
-
-def is_projection(name: str) -> bool:
-    return any(key in name for key in PROJECTION_NAMES)
+from trainer.heads import uses_projection_lr  # the heads name their parameters to fit the reference's rule
 
 
 def is_norm(module: torch.nn.Module) -> bool:
@@ -56,7 +51,7 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
                                                                  (True, False)]}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[(is_projection(name), name not in no_decay)].append(p)
+            groups[(uses_projection_lr(name), name not in no_decay)].append(p)
     return [{"params": params, "lr": t.projection_lr if projection else t.lr,
              "weight_decay": t.weight_decay if decay else 0.0,
              "name": f"{'projection' if projection else 'main'}{'' if decay else '_no_decay'}"}
