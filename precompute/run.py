@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from precompute import calibrate
 from precompute.anchors.base import AnchorModel, load_anchor
 from shards.config import Config
 from shards.lock import CacheLock
@@ -171,13 +172,11 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
 
     # other ranks read rank 0's declarations from the cache when they write targets
     keys = {name: view_key(name, model.input_size, pre.views) for name, model in models.items()}
+    loader = ViewLoader(sorted(set(keys.values())), pre.num_workers)
+    timing = AnchorTiming()
     if ddp.rank == 0:
-        for name, model in models.items():
-            decoders = model.export_decoders(writer.decoders_dir)
-            fingerprint = model.fingerprint()
-            if pre.views != "square":  # recorded only when not the default, so existing caches stay valid
-                fingerprint["views"] = describe(keys[name])
-            writer.declare_anchor(name, model.dims(), fingerprint, decoders)
+        declare_anchors(writer, models, keys, pre.views, cfg.cache.codec_max_error, loader, pre.batch_size, device,
+                        timing)
     ddp.barrier()
 
     owned = writer.shards_for_rank(ddp.rank, ddp.world)
@@ -185,8 +184,6 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     samples_todo = [s for s in owned if not writer.shard_done(s)]
     work = [s for s in owned if todo[s] or s in samples_todo]
     images_todo = sum(len(writer.shard_records(s)) for s in work if todo[s])
-    loader = ViewLoader(sorted(set(keys.values())), pre.num_workers)
-    timing = AnchorTiming()
     # targets are encoded, compressed and committed in the background while the next shard computes,
     # one thread per anchor (the writer is thread-safe per shard and anchor, and its heavy parts release
     # the GIL); at most one shard waits there, so memory stays at two shards of targets
@@ -200,15 +197,8 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
                 writer.write_samples(shard)
             if not todo[shard]:
                 continue
-            recs = writer.shard_records(shard)
-            outputs: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in todo[shard]}
-            for views in loader.batches(recs, pre.batch_size):
-                for name in todo[shard]:
-                    model = models[name]
-                    batch = torch.from_numpy(views[keys[name]]).to(device, non_blocking=True)
-                    outputs[name].append(time_compute(model, batch, timing))
-                bar.update(len(next(iter(views.values()))))
-                bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in todo[shard]}, refresh=False)
+            outputs = compute_shard({n: models[n] for n in todo[shard]}, keys, writer.shard_records(shard), loader,
+                                    pre.batch_size, device, timing, bar)
             for f in committing:
                 f.result()
             committing = [committer.submit(commit_targets, writer, shard, name, parts)
@@ -236,8 +226,48 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     return summary
 
 
+def compute_shard(models: dict[str, AnchorModel], keys: dict, recs: list[Record], loader: ViewLoader,
+                  batch_size: int, device: torch.device, timing: AnchorTiming, bar: tqdm | None = None,
+                  ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every model's targets for ``recs``, batch by batch (a list of per-batch outputs per anchor)."""
+    outputs: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in models}
+    for views in loader.batches(recs, batch_size):
+        for name, model in models.items():
+            batch = torch.from_numpy(views[keys[name]]).to(device, non_blocking=True)
+            outputs[name].append(time_compute(model, batch, timing))
+        if bar is not None:
+            bar.update(len(next(iter(views.values()))))
+            bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in models}, refresh=False)
+    return outputs
+
+
+def declare_anchors(writer: CacheWriter, models: dict[str, AnchorModel], keys: dict, views: str,
+                    bound: float | None, loader: ViewLoader, batch_size: int, device: torch.device,
+                    timing: AnchorTiming) -> None:
+    """Export decoders and declare each anchor (rank 0). Anchors with codecs measured on the data are first
+    computed on shard 0 and calibrated (precompute/calibrate.py); those targets are committed right away."""
+    fresh = {n: m for n, m in models.items() if calibrate.needs_calibration(writer, n, bound)}
+    first = compute_shard(fresh, keys, writer.shard_records(0), loader, batch_size, device, timing) if fresh else {}
+    for name, model in models.items():
+        decoders = model.export_decoders(writer.decoders_dir)
+        fingerprint = model.fingerprint()
+        if views != "square":  # recorded only when not the default, so existing caches stay valid
+            fingerprint["views"] = describe(keys[name])
+        if name in first:
+            codecs, calibration = calibrate.calibrate(writer, name, joined(first[name]), bound)
+        else:
+            codecs, calibration = calibrate.declared_choice(writer, name)
+        writer.declare_anchor(name, model.dims(), fingerprint, decoders, codecs=codecs, calibration=calibration)
+        if name in first:
+            commit_targets(writer, 0, name, first.pop(name))
+
+
+def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def commit_targets(writer: CacheWriter, shard: int, anchor: str, parts: list[dict[str, np.ndarray]]) -> None:
-    writer.write_targets(shard, anchor, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    writer.write_targets(shard, anchor, joined(parts))
 
 
 def summary_line(s: dict) -> str:

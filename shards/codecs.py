@@ -236,6 +236,111 @@ class FP8(Codec):
         return q * scale.reshape((-1,) + (1,) * (q.ndim - 1))
 
 
+def fp8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float8 e4m3 bits of ``x / scale`` with one ``scale = max|row| / 448`` per row (last axis)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    peak = np.abs(x).max(axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
+    scale = np.where(peak > 0, peak / FP8_MAX, 1.0).astype(np.float32)
+    scaled = torch.from_numpy(x / scale[..., None])
+    return scaled.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), scale
+
+
+def from_fp8_rows(bits: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    q = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float().numpy()
+    return q * np.asarray(scale, dtype=np.float32)[..., None]
+
+
+class FP8Row(Codec):
+    """float8 e4m3 with a float32 scale per row (the last axis: a token's features, a map's row).
+
+    A row's own peak sets its scale, so a row of small values keeps its 3 mantissa
+    bits instead of sinking into e4m3's subnormals (below 2^-6 of the scale) against
+    the sample's largest value, as with ``fp8``'s one scale per sample. Costs 4 bytes
+    a row (0.4% on 1024 features).
+    """
+
+    name, kind, lossy = "fp8row", "float", True
+
+    def stored(self, shape):
+        return [StoredArray("", np.dtype(np.uint8), tuple(shape)),
+                StoredArray("scale", np.dtype(np.float32), tuple(shape[:-1]))]
+
+    def encode(self, batch):
+        bits, scale = fp8_rows(batch)
+        return {"": bits, "scale": scale}
+
+    def decode(self, stored, shape):
+        return from_fp8_rows(stored[""], stored["scale"])
+
+
+class LowRank(Codec):
+    """Per sample, each matrix of the last two axes (``M x N``, e.g. one layer's patches x features) as the
+    rank-``rank`` product ``U V`` of its truncated SVD (``U`` holds the singular values), the factors in
+    bf16 or fp8 with a scale per row. Stores ``rank * (M + N)`` numbers instead of ``M * N``.
+
+    The SVD is randomised (a seeded Gaussian range finder with two power iterations, then an exact SVD
+    of the small projected matrix), so encoding one 1369 x 1024 layer costs a few GFLOP, and the same
+    input on the same machine gives the same bytes (resume rewrites identical shards).
+    """
+
+    kind, lossy = "float", True
+    OVERSAMPLE, POWER_ITERATIONS = 16, 2
+
+    def __init__(self, rank: int, factors: str):
+        self.rank, self.factors = rank, factors
+        self.name = f"lowrank{rank}" + ("-fp8" if factors == "fp8row" else "")
+
+    def _rank(self, shape) -> int:
+        if len(shape) < 2:
+            raise CodecError(f"{self.name} needs arrays of at least 2 axes per sample, got shape {tuple(shape)}")
+        return min(self.rank, shape[-2], shape[-1])
+
+    def stored(self, shape):
+        r, lead = self._rank(shape), tuple(shape[:-2])
+        u, v = lead + (shape[-2], r), lead + (r, shape[-1])
+        if self.factors == "bf16":
+            return [StoredArray("", np.dtype(np.uint16), u), StoredArray("v", np.dtype(np.uint16), v)]
+        return [StoredArray("", np.dtype(np.uint8), u), StoredArray("scale", np.dtype(np.float32), u[:-1]),
+                StoredArray("v", np.dtype(np.uint8), v), StoredArray("v_scale", np.dtype(np.float32), v[:-1])]
+
+    def factorise(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` (K, M, N) float32 -> U (K, M, r) with the singular values folded in, V (K, r, N)."""
+        r = self._rank(a.shape)
+        k = min(r + self.OVERSAMPLE, a.shape[-2], a.shape[-1])
+        omega = torch.randn(a.shape[-1], k, generator=torch.Generator().manual_seed(0))
+        q = torch.linalg.qr(a @ omega).Q
+        for _ in range(self.POWER_ITERATIONS):  # sharpen the range towards the top singular vectors
+            q = torch.linalg.qr(a @ torch.linalg.qr(a.transpose(-1, -2) @ q).Q).Q
+        b = q.transpose(-1, -2) @ a  # (K, k, N): a's rows in the found basis
+        # SVD of the small b through the eigenvectors of b b^T (k x k, in float64): cheaper than an SVD
+        # of b on a CPU; the top r of its k directions are accurate, the oversampled tail is dropped
+        evals, evecs = torch.linalg.eigh((b @ b.transpose(-1, -2)).double())
+        top = evecs[..., -r:].flip(-1).float()  # (K, k, r), largest eigenvalue first
+        return q @ top, top.transpose(-1, -2) @ b
+
+    def encode(self, batch):
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        shape = x.shape[1:]
+        r = self._rank(shape)
+        us = np.empty(x.shape[:-1] + (r,), np.float32)
+        vs = np.empty(x.shape[:-2] + (r, x.shape[-1]), np.float32)
+        for i in range(len(x)):  # one sample's matrices at a time: a shard of them would not fit in memory
+            mats = torch.from_numpy(x[i]).reshape(-1, *shape[-2:])
+            u, v = self.factorise(mats)
+            us[i], vs[i] = u.reshape(us.shape[1:]).numpy(), v.reshape(vs.shape[1:]).numpy()
+        if self.factors == "bf16":
+            return {"": BF16().encode(us)[""], "v": BF16().encode(vs)[""]}
+        (ub, us_scale), (vb, vs_scale) = fp8_rows(us), fp8_rows(vs)
+        return {"": ub, "scale": us_scale, "v": vb, "v_scale": vs_scale}
+
+    def decode(self, stored, shape):
+        if self.factors == "bf16":
+            u, v = BF16().decode({"": stored[""]}, ()), BF16().decode({"": stored["v"]}, ())
+        else:
+            u, v = from_fp8_rows(stored[""], stored["scale"]), from_fp8_rows(stored["v"], stored["v_scale"])
+        return np.matmul(u, v)
+
+
 class PackBits(Codec):
     name, kind = "packbits", "mask"
 
@@ -275,7 +380,11 @@ def zarr_compressors(spec: str, where: str = "") -> list:
     raise CodecError(f"{where}: unknown compression {spec!r} (use 'none' or 'zstd-<level>', e.g. zstd-1)")
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (BF16(), FP16(), FP32(), FP8(), PackBits(), Int32())}
+LOW_RANKS = (32, 64, 128, 256)
+CODECS: dict[str, Codec] = {c.name: c for c in (
+    BF16(), FP16(), FP32(), FP8(), FP8Row(), PackBits(), Int32(),
+    *(LowRank(r, factors) for r in LOW_RANKS for factors in ("bf16", "fp8row")),
+)}
 DEFAULT_FOR_KIND: dict[str, str] = {"mask": "packbits", "count": "int32"}
 
 
@@ -290,8 +399,29 @@ def get_codec(name: str, kind: TargetKind, where: str = "") -> Codec:
     return codec
 
 
+# cache.codec "auto": per float array, the smallest codec whose head loss and gradient errors stayed within 1%
+# in bench/bench_codecs.py (BENCHMARKS.md; random-weight anchors at the recipe's shapes, PIDINet real);
+# precompute re-measures each on the first shard and falls back to bf16 where it errs more (calibrate.py)
+AUTO_CODECS: dict[str, str] = {
+    "sam/embedding": "fp8row",
+    "depth/features": "lowrank128-fp8",
+    "dino/features": "fp8row",
+}
+AUTO = "auto"
+# codecs whose error depends on the data enough to be re-measured on the user's first shard
+MEASURED_ON_DATA = frozenset(n for n, c in CODECS.items() if c.lossy and n not in ("bf16", "fp16"))
+
+
+def check_default_codec(name: str) -> None:
+    """``cache.codec``: ``auto`` or a float codec."""
+    if name != AUTO:
+        get_codec(name, "float", "cache.codec")
+
+
 def codec_for(anchor: str, array: str, kind: TargetKind, default_float: str, overrides: dict[str, str]) -> Codec:
     key = f"{anchor}/{array}"
+    if default_float == AUTO:
+        default_float = AUTO_CODECS.get(key, "bf16")
     name = overrides.get(key) or (default_float if kind == "float" else DEFAULT_FOR_KIND[kind])
     return get_codec(name, kind, f"cache.codecs[{key}]" if key in overrides else key)
 

@@ -56,8 +56,10 @@ class DataConfig:
 class CacheConfig:
     dir: str = "runs/tiny/cache"  # where precompute writes, and train reads
     shard_size: int = 64  # samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L
-    codec: str = "bf16"  # default codec of float target arrays
-    codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8"
+    # auto: per array the smallest codec within 1% head error (BENCHMARKS.md), re-measured on the first shard
+    codec: str = "auto"  # default codec of float target arrays: auto, bf16, fp8row, lowrank128-fp8, ...
+    codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8row"
+    codec_max_error: float = 0.05  # relative L2 error above which a data-measured codec falls back to bf16
 
 
 # --------------------------------------------------------------------- precompute

@@ -37,7 +37,8 @@ import zarr
 
 from shards import layout
 from shards.anchors import ANCHORS, array_shape, get_anchor
-from shards.codecs import COMPRESSION_DEFAULTS, Codec, CodecError, codec_for, get_codec, stored_name, zarr_compressors
+from shards.codecs import (COMPRESSION_DEFAULTS, Codec, CodecError, check_default_codec, codec_for, get_codec,
+                           stored_name, zarr_compressors)
 from shards.records import BadRecord, Record
 
 RESUME = "precompute resumes, keeping every committed shard"
@@ -102,7 +103,7 @@ class CacheWriter:
         self.shard_size = int(shard_size)
         self.bad_records = list(bad_records)
         self.subset = subset
-        get_codec(default_codec, "float", "cache.codec")
+        check_default_codec(default_codec)
         self.default_codec = default_codec
         self.codecs = dict(codecs or {})
         for key in self.codecs:
@@ -177,7 +178,8 @@ class CacheWriter:
             return False
         return cls._create_aside(path, lambda tmp: zarr.open_group(str(tmp), mode="w", attributes=attributes))
 
-    def _declaration(self, anchor: str, dims: dict, fingerprint: dict, decoders: list[str]) -> dict:
+    def _declaration(self, anchor: str, dims: dict, fingerprint: dict, decoders: list[str],
+                     codecs: dict[str, str], calibration: dict[str, dict]) -> dict:
         spec = get_anchor(anchor)
         arrays = {}
         for arr in spec.arrays:
@@ -185,7 +187,8 @@ class CacheWriter:
                 shape = array_shape(anchor, arr.name, dims)
             except KeyError as e:
                 raise ValueError(f"declare_anchor({anchor!r}): {e.args[0]}") from None
-            codec = codec_for(anchor, arr.name, arr.kind, self.default_codec, self.codecs)
+            codec = codec_for(anchor, arr.name, arr.kind, self.default_codec,
+                              {**self.codecs, **{f"{anchor}/{k}": v for k, v in codecs.items()}})
             arrays[arr.name] = {
                 "shape": list(shape),
                 "dtype": LOGICAL_DTYPE[arr.kind],
@@ -196,6 +199,7 @@ class CacheWriter:
                     stored_name(arr.name, p.suffix): {"dtype": p.dtype.name, "shape": list(p.shape)}
                     for p in codec.stored(shape)
                 },
+                **({"calibration": calibration[arr.name]} if arr.name in calibration else {}),
             }
         decl = {
             "anchor": anchor,
@@ -209,13 +213,16 @@ class CacheWriter:
         return json.loads(layout.dumps(decl))  # normalise tuples etc. to what a reread gives
 
     def declare_anchor(self, anchor: str, dims: dict[str, int], fingerprint: dict, decoders: list[str],
-                       overwrite: bool = False) -> None:
+                       overwrite: bool = False, codecs: dict[str, str] | None = None,
+                       calibration: dict[str, dict] | None = None) -> None:
         """Create ``targets.zarr/<anchor>`` for this cache; safe to call from every rank.
 
         An existing declaration with other dims, fingerprint or codecs is an error
-        unless ``overwrite``, which deletes that anchor's targets first.
+        unless ``overwrite``, which deletes that anchor's targets first. ``codecs``
+        (array -> codec) overrides the writer's choice for this anchor; ``calibration``
+        (array -> how that choice was measured) is recorded with it.
         """
-        decl = self._declaration(anchor, dims, fingerprint, decoders)
+        decl = self._declaration(anchor, dims, fingerprint, decoders, codecs or {}, calibration or {})
         missing = [d for d in decl["decoders"] if not (self.decoders_dir / d).is_file()]
         if missing:
             raise FileNotFoundError(f"declare_anchor({anchor!r}): decoder files missing from {self.decoders_dir}: {missing}")
@@ -273,6 +280,18 @@ class CacheWriter:
         self._path(layout.declaration_name(anchor)).unlink(missing_ok=True)
         self._arrays = {k: v for k, v in self._arrays.items() if k[0] != anchor}
         self._declarations.pop(anchor, None)
+
+    def declaration(self, anchor: str) -> dict | None:
+        """The anchor's declaration in this cache (codecs, shapes, calibration), or None if not declared."""
+        try:
+            return self._decl(anchor)
+        except KeyError:
+            return None
+
+    def codec_choice(self, anchor: str, array: str) -> Codec:
+        """The codec this writer would declare for ``anchor/array`` (before any calibration)."""
+        kind = get_anchor(anchor).array(array).kind
+        return codec_for(anchor, array, kind, self.default_codec, self.codecs)
 
     def _decl(self, anchor: str) -> dict:
         if anchor not in self._declarations:

@@ -34,7 +34,7 @@ def test_parquet_subset_precomputes_and_trains(tmp_path):
     rows.append({**rows[0], "id": "corrupt", "image_bytes": b"\xff\xd8 not a jpeg"})
     parquet = write_covt_parquet(tmp_path / "train-00000.parquet", rows, row_group_size=3)
     common = [f"data.path={parquet}", "data.subset.size=5", "data.subset.seed=1", f"cache.dir={tmp_path / 'cache'}",
-              f"anchors={ANCHORS}", "cache.shard_size=2"]
+              f"anchors={ANCHORS}", "cache.shard_size=2", "cache.codec=auto"]
     for name, file in (("depth", "depth.pth"), ("dino", "dino.pth")):
         common.append(f"precompute.checkpoints.{name}.path={tmp_path / file}")
     out = run("precompute", *common, "--anchors", "depth,dino")
@@ -43,6 +43,11 @@ def test_parquet_subset_precomputes_and_trains(tmp_path):
     cache = Cache(tmp_path / "cache")
     manifest = cache.manifest
     assert manifest["subset"] == {"size": 5, "seed": 1} and manifest["num_samples"] == 5
+    for key in ("depth/features", "dino/features"):  # codec auto: measured on the first shard, kept or bf16
+        anchor, array = key.split("/")
+        info = manifest["anchors"][anchor]["arrays"][array]
+        calib = info["calibration"]
+        assert calib["samples"] == 2 and info["codec"] == (calib["fell_back_to"] or calib["codec"])
     by_id = {r["id"]: r["image_bytes"] for r in rows}
     for i in range(len(cache)):
         sample = cache.sample(i)

@@ -1,0 +1,84 @@
+"""The small codecs (fp8 per row, per-sample low rank) and their calibration on the first shard."""
+import numpy as np
+import pytest
+
+from precompute.calibrate import calibrate, declared_choice, needs_calibration
+from shards.codecs import CODECS, CodecError
+from shards.reader import Cache
+from shards.records import load_records
+from shards.testing import DEFAULT_DIMS, synthetic_shard_targets
+from shards.writer import CacheWriter
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def low_rank(rng, shape, rank):
+    *lead, m, n = shape
+    return (rng.standard_normal((*lead, m, rank)) @ rng.standard_normal((*lead, rank, n))).astype(np.float32)
+
+
+def test_fp8row_scales_each_row_so_small_rows_keep_their_precision():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    x[:, 0] *= 1e6  # one huge row: a per-sample scale would flush the others to (sub)normal zero
+    codec = CODECS["fp8row"]
+    parts = codec.encode(x)
+    assert parts[""].dtype == np.uint8 and parts["scale"].shape == (2, 5)
+    y = codec.decode(parts, x.shape[1:])
+    assert max(rel_l2(x[:, i], y[:, i]) for i in range(5)) < 0.05
+    assert rel_l2(x[:, 1:], CODECS["fp8"].decode(CODECS["fp8"].encode(x), x.shape[1:])[:, 1:]) > 0.2
+
+
+@pytest.mark.parametrize("name", ["lowrank32", "lowrank32-fp8"])
+def test_low_rank_recovers_a_low_rank_sample_and_is_deterministic(name):
+    x = low_rank(np.random.default_rng(1), (2, 3, 90, 70), 20)
+    codec = CODECS[name]
+    parts, err = codec.encode_measured(x)
+    stored = {p.suffix: p.shape for p in codec.stored(x.shape[1:])}
+    assert {k: v.shape[1:] for k, v in parts.items()} == stored
+    assert stored[""] == (3, 90, 32) and stored["v"] == (3, 32, 70)
+    bound = 1e-2 if name == "lowrank32" else 6e-2  # bf16 or fp8 factors
+    assert rel_l2(x, codec.decode(parts, x.shape[1:])) < bound
+    assert np.sqrt(err["sum_sq_err"] / err["sum_sq_ref"]) < bound
+    again = codec.encode(x)
+    assert all(np.array_equal(again[k], parts[k]) for k in parts)
+
+
+def test_low_rank_drops_what_is_beyond_its_rank_and_refuses_vectors():
+    x = np.random.default_rng(2).standard_normal((1, 200, 100)).astype(np.float32)  # full rank noise
+    assert rel_l2(x, CODECS["lowrank32"].decode(CODECS["lowrank32"].encode(x), (200, 100))) > 0.5
+    with pytest.raises(CodecError, match="at least 2 axes"):
+        CODECS["lowrank32"].stored((100,))
+
+
+@pytest.fixture
+def auto_writer(tmp_path, sample_data_cfg):
+    records, bad = load_records(sample_data_cfg)
+    return CacheWriter(tmp_path / "cache", records, 4, bad, default_codec="auto")
+
+
+def test_calibration_keeps_a_codec_within_the_bound_and_falls_back_above_it(auto_writer):
+    w = auto_writer
+    assert needs_calibration(w, "depth") and needs_calibration(w, "dino") and not needs_calibration(w, "pidinet")
+    rng = np.random.default_rng(3)
+    depth = synthetic_shard_targets("depth", DEFAULT_DIMS["depth"], w.shard_records(0), 0)
+    depth["features"] = low_rank(rng, depth["features"].shape, 4)  # compresses well
+    dino = {"features": rng.standard_normal((4, 17, 32)).astype(np.float32)}  # fp8row errs ~2.5% on noise
+    codecs, calib = calibrate(w, "depth", depth, bound=0.05)
+    assert codecs == {"features": "lowrank128-fp8"} and calib["features"]["fell_back_to"] is None
+    codecs, calib = calibrate(w, "dino", dino, bound=0.01)
+    assert codecs == {"features": "bf16"} and calib["features"]["codec"] == "fp8row"
+    assert 0.01 < calib["features"]["rel_l2"] < 0.05 and calib["features"]["samples"] == 4
+
+    w.declare_anchor("dino", DEFAULT_DIMS["dino"], {}, [], codecs=codecs, calibration=calib)
+    assert not needs_calibration(w, "dino")
+    assert declared_choice(w, "dino") == (codecs, calib)  # a rerun declares the same thing
+    for shard in range(w.num_shards):
+        w.write_samples(shard)
+        n = len(w.shard_records(shard))
+        w.write_targets(shard, "dino", {"features": rng.standard_normal((n, 17, 32)).astype(np.float32)})
+    arrays = w.finalize()["anchors"]["dino"]["arrays"]
+    assert arrays["features"]["codec"] == "bf16" and arrays["features"]["calibration"]["fell_back_to"] == "bf16"
+    assert Cache(w.cache_dir).targets(0, ["dino"])["dino"]["features"].shape == (17, 32)
