@@ -23,6 +23,12 @@ real weights. Features of random-weight ViTs may compress differently from train
     python bench/bench_codecs.py                          # smoke test: tiny anchors, 2 photos, CPU
     python bench/bench_codecs.py --real --images 7        # real shapes, random weights (GPU or patient CPU)
     python bench/bench_codecs.py --real --checkpoints-from configs/covt_7b_sam_depth_dino.yaml --device cuda
+
+--write-defaults writes the recommendation to shards/codec_defaults.json (what
+``cache.codec: auto`` uses), each entry with its measurements and the relative L2
+error at which its head error would reach the bound (``max_rel_l2``, the measured
+error scaled by bound / worst head error), which precompute holds the user's first
+shard to.
 """
 from __future__ import annotations
 
@@ -184,6 +190,7 @@ def main() -> None:
     p.add_argument("--bound", type=float, default=0.01, help="relative loss/gradient error allowed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the rows and the recommendation here")
+    p.add_argument("--write-defaults", action="store_true", help="write shards/codec_defaults.json")
     args = p.parse_args()
     anchors = args.anchors.split(",")
     hidden = args.hidden or (3584 if args.real else 64)
@@ -211,6 +218,32 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, **summary}, indent=1))
+    if args.write_defaults:
+        write_defaults(rows, summary["recommended"], args)
+
+
+def write_defaults(rows: list[dict], recommended: dict[str, str], args) -> None:
+    """shards/codec_defaults.json: per array the recommended codec unless it is bf16 (the default anyway);
+    fp32 where not even bf16 kept the head errors within the bound."""
+    weights = "real checkpoints" if args.checkpoints_from else "random weights (PIDINet: its real weights)"
+    arrays = {}
+    for key, codec in sorted(recommended.items()):
+        if codec == "bf16":
+            continue
+        bf16 = next(r for r in rows if r["array"] == key and r["codec"] == "bf16")
+        if codec == "fp32":
+            arrays[key] = {"codec": codec, "bf16_loss_rel": bf16["loss_rel"], "bf16_grad_rel": bf16["grad_rel"]}
+            continue
+        row = next(r for r in rows if r["array"] == key and r["codec"] == codec)
+        worst = max(row["loss_rel"], row["grad_rel"], 1e-12)
+        arrays[key] = {"codec": codec, "bytes_per_sample": row["bytes"], "rel_l2": row["rel_l2"],
+                       "loss_rel": row["loss_rel"], "grad_rel": row["grad_rel"],
+                       "max_rel_l2": row["rel_l2"] * args.bound / worst}
+    out = {"source": f"bench/bench_codecs.py --real={args.real} --images {args.images} --seeds {args.seeds}; "
+                     f"{weights}", "bound": args.bound, "arrays": arrays}
+    path = REPO / "shards" / "codec_defaults.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def summarise(choice: dict, data: dict, anchors: list[str]) -> dict:

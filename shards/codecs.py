@@ -19,8 +19,10 @@ barely compress (zstd saves ~20%, at any level), masks and counts do; see
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -400,16 +402,20 @@ def get_codec(name: str, kind: TargetKind, where: str = "") -> Codec:
 
 
 # cache.codec "auto": per float array, the smallest codec whose head loss and gradient errors stayed within 1%
-# in bench/bench_codecs.py (BENCHMARKS.md; random-weight anchors at the recipe's shapes, PIDINet real);
-# precompute re-measures each on the first shard and falls back to bf16 where it errs more (calibrate.py)
-AUTO_CODECS: dict[str, str] = {
-    "sam/embedding": "fp8row",
-    "depth/features": "lowrank128-fp8",
-    "dino/features": "fp8row",
-}
+# in bench/bench_codecs.py, which writes this file with the measurements behind each choice (BENCHMARKS.md)
+AUTO_DEFAULTS_FILE = Path(__file__).with_name("codec_defaults.json")
+AUTO_DEFAULTS: dict = json.loads(AUTO_DEFAULTS_FILE.read_text())
+AUTO_CODECS: dict[str, str] = {key: entry["codec"] for key, entry in AUTO_DEFAULTS["arrays"].items()}
 AUTO = "auto"
 # codecs whose error depends on the data enough to be re-measured on the user's first shard
 MEASURED_ON_DATA = frozenset(n for n, c in CODECS.items() if c.lossy and n not in ("bf16", "fp16"))
+
+
+def validated_error_bound(key: str, codec: str) -> float | None:
+    """The relative L2 error up to which ``codec`` keeps ``key``'s head errors within the bench's bound
+    (its measured error scaled by bound / measured head error), if the bench validated that pair."""
+    entry = AUTO_DEFAULTS["arrays"].get(key)
+    return entry["max_rel_l2"] if entry and entry["codec"] == codec else None
 
 
 def check_default_codec(name: str) -> None:

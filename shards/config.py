@@ -57,9 +57,11 @@ class CacheConfig:
     dir: str = "runs/tiny/cache"  # where precompute writes, and train reads
     shard_size: int = 64  # samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L
     # auto: per array the smallest codec within 1% head error (BENCHMARKS.md), re-measured on the first shard
-    codec: str = "auto"  # default codec of float target arrays: auto, bf16, fp8row, lowrank128-fp8, ...
+    codec: str = "auto"  # default codec of float target arrays: auto, bf16, fp8row, lowrank64, ...
     codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8row"
-    codec_max_error: float = 0.05  # relative L2 error above which a data-measured codec falls back to bf16
+    # relative L2 error on the first shard above which a lossy codec falls back to bf16; None = each array's
+    # validated bound from shards/codec_defaults.json (where the bench's head errors would reach 1%)
+    codec_max_error: Optional[float] = None  # relative L2 error above which a codec falls back to bf16 (None: validated)
 
 
 # --------------------------------------------------------------------- precompute

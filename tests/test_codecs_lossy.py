@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from precompute.calibrate import calibrate, declared_choice, needs_calibration
-from shards.codecs import CODECS, CodecError
+from precompute.calibrate import calibrate, declared_choice, error_bound, needs_calibration
+from shards.codecs import AUTO_CODECS, AUTO_DEFAULTS, CODECS, CodecError
 from shards.reader import Cache
 from shards.records import load_records
 from shards.testing import DEFAULT_DIMS, synthetic_shard_targets
@@ -59,18 +59,28 @@ def auto_writer(tmp_path, sample_data_cfg):
     return CacheWriter(tmp_path / "cache", records, 4, bad, default_codec="auto")
 
 
+def test_auto_defaults_come_from_the_bench_with_the_error_they_were_validated_at():
+    assert AUTO_DEFAULTS["bound"] == 0.01 and "random weights" in AUTO_DEFAULTS["source"]
+    for key, entry in AUTO_DEFAULTS["arrays"].items():
+        assert AUTO_CODECS[key] == entry["codec"] in CODECS
+        if CODECS[entry["codec"]].lossy:  # the bound the first shard is held to: where the head error hits 1%
+            assert entry["max_rel_l2"] >= entry["rel_l2"] and max(entry["loss_rel"], entry["grad_rel"]) <= 0.01
+
+
 def test_calibration_keeps_a_codec_within_the_bound_and_falls_back_above_it(auto_writer):
     w = auto_writer
-    assert needs_calibration(w, "depth") and needs_calibration(w, "dino") and not needs_calibration(w, "pidinet")
+    assert needs_calibration(w, "depth") and needs_calibration(w, "dino") and not needs_calibration(w, "sam")
+    assert error_bound(w, "depth", "features", None) == AUTO_DEFAULTS["arrays"]["depth/features"]["max_rel_l2"]
+    assert error_bound(w, "depth", "features", 0.2) == 0.2  # cache.codec_max_error overrides
     rng = np.random.default_rng(3)
     depth = synthetic_shard_targets("depth", DEFAULT_DIMS["depth"], w.shard_records(0), 0)
     depth["features"] = low_rank(rng, depth["features"].shape, 4)  # compresses well
-    dino = {"features": rng.standard_normal((4, 17, 32)).astype(np.float32)}  # fp8row errs ~2.5% on noise
-    codecs, calib = calibrate(w, "depth", depth, bound=0.05)
-    assert codecs == {"features": "lowrank128-fp8"} and calib["features"]["fell_back_to"] is None
-    codecs, calib = calibrate(w, "dino", dino, bound=0.01)
-    assert codecs == {"features": "bf16"} and calib["features"]["codec"] == "fp8row"
-    assert 0.01 < calib["features"]["rel_l2"] < 0.05 and calib["features"]["samples"] == 4
+    dino = {"features": rng.standard_normal((4, 17, 32)).astype(np.float32)}
+    codecs, calib = calibrate(w, "depth", depth)
+    assert codecs["features"] == AUTO_CODECS["depth/features"] and calib["features"]["fell_back_to"] is None
+    codecs, calib = calibrate(w, "dino", dino, override=1e-6)  # bf16 factors err more than that
+    assert codecs == {"features": "bf16"} and calib["features"]["codec"] == AUTO_CODECS["dino/features"]
+    assert calib["features"]["rel_l2"] > 1e-6 and calib["features"]["samples"] == 4
 
     w.declare_anchor("dino", DEFAULT_DIMS["dino"], {}, [], codecs=codecs, calibration=calib)
     assert not needs_calibration(w, "dino")
