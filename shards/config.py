@@ -321,6 +321,7 @@ RANGES: dict[str, Range] = {
     "data.subset.size": AT_LEAST_1,
     "data.subset.seed": AT_LEAST_0,
     "cache.shard_size": AT_LEAST_1,
+    "cache.codec_max_error": POSITIVE,
     "precompute.batch_size": AT_LEAST_1,
     "precompute.num_workers": AT_LEAST_0,
     "precompute.checkpoints.NAME.random_init_seed": AT_LEAST_0,
