@@ -84,7 +84,8 @@ def anchor_targets(anchors: list[str], pre: PrecomputeConfig, images: int, decod
     for name in anchors:
         model = load_anchor(name, pre, device)
         model.export_decoders(decoders)
-        views = np.stack([decode_views(r, [model.input_size])[model.input_size] for r in records])
+        key = ("square", model.input_size)  # precompute.views.view_key(..., 'square'): the default views
+        views = np.stack([decode_views(r, [key])[key] for r in records])
         t0 = time.perf_counter()
         with torch.no_grad():
             targets = model.compute(torch.from_numpy(views).to(device))
@@ -112,7 +113,7 @@ def head_views(head, records, size_cache: dict) -> torch.Tensor | None:
     if not size:
         return None
     if size not in size_cache:
-        v = np.stack([decode_views(r, [size])[size] for r in records])
+        v = np.stack([decode_views(r, [("square", size)])[("square", size)] for r in records])
         size_cache[size] = torch.from_numpy(v).permute(0, 3, 1, 2).contiguous()
     return size_cache[size]
 
