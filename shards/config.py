@@ -162,8 +162,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
     log_every: int = 1  # optimizer steps between TensorBoard points
     seed: int = 0  # data order, stage-4 choices, LoRA init, dropout
-    on_damaged_sample: Literal["error", "skip"] = "error"  # a sample failing its checksums: stop, or skip it (logged, counted)
-    max_nonfinite_steps: int = 5  # optimizer steps in a row with a non-finite loss or gradient (each skipped) that stop the run
+    on_damaged_sample: Literal["error", "skip"] = "error"  # a sample failing its checksums: stop, or skip (logged)
+    max_nonfinite_steps: int = 5  # skipped steps in a row (non-finite loss or gradient) that stop the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
     plain_answer_fraction: float = PLAIN_ANSWER_FRACTION  # stage 4: share of plain answers (the reference's 1 in 6)
 

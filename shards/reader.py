@@ -51,7 +51,8 @@ class Cache:
         self.verify = verify
         path = self.cache_dir / layout.MANIFEST
         if not path.is_file():
-            raise CacheError(f"{self.cache_dir} is not a shards cache: no {layout.MANIFEST}{unfinished_hint(self.cache_dir)}")
+            raise CacheError(f"{self.cache_dir} is not a shards cache: no {layout.MANIFEST}"
+                             f"{unfinished_hint(self.cache_dir)}")
         try:
             self.manifest = layout.read_json(path)
         except ValueError as e:
