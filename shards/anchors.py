@@ -99,3 +99,21 @@ def array_shape(anchor: str, array: str, dims: dict[str, int]) -> tuple[int, ...
     if missing:
         raise KeyError(f"{anchor}/{array}: dimension sizes missing for {missing}")
     return tuple(int(dims[d]) for d in spec.dims)
+
+
+# ------------------------------------------------------------------ files the two phases exchange
+# Precompute writes these into the cache's decoders folder (shards.layout.DECODERS_DIR); the trainer's
+# heads read them back. Both sides name them from here only.
+
+#: SAM's frozen prompt encoder + mask decoder: a torch.save'd dict of the constructor arguments and the two
+#: state dicts, enough to rebuild both with segment_anything's own classes without the SAM checkpoint.
+SAM_DECODER_FILE = "sam_decoder.pt"
+SAM_DECODER_KEYS = ("prompt_embed_dim", "image_embedding_size", "input_image_size", "mask_in_chans", "transformer",
+                    "num_multimask_outputs", "iou_head_depth", "iou_head_hidden_dim", "prompt_encoder",
+                    "mask_decoder")
+
+#: PIDINet's first stage as a torch.export program (float RGB in [0, 1] normalised by mean/std -> (B, C, S, S)
+#: features, dynamic batch, fixed S) and its JSON description, whose keys the trainer needs listed below.
+PIDINET_STAGE1_PROGRAM = "pidinet_stage1.pt2"
+PIDINET_STAGE1_META = "pidinet_stage1.json"
+PIDINET_STAGE1_META_KEYS = ("input_size", "channels", "mean", "std")

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.export.passes import move_to_device_pass
 
+from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_META_KEYS, PIDINET_STAGE1_PROGRAM
+
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error, resize_maps
 
-PROGRAM_FILE = "pidinet_stage1.pt2"
-META_FILE = "pidinet_stage1.json"
 NUM_HEADS = 4
 
 
@@ -36,12 +36,12 @@ class PidinetHead(AnchorHead):
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str = "pidinet"):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
         decoders = Path(cache.decoders_dir)
-        self.program_path, self.meta_path = decoders / PROGRAM_FILE, decoders / META_FILE
+        self.program_path, self.meta_path = decoders / PIDINET_STAGE1_PROGRAM, decoders / PIDINET_STAGE1_META
         for path in (self.program_path, self.meta_path):
             if not path.is_file():
                 raise missing_decoder_error(anchor, path)
         meta = json.loads(self.meta_path.read_text())
-        missing = [k for k in ("input_size", "channels", "mean", "std") if k not in meta]
+        missing = [k for k in PIDINET_STAGE1_META_KEYS if k not in meta]
         if missing:
             raise ValueError(f"{self.meta_path}: missing keys {missing}")
         self.view_size = int(meta["input_size"])

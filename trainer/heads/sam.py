@@ -31,15 +31,14 @@ from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from shards.anchors import SAM_DECODER_FILE, SAM_DECODER_KEYS
+
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error
 
-DECODER_FILE = "sam_decoder.pt"
 NUM_HEADS = 8
 UNMATCHED_WEIGHT = 0.1  # BCE-to-empty of the predictions no reference mask was matched to
 DICE_EPS = 1e-6
-_REQUIRED_KEYS = ("prompt_embed_dim", "image_embedding_size", "input_image_size", "mask_in_chans", "transformer",
-                  "num_multimask_outputs", "iou_head_depth", "iou_head_hidden_dim", "prompt_encoder", "mask_decoder")
 
 
 class SamDecoder(nn.Module):
@@ -73,7 +72,7 @@ def load_sam_decoder_spec(path: Path) -> dict:
     if not path.is_file():
         raise missing_decoder_error("sam", path)
     spec = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in _REQUIRED_KEYS if k not in spec]
+    missing = [k for k in SAM_DECODER_KEYS if k not in spec]
     if missing:
         raise ValueError(f"{path}: not a SAM decoder file, missing keys {missing}")
     return spec
@@ -205,7 +204,7 @@ class SamHead(AnchorHead):
 
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str = "sam"):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
-        self.decoder_path = Path(cache.decoders_dir) / DECODER_FILE
+        self.decoder_path = Path(cache.decoders_dir) / SAM_DECODER_FILE
         spec = load_sam_decoder_spec(self.decoder_path)
         d = self.dims
         embed_size = tuple(int(s) for s in spec["image_embedding_size"])
