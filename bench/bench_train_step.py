@@ -93,10 +93,10 @@ def qwen2_5_vl_7b_config(tokenizer):
 
 
 def build_vlm(config, device: torch.device, dtype: torch.dtype, grad_ckpt: bool):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     with torch.device(device):
-        vlm = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+        vlm = AutoModelForImageTextToText.from_config(config, dtype=dtype)  # Qwen2_5_VLForConditionalGeneration
     if grad_ckpt:
         vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return vlm
@@ -106,7 +106,7 @@ def write_sam_decoder(folder: Path, spec: dict, seed: int = 0) -> None:
     """Random-weight PromptEncoder + MaskDecoder in precompute's sam_decoder.pt format."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    from precompute.anchors.sam import DECODER_FILE, decoder_architecture
+    from precompute.anchors.sam import save_decoders
 
     torch.manual_seed(seed)
     d = spec["embed_dim"]
@@ -116,8 +116,7 @@ def write_sam_decoder(folder: Path, spec: dict, seed: int = 0) -> None:
                                transformer=TwoWayTransformer(depth=spec["depth"], embedding_dim=d,
                                                              mlp_dim=spec["mlp_dim"], num_heads=spec["num_heads"]))
     sam = Sam(image_encoder=torch.nn.Identity(), prompt_encoder=prompt_encoder, mask_decoder=mask_decoder)
-    torch.save({**decoder_architecture(sam), "prompt_encoder": prompt_encoder.state_dict(),
-                "mask_decoder": mask_decoder.state_dict()}, folder / DECODER_FILE)
+    save_decoders(sam, folder)
 
 
 def synthetic_targets(dims: dict[str, dict[str, int]], seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -38,6 +38,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
+from shards.fs import sha256_file
+
 SCHEMA = "covt-shards/2"
 TARGET_CHECKSUM = "crc32c"
 MANIFEST = "manifest.json"
@@ -95,14 +97,6 @@ def dumps(obj) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _crc32c(data) -> str:

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from precompute.anchors.base import MissingCheckpointError, load_anchor
-from precompute.anchors.sam import DECODER_FILE, SamAnchor, build_sam_vit_tiny, select_masks
+from precompute.anchors.sam import SamAnchor, build_sam_vit_tiny, select_masks
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-from shards.anchors import array_shape, get_anchor
+from shards.anchors import SAM_DECODER_FILE, array_shape, get_anchor
 from shards.config import load_config
 from shards.views import square_view
 
@@ -139,8 +139,8 @@ def rebuild_sam_decoders(path: Path) -> tuple[PromptEncoder, MaskDecoder]:
 
 def test_exported_decoders_rebuild_without_a_sam_checkpoint(sam_dir, tmp_path):
     anchor = tiny_sam(sam_dir)
-    assert anchor.export_decoders(tmp_path) == [DECODER_FILE]
-    prompt_encoder, mask_decoder = rebuild_sam_decoders(tmp_path / DECODER_FILE)
+    assert anchor.export_decoders(tmp_path) == [SAM_DECODER_FILE]
+    prompt_encoder, mask_decoder = rebuild_sam_decoders(tmp_path / SAM_DECODER_FILE)
     emb = anchor.embed(views(anchor, 1))
     prompts = torch.randn(5, 3, anchor.sam.prompt_encoder.embed_dim)  # e.g. projected thought tokens
     with torch.no_grad():
@@ -226,7 +226,6 @@ def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     for p in anchor.sam.mask_decoder.parameters():
         p.data.normal_(0, 0.3)
     anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
-    anchor._grid_sparse = None
 
 
 def test_decode_prompts_equals_mask_decoder_forward_per_prompt(sam_dir):

@@ -9,7 +9,6 @@ and fingerprints its checkpoint for the manifest.
 from __future__ import annotations
 
 import abc
-import hashlib
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.fs import sha256_file
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -62,7 +62,7 @@ class AnchorModel(torch.nn.Module, abc.ABC):
     def checkpoint_fields(self, path: str | Path) -> dict:
         """``checkpoint`` and ``sha256`` entries of a fingerprint; hashed once (real checkpoints are GBs)."""
         if getattr(self, "_checkpoint_sha256", None) is None:
-            self._checkpoint_sha256 = file_sha256(path)
+            self._checkpoint_sha256 = sha256_file(path)
         return {"checkpoint": str(path), "sha256": self._checkpoint_sha256}
 
 
@@ -76,20 +76,6 @@ def checkpoint_file(anchor: str, ckpt: CheckpointConfig, where_to_get: str,
             raise MissingCheckpointError(anchor, str(path), f"precompute.checkpoints.{anchor}.path", where_to_get)
         write_random(path, ckpt.random_init_seed)
     return path
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file of a folder (sorted by relative path)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 #: anchor name -> function building the model from its checkpoint config

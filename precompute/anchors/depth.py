@@ -20,11 +20,13 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
+    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
     get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
-    read_checkpoint, resolve_variant, save_atomic,
+    read_checkpoint, resolve_variant,
 )
+from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.fs import atomic_file
 
 WHERE_TO_GET = ("https://huggingface.co/depth-anything/Depth-Anything-V2-Large "
                 "(depth_anything_v2_vitl.pth; -Small/-Base for vits/vitb)")
@@ -142,7 +144,7 @@ class DepthAnchor(AnchorModel):
     @torch.inference_mode()
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
         x = prepare_views(views, self.model, self.input_size, self.name)
-        with autocast_for(x.device, self.dtype):
+        with autocast(x.device, self.dtype == "bf16"):
             layers, depth = self.model(x)
         skip = self.model.pretrained.num_prefix_tokens
         features = torch.stack([t[:, skip:] for t in layers], dim=1).float()
@@ -174,7 +176,8 @@ def write_random_checkpoint(path: str | Path, variant: ViTVariant, seed: int) ->
     with torch.no_grad():
         last.weight.abs_()
         last.bias.fill_(0.1)
-    save_atomic(model.state_dict(), path)
+    with atomic_file(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path, variant_name: str = "") -> DepthAnythingV2:

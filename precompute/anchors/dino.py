@@ -16,11 +16,13 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant, autocast_for,
+    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
     get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
-    read_checkpoint, resolve_variant, save_atomic,
+    read_checkpoint, resolve_variant,
 )
+from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.fs import atomic_file
 
 WHERE_TO_GET = ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth "
                 "(or a Hugging Face Dinov2Model folder such as facebook/dinov2-large)")
@@ -77,7 +79,7 @@ class DinoAnchor(AnchorModel):
     @torch.inference_mode()
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
         x = prepare_views(views, self.model, self.input_size, self.name)
-        with autocast_for(x.device, self.dtype):
+        with autocast(x.device, self.dtype == "bf16"):
             tokens = self.model(x)
         return {"features": tokens.float().cpu().numpy()}
 
@@ -96,7 +98,8 @@ class DinoAnchor(AnchorModel):
 
 def write_random_checkpoint(path: str | Path, variant: ViTVariant, seed: int) -> None:
     """A seeded random-weight DINOv2 file in the torch.hub layout."""
-    save_atomic(randomize_(DinoVisionTransformer(variant), seed).state_dict(), path)
+    with atomic_file(path) as tmp:
+        torch.save(randomize_(DinoVisionTransformer(variant), seed).state_dict(), tmp)
 
 
 def build_hub_dino(state_dict: dict[str, torch.Tensor], source: str | Path, variant_name: str = "") -> HubDino:

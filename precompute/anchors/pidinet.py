@@ -28,7 +28,9 @@ from precompute.anchors.base import AnchorModel, checkpoint_file, register
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, load_strict, prepare_views, read_checkpoint,
 )
+from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
 from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.fs import atomic_file
 
 WHERE_TO_GET = "https://github.com/hellozhuo/pidinet/tree/master/trained_models (table5_baseline.pth)"
 INPUT_SIZE = 256
@@ -269,11 +271,10 @@ class PidinetAnchor(AnchorModel):
         return {"edges": side1[:, 0].float().cpu().numpy()}
 
     def export_decoders(self, out_dir: Path) -> list[str]:
-        """``pidinet_stage1.pt2`` (torch.export, dynamic batch, fixed HxW) and its JSON description."""
+        """``PIDINET_STAGE1_PROGRAM`` (torch.export, dynamic batch, fixed HxW) and its JSON description."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stage1 = export_stage1(self.net, self.input_size)
-        torch.export.save(stage1, out_dir / "pidinet_stage1.pt2")
+        with atomic_file(out_dir / PIDINET_STAGE1_PROGRAM) as tmp:
+            torch.export.save(export_stage1(self.net, self.input_size), tmp)
         meta = {
             "input_size": self.input_size,
             "channels": int(self.net.init_block.weight.shape[0]),
@@ -283,8 +284,9 @@ class PidinetAnchor(AnchorModel):
             "config": self.config,
             "checkpoint_sha256": self.fingerprint()["sha256"],
         }
-        (out_dir / "pidinet_stage1.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return ["pidinet_stage1.pt2", "pidinet_stage1.json"]
+        with atomic_file(out_dir / PIDINET_STAGE1_META) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        return [PIDINET_STAGE1_PROGRAM, PIDINET_STAGE1_META]
 
     def fingerprint(self) -> dict:
         return {

@@ -34,18 +34,19 @@ from torchvision.ops import batched_nms
 
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from shards.anchors import SAM_DECODER_FILE
+from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
+from shards.fs import atomic_file
 
 from .base import AnchorModel, checkpoint_file, register
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
-from .vit import save_atomic
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
 }
-DECODER_FILE = "sam_decoder.pt"
 STABILITY_OFFSET = 1.0  # SAM's default: IoU of the masks thresholded at logit +1 and -1
 
 
@@ -82,7 +83,8 @@ def write_random_checkpoint(path: Path, variant: str, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):  # seeded without moving the caller's RNG
         torch.manual_seed(seed)
         sam = BUILDERS[variant](None)
-    save_atomic(sam.state_dict(), path)
+    with atomic_file(path) as tmp:
+        torch.save(sam.state_dict(), tmp)
 
 
 def decoder_architecture(sam: Sam) -> dict:
@@ -100,6 +102,16 @@ def decoder_architecture(sam: Sam) -> dict:
         "iou_head_depth": md.iou_prediction_head.num_layers,
         "iou_head_hidden_dim": md.iou_prediction_head.layers[0].out_features,
     }
+
+
+def save_decoders(sam: Sam, out_dir: str | Path) -> list[str]:
+    """``SAM_DECODER_FILE`` in ``out_dir``: all the training loss needs to rebuild PromptEncoder + MaskDecoder
+    (their constructor arguments and weights), no SAM checkpoint. Returns the file names written."""
+    state = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
+             for k, m in (("prompt_encoder", sam.prompt_encoder), ("mask_decoder", sam.mask_decoder))}
+    with atomic_file(Path(out_dir) / SAM_DECODER_FILE) as tmp:
+        torch.save({**decoder_architecture(sam), **state}, tmp)
+    return [SAM_DECODER_FILE]
 
 
 @dataclass
@@ -202,9 +214,6 @@ class SamAnchor(AnchorModel):
         return {"embed_dim": self.sam.prompt_encoder.embed_dim, "embed_h": eh, "embed_w": ew,
                 "max_masks": self.amg.max_masks, "mask_h": 4 * eh, "mask_w": 4 * ew}
 
-    def _autocast(self, enabled: bool):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and self.device.type == "cuda")
-
     # ------------------------------------------------------------------ encoder
     @property
     def encoder_attention(self) -> str:
@@ -228,7 +237,7 @@ class SamAnchor(AnchorModel):
         """Image embeddings ``(B, C, h, w)`` float32 of uint8 ``(B, S, S, 3)`` views."""
         x = views.to(self.device).permute(0, 3, 1, 2).float()
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-        with self._autocast(self.bf16):
+        with autocast(self.device, self.bf16):
             return self._encoder()(x).float()
 
     # ------------------------------------------------------------------ decoder
@@ -273,7 +282,7 @@ class SamAnchor(AnchorModel):
         found: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "iou", "stability", "image", "point")}
         for chunk in prompts.split(amg.point_batch_size):
             img, pt = chunk // n_pts, chunk % n_pts
-            with self._autocast(self.decoder_bf16):
+            with autocast(self.device, self.decoder_bf16):
                 logits, iou = decode(emb, img, pt)
             m = logits.shape[1]
             # thresholds at +-1 and 0 compare exactly in bf16 too: no float copy of the logits
@@ -313,13 +322,7 @@ class SamAnchor(AnchorModel):
         }
 
     def export_decoders(self, out_dir: Path) -> list[str]:
-        """Everything the training loss needs to rebuild PromptEncoder + MaskDecoder, no SAM checkpoint."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
-                 for k, m in (("prompt_encoder", self.sam.prompt_encoder), ("mask_decoder", self.sam.mask_decoder))}
-        save_atomic({**decoder_architecture(self.sam), **state}, out_dir / DECODER_FILE)
-        return [DECODER_FILE]
+        return save_decoders(self.sam, out_dir)
 
     def fingerprint(self) -> dict:
         return {

@@ -13,7 +13,6 @@ input/map sizes each anchor computes at.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,15 +311,6 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def save_atomic(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``torch.save`` through a temporary name, so a crash or a second rank never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------ preprocessing
 def normalize_views(views: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 ``(B, S, S, 3)`` RGB -> float32 ``(B, 3, S, S)``, /255 then ImageNet mean/std."""
@@ -343,7 +333,3 @@ def prepare_views(views: torch.Tensor, module: nn.Module, size: int, anchor: str
     return normalize_views(views.to(next(module.parameters()).device))
 
 
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA when the config asks for it; plain fp32 elsewhere."""
-    enabled = device.type == "cuda" and dtype == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
