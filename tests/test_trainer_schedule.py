@@ -63,14 +63,6 @@ def test_stage_with_anchor_losses_false_never_switches_them_on():
     assert not any(Schedule(stages).stage_at(k).anchor_losses_on for k in range(3))
 
 
-def test_stage_is_a_function_of_the_optimizer_step_under_grad_accum():
-    s = Schedule(seed_recipe())
-    span = range(5990, 6010)
-    plain = [(at.global_step, at.name, at.anchor_losses_on) for at, _ in s.micro_steps(span.start, span.stop, 1)]
-    accum = [(at.global_step, at.name, at.anchor_losses_on) for at, _ in s.micro_steps(span.start, span.stop, 2)]
-    assert accum[0::2] == plain and accum[1::2] == plain  # both micro batches of a step share its stage
-
-
 def test_outside_the_schedule_is_an_error():
     s = Schedule(seed_recipe())
     with pytest.raises(IndexError, match="16000"):

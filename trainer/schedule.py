@@ -16,7 +16,7 @@ gradient accumulation, dataloader workers, several ranks and resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from shards.config import StageConfig
 from trainer.formats import STAGES as STAGE_NAMES
@@ -88,14 +88,18 @@ class Schedule:
         return any(self.stage_end(i) == steps_done for i in range(len(self.stages)))
 
     def run_at(self, global_step: int) -> Run:
-        return self._run_of_stage[self.stage_at(global_step).stage_index]
+        return self.run_of_stage(self.stage_at(global_step).stage_index)
+
+    def run_of_stage(self, stage_index: int) -> Run:
+        """The run (stages trained between two merges) that stage ``stage_index`` belongs to."""
+        return self._run_of_stage[stage_index]
 
     def stage_at(self, global_step: int) -> StageAt:
         if not 0 <= global_step < self.total_steps:
             raise IndexError(f"global step {global_step} is outside the schedule [0, {self.total_steps})")
         index = max(i for i, start in enumerate(self.stage_starts) if start <= global_step)
         stage = self.stages[index]
-        run = self._run_of_stage[index]
+        run = self.run_of_stage(index)
         step_in_run = global_step - run.start
         off_from = stage.anchor_losses_off_from
         on = stage.anchor_losses and (off_from is None or step_in_run < off_from)
@@ -108,13 +112,6 @@ class Schedule:
             step_in_run=step_in_run,
             anchor_losses_on=on,
         )
-
-    def micro_steps(self, start: int, end: int, grad_accum: int) -> Iterator[tuple[StageAt, int]]:
-        """(stage of the optimizer step, micro batch index) for every micro batch of steps [start, end)."""
-        for step in range(start, end):
-            at = self.stage_at(step)
-            for micro in range(grad_accum):
-                yield at, micro
 
     def describe(self) -> str:
         lines = []
@@ -152,7 +149,7 @@ def _validate_loss_switches(schedule: Schedule) -> None:
     for i, s in enumerate(schedule.stages):
         if s.anchor_losses_off_from is None:
             continue
-        run = schedule._run_of_stage[i]
+        run = schedule.run_of_stage(i)
         lo, hi = schedule.stage_starts[i] - run.start, schedule.stage_end(i) - run.start
         if not lo <= s.anchor_losses_off_from < hi:
             raise ScheduleError(
