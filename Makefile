@@ -26,6 +26,11 @@ install: $(PYTHON)
 test:
 	$(PYTHON) -m pytest -q $(ARGS)
 
+# the suite without the end-to-end tests that run a whole phase (@pytest.mark.slow)
+.PHONY: test-fast
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
+
 precompute:
 	$(PYTHON) -m precompute --config $(CONFIG) $(ARGS)
 
