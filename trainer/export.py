@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shards.anchors import ANCHORS
+from shards.fs import atomic_dir
 from shards.layout import naming_disk_full
 from shards.config import LoraConfig
 from trainer.checkpoint import CHECKPOINTS, TMP_PREFIX, load_trainable
@@ -39,18 +39,10 @@ DECODERS = "covt_decoders"
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` and rename the result to ``path`` (replacing it) only once it is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path, TMP_PREFIX) as tmp:
         with naming_disk_full(path, "training resumes from its last checkpoint and redoes this write"):
             write(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def remove_interrupted_writes(output_dir: str | Path) -> list[Path]:

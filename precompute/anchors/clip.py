@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import transformers
 
+from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.fs import atomic_dir
 
 from .base import AnchorModel, MissingCheckpointError, register
 
@@ -94,10 +96,9 @@ def write_tiny_model(folder: Path, family: Family, seed: int) -> None:
            if family.processor == "CLIPImageProcessor" else {"size": {"height": size, "width": size}}),
         image_mean=list(family.mean), image_std=list(family.std),
     )
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
 
 
 def preprocessing_of(folder: Path, model_image_size: int, family: Family) -> dict:
@@ -148,8 +149,7 @@ class PooledEmbeddingAnchor(AnchorModel):
 
     @torch.no_grad()
     def embed(self, views: torch.Tensor) -> torch.Tensor:
-        on_cuda = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16 and on_cuda):
+        with autocast(self.device, self.bf16):
             out = self.model(pixel_values=self.pixel_values(views))
         return getattr(out, self.family.output).float()
 
