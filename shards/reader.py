@@ -269,11 +269,6 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"start={start} is past the end of {epochs} epochs of {self.per_rank} samples")
         self._orders: dict[int, np.ndarray] = {}
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank reads per epoch."""
-        return self.per_rank
-
     def __len__(self) -> int:
         if self.epochs is None:
             raise TypeError("an infinite StreamingDataset (epochs=None) has no length")
