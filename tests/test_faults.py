@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -238,11 +239,11 @@ def test_disk_full_during_a_checkpoint_names_the_folder(tmp_path, monkeypatch):
 
 def test_a_failed_write_with_no_space_left_counts_as_disk_full(tmp_path, monkeypatch):
     """torch.save reports a full disk as RuntimeError('unexpected pos ...') without an errno."""
-    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
+    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: SimpleNamespace(free=4096))
     with pytest.raises(layout.DiskFullError, match="disk full"):
         with layout.naming_disk_full(tmp_path / "x.pt"):
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 0, 5 << 30))
+    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: SimpleNamespace(free=5 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # space left: not a full disk, the error as it was
         with layout.naming_disk_full(tmp_path / "x.pt"):
             raise RuntimeError("unexpected pos 64 vs 0")
