@@ -147,6 +147,18 @@ def _check_sample_targets(cache: Cache, entry: dict, progs: dict, problems: list
 def verify(cache: Cache, show_progress: bool = True) -> list[str]:
     """Every problem found, each naming the file and the sample; empty if the cache is sound."""
     m = cache.manifest
+    problems = _manifest_and_decoder_problems(cache)
+    next_index = 0
+    bar = tqdm(total=m["num_samples"], desc="verifying", unit="sample", disable=not show_progress)
+    for shard in m["shards"]:
+        _verify_shard(cache, shard, next_index, problems, bar)
+        next_index += shard["count"]
+    bar.close()
+    return problems
+
+
+def _manifest_and_decoder_problems(cache: Cache) -> list[str]:
+    m = cache.manifest
     problems: list[str] = [cache.manifest_problem] if cache.manifest_problem else []
     if sum(s["count"] for s in m["shards"]) != m["num_samples"] or len(m["shards"]) != m["num_shards"]:
         problems.append(f"manifest: shard counts add to {sum(s['count'] for s in m['shards'])} samples in "
@@ -156,39 +168,37 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
             path = cache.decoders_dir / d
             if not path.is_file() or layout.sha256_file(path) != info["sha256"]:
                 problems.append(f"decoders/{d} ({anchor}): missing or checksum mismatch")
-    next_index = 0
-    bar = tqdm(total=m["num_samples"], desc="verifying", unit="sample", disable=not show_progress)
-    for shard in m["shards"]:
-        sid = shard["id"]
-        progs = {}
-        for part in ["samples", *m["anchors"]]:
-            try:
-                progs[part] = cache.shard_progress(sid, part)
-            except DamagedSampleError as e:
-                problems.append(str(e))
-        if "samples" not in progs:
-            bar.update(shard["count"])
-            next_index += shard["count"]
-            continue
-        prog = progs["samples"]
-        _check_tar(cache, shard, prog, problems)
-        if len(prog["samples"]) != shard["count"] or prog["samples"][0]["index"] != next_index:
-            problems.append(f"{shard['tar']}: holds {len(prog['samples'])} samples from index "
-                            f"{prog['samples'][0]['index']}, expected {shard['count']} from {next_index}")
-        for anchor in m["anchors"]:
-            for array in progs.get(anchor, {"arrays": {}})["arrays"].values():
-                for sname, st in array["stored"].items():
-                    path = cache.cache_dir / st["file"]
-                    if not path.is_file() or layout.checksum_file(path, st["checksum"]) != st["file_checksum"]:
-                        problems.append(f"{st['file']}: zarr shard of shard {sid} ({anchor}/{sname}) "
-                                        f"missing or checksum mismatch")
-        for entry in prog["samples"]:
-            _check_sample_bytes(cache, shard["tar"], entry, problems)
-            _check_sample_targets(cache, entry, progs, problems)
-            bar.update(1)
-        next_index += shard["count"]
-    bar.close()
     return problems
+
+
+def _verify_shard(cache: Cache, shard: dict, first_index: int, problems: list[str], bar) -> None:
+    """One shard: its commit records, tar, zarr shard files, and every sample's bytes and targets."""
+    m, sid = cache.manifest, shard["id"]
+    progs = {}
+    for part in ["samples", *m["anchors"]]:
+        try:
+            progs[part] = cache.shard_progress(sid, part)
+        except DamagedSampleError as e:
+            problems.append(str(e))
+    if "samples" not in progs:
+        bar.update(shard["count"])
+        return
+    prog = progs["samples"]
+    _check_tar(cache, shard, prog, problems)
+    if len(prog["samples"]) != shard["count"] or prog["samples"][0]["index"] != first_index:
+        problems.append(f"{shard['tar']}: holds {len(prog['samples'])} samples from index "
+                        f"{prog['samples'][0]['index']}, expected {shard['count']} from {first_index}")
+    for anchor in m["anchors"]:
+        for array in progs.get(anchor, {"arrays": {}})["arrays"].values():
+            for sname, st in array["stored"].items():
+                path = cache.cache_dir / st["file"]
+                if not path.is_file() or layout.checksum_file(path, st["checksum"]) != st["file_checksum"]:
+                    problems.append(f"{st['file']}: zarr shard of shard {sid} ({anchor}/{sname}) "
+                                    f"missing or checksum mismatch")
+    for entry in prog["samples"]:
+        _check_sample_bytes(cache, shard["tar"], entry, problems)
+        _check_sample_targets(cache, entry, progs, problems)
+        bar.update(1)
 
 
 # ---------------------------------------------------------------------- render
