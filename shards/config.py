@@ -158,6 +158,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers reading the cache
     bf16: bool = True  # ignored on CPU
     gradient_checkpointing: bool = True  # activation checkpointing of the VLM
+    # varlen: every vision window of a micro-batch in one kernel call (trainer/attention.py); sdpa: transformers'
+    # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
+    vision_attention: Literal["varlen", "sdpa"] = "varlen"  # the vision tower's attention
     deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
     log_every: int = 1  # optimizer steps between TensorBoard points

@@ -161,7 +161,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
     mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
     {anchor: {rows, positions (B_a, tokens), targets {array: (B_a, ...)}, views (B_a,3,S,S) uint8 or None}}
-    for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``keys``.
+    for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``text``: :func:`text_targets`;
+    ``keys``.
     """
     if not samples:
         raise BatchError("empty batch")
@@ -178,11 +179,25 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     }
     if "mm_token_type_ids" in rows[0]:
         batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
+    batch["text"] = text_targets(batch["labels"])
     view_sizes = view_sizes or {}
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
                         if anchors_on else {})
     batch["keys"] = [s.get("key") for s in samples]
     return batch
+
+
+def text_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the text loss is read, computed on the host so the model needs no device sync to find it.
+
+    The hidden state at ``(rows[i], positions[i])`` predicts token ``targets[i]``; ``weights[i]`` is one over
+    the number of labelled tokens of its sample, so that ``sum(weights * token losses)`` is the sum over
+    samples of each sample's mean token loss (the reference's loss at one sample per device).
+    """
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=labels.shape[0]).clamp(min=1)
+    return {"rows": rows, "positions": positions, "targets": labels[rows, positions + 1],
+            "weights": 1.0 / counts[rows].to(torch.float32)}
 
 
 def batch_to(batch: Any, device: torch.device | str) -> Any:

@@ -13,10 +13,10 @@ per anchor (default 1, the reference).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.batch import batch_to
@@ -37,32 +37,6 @@ def text_config(vlm: nn.Module):
 
 def text_hidden_size(vlm: nn.Module) -> int:
     return int(text_config(vlm).hidden_size)
-
-
-def final_norm(vlm: nn.Module) -> nn.Module:
-    """The language model's final norm, whose output is the last-layer hidden state."""
-    base = unwrap_vlm(vlm)
-    language_model = getattr(getattr(base, "model", base), "language_model", None)
-    norm = getattr(language_model, "norm", None)
-    if not isinstance(norm, nn.Module):
-        raise TypeError(f"{type(base).__name__}: no model.language_model.norm; expected a Qwen2.5-VL model")
-    return norm
-
-
-@contextmanager
-def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects ``module``'s forward outputs while the context is open.
-
-    A hook rather than ``output_hidden_states``: it does not keep every layer's states,
-    and it survives peft wrapping, gradient checkpointing and a VLM swapped by a LoRA
-    merge (it is attached per forward, to whatever ``.vlm`` is at that moment).
-    """
-    outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
 
 
 def gather_thoughts(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -93,29 +67,52 @@ class CoVTModel(nn.Module):
         return {name: getattr(head, "view_size", None) for name, head in self.heads.items()}
 
     def forward(self, batch: dict[str, Any], anchor_losses: bool = True) -> dict[str, Any]:
-        inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
-        with capture_output(final_norm(self.vlm)) as captured:
-            out = self.vlm(**inputs, use_cache=False)
-        if not captured:
-            raise RuntimeError("the language model's final norm did not run; cannot read the visual thoughts")
-        hidden = captured[0]
-        text_loss = out.loss
+        """``loss``: the mean over the micro-batch's samples of (text loss + weighted anchor losses), so that
+        averaging micro-batches (gradient accumulation, ranks) gives the same number however a global batch
+        is cut; the logged parts (``text``, one per anchor) are detached tensors, read by the caller once per
+        optimizer step (no device sync here)."""
+        hidden = self.last_hidden_state(batch)
+        size = batch["input_ids"].shape[0]
+        text_loss = labelled_text_loss(hidden, batch["text"], unwrap_vlm(self.vlm).lm_head) / size
         total = text_loss
         parts: dict[str, torch.Tensor] = {"text": text_loss.detach()}
         if anchor_losses:
             for anchor, part in batch.get("anchors", {}).items():
-                if anchor not in self.heads:
-                    raise KeyError(f"batch carries anchor {anchor!r} but there is no head for it "
-                                   f"(heads: {list(self.heads.keys())})")
-                head = self.heads[anchor]
-                thoughts = gather_thoughts(hidden, part["rows"], part["positions"])
-                param = next(head.parameters(), None)
-                if param is not None and param.is_floating_point():
-                    thoughts = thoughts.to(param.dtype)
-                loss = head(thoughts, batch_to(part["targets"], hidden.device),
-                            batch_to(part.get("views"), hidden.device))
-                total = total + self.loss_weights.get(anchor, 1.0) * loss
+                if len(part["rows"]) == 0:  # no sample of this micro-batch thinks with this anchor
+                    continue
+                loss = self.anchor_loss(anchor, hidden, part)
+                # the head's loss is a mean over the rows that carry this anchor's thoughts; samples without
+                # them (stage 4 subsets) add zero, as they do in the reference
+                total = total + self.loss_weights.get(anchor, 1.0) * loss * (len(part["rows"]) / size)
                 parts[anchor] = loss.detach()
-        # one device sync for all the logged numbers
-        values = torch.stack([v.float().reshape(()) for v in parts.values()]).tolist()
-        return {"loss": total, **dict(zip(parts, values))}
+        return {"loss": total, **parts}
+
+    def last_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The language model's final-norm output (what lm_head reads), ``(B, T, hidden)``; no logits."""
+        inputs = {k: batch[k] for k in VLM_INPUTS if k in batch and k != "labels"}
+        return unwrap_vlm(self.vlm).model(**inputs, use_cache=False).last_hidden_state
+
+    def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any]) -> torch.Tensor:
+        if anchor not in self.heads:
+            raise KeyError(f"batch carries anchor {anchor!r} but there is no head for it "
+                           f"(heads: {list(self.heads.keys())})")
+        head = self.heads[anchor]
+        thoughts = gather_thoughts(hidden, part["rows"], part["positions"])
+        param = next(head.parameters(), None)
+        if param is not None and param.is_floating_point():
+            thoughts = thoughts.to(param.dtype)
+        return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device))
+
+
+def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_head: nn.Module) -> torch.Tensor:
+    """Sum over samples of each sample's mean next-token cross-entropy, from logits at labelled positions only.
+
+    Only the answer tokens carry labels, so the ``(B, T, vocab)`` logits of a full forward pass (152k columns
+    for Qwen2.5-VL, about 1.8 GB in fp32 for 8 samples of 365 tokens) are never made: lm_head runs on the
+    hidden states that predict a labelled token. ``text`` is :func:`trainer.batch.text_targets`.
+    """
+    device = hidden.device
+    rows, positions = text["rows"].to(device), text["positions"].to(device)
+    logits = lm_head(hidden[rows, positions])
+    token_losses = F.cross_entropy(logits.float(), text["targets"].to(device), reduction="none")
+    return (token_losses * text["weights"].to(device)).sum()

@@ -17,7 +17,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from shards.config import Config, TrainConfig, save_config
 from shards.reader import Cache, StreamingDataset
+from trainer.attention import use_varlen_vision_attention
 from trainer.batch import batch_to, build_batch
 from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
                                 save_checkpoint, trainable_state)
@@ -81,6 +81,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         processor = load_processor(run_base)
         vlm = load_vlm(run_base, dtype=torch.bfloat16 if use_bf16(t, device) else torch.float32)
         tokens = add_thought_tokens(processor, vlm, seed=t.seed)
+        if t.vision_attention == "varlen":
+            use_varlen_vision_attention(vlm)
         if t.gradient_checkpointing:
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
@@ -117,8 +119,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                 return None
             at = schedule.stage_at(step)
             torch.manual_seed(step_seed(t.seed, rank, step))  # dropout etc. depend on the step, not on history
-            losses: dict[str, float] = defaultdict(float)
-            totals = []  # read once per optimizer step: a sync after every backward would stall the GPU
+            losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
             for _ in range(t.grad_accum):
                 samples = next(loader)
                 log.damaged_samples(samples, step)
@@ -127,12 +128,9 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                 with autocast(t, device):
                     result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
                 backward(result, engine, t.grad_accum)
-                totals.append(result["loss"].detach())
                 for name, value in result.items():
-                    if name != "loss":
-                        losses[name] += value / t.grad_accum
-            mean_loss, grad_norm, applied = finish_step(totals, engine, optimizer, scheduler, trainable)
-            losses = {"loss": mean_loss, **losses}
+                    losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
+            losses, grad_norm, applied = finish_step(losses, engine, optimizer, scheduler, trainable)
             done = step + 1
             log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied)
             guard.check(done, applied, losses, grad_norm)
@@ -279,33 +277,35 @@ def vlm_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def backward(result: dict, engine, grad_accum: int) -> None:
     """Backward of one micro-batch. Under DeepSpeed a non-finite loss is multiplied by NaN, so every
     gradient it reaches is NaN and the engine's own overflow check (ZeRO's grad-norm check, on with
-    gradient clipping) skips the optimizer step and the lr scheduler, which ``finish_step`` reads back."""
+    gradient clipping) skips the optimizer step and the lr scheduler, which ``finish_step`` reads back.
+    (The loss is the sum of its parts, so it is non-finite when any part is; checked on the device.)"""
     loss = result["loss"]
     if engine is not None:
-        if not all(math.isfinite(v) for k, v in result.items() if k != "loss"):
-            loss = loss * float("nan")
+        loss = loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
         engine.backward(loss)
         engine.step()  # steps the optimizer at the end of the accumulation only
     else:
         (loss / grad_accum).backward()
 
 
-def finish_step(totals: list[torch.Tensor], engine, optimizer, scheduler, trainable) -> tuple[float, float, bool]:
-    """End an optimizer step: (mean loss, gradient norm before clipping, whether the update was applied).
-    A non-finite loss or gradient skips the update and the lr scheduler (as DeepSpeed does), never the step."""
+def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
+                trainable) -> tuple[dict[str, float], float, bool]:
+    """End an optimizer step: (the step's mean losses, gradient norm before clipping, whether the update was
+    applied), read from the device in one sync. A non-finite loss or gradient skips the update and the lr
+    scheduler (as DeepSpeed does), never the step."""
     if engine is not None:
-        mean = sum(torch.stack(totals).tolist()) / len(totals)
+        values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
         norm = engine.get_global_grad_norm()
-        return mean, float("nan") if norm is None else float(norm), engine.was_step_applied()
+        return values, float("nan") if norm is None else float(norm), engine.was_step_applied()
     norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-    *values, norm = torch.stack([*(t.float() for t in totals), norm.float().to(totals[0].device)]).tolist()
-    mean = sum(values) / len(values)
-    applied = math.isfinite(mean) and math.isfinite(norm)
+    *numbers, norm = torch.stack([*losses.values(), norm.float().to(losses["loss"].device)]).tolist()
+    values = dict(zip(losses, numbers))
+    applied = math.isfinite(values["loss"]) and math.isfinite(norm)
     if applied:
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean, norm, applied
+    return values, norm, applied
 
 
 class NonFiniteError(RuntimeError):

@@ -1,0 +1,57 @@
+"""The vision tower's varlen attention computes what transformers' sdpa path computes."""
+from __future__ import annotations
+
+import torch
+
+from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, vision_varlen_attention
+from trainer.tiny_model import build_processor, build_tokenizer, tiny_config
+
+
+def _tiny_vlm():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    processor = build_processor(build_tokenizer(), image_size=112)
+    config = tiny_config(processor.tokenizer)
+    config._attn_implementation = "sdpa"
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval(), config
+
+
+def test_vision_tower_output_and_gradient_equal_the_sdpa_path(monkeypatch):
+    import trainer.attention as attention
+
+    vlm, config = _tiny_vlm()
+    patch = config.vision_config.patch_size
+    grid = torch.tensor([[1, 8, 8], [1, 12, 8]])  # two images of different sizes: unequal segments
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * patch * patch, requires_grad=True)
+
+    def run():
+        pixels.grad = None
+        out = vlm.model.visual(pixels, grid_thw=grid).pooler_output
+        out.square().sum().backward()
+        return out.detach(), pixels.grad.clone()
+
+    expected, expected_grad = run()
+    use_varlen_vision_attention(vlm)
+    assert vlm.model.visual.config._attn_implementation == VISION_ATTENTION
+    assert vlm.model.language_model.config._attn_implementation == "sdpa"
+    calls = []
+    per_segment = attention._per_segment
+    monkeypatch.setattr(attention, "_per_segment", lambda *a: calls.append(1) or per_segment(*a))
+    got, got_grad = run()
+    assert calls, "the vision tower did not call the registered attention"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_do_not_attend_to_each_other():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4) for _ in range(3))
+    cu = torch.tensor([0, 4, 10])
+    out, _ = vision_varlen_attention(None, q, k, v, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    v2 = v.clone()
+    v2[:, :, 4:] += 1.0  # changing the second segment leaves the first unchanged
+    out2, _ = vision_varlen_attention(None, q, k, v2, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    assert out.shape == (1, 10, 2, 4)
+    torch.testing.assert_close(out2[:, :4], out[:, :4])
+    assert not torch.allclose(out2[:, 4:], out[:, 4:])
