@@ -1,23 +1,26 @@
-"""One CoVT training step vs one plain Qwen2.5-VL LoRA fine-tuning step, side by side.
+"""Training throughput at the recipe's global batch: CoVT vs plain LoRA, per micro-batch size, side by side.
 
-Builds a Qwen2.5-VL-7B-sized model with RANDOM weights from a Qwen2_5_VLConfig with
-the real 7B dimensions, directly on the GPU in bf16 (nothing is downloaded), twice:
+Builds a Qwen2.5-VL-7B-sized model with RANDOM weights from a Qwen2_5_VLConfig with the real
+7B dimensions, directly on the GPU in bf16 (nothing is downloaded), with the recipe's LoRA
+(r16/alpha 32/dropout 0.01 on the LLM and vision tower), trainable thought-token rows and the
+sam/depth/dino heads consuming synthetic targets of the real cached shapes (SAM embedding
+256x64x64 + 8 masks 256x256 through a ViT-H-sized frozen mask decoder, Depth Anything ViT-L
+4x1369x1024 + 256x256 depth, DINOv2 ViT-L 1025x1024).
 
-  plain: LoRA on the LLM + vision tower, text loss only, on the sample's conversation;
-  covt:  the same LoRA + trainable thought-token rows + the sam/depth/dino heads, on the
-         same sample in a CoVT stage format, the heads consuming synthetic targets of the
-         real cached shapes (SAM embedding 256x64x64 + 8 masks 256x256, Depth Anything
-         ViT-L 4x1369x1024 + 256x256 depth, DINOv2 ViT-L 1025x1024) and a SAM decoder
-         file built from segment_anything's ViT-H-sized prompt encoder / mask decoder.
+One timed step = one optimizer step over a global batch of 8 samples (448x448 image, ~300
+text tokens each, lengths varying +-20%), cut into micro-batches of 1, 2, 4 or 8 with
+gradient accumulation: host->device copies, forwards, backwards, clipping, AdamW, as
+trainer/train.py runs it (bf16 autocast). Three kinds of step on the same model and batches,
+alternating after warm-up, timed with CUDA events (medians):
 
-A step = host->device copy of the batch, forward, backward, gradient clipping and the
-AdamW step, exactly as trainer/train.py does it (bf16 autocast, gradient checkpointing).
-The batches are tokenised once beforehand (in training that happens while the GPU runs
-the previous step). Steps alternate plain/covt after warm-up and are timed with CUDA
-events; the medians, their ratio and the peak memory are printed.
+  library: transformers' loss from full logits and its per-window sdpa vision attention
+           (a LoRA fine-tune as usually written; what this trainer did before issue 9);
+  plain:   this trainer's text loss (logits at labelled positions only) and varlen vision
+           attention, anchor losses off: a plain LoRA fine-tune through the same code;
+  covt:    plain + the three anchor heads and their losses.
 
     python bench/bench_train_step.py                       # H100: the 7B model
-    python bench/bench_train_step.py --device cpu --tiny   # smoke test anywhere
+    python bench/bench_train_step.py --device cpu --tiny --micro-batch 1,4 --checkpointing on   # smoke test
 """
 from __future__ import annotations
 
@@ -38,15 +41,16 @@ sys.path.insert(0, str(REPO))
 from shards.anchors import array_shape, get_anchor  # noqa: E402
 from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
 from shards.views import open_rgb  # noqa: E402
+from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
-from trainer.model import VLM_INPUTS, CoVTModel  # noqa: E402
+from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
-from trainer.train import MAX_GRAD_NORM  # noqa: E402
+from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
 
@@ -136,41 +140,53 @@ def synthetic_targets(dims: dict[str, dict[str, int]], seed: int = 0) -> dict[st
     return out
 
 
-def sample(targets) -> dict:
+FILLER = ("The scene shows the objects described in the question, with their colours, sizes and positions "
+          "relative to one another, and the answer follows from what is visible. ")
+
+
+def samples(n: int, targets: dict, text_tokens: int, tokenizer) -> list[dict]:
+    """``n`` samples cycling over data/sample, each first answer lengthened with filler text to
+    ``text_tokens`` x (0.8 .. 1.2) text tokens (counted by ``tokenizer``) so that lengths differ as in real
+    data (micro-batches are padded)."""
     records = json.loads((REPO / "data/sample/conversations.json").read_text())
-    record = records[0]
-    image_bytes = (REPO / "data/sample/images" / record["image"]).read_bytes()
-    return {"index": 0, "key": record["id"], "id": record["id"], "conversations": record["conversations"],
-            "images": [open_rgb(image_bytes)], "image_bytes": [image_bytes], "targets": targets}
+    filler = FILLER.split()
+    out = []
+    for i in range(n):
+        record = records[i % len(records)]
+        image_bytes = (REPO / "data/sample/images" / record["image"]).read_bytes()
+        conversations = [dict(t) for t in record["conversations"][:2]]
+        wanted = int(text_tokens * (0.8 + 0.4 * (i % 8) / 7))
+        answer, words = conversations[1]["value"], 0
+        while len(tokenizer(" ".join([conversations[0]["value"], answer]), add_special_tokens=False).input_ids) < wanted:
+            answer += " " + filler[words % len(filler)]
+            words += 1
+        conversations[1]["value"] = answer
+        out.append({"index": i, "key": f"{record['id']}-{i}", "id": record["id"], "conversations": conversations,
+                    "images": [open_rgb(image_bytes)], "image_bytes": [image_bytes], "targets": targets})
+    return out
 
 
-def plain_batch_of(one: dict, processor, image_size: int) -> dict:
-    """The sample's first exchange without visual thoughts, the reference's layout, labels on the answer only."""
-    from PIL import Image
+def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.device, kind: str, bf16: bool):
+    """One optimizer step over a global batch given as micro-batches, as trainer/train.py runs it.
 
-    from shards.views import square_view
-    from trainer.batch import encode_text
-    from trainer.formats import plain_text
-
-    view = Image.fromarray(square_view(one["images"][0], image_size))
-    row = encode_text(plain_text(one["conversations"]), view, processor)
-    return {k: (v if k in ("pixel_values", "image_grid_thw") else v[None]) for k, v in row.items()}
-
-
-def make_step(model: torch.nn.Module, params: list[dict], batch_cpu: dict, device: torch.device, covt: bool,
-              bf16: bool):
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    trainable = [p for g in params for p in g["params"]]
+    kind: ``covt`` (text + anchor losses), ``plain`` (the same model and text loss, no anchor losses: a plain
+    LoRA fine-tune through the same code), ``library`` (transformers' own loss from full logits and its
+    per-window sdpa vision attention: a LoRA fine-tune as usually written, the "before" of issue 9).
+    """
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    visual = unwrap_vlm(model.vlm).model.visual
 
     def step() -> None:
-        batch = batch_to(batch_cpu, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
-            if covt:
-                loss = model(batch, anchor_losses=True)["loss"]
-            else:
-                inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
-                loss = model(**inputs, use_cache=False).loss
-        loss.backward()
+        visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
+        for cpu_batch in batches:
+            batch = batch_to(cpu_batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
+                if kind == "library":
+                    inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
+                    loss = model.vlm(**inputs, use_cache=False).loss
+                else:
+                    loss = model(batch, anchor_losses=kind == "covt")["loss"]
+            (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -194,32 +210,51 @@ def timed(step, device: torch.device) -> tuple[float, int]:
     return (time.perf_counter() - t0) * 1000, 0
 
 
-def profile(steps: dict, device: torch.device) -> None:
-    """Top operators (self device time, then self CPU time) of one step of each kind."""
+def profile(step, name: str, device: torch.device) -> None:
+    """Top operators (self device time, then self CPU time) of one step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for name, step in steps.items():
-        with torch_profile(activities=activities) as prof:
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"--- profile of one {name} step, by {key}")
-        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
-        print(f"--- profile of one {name} step, by self_cpu_time_total")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+    with torch_profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- profile of one {name} step, by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+
+
+def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtype: torch.dtype) -> CoVTModel:
+    vlm = build_vlm(config, device, dtype, grad_ckpt=False)
+    if tokens.ids and max(tokens.ids) >= vlm.get_input_embeddings().weight.shape[0]:
+        vlm.resize_token_embeddings(max(tokens.ids) + 1, mean_resizing=False)
+    use_varlen_vision_attention(vlm)
+    vlm = attach_lora(vlm, LoraConfig(), tokens.ids)  # the recipe's r16 / alpha 32 / dropout 0.01
+    heads = build_heads(ANCHORS, config.text_config.hidden_size, CacheDims(dims, decoders))
+    return CoVTModel(vlm, heads, tokens).to(device).train()
+
+
+def set_checkpointing(model: CoVTModel, on: bool) -> None:
+    base = unwrap_vlm(model.vlm)
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model and targets (smoke test)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--micro-batch", default="1,2,4,8", help="micro-batch sizes to time (comma separated)")
+    parser.add_argument("--global-batch", type=int, default=8, help="samples per optimizer step (the recipe's 8)")
+    parser.add_argument("--checkpointing", default="on,off", help="gradient checkpointing settings to time")
+    parser.add_argument("--kinds", default="library,plain,covt", help="step kinds to time (see make_step)")
+    parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample, on average")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of each kind and setting")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage", default="understanding", choices=STAGES)
-    parser.add_argument("--no-gradient-checkpointing", dest="grad_ckpt", action="store_false")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each kind")
     args = parser.parse_args(argv)
@@ -233,86 +268,74 @@ def main(argv=None) -> dict:
     processor = build_processor(build_tokenizer(), image_size)
     tokens = add_thought_tokens(processor)  # ids stay below the 7B vocabulary: no resize needed
     config = tiny_config(processor.tokenizer) if args.tiny else qwen2_5_vl_7b_config(processor.tokenizer)
-    hidden = config.text_config.hidden_size
-    lora = LoraConfig()  # the recipe's r16 / alpha 32 / dropout 0.01 on LLM + vision tower
-
-    cfg = Config(anchors=list(ANCHORS))
-    cfg.model.image_size = image_size
-    stage = StageConfig(args.stage, 1)
-    one = sample(synthetic_targets(dims))
-    plain_batch = plain_batch_of(one, processor, image_size)
-
     decoders = Path(tempfile.mkdtemp(prefix="bench-decoders-"))
     write_sam_decoder(decoders, sam_spec)
-
     torch.manual_seed(0)
-    plain_vlm = attach_lora(build_vlm(config, device, dtype, args.grad_ckpt), lora, [])
-    plain_params = [{"params": [p for p in plain_vlm.parameters() if p.requires_grad]}]
-    plain_step = make_step(plain_vlm, plain_params, plain_batch, device, covt=False, bf16=bf16)
+    model = build_model(config, tokens, dims, decoders, device, dtype)
+    cfg = Config(anchors=list(ANCHORS))
+    cfg.model.image_size = image_size
+    cfg.train.max_length = 4096
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=1e-5)
+    stage = StageConfig(args.stage, 1)
+    data = samples(args.global_batch, synthetic_targets(dims), args.text_tokens, processor.tokenizer)
+    name = torch.cuda.get_device_name(device) if bf16 else "cpu"
+    print(f"device {device} ({name}), {'tiny' if args.tiny else 'Qwen2.5-VL-7B-sized'} random weights, {dtype}, "
+          f"image {image_size}x{image_size}, global batch {args.global_batch}, stage {args.stage}, heads {ANCHORS}")
+    print(f"model: {trainable_summary(model)}")
 
-    covt_vlm = build_vlm(config, device, dtype, args.grad_ckpt)
-    if tokens.ids and max(tokens.ids) >= covt_vlm.get_input_embeddings().weight.shape[0]:
-        covt_vlm.resize_token_embeddings(max(tokens.ids) + 1, mean_resizing=False)
-    covt_vlm = attach_lora(covt_vlm, lora, tokens.ids)
-    heads = build_heads(ANCHORS, hidden, CacheDims(dims, decoders))
-    covt = CoVTModel(covt_vlm, heads, tokens).to(device).train()
-    covt_batch = build_batch([one], stage, True, 0, processor, tokens, cfg, view_sizes=covt.view_sizes())
-    covt_step = make_step(covt, param_groups(covt, cfg.train), covt_batch, device, covt=True, bf16=bf16)
-    # the same token sequence as the CoVT step (thought tokens included) through the plain LoRA model:
-    # what the CoVT machinery (heads, cached targets, trainable token rows) adds on the same batch
-    same_step = make_step(plain_vlm, plain_params, covt_batch, device, covt=False, bf16=bf16)
+    rows = []
+    for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
+        set_checkpointing(model, checkpointing)
+        for micro in [int(m) for m in args.micro_batch.split(",")]:
+            batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, cfg,
+                                   view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
+            real = sum(int(b["attention_mask"].sum()) for b in batches)
+            padded = sum(b["input_ids"].numel() for b in batches)
+            steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
+            for _ in range(args.warmup):
+                for step in steps.values():
+                    step()
+            if args.profile:
+                for kind, step in steps.items():
+                    profile(step, f"{kind} micro-batch {micro}", device)
+            times = {k: [] for k in steps}
+            peaks = {k: 0 for k in steps}
+            for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
+                for kind, step in steps.items():
+                    ms, peak = timed(step, device)
+                    times[kind].append(ms)
+                    peaks[kind] = max(peaks[kind], peak)
+            row = {"micro_batch": micro, "checkpointing": checkpointing, "tokens_per_sample": real / args.global_batch,
+                   "padding_fraction": 1 - real / padded}
+            for kind in steps:
+                ms = statistics.median(times[kind])
+                row[f"{kind}_ms"] = ms
+                row[f"{kind}_samples_per_s"] = args.global_batch / ms * 1000
+                row[f"{kind}_peak_gib"] = peaks[kind] / 2**30
+            if "covt" in steps and "plain" in steps:
+                row["covt_over_plain"] = row["covt_ms"] / row["plain_ms"]
+            rows.append(row)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            del batches, steps
+            free_memory()
 
-    print(f"device {device} ({torch.cuda.get_device_name(device) if bf16 else 'cpu'}), "
-          f"{'tiny' if args.tiny else 'Qwen2.5-VL-7B-sized'} random weights, {dtype}, "
-          f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}, image {image_size}x{image_size}, bs 1")
-    print(f"plain: {trainable_summary(plain_vlm)}, {plain_batch['input_ids'].shape[1]} tokens")
-    print(f"covt:  {trainable_summary(covt)}, {covt_batch['input_ids'].shape[1]} tokens, stage {args.stage}, "
-          f"heads {ANCHORS}")
-
-    steps = {"plain": plain_step, "plain_same_batch": same_step, "covt": covt_step}
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
-    if args.profile:
-        profile(steps, device)
-    times = {name: [] for name in steps}
-    peaks = {name: [] for name in steps}
-    for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all alike
-        for name, step in steps.items():
-            ms, peak = timed(step, device)
-            times[name].append(ms)
-            peaks[name].append(peak)
-    plain_ms, covt_ms, same_ms = times["plain"], times["covt"], times["plain_same_batch"]
-    plain_peak, covt_peak = peaks["plain"], peaks["covt"]
-
-    result = {
-        "device": torch.cuda.get_device_name(device) if bf16 else "cpu",
-        "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized",
-        "stage": args.stage,
-        "steps": args.steps,
-        "plain_ms_median": statistics.median(plain_ms),
-        "covt_ms_median": statistics.median(covt_ms),
-        "ratio": statistics.median(covt_ms) / statistics.median(plain_ms),
-        "plain_same_batch_ms_median": statistics.median(same_ms),
-        "ratio_same_batch": statistics.median(covt_ms) / statistics.median(same_ms),
-        "plain_same_batch_ms": same_ms,
-        "plain_ms": plain_ms,
-        "covt_ms": covt_ms,
-        "plain_peak_gib": max(plain_peak) / 2**30,
-        "covt_peak_gib": max(covt_peak) / 2**30,
-    }
-    print(f"plain LoRA step: {result['plain_ms_median']:.1f} ms (median of {args.steps})")
-    print(f"CoVT step:       {result['covt_ms_median']:.1f} ms (median of {args.steps})")
-    print(f"plain LoRA step on the CoVT step's token sequence: {result['plain_same_batch_ms_median']:.1f} ms")
-    print(f"ratio covt/plain, same batch (same tokens): {result['ratio_same_batch']:.3f} (target <= 1.10)")
-    print(f"ratio covt/plain, the sample's own conversation ({covt_batch['input_ids'].shape[1] - plain_batch['input_ids'].shape[1]}"
-          f" thought tokens fewer): {result['ratio']:.3f}")
-    if bf16:
-        print(f"peak memory during a step (both models resident): plain {result['plain_peak_gib']:.1f} GiB, "
-              f"covt {result['covt_peak_gib']:.1f} GiB")
+    print_table(rows, args.kinds.split(","))
+    result = {"device": name, "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized", "stage": args.stage,
+              "global_batch": args.global_batch, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def print_table(rows: list[dict], kinds: list[str]) -> None:
+    header = ["micro-batch", "checkpointing", "padding"] + [f"{k} samples/s (GiB)" for k in kinds] + ["covt/plain"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [str(r["micro_batch"]), "on" if r["checkpointing"] else "off", f"{r['padding_fraction']:.0%}"]
+        cells += [f"{r[f'{k}_samples_per_s']:.2f} ({r[f'{k}_peak_gib']:.1f})" for k in kinds]
+        cells.append(f"{r['covt_over_plain']:.3f}" if "covt_over_plain" in r else "")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
