@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from shards.anchors import array_shape, get_anchor  # noqa: E402
 from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
 from shards.views import open_rgb  # noqa: E402
-from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention  # noqa: E402
+from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
@@ -235,6 +235,19 @@ def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtyp
     return CoVTModel(vlm, heads, tokens).to(device).train()
 
 
+def compare_vision_attention(model: CoVTModel, batch: dict, device: torch.device) -> float:
+    """Relative L2 difference of the vision tower's output, varlen vs transformers' sdpa path, on ``batch``."""
+    visual = unwrap_vlm(model.vlm).model.visual
+    pixels, grid = batch["pixel_values"].to(device), batch["image_grid_thw"].to(device)
+    outs = {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for name in ("sdpa", VISION_ATTENTION):
+            visual.config._attn_implementation = name
+            outs[name] = visual(pixels.to(visual.dtype), grid_thw=grid).pooler_output.float()
+    visual.config._attn_implementation = VISION_ATTENTION
+    return float((outs[VISION_ATTENTION] - outs["sdpa"]).norm() / outs["sdpa"].norm())
+
+
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
     base = unwrap_vlm(model.vlm)
     if on:
@@ -283,6 +296,9 @@ def main(argv=None) -> dict:
           f"image {image_size}x{image_size}, global batch {args.global_batch}, stage {args.stage}, heads {ANCHORS}")
     print(f"model: {trainable_summary(model)}")
 
+    first = build_batch(data[:2], stage, True, 0, processor, tokens, cfg)
+    print(f"vision tower, varlen vs sdpa attention: relative difference {compare_vision_attention(model, first, device):.2e}"
+          f" (varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
     rows = []
     for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
         set_checkpointing(model, checkpointing)

@@ -30,6 +30,10 @@ def _varlen_kernel():
     return varlen_attn
 
 
+def varlen_kernel_available() -> bool:
+    return _varlen_kernel() is not None and torch.cuda.is_available()
+
+
 def varlen_kernel_applies(query: torch.Tensor) -> bool:
     """True where ``varlen_attn`` runs: CUDA tensors in bf16/fp16 and a torch that has it."""
     return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
