@@ -308,19 +308,14 @@ def main(argv=None) -> dict:
             real = sum(int(b["attention_mask"].sum()) for b in batches)
             padded = sum(b["input_ids"].numel() for b in batches)
             steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
-            for _ in range(args.warmup):
-                for step in steps.values():
-                    step()
-            if args.profile:
-                for kind, step in steps.items():
-                    profile(step, f"{kind} micro-batch {micro}", device)
-            times = {k: [] for k in steps}
-            peaks = {k: 0 for k in steps}
-            for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
-                for kind, step in steps.items():
-                    ms, peak = timed(step, device)
-                    times[kind].append(ms)
-                    peaks[kind] = max(peaks[kind], peak)
+            try:
+                times, peaks = measure(steps, args, device, f"micro-batch {micro}")
+            except torch.OutOfMemoryError:
+                print(f"micro-batch {micro}, checkpointing {checkpointing}: out of GPU memory", flush=True)
+                optimizer.zero_grad(set_to_none=True)
+                del batches, steps
+                free_memory()
+                continue
             row = {"micro_batch": micro, "checkpointing": checkpointing, "tokens_per_sample": real / args.global_batch,
                    "padding_fraction": 1 - real / padded}
             for kind in steps:
@@ -341,6 +336,24 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict, dict]:
+    """Median-ready step times (ms) and peak memory (bytes) of each kind, alternating kinds after warm-up."""
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    if args.profile:
+        for kind, step in steps.items():
+            profile(step, f"{kind} {setting}", device)
+    times = {k: [] for k in steps}
+    peaks = {k: 0 for k in steps}
+    for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
+        for kind, step in steps.items():
+            ms, peak = timed(step, device)
+            times[kind].append(ms)
+            peaks[kind] = max(peaks[kind], peak)
+    return times, peaks
 
 
 def print_table(rows: list[dict], kinds: list[str]) -> None:
