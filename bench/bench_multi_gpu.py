@@ -2,6 +2,7 @@
 
     python bench/bench_multi_gpu.py --gpus 2 --work /tmp/mgpu     # a machine with 2+ GPUs
     python bench/bench_multi_gpu.py --gpus 2 --tiny --work /tmp/m  # CPU smoke run (gloo), tiny model
+    python bench/bench_multi_gpu.py --throughput 1xnonex4xnockpt,4xzero2x2xnockpt   # trainer samples/s
 
 1. ``python -m precompute`` on the embedded default, once with one rank and once under
    ``torchrun --nproc-per-node N``: the N-rank cache must verify and hold the same targets.
@@ -11,6 +12,9 @@
    stage transition, checkpoints every step, a stop after step 3, a resume, the LoRA merge
    and the final export. Reports seconds per step and peak memory of every GPU
    (output_dir/perf-rank{R}.jsonl) and whether the resumed run went on from the checkpoint.
+3. ``--throughput``: the trainer's steady samples/s at the recipe's global batch of 8 for
+   given GPU counts, ZeRO stages and micro-batch sizes (7B-sized, ~300 text tokens per
+   sample), and the projected hours of the recipe's 16000 optimizer steps.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -100,15 +105,16 @@ def build_base(work: Path, tiny: bool) -> Path:
     return path
 
 
-def build_cache(work: Path, tiny: bool) -> Path:
+def build_cache(work: Path, tiny: bool, data=None, name: str | None = None) -> Path:
     from bench.bench_train_step import REAL_DIMS, REAL_SAM, TINY_DIMS, TINY_SAM, write_sam_decoder
     from shards.config import DataConfig
     from shards.reader import Cache
     from shards.testing import write_synthetic_cache
 
-    cache = work / ("cache-synthetic-tiny" if tiny else "cache-synthetic-real")
+    cache = work / (name or ("cache-synthetic-tiny" if tiny else "cache-synthetic-real"))
     if not (cache / "manifest.json").is_file():
-        data = DataConfig(path=str(REPO / "data/sample/conversations.json"), image_folder=str(REPO / "data/sample/images"))
+        data = data or DataConfig(path=str(REPO / "data/sample/conversations.json"),
+                                  image_folder=str(REPO / "data/sample/images"))
         write_synthetic_cache(cache, data, ["sam", "depth", "dino"], dims=TINY_DIMS if tiny else REAL_DIMS, shard_size=4)
         write_sam_decoder(Cache(cache).decoders_dir, TINY_SAM if tiny else REAL_SAM)
     return cache
@@ -148,6 +154,46 @@ def zero3_recipe(n: int, work: Path, tiny: bool) -> dict:
     }
 
 
+def long_conversations(work: Path, text_tokens: int = 300) -> Any:
+    """data/sample with each first answer lengthened to ~``text_tokens`` tokens (bench_train_step.samples)."""
+    from bench.bench_train_step import samples
+    from shards.config import DataConfig
+    from trainer.tiny_model import build_processor, build_tokenizer
+
+    path = work / "long_conversations.json"
+    if not path.is_file():
+        tokenizer = build_processor(build_tokenizer(), 448).tokenizer
+        records = json.loads((REPO / "data/sample/conversations.json").read_text())
+        long = samples(len(records), {}, text_tokens, tokenizer)
+        path.write_text(json.dumps([{**r, "conversations": s["conversations"]} for r, s in zip(records, long)]))
+    return DataConfig(path=str(path), image_folder=str(REPO / "data/sample/images"))
+
+
+def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int) -> dict:
+    """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
+    base = build_base(work, tiny=False)
+    cache = build_cache(work, tiny=False, data=long_conversations(work), name="cache-synthetic-long")
+    grad_accum = 8 // (n * batch_size)
+    out = work / f"train-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
+    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
+            "anchors=[sam,depth,dino]", "model.image_size=448", f"train.stages=[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
+            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
+            "train.bf16=true", f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4",
+            "train.save_every=0"]
+    if zero:
+        args.append(f"train.deepspeed=configs/deepspeed/{zero}.json")
+    seconds = run([*torchrun(n), "-m", "trainer", *args, "--stop-after", str(steps)],
+                  f"{zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
+    perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
+    steady = statistics.median(p["seconds"] for p in perf[3:])  # the first steps warm up
+    peaks = [max(json.loads(line).get("peak_gpu_memory_gib", 0) for line in (out / f"perf-rank{r}.jsonl").open())
+             for r in range(n)]
+    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": grad_accum,
+            "checkpointing": checkpointing, "seconds_per_step": steady, "samples_per_s": 8 / steady,
+            "samples_per_s_per_gpu": 8 / steady / n, "peak_gpu_memory_gib": max(peaks),
+            "recipe_hours": 16000 * steady / 3600, "launch_seconds": round(seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", type=int, default=2)
@@ -155,8 +201,22 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/covt-multi-gpu"))
     ap.add_argument("--skip-precompute", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--throughput", metavar="RUNS",
+                    help="instead: the trainer's samples/s at global batch 8, for runs GPUSxZEROxMICRO[xnockpt] "
+                         "separated by commas, e.g. 1xnonex4xnockpt,4xzero2x2xnockpt,4xzero3x2xnockpt")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per throughput run")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.throughput:
+        rows = []
+        for spec in args.throughput.split(","):
+            gpus, zero, micro, *rest = spec.split("x")
+            rows.append(throughput(int(gpus), None if zero == "none" else zero, int(micro), rest != ["nockpt"],
+                                   args.work, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     result = {"gpus": args.gpus, "tiny": args.tiny}
     if not args.skip_precompute:
         result["precompute"] = precompute_ranks_agree(args.gpus, args.work, "cpu" if args.tiny else "auto")

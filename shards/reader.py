@@ -309,7 +309,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         """The sample at ``position``. A damaged one stops the stream (``on_damaged="error"``), or its slot is
         filled by the next readable sample of the stream (``"skip"``), so batch shapes, the stage of every
         step and resume positions stay what they would be; the sample says what it replaced
-        (``damaged_skipped``: one message per damaged sample passed over)."""
+        (``damaged_skipped``: one message per damaged sample passed over) and its slot (``position``)."""
         skipped: list[str] = []
         for offset in range(self.per_rank):
             try:
@@ -325,6 +325,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 skipped.append(str(e))
                 continue
             sample["damaged_skipped"] = skipped
+            sample["position"] = position  # where the slot sits in this rank's stream (its optimizer step)
             return sample
         raise DamagedSampleError(f"{self.cache.cache_dir}: every sample of rank {self.rank}'s stream is damaged "
                                  f"(first: {skipped[0]})")

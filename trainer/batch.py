@@ -13,6 +13,7 @@ targets of those rows and, for heads that ask, uint8 views.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -185,6 +186,32 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
                         if anchors_on else {})
     batch["keys"] = [s.get("key") for s in samples]
     return batch
+
+
+@dataclass
+class BatchBuilder:
+    """The training DataLoader's ``collate_fn``: one micro-batch of raw samples -> model tensors.
+
+    It runs in the loader's worker processes, so tokenising, image processing and stacking targets overlap
+    with the GPU's work. The optimizer step of a micro-batch follows from its samples' positions in the
+    rank's stream (the stream of a run starts at ``step x samples_per_step``), and the stage from the step.
+    """
+
+    schedule: Any  # trainer.schedule.Schedule
+    samples_per_step: int  # per rank: train.batch_size x train.grad_accum
+    processor: Any
+    tokens: ThoughtTokens
+    cfg: Any  # shards.config.Config
+    view_sizes: dict[str, int | None]
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        step = samples[0]["position"] // self.samples_per_step
+        at = self.schedule.stage_at(step)
+        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.cfg,
+                            view_sizes=self.view_sizes)
+        batch["step"] = step
+        batch["damaged_skipped"] = [problem for s in samples for problem in s.get("damaged_skipped", ())]
+        return batch
 
 
 def text_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from shards.config import Config, TrainConfig, save_config
 from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
-from trainer.batch import batch_to, build_batch
+from trainer.batch import BatchBuilder, batch_to
 from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
                                 save_checkpoint, trainable_state)
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
@@ -102,14 +102,14 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         per_step = t.batch_size * t.grad_accum
         dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
                                    start=step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample)
+        collate = BatchBuilder(schedule, per_step, processor, tokens, cfg, model.view_sizes())
         loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
-                                                  collate_fn=list))
+                                                  collate_fn=collate, pin_memory=device.type == "cuda"))
         if resuming_mid_run:  # after the loader took its seed, as the uninterrupted run's loader did
             load_rng(checkpoint, rank)
 
         # --- optimizer steps
         model.train()
-        view_sizes = model.view_sizes()
         trainable = [p for p in model.parameters() if p.requires_grad]
         for step in range(step, run.end):
             log.start_clock()
@@ -121,10 +121,10 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             torch.manual_seed(step_seed(t.seed, rank, step))  # dropout etc. depend on the step, not on history
             losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
             for _ in range(t.grad_accum):
-                samples = next(loader)
-                log.damaged_samples(samples, step)
-                batch = build_batch(samples, at.stage, at.anchor_losses_on, step, processor, tokens, cfg,
-                                    view_sizes=view_sizes)
+                batch = next(loader)
+                if batch["step"] != step:
+                    raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
+                log.damaged_samples(batch["damaged_skipped"], step)
                 with autocast(t, device):
                     result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
                 backward(result, engine, t.grad_accum)
@@ -378,12 +378,11 @@ class Logger:
         """Every rank: a fault seen by one rank only (a damaged sample) must not go unsaid."""
         tqdm.write(f"WARNING rank {self.rank}: {message}" if self.rank else f"WARNING: {message}")
 
-    def damaged_samples(self, samples: list[dict], step: int) -> None:
-        for sample in samples:
-            for problem in sample.get("damaged_skipped", ()):
-                self.damaged += 1
-                self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
-                             f"train.on_damaged_sample=skip): {problem}")
+    def damaged_samples(self, problems: list[str], step: int) -> None:
+        for problem in problems:
+            self.damaged += 1
+            self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
+                         f"train.on_damaged_sample=skip): {problem}")
 
     def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
              skipped: bool = False) -> None:
