@@ -169,17 +169,19 @@ def long_conversations(work: Path, text_tokens: int = 300) -> Any:
     return DataConfig(path=str(path), image_folder=str(REPO / "data/sample/images"))
 
 
-def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int) -> dict:
+def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
+               tiny: bool) -> dict:
     """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
-    base = build_base(work, tiny=False)
-    cache = build_cache(work, tiny=False, data=long_conversations(work), name="cache-synthetic-long")
+    base = build_base(work, tiny)
+    cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
     grad_accum = 8 // (n * batch_size)
     out = work / f"train-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
     args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
-            "anchors=[sam,depth,dino]", "model.image_size=448", f"train.stages=[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
+            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}",
+            f"train.stages=[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
-            "train.bf16=true", f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4",
-            "train.save_every=0"]
+            f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4", "train.save_every=0"]
+    args += ["train.device=cpu", "train.bf16=false"] if tiny else ["train.bf16=true"]
     if zero:
         args.append(f"train.deepspeed=configs/deepspeed/{zero}.json")
     seconds = run([*torchrun(n), "-m", "trainer", *args, "--stop-after", str(steps)],
@@ -212,7 +214,7 @@ def main() -> None:
         for spec in args.throughput.split(","):
             gpus, zero, micro, *rest = spec.split("x")
             rows.append(throughput(int(gpus), None if zero == "none" else zero, int(micro), rest != ["nockpt"],
-                                   args.work, args.steps))
+                                   args.work, args.steps, args.tiny))
             print(json.dumps(rows[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
