@@ -4,8 +4,11 @@ The recipe's global batch is 8 samples; on 1 GPU it runs as one micro-batch of 8
 8 GPUs as 8 x 1 (the reference). The loss is the mean over samples of (each sample's mean token loss +
 its anchor losses), so every cut must give the same number and the same gradients.
 """
+import shutil
+
 import pytest
 import torch
+from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 
 from shards.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
@@ -15,7 +18,7 @@ from trainer.model import CoVTModel, text_hidden_size
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
-ANCHORS = ["depth", "dino", "siglip"]
+ANCHORS = ["sam", "depth", "dino", "pidinet", "siglip", "metaclip"]
 GLOBAL_BATCH = 8
 
 
@@ -24,7 +27,13 @@ def setup(tmp_path_factory, synthetic_cache):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     base = build_tiny_base_model(tmp_path_factory.mktemp("model") / "base", seed=0, image_size=112)
-    cache = Cache(synthetic_cache)
+    folder = tmp_path_factory.mktemp("cache") / "cache"
+    shutil.copytree(synthetic_cache, folder)  # the session's cache is shared: add decoders to a copy
+    cache = Cache(folder)
+    cache.decoders_dir.mkdir(exist_ok=True)
+    sam = cache.dims("sam")
+    write_tiny_sam_decoder(cache.decoders_dir / "sam_decoder.pt", embed_dim=sam["embed_dim"], embed_hw=sam["embed_h"])
+    write_tiny_pidinet_stage1(cache.decoders_dir)
     processor = AutoProcessor.from_pretrained(base)
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     tokens = add_thought_tokens(processor, vlm, seed=0)
@@ -59,4 +68,6 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
     for micro in (2, 4, 8):
         loss, grads = loss_and_gradients(setup, micro, stage, step)
         assert loss == pytest.approx(loss_1, rel=1e-5), micro
-        torch.testing.assert_close(grads, grads_1, rtol=1e-4, atol=1e-6, msg=f"micro-batch {micro}")
+        # fp32 summation order differs between cuts (measured ~3e-7); a wrong normalisation is off by percents
+        assert float((grads - grads_1).norm() / grads_1.norm()) < 1e-5, micro
+        assert float((grads - grads_1).abs().max()) < 1e-5 * float(grads_1.abs().max()), micro
