@@ -47,9 +47,9 @@ from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
+from trainer.optim import param_groups  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
-from trainer.optim import param_groups  # noqa: E402
 from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]

@@ -154,6 +154,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # linear warm-up over this share of each run, then cosine to 0 (per run)
     batch_size: int = 1  # per device
     grad_accum: int = 1  # micro batches per optimizer step
+    # when set, grad_accum follows from it: global_batch / (batch_size x GPUs), so one config keeps the recipe's
+    # global batch on any number of GPUs
+    global_batch: Optional[int] = None  # samples per optimizer step over all GPUs (sets grad_accum)
     max_length: int = 2048  # tokens; truncation never cuts an image or a thought
     num_workers: int = 0  # DataLoader workers reading the cache
     bf16: bool = True  # ignored on CPU
@@ -347,6 +350,7 @@ RANGES: dict[str, Range] = {
     "train.warmup_ratio": Range(0, 1, high_open=True),
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
+    "train.global_batch": AT_LEAST_1,
     "train.max_length": AT_LEAST_1,
     "train.num_workers": AT_LEAST_0,
     "train.save_every": AT_LEAST_0,

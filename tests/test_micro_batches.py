@@ -71,3 +71,13 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
         # fp32 summation order differs between cuts (measured ~3e-7); a wrong normalisation is off by percents
         assert float((grads - grads_1).norm() / grads_1.norm()) < 1e-5, micro
         assert float((grads - grads_1).abs().max()) < 1e-5 * float(grads_1.abs().max()), micro
+
+
+def test_global_batch_sets_gradient_accumulation_for_the_number_of_gpus():
+    from trainer.train import grad_accum_for
+
+    assert grad_accum_for(TrainConfig(batch_size=2, grad_accum=3), 4) == 3  # no global_batch: as configured
+    assert [grad_accum_for(TrainConfig(batch_size=2, global_batch=8), n) for n in (1, 2, 4)] == [4, 2, 1]
+    assert grad_accum_for(TrainConfig(batch_size=1, global_batch=8), 8) == 1
+    with pytest.raises(ValueError, match="global_batch=8 is not a multiple of train.batch_size=2 x 8"):
+        grad_accum_for(TrainConfig(batch_size=2, global_batch=8), 8)

@@ -46,6 +46,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
     t = cfg.train
     rank, world, device = setup_distributed(t)
+    t.grad_accum = grad_accum_for(t, world)
     schedule = Schedule(t.stages)
     out = Path(t.output_dir)
     seed_everything(t.seed)
@@ -187,6 +188,17 @@ def setup_distributed(t: TrainConfig) -> tuple[int, int, torch.device]:
         raise ValueError(f"{world} processes but train.deepspeed is not set: several GPUs need "
                          "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
     return rank, world, device
+
+
+def grad_accum_for(t: TrainConfig, world: int) -> int:
+    """train.grad_accum, or what keeps train.global_batch samples per optimizer step on ``world`` GPUs."""
+    if t.global_batch is None:
+        return t.grad_accum
+    per_pass = t.batch_size * world
+    if t.global_batch % per_pass:
+        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.batch_size={t.batch_size} x "
+                         f"{world} GPU(s); choose a train.batch_size that divides {t.global_batch // world or 1}")
+    return t.global_batch // per_pass
 
 
 def free_port() -> int:
