@@ -13,6 +13,7 @@ from shards.config import LoraConfig, TrainConfig, config_yaml, load_config, sav
 from trainer.lora import attach_lora
 from trainer.optim import learning_rates, make_optimizer, make_scheduler, param_groups, untouched_row_shrink
 from trainer.tiny_model import build_tiny_base_model
+from trainer.train import grad_accum_for
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["covt_7b_sam_depth_dino.yaml", "covt_7b_all.yaml"]
@@ -31,9 +32,12 @@ def test_the_7b_configs_are_the_reference_recipe(name):
     assert (t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.vision_tower, t.lora.merger) == (16, 32, 0.01, True, True)
     assert t.lora.target_modules == LoraConfig().target_modules
     assert (t.lr, t.projection_lr, t.weight_decay, t.warmup_ratio) == (5e-5, 1e-5, 0.1, 0.05)
-    assert t.batch_size * t.grad_accum * 8 == 8  # global batch 8 on the reference's 8 GPUs
+    # global batch 8 (the reference's 8 GPUs x 1), kept on 1, 2 and 4 GPUs by the accumulation it sets
+    assert t.global_batch == 8
+    assert all(t.batch_size * grad_accum_for(t, gpus) * gpus == 8 for gpus in (1, 2, 4))
     assert t.plain_answer_fraction == pytest.approx(1 / 6)
-    assert (cfg.model.image_size, t.bf16, t.gradient_checkpointing) == (448, True, True)
+    # activation checkpointing (the reference's) changes memory and time, not the maths: off, the faster (issue 9)
+    assert (cfg.model.image_size, t.bf16) == (448, True)
     if "siglip" in cfg.anchors:
         assert Path(cfg.precompute.checkpoints["siglip"].path).name == "siglip2-large-patch16-256"
     assert cfg.anchors == (["sam", "depth", "dino"] if "sam_depth_dino" in name else
