@@ -129,13 +129,19 @@ def coded(codec: Codec, x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def errors(heads, anchor: str, exact: dict, decoded: dict, thoughts_by_seed, views) -> dict:
+    """Worst relative loss and gradient change; NaN (never within a bound) where the exact loss and gradient
+    are zero for every seed, e.g. SAM with a random decoder whose masks all fail the thresholds: no signal."""
     worst_loss = worst_grad = 0.0
+    signal = False
     for seed, thoughts in thoughts_by_seed:
         head = heads[seed][anchor]
         l0, g0 = loss_and_grad(head, thoughts, as_torch(exact, anchor), views)
         l1, g1 = loss_and_grad(head, thoughts, as_torch(decoded, anchor), views)
+        signal = signal or l0 != 0 or bool(g0.abs().sum() > 0)
         worst_loss = max(worst_loss, abs(l1 - l0) / max(abs(l0), 1e-12))
         worst_grad = max(worst_grad, float((g1 - g0).norm() / g0.norm().clamp_min(1e-12)))
+    if not signal:
+        return {"loss_rel": float("nan"), "grad_rel": float("nan")}
     return {"loss_rel": worst_loss, "grad_rel": worst_grad}
 
 

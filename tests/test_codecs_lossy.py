@@ -70,14 +70,14 @@ def test_auto_defaults_come_from_the_bench_with_the_error_they_were_validated_at
 def test_calibration_keeps_a_codec_within_the_bound_and_falls_back_above_it(auto_writer):
     w = auto_writer
     assert needs_calibration(w, "depth") and needs_calibration(w, "dino") and not needs_calibration(w, "sam")
-    assert error_bound(w, "depth", "features", None) == AUTO_DEFAULTS["arrays"]["depth/features"]["max_rel_l2"]
-    assert error_bound(w, "depth", "features", 0.2) == 0.2  # cache.codec_max_error overrides
+    assert error_bound(w, "depth", "depth", None) == AUTO_DEFAULTS["arrays"]["depth/depth"]["max_rel_l2"]
+    assert error_bound(w, "depth", "depth", 0.2) == 0.2  # cache.codec_max_error overrides
     rng = np.random.default_rng(3)
     depth = synthetic_shard_targets("depth", DEFAULT_DIMS["depth"], w.shard_records(0), 0)
-    depth["features"] = low_rank(rng, depth["features"].shape, 4)  # compresses well
+    depth["depth"] = low_rank(rng, depth["depth"].shape, 4)  # compresses well
     dino = {"features": rng.standard_normal((4, 17, 32)).astype(np.float32)}
     codecs, calib = calibrate(w, "depth", depth)
-    assert codecs["features"] == AUTO_CODECS["depth/features"] and calib["features"]["fell_back_to"] is None
+    assert codecs["depth"] == AUTO_CODECS["depth/depth"] and calib["depth"]["fell_back_to"] is None
     codecs, calib = calibrate(w, "dino", dino, override=1e-6)  # bf16 factors err more than that
     assert codecs == {"features": "bf16"} and calib["features"]["codec"] == AUTO_CODECS["dino/features"]
     assert calib["features"]["rel_l2"] > 1e-6 and calib["features"]["samples"] == 4
