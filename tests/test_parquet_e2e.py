@@ -43,11 +43,12 @@ def test_parquet_subset_precomputes_and_trains(tmp_path):
     cache = Cache(tmp_path / "cache")
     manifest = cache.manifest
     assert manifest["subset"] == {"size": 5, "seed": 1} and manifest["num_samples"] == 5
-    for key in ("depth/features", "dino/features"):  # codec auto: measured on the first shard, kept or bf16
+    for key in ("depth/depth", "dino/features"):  # codec auto: measured on the first shard, kept or bf16
         anchor, array = key.split("/")
         info = manifest["anchors"][anchor]["arrays"][array]
         calib = info["calibration"]
         assert calib["samples"] == 2 and info["codec"] == (calib["fell_back_to"] or calib["codec"])
+    assert "calibration" not in manifest["anchors"]["depth"]["arrays"]["features"]  # bf16 under auto: nothing to measure
     by_id = {r["id"]: r["image_bytes"] for r in rows}
     for i in range(len(cache)):
         sample = cache.sample(i)
