@@ -48,7 +48,7 @@ def test_parquet_subset_precomputes_and_trains(tmp_path):
         info = manifest["anchors"][anchor]["arrays"][array]
         calib = info["calibration"]
         assert calib["samples"] == 2 and info["codec"] == (calib["fell_back_to"] or calib["codec"])
-    assert "calibration" not in manifest["anchors"]["depth"]["arrays"]["features"]  # bf16 under auto: nothing to measure
+    assert "calibration" not in manifest["anchors"]["depth"]["arrays"]["features"]  # bf16 under auto
     by_id = {r["id"]: r["image_bytes"] for r in rows}
     for i in range(len(cache)):
         sample = cache.sample(i)
