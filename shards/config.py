@@ -49,6 +49,9 @@ class DataConfig:
     on_bad_record: Literal["skip", "error"] = "skip"  # skip (report, count in the manifest) or stop at a bad record
     limit: Optional[int] = None  # read only the first N records (debugging)
     subset: SubsetConfig = field(default_factory=SubsetConfig)  # a seeded subset of the records
+    # held-out samples for validation losses: N = the last N records of data.path, or a LLaVA JSON of its own;
+    # precompute caches them in <cache.dir>/validation (shards.layout.VALIDATION_DIR), never in the training cache
+    validation: Optional[int | str] = None  # held-out validation samples: a count (last N records) or a JSON file
 
 
 # -------------------------------------------------------------------------- cache
@@ -172,6 +175,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # skipped steps in a row (non-finite loss or gradient) that stop the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
     plain_answer_fraction: float = PLAIN_ANSWER_FRACTION  # stage 4: share of plain answers (the reference's 1 in 6)
+    # false: the direct fine-tune control of CoVT: same schedule, data, LoRA and optimizer, every answer plain
+    thoughts: bool = True  # false: no visual thoughts and no anchor losses (the direct fine-tune control)
+    validate_every: int = 0  # optimizer steps between validation losses (needs data.validation); 0 = never
 
 
 # ------------------------------------------------------------------------- root
@@ -326,6 +332,7 @@ RANGES: dict[str, Range] = {
     "data.limit": AT_LEAST_1,
     "data.subset.size": AT_LEAST_1,
     "data.subset.seed": AT_LEAST_0,
+    "data.validation": AT_LEAST_1,
     "cache.shard_size": AT_LEAST_1,
     "cache.codec_max_error": POSITIVE,
     "precompute.batch_size": AT_LEAST_1,
@@ -358,6 +365,7 @@ RANGES: dict[str, Range] = {
     "train.seed": AT_LEAST_0,
     "train.plain_answer_fraction": UNIT,
     "train.max_nonfinite_steps": AT_LEAST_1,
+    "train.validate_every": AT_LEAST_0,
 }
 
 

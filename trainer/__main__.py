@@ -4,6 +4,9 @@ Resumes from the newest checkpoint in train.output_dir by default; the run folde
 the resolved config it started with as ``config.yaml`` (``--print-config`` prints it and
 exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
 --nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
+
+``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
+(trainer/generate.py, trainer/evaluate.py; ``--help`` on each).
 """
 from __future__ import annotations
 
@@ -13,7 +16,17 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
     from shards.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])

@@ -22,7 +22,7 @@ from PIL import Image
 
 from shards.anchors import get_anchor
 from shards.views import square_view
-from trainer.formats import FormatError, TrainingText, format_sample, sample_rng
+from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
 from trainer.tokens import ThoughtTokens
 
 IGNORE_INDEX = -100
@@ -40,6 +40,10 @@ def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int, cf
     """The training text of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
     rng = sample_rng(cfg.train.seed, step, sample["index"])
     try:
+        if not cfg.train.thoughts:
+            # the direct fine-tune control: every stage trains stage 4's plain answer (no thoughts), so the
+            # control sees the same questions, answers and text layout as CoVT, only without visual thoughts
+            return plain_text(sample["conversations"])
         return format_sample(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
     except FormatError as e:
         raise BatchError(f"{_name(sample)}: {e}") from None

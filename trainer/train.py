@@ -11,6 +11,7 @@ resumed run sees exactly the stage, data and losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -47,13 +48,13 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     t = cfg.train
     rank, world, device = setup_distributed(t)
     t.grad_accum = grad_accum_for(t, world)
-    schedule = Schedule(t.stages)
+    schedule = Schedule(schedule_stages(t))
     out = Path(t.output_dir)
     seed_everything(t.seed)
     cache = Cache(cfg.cache.dir)  # before any model: an unfinished or edited cache is said at once
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
-    heads = build_heads(cfg.anchors, hidden_size, cache)
+    heads = build_heads(head_anchors(cfg), hidden_size, cache)
 
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
@@ -133,7 +134,8 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                     losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
             losses, grad_norm, applied = finish_step(losses, engine, optimizer, scheduler, trainable)
             done = step + 1
-            log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied)
+            log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied,
+                     grad_norm=grad_norm)
             guard.check(done, applied, losses, grad_norm)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
                 checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
@@ -145,7 +147,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         del engine, model, optimizer, scheduler, vlm, loader, dataset, trainable
         free_memory()
         # carry the heads on as plain modules (the engine may have partitioned or cast the old ones)
-        heads = build_heads(cfg.anchors, hidden_size, cache)
+        heads = build_heads(head_anchors(cfg), hidden_size, cache)
         load_heads(heads, state, where=f"end of run {run.index}")
         if rank == 0:
             log.info(f"merging run {run.index} into {merged_dir}")
@@ -224,6 +226,18 @@ def ensure_base_model_on_rank0(cfg: Config, rank: int, world: int) -> Path:
         ensure_base_model(cfg.model)
     barrier(world)
     return ensure_base_model(cfg.model)
+
+
+def head_anchors(cfg: Config) -> list[str]:
+    """The anchors that get a head: none in the direct fine-tune control (train.thoughts: false)."""
+    return list(cfg.anchors) if cfg.train.thoughts else []
+
+
+def schedule_stages(t: TrainConfig) -> list:
+    """train.stages, with anchor losses off in every stage in the direct fine-tune control (train.thoughts: false)."""
+    if t.thoughts:
+        return list(t.stages)
+    return [dataclasses.replace(s, anchor_losses=False) for s in t.stages]
 
 
 def load_vlm_config(path: Path):
@@ -397,7 +411,7 @@ class Logger:
                          f"train.on_damaged_sample=skip): {problem}")
 
     def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
-             skipped: bool = False) -> None:
+             skipped: bool = False, grad_norm: float = float("nan")) -> None:
         now = time.perf_counter()
         perf = {"step": done, "seconds": round(now - self.last_time, 4)}
         self.last_time = now
@@ -408,10 +422,11 @@ class Logger:
         if not self.active:
             return
         self.bar.set_description(f"stage {at.stage_index + 1} {at.name}", refresh=False)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in losses.items()}, "grad_norm": f"{grad_norm:.3g}"},
+                             refresh=False)
         self.bar.update(1)
         record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
-                  "anchor_losses": at.anchor_losses_on, **lrs, **losses}
+                  "anchor_losses": at.anchor_losses_on, **lrs, "grad_norm": grad_norm, **losses}
         if skipped:
             record["skipped"] = True  # non-finite loss or gradient: no update
         if self.damaged:
@@ -423,6 +438,7 @@ class Logger:
                 self.tb.add_scalar(f"loss/{name}", value, done)
             for name, value in lrs.items():
                 self.tb.add_scalar(f"lr/{name}", value, done)
+            self.tb.add_scalar("grad_norm", grad_norm, done)
 
     def close(self) -> None:
         self.perf.close()

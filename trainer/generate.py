@@ -1,0 +1,371 @@
+"""Answer questions about images with a trained model, its visual thoughts shown as text.
+
+``python -m trainer generate --model DIR --image IMG --question Q`` (or ``--questions FILE``,
+a JSON list or JSONL of ``{"image": ..., "question": ...}``). Start reading at
+:func:`generate_answers`: prompt (:func:`prompt_messages`, the processor's chat template with
+the generation prompt, as VLMEvalKit's CoVT class builds it) -> ``model.generate`` (greedy by
+default) -> :class:`Answer` (the text decoded as VLMEvalKit decodes it, the answer taken from
+``<answer>...</answer>`` when present, and the chain of visual thoughts the model emitted).
+
+The image goes to the processor at its own aspect ratio, its pixel count clamped to
+[``min_pixels``, ``max_pixels``] (VLMEvalKit's CoVT entries: 1280x28x28 to 16384x28x28), or,
+with ``image_size``, as the square view training used (``model.image_size``).
+
+:func:`ablate_thoughts` (``--ablate-thoughts``) blanks what the visual thoughts carry, to test
+whether answers depend on it; see its docstring for the fixed vector and why.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from shards.anchors import ANCHORS
+from shards.views import square_view
+from trainer.export import load_processor, load_vlm
+from trainer.model import unwrap_vlm
+from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, thought_tokens
+
+MIN_PIXELS = 1280 * 28 * 28  # VLMEvalKit's CoVT-7B-* entries (vlmeval/config.py)
+MAX_PIXELS = 16384 * 28 * 28
+ANSWER_TAG = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.IGNORECASE | re.DOTALL)
+# one visual thought as decoded text: start, pads of one anchor, end
+THOUGHT_SPAN = re.compile(re.escape(ANCHOR_START) + r"((?:<\|\w+_pad\|>)*)" + re.escape(ANCHOR_END))
+
+
+@dataclass
+class ImageSizing:
+    """How an image is handed to the processor (see the module docstring)."""
+
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    image_size: int | None = None  # square view of this side instead of the pixel range
+
+    def prepare(self, image: Image.Image) -> tuple[Image.Image, dict]:
+        """(image for the processor, processor keyword arguments)."""
+        image = image.convert("RGB")
+        if self.image_size:
+            return Image.fromarray(square_view(image, self.image_size)), {}
+        return image, {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
+
+
+@dataclass
+class Answer:
+    question: str
+    image: str
+    text: str  # decoded with skip_special_tokens=True, as VLMEvalKit reads it
+    answer: str  # inside <answer>...</answer> if present, else the stripped text
+    chain: str  # the generated text with every visual thought shown as [anchor x N]
+    thoughts: list[str] = field(default_factory=list)  # anchors of the complete visual thoughts, in order
+    thought_spans: list[tuple[str, list[int]]] = field(default_factory=list)  # (anchor, sequence positions)
+
+    def to_dict(self) -> dict:
+        return {"image": self.image, "question": self.question, "answer": self.answer, "text": self.text,
+                "chain": self.chain, "thoughts": self.thoughts}
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = "auto"):
+    """(vlm in eval mode, processor) of a Hugging Face Qwen2.5-VL folder (final/, a merged run, a base model)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: not a model folder (no config.json); "
+                                "give a trained model such as runs/tiny/train/final")
+    processor = load_processor(folder)
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+    return load_vlm(folder, dtype=dtype, device=device).eval(), processor
+
+
+def model_thought_tokens(processor) -> ThoughtTokens | None:
+    """The thought tokens of the model's tokenizer, or None (a base model never trained with them)."""
+    try:
+        return thought_tokens(processor.tokenizer)
+    except KeyError:
+        return None
+
+
+def prompt_messages(question: str, system_prompt: str | None = None) -> list[dict]:
+    """One user turn: the image, then the question (VLMEvalKit's order for single-image prompts)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return messages
+
+
+def encode_prompts(processor, images: list[Image.Image], questions: list[str], sizing: ImageSizing,
+                   system_prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for a batch of (image, question)."""
+    texts, prepared, kwargs = [], [], {}
+    for image, question in zip(images, questions):
+        texts.append(processor.apply_chat_template(prompt_messages(question, system_prompt), tokenize=False,
+                                                   add_generation_prompt=True))
+        view, kwargs = sizing.prepare(image)
+        prepared.append(view)
+    return dict(processor(text=texts, images=prepared, padding=True, return_tensors="pt", **kwargs))
+
+
+def extract_answer(text: str) -> str:
+    """VLMEvalKit's CoVT rule: the inside of <answer>...</answer> when present, else the whole text, stripped."""
+    match = ANSWER_TAG.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def thought_chain(text: str) -> tuple[str, list[str]]:
+    """``text`` (decoded with special tokens) with each visual thought as ``[anchor x N]``, and the anchors."""
+    anchors: list[str] = []
+
+    def show(match: re.Match) -> str:
+        pads = re.findall(r"<\|(\w+)_pad\|>", match.group(1))
+        names = sorted(set(pads))
+        name = names[0] if len(names) == 1 else "+".join(names) or "empty"
+        if len(names) == 1 and len(pads) == ANCHORS[names[0]].tokens:
+            anchors.append(names[0])  # complete: one anchor, its full token count
+        return f"[{name} x{len(pads)}]"
+
+    shown = THOUGHT_SPAN.sub(show, text)
+    return re.sub(r"<\|(im_end|endoftext)\|>", "", shown).strip(), anchors
+
+
+def thought_positions(ids: list[int], tokens: ThoughtTokens, offset: int = 0) -> list[tuple[str, list[int]]]:
+    """(anchor, positions of its pads) for each complete visual thought in ``ids`` (positions + ``offset``)."""
+    anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
+    spans, begin = [], None
+    for i, token_id in enumerate(ids):
+        if token_id == tokens.start_id:
+            begin = i
+        elif token_id == tokens.end_id and begin is not None:
+            inner = ids[begin + 1:i]
+            names = {anchor_of.get(t) for t in inner}
+            if len(names) == 1 and None not in names:
+                anchor = names.pop()
+                if len(inner) == ANCHORS[anchor].tokens:
+                    spans.append((anchor, [offset + j for j in range(begin + 1, i)]))
+            begin = None
+    return spans
+
+
+class ThoughtSpanCompleter:
+    """A logits processor that finishes a visual thought once its first pad is out: the anchor's remaining
+    pads, then ``<|anchor_end|>``. Used with :func:`ablate_thoughts`, whose blanked states at the pad positions
+    would otherwise also decide the next pads, so the ablation would change the chain's form, not only its
+    content."""
+
+    def __init__(self, tokens: ThoughtTokens):
+        self.tokens = tokens
+        self.anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
+
+    def forced(self, ids: list[int]) -> int | None:
+        if not ids or ids[-1] not in self.anchor_of:
+            return None
+        anchor = self.anchor_of[ids[-1]]
+        run = 0
+        while run < len(ids) and ids[-1 - run] == self.tokens.pad_id[anchor]:
+            run += 1
+        if run >= len(ids) or ids[-1 - run] != self.tokens.start_id:
+            return None
+        return self.tokens.pad_id[anchor] if run < ANCHORS[anchor].tokens else self.tokens.end_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, ids in enumerate(input_ids.tolist()):
+            token = self.forced(ids)
+            if token is not None:
+                scores[row] = torch.finfo(scores.dtype).min
+                scores[row, token] = 0.0
+        return scores
+
+
+@contextmanager
+def ablate_thoughts(vlm, tokens: ThoughtTokens) -> Iterator[None]:
+    """While open, every decoder layer's output at visual-thought pad positions is replaced by a fixed vector:
+    that pad token's own input embedding.
+
+    Why this vector: later tokens read a visual thought only through the states at its positions, layer by
+    layer. The input embedding of ``<|a_pad|>`` is what those positions hold before any layer has looked at
+    the image, so it is the same for every image and question, and of the scale the layers expect (a zero
+    vector would be a state the model never saw). With it, an answer can still see *that* a thought of
+    anchor ``a`` was emitted, but nothing of what the thought computed from the image. The prompt and
+    the rest of the answer are untouched.
+    """
+    base = unwrap_vlm(vlm)
+    language_model = base.model.language_model
+    pad_ids = torch.tensor(list(tokens.pad_id.values()))
+    state: dict[str, torch.Tensor] = {}
+
+    def on_embed(_module, args, output):
+        ids = args[0]
+        state["mask"] = torch.isin(ids, pad_ids.to(ids.device)).unsqueeze(-1)
+        state["embeds"] = output
+
+    def on_layer(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        mask = state.get("mask")
+        if mask is None or hidden.shape[:2] != mask.shape[:2] or not mask.any():
+            return None
+        blanked = torch.where(mask, state["embeds"].to(hidden.dtype), hidden)
+        return (blanked, *output[1:]) if isinstance(output, tuple) else blanked
+
+    handles = [language_model.embed_tokens.register_forward_hook(on_embed)]
+    handles += [layer.register_forward_hook(on_layer) for layer in language_model.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Generated:
+    answers: list[Answer]
+    sequences: torch.Tensor  # (B, prompt + new) token ids, prompts left-padded
+    inputs: dict[str, torch.Tensor]  # the prompts' model inputs (pixel values etc.)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 512
+    sample: bool = False  # greedy unless asked (VLMEvalKit's top_k=1 is greedy too)
+    temperature: float = 1.0
+    ablate: bool = False
+
+
+@torch.no_grad()
+def generate_answers(vlm, processor, images: list[Image.Image], questions: list[str], sizing: ImageSizing,
+                     settings: GenerationSettings, names: list[str] | None = None,
+                     system_prompt: str | None = None) -> Generated:
+    """Generate one answer per (image, question), all in one batch."""
+    tokens = model_thought_tokens(processor)
+    if settings.ablate and tokens is None:
+        raise ValueError("--ablate-thoughts needs a model with visual thought tokens; this tokenizer has none")
+    inputs = {k: v.to(vlm.device) for k, v in encode_prompts(processor, images, questions, sizing,
+                                                              system_prompt).items()}
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
+                  pad_token_id=processor.tokenizer.pad_token_id)
+    if settings.sample:
+        kwargs["temperature"] = settings.temperature
+    else:  # the folder's generation_config may carry sampling defaults; greedy means none of them
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if settings.ablate:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([ThoughtSpanCompleter(tokens)])
+    with ablate_thoughts(vlm, tokens) if settings.ablate else _nothing():
+        sequences = vlm.generate(**inputs, **kwargs)
+    prompt_length = inputs["input_ids"].shape[1]
+    answers = []
+    for row, question in enumerate(questions):
+        generated = sequences[row, prompt_length:].tolist()
+        text = processor.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        chain, anchors = thought_chain(processor.tokenizer.decode(generated, skip_special_tokens=False))
+        spans = thought_positions(generated, tokens, offset=prompt_length) if tokens else []
+        answers.append(Answer(question=question, image=names[row] if names else "", text=text,
+                              answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans))
+    return Generated(answers, sequences, inputs)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+# ----------------------------------------------------------------------------- questions in
+def read_questions(path: str | Path) -> list[dict]:
+    """A JSON list or JSONL of ``{"image": path, "question": text}``; relative images are resolved beside the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--questions {path}: file not found")
+    text = path.read_text()
+    try:
+        items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                  if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--questions {path}: not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"--questions {path}: expected a JSON list of objects, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        missing = [k for k in ("image", "question") if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise ValueError(f"--questions {path}: entry {i} lacks {missing} (each needs 'image' and 'question')")
+        image = Path(item["image"])
+        item["image"] = str(image if image.is_absolute() else path.parent / image)
+    return items
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return Image.open(path).convert("RGB")
+
+
+def format_answer(answer: Answer) -> str:
+    """What the CLI prints for one answer."""
+    lines = [f"image:    {answer.image}", f"question: {answer.question}"]
+    thoughts = ", ".join(f"{a} ({ANCHORS[a].tokens} tokens)" for a in answer.thoughts) or "none"
+    lines += [f"visual thoughts: {thoughts}", f"chain:    {answer.chain}", f"answer:   {answer.answer}"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- cli
+def add_generation_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Options generate and evaluate share."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    p.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="image pixels at least (VLMEvalKit's CoVT)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="image pixels at most (VLMEvalKit's CoVT)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="feed the square view of this side instead (what training used: model.image_size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sizing_from_args(a) -> ImageSizing:
+    return ImageSizing(min_pixels=a.min_pixels, max_pixels=a.max_pixels, image_size=a.image_size)
+
+
+def settings_from_args(a) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=a.max_new_tokens, sample=a.sample, temperature=a.temperature)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, metavar="DIR", help="trained model folder, e.g. runs/tiny/train/final")
+    p.add_argument("--image", metavar="IMG", help="image file (with --question)")
+    p.add_argument("--question", metavar="Q", help="question about --image")
+    p.add_argument("--questions", metavar="FILE", help='JSON list or JSONL of {"image": ..., "question": ...}')
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call with --questions")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of text")
+    p.add_argument("--thoughts", metavar="OUT.png",
+                   help="decode the visual thoughts with the trained heads and draw them beside the anchors' outputs "
+                        "(one question; runs the anchors named by --config)")
+    p.add_argument("--config", default="configs/tiny.yaml",
+                   help="with --thoughts: where the anchors' checkpoints are (precompute.checkpoints)")
+    add_generation_arguments(p, max_new_tokens=512)
+    a = p.parse_args(argv)
+    if a.questions:
+        if a.image or a.question or a.thoughts:
+            p.error("--questions replaces --image/--question and cannot be combined with --thoughts")
+        items = read_questions(a.questions)
+    elif a.image and a.question:
+        items = [{"image": a.image, "question": a.question}]
+    else:
+        p.error("give --image IMG --question Q, or --questions FILE")
+    vlm, processor = load_model(a.model, device=a.device)
+    sizing, settings = sizing_from_args(a), settings_from_args(a)
+    for start in range(0, len(items), a.batch_size):
+        batch = items[start:start + a.batch_size]
+        generated = generate_answers(vlm, processor, [open_image(i["image"]) for i in batch],
+                                     [i["question"] for i in batch], sizing, settings,
+                                     names=[i["image"] for i in batch])
+        for answer in generated.answers:
+            print(json.dumps(answer.to_dict()) if a.json else format_answer(answer) + "\n", flush=True)
+    if a.thoughts:
+        # only here: trainer.thoughts imports precompute's anchor loaders, which training never needs
+        from trainer.thoughts import draw_thoughts
+
+        print(f"visual thoughts: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
+    return 0
