@@ -39,8 +39,9 @@ from tqdm import tqdm
 from precompute import calibrate
 from precompute.anchors.base import AnchorModel, load_anchor
 from shards.config import Config
+from shards.layout import validation_cache_dir
 from shards.lock import CacheLock
-from shards.records import Record, load_records
+from shards.records import Record, load_records, split_validation
 from precompute.views import ViewKey, describe, make_view, view_key
 from shards.views import open_rgb
 from shards.writer import CacheWriter
@@ -155,18 +156,24 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
     started = time.perf_counter()
     ddp, device = init_distributed(cfg.precompute.device)
     try:
-        with CacheLock(cfg.cache.dir):  # one precompute per cache; every rank of this launch enters
-            return _run(cfg, names, ddp, device, started)
+        with CacheLock(cfg.cache.dir):  # one precompute per cache (and its validation/); every rank enters
+            records, bad = load_records(cfg.data)
+            records, held_out, held_out_bad = split_validation(cfg.data, records, bad)
+            subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
+            summary = _run(cfg, names, ddp, device, started, cfg.cache.dir, records, bad, subset)
+            if cfg.data.validation is not None:  # data.validation: the held-out samples, a cache of their own
+                _run(cfg, names, ddp, device, time.perf_counter(), validation_cache_dir(cfg.cache.dir), held_out,
+                     held_out_bad)
+            return summary
     finally:
         if ddp.active:
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started: float) -> dict:
+def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started: float, cache_dir: str | Path,
+         records: list[Record], bad: list, subset: dict | None = None) -> dict:
     pre = cfg.precompute
-    records, bad = load_records(cfg.data)
-    subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
-    writer = CacheWriter(cfg.cache.dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
+    writer = CacheWriter(cache_dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
                          subset=subset)
     models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
 
@@ -214,7 +221,7 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     manifest = writer.finalize() if ddp.rank == 0 else None
     summary = {
         "rank": ddp.rank, "world": ddp.world, "device": str(device),
-        "samples": len(records), "skipped_bad_records": len(bad),
+        "cache": str(cache_dir), "samples": len(records), "skipped_bad_records": len(bad),
         "shards_owned": len(owned), "shards_computed": sum(1 for s in owned if todo[s]),
         "images_computed": images_todo,
         "seconds": time.perf_counter() - started,
@@ -276,4 +283,4 @@ def summary_line(s: dict) -> str:
     )
     who = f"rank {s['rank']}/{s['world']}: " if s["world"] > 1 else ""
     return (f"precompute {who}{s['samples']} samples ({s['skipped_bad_records']} bad records skipped), "
-            f"{s['images_computed']} images computed on {s['device']} in {s['seconds']:.1f}s; {rates}")
+            f"{s['images_computed']} images computed on {s['device']} in {s['seconds']:.1f}s; {rates} -> {s['cache']}")

@@ -11,6 +11,7 @@ CACHE/
   progress/shard-000000.samples.json commit record of a tar shard (offsets, sizes, sha256)
   progress/shard-000000.<anchor>.json commit record of an anchor's targets for a shard
   writer.lock                        while a precompute writes (shards.lock): its host, pid, start time
+  validation/                        with data.validation: the held-out samples, a cache of their own
 ```
 A shard part counts as written only once its commit record exists; commit
 records are written last and atomically.
@@ -49,6 +50,12 @@ DECODERS_DIR = "decoders"
 PROGRESS_DIR = "progress"
 LOCK = "writer.lock"  # shards.lock: the precompute writing this cache
 MANIFEST_CHECKSUM = "manifest_sha256"  # the manifest's checksum of itself (every other key)
+VALIDATION_DIR = "validation"
+
+
+def validation_cache_dir(cache_dir: str | Path) -> Path:
+    """Where the held-out samples of ``data.validation`` are cached: a complete cache inside the training one."""
+    return Path(cache_dir) / VALIDATION_DIR
 
 
 def sample_key(index: int) -> str:

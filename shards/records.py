@@ -18,6 +18,8 @@ are reported as usual; records the walk does not reach are never decoded).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -298,3 +300,24 @@ def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
         log.warning("data.subset.size=%d but only %d of %d records are good: caching those", size, len(records),
                     len(cands))
     return records, bad
+
+
+def split_validation(data_cfg: DataConfig, records: list[Record],
+                     bad: list[BadRecord]) -> tuple[list[Record], list[Record], list[BadRecord]]:
+    """(training records, validation records, the validation file's bad records) for ``data.validation``.
+
+    A count N holds out the last N good records of ``data.path`` (never in the training cache); a path
+    reads a LLaVA JSON of its own, with the same image folder and bad-record rule. Both lists are
+    numbered from 0, as each is a cache of its own.
+    """
+    held = data_cfg.validation
+    if held is None:
+        return records, [], []
+    if isinstance(held, str):
+        val_records, val_bad = load_records(dataclasses.replace(data_cfg, path=held, limit=None, subset=SubsetConfig(),
+                                                                   validation=None))
+        return records, val_records, val_bad
+    if not 0 < held < len(records):
+        raise ValueError(f"data.validation={held}: must hold out between 1 and {len(records) - 1} of the "
+                         f"{len(records)} good records of {data_cfg.path}")
+    return records[:-held], [dataclasses.replace(r, index=i) for i, r in enumerate(records[-held:])], []

@@ -55,3 +55,80 @@ def synthetic_cache(tmp_path_factory) -> Path:
     cfg = DataConfig(path=str(REPO / "data" / "sample" / "conversations.json"),
                      image_folder=str(REPO / "data" / "sample" / "images"), on_bad_record="error")
     return write_synthetic_cache(tmp_path_factory.mktemp("synthetic") / "cache", cfg, ALL_ANCHORS, shard_size=4)
+
+
+# ----------------------------------------------------------------- the trained tiny run (slow tests share it)
+E2E_ANCHORS = ["sam", "depth", "dino"]
+# understanding 2 -> merge; generation 2, reasoning 1, efficient_reasoning 2 (anchor losses off from step 4
+# of that run, i.e. its last step) -> merge. save_every 3 puts a checkpoint in the middle of generation.
+E2E_STAGES = ("[{name: understanding, steps: 2, merge_after: true}, {name: generation, steps: 2}, "
+              "{name: reasoning, steps: 1}, "
+              "{name: efficient_reasoning, steps: 2, anchor_losses_off_from: 4, merge_after: true}]")
+
+
+@pytest.fixture(scope="session")
+def e2e_workdir(tmp_path_factory):
+    """A base model and a cache with synthetic targets plus the real (tiny, random) SAM decoder."""
+    import torch
+
+    from precompute.anchors.base import LOADERS
+    from shards.config import CheckpointConfig, PrecomputeConfig, load_config
+    from shards.reader import Cache
+    from shards.testing import write_synthetic_cache
+
+    root = tmp_path_factory.mktemp("e2e")
+    data_cfg = load_config(REPO / "configs" / "tiny.yaml").data
+    data_cfg.path = str(REPO / data_cfg.path)
+    data_cfg.image_folder = str(REPO / data_cfg.image_folder)
+    sam = LOADERS["sam"](CheckpointConfig(path=str(root / "sam_vit_tiny.pth"), variant="vit_tiny", random_init_seed=0),
+                         PrecomputeConfig(), torch.device("cpu"))
+    cache = write_synthetic_cache(root / "cache", data_cfg, E2E_ANCHORS, dims={"sam": sam.dims()}, shard_size=4)
+    sam.export_decoders(Cache(cache).decoders_dir)
+    return root
+
+
+def e2e_training_overrides(workdir: Path, output: str) -> list[str]:
+    """Config overrides of the shared tiny run, writing to ``workdir/output``."""
+    return [
+        f"model.path={workdir / 'base'}",
+        f"cache.dir={workdir / 'cache'}",
+        f"train.output_dir={workdir / output}",
+        f"anchors=[{','.join(E2E_ANCHORS)}]",
+        f"data.path={REPO / 'data/sample/conversations.json'}",
+        f"data.image_folder={REPO / 'data/sample/images'}",
+        f"train.stages={E2E_STAGES}",
+        "train.batch_size=1",
+        "train.save_every=3",
+        "train.lr=5e-3",
+        "train.projection_lr=5e-3",
+    ]
+
+
+@pytest.fixture(scope="session")
+def e2e_overrides():
+    return e2e_training_overrides
+
+
+def run_trainer_cli(args: list[str], timeout: int = 600):
+    """``python -m trainer ARGS`` from the repository root, offline; fails the test with its stderr."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_trainer():
+    """``run_trainer(args)``: ``python -m trainer ARGS`` in a subprocess; returns the finished process."""
+    return run_trainer_cli
+
+
+@pytest.fixture(scope="session")
+def e2e_trained(e2e_workdir):
+    """`python -m trainer` on the tiny config, start to finish, in one go; its output_dir."""
+    run_trainer_cli(["--config", "configs/tiny.yaml", *e2e_training_overrides(e2e_workdir, "full")])
+    return e2e_workdir / "full"

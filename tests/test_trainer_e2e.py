@@ -10,65 +10,33 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.config import CheckpointConfig, PrecomputeConfig, load_config
-from shards.reader import Cache
-from shards.testing import write_synthetic_cache
+from shards.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = ["sam", "depth", "dino"]  # the paper's main model; the other heads are covered by test_heads
-# understanding 2 -> merge; generation 2, reasoning 1, efficient_reasoning 2 (anchor losses off from step 4
-# of that run, i.e. its last step) -> merge. save_every 3 puts a checkpoint in the middle of generation.
-STAGES = ("[{name: understanding, steps: 2, merge_after: true}, {name: generation, steps: 2}, "
-          "{name: reasoning, steps: 1}, "
-          "{name: efficient_reasoning, steps: 2, anchor_losses_off_from: 4, merge_after: true}]")
 
 pytestmark = pytest.mark.slow
 
 
+# the trained tiny run is built once per session in conftest.py (e2e_workdir, e2e_trained, e2e_overrides),
+# so tests of what uses a trained model (test_trainer_use.py) reuse it instead of training again
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A base model and a cache with synthetic targets plus the real (tiny, random) SAM decoder."""
-    from precompute.anchors.base import LOADERS
-
-    root = tmp_path_factory.mktemp("e2e")
-    data_cfg = load_config(REPO / "configs" / "tiny.yaml").data
-    data_cfg.path = str(REPO / data_cfg.path)
-    data_cfg.image_folder = str(REPO / data_cfg.image_folder)
-    sam = LOADERS["sam"](CheckpointConfig(path=str(root / "sam_vit_tiny.pth"), variant="vit_tiny", random_init_seed=0),
-                         PrecomputeConfig(), torch.device("cpu"))
-    cache = write_synthetic_cache(root / "cache", data_cfg, ANCHORS, dims={"sam": sam.dims()}, shard_size=4)
-    sam.export_decoders(Cache(cache).decoders_dir)
-    return root
+def workdir(e2e_workdir):
+    return e2e_workdir
 
 
-def overrides(workdir: Path, output: str) -> list[str]:
-    return [
-        f"model.path={workdir / 'base'}",
-        f"cache.dir={workdir / 'cache'}",
-        f"train.output_dir={workdir / output}",
-        f"anchors=[{','.join(ANCHORS)}]",
-        f"data.path={REPO / 'data/sample/conversations.json'}",
-        f"data.image_folder={REPO / 'data/sample/images'}",
-        f"train.stages={STAGES}",
-        "train.batch_size=1",
-        "train.save_every=3",
-        "train.lr=5e-3",
-        "train.projection_lr=5e-3",
-    ]
+@pytest.fixture(scope="module")
+def overrides(e2e_overrides):
+    return e2e_overrides
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(e2e_trained):
+    return e2e_trained
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(workdir):
-    """`python -m trainer` on the tiny config, start to finish, in one go."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, "full")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return workdir / "full"
 
 
 def test_every_stage_runs_in_order_with_its_anchor_losses(uninterrupted):
@@ -154,7 +122,7 @@ def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted)
             torch.testing.assert_close(value, last[f"heads.{name}"], atol=0, rtol=0)
 
 
-def test_resume_mid_stage_and_across_a_merge_reproduces_the_uninterrupted_losses(workdir, uninterrupted):
+def test_resume_mid_stage_and_across_a_merge_reproduces_the_uninterrupted_losses(workdir, uninterrupted, overrides):
     from trainer.train import train
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(workdir, "split"))
@@ -175,7 +143,7 @@ def test_checkpoint_records_its_place_in_the_schedule(uninterrupted):
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_trains_resumes_and_exports_gathered_heads(workdir, zero):
+def test_deepspeed_trains_resumes_and_exports_gathered_heads(workdir, zero, overrides):
     """ZeRO-2/3 through torchrun on the CPU (one rank): partitioned LoRA/heads are gathered for merges and export."""
     pytest.importorskip("deepspeed")
     from safetensors.torch import load_file

@@ -39,6 +39,7 @@ from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.schedule import Schedule
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import add_thought_tokens
+from trainer.validation import load_validation, validation_due, validation_losses
 
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 
@@ -55,6 +56,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
     heads = build_heads(head_anchors(cfg), hidden_size, cache)
+    validation = load_validation(cfg)  # data.validation's held-out samples, [] without
 
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
@@ -134,8 +136,11 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
                     losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
             losses, grad_norm, applied = finish_step(losses, engine, optimizer, scheduler, trainable)
             done = step + 1
+            validation_result = (validation_losses(model, engine or model, validation, processor, tokens, cfg,
+                                                   view_sizes, device, lambda: autocast(t, device))
+                                 if validation_due(cfg, done, validation) else None)
             log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied,
-                     grad_norm=grad_norm)
+                     grad_norm=grad_norm, validation=validation_result)
             guard.check(done, applied, losses, grad_norm)
             if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
                 checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
@@ -411,7 +416,8 @@ class Logger:
                          f"train.on_damaged_sample=skip): {problem}")
 
     def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
-             skipped: bool = False, grad_norm: float = float("nan")) -> None:
+             skipped: bool = False, grad_norm: float = float("nan"),
+             validation: dict[str, float] | None = None) -> None:
         now = time.perf_counter()
         perf = {"step": done, "seconds": round(now - self.last_time, 4)}
         self.last_time = now
@@ -431,6 +437,10 @@ class Logger:
             record["skipped"] = True  # non-finite loss or gradient: no update
         if self.damaged:
             record["damaged_samples_skipped"] = self.damaged
+        if validation is not None:
+            record["validation"] = validation
+            for name, value in validation.items():  # every validation point, whatever train.log_every
+                self.tb.add_scalar(f"validation/{name}", value, done)
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if every and done % every == 0:

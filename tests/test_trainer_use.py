@@ -1,0 +1,219 @@
+"""Using a trained model: generate, evaluate (VLMEvalKit's MCQ layout), the ablation, the thoughts: false control.
+
+The fast tests pin the pieces (answer extraction, option matching, the prompt text, thought spans);
+the slow ones run the CLIs on the tiny run conftest.py trains once per session.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shards.config import load_config
+from trainer.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
+from trainer.generate import ThoughtSpanCompleter, extract_answer, read_questions, thought_chain, thought_positions
+from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, pad_token, thought_text
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "data" / "sample" / "bench_tiny.tsv"
+TOKENS = ThoughtTokens(start_id=1, end_id=2, pad_id={"sam": 3, "depth": 4, "dino": 5})
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_answer_is_taken_from_the_answer_tags_as_vlmevalkit_does():
+    assert extract_answer("<think> Because ... </think><answer> B </answer>") == "B"
+    assert extract_answer("< Answer >The cat.</ answer>\n") == "The cat."
+    assert extract_answer("  plain reply \n") == "plain reply"
+
+
+def test_the_chain_shows_each_visual_thought_as_its_anchor_and_count():
+    text = (f"<think> Because the depth map of the image is {thought_text('depth')}, "
+            f"and {ANCHOR_START}{pad_token('sam')}{ANCHOR_END} </think><answer> A </answer><|im_end|>")
+    chain, anchors = thought_chain(text)
+    assert chain == "<think> Because the depth map of the image is [depth x4], and [sam x1] </think><answer> A </answer>"
+    assert anchors == ["depth"]  # the one-pad sam thought is incomplete
+
+
+def test_thought_positions_finds_complete_spans_only():
+    ids = [9, 1, 4, 4, 4, 4, 2, 9, 1, 3, 3, 2, 1, 5, 5, 5, 5, 2]
+    assert thought_positions(ids, TOKENS, offset=100) == [("depth", [102, 103, 104, 105]),
+                                                          ("dino", [113, 114, 115, 116])]
+
+
+def test_span_completer_forces_the_rest_of_a_started_thought():
+    completer = ThoughtSpanCompleter(TOKENS)
+    assert completer.forced([9, 1]) is None  # which anchor is the model's choice
+    assert completer.forced([9, 1, 4]) == 4
+    assert completer.forced([9, 1, 4, 4, 4, 4]) == 2
+    assert completer.forced([9, 4]) is None  # a pad outside a thought is left alone
+    scores = completer(torch.tensor([[9, 1, 4, 4]]), torch.zeros(1, 8))
+    assert scores[0].argmax().item() == 4 and scores[0, 0] < -1e30
+
+
+def test_option_matching_follows_vlmevalkit_exact_matching():
+    options = {"A": "A dog", "B": "A tabby cat", "C": "A horse", "D": "A bird"}
+    assert match_option("B", options) == "B"
+    assert match_option("(C) A horse.", options) == "C"
+    assert match_option("The answer is D.", options) == "D"
+    assert match_option("It is a tabby cat.", options) == "B"  # no letter: the one option text it contains
+    assert match_option("A or B", options) == ""  # two letters: no answer
+    assert match_option("B, because the animal in the picture clearly has stripes and whiskers", options) == ""
+
+
+def test_the_bundled_benchmark_reads_in_vlmevalkit_layout_and_prompts_as_it_does():
+    questions = read_benchmark(BENCH)
+    assert len(questions) == 9
+    assert {q.category for q in questions} == {"object", "scene", "spatial", "text"}
+    q = questions[2]
+    assert q.image.size[0] <= 160 and q.answer == "C" and list(q.options) == ["A", "B", "C", "D"]
+    assert mcq_prompt(q) == ("Question: What animal is in the image?\nOptions:\nA. A dog\nB. A horse\nC. A tabby cat\n"
+                             "D. A bird\nPlease select the correct answer from the options above. \n")
+
+
+def test_accuracy_per_category_and_the_table():
+    result = ModelResult("m", "dir", False, predictions=[
+        {"category": "x", "correct": True, "choice": "A", "thoughts": ["sam"]},
+        {"category": "x", "correct": False, "choice": "", "thoughts": []},
+        {"category": "y", "correct": True, "choice": "C", "thoughts": []},
+        {"category": "y", "correct": True, "choice": "B", "thoughts": ["depth"]},
+    ])
+    s = result.summary()
+    assert s["accuracy"] == 0.75 and s["categories"] == {"x": 0.5, "y": 1.0}
+    assert s["answered"] == 0.75 and s["thought_rate"] == 0.5
+    table = markdown_table([s, {**s, "name": "other"}])
+    assert table.splitlines()[0] == "| | m | other |"
+    assert "| **overall** (4 questions) | 75.0 | 75.0 |" in table
+    assert "| visual thoughts emitted | 50.0 | 50.0 |" in table
+
+
+def test_questions_file_as_json_or_jsonl(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"image": "a.jpg", "question": "Q1"}\n\n{"image": "/x/b.jpg", "question": "Q2"}\n')
+    items = read_questions(tmp_path / "q.jsonl")
+    assert [i["image"] for i in items] == [str(tmp_path / "a.jpg"), "/x/b.jpg"]
+    (tmp_path / "q.json").write_text('[{"image": "a.jpg"}]')
+    with pytest.raises(ValueError, match="entry 0 lacks \\['question'\\]"):
+        read_questions(tmp_path / "q.json")
+
+
+@pytest.mark.parametrize("stage", ["understanding", "generation", "reasoning", "efficient_reasoning"])
+def test_the_control_formats_every_stage_as_the_plain_answer(stage):
+    from trainer.batch import sample_messages
+    from trainer.formats import STAGES
+
+    assert stage in STAGES
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
+    conversation = json.loads((REPO / "data/sample/conversations.json").read_text())[0]["conversations"]
+    sample = {"index": 3, "key": "k", "id": "astronaut", "conversations": conversation}
+    messages = sample_messages(sample, stage, cfg.anchors, step=5, cfg=cfg)
+    text = json.dumps(messages)
+    assert ANCHOR_START not in text and "<think>" not in text
+    assert messages[1]["content"] == conversation[1]["value"]
+    with_thoughts = sample_messages(sample, stage, cfg.anchors, step=5, cfg=load_config(REPO / "configs/tiny.yaml"))
+    if stage != "efficient_reasoning":  # stage 4 may draw a plain answer itself
+        assert ANCHOR_START in json.dumps(with_thoughts)
+
+
+def test_the_control_switches_every_anchor_loss_off():
+    from trainer.schedule import Schedule
+    from trainer.train import head_anchors, schedule_stages
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
+    schedule = Schedule(schedule_stages(cfg.train))
+    assert not any(schedule.stage_at(s).anchor_losses_on for s in range(schedule.total_steps))
+    assert head_anchors(cfg) == []
+    on = Schedule(schedule_stages(load_config(REPO / "configs" / "tiny.yaml").train))
+    assert on.stage_at(0).anchor_losses_on
+
+
+# ----------------------------------------------------------------------------- on the trained tiny run
+@pytest.mark.slow
+def test_generate_prints_answers_with_their_chain(e2e_trained, tmp_path, run_trainer):
+    final = e2e_trained / "final"
+    image = REPO / "data/sample/images/chelsea.jpg"
+    common = ["--model", str(final), "--image-size", "112", "--max-new-tokens", "12"]
+    one = run_trainer(["generate", *common, "--image", str(image), "--question", "What animal is in the image?"])
+    lines = one.stdout.splitlines()
+    assert lines[0] == f"image:    {image}" and lines[1] == "question: What animal is in the image?"
+    assert lines[2].startswith("visual thoughts: ") and lines[3].startswith("chain: ") and lines[4].startswith("answer:")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"image": str(REPO / "data/sample/images" / name),
+                                                          "question": "What is shown?"}) + "\n"
+                                              for name in ("chelsea.jpg", "coins.jpg", "rocket.jpg")))
+    many = run_trainer(["generate", *common, "--questions", str(tmp_path / "q.jsonl"), "--batch-size", "2", "--json"])
+    answers = [json.loads(line) for line in many.stdout.splitlines() if line.startswith("{")]
+    assert [Path(a["image"]).name for a in answers] == ["chelsea.jpg", "coins.jpg", "rocket.jpg"]
+    assert all(set(a) >= {"answer", "chain", "thoughts", "text"} for a in answers)
+    again = run_trainer(["generate", *common, "--questions", str(tmp_path / "q.jsonl"), "--batch-size", "2", "--json"])
+    assert again.stdout == many.stdout  # greedy: the same answers every time
+
+
+@pytest.mark.slow
+def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
+    from PIL import Image
+
+    from trainer.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
+    from trainer.model import capture_output, final_norm
+
+    vlm, processor = load_model(e2e_trained / "final")
+    tokens = model_thought_tokens(processor)
+    image = Image.open(REPO / "data/sample/images/coffee.jpg")
+    inputs = encode_prompts(processor, [image], [f"Look: {thought_text('depth')} and answer."], ImageSizing(image_size=112))
+    ids = inputs["input_ids"][0]
+    pads = (ids == tokens.pad_id["depth"]).nonzero().flatten()
+    assert len(pads) == 4  # the prompt carries one depth thought
+
+    def last_states():
+        with torch.no_grad(), capture_output(final_norm(vlm)) as out:
+            vlm(**inputs)
+        return out[0][0]
+
+    plain = last_states()
+    with ablate_thoughts(vlm, tokens):
+        ablated = last_states()
+    before, after = slice(0, int(pads[0])), slice(int(pads[-1]) + 1, None)
+    torch.testing.assert_close(ablated[before], plain[before], atol=0, rtol=0)  # causal: nothing earlier changes
+    assert not torch.allclose(ablated[after], plain[after])  # what comes after read the blanked thought
+    torch.testing.assert_close(last_states(), plain, atol=0, rtol=0)  # the hooks are gone once the context closes
+
+
+@pytest.mark.slow
+def test_evaluate_base_and_trained_side_by_side(e2e_workdir, e2e_trained, tmp_path, run_trainer):
+    out = tmp_path / "eval"
+    proc = run_trainer(["evaluate", "--model", str(e2e_workdir / "base"), "--model", str(e2e_trained / "final"),
+                        "--benchmark", str(BENCH), "--out", str(out), "--image-size", "112", "--max-new-tokens", "16",
+                        "--batch-size", "5", "--ablate-thoughts"])
+    report = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["base", "final", "final (thoughts ablated)"]  # the base model has no thoughts to ablate
+    for model in report["models"]:
+        assert model["questions"] == 9 and 0 <= model["accuracy"] <= 1 and 0 <= model["thought_rate"] <= 1
+        assert set(model["categories"]) == {"object", "scene", "spatial", "text"}
+        predictions = report["predictions"][model["name"]]
+        assert model["accuracy"] == np.mean([p["choice"] == p["answer"] for p in predictions])
+    table = (out / "results.md").read_text()
+    assert "| | base | final | final (thoughts ablated) |" in table and table.split("\n\n", 1)[1].strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_gradient_norm_is_logged_beside_the_losses(e2e_trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (e2e_trained / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    tb = EventAccumulator(str(e2e_trained / "tb")).Reload()
+    assert [e.step for e in tb.Scalars("grad_norm")] == [r["step"] for r in rows]
+
+
+@pytest.mark.slow
+def test_the_control_trains_the_same_schedule_without_thoughts(e2e_workdir, e2e_overrides, run_trainer):
+    run_trainer(["--config", "configs/tiny.yaml", *e2e_overrides(e2e_workdir, "control"), "train.thoughts=false"])
+    control = e2e_workdir / "control"
+    rows = [json.loads(line) for line in (control / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["understanding"] * 2 + ["generation"] * 2 + ["reasoning"] + \
+        ["efficient_reasoning"] * 2
+    assert not any(r["anchor_losses"] for r in rows)
+    assert all(set(r) & {"sam", "depth", "dino"} == set() and r["loss"] == r["text"] for r in rows)
+    assert (control / "final" / "config.json").is_file()
+    assert json.loads((control / "final" / "covt_heads.json").read_text())["anchors"] == []
+    assert os.path.getsize(control / "final" / "covt_heads.safetensors") > 0
