@@ -202,7 +202,7 @@ def _verify_shard(cache: Cache, shard: dict, first_index: int, problems: list[st
 
 
 # ---------------------------------------------------------------------- render
-def _pca_rgb(features: np.ndarray) -> np.ndarray:
+def pca_rgb(features: np.ndarray) -> np.ndarray:
     """``(n, d)`` -> ``(n, 3)`` in [0, 1]: the top 3 principal components, each stretched to its 1-99% range."""
     x = features.astype(np.float64)
     x = x - x.mean(axis=0, keepdims=True)
@@ -226,10 +226,10 @@ def _patch_grid(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.
     return tokens.reshape(1, n, -1), 0
 
 
-def _pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.ndarray, int]:
+def pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.ndarray, int]:
     grid, prefix = _patch_grid(tokens, prefer_prefix)
     h, w, d = grid.shape
-    return _pca_rgb(grid.reshape(h * w, d)).reshape(h, w, 3), prefix
+    return pca_rgb(grid.reshape(h * w, d)).reshape(h, w, 3), prefix
 
 
 def _panels(sample: dict) -> list[tuple[str, callable]]:
@@ -264,16 +264,16 @@ def _panels(sample: dict) -> list[tuple[str, callable]]:
             emb = t["embedding"]
             d, h, w = emb.shape
             panels.append((f"sam: image embedding {d}x{h}x{w} (PCA)",
-                           lambda ax, e=emb: ax.imshow(_pca_rgb(e.reshape(e.shape[0], -1).T).reshape(
+                           lambda ax, e=emb: ax.imshow(pca_rgb(e.reshape(e.shape[0], -1).T).reshape(
                                e.shape[1], e.shape[2], 3))))
         elif anchor == "depth":
             panels.append(("depth: relative depth", lambda ax, a=t["depth"]: imshow_bar(ax, a, "magma")))
             for layer, feats in enumerate(t["features"]):
-                img, _ = _pca_image(feats, (0, 1, 5))
+                img, _ = pca_image(feats, (0, 1, 5))
                 panels.append((f"depth: layer {layer + 1}/{len(t['features'])} features (PCA)",
                                lambda ax, i=img: ax.imshow(i)))
         elif anchor == "dino":
-            img, prefix = _pca_image(t["features"], (1, 5, 0))
+            img, prefix = pca_image(t["features"], (1, 5, 0))
             panels.append((f"dino: patch features (PCA, {prefix} prefix token(s) dropped)",
                            lambda ax, i=img: ax.imshow(i)))
         elif anchor == "pidinet":

@@ -1,0 +1,195 @@
+"""See the visual thoughts: decode them with the trained heads and draw them beside the anchors' own outputs.
+
+``python -m trainer generate ... --thoughts out.png``. Steps (:func:`draw_thoughts`):
+
+1. the anchors the heads need run on the image (precompute's loaders, with the checkpoints of
+   ``--config``'s ``precompute.checkpoints``: SAM's image embedding and its automatic masks, Depth
+   Anything's layer features and depth, DINOv2, PIDINet, SigLIP/MetaCLIP), giving the same arrays
+   the cache holds for a training image;
+2. the hidden states of the thought tokens (:func:`thought_states`): the last-layer states at the
+   pad positions of each visual thought the model generated, read in one forward pass over prompt +
+   answer (causal attention makes them the states generation computed). An anchor whose thought the
+   model did not emit (a model that answers plainly, or the tiny random default) gets them from
+   stage 2's format instead (the model asked "What is the ... of the image?" with the thoughts as the
+   answer, as trained); the picture names the source of each;
+3. each head's public ``decode(thoughts, targets, views)`` (trainer.heads), then one PNG: the image
+   and the answer, then per anchor the head's decoding beside the anchor's own output.
+
+Only the CLI imports this module: it imports ``precompute`` (the anchor models), which the training
+path of ``trainer`` never does (the phases share only ``shards``).
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from precompute.anchors.base import load_anchor
+from shards.config import load_config
+from shards.inspect import pca_image
+from shards.views import square_view
+from trainer.batch import render
+from trainer.export import load_covt_heads
+from trainer.formats import format_conversation
+from trainer.generate import Generated, ImageSizing, model_thought_tokens, open_image, thought_positions
+from trainer.model import capture_output, final_norm
+
+MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                         [145, 30, 180], [70, 240, 240], [240, 50, 230]]) / 255.0
+
+
+# ----------------------------------------------------------------------------- the anchors on the image
+@torch.no_grad()
+def anchor_outputs(config_path: str, anchors: list[str], image: Image.Image,
+                   device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """anchor -> its target arrays for ``image`` (batch of one), computed as precompute computes them."""
+    pre = load_config(config_path).precompute
+    outputs = {}
+    for name in anchors:
+        model = load_anchor(name, pre, device)
+        views = torch.from_numpy(square_view(image, model.input_size)[None]).to(device)
+        outputs[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in model.compute(views).items()}
+        del model
+    return outputs
+
+
+# ----------------------------------------------------------------------------- the thought states
+@torch.no_grad()
+def last_states(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last-layer hidden states (output of the final norm, what the heads were trained on), (1, T, H)."""
+    with capture_output(final_norm(vlm)) as captured:
+        vlm(**inputs, use_cache=False)
+    return captured[0]
+
+
+def full_sequence_inputs(generated: Generated) -> dict[str, torch.Tensor]:
+    """Model inputs for prompt + generated answer (row 0), to re-read the answer's hidden states."""
+    sequence = generated.sequences[:1]
+    inputs = {**generated.inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+    if "mm_token_type_ids" in inputs:  # the answer is text: type 0
+        types = inputs["mm_token_type_ids"][:1]
+        inputs["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, sequence.shape[1] - types.shape[1]))
+    return inputs
+
+
+def stage2_inputs(processor, image: Image.Image, question: str, anchors: list[str], sizing: ImageSizing) -> dict:
+    """Model inputs of stage 2's format for ``anchors``: the generation question, the thoughts as the answer."""
+    conversation = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "-"}]
+    text = render(format_conversation(conversation, "generation", anchors), processor)
+    view, kwargs = sizing.prepare(image)
+    return dict(processor(text=[text], images=[view], return_tensors="pt", **kwargs))
+
+
+def thought_states(vlm, processor, generated: Generated, image: Image.Image, anchors: list[str],
+                   sizing: ImageSizing) -> dict[str, tuple[torch.Tensor, str]]:
+    """anchor -> (its thought tokens' hidden states (1, N, H), where they come from)."""
+    tokens = model_thought_tokens(processor)
+    found: dict[str, tuple[torch.Tensor, str]] = {}
+    spans = [(a, p) for a, p in generated.answers[0].thought_spans if a in anchors]
+    if spans:
+        states = last_states(vlm, {k: v.to(vlm.device) for k, v in full_sequence_inputs(generated).items()})
+        for anchor, positions in spans:
+            found.setdefault(anchor, (states[:, positions], "generated"))
+    missing = [a for a in anchors if a not in found]
+    if missing:
+        inputs = stage2_inputs(processor, image, generated.answers[0].question, missing, sizing)
+        states = last_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
+        ids = inputs["input_ids"][0].tolist()
+        for anchor, positions in thought_positions(ids, tokens):
+            found.setdefault(anchor, (states[:, positions], "stage-2 prompt (not generated)"))
+    return found
+
+
+# ----------------------------------------------------------------------------- the picture
+def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: Generated, out: str,
+                  sizing: ImageSizing) -> Path:
+    """Decode the first answer's visual thoughts and write the PNG ``out``."""
+    final = Path(model_dir)
+    if not (final / "covt_heads.json").is_file():
+        raise FileNotFoundError(f"--thoughts: {final} has no covt_heads.json; give a trained CoVT folder "
+                                "(output_dir/final), not a base or merged model")
+    heads = load_covt_heads(final).to(vlm.device)
+    anchors = list(heads.keys())
+    if not anchors:
+        raise ValueError(f"--thoughts: {final} has no visual-thought heads (trained with train.thoughts: false)")
+    answer = generated.answers[0]
+    image = open_image(answer.image)
+    states = thought_states(vlm, processor, generated, image, anchors, sizing)
+    targets = anchor_outputs(config_path, anchors, image, vlm.device)
+    rows = []
+    for anchor in anchors:
+        head = heads[anchor]
+        hidden, source = states[anchor]
+        views = None
+        if getattr(head, "view_size", None):
+            views = torch.from_numpy(square_view(image, head.view_size)[None]).permute(0, 3, 1, 2).to(vlm.device)
+        with torch.no_grad():
+            decoded = head.decode(hidden.float(), {k: v.to(vlm.device) for k, v in targets[anchor].items()}, views)
+        rows.append((anchor, source, decoded.float().cpu(), {k: v.float() for k, v in targets[anchor].items()}))
+    return write_picture(image, answer, rows, Path(out))
+
+
+def _mask_overlay(image: Image.Image, masks: np.ndarray) -> np.ndarray:
+    """``masks`` (K, h, w) bool drawn over the square view of ``image`` at the masks' size."""
+    view = square_view(image, masks.shape[-1]).astype(np.float64) / 255.0
+    for k, mask in enumerate(masks):
+        view[mask] = 0.55 * view[mask] + 0.45 * MASK_COLOURS[k % len(MASK_COLOURS)]
+    return view
+
+
+def panels_of(anchor: str, image: Image.Image, decoded: torch.Tensor, target: dict[str, torch.Tensor]):
+    """(head's title, draw, anchor's title, draw) for one anchor."""
+    if anchor == "sam":
+        predicted = (decoded[0].sigmoid() > 0.5).numpy()
+        count = int(target["mask_count"].reshape(-1)[0])
+        reference = target["masks"][0, :count].bool().numpy()
+        return (f"{len(predicted)} masks the SAM tokens decode to", lambda ax: ax.imshow(_mask_overlay(image, predicted)),
+                f"SAM's own masks ({count})", lambda ax: ax.imshow(_mask_overlay(image, reference)))
+    if anchor in ("depth", "pidinet"):
+        key, cmap, what = ("depth", "magma", "depth") if anchor == "depth" else ("edges", "inferno", "edge map")
+        return (f"{what} reconstructed from the tokens", lambda ax: ax.imshow(decoded[0].numpy(), cmap=cmap),
+                f"{anchor}'s own {what}", lambda ax: ax.imshow(target[key][0].numpy(), cmap=cmap))
+    if anchor == "dino":
+        predicted, _ = pca_image(decoded[0].numpy(), (1, 5, 0))
+        reference, _ = pca_image(target["features"][0].numpy(), (1, 5, 0))
+        return ("DINO features predicted (PCA)", lambda ax: ax.imshow(predicted),
+                "DINOv2's own features (PCA)", lambda ax: ax.imshow(reference))
+    predicted, reference = decoded.reshape(-1).numpy(), target["embedding"].reshape(-1).numpy()
+    cosine = float(np.dot(predicted, reference) / max(np.linalg.norm(predicted) * np.linalg.norm(reference), 1e-12))
+    bars = lambda v: lambda ax: ax.bar(np.arange(len(v)), v, width=1.0)  # noqa: E731
+    return (f"{anchor} embedding predicted (cosine {cosine:.2f})", bars(predicted),
+            f"{anchor}'s own embedding", bars(reference))
+
+
+def write_picture(image: Image.Image, answer, rows, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1 + len(rows), 2, figsize=(8.4, 4.0 * (1 + len(rows))), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(Path(answer.image).name, fontsize=9)
+    axes[0, 1].axis("off")
+    text = f"Q: {answer.question}\n\nchain: {answer.chain}\n\nanswer: {answer.answer}"
+    wrapped = "\n".join(textwrap.fill(line, 48) for line in text.splitlines())
+    axes[0, 1].text(0, 1, wrapped[:1200], va="top", fontsize=8, family="monospace", transform=axes[0, 1].transAxes)
+    for (anchor, source, decoded, target), (left, right) in zip(rows, axes[1:]):
+        head_title, draw_head, anchor_title, draw_anchor = panels_of(anchor, image, decoded, target)
+        draw_head(left)
+        left.set_title(f"{head_title}\n[{anchor} thoughts: {source}]", fontsize=9)
+        draw_anchor(right)
+        right.set_title(anchor_title, fontsize=9)
+    fig.suptitle("visual thoughts decoded by the trained heads (left) and the anchors' own outputs (right)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
