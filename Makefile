@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test precompute train inspect bench clean
+.PHONY: install test precompute train demo inspect bench clean
 
 $(PYTHON):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -36,6 +36,12 @@ precompute:
 
 train:
 	$(PYTHON) -m trainer --config $(CONFIG) $(ARGS)
+
+# after `make train`: answer a question about a sample photo and draw its visual thoughts (runs/tiny/thoughts.png)
+demo:
+	$(PYTHON) -m trainer generate --model runs/tiny/train/final --image data/sample/images/chelsea.jpg \
+		--question "What animal is in the image?" --image-size 112 --max-new-tokens 24 \
+		--config $(CONFIG) --thoughts runs/tiny/thoughts.png $(ARGS)
 
 inspect:
 	$(PYTHON) -m shards inspect --config $(CONFIG) --verify $(ARGS)

@@ -68,7 +68,11 @@ E2E_STAGES = ("[{name: understanding, steps: 2, merge_after: true}, {name: gener
 
 @pytest.fixture(scope="session")
 def e2e_workdir(tmp_path_factory):
-    """A base model and a cache with synthetic targets plus the real (tiny, random) SAM decoder."""
+    """A base model and a cache with synthetic targets plus the real (tiny, random) SAM decoder.
+
+    The targets have the sizes of the tiny anchors whose checkpoints ``e2e_checkpoints`` names (written
+    here), so the trained heads also decode what those anchors compute on a new image (generate --thoughts).
+    """
     import torch
 
     from precompute.anchors.base import LOADERS
@@ -80,11 +84,18 @@ def e2e_workdir(tmp_path_factory):
     data_cfg = load_config(REPO / "configs" / "tiny.yaml").data
     data_cfg.path = str(REPO / data_cfg.path)
     data_cfg.image_folder = str(REPO / data_cfg.image_folder)
-    sam = LOADERS["sam"](CheckpointConfig(path=str(root / "sam_vit_tiny.pth"), variant="vit_tiny", random_init_seed=0),
-                         PrecomputeConfig(), torch.device("cpu"))
-    cache = write_synthetic_cache(root / "cache", data_cfg, E2E_ANCHORS, dims={"sam": sam.dims()}, shard_size=4)
-    sam.export_decoders(Cache(cache).decoders_dir)
+    anchors = {name: LOADERS[name](CheckpointConfig(**spec), PrecomputeConfig(), torch.device("cpu"))
+               for name, spec in e2e_checkpoints(root).items()}
+    cache = write_synthetic_cache(root / "cache", data_cfg, E2E_ANCHORS,
+                                  dims={name: model.dims() for name, model in anchors.items()}, shard_size=4)
+    anchors["sam"].export_decoders(Cache(cache).decoders_dir)
     return root
+
+
+def e2e_checkpoints(root: Path) -> dict[str, dict]:
+    """precompute.checkpoints of the shared tiny run's anchors (seeded random tiny models under ``root``)."""
+    return {name: {"path": str(root / f"{name}_vit_tiny.pth"), "variant": "vit_tiny", "random_init_seed": seed}
+            for seed, name in enumerate(E2E_ANCHORS)}
 
 
 def e2e_training_overrides(workdir: Path, output: str) -> list[str]:

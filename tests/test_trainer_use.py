@@ -5,6 +5,8 @@ the slow ones run the CLIs on the tiny run conftest.py trains once per session.
 """
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +219,79 @@ def test_the_control_trains_the_same_schedule_without_thoughts(e2e_workdir, e2e_
     assert (control / "final" / "config.json").is_file()
     assert json.loads((control / "final" / "covt_heads.json").read_text())["anchors"] == []
     assert os.path.getsize(control / "final" / "covt_heads.safetensors") > 0
+
+
+@pytest.mark.slow
+def test_thoughts_png_decodes_every_head_beside_its_anchor(e2e_workdir, e2e_trained, tmp_path, run_trainer):
+    import yaml
+    from PIL import Image
+
+    from conftest import e2e_checkpoints
+
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["precompute"]["checkpoints"] = e2e_checkpoints(e2e_workdir)  # the anchors the run's heads fit
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "thoughts.png"
+    proc = run_trainer(["generate", "--model", str(e2e_trained / "final"), "--image",
+                        str(REPO / "data/sample/images/rocket.jpg"), "--question", "What is shown in the image?",
+                        "--image-size", "112", "--max-new-tokens", "8", "--config", str(tmp_path / "config.yaml"),
+                        "--thoughts", str(out)])
+    assert f"visual thoughts: {out}" in proc.stdout
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    assert picture.shape == (4 * 360, 756, 3)  # 4.0 x 8.4 inches at 90 dpi a row: the image, then sam, depth, dino
+    assert picture.std() > 20  # drawn panels, not a blank page
+
+
+@pytest.mark.slow
+def test_thoughts_png_from_generated_thoughts(e2e_workdir, e2e_trained):
+    """A chain the model emitted is read at its own positions (a prompt makes the tiny model emit one)."""
+    from PIL import Image
+
+    from trainer.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from trainer.thoughts import thought_states
+    from trainer.tokens import thought_tokens
+
+    vlm, processor = load_model(e2e_trained / "final")
+    image = Image.open(REPO / "data/sample/images/rocket.jpg")
+    generated = generate_answers(vlm, processor, [image], ["Hi"], ImageSizing(image_size=112),
+                                 GenerationSettings(max_new_tokens=2), names=["rocket"])
+    # splice a complete depth thought into the "generated" answer, as if the model had emitted it
+    tokens = thought_tokens(processor.tokenizer)
+    thought = torch.tensor([[tokens.start_id] + [tokens.pad_id["depth"]] * 4 + [tokens.end_id]])
+    generated.sequences = torch.cat([generated.sequences, thought], dim=1)
+    n = generated.sequences.shape[1]
+    generated.answers[0].thought_spans = [("depth", list(range(n - 5, n - 1)))]
+    states = thought_states(vlm, processor, generated, image, ["depth", "dino"], ImageSizing(image_size=112))
+    assert states["depth"][1] == "generated" and states["dino"][1].startswith("stage-2")
+    assert states["depth"][0].shape == (1, 4, vlm.config.text_config.hidden_size)
+
+
+@pytest.mark.slow
+def test_validation_split_is_cached_apart_and_scored_every_n_steps(tmp_path, e2e_workdir, run_trainer):
+    from shards.reader import Cache
+
+    cache = tmp_path / "cache"
+    checkpoints = e2e_checkpoints_overrides(e2e_workdir)
+    base = ["--config", "configs/tiny.yaml", f"cache.dir={cache}", "anchors=[depth,dino]", "data.validation=2",
+            *checkpoints]
+    proc = subprocess.run([sys.executable, "-m", "precompute", *base], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(Cache(cache)) == 5 and len(Cache(cache / "validation")) == 2  # 7 sample records, 2 held out
+    held_out = {Cache(cache / "validation").sample(i)["id"] for i in range(2)}
+    assert held_out == {"hubble", "page"}  # the last two records
+    assert not held_out & {Cache(cache).sample(i)["id"] for i in range(5)}
+    run_trainer([*base, f"model.path={e2e_workdir / 'base'}", f"train.output_dir={tmp_path / 'run'}",
+                 "train.validate_every=2", "train.batch_size=1",
+                 "train.stages=[{name: understanding, steps: 2, merge_after: true}, "
+                 "{name: reasoning, steps: 1, merge_after: true}]"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("validation" in r) for r in rows] == [False, True, False]
+    assert set(rows[1]["validation"]) == {"text", "depth", "dino"}
+    assert all(np.isfinite(v) for v in rows[1]["validation"].values())
+
+
+def e2e_checkpoints_overrides(root: Path) -> list[str]:
+    from conftest import e2e_checkpoints
+
+    return [f"precompute.checkpoints.{name}={json.dumps(spec)}" for name, spec in e2e_checkpoints(root).items()]
