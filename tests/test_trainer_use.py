@@ -295,3 +295,12 @@ def e2e_checkpoints_overrides(root: Path) -> list[str]:
     from conftest import e2e_checkpoints
 
     return [f"precompute.checkpoints.{name}={json.dumps(spec)}" for name, spec in e2e_checkpoints(root).items()]
+
+
+def test_training_and_generate_never_import_precompute():
+    """Only `generate --thoughts` (trainer/thoughts.py) loads the anchor models; the phases share only shards."""
+    code = ("import sys, trainer.train, trainer.generate, trainer.evaluate, trainer.validation\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'precompute'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
