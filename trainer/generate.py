@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -253,7 +253,7 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
         from transformers import LogitsProcessorList
 
         kwargs["logits_processor"] = LogitsProcessorList([ThoughtSpanCompleter(tokens)])
-    with ablate_thoughts(vlm, tokens) if settings.ablate else _nothing():
+    with ablate_thoughts(vlm, tokens) if settings.ablate else nullcontext():
         sequences = vlm.generate(**inputs, **kwargs)
     prompt_length = inputs["input_ids"].shape[1]
     answers = []
@@ -265,11 +265,6 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
         answers.append(Answer(question=question, image=names[row] if names else "", text=text,
                               answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans))
     return Generated(answers, sequences, inputs)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 # ----------------------------------------------------------------------------- questions in
