@@ -101,20 +101,19 @@ def test_questions_file_as_json_or_jsonl(tmp_path):
 
 @pytest.mark.parametrize("stage", ["understanding", "generation", "reasoning", "efficient_reasoning"])
 def test_the_control_formats_every_stage_as_the_plain_answer(stage):
-    from trainer.batch import sample_messages
-    from trainer.formats import STAGES
+    from trainer.batch import sample_text
+    from trainer.formats import STAGES, plain_text
 
     assert stage in STAGES
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     conversation = json.loads((REPO / "data/sample/conversations.json").read_text())[0]["conversations"]
     sample = {"index": 3, "key": "k", "id": "astronaut", "conversations": conversation}
-    messages = sample_messages(sample, stage, cfg.anchors, step=5, cfg=cfg)
-    text = json.dumps(messages)
-    assert ANCHOR_START not in text and "<think>" not in text
-    assert messages[1]["content"] == conversation[1]["value"]
-    with_thoughts = sample_messages(sample, stage, cfg.anchors, step=5, cfg=load_config(REPO / "configs/tiny.yaml"))
+    text = sample_text(sample, stage, cfg.anchors, step=5, cfg=cfg)
+    assert text == plain_text(conversation)
+    assert ANCHOR_START not in text.prompt + text.labelled and "<think>" not in text.labelled
+    with_thoughts = sample_text(sample, stage, cfg.anchors, step=5, cfg=load_config(REPO / "configs/tiny.yaml"))
     if stage != "efficient_reasoning":  # stage 4 may draw a plain answer itself
-        assert ANCHOR_START in json.dumps(with_thoughts)
+        assert ANCHOR_START in with_thoughts.prompt + with_thoughts.labelled
 
 
 def test_the_control_switches_every_anchor_loss_off():
@@ -261,7 +260,7 @@ def test_thoughts_png_from_generated_thoughts(e2e_workdir, e2e_trained):
     generated.sequences = torch.cat([generated.sequences, thought], dim=1)
     n = generated.sequences.shape[1]
     generated.answers[0].thought_spans = [("depth", list(range(n - 5, n - 1)))]
-    states = thought_states(vlm, processor, generated, image, ["depth", "dino"], ImageSizing(image_size=112))
+    states = thought_states(vlm, processor, generated, image, ["depth", "dino"], image_size=112)
     assert states["depth"][1] == "generated" and states["dino"][1].startswith("stage-2")
     assert states["depth"][0].shape == (1, 4, vlm.config.text_config.hidden_size)
 

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode the visual thoughts with the trained heads and draw them beside the anchors' outputs "
                         "(one question; runs the anchors named by --config)")
     p.add_argument("--config", default="configs/tiny.yaml",
-                   help="with --thoughts: where the anchors' checkpoints are (precompute.checkpoints)")
+                   help="with --thoughts: the anchors' checkpoints and views (precompute.*), the training view (model.image_size)")
     add_generation_arguments(p, max_new_tokens=512)
     a = p.parse_args(argv)
     if a.questions:
@@ -362,5 +362,5 @@ def main(argv: list[str] | None = None) -> int:
         # only here: trainer.thoughts imports precompute's anchor loaders, which training never needs
         from trainer.thoughts import draw_thoughts
 
-        print(f"visual thoughts: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts, sizing)}")
+        print(f"visual thoughts: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
     return 0

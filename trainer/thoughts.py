@@ -3,15 +3,15 @@
 ``python -m trainer generate ... --thoughts out.png``. Steps (:func:`draw_thoughts`):
 
 1. the anchors the heads need run on the image (precompute's loaders, with the checkpoints of
-   ``--config``'s ``precompute.checkpoints``: SAM's image embedding and its automatic masks, Depth
+   ``--config``'s ``precompute.checkpoints``, on the views ``precompute.views`` gives them: SAM's image embedding and its automatic masks, Depth
    Anything's layer features and depth, DINOv2, PIDINet, SigLIP/MetaCLIP), giving the same arrays
    the cache holds for a training image;
 2. the hidden states of the thought tokens (:func:`thought_states`): the last-layer states at the
    pad positions of each visual thought the model generated, read in one forward pass over prompt +
    answer (causal attention makes them the states generation computed). An anchor whose thought the
    model did not emit (a model that answers plainly, or the tiny random default) gets them from
-   stage 2's format instead (the model asked "What is the ... of the image?" with the thoughts as the
-   answer, as trained); the picture names the source of each;
+   stage 2's training text instead (the model asked "What is the ... of the image?" with the thoughts
+   as the answer, on the square view of ``model.image_size``); the picture names the source of each;
 3. each head's public ``decode(thoughts, targets, views)`` (trainer.heads), then one PNG: the image
    and the answer, then per anchor the head's decoding beside the anchor's own output.
 
@@ -28,13 +28,14 @@ import torch
 from PIL import Image
 
 from precompute.anchors.base import load_anchor
-from shards.config import load_config
+from precompute.views import make_view, view_key
+from shards.config import Config, load_config
 from shards.inspect import pca_image
 from shards.views import square_view
-from trainer.batch import render
+from trainer.batch import encode_text
 from trainer.export import load_covt_heads
-from trainer.formats import format_conversation
-from trainer.generate import Generated, ImageSizing, model_thought_tokens, open_image, thought_positions
+from trainer.formats import format_sample
+from trainer.generate import Generated, model_thought_tokens, open_image, thought_positions
 from trainer.model import capture_output, final_norm
 
 MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -43,14 +44,15 @@ MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 
 
 # ----------------------------------------------------------------------------- the anchors on the image
 @torch.no_grad()
-def anchor_outputs(config_path: str, anchors: list[str], image: Image.Image,
+def anchor_outputs(cfg: Config, anchors: list[str], image: Image.Image,
                    device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """anchor -> its target arrays for ``image`` (batch of one), computed as precompute computes them."""
-    pre = load_config(config_path).precompute
+    pre = cfg.precompute
     outputs = {}
     for name in anchors:
         model = load_anchor(name, pre, device)
-        views = torch.from_numpy(square_view(image, model.input_size)[None]).to(device)
+        view = make_view(image, view_key(name, model.input_size, pre.views))  # the view precompute gives it
+        views = torch.from_numpy(view[None]).to(device)
         outputs[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in model.compute(views).items()}
         del model
     return outputs
@@ -75,16 +77,17 @@ def full_sequence_inputs(generated: Generated) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def stage2_inputs(processor, image: Image.Image, question: str, anchors: list[str], sizing: ImageSizing) -> dict:
-    """Model inputs of stage 2's format for ``anchors``: the generation question, the thoughts as the answer."""
+def stage2_inputs(processor, image: Image.Image, question: str, anchors: list[str], image_size: int) -> dict:
+    """Model inputs of stage 2's training text for ``anchors`` (the generation question, the thoughts as the
+    answer), on the square view training used (``model.image_size``)."""
     conversation = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "-"}]
-    text = render(format_conversation(conversation, "generation", anchors), processor)
-    view, kwargs = sizing.prepare(image)
-    return dict(processor(text=[text], images=[view], return_tensors="pt", **kwargs))
+    view = Image.fromarray(square_view(image, image_size))
+    row = encode_text(format_sample(conversation, "generation", anchors), view, processor)
+    return {k: v if k in ("pixel_values", "image_grid_thw") else v[None] for k, v in row.items() if k != "labels"}
 
 
 def thought_states(vlm, processor, generated: Generated, image: Image.Image, anchors: list[str],
-                   sizing: ImageSizing) -> dict[str, tuple[torch.Tensor, str]]:
+                   image_size: int) -> dict[str, tuple[torch.Tensor, str]]:
     """anchor -> (its thought tokens' hidden states (1, N, H), where they come from)."""
     tokens = model_thought_tokens(processor)
     found: dict[str, tuple[torch.Tensor, str]] = {}
@@ -95,7 +98,7 @@ def thought_states(vlm, processor, generated: Generated, image: Image.Image, anc
             found.setdefault(anchor, (states[:, positions], "generated"))
     missing = [a for a in anchors if a not in found]
     if missing:
-        inputs = stage2_inputs(processor, image, generated.answers[0].question, missing, sizing)
+        inputs = stage2_inputs(processor, image, generated.answers[0].question, missing, image_size)
         states = last_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
         ids = inputs["input_ids"][0].tolist()
         for anchor, positions in thought_positions(ids, tokens):
@@ -104,9 +107,10 @@ def thought_states(vlm, processor, generated: Generated, image: Image.Image, anc
 
 
 # ----------------------------------------------------------------------------- the picture
-def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: Generated, out: str,
-                  sizing: ImageSizing) -> Path:
-    """Decode the first answer's visual thoughts and write the PNG ``out``."""
+def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: Generated, out: str) -> Path:
+    """Decode the first answer's visual thoughts and write the PNG ``out``; ``config_path`` names the anchors'
+    checkpoints (precompute.checkpoints) and the view training used (model.image_size)."""
+    cfg = load_config(config_path)
     final = Path(model_dir)
     if not (final / "covt_heads.json").is_file():
         raise FileNotFoundError(f"--thoughts: {final} has no covt_heads.json; give a trained CoVT folder "
@@ -117,8 +121,8 @@ def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: G
         raise ValueError(f"--thoughts: {final} has no visual-thought heads (trained with train.thoughts: false)")
     answer = generated.answers[0]
     image = open_image(answer.image)
-    states = thought_states(vlm, processor, generated, image, anchors, sizing)
-    targets = anchor_outputs(config_path, anchors, image, vlm.device)
+    states = thought_states(vlm, processor, generated, image, anchors, cfg.model.image_size)
+    targets = anchor_outputs(cfg, anchors, image, vlm.device)
     rows = []
     for anchor in anchors:
         head = heads[anchor]
