@@ -53,7 +53,7 @@ def test_every_stage_runs_in_order_with_its_anchor_losses(uninterrupted):
     assert all(np.isfinite(r["loss"]) for r in rows)
 
 
-def test_the_run_folder_keeps_the_resolved_config(uninterrupted, workdir):
+def test_the_run_folder_keeps_the_resolved_config(uninterrupted, workdir, overrides):
     saved = load_config(uninterrupted / "config.yaml")
     assert saved == load_config(REPO / "configs/tiny.yaml", overrides(workdir, "full"))
     assert saved.train.output_dir == str(workdir / "full")

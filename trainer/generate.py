@@ -302,7 +302,7 @@ def format_answer(answer: Answer) -> str:
     lines = [f"image:    {answer.image}", f"question: {answer.question}"]
     thoughts = ", ".join(f"{a} ({ANCHORS[a].tokens} tokens)" for a in answer.thoughts) or "none"
     lines += [f"visual thoughts: {thoughts}", f"chain:    {answer.chain}", f"answer:   {answer.answer}"]
-    return "\n".join(lines)
+    return "\n".join(line.replace("\n", "\n" + " " * 10) for line in lines)  # a multi-line answer stays indented
 
 
 # ----------------------------------------------------------------------------- cli
