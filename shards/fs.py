@@ -1,15 +1,18 @@
-"""Files written so a crash never leaves half of one, and their checksums: one copy for both phases.
+"""Files written so a crash never leaves half of one, a full disk said as such, and checksums: one copy
+of each for both phases.
 
-- :func:`atomic_file`: write a single file through a temporary name beside it, renamed into place
+- :func:`atomic_write`: bytes, fsynced, for the records that say what is committed (the cache's manifest
+  and commit records, metrics.jsonl): they must survive a power cut;
+- :func:`atomic_file`: any single file written through a temporary name beside it, renamed into place
   only once complete (``torch.save``, ``torch.export.save``, JSON, ...);
-- :func:`atomic_dir`: the same for a folder (a saved model, a tiny test checkpoint folder);
+- :func:`atomic_dir`: the same for a folder (a saved model, a tiny checkpoint folder);
+- :func:`naming_disk_full`: a write that failed for lack of space becomes a :class:`DiskFullError`
+  naming the file and saying that rerunning resumes;
 - :func:`sha256_file`: the sha256 of a file, or of every file of a folder.
-
-The cache's own small files (manifest, commit records) go through ``shards.layout.atomic_write``,
-which also fsyncs: a commit record must survive a power cut, a checkpoint file can be rewritten.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,6 +20,34 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` so readers see either the old file or the whole new one.
+
+    The temporary name is fixed per target, so a rerun after a crash overwrites
+    the leftover instead of accumulating them (each file has a single writer).
+    """
+    tmp = path.with_name(path.name + ".partial")
+    with naming_disk_full(path), open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 @contextmanager
@@ -72,3 +103,44 @@ def _update_from_file(h, path: Path, block: int) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(block):
             h.update(chunk)
+
+
+# ------------------------------------------------------------------ disk full
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_FREE_BYTES = 1 << 20  # below this, a failed write (torch.save raises RuntimeError) is a full disk
+
+
+class DiskFullError(OSError):
+    """No space left while writing; says where, and that rerunning resumes."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+@contextmanager
+def naming_disk_full(path: str | Path, resume: str = "it resumes from what was committed"):
+    """Turn a write that failed for lack of space into a :class:`DiskFullError` naming ``path``.
+
+    Some writers (torch.save's zip writer) report a full disk as a RuntimeError without an errno,
+    so a failure with almost no free space left at ``path`` counts as a full disk too.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in DISK_FULL_ERRNOS
+        if not full:
+            free = _free_bytes(Path(path))
+            full = free is not None and free < DISK_FULL_FREE_BYTES
+        if not full:
+            raise
+        raise DiskFullError(errno.ENOSPC, f"disk full: no space left on device while writing {path} ({e}). "
+                                          f"Free space there, then rerun the same command: {resume}") from e

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards import layout
+from shards import fs, layout
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError, sample_name
 from shards.reader import Cache, CacheError
@@ -83,7 +83,7 @@ def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> No
     if not tar.is_file():
         problems.append(f"{shard['tar']}: missing")
         return
-    if layout.sha256_file(tar) == shard["sha256"]:
+    if fs.sha256_file(tar) == shard["sha256"]:
         return
     where_found = len(problems)
     raw = tar.read_bytes()
@@ -166,7 +166,7 @@ def _manifest_and_decoder_problems(cache: Cache) -> list[str]:
     for anchor, a in m["anchors"].items():
         for d, info in a["decoders"].items():
             path = cache.decoders_dir / d
-            if not path.is_file() or layout.sha256_file(path) != info["sha256"]:
+            if not path.is_file() or fs.sha256_file(path) != info["sha256"]:
                 problems.append(f"decoders/{d} ({anchor}): missing or checksum mismatch")
     return problems
 

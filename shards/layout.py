@@ -27,19 +27,16 @@ per-array ``compression`` in the declarations.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 
-from shards.fs import sha256_file
+from shards.fs import atomic_write, sha256_file
 
 SCHEMA = "covt-shards/2"
 TARGET_CHECKSUM = "crc32c"
@@ -141,34 +138,6 @@ def checksum_file(path: Path, algorithm: str = TARGET_CHECKSUM, block: int = 8 <
     return f"{crc:08x}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` so readers see either the old file or the whole new one.
-
-    The temporary name is fixed per target, so a rerun after a crash overwrites
-    the leftover instead of accumulating them (each file has a single writer).
-    """
-    tmp = path.with_name(path.name + ".partial")
-    with naming_disk_full(path), open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write(path, dumps(obj).encode())
 
@@ -204,44 +173,3 @@ def manifest_problem(manifest: dict) -> str | None:
         return (f"{MANIFEST} was edited after precompute wrote it (its {MANIFEST_CHECKSUM} does not match its "
                 f"contents); restore it or rerun precompute into a new cache.dir")
     return None
-
-
-# ------------------------------------------------------------------ disk full
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-DISK_FULL_FREE_BYTES = 1 << 20  # below this, a failed write (torch.save raises RuntimeError) is a full disk
-
-
-class DiskFullError(OSError):
-    """No space left while writing; says where, and that rerunning resumes."""
-
-
-def _free_bytes(path: Path) -> int | None:
-    for p in (path, *path.parents):
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free
-            except OSError:
-                return None
-    return None
-
-
-@contextmanager
-def naming_disk_full(path: str | Path, resume: str = "it resumes from what was committed"):
-    """Turn a write that failed for lack of space into a :class:`DiskFullError` naming ``path``.
-
-    Some writers (torch.save's zip writer) report a full disk as a RuntimeError without an errno,
-    so a failure with almost no free space left at ``path`` counts as a full disk too.
-    """
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) in DISK_FULL_ERRNOS
-        if not full:
-            free = _free_bytes(Path(path))
-            full = free is not None and free < DISK_FULL_FREE_BYTES
-        if not full:
-            raise
-        raise DiskFullError(errno.ENOSPC, f"disk full: no space left on device while writing {path} ({e}). "
-                                          f"Free space there, then rerun the same command: {resume}") from e

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import zarr
 
-from shards import layout
+from shards import fs, layout
 from shards.anchors import ANCHORS, array_shape, get_anchor
 from shards.codecs import (COMPRESSION_DEFAULTS, Codec, CodecError, check_default_codec, codec_for, get_codec,
                            stored_name, zarr_compressors)
@@ -337,7 +337,7 @@ class CacheWriter:
         prog_path.unlink(missing_ok=True)  # uncommit first: the old tar is about to change
         tmp = tar_path.with_name(tar_path.name + ".partial")
         samples = []
-        with layout.naming_disk_full(tar_path, RESUME), open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
+        with fs.naming_disk_full(tar_path, RESUME), open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
                                                    encoding=layout.TAR_ENCODING) as tar:
             for rec in recs:
                 key = layout.sample_key(rec.index)
@@ -364,7 +364,7 @@ class CacheWriter:
         os.replace(tmp, tar_path)
         layout.atomic_write_json(prog_path, {
             "shard": shard_id, "tar": layout.tar_name(shard_id),
-            "bytes": tar_path.stat().st_size, "sha256": layout.sha256_file(tar_path), "samples": samples,
+            "bytes": tar_path.stat().st_size, "sha256": fs.sha256_file(tar_path), "samples": samples,
         })
 
     # --------------------------------------------------------------- targets
@@ -418,7 +418,7 @@ class CacheWriter:
                 shard_file = self.cache_dir / layout.TARGETS_DIR / anchor / sname / chunk_key
                 # start from an empty zarr shard so a crash leftover never leaks into the bytes
                 shard_file.unlink(missing_ok=True)
-                with layout.naming_disk_full(shard_file, RESUME):
+                with fs.naming_disk_full(shard_file, RESUME):
                     arr[start:start + n] = part
                 stored[sname] = {
                     "file": shard_file.relative_to(self.cache_dir).as_posix(),
@@ -456,7 +456,7 @@ class CacheWriter:
         for s in range(self.num_shards):
             prog_path = self._path(layout.samples_progress_name(s))
             prog = layout.read_json(prog_path)
-            shard_progress[s]["samples"] = layout.sha256_file(prog_path)
+            shard_progress[s]["samples"] = fs.sha256_file(prog_path)
             shards.append({"id": s, "tar": prog["tar"], "count": len(prog["samples"]),
                            "first_index": prog["samples"][0]["index"], "bytes": prog["bytes"],
                            "sha256": prog["sha256"], "progress_sha256": shard_progress[s]})
@@ -487,7 +487,7 @@ class CacheWriter:
         for s in range(self.num_shards):
             path = self._path(layout.targets_progress_name(s, anchor))
             progs.append(layout.read_json(path))
-            shard_progress[s][anchor] = layout.sha256_file(path)
+            shard_progress[s][anchor] = fs.sha256_file(path)
         for name, info in decl["arrays"].items():
             stored_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in info["stored"].values())
             disk = sum(p["arrays"][name]["stored"][sn]["file_bytes"] for p in progs for sn in info["stored"])
@@ -499,7 +499,7 @@ class CacheWriter:
                          "rel_l2": math.sqrt(sq_err / sq_ref) if sq_ref > 0 else math.sqrt(sq_err)}
             arrays[name] = {**info, "stored_bytes_per_sample": stored_bytes,
                             "disk_bytes_per_sample": disk / n, "measured_error": error}
-        decoders = {d: {"sha256": layout.sha256_file(self.decoders_dir / d),
+        decoders = {d: {"sha256": fs.sha256_file(self.decoders_dir / d),
                         "bytes": (self.decoders_dir / d).stat().st_size} for d in decl["decoders"]}
         return {"tokens": get_anchor(anchor).tokens, "dims": decl["dims"], "fingerprint": decl["fingerprint"],
                 "decoders": decoders, "arrays": arrays}

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards import layout
+from shards import fs, layout
 from shards.config import ConfigError, DataConfig, load_config
 from shards.integrity import DamagedSampleError
 from shards.inspect import main as inspect_main
@@ -213,14 +213,14 @@ def test_disk_full_during_precompute_writes_names_the_file_and_rerunning_resumes
                       image_folder=str(REPO / "data/sample/images"), on_bad_record="error")
     with monkeypatch.context() as m:
         m.setattr(zarr.Array, "__setitem__", enospc)
-        with pytest.raises(layout.DiskFullError) as e:
+        with pytest.raises(fs.DiskFullError) as e:
             write_synthetic_cache(tmp_path / "cache", data, ["depth"], shard_size=4)
     message = str(e.value)
     assert "disk full" in message and "targets.zarr/depth/" in message and "rerun the same command" in message
     assert "precompute resumes" in message
     with monkeypatch.context() as m:
         m.setattr("tarfile.TarFile.addfile", enospc)
-        with pytest.raises(layout.DiskFullError, match=r"disk full: .*samples/shard-000001.tar"):
+        with pytest.raises(fs.DiskFullError, match=r"disk full: .*samples/shard-000001.tar"):
             write_synthetic_cache(tmp_path / "cache", data, ["depth"], shard_size=4)
     write_synthetic_cache(tmp_path / "cache", data, ["depth"], shard_size=4)  # space is back: it resumes
     assert inspect_main([str(tmp_path / "cache"), "--verify"]) == 0, capsys.readouterr().out
@@ -231,7 +231,7 @@ def test_disk_full_during_a_checkpoint_names_the_folder(tmp_path, monkeypatch):
 
     model = torch.nn.Linear(2, 2)
     monkeypatch.setattr(checkpoint, "save_file", enospc)
-    with pytest.raises(layout.DiskFullError, match=r"disk full: .*checkpoints/.tmp-step-000003 .*resumes from the "
+    with pytest.raises(fs.DiskFullError, match=r"disk full: .*checkpoints/.tmp-step-000003 .*resumes from the "
                                                    r"last complete checkpoint"):
         checkpoint.save_checkpoint(tmp_path, 3, model, meta={})
     assert checkpoint.latest_checkpoint(tmp_path) is None
@@ -239,13 +239,13 @@ def test_disk_full_during_a_checkpoint_names_the_folder(tmp_path, monkeypatch):
 
 def test_a_failed_write_with_no_space_left_counts_as_disk_full(tmp_path, monkeypatch):
     """torch.save reports a full disk as RuntimeError('unexpected pos ...') without an errno."""
-    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: SimpleNamespace(free=4096))
-    with pytest.raises(layout.DiskFullError, match="disk full"):
-        with layout.naming_disk_full(tmp_path / "x.pt"):
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: SimpleNamespace(free=4096))
+    with pytest.raises(fs.DiskFullError, match="disk full"):
+        with fs.naming_disk_full(tmp_path / "x.pt"):
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(layout.shutil, "disk_usage", lambda p: SimpleNamespace(free=5 << 30))
+    monkeypatch.setattr(fs.shutil, "disk_usage", lambda p: SimpleNamespace(free=5 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # space left: not a full disk, the error as it was
-        with layout.naming_disk_full(tmp_path / "x.pt"):
+        with fs.naming_disk_full(tmp_path / "x.pt"):
             raise RuntimeError("unexpected pos 64 vs 0")
 
 
@@ -256,7 +256,7 @@ def test_disk_full_during_a_merge_or_export_names_the_folder_and_leaves_no_tempo
         (tmp / "model.safetensors").write_bytes(b"x")
         enospc()
 
-    with pytest.raises(layout.DiskFullError, match=r"disk full: .*lora_stage1_merged .*training resumes"):
+    with pytest.raises(fs.DiskFullError, match=r"disk full: .*lora_stage1_merged .*training resumes"):
         write_atomically(tmp_path / "lora_stage1_merged", write)
     assert list(tmp_path.iterdir()) == []
 
