@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from precompute.anchors.base import load_anchor  # noqa: E402
+from precompute.anchors import load_anchor  # noqa: E402
 from precompute.run import decode_views  # noqa: E402
 from shards.anchors import get_anchor  # noqa: E402
 from shards.codecs import CODECS, Codec, CodecError  # noqa: E402

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from precompute import calibrate
-from precompute.anchors.base import AnchorModel, load_anchor
+from precompute.anchors import load_anchor
+from precompute.anchors.base import AnchorModel
 from shards.config import Config
 from shards.layout import validation_cache_dir
 from shards.lock import CacheLock

@@ -75,7 +75,7 @@ def e2e_workdir(tmp_path_factory):
     """
     import torch
 
-    from precompute.anchors.base import LOADERS
+    from precompute.anchors import LOADERS
     from shards.config import CheckpointConfig, PrecomputeConfig, load_config
     from shards.reader import Cache
     from shards.testing import write_synthetic_cache

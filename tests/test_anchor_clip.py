@@ -9,7 +9,8 @@ import torch
 import transformers
 from PIL import Image
 
-from precompute.anchors.base import MissingCheckpointError, load_anchor
+from precompute.anchors import load_anchor
+from precompute.anchors.base import MissingCheckpointError
 from shards.anchors import array_shape
 from shards.config import load_config
 from shards.views import square_view

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from precompute.anchors.base import LOADERS, MissingCheckpointError, load_anchor
+from precompute.anchors import LOADERS, load_anchor
+from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2, load_depth
 from precompute.anchors.dino import DinoAnchor, HubDino, load_dino
 from precompute.anchors.pidinet import PixelDifferenceConv2d, build_pidinet, load_pidinet

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from precompute.anchors.base import MissingCheckpointError, load_anchor
+from precompute.anchors import load_anchor
+from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.sam import SamAnchor, build_sam_vit_tiny, select_masks
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer

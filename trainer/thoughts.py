@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from precompute.anchors.base import load_anchor
+from precompute.anchors import load_anchor
 from precompute.views import make_view, view_key
 from shards.config import Config, load_config
 from shards.inspect import pca_image

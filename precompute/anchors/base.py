@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 
-from shards.config import CheckpointConfig, PrecomputeConfig
+from shards.config import CheckpointConfig
 from shards.fs import sha256_file
 
 
@@ -76,27 +76,3 @@ def checkpoint_file(anchor: str, ckpt: CheckpointConfig, where_to_get: str,
             raise MissingCheckpointError(anchor, str(path), f"precompute.checkpoints.{anchor}.path", where_to_get)
         write_random(path, ckpt.random_init_seed)
     return path
-
-
-#: anchor name -> function building the model from its checkpoint config
-AnchorLoader = Callable[[CheckpointConfig, PrecomputeConfig, torch.device], AnchorModel]
-LOADERS: dict[str, AnchorLoader] = {}
-
-
-def register(name: str):
-    def deco(fn: AnchorLoader) -> AnchorLoader:
-        LOADERS[name] = fn
-        return fn
-
-    return deco
-
-
-def load_anchor(name: str, pre: PrecomputeConfig, device: torch.device) -> AnchorModel:
-    # importing the package registers every loader
-    import precompute.anchors  # noqa: F401
-
-    if name not in LOADERS:
-        raise KeyError(f"no precompute loader for anchor {name!r} (have {sorted(LOADERS)})")
-    if name not in pre.checkpoints:
-        raise KeyError(f"precompute.checkpoints.{name} is not set: where is the {name} checkpoint?")
-    return LOADERS[name](pre.checkpoints[name], pre, device)

@@ -30,7 +30,7 @@ from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig
 from shards.fs import atomic_dir
 
-from .base import AnchorModel, MissingCheckpointError, register
+from .base import AnchorModel, MissingCheckpointError
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  vocab_size=99, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -195,11 +195,9 @@ def load_pooled_embedding_anchor(name: str, ckpt: CheckpointConfig, pre: Precomp
                                  bf16=pre.dtype == "bf16").to(device)
 
 
-@register("siglip")
 def load_siglip(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> PooledEmbeddingAnchor:
     return load_pooled_embedding_anchor("siglip", ckpt, pre, device)
 
 
-@register("metaclip")
 def load_metaclip(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> PooledEmbeddingAnchor:
     return load_pooled_embedding_anchor("metaclip", ckpt, pre, device)

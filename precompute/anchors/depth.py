@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, checkpoint_file, register
+from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
     get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
@@ -192,7 +192,6 @@ def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path, v
     return model
 
 
-@register("depth")
 def load_depth(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> DepthAnchor:
     path = checkpoint_file("depth", ckpt, WHERE_TO_GET, lambda p, seed: write_random_checkpoint(
         p, get_variant(ckpt.variant or "vit_tiny"), seed))

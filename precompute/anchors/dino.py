@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, checkpoint_file, register
+from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
     get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
@@ -114,7 +114,6 @@ def build_hub_dino(state_dict: dict[str, torch.Tensor], source: str | Path, vari
     return HubDino(vit)
 
 
-@register("dino")
 def load_dino(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> DinoAnchor:
     path = Path(ckpt.path)
     if path.is_dir():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.anchors.base import AnchorModel, checkpoint_file, register
+from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN, IMAGENET_STD, load_strict, prepare_views, read_checkpoint,
 )
@@ -311,7 +311,6 @@ def export_stage1(net: PiDiNet, size: int) -> torch.export.ExportedProgram:
         return torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
 
 
-@register("pidinet")
 def load_pidinet(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> PidinetAnchor:
     path = checkpoint_file("pidinet", ckpt, WHERE_TO_GET)
     config = ckpt.variant or "baseline"

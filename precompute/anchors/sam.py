@@ -39,7 +39,7 @@ from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 from shards.fs import atomic_file
 
-from .base import AnchorModel, checkpoint_file, register
+from .base import AnchorModel, checkpoint_file
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
 
 CHECKPOINT_URLS = {
@@ -345,7 +345,6 @@ class SamAnchor(AnchorModel):
         }
 
 
-@register("sam")
 def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device) -> SamAnchor:
     variant = ckpt.variant or "vit_h"
     if variant not in BUILDERS:
