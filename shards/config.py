@@ -12,6 +12,7 @@ directory (the repository root when run through ``make``).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import sys
@@ -28,43 +29,49 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text, which ``--help`` and the README's config table show."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 # --------------------------------------------------------------------------- data
 @dataclass
 class SubsetConfig:
     """Cache a seeded subset instead of every record: the recipe consumes steps x global batch samples."""
 
-    size: Optional[int] = None  # good records to cache (None = all); the recipe's 16000 steps x batch 8 = 128000
-    seed: int = 0  # seed of the subset's permutation of the records
-
-    def __post_init__(self):
-        if self.size is not None and self.size < 1:
-            raise ConfigError(f"data.subset.size must be >= 1 or null, got {self.size}")
+    size: Optional[int] = option(
+        None, "good records to cache (None = all); the recipe's 16000 steps x batch 8 = 128000")
+    seed: int = option(0, "seed of the subset's permutation of the records")
 
 
 @dataclass
 class DataConfig:
     # LLaVA-format JSON (or JSON Lines, .jsonl), or the published parquet (a .parquet file, a glob, or a folder)
-    path: str = "data/sample/conversations.json"  # DATA_PATH: LLaVA JSON / JSONL or parquet file/glob/folder
-    image_folder: str = "data/sample/images"  # IMAGE_FOLDER (JSON input; parquet holds the image bytes)
-    on_bad_record: Literal["skip", "error"] = "skip"  # skip (report, count in the manifest) or stop at a bad record
-    limit: Optional[int] = None  # read only the first N records (debugging)
-    subset: SubsetConfig = field(default_factory=SubsetConfig)  # a seeded subset of the records
+    path: str = option("data/sample/conversations.json", "DATA_PATH: LLaVA JSON / JSONL or parquet file/glob/folder")
+    image_folder: str = option("data/sample/images", "IMAGE_FOLDER (JSON input; parquet holds the image bytes)")
+    on_bad_record: Literal["skip", "error"] = option(
+        "skip", "skip (report, count in the manifest) or stop at a bad record")
+    limit: Optional[int] = option(None, "read only the first N records (debugging)")
+    subset: SubsetConfig = option(factory=SubsetConfig, help="a seeded subset of the records")
     # held-out samples for validation losses: N = the last N records of data.path, or a LLaVA JSON of its own;
     # precompute caches them in <cache.dir>/validation (shards.layout.VALIDATION_DIR), never in the training cache
-    validation: Optional[int | str] = None  # held-out validation samples: a count (last N records) or a JSON file
+    validation: Optional[int | str] = option(
+        None, "held-out validation samples: a count (last N records) or a JSON file")
 
 
 # -------------------------------------------------------------------------- cache
 @dataclass
 class CacheConfig:
-    dir: str = "runs/tiny/cache"  # where precompute writes, and train reads
-    shard_size: int = 64  # samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L
+    dir: str = option("runs/tiny/cache", "where precompute writes, and train reads")
+    shard_size: int = option(
+        64, "samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L")
     # auto: per array the smallest codec within 1% head error (BENCHMARKS.md), re-measured on the first shard
-    codec: str = "auto"  # default codec of float target arrays: auto, bf16, fp8row, lowrank64, ...
-    codecs: dict[str, str] = field(default_factory=dict)  # per array: "depth/features": "fp8row"
+    codec: str = option("auto", "default codec of float target arrays: auto, bf16, fp8row, lowrank64, ...")
+    codecs: dict[str, str] = option(factory=dict, help="per array: \"depth/features\": \"fp8row\"")
     # relative L2 error on the first shard above which a lossy codec falls back to bf16; None = each array's
     # validated bound from shards/codec_defaults.json (where the bench's head errors would reach 1%)
-    codec_max_error: Optional[float] = None  # relative L2 error above which a codec falls back to bf16 (None: validated)
+    codec_max_error: Optional[float] = option(
+        None, "relative L2 error above which a codec falls back to bf16 (None: validated)")
 
 
 # --------------------------------------------------------------------- precompute
@@ -72,49 +79,49 @@ class CacheConfig:
 class CheckpointConfig:
     """Where one anchor's weights live, in the format users download."""
 
-    path: str = ""  # file (.pth) or Hugging Face folder
-    variant: str = ""  # e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino
+    path: str = option("", "file (.pth) or Hugging Face folder")
+    variant: str = option("", "e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino")
     # Tiny embedded default only: if the file is missing, write a seeded random-weight
     # checkpoint of ``variant`` there first (in the same format users download).
-    random_init_seed: Optional[int] = None  # tiny default only: write seeded random weights here if missing
+    random_init_seed: Optional[int] = option(None, "tiny default only: write seeded random weights here if missing")
 
 
 @dataclass
 class SamPrecomputeConfig:
-    points_per_side: int = 16  # automatic mask generation point grid
-    max_masks: int = 8  # reference masks kept per image
-    pred_iou_thresh: float = 0.80  # keep masks whose predicted IoU exceeds this
-    stability_score_thresh: float = 0.90  # keep masks at least this stable (logit offset 1)
-    box_nms_thresh: float = 0.70  # box IoU above which the lower-ranked mask is dropped
-    point_batch_size: int = 256  # point prompts per mask-decoder call
+    points_per_side: int = option(16, "automatic mask generation point grid")
+    max_masks: int = option(8, "reference masks kept per image")
+    pred_iou_thresh: float = option(0.80, "keep masks whose predicted IoU exceeds this")
+    stability_score_thresh: float = option(0.90, "keep masks at least this stable (logit offset 1)")
+    box_nms_thresh: float = option(0.70, "box IoU above which the lower-ranked mask is dropped")
+    point_batch_size: int = option(256, "point prompts per mask-decoder call")
     # The same function three ways (precompute/anchors/sam_fast.py): segment_anything's own attention, or fused
     # SDPA with the relative-position terms as an additive bias or folded into wider q/k; sdpa_fold measured
     # fastest on an H100 (BENCHMARKS.md).
-    encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = "sdpa_fold"  # SAM image encoder attention
-    compile_encoder: bool = False  # torch.compile the image encoder (compiles on the first batch)
+    encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = option("sdpa_fold", "SAM image encoder attention")
+    compile_encoder: bool = option(False, "torch.compile the image encoder (compiles on the first batch)")
 
 
 @dataclass
 class PrecomputeConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["bf16", "fp32"] = "bf16"  # anchors that do not tolerate bf16 stay fp32
-    batch_size: int = 8  # images per anchor forward pass
-    num_workers: int = 2  # image decoding workers
-    checkpoints: dict[str, CheckpointConfig] = field(default_factory=dict)  # anchor name -> its checkpoint
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: Literal["bf16", "fp32"] = option("bf16", "anchors that do not tolerate bf16 stay fp32")
+    batch_size: int = option(8, "images per anchor forward pass")
+    num_workers: int = option(2, "image decoding workers")
+    checkpoints: dict[str, CheckpointConfig] = option(factory=dict, help="anchor name -> its checkpoint")
     # square: every anchor from the square view the VLM sees; reference: the reference's own inputs (256 thumbnails,
     # BGR into Depth Anything, zero-padded DINO...: precompute/views.py), to compare with its released checkpoints
-    views: Literal["square", "reference"] = "square"  # what the anchors compute from (square / reference)
+    views: Literal["square", "reference"] = option("square", "what the anchors compute from (square / reference)")
     sam: SamPrecomputeConfig = field(default_factory=SamPrecomputeConfig)
 
 
 # -------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    path: str = "runs/tiny/base_model"  # Hugging Face Qwen2.5-VL folder
+    path: str = option("runs/tiny/base_model", "Hugging Face Qwen2.5-VL folder")
     # Tiny embedded default only: build a random-weight tiny Qwen2.5-VL with a locally
     # trained tokenizer at ``path`` if it does not exist.
-    build_tiny_if_missing: bool = False  # tiny default only: build a random tiny Qwen2.5-VL at path
-    image_size: int = 448  # the square view the VLM sees
+    build_tiny_if_missing: bool = option(False, "tiny default only: build a random tiny Qwen2.5-VL at path")
+    image_size: int = option(448, "the square view the VLM sees")
 
 
 # -------------------------------------------------------------------------- train
@@ -123,61 +130,64 @@ PLAIN_ANSWER_FRACTION = 1 / 6  # the reference draws randint(0, 5) == 0 per stag
 
 @dataclass
 class StageConfig:
-    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"]  # the data format
-    steps: int  # optimizer steps
-    anchor_losses: bool = True  # anchor losses on in this stage
+    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"] = option(help="the data format")
+    steps: int = option(help="optimizer steps")
+    anchor_losses: bool = option(True, "anchor losses on in this stage")
     # optimizer step (counted from the start of this stage's run, i.e. since the
     # last merge) from which anchor losses switch off; None = never
-    anchor_losses_off_from: Optional[int] = None  # run step (since the last merge) from which anchor losses are off
-    merge_after: bool = False  # merge LoRA into the base after this stage
+    anchor_losses_off_from: Optional[int] = option(
+        None, "run step (since the last merge) from which anchor losses are off")
+    merge_after: bool = option(False, "merge LoRA into the base after this stage")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16  # LoRA rank
-    alpha: int = 32  # LoRA alpha
-    dropout: float = 0.01  # LoRA dropout
-    vision_tower: bool = True  # LoRA on the vision tower as well as the LLM
-    merger: bool = True  # LoRA also on the vision tower's patch merger (its 2 Linear layers), as the reference
-    target_modules: list[str] = field(  # module names that get LoRA (LLM and vision blocks)
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"]
-    )
+    r: int = option(16, "LoRA rank")
+    alpha: int = option(32, "LoRA alpha")
+    dropout: float = option(0.01, "LoRA dropout")
+    vision_tower: bool = option(True, "LoRA on the vision tower as well as the LLM")
+    merger: bool = option(True, "LoRA also on the vision tower's patch merger (its 2 Linear layers), as the reference")
+    target_modules: list[str] = option(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],
+        help="module names that get LoRA (LLM and vision blocks)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/tiny/train"  # checkpoints, merged models, final/, tb/, metrics.jsonl
-    stages: list[StageConfig] = field(default_factory=list)  # the schedule, in order
+    output_dir: str = option("runs/tiny/train", "checkpoints, merged models, final/, tb/, metrics.jsonl")
+    stages: list[StageConfig] = option(factory=list, help="the schedule, in order")
     lora: LoraConfig = field(default_factory=LoraConfig)
-    loss_weights: dict[str, float] = field(default_factory=dict)  # anchor -> weight (default 1)
+    loss_weights: dict[str, float] = option(factory=dict, help="anchor -> weight (default 1)")
     # AdamW as the reference's trainer.py: two learning rates, decay on all but biases and norms
-    lr: float = 5e-5  # LoRA, new token rows and heads (the reference's learning_rate)
-    projection_lr: float = 1e-5  # parameters named *_projection*, *query_vectors*, *cross_attention*
-    weight_decay: float = 0.1  # AdamW weight decay, except biases and norm weights
-    warmup_ratio: float = 0.05  # linear warm-up over this share of each run, then cosine to 0 (per run)
-    batch_size: int = 1  # per device
-    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = option(5e-5, "LoRA, new token rows and heads (the reference's learning_rate)")
+    projection_lr: float = option(1e-5, "parameters named *_projection*, *query_vectors*, *cross_attention*")
+    weight_decay: float = option(0.1, "AdamW weight decay, except biases and norm weights")
+    warmup_ratio: float = option(0.05, "linear warm-up over this share of each run, then cosine to 0 (per run)")
+    batch_size: int = option(1, "per device")
+    grad_accum: int = option(1, "micro batches per optimizer step")
     # when set, grad_accum follows from it: global_batch / (batch_size x GPUs), so one config keeps the recipe's
     # global batch on any number of GPUs
-    global_batch: Optional[int] = None  # samples per optimizer step over all GPUs (sets grad_accum)
-    max_length: int = 2048  # tokens; truncation never cuts an image or a thought
-    num_workers: int = 0  # DataLoader workers reading the cache
-    bf16: bool = True  # ignored on CPU
-    gradient_checkpointing: bool = True  # activation checkpointing of the VLM
+    global_batch: Optional[int] = option(None, "samples per optimizer step over all GPUs (sets grad_accum)")
+    max_length: int = option(2048, "tokens; truncation never cuts an image or a thought")
+    num_workers: int = option(0, "DataLoader workers reading the cache")
+    bf16: bool = option(True, "ignored on CPU")
+    gradient_checkpointing: bool = option(True, "activation checkpointing of the VLM")
     # varlen: every vision window of a micro-batch in one kernel call (trainer/attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
-    vision_attention: Literal["varlen", "sdpa"] = "varlen"  # the vision tower's attention
-    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json)
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at stage ends
-    log_every: int = 1  # optimizer steps between TensorBoard points
-    seed: int = 0  # data order, stage-4 choices, LoRA init, dropout
-    on_damaged_sample: Literal["error", "skip"] = "error"  # a sample failing its checksums: stop, or skip (logged)
-    max_nonfinite_steps: int = 5  # skipped steps in a row (non-finite loss or gradient) that stop the run
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)
-    plain_answer_fraction: float = PLAIN_ANSWER_FRACTION  # stage 4: share of plain answers (the reference's 1 in 6)
+    vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
+    deepspeed: Optional[str] = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
+    save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
+    log_every: int = option(1, "optimizer steps between TensorBoard points")
+    seed: int = option(0, "data order, stage-4 choices, LoRA init, dropout")
+    on_damaged_sample: Literal["error", "skip"] = option(
+        "error", "a sample failing its checksums: stop, or skip (logged)")
+    max_nonfinite_steps: int = option(5, "skipped steps in a row (non-finite loss or gradient) that stop the run")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under a launcher: cuda:LOCAL_RANK)")
+    plain_answer_fraction: float = option(
+        PLAIN_ANSWER_FRACTION, "stage 4: share of plain answers (the reference's 1 in 6)")
     # false: the direct fine-tune control of CoVT: same schedule, data, LoRA and optimizer, every answer plain
-    thoughts: bool = True  # false: no visual thoughts and no anchor losses (the direct fine-tune control)
-    validate_every: int = 0  # optimizer steps between validation losses (needs data.validation); 0 = never
+    thoughts: bool = option(True, "false: no visual thoughts and no anchor losses (the direct fine-tune control)")
+    validate_every: int = option(0, "optimizer steps between validation losses (needs data.validation); 0 = never")
 
 
 # ------------------------------------------------------------------------- root
@@ -185,7 +195,7 @@ class TrainConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    anchors: list[str] = field(default_factory=lambda: ["sam", "depth", "dino"])  # VISUAL_MODEL_ID
+    anchors: list[str] = option(factory=lambda: ["sam", "depth", "dino"], help="VISUAL_MODEL_ID")
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,17 +228,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _build(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        return _build_union(args, value, key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -242,23 +242,47 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         return {str(k): _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key or 'config'}: expected a mapping for {tp.__name__}, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            where = f"{key}." if key else ""
-            raise ConfigError(
-                f"unknown config key {where}{unknown[0]!s} (known keys{' of ' + key if key else ''}: {sorted(names)})"
-            )
-        kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        return _build_dataclass(tp, value, key)
+    return _build_scalar(tp, value, key)
+
+
+def _build_union(args: tuple, value: Any, key: str) -> Any:
+    """``Optional[X]`` / ``X | Y``: None where allowed, else the first member the value fits."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
         try:
-            return tp(**kwargs)
-        except TypeError as e:  # a required field is missing
-            raise ConfigError(f"{key or 'config'}: {e}") from None
+            return _build(arg, value, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+
+
+def _build_dataclass(tp: type, value: Any, key: str) -> Any:
+    """A config section from a mapping: unknown keys are errors naming the known ones."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping for {tp.__name__}, got {value!r}")
+    hints = typing.get_type_hints(tp)
+    names = {f.name for f in dataclasses.fields(tp)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s} (known keys{' of ' + key if key else ''}: {sorted(names)})"
+        )
+    kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
+    try:
+        return tp(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{key or 'config'}: {e}") from None
+
+
+def _build_scalar(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         # PyYAML (YAML 1.1) reads 1e-4 as a string; accept it as the number it is written as
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
@@ -309,7 +333,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 class Range:
     low: float | None = None
     high: float | None = None
-    low_open: bool = False  # the low end itself is excluded
+    low_open: bool = option(False, "the low end itself is excluded")
     high_open: bool = False
 
     def holds(self, value: float) -> bool:
@@ -436,9 +460,12 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
 
 def add_config_arguments(parser) -> None:
-    """The ``--config FILE key.sub=value ...`` arguments every entry point takes."""
+    """The ``--config FILE key.sub=value ...`` arguments every entry point takes; ``--help`` lists the keys."""
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value (keys below)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the key list's lines
+    keys = "config keys (in the YAML file, or as overrides key.sub=value):\n" + reference_text()
+    parser.epilog = f"{parser.epilog}\n\n{keys}" if parser.epilog else keys
 
 
 def config_from_args(args) -> Config:
@@ -449,49 +476,44 @@ def config_from_args(args) -> Config:
 
 
 # ------------------------------------------------------------------ reference
-def _field_comments(cls) -> dict[str, str]:
-    """``name: type = default  # comment`` -> {name: comment}, read from the class source."""
-    import inspect
-    import re
-
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
-    return comments
+def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) of every leaf field of the config, sections flattened."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            default = repr(value) if not dataclasses.is_dataclass(value) else "…"
+        else:
+            default = "(required)"
+        keys.append((key, _type_name(tp).replace("shards.config.", ""), default, f.metadata.get("help", "")))
+        args = typing.get_args(tp)
+        item = args[-1] if typing.get_origin(tp) in (list, dict) and args else None
+        if item is not None and dataclasses.is_dataclass(item):
+            keys += config_keys(item, f"{key}{'[i]' if typing.get_origin(tp) is list else '.NAME'}.")
+    return keys
 
 
 def reference_markdown() -> str:
     """The config reference table of the README, generated from the dataclasses above."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-
-    def walk(cls, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        comments = _field_comments(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(tp):
-                walk(tp, key + ".")
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = repr(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                value = f.default_factory()
-                default = repr(value) if not (dataclasses.is_dataclass(value)) else "…"
-            else:
-                default = "(required)"
-            type_name = _type_name(tp).replace("shards.config.", "").replace("|", "\\|")
-            meaning = comments.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{key}` | {type_name} | `{default}` | {meaning} |")
-            args = typing.get_args(tp)
-            item = args[-1] if typing.get_origin(tp) in (list, dict) and args else None
-            if item is not None and dataclasses.is_dataclass(item):
-                walk(item, f"{key}{'[i]' if typing.get_origin(tp) is list else '.NAME'}.")
-
-    walk(Config, "")
+    for key, type_name, default, meaning in config_keys():
+        type_name, meaning = (text.replace("|", "\\|") for text in (type_name, meaning))
+        rows.append(f"| `{key}` | {type_name} | `{default}` | {meaning} |")
     return "\n".join(rows)
+
+
+def reference_text() -> str:
+    """The config keys for ``--help``: one line each, key, type and default, then the help indented."""
+    return "\n".join(f"  {key} ({type_name}; default {default})\n      {meaning}"
+                     for key, type_name, default, meaning in config_keys())
 
 
 if __name__ == "__main__":
