@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from shards.fs import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -453,9 +455,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``config_yaml(cfg)`` to ``path`` atomically (a run folder keeps the config it ran with)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(config_yaml(cfg))
-    tmp.replace(path)
+    atomic_write(path, config_yaml(cfg).encode())
     return path
 
 
