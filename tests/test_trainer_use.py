@@ -156,7 +156,7 @@ def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
     from PIL import Image
 
     from trainer.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
-    from trainer.model import capture_output, final_norm
+    from trainer.model import last_hidden_states
 
     vlm, processor = load_model(e2e_trained / "final")
     tokens = model_thought_tokens(processor)
@@ -167,9 +167,8 @@ def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
     assert len(pads) == 4  # the prompt carries one depth thought
 
     def last_states():
-        with torch.no_grad(), capture_output(final_norm(vlm)) as out:
-            vlm(**inputs)
-        return out[0][0]
+        with torch.no_grad():
+            return last_hidden_states(vlm, inputs)[0]
 
     plain = last_states()
     with ablate_thoughts(vlm, tokens):

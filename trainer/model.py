@@ -89,8 +89,7 @@ class CoVTModel(nn.Module):
 
     def last_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
         """The language model's final-norm output (what lm_head reads), ``(B, T, hidden)``; no logits."""
-        inputs = {k: batch[k] for k in VLM_INPUTS if k in batch and k != "labels"}
-        return unwrap_vlm(self.vlm).model(**inputs, use_cache=False).last_hidden_state
+        return last_hidden_states(self.vlm, batch)
 
     def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any]) -> torch.Tensor:
         if anchor not in self.heads:
@@ -102,6 +101,14 @@ class CoVTModel(nn.Module):
         if param is not None and param.is_floating_point():
             thoughts = thoughts.to(param.dtype)
         return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device))
+
+
+def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The last-layer hidden states of a (peft-wrapped) Qwen2.5-VL: the output of the language model's final
+    norm, what lm_head reads and the heads are trained on, ``(B, T, hidden)``. Runs the model without its
+    lm_head (no logits); ``inputs`` may hold labels and other keys, only the VLM's inputs are passed."""
+    model_inputs = {k: inputs[k] for k in VLM_INPUTS if k in inputs and k != "labels"}
+    return unwrap_vlm(vlm).model(**model_inputs, use_cache=False).last_hidden_state
 
 
 def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_head: nn.Module) -> torch.Tensor:

@@ -36,7 +36,7 @@ from trainer.batch import encode_text
 from trainer.export import load_covt_heads
 from trainer.formats import format_sample
 from trainer.generate import Generated, model_thought_tokens, open_image, thought_positions
-from trainer.model import capture_output, final_norm
+from trainer.model import last_hidden_states
 
 MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                          [145, 30, 180], [70, 240, 240], [240, 50, 230]]) / 255.0
@@ -62,9 +62,7 @@ def anchor_outputs(cfg: Config, anchors: list[str], image: Image.Image,
 @torch.no_grad()
 def last_states(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The last-layer hidden states (output of the final norm, what the heads were trained on), (1, T, H)."""
-    with capture_output(final_norm(vlm)) as captured:
-        vlm(**inputs, use_cache=False)
-    return captured[0]
+    return last_hidden_states(vlm, inputs)
 
 
 def full_sequence_inputs(generated: Generated) -> dict[str, torch.Tensor]:
