@@ -137,7 +137,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             losses, grad_norm, applied = finish_step(losses, engine, optimizer, scheduler, trainable)
             done = step + 1
             validation_result = (validation_losses(model, engine or model, validation, processor, tokens, cfg,
-                                                   view_sizes, device, lambda: autocast(t, device))
+                                                   model.view_sizes(), device, lambda: autocast(t, device))
                                  if validation_due(cfg, done, validation) else None)
             log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied,
                      grad_norm=grad_norm, validation=validation_result)
