@@ -36,8 +36,8 @@ def test_vision_tower_output_and_gradient_equal_the_sdpa_path(monkeypatch):
     assert vlm.model.visual.config._attn_implementation == VISION_ATTENTION
     assert vlm.model.language_model.config._attn_implementation == "sdpa"
     calls = []
-    per_segment = attention._per_segment
-    monkeypatch.setattr(attention, "_per_segment", lambda *a: calls.append(1) or per_segment(*a))
+    per_segment = attention.per_segment
+    monkeypatch.setattr(attention, "per_segment", lambda *a: calls.append(1) or per_segment(*a))
     got, got_grad = run()
     assert calls, "the vision tower did not call the registered attention"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

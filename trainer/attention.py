@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.model import unwrap_vlm
+
 VISION_ATTENTION = "covt_flash_varlen"  # "flash" in the name routes cu_seqlens to us (transformers' dispatch)
 
 
@@ -39,7 +41,7 @@ def varlen_kernel_applies(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
 
 
-def _per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float) -> torch.Tensor:
+def per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float) -> torch.Tensor:
     """(S, H, D) inputs -> (S, H, D): one SDPA call per segment (the library's sdpa path)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scaling)
@@ -60,7 +62,7 @@ def vision_varlen_attention(module, query, key, value, attention_mask=None, scal
         max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
         out = _varlen_kernel()(q, k, v, cu, cu, max_len, max_len, scale=scaling)
     else:
-        out = _per_segment(q, k, v, cu, scaling)
+        out = per_segment(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
 
 
@@ -73,7 +75,7 @@ def register() -> None:
 def use_varlen_vision_attention(vlm) -> None:
     """Switch the vision tower of a (possibly peft-wrapped) Qwen2.5-VL model to :data:`VISION_ATTENTION`."""
     register()
-    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+    base = unwrap_vlm(vlm)
     visual = getattr(getattr(base, "model", base), "visual", None)
     if visual is None:
         raise TypeError(f"{type(base).__name__} has no vision tower (model.visual); expected Qwen2.5-VL")
