@@ -71,7 +71,7 @@ class CoVTModel(nn.Module):
         averaging micro-batches (gradient accumulation, ranks) gives the same number however a global batch
         is cut; the logged parts (``text``, one per anchor) are detached tensors, read by the caller once per
         optimizer step (no device sync here)."""
-        hidden = self.last_hidden_state(batch)
+        hidden = last_hidden_states(self.vlm, batch)
         size = batch["input_ids"].shape[0]
         text_loss = labelled_text_loss(hidden, batch["text"], unwrap_vlm(self.vlm).lm_head) / size
         total = text_loss
@@ -86,10 +86,6 @@ class CoVTModel(nn.Module):
                 total = total + self.loss_weights.get(anchor, 1.0) * loss * (len(part["rows"]) / size)
                 parts[anchor] = loss.detach()
         return {"loss": total, **parts}
-
-    def last_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The language model's final-norm output (what lm_head reads), ``(B, T, hidden)``; no logits."""
-        return last_hidden_states(self.vlm, batch)
 
     def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any]) -> torch.Tensor:
         if anchor not in self.heads:
