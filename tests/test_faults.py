@@ -452,3 +452,15 @@ def test_the_trainer_stops_at_a_damaged_sample_or_skips_and_counts_it(workdir):
     assert train(tiny(workdir, "skips", 2, "train.on_damaged_sample=skip", cache="damaged")) is not None
     rows = metrics(workdir / "skips")
     assert [r.get("damaged_samples_skipped") for r in rows] == [1, 1]
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_killed_runs_even_within_the_same_second(tmp_path):
+    from trainer.train import wait_for_a_later_event_file_name
+
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    killed = tb / f"events.out.tfevents.{int(time.time()):010d}.host.99999.0"  # a higher pid than ours
+    killed.touch()
+    wait_for_a_later_event_file_name(tb)
+    resumed = f"events.out.tfevents.{int(time.time()):010d}.host.1.0"
+    assert sorted([killed.name, resumed])[-1] == resumed

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -392,6 +393,7 @@ class Logger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        wait_for_a_later_event_file_name(out / "tb")
         self.tb = SummaryWriter(str(out / "tb"), purge_step=initial + 1)  # readers hide points from a cut run
         truncate_metrics(out / "metrics.jsonl", initial)
         self.metrics = open(out / "metrics.jsonl", "a")
@@ -456,6 +458,17 @@ class Logger:
             self.bar.close()
             self.tb.close()
             self.metrics.close()
+
+
+def wait_for_a_later_event_file_name(tb_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the writer's
+    second (events.out.tfevents.<seconds>.<host>.<pid>...). A run resumed within the second a killed
+    run started would sort by pid, possibly before the killed run's file, whose restart marker then
+    hides the resumed points; waiting for the next second keeps the resumed file last."""
+    seconds = [int(match.group(1)) for f in tb_dir.glob("events.out.tfevents.*")
+               if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+    if seconds and max(seconds) >= int(time.time()):
+        time.sleep(max(seconds) + 1 - time.time())
 
 
 def truncate_metrics(path: Path, step: int) -> None:
