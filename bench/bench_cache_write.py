@@ -128,13 +128,14 @@ def table(anchors: list[str], columns: dict[str, dict], raw: dict[str, float]) -
     total = ["sum of the three", f"{sum(raw.values()):.1f}"]
     for col in columns.values():
         if all(a in col for a in anchors):
-            total.append(f"{sum(col[a]['cpu_ms'] for a in anchors):7.1f} / {sum(col[a]['wall_ms'] for a in anchors):7.1f}"
+            cpu, wall = sum(col[a]["cpu_ms"] for a in anchors), sum(col[a]["wall_ms"] for a in anchors)
+            total.append(f"{cpu:7.1f} / {wall:7.1f}"
                          f" / {sum(col[a]['disk_mb'] for a in anchors):6.2f}")
         else:
             total.append("-")
     lines.append(total)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 

@@ -115,7 +115,8 @@ def build_cache(work: Path, tiny: bool, data=None, name: str | None = None) -> P
     if not (cache / "manifest.json").is_file():
         data = data or DataConfig(path=str(REPO / "data/sample/conversations.json"),
                                   image_folder=str(REPO / "data/sample/images"))
-        write_synthetic_cache(cache, data, ["sam", "depth", "dino"], dims=TINY_DIMS if tiny else REAL_DIMS, shard_size=4)
+        write_synthetic_cache(cache, data, ["sam", "depth", "dino"], dims=TINY_DIMS if tiny else REAL_DIMS,
+                              shard_size=4)
         write_sam_decoder(Cache(cache).decoders_dir, TINY_SAM if tiny else REAL_SAM)
     return cache
 
@@ -165,7 +166,8 @@ def long_conversations(work: Path, text_tokens: int = 300) -> Any:
         tokenizer = build_processor(build_tokenizer(), 448).tokenizer
         records = json.loads((REPO / "data/sample/conversations.json").read_text())
         long = samples(len(records), {}, text_tokens, tokenizer)
-        path.write_text(json.dumps([{**r, "conversations": s["conversations"]} for r, s in zip(records, long)]))
+        rows = [{**r, "conversations": s["conversations"]} for r, s in zip(records, long, strict=True)]
+        path.write_text(json.dumps(rows))
     return DataConfig(path=str(path), image_folder=str(REPO / "data/sample/images"))
 
 

@@ -200,9 +200,9 @@ def main(argv=None) -> int:
         views = {n: photo_batch(a.input_size, bs, device) for n, a in anchors.items()}
         row: dict = {}
         for name, anchor in anchors.items():
-            t = seconds_per_batch(lambda: anchor.compute(views[name]), device, warmup, iters)
+            t = seconds_per_batch(lambda a=anchor, v=views[name]: a.compute(v), device, warmup, iters)
             row[name] = bs / t
-        t = seconds_per_batch(lambda: [a.compute(views[n]) for n, a in anchors.items()], device, warmup, iters)
+        t = seconds_per_batch(lambda v=views: [a.compute(v[n]) for n, a in anchors.items()], device, warmup, iters)
         row["sam+depth+dino"] = bs / t
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -219,7 +219,8 @@ def main(argv=None) -> int:
           f"on an H100 (~{1 / REFERENCE_SECONDS_PER_IMAGE:.2f} images/s), paid again on every epoch and stage")
     print(f"here: sam+depth+dino {best:.1f} images/s once = {best * REFERENCE_SECONDS_PER_IMAGE:.0f}x the reference's "
           f"per-step rate; target >= {TARGET_IMAGES_PER_S:.0f} images/s on one H100: "
-          f"{'met' if best >= TARGET_IMAGES_PER_S else 'NOT met'}{' (quick run: tiny models, not comparable)' if args.quick else ''}")
+          f"{'met' if best >= TARGET_IMAGES_PER_S else 'NOT met'}"
+          f"{' (quick run: tiny models, not comparable)' if args.quick else ''}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
@@ -238,13 +239,14 @@ def print_row(bs: int, row: dict) -> None:
         if k.startswith("encoder_") and k.endswith("_s") and k != "encoder_s"))
     print("  sam encoder drift from library attention (rel L2): " + ", ".join(
         f"{m} {d[f'encoder_{m}_vs_library_rel_l2']:.2g}" for m in ATTENTION_MODES if m != "library")
-        + (f", compiled {d['encoder_compiled_vs_library_rel_l2']:.2g}" if "encoder_compiled_vs_library_rel_l2" in d else ""))
+        + (f", compiled {d['encoder_compiled_vs_library_rel_l2']:.2g}"
+           if "encoder_compiled_vs_library_rel_l2" in d else ""))
     print("  sam mask generation img/s: "
           + ", ".join(f"{k[6:-2]} {bs / v:.1f}" for k, v in d.items() if k.startswith("masks_")))
     for dt in ("bf16", "fp32"):
         if f"masks_per_image_{dt}_s" in d:
-            print(f"  sam mask generation {dt}: batched (sam_fast) {d[f'masks_per_image_{dt}_s'] / d[f'masks_batched_{dt}_s']:.2f}x "
-                  "per image (MaskDecoder.forward)")
+            speedup = d[f"masks_per_image_{dt}_s"] / d[f"masks_batched_{dt}_s"]
+            print(f"  sam mask generation {dt}: batched (sam_fast) {speedup:.2f}x per image (MaskDecoder.forward)")
     for k in ("decoder_bf16_vs_fp32_mask_iou", "decoder_bf16_vs_fp32_max_iou_pred_diff", "encoder_bf16_vs_fp32_rel_l2"):
         if k in d:
             print(f"  sam {k}: {d[k]:.4g}")

@@ -32,13 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shards.anchors import array_shape, get_anchor  # noqa: E402
+from shards.compute import autocast  # noqa: E402
 from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
 from shards.views import open_rgb  # noqa: E402
 from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
@@ -157,7 +157,8 @@ def samples(n: int, targets: dict, text_tokens: int, tokenizer) -> list[dict]:
         conversations = [dict(t) for t in record["conversations"][:2]]
         wanted = int(text_tokens * (0.8 + 0.4 * (i % 8) / 7))
         answer, words = conversations[1]["value"], 0
-        while len(tokenizer(" ".join([conversations[0]["value"], answer]), add_special_tokens=False).input_ids) < wanted:
+        question = conversations[0]["value"]
+        while len(tokenizer(f"{question} {answer}", add_special_tokens=False).input_ids) < wanted:
             answer += " " + filler[words % len(filler)]
             words += 1
         conversations[1]["value"] = answer
@@ -180,7 +181,7 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         for cpu_batch in batches:
             batch = batch_to(cpu_batch, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False):
+            with autocast(device, bf16):
                 if kind == "library":
                     inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
                     loss = model.vlm(**inputs, use_cache=False).loss

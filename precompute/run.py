@@ -24,45 +24,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from precompute import calibrate
 from precompute.anchors import load_anchor
 from precompute.anchors.base import AnchorModel
+from precompute.views import ViewKey, describe, make_view, view_key
+from shards.compute import Compute, compute_cleanup, compute_init
 from shards.config import Config
 from shards.layout import validation_cache_dir
 from shards.lock import CacheLock
 from shards.records import Record, load_records, split_validation
-from precompute.views import ViewKey, describe, make_view, view_key
 from shards.views import open_rgb
 from shards.writer import CacheWriter
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
+# ranks only wait for each other (decoders exported, all shards done); a slow rank may take hours
+# on big datasets, so the barrier timeout must not be the default minutes
+BARRIER_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass
@@ -76,32 +66,10 @@ class AnchorTiming:
         s = self.seconds.get(anchor, 0.0)
         return self.images.get(anchor, 0) / s if s > 0 else float("nan")
 
-
-def pick_device(setting: str, local_rank: int) -> torch.device:
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda":
-        setting = f"cuda:{local_rank}"
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"precompute.device={setting!r} but CUDA is not available")
-        torch.cuda.set_device(device)
-    return device
-
-
-def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
-    env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
-        return Dist(), pick_device(device_setting, 0)
-    d = Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
-    device = pick_device(device_setting, d.local_rank)
-    # ranks only wait for each other (decoders exported, all shards done); a slow rank may
-    # take hours on big datasets, so the barrier timeout must not be the default minutes
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(hours=48), **kwargs)
-    return d, device
+    def of(self, anchor: str) -> dict:
+        """The anchor's line of the summary: seconds, images, images/s."""
+        return {"seconds": self.seconds.get(anchor, 0.0), "images": self.images.get(anchor, 0),
+                "images_per_s": self.images_per_second(anchor)}
 
 
 def time_compute(anchor: AnchorModel, views: torch.Tensor, timing: AnchorTiming) -> dict[str, np.ndarray]:
@@ -155,25 +123,24 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
     """Run (or resume) the precompute; returns a summary. ``anchors`` defaults to ``cfg.anchors``."""
     names = list(dict.fromkeys(anchors or cfg.anchors))
     started = time.perf_counter()
-    ddp, device = init_distributed(cfg.precompute.device)
+    compute = compute_init(cfg.precompute.device, "precompute.device", BARRIER_TIMEOUT)
     try:
         with CacheLock(cfg.cache.dir):  # one precompute per cache (and its validation/); every rank enters
             records, bad = load_records(cfg.data)
             records, held_out, held_out_bad = split_validation(cfg.data, records, bad)
             subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
-            summary = _run(cfg, names, ddp, device, started, cfg.cache.dir, records, bad, subset)
+            summary = _run(cfg, names, compute, started, cfg.cache.dir, records, bad, subset)
             if cfg.data.validation is not None:  # data.validation: the held-out samples, a cache of their own
-                _run(cfg, names, ddp, device, time.perf_counter(), validation_cache_dir(cfg.cache.dir), held_out,
+                _run(cfg, names, compute, time.perf_counter(), validation_cache_dir(cfg.cache.dir), held_out,
                      held_out_bad)
             return summary
     finally:
-        if ddp.active:
-            dist.destroy_process_group()
+        compute_cleanup(compute)
 
 
-def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started: float, cache_dir: str | Path,
+def _run(cfg: Config, names: list[str], compute: Compute, started: float, cache_dir: str | Path,
          records: list[Record], bad: list, subset: dict | None = None) -> dict:
-    pre = cfg.precompute
+    pre, device = cfg.precompute, compute.device
     writer = CacheWriter(cache_dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
                          subset=subset)
     models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
@@ -182,12 +149,12 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     keys = {name: view_key(name, model.input_size, pre.views) for name, model in models.items()}
     loader = ViewLoader(sorted(set(keys.values())), pre.num_workers)
     timing = AnchorTiming()
-    if ddp.rank == 0:
+    if compute.rank == 0:
         declare_anchors(writer, models, keys, pre.views, cfg.cache.codec_max_error, loader, pre.batch_size, device,
                         timing)
-    ddp.barrier()
+    compute.barrier()
 
-    owned = writer.shards_for_rank(ddp.rank, ddp.world)
+    owned = writer.shards_for_rank(compute.rank, compute.world)
     todo = {s: [n for n in names if not writer.shard_done(s, n)] for s in owned}
     samples_todo = [s for s in owned if not writer.shard_done(s)]
     work = [s for s in owned if todo[s] or s in samples_todo]
@@ -197,8 +164,7 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
     # the GIL); at most one shard waits there, so memory stays at two shards of targets
     committer = ThreadPoolExecutor(max(1, len(names)))
     committing: list[Future] = []
-    bar = tqdm(total=images_todo, unit="img", desc=f"precompute rank {ddp.rank}" if ddp.active else "precompute",
-               disable=ddp.rank != 0, dynamic_ncols=True)
+    bar = progress_bar(images_todo, compute)
     try:
         for shard in work:
             if shard in samples_todo:
@@ -218,16 +184,15 @@ def _run(cfg: Config, names: list[str], ddp: Dist, device: torch.device, started
         bar.close()
         loader.close()
 
-    ddp.barrier()
-    manifest = writer.finalize() if ddp.rank == 0 else None
+    compute.barrier()
+    manifest = writer.finalize() if compute.rank == 0 else None
     summary = {
-        "rank": ddp.rank, "world": ddp.world, "device": str(device),
+        "rank": compute.rank, "world": compute.world, "device": str(device),
         "cache": str(cache_dir), "samples": len(records), "skipped_bad_records": len(bad),
         "shards_owned": len(owned), "shards_computed": sum(1 for s in owned if todo[s]),
         "images_computed": images_todo,
         "seconds": time.perf_counter() - started,
-        "anchors": {n: {"seconds": timing.seconds.get(n, 0.0), "images": timing.images.get(n, 0),
-                        "images_per_s": timing.images_per_second(n)} for n in names},
+        "anchors": {n: timing.of(n) for n in names},
         "manifest": manifest,
     }
     print(summary_line(summary), flush=True)
@@ -272,6 +237,12 @@ def declare_anchors(writer: CacheWriter, models: dict[str, AnchorModel], keys: d
 
 def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def progress_bar(images: int, compute: Compute) -> tqdm:
+    """Images computed, shown by rank 0."""
+    desc = f"precompute rank {compute.rank}" if compute.world > 1 else "precompute"
+    return tqdm(total=images, unit="img", desc=desc, disable=compute.rank != 0, dynamic_ncols=True)
 
 
 def commit_targets(writer: CacheWriter, shard: int, anchor: str, parts: list[dict[str, np.ndarray]]) -> None:

@@ -1,7 +1,86 @@
-"""Where the work runs, set up once for both phases: mixed precision (and, later, torch.distributed)."""
+"""Where the work runs, set up once for both phases: the device, torch.distributed, mixed precision.
+
+``compute_init`` reads the launcher's environment (torchrun / deepspeed set RANK, WORLD_SIZE,
+LOCAL_RANK), picks this rank's device and joins the process group; ``compute_cleanup`` leaves it.
+Both phases call them in try/finally, so a failing rank never leaves a group behind.
+"""
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
 import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Compute:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # compute_init started the process group, so compute_cleanup ends it
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group is up (several ranks, or one for DeepSpeed)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def pick_device(setting: str, local_rank: int, key: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ``auto`` and ``cuda`` mean this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        setting = f"cuda:{local_rank}"
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{key}={setting!r} but CUDA is not available; set {key}=cpu or auto")
+        torch.cuda.set_device(device)
+    return device
+
+
+def compute_init(device_setting: str, key: str, timeout: timedelta, group_of_one: bool = False) -> Compute:
+    """Rank, world size and device from the launcher's environment; joins the process group when there
+    are several ranks, or when ``group_of_one`` asks for one without a launcher (DeepSpeed needs a group).
+
+    ``key`` names the config key of ``device_setting`` in errors. ``timeout`` bounds every collective:
+    ranks wait at barriers for the slowest one, so it must cover the longest one-rank stretch of work.
+    """
+    env = os.environ
+    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    device = pick_device(device_setting, local_rank, key)
+    owns_group = (world > 1 or group_of_one) and not dist.is_initialized()
+    if owns_group:
+        if "RANK" not in env:  # no launcher: a group of this one process
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=env.get("MASTER_PORT", str(free_port())))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guessing at the first collective)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
+    return Compute(rank, world, local_rank, device, owns_group)
+
+
+def compute_cleanup(compute: Compute) -> None:
+    """Leave the process group ``compute_init`` started, if it did (safe on any exit path)."""
+    if compute.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def autocast(device: torch.device, bf16: bool) -> torch.autocast:

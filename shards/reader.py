@@ -17,15 +17,14 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import zarr
 
 from shards import integrity, layout
-from shards.anchors import get_anchor
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError
 from shards.lock import lock_holder_message, unfinished_hint
@@ -132,7 +131,8 @@ class Cache:
         return self._progress[key]
 
     def resolve(self, key: str | int) -> int:
-        """Sample index from an index, a sample key (``000000012``) or a record id (digit strings are indices/keys first)."""
+        """Sample index from an index, a sample key (``000000012``) or a record id (digit strings are
+        indices/keys first)."""
         if isinstance(key, (int, np.integer)):
             index = int(key)
         elif str(key).isdigit() and int(key) < self.num_samples:

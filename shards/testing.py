@@ -56,10 +56,14 @@ def _gray(img: Image.Image, h: int, w: int) -> np.ndarray:
     return _pixels(img, h, w) @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def synthetic_targets(anchor: str, dims: dict[str, int], img: Image.Image, index: int, seed: int) -> dict[str, np.ndarray]:
+def synthetic_targets(anchor: str, dims: dict[str, int], img: Image.Image, index: int,
+                      seed: int) -> dict[str, np.ndarray]:
     """One sample's targets for ``anchor`` (no batch dimension)."""
     noise = _rng(seed, anchor, index)
-    proj = lambda tag: _rng(seed, anchor, "projection", tag)  # same projection for every sample
+
+    def proj(tag):  # the same projection for every sample
+        return _rng(seed, anchor, "projection", tag)
+
     shape = {a.name: array_shape(anchor, a.name, dims) for a in get_anchor(anchor).arrays}
     if anchor == "sam":
         d, h, w = shape["embedding"]
@@ -99,7 +103,8 @@ def synthetic_targets(anchor: str, dims: dict[str, int], img: Image.Image, index
     raise KeyError(f"no synthetic targets for anchor {anchor!r}")
 
 
-def synthetic_shard_targets(anchor: str, dims: dict[str, int], records: list[Record], seed: int) -> dict[str, np.ndarray]:
+def synthetic_shard_targets(anchor: str, dims: dict[str, int], records: list[Record],
+                            seed: int) -> dict[str, np.ndarray]:
     per_sample = [synthetic_targets(anchor, dims, open_rgb(r.images[0].read_bytes()), r.index, seed)
                   for r in records]
     return {name: np.stack([s[name] for s in per_sample]) for name in per_sample[0]}

@@ -10,7 +10,6 @@ tokens by >1e-1).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image
 
 from precompute.anchors.depth import DepthAnythingV2, build_depth_model, load_depth
 from precompute.anchors.dino import DinoAnchor, HubDino
-from precompute.anchors.vit import get_variant, normalize_views, read_checkpoint
+from precompute.anchors.vit import normalize_views, read_checkpoint
 from shards.config import CheckpointConfig, PrecomputeConfig
 from shards.views import square_view
 
@@ -56,7 +55,8 @@ def test_intermediate_layer_tokens_match_original(outputs_518, golden):
     layers, _ = outputs_518
     for i, layer in enumerate(LAYERS):
         for b, photo in enumerate(PHOTOS):
-            np.testing.assert_allclose(layers[i][b, 1:].numpy(), golden[f"{photo}.layer{layer}_patch"], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(layers[i][b, 1:].numpy(), golden[f"{photo}.layer{layer}_patch"],
+                                       atol=1e-4, rtol=0)
             np.testing.assert_allclose(layers[i][b, 0].numpy(), golden[f"{photo}.layer{layer}_cls"], atol=1e-4, rtol=0)
 
 

@@ -60,7 +60,7 @@ def test_verify_names_shard_and_sample_of_a_flipped_byte_in_a_tar(cache_copy, ca
     flip(cache_copy / "samples/shard-000001.tar", image["offset"] + image["size"] // 2)
     code, out = run(capsys, cache_copy, "--verify")
     assert code == 1
-    problems = [l for l in out.splitlines() if l.startswith("PROBLEM")]
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
     assert any("samples/shard-000001.tar" in p and victim["key"] in p and image["name"] in p for p in problems), out
     assert not any("shard-000000" in p for p in problems)
 
@@ -71,7 +71,8 @@ def test_verify_names_the_sample_of_a_corrupt_tar_header(cache_copy, capsys):
     flip(cache_copy / "samples/shard-000000.tar", victim["members"][0]["offset"] - 512 + 3)  # inside the name
     code, out = run(capsys, cache_copy, "--verify")
     assert code == 1
-    assert any("shard-000000.tar" in l and victim["key"] in l and "header" in l for l in out.splitlines()), out
+    assert any("shard-000000.tar" in line and victim["key"] in line and "header" in line
+               for line in out.splitlines()), out
 
 
 def test_verify_names_shard_file_and_sample_of_a_flipped_byte_in_a_zarr_shard(cache_copy, capsys):
@@ -80,7 +81,7 @@ def test_verify_names_shard_file_and_sample_of_a_flipped_byte_in_a_zarr_shard(ca
     flip(shard_file, 20)  # inside the first chunk: sample 4, the first of shard 1
     code, out = run(capsys, cache_copy, "--verify")
     assert code == 1
-    problems = [l for l in out.splitlines() if l.startswith("PROBLEM")]
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
     assert any("targets.zarr/depth/features/c/1/0/0/0" in p and "000000004" in p and "depth/features" in p
                for p in problems), out
     assert not any("000000005" in p for p in problems)

@@ -233,7 +233,8 @@ def test_compression_per_kind_is_recorded_and_reads_back_the_same_values(tmp_pat
         "embedding": "none", "masks": "zstd-3", "mask_count": "zstd-3"}
     assert arrays[zstd]["embedding"]["compression"] == "zstd-1"
     assert zarr_compressors(plain, "sam", "embedding") == []
-    assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(zstd, "sam", "embedding")] == [("zstd", 1)]
+    compressors = zarr_compressors(zstd, "sam", "embedding")
+    assert [(c["name"], c["configuration"]["level"]) for c in compressors] == [("zstd", 1)]
     assert [(c["name"], c["configuration"]["level"]) for c in zarr_compressors(plain, "sam", "masks")] == [("zstd", 3)]
     a, b = Cache(plain), Cache(zstd)
     assert re.search(r"^sam\s+embedding .* none$", summary(a), re.M)
@@ -274,7 +275,8 @@ def test_verify_names_the_sample_of_a_flipped_byte_in_a_zarr_shard_of_either_com
     writer.declare_anchor("dino", DEFAULT_DIMS["dino"], {}, [])
     for s in range(writer.num_shards):
         writer.write_samples(s)
-        writer.write_targets(s, "dino", synthetic_shard_targets("dino", DEFAULT_DIMS["dino"], writer.shard_records(s), 0))
+        targets = synthetic_shard_targets("dino", DEFAULT_DIMS["dino"], writer.shard_records(s), 0)
+        writer.write_targets(s, "dino", targets)
     writer.finalize()
     assert verify(Cache(cache), show_progress=False) == []
     shard_file = cache / "targets.zarr/dino/features/c/1/0/0"

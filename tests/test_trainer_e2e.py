@@ -104,7 +104,8 @@ def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted)
         assert processor.tokenizer.decode(ids) == thought_text(anchor)
 
     image = Image.open(REPO / "data/sample/images" / sorted(os.listdir(REPO / "data/sample/images"))[0]).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the depth map of the image?"}]}]
+    question = {"type": "text", "text": "What is the depth map of the image?"}
+    messages = [{"role": "user", "content": [{"type": "image"}, question]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[text], images=[image.resize((112, 112))], return_tensors="pt")
     with torch.no_grad():
@@ -168,13 +169,14 @@ def test_deepspeed_trains_resumes_and_exports_gathered_heads(workdir, zero, over
 
 
 def test_deepspeed_without_a_launcher_starts_a_one_process_group():
-    """`make train` with train.deepspeed set runs plain `python -m trainer`: no RANK, no MPI."""
+    """`make train` with train.deepspeed set runs plain `python -m trainer`: no RANK, no MPI. DeepSpeed joins the
+    group compute_init starts (the DeepSpeed tests above train through it)."""
     pytest.importorskip("deepspeed")
-    code = ("from shards.config import TrainConfig\n"
-            "from trainer.train import setup_distributed\n"
+    code = ("from shards.compute import compute_init\n"
+            "from trainer.train import BARRIER_TIMEOUT\n"
             "import torch\n"
-            "t = TrainConfig(deepspeed='configs/deepspeed/zero2.json', device='cpu')\n"
-            "print(setup_distributed(t), torch.distributed.get_world_size())\n")
+            "c = compute_init('cpu', 'train.device', BARRIER_TIMEOUT, group_of_one=True)\n"
+            "print((c.rank, c.world, c.device), torch.distributed.get_world_size())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -110,7 +110,10 @@ def test_tiny_tokenizer_is_byte_level_bpe_with_qwen_special_tokens(base_dir):
 def test_tiny_build_is_deterministic_for_a_seed(base_dir, tmp_path):
     again = build_tiny_base_model(tmp_path / "again", seed=0, image_size=112)
     other = build_tiny_base_model(tmp_path / "other", seed=1, image_size=112)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+
+    def digest(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert digest(again / name) == digest(base_dir / name), name
     assert digest(other / "model.safetensors") != digest(base_dir / "model.safetensors")

@@ -78,7 +78,8 @@ def test_outside_the_schedule_is_an_error():
         ([StageConfig("understanding", 5)], "last stage"),
         ([StageConfig("understanding", 5, anchor_losses_off_from=5, merge_after=True)], r"pick a value in \[0, 5\)"),
         (
-            [StageConfig("understanding", 5, merge_after=True), StageConfig("generation", 5, anchor_losses_off_from=7, merge_after=True)],
+            [StageConfig("understanding", 5, merge_after=True),
+             StageConfig("generation", 5, anchor_losses_off_from=7, merge_after=True)],
             r"stages\[1\].anchor_losses_off_from=7",
         ),
     ],

@@ -17,7 +17,7 @@ lm_head; the rest of both matrices stays frozen.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -90,7 +90,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
         bias="none",
     )
     model = get_peft_model(vlm, config)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model

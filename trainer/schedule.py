@@ -15,8 +15,8 @@ gradient accumulation, dataloader workers, several ranks and resume.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from shards.config import StageConfig
 from trainer.formats import STAGES as STAGE_NAMES
@@ -128,7 +128,8 @@ class Schedule:
 
 def _validate(stages: Sequence[StageConfig]) -> None:
     if not stages:
-        raise ScheduleError("train.stages is empty: list at least one stage (e.g. {name: understanding, steps: 6000, merge_after: true})")
+        raise ScheduleError("train.stages is empty: list at least one stage "
+                            "(e.g. {name: understanding, steps: 6000, merge_after: true})")
     for i, s in enumerate(stages):
         where = f"train.stages[{i}]"
         if s.name not in STAGE_NAMES:

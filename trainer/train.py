@@ -1,55 +1,120 @@
 """The CoVT training loop: four stages, a LoRA merge after each run, the final folder.
 
-Read top to bottom: set up (distributed, schedule, base model, cache, heads, resume
-point), then for each run (the stages between two merges): the model for the run,
-its optimizer, the data stream from where this run left off, the optimizer steps
-(stage of the step -> batch -> forward -> backward -> step -> log -> checkpoint), and
-the merge. The stage of every batch comes from ``schedule.stage_at(optimizer step)``
-the data position and the torch seed (LoRA dropout) from the optimizer step, so a
-resumed run sees exactly the stage, data and losses of an uninterrupted one.
+Read top to bottom. ``train`` sets up where this rank runs (``shards.compute``), then
+``start_job`` (schedule, cache, base model, heads, validation samples, resume point); for
+each run (the stages between two merges) ``train_run``: ``RunModel.build`` (the run's base +
+a fresh LoRA + the thought tokens + the heads, its optimizer), ``data_stream`` (this rank's
+micro-batches from where the run left off), one ``optimizer_step`` per step (stage ->
+micro-batches -> forward -> backward -> update -> validation -> log -> checkpoint), then
+``merge_run``; ``export_final_model`` writes the final folder. All inside try/finally: the
+logger closes and the process group is left on any exit. The stage of every batch comes
+from ``schedule.stage_at(optimizer step)``, the data position and the torch seed (LoRA
+dropout) from the optimizer step, so a resumed run sees exactly the stage, data and losses
+of an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
 import math
-import os
 import random
 import re
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from shards.compute import Compute, autocast, compute_cleanup, compute_init
 from shards.config import Config, TrainConfig, save_config
+from shards.fs import atomic_write
 from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
-from trainer.checkpoint import (barrier, latest_checkpoint, load_checkpoint, load_rng, load_trainable, read_meta,
-                                save_checkpoint, trainable_state)
+from trainer.checkpoint import (
+    barrier,
+    latest_checkpoint,
+    load_checkpoint,
+    load_rng,
+    load_trainable,
+    read_meta,
+    save_checkpoint,
+    trainable_state,
+)
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
-from trainer.schedule import Schedule
+from trainer.schedule import Run, Schedule
 from trainer.tiny_model import ensure_base_model
-from trainer.tokens import add_thought_tokens
+from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
 
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
+# ranks wait at barriers while rank 0 alone merges a run or exports the final model (minutes for a 7B)
+BARRIER_TIMEOUT = timedelta(hours=2)
 
 
 def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
     t = cfg.train
-    rank, world, device = setup_distributed(t)
-    t.grad_accum = grad_accum_for(t, world)
+    compute = compute_init(t.device, "train.device", BARRIER_TIMEOUT, group_of_one=bool(t.deepspeed))
+    job = None
+    try:
+        if compute.world > 1 and not t.deepspeed:
+            raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
+                             "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
+        t.grad_accum = grad_accum_for(t, compute.world)
+        job = start_job(cfg, compute, resume)
+        for run in job.schedule.runs:
+            if job.step >= run.end:
+                finish_merged_run(job, run)
+            elif not train_run(job, run, stop_after):
+                return None
+        return export_final_model(job)
+    finally:
+        if job is not None:
+            job.log.close()
+        compute_cleanup(compute)
+
+
+# ----------------------------------------------------------------------------- the job and its runs
+@dataclass
+class Job:
+    """What lasts across the runs: the config, where this rank runs, the schedule, the heads, where we are."""
+
+    cfg: Config
+    compute: Compute
+    schedule: Schedule
+    out: Path
+    cache: Cache
+    base_path: Path
+    hidden_size: int
+    heads: torch.nn.ModuleDict
+    validation: list  # data.validation's held-out samples, [] without
+    checkpoint: Path | None  # the newest checkpoint, written or resumed from
+    step: int  # optimizer steps done
+    log: Logger
+    guard: NonFiniteGuard
+
+    def run_base(self, run: Run) -> Path:
+        """The model a run starts from: the base model, or the previous run's merge."""
+        return self.base_path if run.index == 0 else self.out / self.schedule.runs[run.index - 1].merged_name
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
+
+
+def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
+    """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
+    t, rank, world = cfg.train, compute.rank, compute.world
     schedule = Schedule(schedule_stages(t))
     out = Path(t.output_dir)
     seed_everything(t.seed)
@@ -57,8 +122,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
     heads = build_heads(head_anchors(cfg), hidden_size, cache)
-    validation = load_validation(cfg)  # data.validation's held-out samples, [] without
-
+    validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
     barrier(world)
@@ -67,22 +131,47 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
     log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
-    guard = NonFiniteGuard(t.max_nonfinite_steps, log)
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
+    return Job(cfg, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint, step, log,
+               NonFiniteGuard(t.max_nonfinite_steps, log))
 
-    for run in schedule.runs:
-        merged_dir = out / run.merged_name
-        run_base = base_path if run.index == 0 else out / schedule.runs[run.index - 1].merged_name
-        if step >= run.end:
-            if not (merged_dir / "config.json").is_file():  # interrupted during the merge: redo it
-                redo_merge(checkpoint, step, run, run_base, merged_dir, cfg, rank, world, log)
-            continue
 
-        # --- the model of this run: merged base + fresh LoRA + thought tokens + heads
+def train_run(job: Job, run: Run, stop_after: int | None) -> bool:
+    """The optimizer steps of ``run`` from ``job.step`` on, then its merge; False if ``stop_after`` stopped it."""
+    rm = RunModel.build(job, run)
+    loader = data_stream(job, rm)
+    rm.model.train()
+    for step in range(job.step, run.end):
+        if stop_after is not None and step >= stop_after:
+            job.log.info(f"stopping before step {step} (--stop-after {stop_after})")
+            return False
+        optimizer_step(job, rm, loader, step)
+        job.step = step + 1
+    del loader
+    merge_run(job, run, rm)
+    return True
+
+
+@dataclass
+class RunModel:
+    """The model of one run (its base + a fresh LoRA + the thought tokens + the heads) and its optimizer."""
+
+    processor: Any
+    tokens: ThoughtTokens
+    model: CoVTModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: Any  # the DeepSpeed engine, or None
+    resumed_from: Path | None  # the checkpoint this run continues from, mid-way
+
+    @classmethod
+    def build(cls, job: Job, run: Run) -> RunModel:
+        t, device = job.cfg.train, job.compute.device
+        run_base = job.run_base(run)
         processor = load_processor(run_base)
         vlm = load_vlm(run_base, dtype=torch.bfloat16 if use_bf16(t, device) else torch.float32)
         tokens = add_thought_tokens(processor, vlm, seed=t.seed)
@@ -92,112 +181,110 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
         vlm = attach_lora(vlm, t.lora, tokens.ids)
-        model = CoVTModel(vlm, heads, tokens, t.loss_weights).to(device)
+        model = CoVTModel(vlm, job.heads, tokens, t.loss_weights).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
-        engine = deepspeed_engine(model, optimizer, scheduler, t, world, device) if t.deepspeed else None
-        log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
-                 f"{trainable_summary(model)}")
+        engine = deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device) if t.deepspeed else None
+        job.log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
+                     f"{trainable_summary(model)}")
+        resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
+        if resumed_from is not None:
+            load_checkpoint(resumed_from, model, optimizer, scheduler, engine, job.compute.rank)
+        return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from)
 
-        resuming_mid_run = checkpoint is not None and run.start < step < run.end
-        if resuming_mid_run:
-            load_checkpoint(checkpoint, model, optimizer, scheduler, engine, rank)
 
-        # --- data: this rank's stream, from the first sample the next optimizer step needs
-        per_step = t.batch_size * t.grad_accum
-        dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
-                                   start=step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample)
-        collate = BatchBuilder(schedule, per_step, processor, tokens, cfg, model.view_sizes())
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
-                                                  collate_fn=collate, pin_memory=device.type == "cuda"))
-        if resuming_mid_run:  # after the loader took its seed, as the uninterrupted run's loader did
-            load_rng(checkpoint, rank)
+def data_stream(job: Job, rm: RunModel):
+    """This rank's micro-batches, from the first sample the next optimizer step needs."""
+    t, c = job.cfg.train, job.compute
+    per_step = t.batch_size * t.grad_accum
+    dataset = StreamingDataset(job.cfg.cache.dir, job.cfg.anchors, seed=t.seed, rank=c.rank, world_size=c.world,
+                               start=job.step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample)
+    # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
+    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes())
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
+                                              collate_fn=collate, pin_memory=c.device.type == "cuda"))
+    if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
+        load_rng(rm.resumed_from, c.rank)
+    return loader
 
-        # --- optimizer steps
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for step in range(step, run.end):
-            log.start_clock()
-            if stop_after is not None and step >= stop_after:
-                log.info(f"stopping before step {step} (--stop-after {stop_after})")
-                log.close()
-                return None
-            at = schedule.stage_at(step)
-            torch.manual_seed(step_seed(t.seed, rank, step))  # dropout etc. depend on the step, not on history
-            losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
-            for _ in range(t.grad_accum):
-                batch = next(loader)
-                if batch["step"] != step:
-                    raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
-                log.damaged_samples(batch["damaged_skipped"], step)
-                with autocast(t, device):
-                    result = (engine or model)(batch_to(batch, device), at.anchor_losses_on)
-                backward(result, engine, t.grad_accum)
-                for name, value in result.items():
-                    losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
-            losses, grad_norm, applied = finish_step(losses, engine, optimizer, scheduler, trainable)
-            done = step + 1
-            validation_result = (validation_losses(model, engine or model, validation, processor, tokens, cfg,
-                                                   model.view_sizes(), device, lambda: autocast(t, device))
-                                 if validation_due(cfg, done, validation) else None)
-            log.step(done, at, losses, learning_rates(optimizer), every=t.log_every, skipped=not applied,
-                     grad_norm=grad_norm, validation=validation_result)
-            guard.check(done, applied, losses, grad_norm)
-            if (t.save_every and done % t.save_every == 0) or schedule.is_stage_end(done):
-                checkpoint = save_checkpoint(out, done, model, meta=position(schedule, done), optimizer=optimizer,
-                                             scheduler=scheduler, engine=engine, rank=rank, world_size=world)
-        step = run.end
 
-        # --- merge this run's LoRA into its base -> the next run's base
-        state = trainable_state(model)  # gathered under ZeRO-3
-        del engine, model, optimizer, scheduler, vlm, loader, dataset, trainable
-        free_memory()
-        # carry the heads on as plain modules (the engine may have partitioned or cast the old ones)
-        heads = build_heads(head_anchors(cfg), hidden_size, cache)
-        load_heads(heads, state, where=f"end of run {run.index}")
-        if rank == 0:
-            log.info(f"merging run {run.index} into {merged_dir}")
-            merge_to_folder(run_base, t.lora, vlm_tensors(state), merged_dir, token_seed=t.seed)
-        barrier(world)
+def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
+    """One optimizer step: its stage, ``grad_accum`` micro-batches forward and backward, the update, the
+    validation pass when one is due, the log line, and a checkpoint when one is due."""
+    t, device, log = job.cfg.train, job.compute.device, job.log
+    log.start_clock()
+    at = job.schedule.stage_at(step)
+    torch.manual_seed(step_seed(t.seed, job.compute.rank, step))  # dropout etc. depend on the step, not on history
+    losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
+    for _ in range(t.grad_accum):
+        batch = next(loader)
+        if batch["step"] != step:
+            raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
+        log.damaged_samples(batch["damaged_skipped"], step)
+        with job.autocast():
+            result = (rm.engine or rm.model)(batch_to(batch, device), at.anchor_losses_on)
+        backward(result, rm.engine, t.grad_accum)
+        for name, value in result.items():
+            losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
+    trainable = [p for p in rm.model.parameters() if p.requires_grad]
+    losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, trainable)
+    done = step + 1
+    validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
+                                    job.cfg, rm.model.view_sizes(), device, job.autocast)
+                  if validation_due(job.cfg, done, job.validation) else None)
+    log.step(done, at, losses, learning_rates(rm.optimizer), every=t.log_every, skipped=not applied,
+             grad_norm=grad_norm, validation=validation)
+    job.guard.check(done, applied, losses, grad_norm)
+    if (t.save_every and done % t.save_every == 0) or job.schedule.is_stage_end(done):
+        job.checkpoint = save_checkpoint(job.out, done, rm.model, meta=position(job.schedule, done),
+                                         optimizer=rm.optimizer, scheduler=rm.scheduler, engine=rm.engine,
+                                         rank=job.compute.rank, world_size=job.compute.world)
 
-    final = out / "final"
-    if rank == 0:
-        processor = load_processor(out / schedule.runs[-1].merged_name)
-        tokens = add_thought_tokens(processor)
-        export_final(out / schedule.runs[-1].merged_name, heads, tokens, t.loss_weights, final)
-        log.info(f"final model: {final} (= {schedule.runs[-1].merged_name} + covt_heads)")
-    barrier(world)
-    log.close()
+
+def merge_run(job: Job, run: Run, rm: RunModel) -> None:
+    """Merge the run's LoRA into its base (the next run's base); the heads carry on as plain modules."""
+    state = trainable_state(rm.model)  # gathered under ZeRO-3
+    rm.engine = rm.model = rm.optimizer = rm.scheduler = None  # free the run's model before the merge loads one
+    free_memory()
+    # rebuilt: the engine may have partitioned or cast the old ones
+    job.heads = build_heads(head_anchors(job.cfg), job.hidden_size, job.cache)
+    load_heads(job.heads, state, where=f"end of run {run.index}")
+    if job.compute.rank == 0:
+        merged_dir = job.out / run.merged_name
+        job.log.info(f"merging run {run.index} into {merged_dir}")
+        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
+                        token_seed=job.cfg.train.seed)
+    barrier(job.compute.world)
+
+
+def finish_merged_run(job: Job, run: Run) -> None:
+    """A run trained before this session: redo its merge if the session that trained it was cut during it."""
+    merged_dir = job.out / run.merged_name
+    if (merged_dir / "config.json").is_file():
+        return
+    if job.checkpoint is None or job.step != run.end:
+        raise FileNotFoundError(f"{merged_dir} is missing and no checkpoint at the end of run {run.index} "
+                                f"(step {run.end}) is left to rebuild it; rerun with --no-resume")
+    if job.compute.rank == 0:
+        job.log.info(f"redoing the merge of run {run.index} from {job.checkpoint}")
+        state = load_file(job.checkpoint / "trainable.safetensors")
+        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
+                        token_seed=job.cfg.train.seed)
+    barrier(job.compute.world)
+
+
+def export_final_model(job: Job) -> Path:
+    """output_dir/final: the last merge and the heads, a folder plain transformers loads."""
+    final, last = job.out / "final", job.out / job.schedule.runs[-1].merged_name
+    if job.compute.rank == 0:
+        tokens = add_thought_tokens(load_processor(last))
+        export_final(last, job.heads, tokens, job.cfg.train.loss_weights, final)
+        job.log.info(f"final model: {final} (= {last.name} + covt_heads)")
+    barrier(job.compute.world)
     return final
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-def setup_distributed(t: TrainConfig) -> tuple[int, int, torch.device]:
-    """Rank, world size and device from the launcher's environment (deepspeed / torchrun set RANK etc.)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if t.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(t.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if (world > 1 or t.deepspeed) and not torch.distributed.is_initialized():
-        if t.deepspeed:
-            import deepspeed
-
-            if "RANK" not in os.environ:  # DeepSpeed without a launcher (`make train`): a one-process group
-                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-            deepspeed.init_distributed()
-        else:
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if world > 1 and not t.deepspeed:
-        raise ValueError(f"{world} processes but train.deepspeed is not set: several GPUs need "
-                         "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
-    return rank, world, device
-
-
 def grad_accum_for(t: TrainConfig, world: int) -> int:
     """train.grad_accum, or what keeps train.global_batch samples per optimizer step on ``world`` GPUs."""
     if t.global_batch is None:
@@ -207,14 +294,6 @@ def grad_accum_for(t: TrainConfig, world: int) -> int:
         raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.batch_size={t.batch_size} x "
                          f"{world} GPU(s); choose a train.batch_size that divides {t.global_batch // world or 1}")
     return t.global_batch // per_pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:
@@ -256,12 +335,6 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def autocast(t: TrainConfig, device: torch.device):
-    if use_bf16(t, device):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
     import deepspeed
 
@@ -283,17 +356,6 @@ def position(schedule: Schedule, done: int) -> dict:
     at = schedule.stage_at(done - 1)
     return {"stage": at.name, "stage_index": at.stage_index, "run_index": at.run_index,
             "step_in_run": at.step_in_run + 1, "stage_end": schedule.is_stage_end(done)}
-
-
-def redo_merge(checkpoint, step, run, run_base, merged_dir, cfg, rank, world, log) -> None:
-    if checkpoint is None or step != run.end:
-        raise FileNotFoundError(f"{merged_dir} is missing and no checkpoint at the end of run {run.index} "
-                                f"(step {run.end}) is left to rebuild it; rerun with --no-resume")
-    if rank == 0:
-        log.info(f"redoing the merge of run {run.index} from {checkpoint}")
-        state = load_file(checkpoint / "trainable.safetensors")
-        merge_to_folder(run_base, cfg.train.lora, vlm_tensors(state), merged_dir, token_seed=cfg.train.seed)
-    barrier(world)
 
 
 def load_heads(heads: torch.nn.ModuleDict, state: dict[str, torch.Tensor], where: str) -> None:
@@ -347,7 +409,7 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Counts skipped steps; ``limit`` in a row stop the run."""
 
-    def __init__(self, limit: int, log: "Logger"):
+    def __init__(self, limit: int, log: Logger):
         self.limit, self.log = limit, log
         self.in_a_row = self.total = 0
 
@@ -478,7 +540,5 @@ def truncate_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(kept).encode())
 

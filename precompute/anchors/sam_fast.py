@@ -25,12 +25,11 @@ from __future__ import annotations
 import types
 
 import torch
-from torch.nn import functional as F
-
 from segment_anything.modeling import MaskDecoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 from segment_anything.modeling.transformer import Attention as TwoWayAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+from torch.nn import functional as F
 
 ATTENTION_MODES = ("library", "sdpa_bias", "sdpa_fold")
 # the memory-efficient kernel wants the mask's row stride a multiple of 16 elements
@@ -239,7 +238,7 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     queries = first.norm3(queries + first.mlp(queries))
     k_i2t, v_i2t = i2t.k_proj(queries + tokens), i2t.v_proj(queries)
     new_keys, start = [], 0
-    for (image, count), (keys, q_image) in zip(groups, shared):
+    for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
         sel = slice(start, start + count)
         out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel])
         new_keys.append(first.norm4(keys + out))
@@ -284,7 +283,7 @@ def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     used = emb[images] + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
     image_tokens = used.flatten(2).transpose(1, 2)
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
-    groups = list(zip(range(len(images)), counts.tolist()))
+    groups = list(enumerate(counts.tolist()))
     hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens)
     multimask = list(range(1, md.num_mask_tokens))  # token 0 is the single-mask output
     logits = mask_logits(md, keys, h, w, hs[:, 1:1 + md.num_mask_tokens], multimask)

@@ -8,8 +8,9 @@ dimensions (``cache.dims(anchor)``), never from constants here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Generic, Optional, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ class CacheDims:
         try:
             return dict(self.dims_by_anchor[anchor])
         except KeyError:
-            raise KeyError(f"no dimension sizes recorded for anchor {anchor!r} (have {sorted(self.dims_by_anchor)})") from None
+            raise KeyError(f"no dimension sizes recorded for anchor {anchor!r} "
+                           f"(have {sorted(self.dims_by_anchor)})") from None
 
 
 class AnchorHead(nn.Module):
@@ -49,7 +51,7 @@ class AnchorHead(nn.Module):
 
     anchor: str
     #: side of the square uint8 views the head needs (None: no views)
-    view_size: Optional[int] = None
+    view_size: int | None = None
 
     def __init__(self, anchor: str, hidden_size: int, dims: dict[str, int]):
         super().__init__()
@@ -65,14 +67,14 @@ class AnchorHead(nn.Module):
         """Frozen decoder files this head loads (to copy beside saved heads)."""
         return []
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views: Optional[torch.Tensor] = None):
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views: torch.Tensor | None = None):
         raise NotImplementedError
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, thoughts: torch.Tensor, targets: dict[str, torch.Tensor],
-                views: Optional[torch.Tensor] = None) -> torch.Tensor:
+                views: torch.Tensor | None = None) -> torch.Tensor:
         self.check_thoughts(thoughts)
         if thoughts.shape[0] == 0:
             # keeps every head parameter in the graph (DDP / ZeRO expect a gradient for each)
@@ -86,7 +88,7 @@ class AnchorHead(nn.Module):
             raise ValueError(f"{self.anchor} head: thoughts must be (B, {expected[0]}, {expected[1]}), "
                              f"got {tuple(thoughts.shape)}")
 
-    def target(self, targets: Optional[dict], array: str, batch: int) -> torch.Tensor:
+    def target(self, targets: dict | None, array: str, batch: int) -> torch.Tensor:
         """``targets[array]`` checked against the cache's shape for that array."""
         if targets is None or array not in targets:
             raise KeyError(f"{self.anchor} head needs target array {array!r} "
