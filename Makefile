@@ -23,12 +23,15 @@ install: $(PYTHON)
 	# DeepSpeed from its source package, no CUDA ops compiled at install time
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
 
+# the linter first (ruff, configured in pyproject.toml), so CI fails on what it flags
 test:
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q $(ARGS)
 
 # the suite without the end-to-end tests that run a whole phase (@pytest.mark.slow)
 .PHONY: test-fast
 test-fast:
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
 precompute:

@@ -26,6 +26,7 @@ PIDINet's other difference, the configuration, is the checkpoint's ``variant`` (
 from __future__ import annotations
 
 import math
+
 import numpy as np
 from PIL import Image
 

@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -41,7 +41,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 class SubsetConfig:
     """Cache a seeded subset instead of every record: the recipe consumes steps x global batch samples."""
 
-    size: Optional[int] = option(
+    size: int | None = option(
         None, "good records to cache (None = all); the recipe's 16000 steps x batch 8 = 128000")
     seed: int = option(0, "seed of the subset's permutation of the records")
 
@@ -53,11 +53,11 @@ class DataConfig:
     image_folder: str = option("data/sample/images", "IMAGE_FOLDER (JSON input; parquet holds the image bytes)")
     on_bad_record: Literal["skip", "error"] = option(
         "skip", "skip (report, count in the manifest) or stop at a bad record")
-    limit: Optional[int] = option(None, "read only the first N records (debugging)")
+    limit: int | None = option(None, "read only the first N records (debugging)")
     subset: SubsetConfig = option(factory=SubsetConfig, help="a seeded subset of the records")
     # held-out samples for validation losses: N = the last N records of data.path, or a LLaVA JSON of its own;
     # precompute caches them in <cache.dir>/validation (shards.layout.VALIDATION_DIR), never in the training cache
-    validation: Optional[int | str] = option(
+    validation: int | str | None = option(
         None, "held-out validation samples: a count (last N records) or a JSON file")
 
 
@@ -72,7 +72,7 @@ class CacheConfig:
     codecs: dict[str, str] = option(factory=dict, help="per array: \"depth/features\": \"fp8row\"")
     # relative L2 error on the first shard above which a lossy codec falls back to bf16; None = each array's
     # validated bound from shards/codec_defaults.json (where the bench's head errors would reach 1%)
-    codec_max_error: Optional[float] = option(
+    codec_max_error: float | None = option(
         None, "relative L2 error above which a codec falls back to bf16 (None: validated)")
 
 
@@ -85,7 +85,7 @@ class CheckpointConfig:
     variant: str = option("", "e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino")
     # Tiny embedded default only: if the file is missing, write a seeded random-weight
     # checkpoint of ``variant`` there first (in the same format users download).
-    random_init_seed: Optional[int] = option(None, "tiny default only: write seeded random weights here if missing")
+    random_init_seed: int | None = option(None, "tiny default only: write seeded random weights here if missing")
 
 
 @dataclass
@@ -137,7 +137,7 @@ class StageConfig:
     anchor_losses: bool = option(True, "anchor losses on in this stage")
     # optimizer step (counted from the start of this stage's run, i.e. since the
     # last merge) from which anchor losses switch off; None = never
-    anchor_losses_off_from: Optional[int] = option(
+    anchor_losses_off_from: int | None = option(
         None, "run step (since the last merge) from which anchor losses are off")
     merge_after: bool = option(False, "merge LoRA into the base after this stage")
 
@@ -169,7 +169,7 @@ class TrainConfig:
     grad_accum: int = option(1, "micro batches per optimizer step")
     # when set, grad_accum follows from it: global_batch / (batch_size x GPUs), so one config keeps the recipe's
     # global batch on any number of GPUs
-    global_batch: Optional[int] = option(None, "samples per optimizer step over all GPUs (sets grad_accum)")
+    global_batch: int | None = option(None, "samples per optimizer step over all GPUs (sets grad_accum)")
     max_length: int = option(2048, "tokens; truncation never cuts an image or a thought")
     num_workers: int = option(0, "DataLoader workers reading the cache")
     bf16: bool = option(True, "ignored on CPU")
@@ -177,7 +177,7 @@ class TrainConfig:
     # varlen: every vision window of a micro-batch in one kernel call (trainer/attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
-    deepspeed: Optional[str] = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
+    deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
     save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
     log_every: int = option(1, "optimizer steps between TensorBoard points")
     seed: int = option(0, "data order, stage-4 choices, LoRA init, dropout")
@@ -326,7 +326,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else "")) 
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
     return parsed
 
 

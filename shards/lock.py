@@ -133,7 +133,7 @@ class CacheLock:
             self.path.unlink(missing_ok=True)
         self.owner = False
 
-    def __enter__(self) -> "CacheLock":
+    def __enter__(self) -> CacheLock:
         self.acquire()
         return self
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import glob
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 COLUMNS = ("id", "image", "image_relpath", "conversations")
 META_COLUMNS = ("id", "image_relpath", "conversations")  # all but the image bytes

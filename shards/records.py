@@ -19,14 +19,14 @@ are reported as usual; records the walk does not reach are never decoded).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -95,11 +95,12 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
     if not isinstance(conversations, list) or not conversations:
         raise _Bad("no_conversations", "conversations is missing or not a non-empty list")
     for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(key), str) for key in ("from", "value")):
             raise _Bad("bad_turn", f"turn {i} is not a mapping with string 'from' and 'value'")
         expected = ROLES[i % 2]
         if turn["from"] != expected:
-            raise _Bad("role_order", f"turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt, starting with human)")
+            raise _Bad("role_order", f"turn {i} is from {turn['from']!r}, expected {expected!r} "
+                                     "(turns alternate human/gpt, starting with human)")
         if not turn["value"].strip():
             raise _Bad("empty_turn", f"turn {i} ({turn['from']}) is empty")
     if len(conversations) % 2:
@@ -111,7 +112,8 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
     if later:
         raise _Bad("image_token_misplaced", f"{IMAGE_TOKEN} outside the first human turn (turn {later[0]})")
     if first != num_images:
-        raise _Bad("image_count", f"first human turn has {first} {IMAGE_TOKEN} but the record has {num_images} image(s)")
+        raise _Bad("image_count",
+                   f"first human turn has {first} {IMAGE_TOKEN} but the record has {num_images} image(s)")
     return [{"from": t["from"], "value": t["value"]} for t in conversations]
 
 
@@ -171,7 +173,8 @@ def _candidates(entries: list, image_folder: Path) -> Iterator[_Candidate]:
             continue
         if not isinstance(entry, dict):
             yield _Candidate(source_index, str(source_index),
-                             bad=BadRecord(source_index, str(source_index), "record is not a JSON object", "not_an_object"))
+                             bad=BadRecord(source_index, str(source_index), "record is not a JSON object",
+                                           "not_an_object"))
             continue
         rid = str(entry["id"]) if entry.get("id") not in (None, "") else str(source_index)
         cand = _Candidate(source_index, rid)

@@ -29,16 +29,24 @@ import shutil
 import tarfile
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import zarr
 
 from shards import fs, layout
 from shards.anchors import ANCHORS, array_shape, get_anchor
-from shards.codecs import (COMPRESSION_DEFAULTS, Codec, CodecError, check_default_codec, codec_for, get_codec,
-                           stored_name, zarr_compressors)
+from shards.codecs import (
+    COMPRESSION_DEFAULTS,
+    Codec,
+    CodecError,
+    check_default_codec,
+    codec_for,
+    get_codec,
+    stored_name,
+    zarr_compressors,
+)
 from shards.records import BadRecord, Record
 
 RESUME = "precompute resumes, keeping every committed shard"
@@ -97,7 +105,8 @@ class CacheWriter:
             raise ValueError("no good records to write (every record was bad, or the dataset is empty)")
         for i, r in enumerate(records):
             if r.index != i:
-                raise ValueError(f"record id={r.id!r} has index {r.index}, expected {i} (pass load_records' list as is)")
+                raise ValueError(f"record id={r.id!r} has index {r.index}, expected {i} "
+                                 "(pass load_records' list as is)")
         self.cache_dir = Path(cache_dir)
         self.records = list(records)
         self.shard_size = int(shard_size)
@@ -112,7 +121,8 @@ class CacheWriter:
                 raise CodecError(f"cache.codecs: {key!r} is not an anchor/array (e.g. 'depth/features')")
         unknown = set(compression or {}) - set(COMPRESSION_DEFAULTS)
         if unknown:
-            raise CodecError(f"compression: {sorted(unknown)} are not kinds of arrays (use {list(COMPRESSION_DEFAULTS)})")
+            raise CodecError(f"compression: {sorted(unknown)} are not kinds of arrays "
+                             f"(use {list(COMPRESSION_DEFAULTS)})")
         self.compression = {**COMPRESSION_DEFAULTS, **(compression or {})}
         for kind, spec in self.compression.items():
             zarr_compressors(spec, f"compression[{kind!r}]")
@@ -225,7 +235,8 @@ class CacheWriter:
         decl = self._declaration(anchor, dims, fingerprint, decoders, codecs or {}, calibration or {})
         missing = [d for d in decl["decoders"] if not (self.decoders_dir / d).is_file()]
         if missing:
-            raise FileNotFoundError(f"declare_anchor({anchor!r}): decoder files missing from {self.decoders_dir}: {missing}")
+            raise FileNotFoundError(f"declare_anchor({anchor!r}): decoder files missing from "
+                                    f"{self.decoders_dir}: {missing}")
         decl_path = self._path(layout.declaration_name(anchor))
         group = self.cache_dir / layout.TARGETS_DIR / anchor
         if decl_path.exists():
@@ -314,13 +325,15 @@ class CacheWriter:
     def shard_done(self, shard_id: int, anchor: str | None = None) -> bool:
         recs = self.shard_records(shard_id)
         if anchor is None:
-            prog_path, tar_path = self._path(layout.samples_progress_name(shard_id)), self._path(layout.tar_name(shard_id))
+            prog_path = self._path(layout.samples_progress_name(shard_id))
+            tar_path = self._path(layout.tar_name(shard_id))
             if not prog_path.exists() or not tar_path.exists():
                 return False
             prog = layout.read_json(prog_path)
             held = [(s["index"], s["id"]) for s in prog["samples"]]
             if held != [(r.index, r.id) for r in recs]:
-                raise CacheMismatchError(f"{tar_path} holds other records than this run's shard {shard_id}; use a new cache.dir")
+                raise CacheMismatchError(f"{tar_path} holds other records than this run's shard {shard_id}; "
+                                         "use a new cache.dir")
             return tar_path.stat().st_size == prog["bytes"]
         prog_path = self._path(layout.targets_progress_name(shard_id, anchor))
         if not prog_path.exists():
@@ -337,8 +350,8 @@ class CacheWriter:
         prog_path.unlink(missing_ok=True)  # uncommit first: the old tar is about to change
         tmp = tar_path.with_name(tar_path.name + ".partial")
         samples = []
-        with fs.naming_disk_full(tar_path, RESUME), open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT,
-                                                   encoding=layout.TAR_ENCODING) as tar:
+        with (fs.naming_disk_full(tar_path, RESUME), open(tmp, "wb") as raw,
+              tarfile.open(fileobj=raw, mode="w", format=layout.TAR_FORMAT, encoding=layout.TAR_ENCODING) as tar):
             for rec in recs:
                 key = layout.sample_key(rec.index)
                 members = []
@@ -387,7 +400,8 @@ class CacheWriter:
                 raise ValueError(f"{where}: {anchor}/{name} has dtype {a.dtype}, expected {info['dtype']}")
             if kind == "float" and not np.isfinite(a).all():
                 bad = self.shard_records(shard_id)[int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))[0])]
-                raise ValueError(f"{where}: {anchor}/{name} has NaN/inf values (sample index {bad.index}, id {bad.id!r})")
+                raise ValueError(f"{where}: {anchor}/{name} has NaN/inf values "
+                                 f"(sample index {bad.index}, id {bad.id!r})")
 
     def write_targets(self, shard_id: int, anchor: str, arrays: dict[str, np.ndarray]) -> None:
         """Write one anchor's targets for one shard (arrays are ``(n_in_shard, *shape)``) and commit them.
@@ -442,7 +456,8 @@ class CacheWriter:
         """Check every shard is committed and write ``manifest.json``; returns the manifest."""
         missing = [s for s in range(self.num_shards) if not self.shard_done(s)]
         if missing:
-            raise RuntimeError(f"cannot finalize {self.cache_dir}: sample tars missing or uncommitted for shards {missing}")
+            raise RuntimeError(f"cannot finalize {self.cache_dir}: sample tars missing or uncommitted "
+                               f"for shards {missing}")
         anchors = {}
         shard_progress: dict[int, dict[str, str]] = {s: {} for s in range(self.num_shards)}
         for anchor in self.declared_anchors():
@@ -473,7 +488,8 @@ class CacheWriter:
             "bad_records": {
                 "count": len(bad),
                 "by_kind": dict(sorted(Counter(b.kind for b in bad).items())),
-                "records": [{"source_index": b.source_index, "id": b.id, "kind": b.kind, "reason": b.reason} for b in bad],
+                "records": [{"source_index": b.source_index, "id": b.id, "kind": b.kind, "reason": b.reason}
+                            for b in bad],
             },
         }
         manifest[layout.MANIFEST_CHECKSUM] = layout.manifest_checksum(manifest)
@@ -489,7 +505,8 @@ class CacheWriter:
             progs.append(layout.read_json(path))
             shard_progress[s][anchor] = fs.sha256_file(path)
         for name, info in decl["arrays"].items():
-            stored_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in info["stored"].values())
+            stored_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                               for p in info["stored"].values())
             disk = sum(p["arrays"][name]["stored"][sn]["file_bytes"] for p in progs for sn in info["stored"])
             errors = [p["arrays"][name]["error"] for p in progs]
             error = None

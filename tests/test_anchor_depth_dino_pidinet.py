@@ -107,7 +107,8 @@ def test_dino_loads_hugging_face_folder(tmp_path):
     hf = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, image_size=112, patch_size=14)).eval()
     hf.save_pretrained(tmp_path / "dinov2-tiny")
-    anchor = load_dino(CheckpointConfig(path=str(tmp_path / "dinov2-tiny"), variant="vit_tiny"), PrecomputeConfig(), CPU)
+    checkpoint = CheckpointConfig(path=str(tmp_path / "dinov2-tiny"), variant="vit_tiny")
+    anchor = load_dino(checkpoint, PrecomputeConfig(), CPU)
     views = random_views(2, anchor.input_size)
     out = anchor.compute(views)
     assert_targets_fit_spec(anchor, out, 2)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from precompute.anchors import load_anchor
 from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.sam import SamAnchor, build_sam_vit_tiny, select_masks
-from segment_anything import SamAutomaticMaskGenerator
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from shards.anchors import SAM_DECODER_FILE, array_shape, get_anchor
 from shards.config import load_config
 from shards.views import square_view
@@ -124,7 +124,8 @@ def rebuild_sam_decoders(path: Path) -> tuple[PromptEncoder, MaskDecoder]:
     """What the trainer does: segment_anything's PromptEncoder + MaskDecoder from the exported file alone."""
     d = torch.load(path, weights_only=True)
     t = d["transformer"]
-    prompt_encoder = PromptEncoder(embed_dim=d["prompt_embed_dim"], image_embedding_size=tuple(d["image_embedding_size"]),
+    prompt_encoder = PromptEncoder(embed_dim=d["prompt_embed_dim"],
+                                   image_embedding_size=tuple(d["image_embedding_size"]),
                                    input_image_size=tuple(d["input_image_size"]), mask_in_chans=d["mask_in_chans"])
     mask_decoder = MaskDecoder(
         transformer_dim=d["prompt_embed_dim"],

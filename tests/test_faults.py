@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from shards import fs, layout
-from shards.config import ConfigError, DataConfig, load_config
-from shards.integrity import DamagedSampleError
+from shards.config import DataConfig, load_config
 from shards.inspect import main as inspect_main
+from shards.integrity import DamagedSampleError
 from shards.lock import CacheBusyError, CacheLock
 from shards.reader import Cache, CacheError, StreamingDataset
 from shards.records import BadRecordError, load_records

@@ -5,8 +5,8 @@ The heads' maths against the reference's own functions: tests/test_reference_hea
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 
 import pytest
 import torch

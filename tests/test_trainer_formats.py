@@ -11,8 +11,7 @@ from shards.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from shards.views import square_view
 from trainer.batch import IGNORE_INDEX, BatchError, build_batch, sample_text
-from trainer.formats import (FormatError, choose_efficient, first_pair, format_sample, plain_text, sample_rng,
-                             stage_text)
+from trainer.formats import FormatError, choose_efficient, first_pair, format_sample, plain_text, sample_rng, stage_text
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 

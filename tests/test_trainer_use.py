@@ -34,7 +34,8 @@ def test_the_chain_shows_each_visual_thought_as_its_anchor_and_count():
     text = (f"<think> Because the depth map of the image is {thought_text('depth')}, "
             f"and {ANCHOR_START}{pad_token('sam')}{ANCHOR_END} </think><answer> A </answer><|im_end|>")
     chain, anchors = thought_chain(text)
-    assert chain == "<think> Because the depth map of the image is [depth x4], and [sam x1] </think><answer> A </answer>"
+    assert chain == ("<think> Because the depth map of the image is [depth x4], and [sam x1] </think>"
+                     "<answer> A </answer>")
     assert anchors == ["depth"]  # the one-pad sam thought is incomplete
 
 
@@ -91,7 +92,8 @@ def test_accuracy_per_category_and_the_table():
 
 
 def test_questions_file_as_json_or_jsonl(tmp_path):
-    (tmp_path / "q.jsonl").write_text('{"image": "a.jpg", "question": "Q1"}\n\n{"image": "/x/b.jpg", "question": "Q2"}\n')
+    (tmp_path / "q.jsonl").write_text('{"image": "a.jpg", "question": "Q1"}\n\n'
+                                      '{"image": "/x/b.jpg", "question": "Q2"}\n')
     items = read_questions(tmp_path / "q.jsonl")
     assert [i["image"] for i in items] == [str(tmp_path / "a.jpg"), "/x/b.jpg"]
     (tmp_path / "q.json").write_text('[{"image": "a.jpg"}]')
@@ -161,7 +163,8 @@ def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
     vlm, processor = load_model(e2e_trained / "final")
     tokens = model_thought_tokens(processor)
     image = Image.open(REPO / "data/sample/images/coffee.jpg")
-    inputs = encode_prompts(processor, [image], [f"Look: {thought_text('depth')} and answer."], ImageSizing(image_size=112))
+    inputs = encode_prompts(processor, [image], [f"Look: {thought_text('depth')} and answer."],
+                            ImageSizing(image_size=112))
     ids = inputs["input_ids"][0]
     pads = (ids == tokens.pad_id["depth"]).nonzero().flatten()
     assert len(pads) == 4  # the prompt carries one depth thought
@@ -224,9 +227,8 @@ def test_the_control_trains_the_same_schedule_without_thoughts(e2e_workdir, e2e_
 @pytest.mark.slow
 def test_thoughts_png_decodes_every_head_beside_its_anchor(e2e_workdir, e2e_trained, tmp_path, run_trainer):
     import yaml
-    from PIL import Image
-
     from conftest import e2e_checkpoints
+    from PIL import Image
 
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["precompute"]["checkpoints"] = e2e_checkpoints(e2e_workdir)  # the anchors the run's heads fit

@@ -30,8 +30,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.generate import (GenerationSettings, ImageSizing, add_generation_arguments, generate_answers, load_model,
-                              model_thought_tokens, settings_from_args, sizing_from_args)
+from trainer.generate import (
+    GenerationSettings,
+    ImageSizing,
+    add_generation_arguments,
+    generate_answers,
+    load_model,
+    model_thought_tokens,
+    settings_from_args,
+    sizing_from_args,
+)
 
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
 NO_ANSWER = ""

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image
@@ -278,7 +278,8 @@ def read_questions(path: str | Path) -> list[dict]:
         items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
                                                                   if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"--questions {path}: not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from None
+        kind = "JSON" if path.suffix == ".json" else "JSON lines"
+        raise ValueError(f"--questions {path}: not valid {kind}: {e}") from None
     if not isinstance(items, list):
         raise ValueError(f"--questions {path}: expected a JSON list of objects, got {type(items).__name__}")
     for i, item in enumerate(items):
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode the visual thoughts with the trained heads and draw them beside the anchors' outputs "
                         "(one question; runs the anchors named by --config)")
     p.add_argument("--config", default="configs/tiny.yaml",
-                   help="with --thoughts: the anchors' checkpoints and views (precompute.*), the training view (model.image_size)")
+                   help="with --thoughts: the anchors' checkpoints and views (precompute.*), "
+                        "the training view (model.image_size)")
     add_generation_arguments(p, max_new_tokens=512)
     a = p.parse_args(argv)
     if a.questions:

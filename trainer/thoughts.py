@@ -3,8 +3,9 @@
 ``python -m trainer generate ... --thoughts out.png``. Steps (:func:`draw_thoughts`):
 
 1. the anchors the heads need run on the image (precompute's loaders, with the checkpoints of
-   ``--config``'s ``precompute.checkpoints``, on the views ``precompute.views`` gives them: SAM's image embedding and its automatic masks, Depth
-   Anything's layer features and depth, DINOv2, PIDINet, SigLIP/MetaCLIP), giving the same arrays
+   ``--config``'s ``precompute.checkpoints``, on the views ``precompute.views`` gives them: SAM's
+   image embedding and its automatic masks, Depth Anything's layer features and depth, DINOv2,
+   PIDINet, SigLIP/MetaCLIP), giving the same arrays
    the cache holds for a training image;
 2. the hidden states of the thought tokens (:func:`thought_states`): the last-layer states at the
    pad positions of each visual thought the model generated, read in one forward pass over prompt +
@@ -148,7 +149,8 @@ def panels_of(anchor: str, image: Image.Image, decoded: torch.Tensor, target: di
         predicted = (decoded[0].sigmoid() > 0.5).numpy()
         count = int(target["mask_count"].reshape(-1)[0])
         reference = target["masks"][0, :count].bool().numpy()
-        return (f"{len(predicted)} masks the SAM tokens decode to", lambda ax: ax.imshow(_mask_overlay(image, predicted)),
+        return (f"{len(predicted)} masks the SAM tokens decode to",
+                lambda ax: ax.imshow(_mask_overlay(image, predicted)),
                 f"SAM's own masks ({count})", lambda ax: ax.imshow(_mask_overlay(image, reference)))
     if anchor in ("depth", "pidinet"):
         key, cmap, what = ("depth", "magma", "depth") if anchor == "depth" else ("edges", "inferno", "edge map")

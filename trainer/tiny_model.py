@@ -99,10 +99,9 @@ def _training_text() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 3000):
     """A Qwen2Tokenizer whose byte-level BPE is trained here, with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from tokenizers import Regex
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()

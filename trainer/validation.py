@@ -10,8 +10,9 @@ Every rank computes the same numbers (ZeRO-3 needs all ranks in each forward); r
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 
@@ -50,7 +51,7 @@ def validation_due(cfg: Config, done: int, samples: list[dict]) -> bool:
 
 @torch.no_grad()
 def validation_losses(model, forward, samples: list[dict], processor, tokens, cfg: Config, view_sizes,
-                      device: torch.device, autocast: Callable[[], ContextManager]) -> dict[str, float]:
+                      device: torch.device, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
     """Mean losses over ``samples`` in batches of train.batch_size; ``forward`` is the model or its engine."""
     was_training = model.training
     model.eval()  # no LoRA dropout

@@ -4,7 +4,7 @@ The trainer's heads use the same explicit table (``trainer.heads.HEADS``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

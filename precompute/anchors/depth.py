@@ -20,9 +20,18 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
-    get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
-    read_checkpoint, resolve_variant,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PATCH_SIZE,
+    DinoVisionTransformer,
+    ViTVariant,
+    get_variant,
+    infer_register_tokens,
+    load_strict,
+    prepare_views,
+    randomize_,
+    read_checkpoint,
+    resolve_variant,
 )
 from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig
@@ -180,7 +189,8 @@ def write_random_checkpoint(path: str | Path, variant: ViTVariant, seed: int) ->
         torch.save(model.state_dict(), tmp)
 
 
-def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path, variant_name: str = "") -> DepthAnythingV2:
+def build_depth_model(state_dict: dict[str, torch.Tensor], source: str | Path,
+                      variant_name: str = "") -> DepthAnythingV2:
     key = "pretrained.cls_token"
     if key not in state_dict:
         raise ValueError(f"{source}: not a Depth Anything V2 checkpoint (no {key}; "

@@ -16,9 +16,18 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, DinoVisionTransformer, ViTVariant,
-    get_variant, infer_register_tokens, load_strict, prepare_views, randomize_,
-    read_checkpoint, resolve_variant,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PATCH_SIZE,
+    DinoVisionTransformer,
+    ViTVariant,
+    get_variant,
+    infer_register_tokens,
+    load_strict,
+    prepare_views,
+    randomize_,
+    read_checkpoint,
+    resolve_variant,
 )
 from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig

@@ -26,7 +26,11 @@ from torch import nn
 
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
-    IMAGENET_MEAN, IMAGENET_STD, load_strict, prepare_views, read_checkpoint,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_strict,
+    prepare_views,
+    read_checkpoint,
 )
 from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
 from shards.config import CheckpointConfig, PrecomputeConfig
@@ -241,7 +245,8 @@ def build_pidinet(state_dict: dict[str, torch.Tensor], source: str | Path, confi
         raise ValueError(f"{source}: unknown PIDINet configuration {config!r} (known: {sorted(CONFIGS)}); "
                          "set precompute.checkpoints.pidinet.variant")
     if "init_block.weight" not in state_dict:
-        raise ValueError(f"{source}: not a PIDINet checkpoint (no init_block.weight; first keys: {list(state_dict)[:5]})")
+        raise ValueError(f"{source}: not a PIDINet checkpoint (no init_block.weight; "
+                         f"first keys: {list(state_dict)[:5]})")
     width = int(state_dict["init_block.weight"].shape[0])
     dil = int(state_dict["dilations.0.conv1.weight"].shape[0]) if "dilations.0.conv1.weight" in state_dict else None
     sa = "attentions.0.conv1.weight" in state_dict

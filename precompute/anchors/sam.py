@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
-from torchvision.ops import batched_nms
-
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torchvision.ops import batched_nms
+
 from shards.anchors import SAM_DECODER_FILE
 from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig

@@ -9,8 +9,8 @@ functions); parameter names follow the reference's optimizer rule (:func:`uses_p
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from torch import nn
 

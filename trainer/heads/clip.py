@@ -7,8 +7,6 @@ samples of a batch; with its batch of one that is the per-sample MSE we compute.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +22,7 @@ class PooledEmbeddingHead(AnchorHead):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
         self.attend = ThoughtQueries(self.hidden_size, self.dims["dim"], num_queries=1, num_heads=NUM_HEADS)
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views=None) -> torch.Tensor:
         """Predicted embedding (B, dim)."""
         return self.attend(thoughts)[:, 0]
 

@@ -11,7 +11,6 @@ covt_qwen2_5_vl.py 926-947 (reconstructor), 1600-1620 (use), 316-330 (loss).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ class DepthHead(AnchorHead):
         self.depth_token_generator = nn.Sequential(
             nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, d["dim"]))
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views=None) -> torch.Tensor:
         """Predicted raw relative depth (B, map_h, map_w)."""
         b = thoughts.shape[0]
         kernels = self.depth_token_generator(thoughts)  # (B, layers, dim)

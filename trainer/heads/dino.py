@@ -6,8 +6,6 @@ attention output is the prediction itself, compared with the cached final-norm t
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +22,7 @@ class DinoHead(AnchorHead):
         d = self.dims
         self.attend = ThoughtQueries(self.hidden_size, d["dim"], num_queries=d["tokens"], num_heads=NUM_HEADS)
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views=None) -> torch.Tensor:
         """Predicted features (B, tokens, dim)."""
         return self.attend(thoughts)
 

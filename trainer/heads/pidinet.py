@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +76,8 @@ class PidinetHead(AnchorHead):
                              f"{self.meta_path} says {self.channels}")
         return features
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None,
-               views: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None,
+               views: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted edge probability (B, map_h, map_w)."""
         return self.edges_from_features(thoughts, self.stage1_features(views))
 

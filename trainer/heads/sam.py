@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -229,7 +228,7 @@ class SamHead(AnchorHead):
         """(B, tokens, prompt_dim): one sparse prompt per query."""
         return self.attend(rotary_embedding(thoughts))
 
-    def decode(self, thoughts: torch.Tensor, targets: Optional[dict] = None, views=None) -> torch.Tensor:
+    def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views=None) -> torch.Tensor:
         """Mask logits (B, tokens, mask_h, mask_w), one mask per prompt, fp32."""
         embedding = self.target(targets, "embedding", thoughts.shape[0])
         sam = self.frozen.on(thoughts.device)
