@@ -42,8 +42,8 @@ from precompute.views import ViewKey, describe, make_view, view_key
 from shards.compute import Compute, compute_cleanup, compute_init
 from shards.config import Config
 from shards.layout import validation_cache_dir
-from shards.lock import CacheLock
 from shards.records import Record, load_records, split_validation
+from shards.storage import open_writer, writer_lock
 from shards.views import open_rgb
 from shards.writer import CacheWriter
 
@@ -125,7 +125,9 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
     started = time.perf_counter()
     compute = compute_init(cfg.precompute.device, "precompute.device", BARRIER_TIMEOUT)
     try:
-        with CacheLock(cfg.cache.dir):  # one precompute per cache (and its validation/); every rank enters
+        # one precompute per cache (and its validation/; at a URL too: an object created only if absent);
+        # every rank enters
+        with writer_lock(cfg.cache.dir):
             records, bad = load_records(cfg.data)
             records, held_out, held_out_bad = split_validation(cfg.data, records, bad)
             subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
@@ -141,19 +143,19 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
 def _run(cfg: Config, names: list[str], compute: Compute, started: float, cache_dir: str | Path,
          records: list[Record], bad: list, subset: dict | None = None) -> dict:
     pre, device = cfg.precompute, compute.device
-    writer = CacheWriter(cache_dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
-                         subset=subset)
+    # a URL: written in a local staging folder, each part uploaded as it commits (shards.storage)
+    writer = open_writer(cache_dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs,
+                         subset=subset, local_dir=cfg.cache.local_dir or None)
     models: dict[str, AnchorModel] = {name: load_anchor(name, pre, device) for name in names}
 
-    # other ranks read rank 0's declarations from the cache when they write targets
     keys = {name: view_key(name, model.input_size, pre.views) for name, model in models.items()}
     loader = ViewLoader(sorted(set(keys.values())), pre.num_workers)
     timing = AnchorTiming()
-    if compute.rank == 0:
+    if compute.rank == 0:  # other ranks read rank 0's declarations from the cache when they write targets
         declare_anchors(writer, models, keys, pre.views, cfg.cache.codec_max_error, loader, pre.batch_size, device,
                         timing)
     compute.barrier()
-
+    writer.sync()  # a URL's staging folder fetches rank 0's declarations from the store
     owned = writer.shards_for_rank(compute.rank, compute.world)
     todo = {s: [n for n in names if not writer.shard_done(s, n)] for s in owned}
     samples_todo = [s for s in owned if not writer.shard_done(s)]

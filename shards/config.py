@@ -64,7 +64,7 @@ class DataConfig:
 # -------------------------------------------------------------------------- cache
 @dataclass
 class CacheConfig:
-    dir: str = option("runs/tiny/cache", "where precompute writes, and train reads")
+    dir: str = option("runs/tiny/cache", "where precompute writes, and train reads: a folder or s3:// (fsspec) URL")
     shard_size: int = option(
         64, "samples per webdataset tar shard (= zarr shard); ~22 MB of targets per image with depth ViT-L")
     # auto: per array the smallest codec within 1% head error (BENCHMARKS.md), re-measured on the first shard
@@ -74,6 +74,15 @@ class CacheConfig:
     # validated bound from shards/codec_defaults.json (where the bench's head errors would reach 1%)
     codec_max_error: float | None = option(
         None, "relative L2 error above which a codec falls back to bf16 (None: validated)")
+    # cache.dir may be an fsspec URL (s3://bucket/cache, gs://, https://): its local copy and precompute's staging
+    # folder go here (shards.storage.local_home); the copy is shared by every process using the folder
+    local_dir: str = option("", "local copy/staging of a URL cache.dir (default: $COVT_CACHE_LOCAL or the temp dir)")
+    local_max_gb: float = option(
+        50.0, "bound of that local copy, for all loader workers/ranks sharing it; >= 2 shards per worker")
+
+    def cache_kwargs(self) -> dict:
+        """Keyword arguments of ``shards.reader.Cache`` / ``StreamingDataset`` for this config."""
+        return {"local_dir": self.local_dir or None, "local_max_bytes": int(self.local_max_gb * (1 << 30))}
 
 
 # --------------------------------------------------------------------- precompute
@@ -361,6 +370,7 @@ RANGES: dict[str, Range] = {
     "data.validation": AT_LEAST_1,
     "cache.shard_size": AT_LEAST_1,
     "cache.codec_max_error": POSITIVE,
+    "cache.local_max_gb": POSITIVE,
     "precompute.batch_size": AT_LEAST_1,
     "precompute.num_workers": AT_LEAST_0,
     "precompute.checkpoints.NAME.random_init_seed": AT_LEAST_0,

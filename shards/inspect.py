@@ -43,7 +43,7 @@ def summary(cache: Cache) -> str:
     m = cache.manifest
     tar_bytes = sum(s["bytes"] for s in m["shards"])
     out = [
-        f"cache    {cache.cache_dir}  ({m['schema']})",
+        f"cache    {cache.location}  ({m['schema']})",
         f"samples  {m['num_samples']}  in {m['num_shards']} shards of up to {m['shard_size']}"
         f"  (tar {_size(tar_bytes)}, {_size(tar_bytes / max(m['num_samples'], 1))}/sample)"
         + (f"; subset of {m['subset']['size']} (seed {m['subset']['seed']})" if m.get("subset") else ""),
@@ -79,7 +79,7 @@ def summary(cache: Cache) -> str:
 
 # ---------------------------------------------------------------------- verify
 def _check_tar(cache: Cache, shard: dict, prog: dict, problems: list[str]) -> None:
-    tar = cache.cache_dir / shard["tar"]
+    tar = cache.local_path(shard["tar"])
     if not tar.is_file():
         problems.append(f"{shard['tar']}: missing")
         return
@@ -151,6 +151,8 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
     next_index = 0
     bar = tqdm(total=m["num_samples"], desc="verifying", unit="sample", disable=not show_progress)
     for shard in m["shards"]:
+        if shard["id"] + 1 < m["num_shards"]:
+            cache.prefetch(shard["id"] + 1)  # a remote cache: the next shard downloads while this one is checked
         _verify_shard(cache, shard, next_index, problems, bar)
         next_index += shard["count"]
     bar.close()
@@ -191,7 +193,7 @@ def _verify_shard(cache: Cache, shard: dict, first_index: int, problems: list[st
     for anchor in m["anchors"]:
         for array in progs.get(anchor, {"arrays": {}})["arrays"].values():
             for sname, st in array["stored"].items():
-                path = cache.cache_dir / st["file"]
+                path = cache.local_path(st["file"])
                 if not path.is_file() or layout.checksum_file(path, st["checksum"]) != st["file_checksum"]:
                     problems.append(f"{st['file']}: zarr shard of shard {sid} ({anchor}/{sname}) "
                                     f"missing or checksum mismatch")
@@ -312,7 +314,7 @@ def render(cache: Cache, key: str | int, out: str | Path) -> Path:
             ax.set_xticks([]), ax.set_yticks([])
         else:
             ax.axis("on")
-    fig.suptitle(f"{cache.cache_dir}  sample {sample['key']}", fontsize=11)
+    fig.suptitle(f"{cache.location}  sample {sample['key']}", fontsize=11)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,23 +333,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="check every checksum and count, read every sample")
     p.add_argument("--render", metavar="KEY", help="sample index, key or record id to draw")
     p.add_argument("-o", "--output", help="PNG to write with --render (default: sample-KEY.png)")
+    p.add_argument("--local-dir", help="local copy of a cache at a URL (s3://...; default: cache.local_dir, "
+                                       "else $COVT_CACHE_LOCAL or the temp dir)")
     a = p.parse_args(argv)
     dirs = [x for x in a.args if "=" not in x]
     overrides = [x for x in a.args if "=" in x]
     if len(dirs) > 1:
         p.error(f"one cache directory expected, got {dirs}")
+    local = {}
     if dirs:
         cache_dir = dirs[0]
     else:
         from shards.config import ConfigError, load_config
 
         try:
-            cache_dir = load_config(a.config or "configs/tiny.yaml", overrides).cache.dir
+            cache_cfg = load_config(a.config or "configs/tiny.yaml", overrides).cache
+            cache_dir, local = cache_cfg.dir, cache_cfg.cache_kwargs()
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
     try:
-        cache = Cache(cache_dir, strict=False)  # an edited manifest is summarised, and reported by --verify
+        if a.local_dir:
+            local["local_dir"] = a.local_dir
+        cache = Cache(cache_dir, strict=False, **local)  # an edited manifest is summarised, and reported by --verify
     except CacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"PROBLEM {problem}")
         if problems:
-            print(f"verify: {len(problems)} problem(s) in {cache.cache_dir}")
+            print(f"verify: {len(problems)} problem(s) in {cache.location}")
             status = 1
         else:
             print(f"verify: OK ({cache.num_samples} samples, {cache.num_shards} shards, "

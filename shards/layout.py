@@ -50,8 +50,11 @@ MANIFEST_CHECKSUM = "manifest_sha256"  # the manifest's checksum of itself (ever
 VALIDATION_DIR = "validation"
 
 
-def validation_cache_dir(cache_dir: str | Path) -> Path:
-    """Where the held-out samples of ``data.validation`` are cached: a complete cache inside the training one."""
+def validation_cache_dir(cache_dir: str | Path) -> str | Path:
+    """Where the held-out samples of ``data.validation`` are cached: a complete cache inside the training one
+    (a folder, or for an fsspec URL such as ``s3://bucket/cache`` the URL ``s3://bucket/cache/validation``)."""
+    if "://" in str(cache_dir):  # Path would fold the URL's '//'
+        return f"{str(cache_dir).rstrip('/')}/{VALIDATION_DIR}"
     return Path(cache_dir) / VALIDATION_DIR
 
 

@@ -92,45 +92,67 @@ def unfinished_hint(cache_dir: str | Path) -> str:
     return f" (run precompute first: `python -m precompute --config YOUR_CONFIG cache.dir={cache_dir}`)"
 
 
-class CacheLock:
-    """``with CacheLock(cache_dir):`` hold the writer lock of ``cache_dir`` (see the module docstring)."""
+class LockFile:
+    """The lock of a local cache folder: ``CACHE/writer.lock``. ``shards.storage.RemoteLockFile`` is the same
+    for a cache at a URL (an object created only if absent); :class:`CacheLock` works with either."""
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
         self.path = self.cache_dir / layout.LOCK
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def create(self, holder: dict) -> dict | None:
+        """Create the lock naming ``holder`` unless it exists; return who it names now (None: unreadable)."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return layout.create_exclusive_json(self.path, holder)
+        except (OSError, ValueError):  # an unreadable leftover: judged like any holder
+            return None
+
+    def read(self) -> dict | None:
+        return read_holder(self.cache_dir)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class CacheLock:
+    """``with CacheLock(cache_dir):`` hold the writer lock of ``cache_dir`` (see the module docstring);
+    ``lock_file`` replaces the local ``CACHE/writer.lock`` (a cache at a URL: ``shards.storage``)."""
+
+    def __init__(self, cache_dir: str | Path, lock_file: LockFile | None = None):
+        self.cache_dir = cache_dir
+        self.file = lock_file or LockFile(cache_dir)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id()}
         self.owner = False
 
     def acquire(self) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
-            try:
-                held = layout.create_exclusive_json(self.path, self.me)
-            except (OSError, ValueError):  # an unreadable leftover: judged below like any holder
-                held = None
-            if held == self.me:
+            if self.file.create(self.me) == self.me:
                 self.owner = True
                 return
-            holder = read_holder(self.cache_dir)
+            holder = self.file.read()
             if holder is None:  # released between the two looks: try again
                 continue
             if holder.get("job") == self.me["job"]:
                 return  # another rank of this launch created it
             if holder_alive(holder) is False:
                 log.warning("removing the stale writer lock of %s (that process is dead): %s",
-                            describe(holder), self.path)
-                self.path.unlink(missing_ok=True)
+                            describe(holder), self.file)
+                self.file.remove()
                 continue
             raise CacheBusyError(
                 f"{self.cache_dir} is being written by {describe(holder)}: one precompute per cache. Wait for "
-                f"it to finish; if that process is gone (e.g. it ran on another machine), delete {self.path} "
+                f"it to finish; if that process is gone (e.g. it ran on another machine), delete {self.file} "
                 f"and rerun")
-        raise CacheBusyError(f"could not take the writer lock {self.path}: it keeps changing hands")
+        raise CacheBusyError(f"could not take the writer lock {self.file}: it keeps changing hands")
 
     def release(self) -> None:
-        if self.owner and read_holder(self.cache_dir) == self.me:
-            self.path.unlink(missing_ok=True)
+        if self.owner and self.file.read() == self.me:
+            self.file.remove()
         self.owner = False
 
     def __enter__(self) -> CacheLock:

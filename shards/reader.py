@@ -12,6 +12,8 @@ ones before.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import json
 import logging
@@ -24,15 +26,21 @@ import numpy as np
 import torch
 import zarr
 
-from shards import integrity, layout
+from shards import integrity, layout, storage
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError
 from shards.lock import lock_holder_message, unfinished_hint
+from shards.mirror import Mirror
 from shards.views import open_rgb
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPE = {"float": torch.float32, "mask": torch.bool, "count": torch.int64}
+MAX_OPEN_TARS = 16  # tar descriptors kept open per process
+# a remote cache's: only the tar of the shard being read, the one its local copy pins (an open descriptor
+# would keep an evicted copy on disk, beyond cache.local_max_gb)
+MAX_OPEN_REMOTE_TARS = 1
+PREFETCH_SHARDS = 2  # shards of a remote cache fetched ahead of the stream
 
 
 class CacheError(ValueError):
@@ -40,29 +48,30 @@ class CacheError(ValueError):
 
 
 class Cache:
-    """One cache, read-only. With ``verify`` (the default) every sample read is checked against its
-    commit records (``shards.integrity``): a damaged one raises :class:`DamagedSampleError`."""
+    """One cache, read-only, in a local folder or at an fsspec URL (``s3://...``: files are fetched into a
+    bounded local copy, ``local_dir`` / ``local_max_bytes``, see ``shards.storage``). With ``verify`` (the
+    default) every sample read is checked against its commit records (``shards.integrity``): a damaged one
+    raises :class:`DamagedSampleError`."""
 
-    def __init__(self, cache_dir: str | Path, verify: bool = True, strict: bool = True):
+    def __init__(self, cache_dir: str | Path, verify: bool = True, strict: bool = True,
+                 local_dir: str | Path | None = None, local_max_bytes: int = storage.DEFAULT_MAX_BYTES):
         """``strict``: an edited manifest (its self-checksum differs) is an error; ``inspect`` opens with
         ``strict=False`` to summarise it and report the problem."""
-        self.cache_dir = Path(cache_dir)
+        self.location = str(cache_dir)
         self.verify = verify
-        path = self.cache_dir / layout.MANIFEST
-        if not path.is_file():
-            raise CacheError(f"{self.cache_dir} is not a shards cache: no {layout.MANIFEST}"
-                             f"{unfinished_hint(self.cache_dir)}")
-        try:
-            self.manifest = layout.read_json(path)
-        except ValueError as e:
-            raise CacheError(f"{path}: not valid JSON: {e}") from None
+        self._local_args = (local_dir, local_max_bytes)
+        self._store = storage.filesystem(self.location) if storage.is_url(cache_dir) else None
+        self.cache_dir = Path(self.location)
+        self.manifest = self._read_manifest()
+        path = f"{self.location}/{layout.MANIFEST}"
         schema = self.manifest.get("schema")
         if schema != layout.SCHEMA:
             raise CacheError(f"{path}: schema {schema!r}, this code reads {layout.SCHEMA!r}; rewrite the cache")
         self.manifest_problem = layout.manifest_problem(self.manifest)
         if strict and self.manifest_problem:
             raise CacheError(f"{path}: {self.manifest_problem}")
-        busy = lock_holder_message(self.cache_dir)
+        self._mirror = None if self._store is None else self._open_mirror(local_dir, local_max_bytes)
+        busy = lock_holder_message(self.cache_dir) if self._mirror is None else None  # a URL: the manifest is last
         if strict and busy:
             raise CacheError(f"{self.cache_dir}: {busy}")
         self.num_samples: int = self.manifest["num_samples"]
@@ -71,6 +80,53 @@ class Cache:
         self.anchors: list[str] = list(self.manifest["anchors"])
         self._pid = None
         self._reset_handles()
+
+    def _read_manifest(self) -> dict:
+        where = f"{self.location}/{layout.MANIFEST}"
+        try:
+            raw = (self._store[0].cat_file(f"{self._store[1]}/{layout.MANIFEST}") if self._store is not None
+                   else (self.cache_dir / layout.MANIFEST).read_bytes())
+        except FileNotFoundError:
+            hint = (unfinished_hint(self.cache_dir) if self._store is None
+                    else storage.unfinished_hint(self.location))
+            raise CacheError(f"{self.location} is not a shards cache: no {layout.MANIFEST}{hint}") from None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise CacheError(f"{where}: not valid JSON: {e}") from None
+
+    def _open_mirror(self, local_dir: str | Path | None, local_max_bytes: int) -> Mirror:
+        """The local copy of a cache at a URL: one folder per manifest version, so a rewritten cache never
+        mixes with old files; each process pins the files of the shard it reads."""
+        version = layout.sha256_bytes(layout.dumps(self.manifest).encode())[:16]
+        self.cache_dir = storage.local_copy_dir(self.location, local_dir, version)
+        files_per_shard = 1 + sum(len(info["stored"]) for a in self.manifest["anchors"].values()
+                                  for info in a["arrays"].values())
+        return Mirror(functools.partial(storage.filesystem, self.location), self.cache_dir, local_max_bytes,
+                      pin_files=files_per_shard)
+
+    @property
+    def remote(self) -> bool:
+        return self._mirror is not None
+
+    def local_path(self, rel: str) -> Path:
+        """A local path to the cache's file ``rel``, fetched first from a remote cache (a file missing there
+        gives a path that does not exist: callers report it as missing)."""
+        return self._mirror.path(rel) if self._mirror is not None else self.cache_dir / rel
+
+    def shard_files(self, shard_id: int, anchors: list[str] | None = None) -> list[str]:
+        """Every file a shard's samples are read from: its commit records, tar and zarr shard files."""
+        rels = [layout.samples_progress_name(shard_id), layout.tar_name(shard_id)]
+        for anchor in self.anchors if anchors is None else anchors:
+            rels.append(layout.targets_progress_name(shard_id, anchor))
+            for info in self._anchor(anchor)["arrays"].values():
+                rels += [self._zarr_shard_file(anchor, sname, shard_id) for sname in info["stored"]]
+        return rels
+
+    def prefetch(self, shard_id: int, anchors: list[str] | None = None) -> None:
+        """Start fetching a remote shard's files in the background (nothing to do for a local cache)."""
+        if self._mirror is not None:
+            self._mirror.prefetch(self.shard_files(shard_id, anchors))
 
     def _reset_handles(self) -> None:
         """File handles and zarr arrays are per process (DataLoader workers fork)."""
@@ -86,10 +142,11 @@ class Cache:
             self._reset_handles()
 
     def __getstate__(self):  # spawned workers reopen everything
-        return {"cache_dir": self.cache_dir, "verify": self.verify}
+        return {"location": self.location, "verify": self.verify, "local": self._local_args}
 
-    def __setstate__(self, state):
-        self.__init__(state["cache_dir"], verify=state["verify"], strict=False)  # the parent checked the manifest
+    def __setstate__(self, state):  # the parent checked the manifest
+        self.__init__(state["location"], verify=state["verify"], strict=False, local_dir=state["local"][0],
+                      local_max_bytes=state["local"][1])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -106,6 +163,12 @@ class Cache:
 
     @property
     def decoders_dir(self) -> Path:
+        """The decoder files of the cache's anchors (a remote cache's: fetched into the local copy)."""
+        if self._mirror is not None:
+            (self.cache_dir / layout.DECODERS_DIR).mkdir(parents=True, exist_ok=True)
+            for a in self.manifest["anchors"].values():
+                for d in a["decoders"]:
+                    self.local_path(f"{layout.DECODERS_DIR}/{d}")
         return self.cache_dir / layout.DECODERS_DIR
 
     def shard_of(self, index: int) -> int:
@@ -121,6 +184,7 @@ class Cache:
         if key not in self._progress:
             rel = (layout.samples_progress_name(shard_id) if part == "samples"
                    else layout.targets_progress_name(shard_id, part))
+            self.local_path(rel)
             if self.verify:
                 expected = self.manifest["shards"][shard_id]["progress_sha256"].get(part)
                 self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, expected, shard_id)
@@ -152,7 +216,9 @@ class Cache:
         self._check_pid()
         fd = self._files.get(shard_id)
         if fd is None:
-            fd = self._files[shard_id] = os.open(self.cache_dir / layout.tar_name(shard_id), os.O_RDONLY)
+            if len(self._files) >= (MAX_OPEN_REMOTE_TARS if self.remote else MAX_OPEN_TARS):
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = self._files[shard_id] = os.open(self.local_path(layout.tar_name(shard_id)), os.O_RDONLY)
         return os.pread(fd, member["size"], member["offset"])
 
     def member_bytes(self, entry: dict, member: dict) -> bytes:
@@ -175,14 +241,22 @@ class Cache:
         self._check_pid()
         key = (anchor, name)
         if key not in self._arrays:
+            self.local_path(f"{layout.TARGETS_DIR}/{anchor}/{name}/zarr.json")
             self._arrays[key] = zarr.open_array(str(self.cache_dir / layout.TARGETS_DIR / anchor / name), mode="r")
         return self._arrays[key]
 
+    def _zarr_shard_file(self, anchor: str, name: str, shard_id: int) -> str:
+        arr = self.stored(anchor, name)
+        key = arr.metadata.encode_chunk_key((shard_id,) + (0,) * (arr.ndim - 1))
+        return f"{layout.TARGETS_DIR}/{anchor}/{name}/{key}"
+
     def stored_value(self, anchor: str, array: str, stored: str, index: int) -> np.ndarray:
         """One sample's stored array ``anchor/stored`` (a part of the logical ``array``), checked when verifying."""
+        shard_id = self.shard_of(index)
+        if self._mirror is not None:  # zarr reads the local copy: make sure it is there
+            self.local_path(self._zarr_shard_file(anchor, stored, shard_id))
         if not self.verify:
             return np.asarray(self.stored(anchor, stored)[index])
-        shard_id = self.shard_of(index)
         info = self.shard_progress(shard_id, anchor)["arrays"][array]["stored"][stored]
         entry, name = self.sample_entry(index), f"{anchor}/{stored}"
         integrity.check_target_file(self.cache_dir, info, entry, name)
@@ -226,6 +300,8 @@ class Cache:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+        if self._mirror is not None:
+            self._mirror.close()
 
 
 def rank_epoch_order(num_samples: int, shard_size: int, seed: int, epoch: int, rank: int, world_size: int,
@@ -248,12 +324,12 @@ def rank_epoch_order(num_samples: int, shard_size: int, seed: int, epoch: int, r
 class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(self, cache_dir: str | Path, anchors: list[str] | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start: int = 0, batch_size: int = 1, shuffle: bool = True,
-                 epochs: int | None = None, on_damaged: str = "error"):
+                 epochs: int | None = None, on_damaged: str = "error", cache_kwargs: dict | None = None):
         super().__init__()
         if on_damaged not in ("error", "skip"):
             raise ValueError(f"on_damaged must be 'error' or 'skip', got {on_damaged!r}")
         self.on_damaged = on_damaged
-        self.cache = Cache(cache_dir)
+        self.cache = Cache(cache_dir, **(cache_kwargs or {}))
         for a in anchors or []:
             self.cache._anchor(a)
         if not 0 <= rank < world_size:
@@ -302,8 +378,24 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             yield self.index_at(position)
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.cache.remote:
+            for position in self.positions():
+                yield self.read(position)
+            return
+        # a remote cache: look about PREFETCH_SHARDS of this process's shards ahead, fetching them in the background
+        lookahead = PREFETCH_SHARDS * max(1, self.cache.shard_size // self.world_size)
+        upcoming: collections.deque[int] = collections.deque()
+        last = None
         for position in self.positions():
-            yield self.read(position)
+            upcoming.append(position)
+            shard = self.cache.shard_of(self.index_at(position))
+            if shard != last:
+                last = shard
+                self.cache.prefetch(shard, self.anchors)
+            if len(upcoming) > lookahead:
+                yield self.read(upcoming.popleft())
+        while upcoming:
+            yield self.read(upcoming.popleft())
 
     def read(self, position: int) -> dict:
         """The sample at ``position``. A damaged one stops the stream (``on_damaged="error"``), or its slot is
@@ -317,8 +409,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             except DamagedSampleError as e:
                 if self.on_damaged == "error":
                     raise DamagedSampleError(
-                        f"damaged sample in {self.cache.cache_dir}: {e}. `python -m shards inspect "
-                        f"{self.cache.cache_dir} --verify` lists every problem; rerun precompute into a new "
+                        f"damaged sample in {self.cache.location}: {e}. `python -m shards inspect "
+                        f"{self.cache.location} --verify` lists every problem; rerun precompute into a new "
                         f"cache.dir to rewrite the cache, or set train.on_damaged_sample=skip to skip damaged "
                         f"samples") from None
                 log.warning("skipping damaged sample: %s", e)
@@ -327,5 +419,5 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             sample["damaged_skipped"] = skipped
             sample["position"] = position  # where the slot sits in this rank's stream (its optimizer step)
             return sample
-        raise DamagedSampleError(f"{self.cache.cache_dir}: every sample of rank {self.rank}'s stream is damaged "
+        raise DamagedSampleError(f"{self.cache.location}: every sample of rank {self.rank}'s stream is damaged "
                                  f"(first: {skipped[0]})")

@@ -17,8 +17,8 @@ from PIL import Image
 from shards.anchors import array_shape, get_anchor
 from shards.config import DataConfig
 from shards.records import Record, load_records
+from shards.storage import is_url, open_writer
 from shards.views import open_rgb
-from shards.writer import CacheWriter
 
 DEFAULT_DIMS: dict[str, dict[str, int]] = {
     "sam": {"embed_dim": 32, "embed_h": 8, "embed_w": 8, "max_masks": 8, "mask_h": 32, "mask_w": 32},
@@ -113,11 +113,12 @@ def synthetic_shard_targets(anchor: str, dims: dict[str, int], records: list[Rec
 def write_synthetic_cache(cache_dir: str | Path, data_cfg: DataConfig, anchors: list[str],
                           dims: dict[str, dict[str, int]] | None = None, shard_size: int = 4, seed: int = 0,
                           default_codec: str = "bf16", codecs: dict[str, str] | None = None,
-                          subset: dict | None = None) -> Path:
+                          subset: dict | None = None, staging: str | Path | None = None) -> str | Path:
     """Write (or finish writing) a complete cache of ``data_cfg``'s records with synthetic targets."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
     records, bad = load_records(data_cfg)
-    writer = CacheWriter(cache_dir, records, shard_size, bad, default_codec, codecs or {}, subset=subset)
+    writer = open_writer(cache_dir, records, shard_size, bad, default_codec, codecs or {}, subset=subset,
+                         staging=staging)
     for anchor in anchors:
         writer.declare_anchor(anchor, dims[anchor], {"synthetic": True, "seed": seed}, [])
     for shard in range(writer.num_shards):
@@ -128,7 +129,7 @@ def write_synthetic_cache(cache_dir: str | Path, data_cfg: DataConfig, anchors: 
                 writer.write_targets(shard, anchor,
                                      synthetic_shard_targets(anchor, dims[anchor], writer.shard_records(shard), seed))
     writer.finalize()
-    return Path(cache_dir)
+    return cache_dir if is_url(cache_dir) else Path(cache_dir)
 
 
 def write_covt_parquet(path: str | Path, rows: list[dict], row_group_size: int = 2,

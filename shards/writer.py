@@ -304,6 +304,10 @@ class CacheWriter:
         kind = get_anchor(anchor).array(array).kind
         return codec_for(anchor, array, kind, self.default_codec, self.codecs)
 
+    def sync(self) -> None:
+        """Take in what other ranks committed meanwhile (their anchor declarations): they share this folder, so
+        there is nothing to do here; ``shards.storage.UploadingWriter`` pulls them from its store."""
+
     def _decl(self, anchor: str) -> dict:
         if anchor not in self._declarations:
             path = self._path(layout.declaration_name(anchor))

@@ -118,7 +118,8 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     schedule = Schedule(schedule_stages(t))
     out = Path(t.output_dir)
     seed_everything(t.seed)
-    cache = Cache(cfg.cache.dir)  # before any model: an unfinished or edited cache is said at once
+    # before any model: an unfinished or edited cache is said at once
+    cache = Cache(cfg.cache.dir, **cfg.cache.cache_kwargs())
     base_path = ensure_base_model_on_rank0(cfg, rank, world)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
     heads = build_heads(head_anchors(cfg), hidden_size, cache)
@@ -198,7 +199,8 @@ def data_stream(job: Job, rm: RunModel):
     t, c = job.cfg.train, job.compute
     per_step = t.batch_size * t.grad_accum
     dataset = StreamingDataset(job.cfg.cache.dir, job.cfg.anchors, seed=t.seed, rank=c.rank, world_size=c.world,
-                               start=job.step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample)
+                               start=job.step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample,
+                               cache_kwargs=job.cfg.cache.cache_kwargs())
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
     collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes())
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,

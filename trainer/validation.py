@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import torch
 
 from shards.config import Config, StageConfig
-from shards.layout import MANIFEST, validation_cache_dir
-from shards.reader import Cache
+from shards.layout import validation_cache_dir
+from shards.reader import Cache, CacheError
 from trainer.batch import batch_to, build_batch
 
 VALIDATION_STAGE = StageConfig(name="reasoning", steps=1)
@@ -33,11 +32,12 @@ def load_validation(cfg: Config) -> list[dict]:
                              "data.validation (a count or a LLaVA JSON) and rerun precompute, or set "
                              "train.validate_every=0")
         return []
-    folder = validation_cache_dir(cfg.cache.dir)
-    if not (Path(folder) / MANIFEST).is_file():
-        raise FileNotFoundError(f"data.validation is set but {folder} holds no finished cache; run precompute "
-                                f"with the same data.validation ({cfg.data.validation!r}) first")
-    cache = Cache(folder)
+    folder = validation_cache_dir(cfg.cache.dir)  # a folder, or a URL like cache.dir (shards.storage)
+    try:
+        cache = Cache(folder, **cfg.cache.cache_kwargs())
+    except CacheError as e:
+        raise FileNotFoundError(f"data.validation is set but {folder} holds no finished cache ({e}); run "
+                                f"precompute with the same data.validation ({cfg.data.validation!r}) first") from None
     try:
         return [cache.sample(i, list(cfg.anchors)) for i in range(len(cache))]
     finally:
