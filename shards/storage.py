@@ -125,7 +125,7 @@ class UploadingWriter(CacheWriter):
         staging = Path(staging)
         self._pull(staging)
         super().__init__(staging, *args, **kwargs)
-        self._upload([f"{layout.PROGRESS_DIR}/records.json", f"{layout.TARGETS_DIR}/zarr.json"])
+        self.upload([f"{layout.PROGRESS_DIR}/records.json", f"{layout.TARGETS_DIR}/zarr.json"])
 
     # ---------------------------------------------------------------- transfer
     def _remote(self, rel: str) -> str:
@@ -159,7 +159,8 @@ class UploadingWriter(CacheWriter):
         """Fetch what other ranks committed meanwhile (their anchor declarations) from the store."""
         self._pull(self.cache_dir, at_start=False)
 
-    def _upload(self, rels: list[str]) -> None:
+    def upload(self, rels: list[str]) -> None:
+        """Put the staged files ``rels`` into the store, in this order (a commit record after its data)."""
         for rel in rels:
             self.fs.put_file(str(self.cache_dir / rel), self._remote(rel))
 
@@ -181,13 +182,13 @@ class UploadingWriter(CacheWriter):
         group = self.cache_dir / layout.TARGETS_DIR / anchor
         metadata = sorted(p.relative_to(self.cache_dir).as_posix() for p in group.rglob("zarr.json"))
         decoders = [f"{layout.DECODERS_DIR}/{d}" for d in self.declaration(anchor)["decoders"]]
-        self._upload(metadata + decoders + [layout.declaration_name(anchor)])
+        self.upload(metadata + decoders + [layout.declaration_name(anchor)])
 
     def write_samples(self, shard_id: int) -> None:
         self._retract(layout.samples_progress_name(shard_id))
         super().write_samples(shard_id)
         tar = layout.tar_name(shard_id)
-        self._upload([tar, layout.samples_progress_name(shard_id)])  # the record last
+        self.upload([tar, layout.samples_progress_name(shard_id)])  # the record last
         (self.cache_dir / tar).unlink()
 
     def write_targets(self, shard_id: int, anchor: str, arrays) -> None:
@@ -196,7 +197,7 @@ class UploadingWriter(CacheWriter):
         super().write_targets(shard_id, anchor, arrays)
         files = [st["file"] for a in layout.read_json(self.cache_dir / record)["arrays"].values()
                  for st in a["stored"].values()]
-        self._upload(files + [record])  # the record last
+        self.upload(files + [record])  # the record last
         for f in files:
             (self.cache_dir / f).unlink()
 
@@ -216,7 +217,7 @@ class UploadingWriter(CacheWriter):
 
     def finalize(self) -> dict:
         manifest = super().finalize()
-        self._upload([layout.MANIFEST])
+        self.upload([layout.MANIFEST])
         return manifest
 
 

@@ -224,7 +224,7 @@ class Killed(Exception):
 def test_a_killed_upload_leaves_nothing_a_reader_accepts_and_resumes(s3_env, s3_cache, sample_data_cfg_module,
                                                                      tmp_path, monkeypatch):
     url = "s3://covt/killed"
-    real_put = storage.UploadingWriter._upload
+    real_put = storage.UploadingWriter.upload
     calls = {"n": 0}
 
     def dying_upload(self, rels):
@@ -234,10 +234,10 @@ def test_a_killed_upload_leaves_nothing_a_reader_accepts_and_resumes(s3_env, s3_
                 raise Killed(rel)
             real_put(self, [rel])
 
-    monkeypatch.setattr(storage.UploadingWriter, "_upload", dying_upload)
+    monkeypatch.setattr(storage.UploadingWriter, "upload", dying_upload)
     with pytest.raises(Killed):
         write_synthetic_cache(url, sample_data_cfg_module, ANCHORS, shard_size=3, staging=tmp_path / "staging")
-    monkeypatch.setattr(storage.UploadingWriter, "_upload", real_put)
+    monkeypatch.setattr(storage.UploadingWriter, "upload", real_put)
 
     with pytest.raises(CacheError, match="no manifest.json"):
         Cache(url, local_dir=tmp_path / "copy")
