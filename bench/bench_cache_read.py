@@ -121,9 +121,19 @@ def start_s3() -> subprocess.Popen:
     raise RuntimeError("moto's S3 server did not start")
 
 
+def server_ceiling(fs, tmp: Path, samples: int) -> float:
+    """Samples/s the server itself gives: every object of the cache fetched by s3fs's concurrent ``get``,
+    nothing decoded or checked (the bound on any reader of this server)."""
+    start = time.perf_counter()
+    fs.get("bench/cache", str(tmp / "raw"), recursive=True)
+    return samples / (time.perf_counter() - start)
+
+
 def bench_streams(cache_dir: Path, tmp: Path, anchors: list[str], workers: int) -> dict[str, float]:
     """samples/s of the stream from the local folder, and from S3 into an empty and then a warm local copy."""
     import fsspec
+
+    from shards.reader import Cache
 
     rates = {"local folder": stream_rate(cache_dir, anchors, workers)}
     server = start_s3()
@@ -131,6 +141,7 @@ def bench_streams(cache_dir: Path, tmp: Path, anchors: list[str], workers: int) 
         fs = fsspec.filesystem("s3")
         fs.mkdir("bench")
         fs.put(str(cache_dir), "bench/cache", recursive=True)  # the same files, object for file
+        rates["S3 server's ceiling"] = server_ceiling(fs, tmp, len(Cache(cache_dir)))
         rates["S3, empty local copy"] = stream_rate("s3://bench/cache", anchors, workers, tmp / "copy")
         rates["S3, warm local copy"] = stream_rate("s3://bench/cache", anchors, workers, tmp / "copy")
     finally:
