@@ -34,15 +34,26 @@ def job_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+UNKNOWN_HOLDER = {"host": "?", "pid": -1, "started": "?", "job": "?"}  # what an unreadable lock names
+
+
+def parse_holder(raw: bytes | str) -> dict:
+    """The holder a lock's bytes name (unparsable bytes name an unknown holder)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return dict(UNKNOWN_HOLDER)
+
+
 def read_holder(cache_dir: str | Path) -> dict | None:
     """What the lock file says, or None if there is none (an unreadable one names an unknown holder)."""
     path = Path(cache_dir) / layout.LOCK
     try:
-        return json.loads(path.read_text())
+        return parse_holder(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {"host": "?", "pid": -1, "started": "?", "job": "?"}
+    except OSError:
+        return dict(UNKNOWN_HOLDER)
 
 
 def holder_alive(holder: dict) -> bool | None:

@@ -20,7 +20,6 @@ deleted once uploaded, so the staging folder holds about one shard.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ import fsspec
 
 from shards import layout
 from shards.fs import atomic_file
-from shards.lock import CacheLock, LockFile, describe
+from shards.lock import CacheLock, LockFile, describe, parse_holder
 from shards.mirror import METADATA_SUFFIXES
 from shards.writer import CacheMismatchError, CacheWriter
 
@@ -87,11 +86,9 @@ class RemoteLockFile(LockFile):
 
     def read(self) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self.key))
+            return parse_holder(self.fs.cat_file(self.key))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {"host": "?", "pid": -1, "started": "?", "job": "?"}
 
     def remove(self) -> None:
         try:
