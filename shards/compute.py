@@ -31,8 +31,13 @@ class Compute:
         return dist.is_available() and dist.is_initialized()
 
     def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+        barrier(self.world)
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (a no-op in a one-process run, a DeepSpeed group of one included)."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def pick_device(setting: str, local_rank: int, key: str) -> torch.device:

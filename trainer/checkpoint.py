@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shards.compute import barrier
 from shards.fs import naming_disk_full
 
 CHECKPOINTS = "checkpoints"
@@ -164,7 +165,3 @@ def load_rng(path: str | Path, rank: int) -> None:
     set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
 
 
-def barrier(world_size: int) -> None:
-    """Wait for every rank (a no-op in a one-process run)."""
-    if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -38,7 +38,6 @@ from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
 from trainer.checkpoint import (
-    barrier,
     latest_checkpoint,
     load_checkpoint,
     load_rng,
@@ -120,13 +119,13 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     seed_everything(t.seed)
     # before any model: an unfinished or edited cache is said at once
     cache = Cache(cfg.cache.dir, **cfg.cache.cache_kwargs())
-    base_path = ensure_base_model_on_rank0(cfg, rank, world)
+    base_path = ensure_base_model_on_rank0(cfg, compute)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
     heads = build_heads(head_anchors(cfg), hidden_size, cache)
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
-    barrier(world)
+    compute.barrier()
     checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
@@ -168,6 +167,7 @@ class RunModel:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: Any  # the DeepSpeed engine, or None
     resumed_from: Path | None  # the checkpoint this run continues from, mid-way
+    trainable: list[torch.nn.Parameter]  # what the optimizer updates (clipped together), listed once per run
 
     @classmethod
     def build(cls, job: Job, run: Run) -> RunModel:
@@ -191,7 +191,8 @@ class RunModel:
         resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
         if resumed_from is not None:
             load_checkpoint(resumed_from, model, optimizer, scheduler, engine, job.compute.rank)
-        return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable)
 
 
 def data_stream(job: Job, rm: RunModel):
@@ -228,8 +229,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
         backward(result, rm.engine, t.grad_accum)
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
-    trainable = [p for p in rm.model.parameters() if p.requires_grad]
-    losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, trainable)
+    losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable)
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
                                     job.cfg, rm.model.view_sizes(), device, job.autocast)
@@ -247,6 +247,7 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     """Merge the run's LoRA into its base (the next run's base); the heads carry on as plain modules."""
     state = trainable_state(rm.model)  # gathered under ZeRO-3
     rm.engine = rm.model = rm.optimizer = rm.scheduler = None  # free the run's model before the merge loads one
+    rm.trainable = []
     free_memory()
     # rebuilt: the engine may have partitioned or cast the old ones
     job.heads = build_heads(head_anchors(job.cfg), job.hidden_size, job.cache)
@@ -256,7 +257,7 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
         job.log.info(f"merging run {run.index} into {merged_dir}")
         merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
                         token_seed=job.cfg.train.seed)
-    barrier(job.compute.world)
+    job.compute.barrier()
 
 
 def finish_merged_run(job: Job, run: Run) -> None:
@@ -272,7 +273,7 @@ def finish_merged_run(job: Job, run: Run) -> None:
         state = load_file(job.checkpoint / "trainable.safetensors")
         merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
                         token_seed=job.cfg.train.seed)
-    barrier(job.compute.world)
+    job.compute.barrier()
 
 
 def export_final_model(job: Job) -> Path:
@@ -282,7 +283,7 @@ def export_final_model(job: Job) -> Path:
         tokens = add_thought_tokens(load_processor(last))
         export_final(last, job.heads, tokens, job.cfg.train.loss_weights, final)
         job.log.info(f"final model: {final} (= {last.name} + covt_heads)")
-    barrier(job.compute.world)
+    job.compute.barrier()
     return final
 
 
@@ -308,10 +309,10 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
-def ensure_base_model_on_rank0(cfg: Config, rank: int, world: int) -> Path:
-    if rank == 0:
+def ensure_base_model_on_rank0(cfg: Config, compute: Compute) -> Path:
+    if compute.rank == 0:
         ensure_base_model(cfg.model)
-    barrier(world)
+    compute.barrier()
     return ensure_base_model(cfg.model)
 
 
