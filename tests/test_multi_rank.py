@@ -214,30 +214,43 @@ def test_two_ranks_zero2_train_all_four_stages_and_both_merges_as_one_process_do
     cfg = load_config(REPO / "configs/tiny.yaml", overrides(workdir, "two"))
     # stage 4's steps with anchor losses on are optimizer steps 4-6 (0-indexed); one rank's micro-batch there
     # thinks with no anchor at all while the other rank's does: the case that broke ZeRO-2 (issue 16)
+    drawn = {(step, r): micro_batch_anchors(workdir, cfg, r, step) for step in (4, 5, 6) for r in range(WORLD)}
     lonely = [(step, k) for step in (4, 5, 6) for k in range(GLOBAL_BATCH // WORLD)
-              if any(not micro_batch_anchors(workdir, cfg, r, step)[k]
-                     and micro_batch_anchors(workdir, cfg, 1 - r, step)[k] for r in range(WORLD))]
+              if any(not drawn[step, r][k] and drawn[step, 1 - r][k] for r in range(WORLD))]
     assert lonely, "no stage-4 micro-batch with thoughts on one rank only: choose another train.seed"
+    assert any(0 < len(anchors) < len(ANCHORS) for draws in drawn.values() for anchors in draws)  # subsets too
 
     run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, "two")])
-    two, one = metrics(workdir / "two"), metrics(one_process)
+    two = metrics(workdir / "two")
     assert [r["stage"] for r in two] == ["understanding"] * 2 + ["generation", "reasoning"] + \
         ["efficient_reasoning"] * 4
     assert [r["anchor_losses"] for r in two] == [True] * 7 + [False]
     assert set().union(*two) >= set(ANCHORS)  # every head trained
-    # fp32 sums in another order (two ranks' partial sums, then gloo's all-reduce, against one process's
-    # accumulation): 1e-7 relative per step, grown by Adam over 8 steps of lr 1e-3. A rank's gradient missing,
-    # or summed with another parameter's slice, moves losses and weights by 1e-3 and more.
-    assert [sorted(r) for r in two] == [sorted(r) for r in one]
-    for a, b in zip(two, one):
+    assert_trains_as_one_process(workdir / "two", one_process)
+
+
+def assert_trains_as_one_process(run_dir: Path, one_process: Path) -> None:
+    """metrics.jsonl and the final weights of ``run_dir`` equal the one-process run's, up to rounding.
+
+    Each sample's gradient is computed bit for bit alike; what differs is the order of the fp32 sums (two ranks'
+    partial sums, then gloo's all-reduce, against one process's accumulation). Measured: losses within 2e-5
+    (relative; most within 1e-7), final weights within 1.5e-7; the gradient norm before clipping, the most
+    rounding-sensitive number (a sum of squares over cancelling per-sample terms), within 1.6e-3. A gradient a
+    rank did not send, or one summed with another parameter's slice, moves a weight by about the learning rate
+    per step (5e-5) and the losses by far more than these bounds.
+    """
+    mine, theirs = metrics(run_dir), metrics(one_process)
+    assert [sorted(r) for r in mine] == [sorted(r) for r in theirs]  # the same anchors logged at every step
+    for a, b in zip(mine, theirs):
         for key, value in b.items():
             if isinstance(value, float):
-                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+                rel = 1e-2 if key == "grad_norm" else 1e-4
+                assert a[key] == pytest.approx(value, rel=rel, abs=1e-7), (a["step"], key)
     for name in ("model.safetensors", "covt_heads.safetensors"):
-        mine, theirs = load_file(workdir / "two" / "final" / name), load_file(one_process / "final" / name)
-        assert mine.keys() == theirs.keys()
-        for key in theirs:
-            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-5, msg=f"{name}: {key}")
+        weights, reference = load_file(run_dir / "final" / name), load_file(one_process / "final" / name)
+        assert weights.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
 
 
 @pytest.mark.slow
@@ -245,13 +258,8 @@ def test_two_ranks_zero3_train_through_stage_4(workdir, one_process):
     """ZeRO-3 partitions every parameter, the heads' too: a head that runs on one rank only would leave the
     other ranks out of its parameters' all-gathers."""
     run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, "zero3", "zero3")])
-    rows = metrics(workdir / "zero3")
-    assert [r["stage"] for r in rows] == [r["stage"] for r in metrics(one_process)]
-    assert (workdir / "zero3" / "final" / "covt_heads.safetensors").is_file()
-    # ZeRO-3 sums and clips in its own order; the losses still follow the one process's closely
-    for a, b in zip(rows, metrics(one_process)):
-        assert sorted(a) == sorted(b)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+    assert [r["stage"] for r in metrics(workdir / "zero3")] == [r["stage"] for r in metrics(one_process)]
+    assert_trains_as_one_process(workdir / "zero3", one_process)
 
 
 # ----------------------------------------------------------------------------- a rank that hangs
