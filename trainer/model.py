@@ -9,7 +9,9 @@ scores them with that anchor's head against the cached targets.
 The loss is the reference's: text cross-entropy + the sum of the anchor losses (each head
 already carries the reference's own scale, e.g. depth x 0.005, dino x 0.5); with anchor
 losses off, the text loss alone. ``train.loss_weights`` is an optional extra multiplier
-per anchor (default 1, the reference).
+per anchor (default 1, the reference). With ``every_head`` (under DeepSpeed, several ranks or
+one) every head runs at every micro-batch: one with nothing to score adds an exact zero
+(:meth:`CoVTModel.placeholder_part` says why).
 """
 from __future__ import annotations
 
