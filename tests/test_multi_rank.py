@@ -383,3 +383,13 @@ def test_every_documented_launch_command_reaches_step_1(command, workdir, tiny_b
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-6000:]}"
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_only_a_collective_that_timed_out_counts_as_one():
+    from trainer.train import is_collective_timeout
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"
+    assert is_collective_timeout(RuntimeError(gloo))
+    assert is_collective_timeout(torch.distributed.DistBackendError("Watchdog caught collective operation timeout"))
+    assert not is_collective_timeout(RuntimeError("s3: read timed out"))
+    assert not is_collective_timeout(RuntimeError("gloo: connection closed by peer"))

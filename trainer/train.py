@@ -164,6 +164,14 @@ class CollectiveTimeout(RuntimeError):
     """A rank waited longer than train.collective_timeout_minutes for the others."""
 
 
+def is_collective_timeout(e: BaseException) -> bool:
+    """gloo's "Timed out waiting ..." (a plain RuntimeError naming gloo) or a torch.distributed error about a
+    timeout (NCCL's watchdog); not a timeout of anything else (a storage read, say)."""
+    text = str(e).lower()
+    return (not isinstance(e, CollectiveTimeout) and ("timed out" in text or "timeout" in text)
+            and (isinstance(e, torch.distributed.DistError) or "gloo" in text))
+
+
 @contextmanager
 def naming_a_stuck_collective(job: Job, where: str):
     """Any failure inside says which rank failed where; a collective that timed out (gloo raises it; NCCL's
@@ -173,7 +181,7 @@ def naming_a_stuck_collective(job: Job, where: str):
     try:
         yield
     except RuntimeError as e:
-        if c.world > 1 and "timed out" in str(e).lower() and not isinstance(e, CollectiveTimeout):
+        if c.world > 1 and is_collective_timeout(e):
             minutes = job.cfg.train.collective_timeout_minutes
             raise CollectiveTimeout(
                 f"rank {c.rank} of {c.world} waited more than {minutes:g} minutes "
