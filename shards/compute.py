@@ -73,7 +73,18 @@ def compute_init(device_setting: str, key: str, timeout: timedelta, group_of_one
         # device_id binds the NCCL communicator to this rank's GPU at once (no guessing at the first collective)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timeout, **kwargs)
+        bound_later_groups(timeout)
     return Compute(rank, world, local_rank, device, owns_group)
+
+
+def bound_later_groups(timeout: timedelta) -> None:
+    """Give the process groups created later the same bound: DeepSpeed reduces gradients in groups of its own
+    (``dist.new_group`` without a timeout), which torch bounds by its defaults (30 min for gloo, 10 for NCCL)
+    instead of the timeout this job was started with."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def compute_cleanup(compute: Compute) -> None:

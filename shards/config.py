@@ -199,6 +199,9 @@ class TrainConfig:
     # false: the direct fine-tune control of CoVT: same schedule, data, LoRA and optimizer, every answer plain
     thoughts: bool = option(True, "false: no visual thoughts and no anchor losses (the direct fine-tune control)")
     validate_every: int = option(0, "optimizer steps between validation losses (needs data.validation); 0 = never")
+    # every collective of the ranks (gradient reduction, barriers) waits at most this long, then the rank stops
+    # naming its step and stage; it must cover rank 0's merge and export (minutes for a 7B) while the others wait
+    collective_timeout_minutes: float = option(120.0, "how long a rank waits for the others (several ranks)")
 
 
 # ------------------------------------------------------------------------- root
@@ -401,6 +404,7 @@ RANGES: dict[str, Range] = {
     "train.seed": AT_LEAST_0,
     "train.plain_answer_fraction": UNIT,
     "train.max_nonfinite_steps": AT_LEAST_1,
+    "train.collective_timeout_minutes": POSITIVE,
     "train.validate_every": AT_LEAST_0,
 }
 

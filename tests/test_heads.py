@@ -336,12 +336,19 @@ def test_saved_heads_rebuild_from_metadata_and_decoder_files(cache, tmp_path):
                                        heads[anchor].decode(thoughts, targets, views))
 
 
-def test_empty_batch_gives_a_zero_loss_connected_to_every_parameter(cache):
-    head = build_heads(["dino"], HIDDEN, cache)["dino"]
-    loss = head(torch.zeros(0, ANCHORS["dino"].tokens, HIDDEN), {"features": torch.zeros(0, 17, 32)})
-    loss.backward()
-    assert loss.item() == 0.0
-    assert all(p.grad is not None for p in head.parameters())
+@pytest.mark.parametrize("anchor", list(DIMS))
+def test_zero_targets_give_a_finite_loss_that_reaches_every_parameter(cache, anchor):
+    """What a head runs on when it has nothing to score but every rank needs its gradients (CoVTModel.every_head):
+    the cache's shapes, a finite loss (times 0.0 it stays an exact zero), a gradient for every parameter."""
+    head = build_heads([anchor], HIDDEN, cache)[anchor]
+    targets, views = head.zero_targets(1)
+    assert (views is None) == (head.view_size is None)
+    loss = head(torch.randn(1, ANCHORS[anchor].tokens, HIDDEN), targets, views)
+    assert torch.isfinite(loss)
+    (loss * 0.0).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in head.parameters())
+    with pytest.raises(ValueError, match="no thoughts to score"):
+        head(torch.zeros(0, ANCHORS[anchor].tokens, HIDDEN), targets, views)
 
 
 def test_heads_consume_the_targets_and_views_the_cache_reader_yields(synthetic_cache, tmp_path):

@@ -173,9 +173,9 @@ def test_deepspeed_without_a_launcher_starts_a_one_process_group():
     group compute_init starts (the DeepSpeed tests above train through it)."""
     pytest.importorskip("deepspeed")
     code = ("from shards.compute import compute_init\n"
-            "from trainer.train import BARRIER_TIMEOUT\n"
+            "from datetime import timedelta\n"
             "import torch\n"
-            "c = compute_init('cpu', 'train.device', BARRIER_TIMEOUT, group_of_one=True)\n"
+            "c = compute_init('cpu', 'train.device', timedelta(hours=2), group_of_one=True)\n"
             "print((c.rank, c.world, c.device), torch.distributed.get_world_size())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -2,8 +2,8 @@
 
 Resumes from the newest checkpoint in train.output_dir by default; the run folder keeps
 the resolved config it started with as ``config.yaml`` (``--print-config`` prints it and
-exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
---nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
+exits). Launch several GPUs with ``torchrun --nproc-per-node N -m trainer ...`` or ``deepspeed
+--module trainer ...`` (DeepSpeed's launcher has no ``-m``) and train.deepspeed=configs/deepspeed/zero2.json.
 
 ``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
 (trainer/generate.py, trainer/evaluate.py; ``--help`` on each).

@@ -9,7 +9,9 @@ scores them with that anchor's head against the cached targets.
 The loss is the reference's: text cross-entropy + the sum of the anchor losses (each head
 already carries the reference's own scale, e.g. depth x 0.005, dino x 0.5); with anchor
 losses off, the text loss alone. ``train.loss_weights`` is an optional extra multiplier
-per anchor (default 1, the reference).
+per anchor (default 1, the reference). With ``every_head`` (under DeepSpeed, several ranks or
+one) every head runs at every micro-batch: one with nothing to score adds an exact zero
+(:meth:`CoVTModel.placeholder_part` says why).
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ def gather_thoughts(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.T
 
 class CoVTModel(nn.Module):
     def __init__(self, vlm: nn.Module, heads: nn.ModuleDict, tokens: ThoughtTokens,
-                 loss_weights: dict[str, float] | None = None):
+                 loss_weights: dict[str, float] | None = None, every_head: bool = False):
         super().__init__()
         self.vlm = vlm
         self.heads = heads
         self.tokens = tokens
         self.loss_weights = dict(loss_weights or {})
+        self.every_head = every_head
         unknown = sorted(set(self.loss_weights) - set(heads.keys()))
         if unknown:
             raise KeyError(f"train.loss_weights names anchors without a head: {unknown} (heads: {list(heads.keys())})")
@@ -69,28 +72,47 @@ class CoVTModel(nn.Module):
     def forward(self, batch: dict[str, Any], anchor_losses: bool = True) -> dict[str, Any]:
         """``loss``: the mean over the micro-batch's samples of (text loss + weighted anchor losses), so that
         averaging micro-batches (gradient accumulation, ranks) gives the same number however a global batch
-        is cut; the logged parts (``text``, one per anchor) are detached tensors, read by the caller once per
-        optimizer step (no device sync here)."""
+        is cut; the logged parts (``text``, one per anchor that has thoughts in the micro-batch) are detached
+        tensors, read by the caller once per optimizer step (no device sync here)."""
         hidden = last_hidden_states(self.vlm, batch)
         size = batch["input_ids"].shape[0]
         text_loss = labelled_text_loss(hidden, batch["text"], unwrap_vlm(self.vlm).lm_head) / size
         total = text_loss
         parts: dict[str, torch.Tensor] = {"text": text_loss.detach()}
-        if anchor_losses:
-            for anchor, part in batch.get("anchors", {}).items():
-                if len(part["rows"]) == 0:  # no sample of this micro-batch thinks with this anchor
-                    continue
+        anchors = batch.get("anchors", {}) if anchor_losses else {}
+        unknown = [a for a in anchors if a not in self.heads]
+        if unknown:
+            raise KeyError(f"batch carries anchors {unknown} but there is no head for them "
+                           f"(heads: {list(self.heads.keys())})")
+        for anchor in self.heads:  # in the heads' order, so every rank builds (and back-propagates) one graph
+            part = anchors.get(anchor)
+            if part is not None and len(part["rows"]):
                 loss = self.anchor_loss(anchor, hidden, part)
                 # the head's loss is a mean over the rows that carry this anchor's thoughts; samples without
                 # them (stage 4 subsets) add zero, as they do in the reference
                 total = total + self.loss_weights.get(anchor, 1.0) * loss * (len(part["rows"]) / size)
                 parts[anchor] = loss.detach()
+            elif self.every_head:
+                total = total + self.anchor_loss(anchor, hidden, self.placeholder_part(anchor)) * 0.0
         return {"loss": total, **parts}
 
+    def placeholder_part(self, anchor: str) -> dict[str, Any]:
+        """A one-row anchor part for a head that has no thoughts to score: the first sample's first positions
+        and the head's all-zero targets. Why (``every_head``): under DeepSpeed every rank must produce a
+        gradient for the same parameters in the same order at every micro-batch (ZeRO reduces them in buckets
+        filled in the order the gradients arrive; a rank whose micro-batch has no thoughts of an anchor, in
+        stage 4's subsets and plain answers or the text-only tail, would otherwise send fewer or other ones:
+        a collective mismatch, or slices of different parameters summed). Running the head's whole
+        computation on this row, times 0.0, gives its parameters exact zero gradients in the order a real
+        row does; DeepSpeed counts a missing gradient as zero, so the update is unchanged. Not in plain
+        PyTorch (one process): there a parameter without a gradient is left alone by AdamW, and a zero would
+        still move it (momentum, weight decay)."""
+        head = self.heads[anchor]
+        targets, views = head.zero_targets(1)
+        return {"rows": torch.zeros(1, dtype=torch.long), "positions": torch.arange(head.num_tokens)[None],
+                "targets": targets, "views": views}
+
     def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any]) -> torch.Tensor:
-        if anchor not in self.heads:
-            raise KeyError(f"batch carries anchor {anchor!r} but there is no head for it "
-                           f"(heads: {list(self.heads.keys())})")
         head = self.heads[anchor]
         thoughts = gather_thoughts(hidden, part["rows"], part["positions"])
         param = next(head.parameters(), None)

@@ -21,6 +21,7 @@ import math
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -57,14 +58,13 @@ from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
 
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
-# ranks wait at barriers while rank 0 alone merges a run or exports the final model (minutes for a 7B)
-BARRIER_TIMEOUT = timedelta(hours=2)
 
 
 def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
     t = cfg.train
-    compute = compute_init(t.device, "train.device", BARRIER_TIMEOUT, group_of_one=bool(t.deepspeed))
+    compute = compute_init(t.device, "train.device", timedelta(minutes=t.collective_timeout_minutes),
+                           group_of_one=bool(t.deepspeed))
     job = None
     try:
         if compute.world > 1 and not t.deepspeed:
@@ -149,11 +149,46 @@ def train_run(job: Job, run: Run, stop_after: int | None) -> bool:
         if stop_after is not None and step >= stop_after:
             job.log.info(f"stopping before step {step} (--stop-after {stop_after})")
             return False
-        optimizer_step(job, rm, loader, step)
+        at = job.schedule.stage_at(step)
+        with naming_a_stuck_collective(job, f"optimizer step {step + 1} of {job.schedule.total_steps} (stage "
+                                            f"{at.stage_index + 1} {at.name}, run {at.run_index})"):
+            optimizer_step(job, rm, loader, step)
         job.step = step + 1
     del loader
-    merge_run(job, run, rm)
+    with naming_a_stuck_collective(job, f"the merge of run {run.index} (after optimizer step {run.end})"):
+        merge_run(job, run, rm)
     return True
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank waited longer than train.collective_timeout_minutes for the others."""
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """gloo's "Timed out waiting ..." (a plain RuntimeError naming gloo) or a torch.distributed error about a
+    timeout (NCCL's watchdog); not a timeout of anything else (a storage read, say)."""
+    text = str(e).lower()
+    return (not isinstance(e, CollectiveTimeout) and ("timed out" in text or "timeout" in text)
+            and (isinstance(e, torch.distributed.DistError) or "gloo" in text))
+
+
+@contextmanager
+def naming_a_stuck_collective(job: Job, where: str):
+    """Any failure inside says which rank failed where; a collective that timed out (gloo raises it; NCCL's
+    own watchdog, with TORCH_NCCL_ASYNC_ERROR_HANDLING, may end the process first) becomes a
+    :class:`CollectiveTimeout` naming the rank, the step and the stage instead of gloo's bare message."""
+    c = job.compute
+    try:
+        yield
+    except RuntimeError as e:
+        if c.world > 1 and is_collective_timeout(e):
+            minutes = job.cfg.train.collective_timeout_minutes
+            raise CollectiveTimeout(
+                f"rank {c.rank} of {c.world} waited more than {minutes:g} minutes "
+                f"(train.collective_timeout_minutes) for the other ranks at {where}: another rank stopped, hung "
+                f"or is slower than that bound; its own log says which ({str(e).splitlines()[0]})") from e
+        e.add_note(f"rank {c.rank} of {c.world}, at {where}")
+        raise
 
 
 @dataclass
@@ -182,7 +217,8 @@ class RunModel:
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
         vlm = attach_lora(vlm, t.lora, tokens.ids)
-        model = CoVTModel(vlm, job.heads, tokens, t.loss_weights).to(device)
+        # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
+        model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
         engine = deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device) if t.deepspeed else None
@@ -229,6 +265,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
         backward(result, rm.engine, t.grad_accum)
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
+    losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable)
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
@@ -383,6 +420,19 @@ def backward(result: dict, engine, grad_accum: int) -> None:
         engine.step()  # steps the optimizer at the end of the accumulation only
     else:
         (loss / grad_accum).backward()
+
+
+def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: int) -> dict[str, torch.Tensor]:
+    """The step's losses over the whole global batch, as one process holding all of it logs them: each rank's
+    mean over its micro-batches, averaged over the ranks. A part (an anchor) is kept when a micro-batch of any
+    rank had it; a rank without it adds zero, as a micro-batch without it does in one process."""
+    if world == 1:
+        return losses
+    device = losses["loss"].device
+    values = torch.stack([losses.get(n, torch.zeros((), device=device)).float() for n in names]
+                         + [torch.tensor(float(n in losses), device=device) for n in names])
+    torch.distributed.all_reduce(values)
+    return {n: values[i] / world for i, n in enumerate(names) if values[len(names) + i] > 0}
 
 
 def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,

@@ -77,9 +77,17 @@ class AnchorHead(nn.Module):
                 views: torch.Tensor | None = None) -> torch.Tensor:
         self.check_thoughts(thoughts)
         if thoughts.shape[0] == 0:
-            # keeps every head parameter in the graph (DDP / ZeRO expect a gradient for each)
-            return sum(p.sum() for p in self.parameters()) * 0.0 + thoughts.sum() * 0.0
+            raise ValueError(f"{self.anchor} head: no thoughts to score (a micro-batch without this anchor's "
+                             "thoughts runs the head on CoVTModel.placeholder_part instead)")
         return self.loss(self.decode(thoughts, targets, views), targets)
+
+    def zero_targets(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """All-zero targets (every cached array at the cache's shape) and views for ``batch`` rows: what the
+        head runs on when it has nothing to score but must still produce (zero) gradients."""
+        targets = {array.name: torch.zeros((batch, *array_shape(self.anchor, array.name, self.dims)))
+                   for array in get_anchor(self.anchor).arrays}
+        views = torch.zeros((batch, 3, self.view_size, self.view_size), dtype=torch.uint8) if self.view_size else None
+        return targets, views
 
     # ------------------------------------------------------------------ helpers
     def check_thoughts(self, thoughts: torch.Tensor) -> None:
