@@ -46,6 +46,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
+from trainer.deepspeed_config import resolve_deepspeed_config
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
@@ -185,7 +186,8 @@ class RunModel:
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
-        engine = deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device) if t.deepspeed else None
+        engine = (deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device, job.hidden_size,
+                                   run.end - run.start) if t.deepspeed else None)
         job.log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
                      f"{trainable_summary(model)}")
         resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
@@ -338,17 +340,13 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
+def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device,
+                     hidden_size: int, run_steps: int):
     import deepspeed
 
     with open(t.deepspeed) as f:
-        ds_config = json.load(f)
-    ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-    ds_config["gradient_accumulation_steps"] = t.grad_accum
-    # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
-    ds_config.setdefault("gradient_clipping", MAX_GRAD_NORM)
-    ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
-    ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
+        raw = json.load(f)
+    ds_config = resolve_deepspeed_config(raw, t, world, use_bf16(t, device), MAX_GRAD_NORM, hidden_size, run_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
