@@ -194,6 +194,11 @@ class TrainConfig:
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
     save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
     log_every: int = option(1, "optimizer steps between TensorBoard points")
+    # Hugging Face TrainingArguments' report_to: every tracker gets metrics.jsonl's scalars + step time, samples/s,
+    # GPU memory (trainer/metrics.py); wandb: $WANDB_PROJECT, mlflow: $MLFLOW_TRACKING_URI, $MLFLOW_EXPERIMENT_NAME
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = option(
+        factory=lambda: ["tensorboard"], help="trackers: tensorboard, wandb, mlflow (pip install .[wandb]), none")
+    run_name: str | None = option(None, "the trackers' run name (default: output_dir's folder name)")
     seed: int = option(0, "data order, stage-4 choices, LoRA init, dropout")
     on_damaged_sample: Literal["error", "skip"] = option(
         "error", "a sample failing its checksums: stop, or skip (logged)")

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop once STEP optimizer steps are done (to split a run; resume continues it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides + defaults) as YAML and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library log line, progress bar and warning (quiet by default)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         print(config_yaml(cfg), end="")
         return
 
+    from shards.console import setup_console
+
+    setup_console(args.verbose)
     from trainer.train import train
 
     final = train(cfg, resume=args.resume == "auto", stop_after=args.stop_after)

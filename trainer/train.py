@@ -19,8 +19,6 @@ import gc
 import json
 import math
 import random
-import re
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,11 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from shards.compute import Compute, autocast, compute_cleanup, compute_init
 from shards.config import Config, TrainConfig, save_config
-from shards.fs import atomic_write
 from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
@@ -50,6 +46,7 @@ from trainer.deepspeed_config import resolve_deepspeed_config
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
+from trainer.metrics import MetricsLogger
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.schedule import Run, Schedule
@@ -101,7 +98,7 @@ class Job:
     validation: list  # data.validation's held-out samples, [] without
     checkpoint: Path | None  # the newest checkpoint, written or resumed from
     step: int  # optimizer steps done
-    log: Logger
+    log: MetricsLogger
     guard: NonFiniteGuard
 
     def run_base(self, run: Run) -> Path:
@@ -131,7 +128,8 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
-    log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
+    # drops what a cut-short run logged after ``step``; continues its tracker runs (trackers.json) when resuming
+    log = MetricsLogger(cfg, out, rank, schedule.total_steps, step, t.batch_size * t.grad_accum * world)
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
@@ -410,7 +408,7 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Counts skipped steps; ``limit`` in a row stop the run."""
 
-    def __init__(self, limit: int, log: Logger):
+    def __init__(self, limit: int, log: MetricsLogger):
         self.limit, self.log = limit, log
         self.in_a_row = self.total = 0
 
@@ -437,109 +435,3 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class Logger:
-    """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl on rank 0; every rank writes
-    output_dir/perf-rank{R}.jsonl (seconds per optimizer step, peak GPU memory), kept apart from the
-    losses so that metrics.jsonl of a resumed run equals an uninterrupted one's: resuming at step
-    ``initial`` drops the lines and TensorBoard points a cut-short run wrote after it."""
-
-    def __init__(self, out: Path, rank: int, total: int, initial: int):
-        self.active = rank == 0
-        self.rank = rank
-        self.damaged = 0
-        out.mkdir(parents=True, exist_ok=True)
-        self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
-        self.last_time = time.perf_counter()
-        if not self.active:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        wait_for_a_later_event_file_name(out / "tb")
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=initial + 1)  # readers hide points from a cut run
-        truncate_metrics(out / "metrics.jsonl", initial)
-        self.metrics = open(out / "metrics.jsonl", "a")
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def start_clock(self) -> None:
-        """The optimizer step is timed from here (data, forward, backward, optimizer; not checkpoints)."""
-        self.last_time = time.perf_counter()
-
-    def info(self, message: str) -> None:
-        if self.active:
-            tqdm.write(message)
-
-    def warning(self, message: str) -> None:
-        """Every rank: a fault seen by one rank only (a damaged sample) must not go unsaid."""
-        tqdm.write(f"WARNING rank {self.rank}: {message}" if self.rank else f"WARNING: {message}")
-
-    def damaged_samples(self, problems: list[str], step: int) -> None:
-        for problem in problems:
-            self.damaged += 1
-            self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
-                         f"train.on_damaged_sample=skip): {problem}")
-
-    def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
-             skipped: bool = False, grad_norm: float = float("nan"),
-             validation: dict[str, float] | None = None) -> None:
-        now = time.perf_counter()
-        perf = {"step": done, "seconds": round(now - self.last_time, 4)}
-        self.last_time = now
-        if torch.cuda.is_available():
-            perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        self.perf.write(json.dumps(perf) + "\n")
-        self.perf.flush()
-        if not self.active:
-            return
-        self.bar.set_description(f"stage {at.stage_index + 1} {at.name}", refresh=False)
-        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in losses.items()}, "grad_norm": f"{grad_norm:.3g}"},
-                             refresh=False)
-        self.bar.update(1)
-        record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
-                  "anchor_losses": at.anchor_losses_on, **lrs, "grad_norm": grad_norm, **losses}
-        if skipped:
-            record["skipped"] = True  # non-finite loss or gradient: no update
-        if self.damaged:
-            record["damaged_samples_skipped"] = self.damaged
-        if validation is not None:
-            record["validation"] = validation
-            for name, value in validation.items():  # every validation point, whatever train.log_every
-                self.tb.add_scalar(f"validation/{name}", value, done)
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        if every and done % every == 0:
-            for name, value in losses.items():
-                self.tb.add_scalar(f"loss/{name}", value, done)
-            for name, value in lrs.items():
-                self.tb.add_scalar(f"lr/{name}", value, done)
-            self.tb.add_scalar("grad_norm", grad_norm, done)
-
-    def close(self) -> None:
-        self.perf.close()
-        if self.active:
-            self.bar.close()
-            self.tb.close()
-            self.metrics.close()
-
-
-def wait_for_a_later_event_file_name(tb_dir: Path) -> None:
-    """TensorBoard reads a folder's event files in name order, and a name starts with the writer's
-    second (events.out.tfevents.<seconds>.<host>.<pid>...). A run resumed within the second a killed
-    run started would sort by pid, possibly before the killed run's file, whose restart marker then
-    hides the resumed points; waiting for the next second keeps the resumed file last."""
-    seconds = [int(match.group(1)) for f in tb_dir.glob("events.out.tfevents.*")
-               if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
-    if seconds and max(seconds) >= int(time.time()):
-        time.sleep(max(seconds) + 1 - time.time())
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` (metrics.jsonl) up to optimizer step ``step``, rewritten atomically."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
-    if len(kept) != len(lines):
-        atomic_write(path, "".join(kept).encode())
-
