@@ -193,6 +193,8 @@ class TrainConfig:
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
     save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
+    # Hugging Face's name; the older checkpoints are deleted once a new one is complete
+    save_total_limit: int | None = option(2, "checkpoints kept (the newest); null keeps every one")
     log_every: int = option(1, "optimizer steps between TensorBoard points")
     # Hugging Face TrainingArguments' report_to: every tracker gets metrics.jsonl's scalars + step time, samples/s,
     # GPU memory (trainer/metrics.py); wandb: $WANDB_PROJECT, mlflow: $MLFLOW_TRACKING_URI, $MLFLOW_EXPERIMENT_NAME
@@ -417,6 +419,7 @@ RANGES: dict[str, Range] = {
     "train.max_length": AT_LEAST_1,
     "train.num_workers": AT_LEAST_0,
     "train.save_every": AT_LEAST_0,
+    "train.save_total_limit": AT_LEAST_1,
     "train.log_every": AT_LEAST_0,
     "train.seed": AT_LEAST_0,
     "train.plain_answer_fraction": UNIT,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_rng,
     load_trainable,
+    named_checkpoint,
     read_meta,
+    remove_checkpoints_after,
     save_checkpoint,
     trainable_state,
 )
@@ -54,13 +57,16 @@ from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
 
+logger = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 # ranks wait at barriers while rank 0 alone merges a run or exports the final model (minutes for a 7B)
 BARRIER_TIMEOUT = timedelta(hours=2)
 
 
-def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Path | None:
-    """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
+def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None = None) -> Path | None:
+    """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``.
+    ``resume``: True, the newest checkpoint; False, step 0; a path, that checkpoint of output_dir (the later
+    ones are deleted: this run rewrites them)."""
     t = cfg.train
     compute = compute_init(t.device, "train.device", BARRIER_TIMEOUT, group_of_one=bool(t.deepspeed))
     job = None
@@ -109,7 +115,7 @@ class Job:
         return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
 
 
-def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
+def start_job(cfg: Config, compute: Compute, resume: bool | str | Path) -> Job:
     """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
     t, rank, world = cfg.train, compute.rank, compute.world
     schedule = Schedule(schedule_stages(t))
@@ -123,8 +129,8 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
+    checkpoint = resume_point(out, resume, rank)
     compute.barrier()
-    checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
@@ -240,7 +246,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     if (t.save_every and done % t.save_every == 0) or job.schedule.is_stage_end(done):
         job.checkpoint = save_checkpoint(job.out, done, rm.model, meta=position(job.schedule, done),
                                          optimizer=rm.optimizer, scheduler=rm.scheduler, engine=rm.engine,
-                                         rank=job.compute.rank, world_size=job.compute.world)
+                                         rank=job.compute.rank, world_size=job.compute.world,
+                                         keep=t.save_total_limit)
 
 
 def merge_run(job: Job, run: Run, rm: RunModel) -> None:
@@ -258,6 +265,17 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
         merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
                         token_seed=job.cfg.train.seed)
     job.compute.barrier()
+
+
+def resume_point(out: Path, resume: bool | str | Path, rank: int) -> Path | None:
+    """The checkpoint to resume from (see ``train``); rank 0 deletes those after a named one."""
+    if resume is True or resume is False:
+        return latest_checkpoint(out) if resume else None
+    checkpoint = named_checkpoint(out, resume)
+    if rank == 0:
+        for later in remove_checkpoints_after(out, read_meta(checkpoint)["global_step"]):
+            logger.warning(f"--resume {checkpoint.name}: deleted the later checkpoint {later} (this run rewrites it)")
+    return checkpoint
 
 
 def finish_merged_run(job: Job, run: Run) -> None:
