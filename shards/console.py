@@ -18,7 +18,6 @@ OUR_PACKAGES = ("shards", "precompute", "trainer", "bench")
 # (message regex, category, why it is harmless here)
 HARMLESS_WARNINGS = [
     (r".*is_gradient_checkpointing.*", FutureWarning, "transformers' own attribute, read at every model load"),
-    (r".*torch\.export.*\.pt2.*|.*\.pt2.*torch\.export.*", UserWarning, "torch's format notice, not ours"),
     (r".*(bos|eos)_token_id.*", UserWarning, "the tiny random CLIP config's special token ids"),
 ]
 NOISY_LIBRARY_LOGGERS = ("transformers", "DeepSpeed", "deepspeed", "torch.distributed", "torch.export", "accelerate",
