@@ -341,7 +341,9 @@ def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    # perf/* (seconds per step, samples/s) are timings: they differ between any two runs
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if not tag.startswith("perf/")}
 
 
 def nan_depth_loss(monkeypatch, at_calls: set[int]) -> None:
