@@ -1,11 +1,17 @@
-# CoVT trainer. `make install`, then `make test`; `make precompute && make train`
-# runs the embedded default (configs/tiny.yaml) end to end on a CPU.
+# CoVT trainer. On a fresh clone `make test` and `make train` are enough: each creates what it needs
+# and is missing, through Make's own dependencies (the venv's python, the default cache's manifest):
+# `make test` = install + test; `make train` = install + precompute (embedded default) + train, on a CPU.
+# `make install`, `make precompute` do the steps apart.
 PYTHON_BOOT ?= python3.11
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
+CONSTRAINTS := constraints.txt
+# the embedded default's cache, made by `make train` when missing (other configs: `make precompute` first)
+DEFAULT_CONFIG := configs/tiny.yaml
+DEFAULT_CACHE_MANIFEST := runs/tiny/cache/manifest.json
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -13,31 +19,37 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install test precompute train demo inspect bench clean
 
+# the environment, when it is missing: created and installed (removed again if the install fails)
 $(PYTHON):
-	$(PYTHON_BOOT) -m venv $(VENV)
+	$(MAKE) install || { rm -rf $(VENV); exit 1; }
 
-install: $(PYTHON)
+# the exact versions of constraints.txt (pyproject.toml holds the compatible ranges)
+install:
+	test -x $(PYTHON) || $(PYTHON_BOOT) -m venv $(VENV)
 	# torch and torchvision come from this machine's local wheel files
-	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -e '.[test]'
+	$(PIP) install -c $(CONSTRAINTS) torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -c $(CONSTRAINTS) -e '.[test,wandb,mlflow]'
 	# DeepSpeed from its source package, no CUDA ops compiled at install time
-	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation deepspeed==0.19.8
+	DS_BUILD_OPS=0 $(PIP) install -c $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.8
+
+$(DEFAULT_CACHE_MANIFEST): | $(PYTHON)
+	$(PYTHON) -m precompute --config $(DEFAULT_CONFIG)
 
 # the linter first (ruff, configured in pyproject.toml), so CI fails on what it flags
-test:
+test: | $(PYTHON)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q $(ARGS)
 
 # the suite without the end-to-end tests that run a whole phase (@pytest.mark.slow)
 .PHONY: test-fast
-test-fast:
+test-fast: | $(PYTHON)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
-precompute:
+precompute: | $(PYTHON)
 	$(PYTHON) -m precompute --config $(CONFIG) $(ARGS)
 
-train:
+train: | $(PYTHON) $(if $(filter $(DEFAULT_CONFIG),$(CONFIG)),$(DEFAULT_CACHE_MANIFEST))
 	$(PYTHON) -m trainer --config $(CONFIG) $(ARGS)
 
 # after `make train`: answer a question about a sample photo and draw its visual thoughts (runs/tiny/thoughts.png)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from shards.anchors import ANCHORS
 from shards.config import add_config_arguments, config_from_args
+from shards.console import setup_console
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", default=None,
                         help="comma-separated anchors to compute instead of the config's `anchors`, e.g. "
                              "--anchors pidinet adds PIDINet to an existing cache without touching the others")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library log line, progress bar and warning (quiet by default)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     anchors = None
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [a for a in anchors if a not in ANCHORS]
         if unknown:
             sys.exit(f"--anchors: unknown anchor(s) {unknown} (known: {list(ANCHORS)})")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_console(args.verbose)
 
     from precompute.run import precompute  # after argument errors, which should not wait for torch
 

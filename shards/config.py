@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import sys
 import types
@@ -173,6 +174,10 @@ class TrainConfig:
     lr: float = option(5e-5, "LoRA, new token rows and heads (the reference's learning_rate)")
     projection_lr: float = option(1e-5, "parameters named *_projection*, *query_vectors*, *cross_attention*")
     weight_decay: float = option(0.1, "AdamW weight decay, except biases and norm weights")
+    # Hugging Face TrainingArguments' names and defaults (the reference's run.sh leaves them at these)
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
     warmup_ratio: float = option(0.05, "linear warm-up over this share of each run, then cosine to 0 (per run)")
     batch_size: int = option(1, "per device")
     grad_accum: int = option(1, "micro batches per optimizer step")
@@ -188,7 +193,14 @@ class TrainConfig:
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
     save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
+    # Hugging Face's name; the older checkpoints are deleted once a new one is complete
+    save_total_limit: int | None = option(2, "checkpoints kept (the newest); null keeps every one")
     log_every: int = option(1, "optimizer steps between TensorBoard points")
+    # Hugging Face TrainingArguments' report_to: every tracker gets metrics.jsonl's scalars + step time, samples/s,
+    # GPU memory (trainer/metrics.py); wandb: $WANDB_PROJECT, mlflow: $MLFLOW_TRACKING_URI, $MLFLOW_EXPERIMENT_NAME
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = option(
+        factory=lambda: ["tensorboard"], help="trackers: tensorboard, wandb, mlflow (pip install .[wandb]), none")
+    run_name: str | None = option(None, "the trackers' run name (default: output_dir's folder name)")
     seed: int = option(0, "data order, stage-4 choices, LoRA init, dropout")
     on_damaged_sample: Literal["error", "skip"] = option(
         "error", "a sample failing its checksums: stop, or skip (logged)")
@@ -287,13 +299,20 @@ def _build_dataclass(tp: type, value: Any, key: str) -> Any:
     if unknown:
         where = f"{key}." if key else ""
         raise ConfigError(
-            f"unknown config key {where}{unknown[0]!s} (known keys{' of ' + key if key else ''}: {sorted(names)})"
+            f"unknown config key {where}{unknown[0]!s}{did_you_mean(str(unknown[0]), names, where)} "
+            f"(known keys{' of ' + key if key else ''}: {sorted(names)})"
         )
     kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
     try:
         return tp(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{key or 'config'}: {e}") from None
+
+
+def did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
+    """'; did you mean train.lr?' for the closest known key (difflib), or '' when none is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _build_scalar(tp: Any, value: Any, key: str) -> Any:
@@ -393,6 +412,9 @@ RANGES: dict[str, Range] = {
     "train.lr": POSITIVE,
     "train.projection_lr": POSITIVE,
     "train.weight_decay": AT_LEAST_0,
+    "train.adam_beta1": Range(0, 1, high_open=True),
+    "train.adam_beta2": Range(0, 1, high_open=True),
+    "train.adam_epsilon": POSITIVE,
     "train.warmup_ratio": Range(0, 1, high_open=True),
     "train.batch_size": AT_LEAST_1,
     "train.grad_accum": AT_LEAST_1,
@@ -400,6 +422,7 @@ RANGES: dict[str, Range] = {
     "train.max_length": AT_LEAST_1,
     "train.num_workers": AT_LEAST_0,
     "train.save_every": AT_LEAST_0,
+    "train.save_total_limit": AT_LEAST_1,
     "train.log_every": AT_LEAST_0,
     "train.seed": AT_LEAST_0,
     "train.plain_answer_fraction": UNIT,

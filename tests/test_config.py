@@ -24,6 +24,28 @@ def test_unknown_nested_key_is_named_with_its_section(tmp_path):
         load_config(write(tmp_path, "cache: {shard_sise: 3}\n"))
 
 
+def test_a_mistyped_key_suggests_the_closest_known_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"cache\.shard_sise; did you mean cache\.shard_size\?"):
+        load_config(write(tmp_path, "cache: {shard_sise: 3}\n"))
+    with pytest.raises(ConfigError, match=r"did you mean train\.adam_beta2\?"):
+        load_config(None, ["train.adam_beta_2=0.95"])
+    with pytest.raises(ConfigError) as far:
+        load_config(None, ["train.zzz=1"])
+    assert "did you mean" not in str(far.value)
+
+
+def test_adam_betas_and_epsilon_reach_the_optimizer():
+    import torch
+
+    from trainer.optim import make_optimizer
+
+    t = load_config(None, ["train.adam_beta1=0.8", "train.adam_beta2=0.95", "train.adam_epsilon=1e-6"]).train
+    group = make_optimizer(torch.nn.Linear(2, 2), t).param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+    with pytest.raises(ConfigError, match=r"train\.adam_beta2"):
+        load_config(None, ["train.adam_beta2=1.0"])
+
+
 def test_wrong_type_names_the_dotted_key(tmp_path):
     with pytest.raises(ConfigError, match=r"cache\.shard_size.*integer"):
         load_config(write(tmp_path, "cache: {shard_size: many}\n"))

@@ -238,7 +238,7 @@ def test_thoughts_png_decodes_every_head_beside_its_anchor(e2e_workdir, e2e_trai
                         str(REPO / "data/sample/images/rocket.jpg"), "--question", "What is shown in the image?",
                         "--image-size", "112", "--max-new-tokens", "8", "--config", str(tmp_path / "config.yaml"),
                         "--thoughts", str(out)])
-    assert f"visual thoughts: {out}" in proc.stdout
+    assert f"thoughts drawn: {out}" in proc.stdout
     picture = np.asarray(Image.open(out).convert("RGB"))
     assert picture.shape == (4 * 360, 756, 3)  # 4.0 x 8.4 inches at 90 dpi a row: the image, then sam, depth, dino
     assert picture.std() > 20  # drawn panels, not a blank page

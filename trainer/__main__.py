@@ -6,7 +6,8 @@ exits). Launch several GPUs with ``torchrun --nproc-per-node N -m trainer ...`` 
 --module trainer ...`` (DeepSpeed's launcher has no ``-m``) and train.deepspeed=configs/deepspeed/zero2.json.
 
 ``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
-(trainer/generate.py, trainer/evaluate.py; ``--help`` on each).
+(trainer/generate.py, trainer/evaluate.py; ``--help`` on each); ``python -m trainer export`` turns a
+``step-N`` checkpoint into such a model folder (trainer/export_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate"}
+SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate", "export": "trainer.export_checkpoint"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +32,18 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--resume", choices=["auto", "none"], default="auto",
-                        help="auto: continue from the newest checkpoint in train.output_dir (default)")
+    parser.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                        help="auto: continue from the newest checkpoint in train.output_dir (default); none: start "
+                             "from step 0; PATH: from that checkpoint of train.output_dir (e.g. "
+                             "runs/x/checkpoints/step-000300), deleting the later ones")
     parser.add_argument("--no-resume", dest="resume", action="store_const", const="none",
                         help="start from step 0 even if checkpoints exist")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop once STEP optimizer steps are done (to split a run; resume continues it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides + defaults) as YAML and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library log line, progress bar and warning (quiet by default)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -48,9 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         print(config_yaml(cfg), end="")
         return
 
+    from shards.console import setup_console
+
+    setup_console(args.verbose)
     from trainer.train import train
 
-    final = train(cfg, resume=args.resume == "auto", stop_after=args.stop_after)
+    resume = {"auto": True, "none": False}.get(args.resume, args.resume)
+    final = train(cfg, resume=resume, stop_after=args.stop_after)
     if final is not None:
         print(f"done: {final}")
 

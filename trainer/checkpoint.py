@@ -8,7 +8,7 @@ optimizer states, frozen parameters excluded) go in ``deepspeed/``.
 
 Writes are atomic: everything goes to a hidden temporary folder that is renamed
 into place once complete, so a crash never leaves a half checkpoint that resume
-would pick up. Only the newest ``keep`` checkpoints are kept.
+would pick up. Only the newest ``keep`` checkpoints are kept (train.save_total_limit; None keeps all).
 """
 from __future__ import annotations
 
@@ -47,6 +47,28 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def named_checkpoint(output_dir: str | Path, name: str | Path) -> Path:
+    """The complete checkpoint ``name`` (a path, or step-XXXXXX) of ``output_dir``, for ``--resume PATH``."""
+    found = dict((p.resolve(), p) for _, p in list_checkpoints(output_dir))
+    candidates = [Path(name), Path(output_dir) / CHECKPOINTS / Path(name).name]
+    for candidate in candidates:
+        if candidate.resolve() in found:
+            return found[candidate.resolve()]
+    listed = ", ".join(p.name for p in found.values()) or "none"
+    raise FileNotFoundError(f"--resume {name}: not a complete checkpoint of train.output_dir={output_dir} "
+                            f"(its checkpoints: {listed}); a run resumes from its own checkpoints only, since "
+                            "later runs start from its merged folders")
+
+
+def remove_checkpoints_after(output_dir: str | Path, step: int) -> list[Path]:
+    """Delete the checkpoints later than ``step``: a run resumed from ``step`` rewrites them, and a later
+    ``--resume auto`` must not pick one from the abandoned trajectory."""
+    later = [p for s, p in list_checkpoints(output_dir) if s > step]
+    for p in later:
+        shutil.rmtree(p)
+    return later
 
 
 def rng_state() -> dict:
@@ -106,7 +128,7 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], prefi
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, meta: dict, optimizer=None,
-                    scheduler=None, engine=None, rank: int = 0, world_size: int = 1, keep: int = 2) -> Path:
+                    scheduler=None, engine=None, rank: int = 0, world_size: int = 1, keep: int | None = 2) -> Path:
     """Write checkpoint ``step`` atomically; every rank calls it (rank 0 writes the shared files)."""
     final = checkpoint_path(output_dir, step)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
@@ -131,7 +153,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, m
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in list_checkpoints(output_dir)[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(world_size)
     return final

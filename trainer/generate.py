@@ -364,5 +364,5 @@ def main(argv: list[str] | None = None) -> int:
         # only here: trainer.thoughts imports precompute's anchor loaders, which training never needs
         from trainer.thoughts import draw_thoughts
 
-        print(f"visual thoughts: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
+        print(f"thoughts drawn: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
     return 0

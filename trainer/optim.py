@@ -59,7 +59,8 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay,
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

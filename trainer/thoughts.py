@@ -53,8 +53,9 @@ def anchor_outputs(cfg: Config, anchors: list[str], image: Image.Image,
     for name in anchors:
         model = load_anchor(name, pre, device)
         view = make_view(image, view_key(name, model.input_size, pre.views))  # the view precompute gives it
-        views = torch.from_numpy(view[None]).to(device)
-        outputs[name] = {k: torch.from_numpy(np.asarray(v)) for k, v in model.compute(views).items()}
+        # copies: the view and the anchors' arrays may be read-only NumPy views, which torch.from_numpy warns about
+        views = torch.tensor(view[None]).to(device)
+        outputs[name] = {k: torch.tensor(np.asarray(v)) for k, v in model.compute(views).items()}
         del model
     return outputs
 
@@ -128,7 +129,7 @@ def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: G
         hidden, source = states[anchor]
         views = None
         if getattr(head, "view_size", None):
-            views = torch.from_numpy(square_view(image, head.view_size)[None]).permute(0, 3, 1, 2).to(vlm.device)
+            views = torch.tensor(square_view(image, head.view_size)[None]).permute(0, 3, 1, 2).to(vlm.device)
         with torch.no_grad():
             decoded = head.decode(hidden.float(), {k: v.to(vlm.device) for k, v in targets[anchor].items()}, views)
         rows.append((anchor, source, decoded.float().cpu(), {k: v.float() for k, v in targets[anchor].items()}))

@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import math
 import random
-import re
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,11 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from shards.compute import Compute, autocast, compute_cleanup, compute_init
 from shards.config import Config, TrainConfig, save_config
-from shards.fs import atomic_write
 from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
@@ -43,13 +40,17 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_rng,
     load_trainable,
+    named_checkpoint,
     read_meta,
+    remove_checkpoints_after,
     save_checkpoint,
     trainable_state,
 )
+from trainer.deepspeed_config import resolve_deepspeed_config
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
 from trainer.lora import attach_lora, trainable_summary
+from trainer.metrics import MetricsLogger
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.schedule import Run, Schedule
@@ -57,11 +58,14 @@ from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
 
+logger = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 
 
-def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Path | None:
-    """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``."""
+def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None = None) -> Path | None:
+    """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``.
+    ``resume``: True, the newest checkpoint; False, step 0; a path, that checkpoint of output_dir (the later
+    ones are deleted: this run rewrites them)."""
     t = cfg.train
     compute = compute_init(t.device, "train.device", timedelta(minutes=t.collective_timeout_minutes),
                            group_of_one=bool(t.deepspeed))
@@ -100,7 +104,7 @@ class Job:
     validation: list  # data.validation's held-out samples, [] without
     checkpoint: Path | None  # the newest checkpoint, written or resumed from
     step: int  # optimizer steps done
-    log: Logger
+    log: MetricsLogger
     guard: NonFiniteGuard
 
     def run_base(self, run: Run) -> Path:
@@ -111,7 +115,7 @@ class Job:
         return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
 
 
-def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
+def start_job(cfg: Config, compute: Compute, resume: bool | str | Path) -> Job:
     """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
     t, rank, world = cfg.train, compute.rank, compute.world
     schedule = Schedule(schedule_stages(t))
@@ -125,12 +129,13 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
+    checkpoint = resume_point(out, resume, rank)
     compute.barrier()
-    checkpoint = latest_checkpoint(out) if resume else None
     step = read_meta(checkpoint)["global_step"] if checkpoint else 0
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
-    log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
+    # drops what a cut-short run logged after ``step``; continues its tracker runs (trackers.json) when resuming
+    log = MetricsLogger(cfg, out, rank, schedule.total_steps, step, t.batch_size * t.grad_accum * world)
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
@@ -221,7 +226,8 @@ class RunModel:
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
-        engine = deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device) if t.deepspeed else None
+        engine = (deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device, job.hidden_size,
+                                   run.end - run.start) if t.deepspeed else None)
         job.log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
                      f"{trainable_summary(model)}")
         resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
@@ -277,7 +283,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     if (t.save_every and done % t.save_every == 0) or job.schedule.is_stage_end(done):
         job.checkpoint = save_checkpoint(job.out, done, rm.model, meta=position(job.schedule, done),
                                          optimizer=rm.optimizer, scheduler=rm.scheduler, engine=rm.engine,
-                                         rank=job.compute.rank, world_size=job.compute.world)
+                                         rank=job.compute.rank, world_size=job.compute.world,
+                                         keep=t.save_total_limit)
 
 
 def merge_run(job: Job, run: Run, rm: RunModel) -> None:
@@ -295,6 +302,17 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
         merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
                         token_seed=job.cfg.train.seed)
     job.compute.barrier()
+
+
+def resume_point(out: Path, resume: bool | str | Path, rank: int) -> Path | None:
+    """The checkpoint to resume from (see ``train``); rank 0 deletes those after a named one."""
+    if resume is True or resume is False:
+        return latest_checkpoint(out) if resume else None
+    checkpoint = named_checkpoint(out, resume)
+    if rank == 0:
+        for later in remove_checkpoints_after(out, read_meta(checkpoint)["global_step"]):
+            logger.warning(f"--resume {checkpoint.name}: deleted the later checkpoint {later} (this run rewrites it)")
+    return checkpoint
 
 
 def finish_merged_run(job: Job, run: Run) -> None:
@@ -375,17 +393,13 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
+def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device,
+                     hidden_size: int, run_steps: int):
     import deepspeed
 
     with open(t.deepspeed) as f:
-        ds_config = json.load(f)
-    ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-    ds_config["gradient_accumulation_steps"] = t.grad_accum
-    # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
-    ds_config.setdefault("gradient_clipping", MAX_GRAD_NORM)
-    ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
-    ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
+        raw = json.load(f)
+    ds_config = resolve_deepspeed_config(raw, t, world, use_bf16(t, device), MAX_GRAD_NORM, hidden_size, run_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
@@ -462,7 +476,7 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Counts skipped steps; ``limit`` in a row stop the run."""
 
-    def __init__(self, limit: int, log: Logger):
+    def __init__(self, limit: int, log: MetricsLogger):
         self.limit, self.log = limit, log
         self.in_a_row = self.total = 0
 
@@ -489,109 +503,3 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class Logger:
-    """tqdm bar + TensorBoard (output_dir/tb) + output_dir/metrics.jsonl on rank 0; every rank writes
-    output_dir/perf-rank{R}.jsonl (seconds per optimizer step, peak GPU memory), kept apart from the
-    losses so that metrics.jsonl of a resumed run equals an uninterrupted one's: resuming at step
-    ``initial`` drops the lines and TensorBoard points a cut-short run wrote after it."""
-
-    def __init__(self, out: Path, rank: int, total: int, initial: int):
-        self.active = rank == 0
-        self.rank = rank
-        self.damaged = 0
-        out.mkdir(parents=True, exist_ok=True)
-        self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
-        self.last_time = time.perf_counter()
-        if not self.active:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        wait_for_a_later_event_file_name(out / "tb")
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=initial + 1)  # readers hide points from a cut run
-        truncate_metrics(out / "metrics.jsonl", initial)
-        self.metrics = open(out / "metrics.jsonl", "a")
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def start_clock(self) -> None:
-        """The optimizer step is timed from here (data, forward, backward, optimizer; not checkpoints)."""
-        self.last_time = time.perf_counter()
-
-    def info(self, message: str) -> None:
-        if self.active:
-            tqdm.write(message)
-
-    def warning(self, message: str) -> None:
-        """Every rank: a fault seen by one rank only (a damaged sample) must not go unsaid."""
-        tqdm.write(f"WARNING rank {self.rank}: {message}" if self.rank else f"WARNING: {message}")
-
-    def damaged_samples(self, problems: list[str], step: int) -> None:
-        for problem in problems:
-            self.damaged += 1
-            self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
-                         f"train.on_damaged_sample=skip): {problem}")
-
-    def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
-             skipped: bool = False, grad_norm: float = float("nan"),
-             validation: dict[str, float] | None = None) -> None:
-        now = time.perf_counter()
-        perf = {"step": done, "seconds": round(now - self.last_time, 4)}
-        self.last_time = now
-        if torch.cuda.is_available():
-            perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        self.perf.write(json.dumps(perf) + "\n")
-        self.perf.flush()
-        if not self.active:
-            return
-        self.bar.set_description(f"stage {at.stage_index + 1} {at.name}", refresh=False)
-        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in losses.items()}, "grad_norm": f"{grad_norm:.3g}"},
-                             refresh=False)
-        self.bar.update(1)
-        record = {"step": done, "stage": at.name, "stage_index": at.stage_index, "run": at.run_index,
-                  "anchor_losses": at.anchor_losses_on, **lrs, "grad_norm": grad_norm, **losses}
-        if skipped:
-            record["skipped"] = True  # non-finite loss or gradient: no update
-        if self.damaged:
-            record["damaged_samples_skipped"] = self.damaged
-        if validation is not None:
-            record["validation"] = validation
-            for name, value in validation.items():  # every validation point, whatever train.log_every
-                self.tb.add_scalar(f"validation/{name}", value, done)
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        if every and done % every == 0:
-            for name, value in losses.items():
-                self.tb.add_scalar(f"loss/{name}", value, done)
-            for name, value in lrs.items():
-                self.tb.add_scalar(f"lr/{name}", value, done)
-            self.tb.add_scalar("grad_norm", grad_norm, done)
-
-    def close(self) -> None:
-        self.perf.close()
-        if self.active:
-            self.bar.close()
-            self.tb.close()
-            self.metrics.close()
-
-
-def wait_for_a_later_event_file_name(tb_dir: Path) -> None:
-    """TensorBoard reads a folder's event files in name order, and a name starts with the writer's
-    second (events.out.tfevents.<seconds>.<host>.<pid>...). A run resumed within the second a killed
-    run started would sort by pid, possibly before the killed run's file, whose restart marker then
-    hides the resumed points; waiting for the next second keeps the resumed file last."""
-    seconds = [int(match.group(1)) for f in tb_dir.glob("events.out.tfevents.*")
-               if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
-    if seconds and max(seconds) >= int(time.time()):
-        time.sleep(max(seconds) + 1 - time.time())
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` (metrics.jsonl) up to optimizer step ``step``, rewritten atomically."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]  # a cut last line goes
-    if len(kept) != len(lines):
-        atomic_write(path, "".join(kept).encode())
-

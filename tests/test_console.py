@@ -1,0 +1,60 @@
+"""The console: our messages through leveled logging, library noise off unless --verbose, `make train` quiet."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import logging, warnings, sys
+from shards.console import setup_console
+setup_console(verbose={verbose})
+logging.getLogger("trainer.train").info("an info line")
+logging.getLogger("trainer.train").debug("a debug line")
+logging.getLogger("shards.reader").warning("a warning line")
+logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
+warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+warnings.warn("a warning of ours", UserWarning)
+"""
+
+
+def console(verbose: bool) -> str:
+    proc = subprocess.run([sys.executable, "-c", CHECK.format(verbose=verbose)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS=""))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_quiet_console_keeps_our_lines_and_drops_known_library_noise():
+    out = console(verbose=False)
+    assert "an info line" in out and "WARNING: a warning line" in out and "a warning of ours" in out
+    assert "a debug line" not in out and "Setting accelerator" not in out and "is_gradient_checkpointing" not in out
+
+
+def test_verbose_shows_everything():
+    out = console(verbose=True)
+    assert "a debug line" in out and "Setting accelerator" in out and "is_gradient_checkpointing" in out
+
+
+NOISE = re.compile(r"warn|Loading weights|Writing model shards|Setting accelerator|\.pt2", re.IGNORECASE)
+
+
+@pytest.mark.slow
+def test_make_train_on_the_embedded_default_prints_no_warning(tmp_path):
+    """`make train` as a user runs it (the default cache is made first when missing), one short stage."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    stages = "[{name: understanding, steps: 1, merge_after: true}]"
+    proc = subprocess.run(["make", "train", f"PYTHON={sys.executable}",
+                           f"ARGS=train.output_dir={tmp_path / 'train'} train.stages='{stages}'"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "train" / "final" / "config.json").is_file()
+    noisy = [line for line in re.split(r"[\r\n]", out) if NOISE.search(line)]
+    assert noisy == [], "\n".join(noisy)

@@ -1,0 +1,85 @@
+"""``python -m trainer export --checkpoint RUN/checkpoints/step-N --out DIR``: any checkpoint as a model folder.
+
+The folder is the one training writes as ``final`` (merged weights + processor + the heads), built
+from the step's state: the checkpoint's run starts from the base model (run 0) or the previous
+run's merged folder in the same run folder; its adapters and token rows are merged into that, and
+its heads exported beside. ``python -m trainer evaluate --model DIR`` scores it, so each kept
+checkpoint (``train.save_total_limit: null`` keeps all) can be compared and the best step chosen.
+The run folder's ``config.yaml`` (the config it trained with) says the LoRA, anchors and cache.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from shards.config import Config, load_config
+from shards.reader import Cache
+from trainer.checkpoint import read_meta
+from trainer.export import export_final, load_processor, merge_to_folder
+from trainer.heads import build_heads
+from trainer.schedule import Schedule
+from trainer.tokens import add_thought_tokens
+from trainer.train import head_anchors, load_heads, load_vlm_config, schedule_stages, vlm_tensors
+
+
+def checkpoint_base(cfg: Config, run_dir: Path, run_index: int) -> Path:
+    """The model the checkpoint's run started from: the base model or the previous run's merge."""
+    if run_index == 0:
+        return Path(cfg.model.path)
+    base = run_dir / Schedule(schedule_stages(cfg.train)).runs[run_index - 1].merged_name
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: the merged folder this checkpoint's run (run {run_index}) starts from is "
+                                "missing; the checkpoint cannot be exported without it")
+    return base
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write checkpoint ``checkpoint`` (RUN/checkpoints/step-N) as a final-style model folder at ``out``."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "state.pt").is_file() or not (checkpoint / "trainable.safetensors").is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a complete training checkpoint "
+                                "(state.pt and trainable.safetensors expected)")
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: the run folder's config is missing; export reads the "
+                                "LoRA, anchors and cache settings the checkpoint was trained with from it")
+    cfg = load_config(run_dir / "config.yaml")
+    meta = read_meta(checkpoint)
+    base = checkpoint_base(cfg, run_dir, meta["run_index"])
+    state = load_file(checkpoint / "trainable.safetensors")
+    heads = build_heads(head_anchors(cfg), load_vlm_config(base).text_config.hidden_size,
+                        Cache(cfg.cache.dir, **cfg.cache.cache_kwargs()))
+    load_heads(heads, state, where=str(checkpoint))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=out.parent) as tmp:
+        merged = merge_to_folder(base, cfg.train.lora, vlm_tensors(state), Path(tmp) / "merged",
+                                 token_seed=cfg.train.seed)
+        tokens = add_thought_tokens(load_processor(merged))
+        export_final(merged, heads, tokens, cfg.train.loss_weights, out)
+        shutil.rmtree(merged)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer export", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, RUN/checkpoints/step-XXXXXX")
+    parser.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
+    parser.add_argument("--verbose", action="store_true", help="show every library log line and warning")
+    args = parser.parse_args(argv)
+    from shards.console import setup_console
+
+    setup_console(args.verbose)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    step = read_meta(args.checkpoint)["global_step"]
+    print(f"exported step {step}: {out} (score it: python -m trainer evaluate --model {out} --benchmark FILE.tsv)")
+    return 0
