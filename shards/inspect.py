@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards import fs, layout
+from shards import fs, integrity, layout
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError, sample_name
 from shards.reader import Cache, CacheError
@@ -167,9 +167,11 @@ def _manifest_and_decoder_problems(cache: Cache) -> list[str]:
                         f"{len(m['shards'])} shards, expected {m['num_samples']} in {m['num_shards']}")
     for anchor, a in m["anchors"].items():
         for d, info in a["decoders"].items():
-            path = cache.decoders_dir / d
-            if not path.is_file() or fs.sha256_file(path) != info["sha256"]:
-                problems.append(f"decoders/{d} ({anchor}): missing or checksum mismatch")
+            cache.local_path(f"{layout.DECODERS_DIR}/{d}")
+            try:
+                integrity.check_decoder(cache.cache_dir, d, info, anchor)
+            except DamagedSampleError as e:
+                problems.append(str(e))
     return problems
 
 

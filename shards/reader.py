@@ -163,12 +163,15 @@ class Cache:
 
     @property
     def decoders_dir(self) -> Path:
-        """The decoder files of the cache's anchors (a remote cache's: fetched into the local copy)."""
+        """The decoder files of the cache's anchors (a remote cache's: fetched into the local copy); with
+        ``verify``, each checked against the manifest here, before any head loads one."""
         if self._mirror is not None:
             (self.cache_dir / layout.DECODERS_DIR).mkdir(parents=True, exist_ok=True)
-            for a in self.manifest["anchors"].values():
-                for d in a["decoders"]:
-                    self.local_path(f"{layout.DECODERS_DIR}/{d}")
+        for anchor, a in self.manifest["anchors"].items():
+            for d, info in a["decoders"].items():
+                self.local_path(f"{layout.DECODERS_DIR}/{d}")
+                if self.verify:
+                    integrity.check_decoder(self.cache_dir, d, info, anchor)
         return self.cache_dir / layout.DECODERS_DIR
 
     def shard_of(self, index: int) -> int:
