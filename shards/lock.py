@@ -6,7 +6,8 @@ job id, and every rank of that job may enter); another precompute on the same ca
 stops at once naming the holder. A lock whose process is dead on this host is stale
 (a killed run) and is taken over. Readers use :func:`unfinished_hint` and
 :func:`lock_holder_message` to say that precompute is still running or has not
-finished, and what to run.
+finished, and what to run. The trainer locks its run folder the same way (``LockFile(out, name)``,
+``CacheLock(..., what="training")``).
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ def parse_holder(raw: bytes | str) -> dict:
         return dict(UNKNOWN_HOLDER)
 
 
-def read_holder(cache_dir: str | Path) -> dict | None:
+def read_holder(cache_dir: str | Path, name: str = layout.LOCK) -> dict | None:
     """What the lock file says, or None if there is none (an unreadable one names an unknown holder)."""
-    path = Path(cache_dir) / layout.LOCK
+    path = Path(cache_dir) / name
     try:
         return parse_holder(path.read_bytes())
     except FileNotFoundError:
@@ -72,7 +73,8 @@ def holder_alive(holder: dict) -> bool | None:
 
 
 def describe(holder: dict) -> str:
-    return f"precompute on host {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')})"
+    what = holder.get("what", "precompute")
+    return f"{what} on host {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')})"
 
 
 def live_holder(cache_dir: str | Path) -> dict | None:
@@ -107,9 +109,10 @@ class LockFile:
     """The lock of a local cache folder: ``CACHE/writer.lock``. ``shards.storage.RemoteLockFile`` is the same
     for a cache at a URL (an object created only if absent); :class:`CacheLock` works with either."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, name: str = layout.LOCK):
         self.cache_dir = Path(cache_dir)
-        self.path = self.cache_dir / layout.LOCK
+        self.name = name
+        self.path = self.cache_dir / name
 
     def __str__(self) -> str:
         return str(self.path)
@@ -123,7 +126,7 @@ class LockFile:
             return None
 
     def read(self) -> dict | None:
-        return read_holder(self.cache_dir)
+        return read_holder(self.cache_dir, self.name)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -131,13 +134,16 @@ class LockFile:
 
 class CacheLock:
     """``with CacheLock(cache_dir):`` hold the writer lock of ``cache_dir`` (see the module docstring);
-    ``lock_file`` replaces the local ``CACHE/writer.lock`` (a cache at a URL: ``shards.storage``)."""
+    ``lock_file`` replaces the local ``CACHE/writer.lock`` (a cache at a URL: ``shards.storage``); ``what``
+    names the kind of process that holds it (``precompute``, ``training``), ``rule`` says why one at a time."""
 
-    def __init__(self, cache_dir: str | Path, lock_file: LockFile | None = None):
+    def __init__(self, cache_dir: str | Path, lock_file: LockFile | None = None, what: str = "precompute",
+                 rule: str = "one precompute per cache"):
         self.cache_dir = cache_dir
         self.file = lock_file or LockFile(cache_dir)
+        self.rule = rule
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id()}
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id(), "what": what}
         self.owner = False
 
     def acquire(self) -> None:
@@ -156,7 +162,7 @@ class CacheLock:
                 self.file.remove()
                 continue
             raise CacheBusyError(
-                f"{self.cache_dir} is being written by {describe(holder)}: one precompute per cache. Wait for "
+                f"{self.cache_dir} is being written by {describe(holder)}: {self.rule}. Wait for "
                 f"it to finish; if that process is gone (e.g. it ran on another machine), delete {self.file} "
                 f"and rerun")
         raise CacheBusyError(f"could not take the writer lock {self.file}: it keeps changing hands")
