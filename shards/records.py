@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ from shards.views import open_rgb
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+# the form of every special token of Qwen2.5-VL (<|im_start|>, <|image_pad|>, <|vision_start|>, ...) and of
+# the visual thoughts (<|anchor_start|>, <|sam_pad|>, ...): literal in a text, the tokenizer reads it as
+# that token, and the training text then holds an image or a thought the sample does not have
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 ROLES = ("human", "gpt")
 
 
@@ -103,6 +108,11 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
                                      "(turns alternate human/gpt, starting with human)")
         if not turn["value"].strip():
             raise _Bad("empty_turn", f"turn {i} ({turn['from']}) is empty")
+        token = SPECIAL_TOKEN.search(turn["value"])
+        if token:
+            raise _Bad("special_token", f"turn {i} ({turn['from']}) holds the literal text {token.group()!r}, a "
+                                        "special token of the model (the tokenizer would read it as an image or a "
+                                        "visual thought, not as text)")
     if len(conversations) % 2:
         raise _Bad("role_order", "last turn is from 'human' with no 'gpt' answer")
     first = conversations[0]["value"].count(IMAGE_TOKEN)
