@@ -162,9 +162,8 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
 def _manifest_and_decoder_problems(cache: Cache) -> list[str]:
     m = cache.manifest
     problems: list[str] = [cache.manifest_problem] if cache.manifest_problem else []
-    if sum(s["count"] for s in m["shards"]) != m["num_samples"] or len(m["shards"]) != m["num_shards"]:
-        problems.append(f"manifest: shard counts add to {sum(s['count'] for s in m['shards'])} samples in "
-                        f"{len(m['shards'])} shards, expected {m['num_samples']} in {m['num_shards']}")
+    if layout.count_problem(m) and layout.count_problem(m) not in problems:
+        problems.append(layout.count_problem(m))
     for anchor, a in m["anchors"].items():
         for d, info in a["decoders"].items():
             cache.local_path(f"{layout.DECODERS_DIR}/{d}")

@@ -38,6 +38,13 @@ def check_commit_record(cache_dir: Path, rel: str, expected_sha256: str | None, 
     return json.loads(data)
 
 
+def check_sample_count(rel: str, record: dict, expected: int) -> None:
+    """A shard's commit record holds as many samples as the manifest counts for that shard."""
+    if len(record["samples"]) != expected:
+        raise DamagedSampleError(f"{rel}: holds {len(record['samples'])} samples, the manifest counts {expected} "
+                                 f"for this shard (the manifest was edited and re-signed?)")
+
+
 def check_member(tar_rel: str, entry: dict, member: dict, data: bytes) -> None:
     """``data`` read for ``member`` of the sample ``entry`` in ``tar_rel`` is what was written."""
     if len(data) != member["size"]:

@@ -67,7 +67,7 @@ class Cache:
         schema = self.manifest.get("schema")
         if schema != layout.SCHEMA:
             raise CacheError(f"{path}: schema {schema!r}, this code reads {layout.SCHEMA!r}; rewrite the cache")
-        self.manifest_problem = layout.manifest_problem(self.manifest)
+        self.manifest_problem = layout.manifest_problem(self.manifest) or layout.count_problem(self.manifest)
         if strict and self.manifest_problem:
             raise CacheError(f"{path}: {self.manifest_problem}")
         self._mirror = None if self._store is None else self._open_mirror(local_dir, local_max_bytes)
@@ -189,8 +189,11 @@ class Cache:
                    else layout.targets_progress_name(shard_id, part))
             self.local_path(rel)
             if self.verify:
-                expected = self.manifest["shards"][shard_id]["progress_sha256"].get(part)
-                self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, expected, shard_id)
+                shard = self.manifest["shards"][shard_id]
+                self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, shard["progress_sha256"]
+                                                                    .get(part), shard_id)
+                if part == "samples":
+                    integrity.check_sample_count(rel, self._progress[key], shard["count"])
             elif not (self.cache_dir / rel).is_file():
                 raise CacheError(f"{self.cache_dir}: commit record {rel} of shard {shard_id} is missing")
             else:
