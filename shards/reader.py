@@ -410,8 +410,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         (``damaged_skipped``: one message per damaged sample passed over) and its slot (``position``)."""
         skipped: list[str] = []
         for offset in range(self.per_rank):
+            index = self.index_at(position + offset)
             try:
-                sample = self.cache.sample(self.index_at(position + offset), self.anchors)
+                sample = self.cache.sample(index, self.anchors)
             except DamagedSampleError as e:
                 if self.on_damaged == "error":
                     raise DamagedSampleError(
@@ -420,7 +421,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                         f"cache.dir to rewrite the cache, or set train.on_damaged_sample=skip to skip damaged "
                         f"samples") from None
                 log.warning("skipping damaged sample: %s", e)
-                skipped.append(str(e))
+                skipped.append(f"sample index {index}: {e}")  # one message per sample: counted once however often
                 continue
             sample["damaged_skipped"] = skipped
             sample["position"] = position  # where the slot sits in this rank's stream (its optimizer step)

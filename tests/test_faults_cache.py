@@ -45,3 +45,25 @@ def test_a_shard_count_re_signed_to_match_is_named_when_the_shard_is_read(cache,
         list(dataset)
     assert inspect_main([str(cache), "--verify"]) == 1
     assert f"holds 3 samples, the manifest counts {3 + delta}" in capsys.readouterr().out
+
+
+def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.train import Logger
+
+    entry = json.loads((cache / layout.samples_progress_name(0)).read_text())["samples"][2]
+    data = bytearray((cache / layout.tar_name(0)).read_bytes())
+    data[entry["members"][1]["offset"] + 10] ^= 1
+    (cache / layout.tar_name(0)).write_bytes(bytes(data))
+    samples = list(StreamingDataset(cache, ["depth"], seed=0, epochs=3, on_damaged="skip"))
+    problems = [p for s in samples for p in s["damaged_skipped"]]
+    assert len(problems) == 3  # passed over once per epoch
+    log = Logger(tmp_path / "run", 0, 3, 0)
+    at = SimpleNamespace(name="understanding", stage_index=0, run_index=0, anchor_losses_on=True)
+    for step in range(3):
+        log.damaged_samples(problems[step:step + 1], step)
+        log.step(step + 1, at, {"loss": 1.0}, {"lr": 1e-3}, every=1)
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["damaged_samples_skipped"] for r in rows] == [1, 1, 1]

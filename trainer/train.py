@@ -460,7 +460,7 @@ class Logger:
     def __init__(self, out: Path, rank: int, total: int, initial: int):
         self.active = rank == 0
         self.rank = rank
-        self.damaged = 0
+        self.damaged: set[str] = set()  # distinct damaged samples (a sample is skipped again each epoch)
         out.mkdir(parents=True, exist_ok=True)
         self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
         self.last_time = time.perf_counter()
@@ -487,9 +487,9 @@ class Logger:
         tqdm.write(f"WARNING rank {self.rank}: {message}" if self.rank else f"WARNING: {message}")
 
     def damaged_samples(self, problems: list[str], step: int) -> None:
-        for problem in problems:
-            self.damaged += 1
-            self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
+        for problem in sorted(set(problems) - self.damaged):
+            self.damaged.add(problem)
+            self.warning(f"step {step + 1}: skipped damaged sample ({len(self.damaged)} so far; "
                          f"train.on_damaged_sample=skip): {problem}")
 
     def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
@@ -513,7 +513,7 @@ class Logger:
         if skipped:
             record["skipped"] = True  # non-finite loss or gradient: no update
         if self.damaged:
-            record["damaged_samples_skipped"] = self.damaged
+            record["damaged_samples_skipped"] = len(self.damaged)
         if validation is not None:
             record["validation"] = validation
             for name, value in validation.items():  # every validation point, whatever train.log_every
