@@ -41,6 +41,7 @@ from precompute.anchors.base import AnchorModel
 from precompute.views import ViewKey, describe, make_view, view_key
 from shards.compute import Compute, compute_cleanup, compute_init
 from shards.config import Config
+from shards.fs import naming_disk_full
 from shards.layout import validation_cache_dir
 from shards.records import Record, load_records, split_validation
 from shards.storage import open_writer, writer_lock
@@ -224,7 +225,8 @@ def declare_anchors(writer: CacheWriter, models: dict[str, AnchorModel], keys: d
     fresh = {n: m for n, m in models.items() if calibrate.needs_calibration(writer, n, bound)}
     first = compute_shard(fresh, keys, writer.shard_records(0), loader, batch_size, device, timing) if fresh else {}
     for name, model in models.items():
-        decoders = model.export_decoders(writer.decoders_dir)
+        with naming_disk_full(writer.decoders_dir):  # the rerun exports them again
+            decoders = model.export_decoders(writer.decoders_dir)
         fingerprint = model.fingerprint()
         if views != "square":  # recorded only when not the default, so existing caches stay valid
             fingerprint["views"] = describe(keys[name])
