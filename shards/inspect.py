@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from shards import fs, integrity, layout
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError, sample_name
 from shards.reader import Cache, CacheError
+from shards.storage import is_url
 from shards.views import open_rgb
 
 
@@ -353,9 +357,32 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
+    if a.local_dir:
+        local["local_dir"] = a.local_dir
+    with fresh_copy_to_verify(cache_dir, local, a.verify):
+        return _inspect(cache_dir, local, a)
+
+
+@contextmanager
+def fresh_copy_to_verify(cache_dir: str, local: dict, verifying: bool):
+    """A cache at a URL is verified from a new, empty local copy (removed afterwards), so every byte checked
+    is what the store holds now: an older local copy would hide objects changed or deleted since."""
+    if not (verifying and is_url(cache_dir)):
+        yield
+        return
+    parent = local.get("local_dir") or None
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix="covt-verify-", dir=parent)
+    local["local_dir"] = fresh
     try:
-        if a.local_dir:
-            local["local_dir"] = a.local_dir
+        yield
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _inspect(cache_dir: str, local: dict, a: argparse.Namespace) -> int:
+    try:
         cache = Cache(cache_dir, strict=False, **local)  # an edited manifest is summarised, and reported by --verify
     except CacheError as e:
         print(f"error: {e}", file=sys.stderr)
