@@ -159,7 +159,9 @@ class Cache:
         try:
             return self.manifest["anchors"][anchor]
         except KeyError:
-            raise CacheError(f"anchor {anchor!r} is not in the cache {self.cache_dir} (has {self.anchors})") from None
+            raise CacheError(f"anchor {anchor!r} is not in the cache {self.location} (has {self.anchors}); compute "
+                             f"it into this cache with `python -m precompute --config YOUR_CONFIG --anchors {anchor}`"
+                             ) from None
 
     @property
     def decoders_dir(self) -> Path:

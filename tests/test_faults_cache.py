@@ -67,3 +67,30 @@ def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
     log.close()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["damaged_samples_skipped"] for r in rows] == [1, 1, 1]
+
+
+def test_a_killed_anchors_run_leaves_nothing_after_the_rerun_and_says_to_rerun_it(tmp_path):
+    from shards.config import DataConfig
+    from shards.records import load_records
+    from shards.testing import DEFAULT_DIMS, write_synthetic_cache
+    from shards.storage import open_writer
+
+    repo = Path(__file__).resolve().parents[1]
+    data = DataConfig(path=str(repo / "data/sample/conversations.json"), image_folder=str(repo / "data/sample/images"))
+    cache = write_synthetic_cache(tmp_path / "cache", data, ["depth"], shard_size=4)
+    with pytest.raises(CacheError, match=r"anchor 'pidinet' is not in the cache .*`python -m precompute --config "
+                                         r"YOUR_CONFIG --anchors pidinet`"):
+        Cache(cache).dims("pidinet")
+    # `--anchors pidinet` killed: its group half created, its declaration made, no targets
+    leftover = cache / layout.TARGETS_DIR / ".pidinet.0a1b2c.tmp"
+    leftover.mkdir()
+    (leftover / "zarr.json").write_text("{}")
+    records, bad = load_records(data)
+    writer = open_writer(cache, records, 4, bad, "bf16", {})
+    writer.declare_anchor("pidinet", DEFAULT_DIMS["pidinet"], {"synthetic": True, "seed": 0}, [])
+    with pytest.raises(RuntimeError, match=r"anchor 'pidinet' has no committed targets .*rerun `python -m "
+                                           r"precompute --config YOUR_CONFIG --anchors pidinet`"):
+        writer.finalize()
+    write_synthetic_cache(cache, data, ["depth", "pidinet"], shard_size=4)  # the rerun finishes it
+    assert not leftover.exists() and not list(cache.rglob(".*.tmp"))
+    assert Cache(cache).anchors == ["depth", "pidinet"]
