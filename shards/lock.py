@@ -11,6 +11,7 @@ finished, and what to run. The trainer locks its run folder the same way (``Lock
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ def job_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 UNKNOWN_HOLDER = {"host": "?", "pid": -1, "started": "?", "job": "?"}  # what an unreadable lock names
 
 
@@ -119,10 +121,19 @@ class LockFile:
 
     def create(self, holder: dict) -> dict | None:
         """Create the lock naming ``holder`` unless it exists; return who it names now (None: unreadable)."""
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise NotADirectoryError(f"{self.cache_dir} is a file; a folder belongs there (move the file or choose "
+                                     f"another folder)")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             return layout.create_exclusive_json(self.path, holder)
-        except (OSError, ValueError):  # an unreadable leftover: judged like any holder
+        except OSError as e:
+            if e.errno in READ_ONLY_ERRNOS:
+                raise PermissionError(e.errno, f"cannot create the lock {self.path}: {e.strerror}. The folder is "
+                                               f"read-only here; a finished cache needs no rerun (`python -m shards "
+                                               f"inspect {self.cache_dir}` shows what it holds)") from None
+            return None  # an unreadable leftover: judged like any holder
+        except ValueError:
             return None
 
     def read(self) -> dict | None:

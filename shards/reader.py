@@ -86,6 +86,9 @@ class Cache:
         try:
             raw = (self._store[0].cat_file(f"{self._store[1]}/{layout.MANIFEST}") if self._store is not None
                    else (self.cache_dir / layout.MANIFEST).read_bytes())
+        except NotADirectoryError:
+            raise CacheError(f"{self.location} is a file, not a cache folder (cache.dir names the folder "
+                             f"precompute wrote)") from None
         except FileNotFoundError:
             hint = (unfinished_hint(self.cache_dir) if self._store is None
                     else storage.unfinished_hint(self.location))

@@ -72,8 +72,8 @@ def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
 def test_a_killed_anchors_run_leaves_nothing_after_the_rerun_and_says_to_rerun_it(tmp_path):
     from shards.config import DataConfig
     from shards.records import load_records
-    from shards.testing import DEFAULT_DIMS, write_synthetic_cache
     from shards.storage import open_writer
+    from shards.testing import DEFAULT_DIMS, write_synthetic_cache
 
     repo = Path(__file__).resolve().parents[1]
     data = DataConfig(path=str(repo / "data/sample/conversations.json"), image_folder=str(repo / "data/sample/images"))
@@ -94,3 +94,34 @@ def test_a_killed_anchors_run_leaves_nothing_after_the_rerun_and_says_to_rerun_i
     write_synthetic_cache(cache, data, ["depth", "pidinet"], shard_size=4)  # the rerun finishes it
     assert not leftover.exists() and not list(cache.rglob(".*.tmp"))
     assert Cache(cache).anchors == ["depth", "pidinet"]
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path):
+    from precompute.run import precompute
+    from shards.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(CacheError, match=r"cache is a file, not a cache folder"):
+        Cache(tmp_path / "cache")
+    cfg = load_config(repo / "configs/tiny.yaml", [f"cache.dir={tmp_path / 'cache'}", "anchors=[pidinet]"])
+    with pytest.raises(NotADirectoryError, match=r"cache is a file; a folder belongs there"):
+        precompute(cfg)
+
+
+def test_a_rerun_on_a_read_only_cache_says_so(cache, monkeypatch):
+    """As a cache mounted read-only: creating the lock file fails with EROFS (root ignores chmod here)."""
+    import errno
+
+    from precompute.run import precompute
+    from shards.config import load_config
+
+    def read_only(path, obj):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(layout, "create_exclusive_json", read_only)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs/tiny.yaml", [f"cache.dir={cache}", "anchors=[pidinet]"])
+    with pytest.raises(PermissionError, match=r"cannot create the lock .*writer.lock: Read-only file system\. The "
+                                              r"folder is read-only here; a finished cache needs no rerun"):
+        precompute(cfg)
