@@ -5,6 +5,8 @@ function. Here:
 
 - :func:`load_plain`: ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts
   only; anything else is an :class:`UnsafeFileError` naming the file, raised before any of it runs;
+- :func:`check_pickle_globals`: for files another library unpickles in full (DeepSpeed's checkpoint), the
+  pickle's opcodes are read without running any and every object it would build must be on an allow-list;
 - :func:`load_exported_program`: a ``torch.export`` archive (``.pt2``) is opened only if every payload in it
   is raw tensor data or JSON (:func:`check_export_archive`); ``torch.export.load`` itself falls back to full
   pickle for pickled weights, constants and sample inputs, so an archive holding any is refused.
@@ -32,6 +34,20 @@ def load_plain(path: str | Path, what: str = "file") -> Any:
     except pickle.UnpicklingError as e:
         raise UnsafeFileError(f"{path}: {what} holds objects other than tensors and plain data; refused without "
                               f"loading it (unpickling would run code it carries): {str(e).splitlines()[0]}") from None
+
+
+def check_pickle_globals(path: str | Path, allowed: set[str], what: str = "file") -> None:
+    """Refuse ``path`` if unpickling it would call anything but torch's plain types and ``allowed``
+    (``module.name`` strings); nothing in it runs here (the opcodes are only read)."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # not a torch zip archive: nothing to judge it by
+        raise UnsafeFileError(f"{path}: {what} is not a torch checkpoint archive ({e}); refused without "
+                              f"loading it") from None
+    unexpected = sorted(set(needed) - allowed)
+    if unexpected:
+        raise UnsafeFileError(f"{path}: {what} would build {unexpected} when unpickled (allowed: tensors, plain "
+                              f"data and {sorted(allowed)}); refused without loading it")
 
 
 def _refuse(path: Path, why: str) -> UnsafeFileError:

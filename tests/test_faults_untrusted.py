@@ -184,3 +184,27 @@ def test_a_crafted_pickle_as_a_sam_decoder_is_refused_and_runs_nothing(tmp_path)
     with pytest.raises(UnsafeFileError, match=r"sam_decoder.pt: SAM decoder holds objects other than tensors"):
         load_sam_decoder_spec(tmp_path / "sam_decoder.pt")
     assert not marker.exists()
+
+
+def test_a_crafted_pickle_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    model, optimizer, scheduler = tiny_training_state()
+    path = checkpoint.save_checkpoint(tmp_path / "run", 3, model, {}, optimizer, scheduler)
+    (path / "deepspeed").mkdir()
+    # what DeepSpeed's own files build: accepted
+    torch.save({"zero_stage": ZeroStageEnum(2), "loss_scaler": LossScaler(1.0), "w": torch.ones(2)},
+               path / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    loaded = []
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: loaded.append(a))
+    checkpoint.load_checkpoint(path, model, engine=engine)
+    assert loaded
+    marker = tmp_path / "pwned"
+    (path / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(crafted_pickle(marker))
+    with pytest.raises(UnsafeFileError, match=r"mp_rank_00_model_states.pt: DeepSpeed checkpoint file would build "
+                                              r"\['builtins.exec'\] when unpickled"):
+        checkpoint.load_checkpoint(path, model, engine=SimpleNamespace(load_checkpoint=None))
+    assert not marker.exists()

@@ -25,10 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from shards.compute import barrier
 from shards.fs import naming_disk_full
-from shards.untrusted import load_plain
+from shards.untrusted import check_pickle_globals, load_plain
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"  # temporary folders of checkpoints and of export.write_atomically: removed when a run resumes
+# what DeepSpeed's own checkpoint files build besides tensors and plain data (ZeRO-2 and ZeRO-3)
+DEEPSPEED_GLOBALS = {"deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler"}
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -154,6 +157,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, sc
     path = Path(path)
     state = load_plain(path / "state.pt", "checkpoint state")
     if engine is not None:
+        for file in sorted((path / "deepspeed").rglob("*.pt")):  # DeepSpeed unpickles them in full
+            check_pickle_globals(file, DEEPSPEED_GLOBALS, "DeepSpeed checkpoint file")
         engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=True)
     load_trainable(model, load_file(path / "trainable.safetensors"), where=str(path))
