@@ -38,6 +38,7 @@ from tqdm import tqdm
 from precompute import calibrate
 from precompute.anchors import load_anchor
 from precompute.anchors.base import AnchorModel
+from precompute.lengths import length_check
 from precompute.views import ViewKey, describe, make_view, view_key
 from shards.compute import Compute, compute_cleanup, compute_init
 from shards.config import Config
@@ -129,7 +130,7 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
         # one precompute per cache (and its validation/; at a URL too: an object created only if absent);
         # every rank enters
         with writer_lock(cfg.cache.dir):
-            records, bad = load_records(cfg.data)
+            records, bad = load_records(cfg.data, length_check(cfg))
             records, held_out, held_out_bad = split_validation(cfg.data, records, bad)
             subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
             summary = _run(cfg, names, compute, started, cfg.cache.dir, records, bad, subset)

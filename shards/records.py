@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,12 +290,16 @@ def _walk(cands: Sequence[_Candidate], subset: SubsetConfig) -> Iterator[_Candid
             need -= cands[i].bad is None
 
 
-def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
-    """Read and validate the records at ``data_cfg.path`` (JSON or parquet); see the module docstring."""
+def load_records(data_cfg: DataConfig, check: Callable[[list[dict]], str | None] | None = None
+                 ) -> tuple[list[Record], list[BadRecord]]:
+    """Read and validate the records at ``data_cfg.path`` (JSON or parquet); see the module docstring.
+    ``check(conversations)``: a further reason a record is bad (``too_long``: ``precompute.lengths``), or None."""
     cands = _read_candidates(data_cfg)
     good: list[_Candidate] = []
     bad: list[BadRecord] = []
     for cand in _walk(cands, data_cfg.subset):
+        if cand.bad is None and check is not None and (reason := check(cand.conversations)):
+            cand.bad = BadRecord(cand.source_index, cand.id, reason, "too_long")  # the walk replaces it
         if cand.bad is not None:
             if data_cfg.on_bad_record == "error":
                 raise BadRecordError(cand.bad, data_cfg.path)

@@ -101,3 +101,24 @@ def test_a_parquet_column_of_the_wrong_type_is_named_before_any_shard_is_written
     with pytest.raises(ParquetSchemaError, match=r"covt.parquet: column 'image_relpath' is int64, expected string"):
         precompute(cfg)
     assert not list(tmp_path.rglob("*.partial"))
+
+
+# --------------------------------------------------------------------------------- over-long samples
+def test_a_question_that_leaves_no_room_for_the_answer_is_a_bad_record_at_precompute(tmp_path):
+    from precompute.lengths import length_check
+    from trainer.tiny_model import ensure_base_model
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"model.path={tmp_path / 'base'}", "train.max_length=64"])
+    assert length_check(cfg) is None  # no tokenizer yet: not measured
+    ensure_base_model(cfg.model)
+    check = length_check(cfg)
+    long_question = "<image>\n" + "Is the cat on the left of the mat or on the right of it? " * 5
+    entries = [{"id": "long", "image": "chelsea.jpg", "conversations": conv(long_question)},
+               {"id": "ok", "image": "chelsea.jpg", "conversations": conv()}]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    data = DataConfig(path=str(tmp_path / "data.json"), image_folder=str(SAMPLE / "images"), on_bad_record="skip")
+    records, bad = load_records(data, check)
+    assert [r.id for r in records] == ["ok"] and [(b.id, b.kind) for b in bad] == [("long", "too_long")]
+    assert "fill train.max_length=64: no answer token would be trained" in bad[0].reason
+    with pytest.raises(BadRecordError, match=r"bad record id='long' .*train.max_length=64"):
+        load_records(DataConfig(path=data.path, image_folder=data.image_folder, on_bad_record="error"), check)
