@@ -39,7 +39,7 @@ def test_a_shard_count_re_signed_to_match_is_named_when_the_shard_is_read(cache,
         m["num_samples"] += delta
 
     resign(cache, edit)
-    dataset = StreamingDataset(cache, ["depth"], seed=0)
+    dataset = StreamingDataset(cache, ["depth"], seed=0, epochs=1)
     with pytest.raises(DamagedSampleError, match=rf"shard-000001.samples.json: holds 3 samples, the manifest "
                                                  rf"counts {3 + delta} for this shard"):
         list(dataset)
