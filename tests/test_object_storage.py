@@ -348,7 +348,7 @@ def test_verify_checks_what_the_bucket_holds_now_not_an_older_local_copy(s3_env,
 def test_a_dead_precompute_s_bucket_lock_is_shown_as_stale(s3_env, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    url = "s3://covt/killed"
+    url = "s3://covt/stale-lock"
     remote_lock(url, dead.pid)
     with pytest.raises(CacheError, match=rf"precompute stopped before it finished: precompute on host .* "
                                          rf"\(pid {dead.pid}, .* is no longer running .* stale; rerun it"):
