@@ -38,9 +38,11 @@ from tqdm import tqdm
 from precompute import calibrate
 from precompute.anchors import load_anchor
 from precompute.anchors.base import AnchorModel
+from precompute.lengths import length_check
 from precompute.views import ViewKey, describe, make_view, view_key
 from shards.compute import Compute, compute_cleanup, compute_init
 from shards.config import Config
+from shards.fs import naming_disk_full
 from shards.layout import validation_cache_dir
 from shards.records import Record, load_records, split_validation
 from shards.storage import open_writer, writer_lock
@@ -128,7 +130,7 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
         # one precompute per cache (and its validation/; at a URL too: an object created only if absent);
         # every rank enters
         with writer_lock(cfg.cache.dir):
-            records, bad = load_records(cfg.data)
+            records, bad = load_records(cfg.data, length_check(cfg))
             records, held_out, held_out_bad = split_validation(cfg.data, records, bad)
             subset = dataclasses.asdict(cfg.data.subset) if cfg.data.subset.size is not None else None
             summary = _run(cfg, names, compute, started, cfg.cache.dir, records, bad, subset)
@@ -224,7 +226,8 @@ def declare_anchors(writer: CacheWriter, models: dict[str, AnchorModel], keys: d
     fresh = {n: m for n, m in models.items() if calibrate.needs_calibration(writer, n, bound)}
     first = compute_shard(fresh, keys, writer.shard_records(0), loader, batch_size, device, timing) if fresh else {}
     for name, model in models.items():
-        decoders = model.export_decoders(writer.decoders_dir)
+        with naming_disk_full(writer.decoders_dir):  # the rerun exports them again
+            decoders = model.export_decoders(writer.decoders_dir)
         fingerprint = model.fingerprint()
         if views != "square":  # recorded only when not the default, so existing caches stay valid
             fingerprint["views"] = describe(keys[name])

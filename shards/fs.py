@@ -5,6 +5,8 @@ of each for both phases.
   and commit records, metrics.jsonl): they must survive a power cut;
 - :func:`atomic_file`: any single file written through a temporary name beside it, renamed into place
   only once complete (``torch.save``, ``torch.export.save``, JSON, ...);
+- :func:`atomic_save`: a serialiser's output (``torch.save``, ``torch.export.save``) built in memory, then
+  written through :func:`atomic_file`: same data, same bytes, and a full disk is a :class:`DiskFullError`;
 - :func:`atomic_dir`: the same for a folder (a saved model, a tiny checkpoint folder);
 - :func:`naming_disk_full`: a write that failed for lack of space becomes a :class:`DiskFullError`
   naming the file and saying that rerunning resumes;
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,6 +69,19 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save(path: str | Path, save: Callable[[io.BytesIO], object]) -> None:
+    """``save(buffer)`` into memory, then the bytes to ``path`` atomically.
+
+    Why not ``save(tmp_path)``: torch's zip writer names the archive's inner folder after the file it
+    writes (here a temporary name with the pid: two writes of the same data differed), and on a full disk
+    it aborts the whole process from C++ (``terminate called``) instead of raising.
+    """
+    buffer = io.BytesIO()
+    save(buffer)
+    with naming_disk_full(path), atomic_file(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 @contextmanager
@@ -129,15 +145,19 @@ def _free_bytes(path: Path) -> int | None:
 def naming_disk_full(path: str | Path, resume: str = "it resumes from what was committed"):
     """Turn a write that failed for lack of space into a :class:`DiskFullError` naming ``path``.
 
-    Some writers (torch.save's zip writer) report a full disk as a RuntimeError without an errno,
-    so a failure with almost no free space left at ``path`` counts as a full disk too.
+    Some writers report a full disk without an errno: torch.save's zip writer as a RuntimeError, safetensors
+    as a ``SafetensorError`` saying ``(os error 28)``; those count too, as does a failure of either with
+    almost no free space left at ``path``.
     """
     try:
         yield
     except DiskFullError:
         raise
-    except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) in DISK_FULL_ERRNOS
+    except Exception as e:
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        full = getattr(e, "errno", None) in DISK_FULL_ERRNOS or any(f"(os error {n})" in str(e)
+                                                                    for n in DISK_FULL_ERRNOS)
         if not full:
             free = _free_bytes(Path(path))
             full = free is not None and free < DISK_FULL_FREE_BYTES

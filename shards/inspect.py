@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from shards import fs, layout
+from shards import fs, integrity, layout
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError, sample_name
 from shards.reader import Cache, CacheError
+from shards.storage import is_url
 from shards.views import open_rgb
 
 
@@ -162,14 +166,15 @@ def verify(cache: Cache, show_progress: bool = True) -> list[str]:
 def _manifest_and_decoder_problems(cache: Cache) -> list[str]:
     m = cache.manifest
     problems: list[str] = [cache.manifest_problem] if cache.manifest_problem else []
-    if sum(s["count"] for s in m["shards"]) != m["num_samples"] or len(m["shards"]) != m["num_shards"]:
-        problems.append(f"manifest: shard counts add to {sum(s['count'] for s in m['shards'])} samples in "
-                        f"{len(m['shards'])} shards, expected {m['num_samples']} in {m['num_shards']}")
+    if layout.count_problem(m) and layout.count_problem(m) not in problems:
+        problems.append(layout.count_problem(m))
     for anchor, a in m["anchors"].items():
         for d, info in a["decoders"].items():
-            path = cache.decoders_dir / d
-            if not path.is_file() or fs.sha256_file(path) != info["sha256"]:
-                problems.append(f"decoders/{d} ({anchor}): missing or checksum mismatch")
+            cache.local_path(f"{layout.DECODERS_DIR}/{d}")
+            try:
+                integrity.check_decoder(cache.cache_dir, d, info, anchor)
+            except DamagedSampleError as e:
+                problems.append(str(e))
     return problems
 
 
@@ -352,9 +357,32 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
+    if a.local_dir:
+        local["local_dir"] = a.local_dir
+    with fresh_copy_to_verify(cache_dir, local, a.verify):
+        return _inspect(cache_dir, local, a)
+
+
+@contextmanager
+def fresh_copy_to_verify(cache_dir: str, local: dict, verifying: bool):
+    """A cache at a URL is verified from a new, empty local copy (removed afterwards), so every byte checked
+    is what the store holds now: an older local copy would hide objects changed or deleted since."""
+    if not (verifying and is_url(cache_dir)):
+        yield
+        return
+    parent = local.get("local_dir") or None
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    fresh = tempfile.mkdtemp(prefix="covt-verify-", dir=parent)
+    local["local_dir"] = fresh
     try:
-        if a.local_dir:
-            local["local_dir"] = a.local_dir
+        yield
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _inspect(cache_dir: str, local: dict, a: argparse.Namespace) -> int:
+    try:
         cache = Cache(cache_dir, strict=False, **local)  # an edited manifest is summarised, and reported by --verify
     except CacheError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -176,3 +176,13 @@ def manifest_problem(manifest: dict) -> str | None:
         return (f"{MANIFEST} was edited after precompute wrote it (its {MANIFEST_CHECKSUM} does not match its "
                 f"contents); restore it or rerun precompute into a new cache.dir")
     return None
+
+
+def count_problem(manifest: dict) -> str | None:
+    """Why the manifest's sample and shard counts disagree with each other (a re-signed edit), or None."""
+    shards = manifest.get("shards", [])
+    counted = sum(s["count"] for s in shards)
+    if counted != manifest.get("num_samples") or len(shards) != manifest.get("num_shards"):
+        return (f"{MANIFEST}: shard counts add to {counted} samples in {len(shards)} shards, expected "
+                f"{manifest.get('num_samples')} in {manifest.get('num_shards')}")
+    return None

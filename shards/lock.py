@@ -6,10 +6,12 @@ job id, and every rank of that job may enter); another precompute on the same ca
 stops at once naming the holder. A lock whose process is dead on this host is stale
 (a killed run) and is taken over. Readers use :func:`unfinished_hint` and
 :func:`lock_holder_message` to say that precompute is still running or has not
-finished, and what to run.
+finished, and what to run. The trainer locks its run folder the same way (``LockFile(out, name)``,
+``CacheLock(..., what="training")``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ def job_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 UNKNOWN_HOLDER = {"host": "?", "pid": -1, "started": "?", "job": "?"}  # what an unreadable lock names
 
 
@@ -45,9 +48,9 @@ def parse_holder(raw: bytes | str) -> dict:
         return dict(UNKNOWN_HOLDER)
 
 
-def read_holder(cache_dir: str | Path) -> dict | None:
+def read_holder(cache_dir: str | Path, name: str = layout.LOCK) -> dict | None:
     """What the lock file says, or None if there is none (an unreadable one names an unknown holder)."""
-    path = Path(cache_dir) / layout.LOCK
+    path = Path(cache_dir) / name
     try:
         return parse_holder(path.read_bytes())
     except FileNotFoundError:
@@ -72,7 +75,8 @@ def holder_alive(holder: dict) -> bool | None:
 
 
 def describe(holder: dict) -> str:
-    return f"precompute on host {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')})"
+    what = holder.get("what", "precompute")
+    return f"{what} on host {holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')})"
 
 
 def live_holder(cache_dir: str | Path) -> dict | None:
@@ -107,23 +111,33 @@ class LockFile:
     """The lock of a local cache folder: ``CACHE/writer.lock``. ``shards.storage.RemoteLockFile`` is the same
     for a cache at a URL (an object created only if absent); :class:`CacheLock` works with either."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, name: str = layout.LOCK):
         self.cache_dir = Path(cache_dir)
-        self.path = self.cache_dir / layout.LOCK
+        self.name = name
+        self.path = self.cache_dir / name
 
     def __str__(self) -> str:
         return str(self.path)
 
     def create(self, holder: dict) -> dict | None:
         """Create the lock naming ``holder`` unless it exists; return who it names now (None: unreadable)."""
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise NotADirectoryError(f"{self.cache_dir} is a file; a folder belongs there (move the file or choose "
+                                     f"another folder)")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             return layout.create_exclusive_json(self.path, holder)
-        except (OSError, ValueError):  # an unreadable leftover: judged like any holder
+        except OSError as e:
+            if e.errno in READ_ONLY_ERRNOS:
+                raise PermissionError(e.errno, f"cannot create the lock {self.path}: {e.strerror}. The folder is "
+                                               f"read-only here; a finished cache needs no rerun (`python -m shards "
+                                               f"inspect {self.cache_dir}` shows what it holds)") from None
+            return None  # an unreadable leftover: judged like any holder
+        except ValueError:
             return None
 
     def read(self) -> dict | None:
-        return read_holder(self.cache_dir)
+        return read_holder(self.cache_dir, self.name)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -131,13 +145,16 @@ class LockFile:
 
 class CacheLock:
     """``with CacheLock(cache_dir):`` hold the writer lock of ``cache_dir`` (see the module docstring);
-    ``lock_file`` replaces the local ``CACHE/writer.lock`` (a cache at a URL: ``shards.storage``)."""
+    ``lock_file`` replaces the local ``CACHE/writer.lock`` (a cache at a URL: ``shards.storage``); ``what``
+    names the kind of process that holds it (``precompute``, ``training``), ``rule`` says why one at a time."""
 
-    def __init__(self, cache_dir: str | Path, lock_file: LockFile | None = None):
+    def __init__(self, cache_dir: str | Path, lock_file: LockFile | None = None, what: str = "precompute",
+                 rule: str = "one precompute per cache"):
         self.cache_dir = cache_dir
         self.file = lock_file or LockFile(cache_dir)
+        self.rule = rule
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id()}
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "job": job_id(), "what": what}
         self.owner = False
 
     def acquire(self) -> None:
@@ -156,7 +173,7 @@ class CacheLock:
                 self.file.remove()
                 continue
             raise CacheBusyError(
-                f"{self.cache_dir} is being written by {describe(holder)}: one precompute per cache. Wait for "
+                f"{self.cache_dir} is being written by {describe(holder)}: {self.rule}. Wait for "
                 f"it to finish; if that process is gone (e.g. it ran on another machine), delete {self.file} "
                 f"and rerun")
         raise CacheBusyError(f"could not take the writer lock {self.file}: it keeps changing hands")

@@ -73,6 +73,22 @@ def check_schema(file: Path, pf) -> None:
     if not pa.types.is_struct(image) or image.get_field_index("bytes") < 0:
         raise ParquetSchemaError(f"data.path: {file}: column 'image' is {image}, expected a struct with a "
                                  f"'bytes' field ({SCHEMA_HINT})")
+    found = {"image.bytes": image.field(image.get_field_index("bytes")).type,
+             "image_relpath": schema.field("image_relpath").type,
+             "conversations": schema.field("conversations").type}
+    for column, (expected, accepts) in _column_types().items():
+        if not accepts(found[column]):
+            raise ParquetSchemaError(f"data.path: {file}: column {column!r} is {found[column]}, expected {expected} "
+                                     f"({SCHEMA_HINT})")
+
+
+def _column_types() -> dict:
+    import pyarrow as pa
+
+    t = pa.types
+    return {"image.bytes": ("binary", lambda x: t.is_binary(x) or t.is_large_binary(x)),
+            "image_relpath": ("string", lambda x: t.is_string(x) or t.is_large_string(x) or t.is_null(x)),
+            "conversations": ("a list of {from, value}", lambda x: t.is_list(x) or t.is_large_list(x))}
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class Cache:
         schema = self.manifest.get("schema")
         if schema != layout.SCHEMA:
             raise CacheError(f"{path}: schema {schema!r}, this code reads {layout.SCHEMA!r}; rewrite the cache")
-        self.manifest_problem = layout.manifest_problem(self.manifest)
+        self.manifest_problem = layout.manifest_problem(self.manifest) or layout.count_problem(self.manifest)
         if strict and self.manifest_problem:
             raise CacheError(f"{path}: {self.manifest_problem}")
         self._mirror = None if self._store is None else self._open_mirror(local_dir, local_max_bytes)
@@ -86,6 +86,9 @@ class Cache:
         try:
             raw = (self._store[0].cat_file(f"{self._store[1]}/{layout.MANIFEST}") if self._store is not None
                    else (self.cache_dir / layout.MANIFEST).read_bytes())
+        except NotADirectoryError:
+            raise CacheError(f"{self.location} is a file, not a cache folder (cache.dir names the folder "
+                             f"precompute wrote)") from None
         except FileNotFoundError:
             hint = (unfinished_hint(self.cache_dir) if self._store is None
                     else storage.unfinished_hint(self.location))
@@ -159,16 +162,21 @@ class Cache:
         try:
             return self.manifest["anchors"][anchor]
         except KeyError:
-            raise CacheError(f"anchor {anchor!r} is not in the cache {self.cache_dir} (has {self.anchors})") from None
+            raise CacheError(f"anchor {anchor!r} is not in the cache {self.location} (has {self.anchors}); compute "
+                             f"it into this cache with `python -m precompute --config YOUR_CONFIG --anchors {anchor}`"
+                             ) from None
 
     @property
     def decoders_dir(self) -> Path:
-        """The decoder files of the cache's anchors (a remote cache's: fetched into the local copy)."""
+        """The decoder files of the cache's anchors (a remote cache's: fetched into the local copy); with
+        ``verify``, each checked against the manifest here, before any head loads one."""
         if self._mirror is not None:
             (self.cache_dir / layout.DECODERS_DIR).mkdir(parents=True, exist_ok=True)
-            for a in self.manifest["anchors"].values():
-                for d in a["decoders"]:
-                    self.local_path(f"{layout.DECODERS_DIR}/{d}")
+        for anchor, a in self.manifest["anchors"].items():
+            for d, info in a["decoders"].items():
+                self.local_path(f"{layout.DECODERS_DIR}/{d}")
+                if self.verify:
+                    integrity.check_decoder(self.cache_dir, d, info, anchor)
         return self.cache_dir / layout.DECODERS_DIR
 
     def shard_of(self, index: int) -> int:
@@ -186,8 +194,11 @@ class Cache:
                    else layout.targets_progress_name(shard_id, part))
             self.local_path(rel)
             if self.verify:
-                expected = self.manifest["shards"][shard_id]["progress_sha256"].get(part)
-                self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, expected, shard_id)
+                shard = self.manifest["shards"][shard_id]
+                self._progress[key] = integrity.check_commit_record(self.cache_dir, rel, shard["progress_sha256"]
+                                                                    .get(part), shard_id)
+                if part == "samples":
+                    integrity.check_sample_count(rel, self._progress[key], shard["count"])
             elif not (self.cache_dir / rel).is_file():
                 raise CacheError(f"{self.cache_dir}: commit record {rel} of shard {shard_id} is missing")
             else:
@@ -404,8 +415,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         (``damaged_skipped``: one message per damaged sample passed over) and its slot (``position``)."""
         skipped: list[str] = []
         for offset in range(self.per_rank):
+            index = self.index_at(position + offset)
             try:
-                sample = self.cache.sample(self.index_at(position + offset), self.anchors)
+                sample = self.cache.sample(index, self.anchors)
             except DamagedSampleError as e:
                 if self.on_damaged == "error":
                     raise DamagedSampleError(
@@ -414,7 +426,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                         f"cache.dir to rewrite the cache, or set train.on_damaged_sample=skip to skip damaged "
                         f"samples") from None
                 log.warning("skipping damaged sample: %s", e)
-                skipped.append(str(e))
+                skipped.append(f"sample index {index}: {e}")  # one message per sample: counted once however often
                 continue
             sample["damaged_skipped"] = skipped
             sample["position"] = position  # where the slot sits in this rank's stream (its optimizer step)

@@ -22,7 +22,8 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ from shards.views import open_rgb
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+# the form of every special token of Qwen2.5-VL (<|im_start|>, <|image_pad|>, <|vision_start|>, ...) and of
+# the visual thoughts (<|anchor_start|>, <|sam_pad|>, ...): literal in a text, the tokenizer reads it as
+# that token, and the training text then holds an image or a thought the sample does not have
+SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 ROLES = ("human", "gpt")
 
 
@@ -103,6 +108,11 @@ def _check_conversations(conversations: Any, num_images: int) -> list[dict]:
                                      "(turns alternate human/gpt, starting with human)")
         if not turn["value"].strip():
             raise _Bad("empty_turn", f"turn {i} ({turn['from']}) is empty")
+        token = SPECIAL_TOKEN.search(turn["value"])
+        if token:
+            raise _Bad("special_token", f"turn {i} ({turn['from']}) holds the literal text {token.group()!r}, a "
+                                        "special token of the model (the tokenizer would read it as an image or a "
+                                        "visual thought, not as text)")
     if len(conversations) % 2:
         raise _Bad("role_order", "last turn is from 'human' with no 'gpt' answer")
     first = conversations[0]["value"].count(IMAGE_TOKEN)
@@ -280,12 +290,16 @@ def _walk(cands: Sequence[_Candidate], subset: SubsetConfig) -> Iterator[_Candid
             need -= cands[i].bad is None
 
 
-def load_records(data_cfg: DataConfig) -> tuple[list[Record], list[BadRecord]]:
-    """Read and validate the records at ``data_cfg.path`` (JSON or parquet); see the module docstring."""
+def load_records(data_cfg: DataConfig, check: Callable[[list[dict]], str | None] | None = None
+                 ) -> tuple[list[Record], list[BadRecord]]:
+    """Read and validate the records at ``data_cfg.path`` (JSON or parquet); see the module docstring.
+    ``check(conversations)``: a further reason a record is bad (``too_long``: ``precompute.lengths``), or None."""
     cands = _read_candidates(data_cfg)
     good: list[_Candidate] = []
     bad: list[BadRecord] = []
     for cand in _walk(cands, data_cfg.subset):
+        if cand.bad is None and check is not None and (reason := check(cand.conversations)):
+            cand.bad = BadRecord(cand.source_index, cand.id, reason, "too_long")  # the walk replaces it
         if cand.bad is not None:
             if data_cfg.on_bad_record == "error":
                 raise BadRecordError(cand.bad, data_cfg.path)

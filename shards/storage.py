@@ -28,7 +28,7 @@ import fsspec
 
 from shards import layout
 from shards.fs import atomic_file
-from shards.lock import CacheLock, LockFile, describe, parse_holder
+from shards.lock import CacheLock, LockFile, describe, holder_alive, parse_holder
 from shards.mirror import METADATA_SUFFIXES
 from shards.writer import CacheMismatchError, CacheWriter
 
@@ -106,6 +106,10 @@ def writer_lock(location: str | Path) -> CacheLock:
 def unfinished_hint(url: str) -> str:
     """Why a cache at a URL has no manifest, and what to run (the reader's error; ``shards.lock`` for a folder)."""
     holder = RemoteLockFile(url).read()
+    if holder is not None and holder_alive(holder) is False:
+        return (f" (precompute stopped before it finished: {describe(holder)} is no longer running and its lock "
+                f"{url.rstrip('/')}/{layout.LOCK} is stale; rerun it on this cache, `python -m precompute --config "
+                f"YOUR_CONFIG cache.dir={url}`: it takes the lock over and resumes from what the store holds)")
     if holder is not None:
         return (f" (precompute is running: {describe(holder)} holds {url.rstrip('/')}/{layout.LOCK}; the manifest "
                 f"is uploaded last)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +114,17 @@ def synthetic_shard_targets(anchor: str, dims: dict[str, int], records: list[Rec
 def write_synthetic_cache(cache_dir: str | Path, data_cfg: DataConfig, anchors: list[str],
                           dims: dict[str, dict[str, int]] | None = None, shard_size: int = 4, seed: int = 0,
                           default_codec: str = "bf16", codecs: dict[str, str] | None = None,
-                          subset: dict | None = None, staging: str | Path | None = None) -> str | Path:
-    """Write (or finish writing) a complete cache of ``data_cfg``'s records with synthetic targets."""
+                          subset: dict | None = None, staging: str | Path | None = None,
+                          decoders: dict[str, Callable[[Path], list[str]]] | None = None) -> str | Path:
+    """Write (or finish writing) a complete cache of ``data_cfg``'s records with synthetic targets;
+    ``decoders``: anchor -> a function that writes its decoder files into a folder and returns their names."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
     records, bad = load_records(data_cfg)
     writer = open_writer(cache_dir, records, shard_size, bad, default_codec, codecs or {}, subset=subset,
                          staging=staging)
     for anchor in anchors:
-        writer.declare_anchor(anchor, dims[anchor], {"synthetic": True, "seed": seed}, [])
+        names = (decoders or {})[anchor](writer.decoders_dir) if anchor in (decoders or {}) else []
+        writer.declare_anchor(anchor, dims[anchor], {"synthetic": True, "seed": seed}, names)
     for shard in range(writer.num_shards):
         if not writer.shard_done(shard):
             writer.write_samples(shard)

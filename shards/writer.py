@@ -469,7 +469,9 @@ class CacheWriter:
             missing = [s for s in range(self.num_shards) if not self.shard_done(s, anchor)]
             if missing:
                 raise RuntimeError(f"cannot finalize {self.cache_dir}: anchor {anchor!r} has no committed targets "
-                                   f"for shards {missing}")
+                                   f"for shards {missing} (a run that computed it was cut short: rerun "
+                                   f"`python -m precompute --config YOUR_CONFIG --anchors {anchor}` on this "
+                                   f"cache; it resumes)")
             anchors[anchor] = self._anchor_manifest(anchor, decl, shard_progress)
         shards = []
         for s in range(self.num_shards):
@@ -497,8 +499,22 @@ class CacheWriter:
             },
         }
         manifest[layout.MANIFEST_CHECKSUM] = layout.manifest_checksum(manifest)
+        self.remove_interrupted_creations()
         layout.atomic_write_json(self.cache_dir / layout.MANIFEST, manifest)
         return manifest
+
+    def remove_interrupted_creations(self) -> list[Path]:
+        """The ``.NAME.<id>.tmp`` folders and files a killed run left while creating a zarr group or writing a
+        decoder (:meth:`_create_aside`, ``fs.atomic_file``). Called at ``finalize``: every rank of this launch
+        is past its writes, so any left is a dead run's."""
+        leftovers = [p for folder in (self.cache_dir, self.cache_dir / layout.TARGETS_DIR, self.decoders_dir)
+                     for p in folder.glob(".*.tmp")]
+        for p in leftovers:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return leftovers
 
     def _anchor_manifest(self, anchor: str, decl: dict, shard_progress: dict) -> dict:
         n = len(self.records)

@@ -321,3 +321,35 @@ def test_precompute_into_s3_with_a_validation_cache_that_training_reads(s3_env, 
     missing = tiny_config("s3://covt/never-written", "data.validation=2")
     with pytest.raises(FileNotFoundError, match="s3://covt/never-written/validation holds no finished cache"):
         load_validation(missing)
+
+
+# ------------------------------------------------------------------ issue 23
+def test_verify_checks_what_the_bucket_holds_now_not_an_older_local_copy(s3_env, s3_cache, tmp_path):
+    fs = s3()
+    url = "s3://covt/changed"
+    fs.copy("covt/full", "covt/changed", recursive=True)
+    copy = tmp_path / "copy"
+    ok = inspect(url, "--verify", "--local-dir", str(copy), env=s3_env)
+    assert ok.returncode == 0 and "verify: OK" in ok.stdout, ok.stdout + ok.stderr
+    Cache(url, local_dir=copy).sample(0)  # a reader's local copy of the good bytes, kept
+    tar = f"covt/changed/{layout.tar_name(1)}"
+    data = bytearray(fs.cat_file(tar))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(tar, bytes(data))
+    fs.rm_file(f"covt/changed/{layout.tar_name(0)}")
+    for local in (["--local-dir", str(copy)], []):  # the copy that holds the good bytes, the default one
+        bad = inspect(url, "--verify", *local, env=s3_env)
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        problems = [line for line in bad.stdout.splitlines() if line.startswith("PROBLEM")]
+        assert any(layout.tar_name(1) in p for p in problems) and any(layout.tar_name(0) in p for p in problems)
+    assert not list(copy.rglob("covt-verify-*"))  # the fresh copy is removed
+
+
+def test_a_dead_precompute_s_bucket_lock_is_shown_as_stale(s3_env, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    url = "s3://covt/stale-lock"
+    remote_lock(url, dead.pid)
+    with pytest.raises(CacheError, match=rf"precompute stopped before it finished: precompute on host .* "
+                                         rf"\(pid {dead.pid}, .* is no longer running .* stale; rerun it"):
+        Cache(url, local_dir=tmp_path)

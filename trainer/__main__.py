@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="start from step 0 even if checkpoints exist")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop once STEP optimizer steps are done (to split a run; resume continues it)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the config differs from the one the run trained with "
+                             "(the change is recorded under train.output_dir/launches/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides + defaults) as YAML and exit")
     parser.add_argument("--verbose", action="store_true",
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.train import train
 
     resume = {"auto": True, "none": False}.get(args.resume, args.resume)
-    final = train(cfg, resume=resume, stop_after=args.stop_after)
+    final = train(cfg, resume=resume, stop_after=args.stop_after, allow_config_change=args.allow_config_change)
     if final is not None:
         print(f"done: {final}")
 

@@ -3,7 +3,9 @@
 A checkpoint holds what changes during a run and nothing of the frozen base:
 ``trainable.safetensors`` (LoRA adapters, new-token rows, heads), ``state.pt``
 (optimizer, lr scheduler, global step, schedule position) and one
-``rng-rankN.pt`` per rank. Under DeepSpeed, the engine's own files (partitioned
+``rng-rankN.pt`` per rank. ``state.pt`` and the RNG files hold tensors and plain data only and are read with
+``shards.untrusted.load_plain``: a checkpoint from someone else runs no code when loaded.
+Under DeepSpeed, the engine's own files (partitioned
 optimizer states, frozen parameters excluded) go in ``deepspeed/``.
 
 Writes are atomic: everything goes to a hidden temporary folder that is renamed
@@ -23,9 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from shards.compute import barrier
 from shards.fs import naming_disk_full
+from shards.untrusted import check_pickle_globals, load_plain
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"  # temporary folders of checkpoints and of export.write_atomically: removed when a run resumes
+# what DeepSpeed's own checkpoint files build besides tensors and plain data (ZeRO-2 and ZeRO-3)
+DEEPSPEED_GLOBALS = {"deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler"}
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -72,7 +78,10 @@ def remove_checkpoints_after(output_dir: str | Path, step: int) -> list[Path]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain data (numpy's key array as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -80,7 +89,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -160,15 +170,17 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, m
 
 
 def read_meta(path: str | Path) -> dict:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)["meta"]
+    return load_plain(Path(path) / "state.pt", "checkpoint state")["meta"]
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None, engine=None,
                     rank: int = 0) -> dict:
     """Restore a mid-run checkpoint into ``model`` and the optimizer; returns its meta (RNG is restored separately)."""
     path = Path(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_plain(path / "state.pt", "checkpoint state")
     if engine is not None:
+        for file in sorted((path / "deepspeed").rglob("*.pt")):  # DeepSpeed unpickles them in full
+            check_pickle_globals(file, DEEPSPEED_GLOBALS, "DeepSpeed checkpoint file")
         engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
                                load_optimizer_states=True, load_lr_scheduler_states=True)
     load_trainable(model, load_file(path / "trainable.safetensors"), where=str(path))
@@ -184,6 +196,6 @@ def load_rng(path: str | Path, rank: int) -> None:
     file = Path(path) / f"rng-rank{rank}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no RNG state for rank {rank} (resuming with a different number of ranks?)")
-    set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
+    set_rng_state(load_plain(file, "RNG state"))
 
 

@@ -41,7 +41,7 @@ class MetricsLogger:
     def __init__(self, cfg: Config, out: Path, rank: int, total: int, initial: int, samples_per_step: int):
         self.active = rank == 0
         self.rank = rank
-        self.damaged = 0
+        self.damaged: set[str] = set()  # distinct damaged samples (a sample is skipped again each epoch)
         self.samples_per_step = samples_per_step
         out.mkdir(parents=True, exist_ok=True)
         self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
@@ -67,9 +67,9 @@ class MetricsLogger:
         log.warning(f"rank {self.rank}: {message}" if self.rank else message)
 
     def damaged_samples(self, problems: list[str], step: int) -> None:
-        for problem in problems:
-            self.damaged += 1
-            self.warning(f"step {step + 1}: skipped damaged sample ({self.damaged} so far; "
+        for problem in sorted(set(problems) - self.damaged):
+            self.damaged.add(problem)
+            self.warning(f"step {step + 1}: skipped damaged sample ({len(self.damaged)} so far; "
                          f"train.on_damaged_sample=skip): {problem}")
 
     def step(self, done: int, at, losses: dict[str, float], lrs: dict[str, float], every: int,
@@ -87,14 +87,14 @@ class MetricsLogger:
         if skipped:
             record["skipped"] = True  # non-finite loss or gradient: no update
         if self.damaged:
-            record["damaged_samples_skipped"] = self.damaged
+            record["damaged_samples_skipped"] = len(self.damaged)
         if validation is not None:
             record["validation"] = validation
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         scalars = {f"validation/{name}": value for name, value in (validation or {}).items()}  # every point
         if every and done % every == 0:
-            scalars.update(step_scalars(losses, lrs, grad_norm, perf, self.samples_per_step, self.damaged))
+            scalars.update(step_scalars(losses, lrs, grad_norm, perf, self.samples_per_step, len(self.damaged)))
         for tracker in self.trackers if scalars else []:
             tracker.log(scalars, done)
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from shards.compute import Compute, autocast, compute_cleanup, compute_init
-from shards.config import Config, TrainConfig, save_config
+from shards.config import Config, TrainConfig
 from shards.reader import Cache, StreamingDataset
 from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
@@ -53,6 +53,7 @@ from trainer.lora import attach_lora, trainable_summary
 from trainer.metrics import MetricsLogger
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
+from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
@@ -62,11 +63,14 @@ logger = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 
 
-def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None = None) -> Path | None:
+def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None = None,
+          allow_config_change: bool = False) -> Path | None:
     """Run (or continue) the whole recipe; returns output_dir/final, or None when stopped by ``stop_after``.
     ``resume``: True, the newest checkpoint; False, step 0; a path, that checkpoint of output_dir (the later
-    ones are deleted: this run rewrites them)."""
+    ones are deleted: this run rewrites them). ``allow_config_change``: resume even if the config differs
+    from the run's (trainer.run_folder)."""
     t = cfg.train
+    lock = run_folder_lock(t.output_dir)  # one trainer per output_dir
     compute = compute_init(t.device, "train.device", timedelta(minutes=t.collective_timeout_minutes),
                            group_of_one=bool(t.deepspeed))
     job = None
@@ -75,7 +79,8 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
                              "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
         t.grad_accum = grad_accum_for(t, compute.world)
-        job = start_job(cfg, compute, resume)
+        lock.acquire()
+        job = start_job(cfg, compute, resume, allow_config_change)
         for run in job.schedule.runs:
             if job.step >= run.end:
                 finish_merged_run(job, run)
@@ -85,6 +90,7 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
     finally:
         if job is not None:
             job.log.close()
+        lock.release()
         compute_cleanup(compute)
 
 
@@ -115,11 +121,13 @@ class Job:
         return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
 
 
-def start_job(cfg: Config, compute: Compute, resume: bool | str | Path) -> Job:
+def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_config_change: bool = False) -> Job:
     """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
     t, rank, world = cfg.train, compute.rank, compute.world
     schedule = Schedule(schedule_stages(t))
     out = Path(t.output_dir)
+    # before any work: a resumed run under another config is refused (every rank decides alike)
+    changes = config_changes(cfg, out, resume and latest_checkpoint(out) is not None, allow_config_change)
     seed_everything(t.seed)
     # before any model: an unfinished or edited cache is said at once
     cache = Cache(cfg.cache.dir, **cfg.cache.cache_kwargs())
@@ -137,7 +145,9 @@ def start_job(cfg: Config, compute: Compute, resume: bool | str | Path) -> Job:
     # drops what a cut-short run logged after ``step``; continues its tracker runs (trackers.json) when resuming
     log = MetricsLogger(cfg, out, rank, schedule.total_steps, step, t.batch_size * t.grad_accum * world)
     if rank == 0:
-        save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
+        keep_launch_config(cfg, out)  # what this run (or this resumption of it) trains with
+    if changes:
+        log.info(f"resuming with a changed config (--allow-config-change): {changes}")
     log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")

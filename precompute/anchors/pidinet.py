@@ -34,7 +34,7 @@ from precompute.anchors.vit import (
 )
 from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
 from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.fs import atomic_file
+from shards.fs import atomic_file, atomic_save
 
 WHERE_TO_GET = "https://github.com/hellozhuo/pidinet/tree/master/trained_models (table5_baseline.pth)"
 INPUT_SIZE = 256
@@ -278,8 +278,8 @@ class PidinetAnchor(AnchorModel):
     def export_decoders(self, out_dir: Path) -> list[str]:
         """``PIDINET_STAGE1_PROGRAM`` (torch.export, dynamic batch, fixed HxW) and its JSON description."""
         out_dir = Path(out_dir)
-        with atomic_file(out_dir / PIDINET_STAGE1_PROGRAM) as tmp:
-            torch.export.save(export_stage1(self.net, self.input_size), tmp)
+        program = export_stage1(self.net, self.input_size)
+        atomic_save(out_dir / PIDINET_STAGE1_PROGRAM, lambda buffer: torch.export.save(program, buffer))
         meta = {
             "input_size": self.input_size,
             "channels": int(self.net.init_block.weight.shape[0]),

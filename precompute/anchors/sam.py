@@ -36,7 +36,7 @@ from torchvision.ops import batched_nms
 from shards.anchors import SAM_DECODER_FILE
 from shards.compute import autocast
 from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
-from shards.fs import atomic_file
+from shards.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
@@ -108,8 +108,8 @@ def save_decoders(sam: Sam, out_dir: str | Path) -> list[str]:
     (their constructor arguments and weights), no SAM checkpoint. Returns the file names written."""
     state = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
              for k, m in (("prompt_encoder", sam.prompt_encoder), ("mask_decoder", sam.mask_decoder))}
-    with atomic_file(Path(out_dir) / SAM_DECODER_FILE) as tmp:
-        torch.save({**decoder_architecture(sam), **state}, tmp)
+    atomic_save(Path(out_dir) / SAM_DECODER_FILE, lambda buffer: torch.save({**decoder_architecture(sam), **state},
+                                                                            buffer))
     return [SAM_DECODER_FILE]
 
 

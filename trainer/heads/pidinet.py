@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.export.passes import move_to_device_pass
 
 from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_META_KEYS, PIDINET_STAGE1_PROGRAM
+from shards.untrusted import load_exported_program
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error, resize_maps
@@ -49,7 +50,7 @@ class PidinetHead(AnchorHead):
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])
         self.map_size = (self.dims["map_h"], self.dims["map_w"])
-        program = torch.export.load(str(self.program_path))
+        program = load_exported_program(self.program_path)  # refuses an archive that would unpickle
         self.frozen = FrozenDecoder("pidinet_stage1", lambda device: move_to_device_pass(program, device).module())
         self.attend = ThoughtQueries(self.hidden_size, self.channels, num_queries=self.num_tokens,
                                      num_heads=NUM_HEADS)

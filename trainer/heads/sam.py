@@ -31,6 +31,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransfor
 from torch import nn
 
 from shards.anchors import SAM_DECODER_FILE, SAM_DECODER_KEYS
+from shards.untrusted import load_plain
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error
@@ -70,7 +71,7 @@ class SamDecoder(nn.Module):
 def load_sam_decoder_spec(path: Path) -> dict:
     if not path.is_file():
         raise missing_decoder_error("sam", path)
-    spec = torch.load(path, map_location="cpu", weights_only=True)
+    spec = load_plain(path, "SAM decoder")
     missing = [k for k in SAM_DECODER_KEYS if k not in spec]
     if missing:
         raise ValueError(f"{path}: not a SAM decoder file, missing keys {missing}")
