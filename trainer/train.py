@@ -198,16 +198,24 @@ class RunModel:
         return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable)
 
 
+def run_stream(cfg: Config, rank: int, world: int, step: int, run: Run) -> tuple[StreamingDataset, int]:
+    """This rank's sample stream from optimizer ``step`` of ``run`` on, and the step at its position 0.
+
+    train.data_order restart_each_run: each run reads the stream from its first sample, as each of the
+    reference's run.sh calls shuffles the data anew with the same seed (data.py 393, 426-429)."""
+    t = cfg.train
+    stream_start = run.start if t.data_order == "restart_each_run" else 0
+    dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
+                               start=(step - stream_start) * t.batch_size * t.grad_accum, batch_size=t.batch_size,
+                               on_damaged=t.on_damaged_sample, cache_kwargs=cfg.cache.cache_kwargs())
+    return dataset, stream_start
+
+
 def data_stream(job: Job, rm: RunModel, run: Run):
     """This rank's micro-batches, from the first sample the next optimizer step needs."""
     t, c = job.cfg.train, job.compute
     per_step = t.batch_size * t.grad_accum
-    # train.data_order restart_each_run: each run reads the stream from its first sample, as each of the
-    # reference's run.sh calls re-shuffles with the same seed
-    stream_start = run.start if t.data_order == "restart_each_run" else 0
-    dataset = StreamingDataset(job.cfg.cache.dir, job.cfg.anchors, seed=t.seed, rank=c.rank, world_size=c.world,
-                               start=(job.step - stream_start) * per_step, batch_size=t.batch_size,
-                               on_damaged=t.on_damaged_sample, cache_kwargs=job.cfg.cache.cache_kwargs())
+    dataset, stream_start = run_stream(job.cfg, c.rank, c.world, job.step, run)
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
     collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes(),
                            first_step=stream_start)
@@ -375,6 +383,13 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
 def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
     import deepspeed
 
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(t, world, device))
+    return engine
+
+
+def deepspeed_config(t: TrainConfig, world: int, device: torch.device) -> dict:
+    """train.deepspeed's JSON with the batch sizes, clipping and bf16 this config says."""
     with open(t.deepspeed) as f:
         ds_config = json.load(f)
     ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
@@ -387,9 +402,7 @@ def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, de
     ds_config["gradient_clipping"] = clip_norm(t)
     ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
     ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    return engine
+    return ds_config
 
 
 def position(schedule: Schedule, done: int) -> dict:
