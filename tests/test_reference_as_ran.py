@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -210,3 +211,52 @@ def test_each_run_rereads_the_stream_from_its_start_when_restart_each_run(synthe
 def test_max_length_null_never_truncates():
     assert load_config(REPO / "configs/tiny.yaml", ["train.max_length=null"]).train.max_length is None
     assert truncation_point(list(range(40000)), None, None, None, "sample 0") == 40000
+
+
+# ------------------------------------------------------------------------------- 5. SAM's automatic masks
+def test_sam_settings_default_to_sam_automatic_mask_generators_own():
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from shards.config import SamPrecomputeConfig
+
+    library = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    ours = SamPrecomputeConfig()
+    for key in ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        assert getattr(ours, key) == library[key].default, key
+    assert (ours.nms_score, ours.max_masks) == ("pred_iou", 8)
+
+
+def test_sam_masks_are_the_ones_the_reference_keeps_from_the_librarys_generator(tmp_path):
+    """On sample photos with the tiny SAM: segment_anything's own generator (NMS ranked by predicted IoU), then
+    the reference's top 8 by predicted IoU x stability (covt_qwen2_5_vl.py 648-676), select the prompts ours
+    selects. Thresholds low enough that the random tiny model proposes masks; stability is not thresholded
+    (ours is computed on the low-res logits)."""
+    from PIL import Image
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from precompute.anchors import load_anchor
+    from shards.views import square_view
+
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"precompute.checkpoints.sam.path={tmp_path}/sam.pth",
+                                                   "precompute.sam.pred_iou_thresh=0.15",
+                                                   "precompute.sam.stability_score_thresh=0.0"])
+    sam = cfg.precompute.sam
+    anchor = load_anchor("sam", cfg.precompute, torch.device("cpu"))
+    photos = sorted((REPO / "data/sample/images").glob("*.jpg"))[:3]
+    views = torch.from_numpy(np.stack([square_view(Image.open(p), anchor.input_size) for p in photos]))
+    ours = anchor.automatic_masks(anchor.embed(views))
+    generator = SamAutomaticMaskGenerator(anchor.sam, points_per_side=sam.points_per_side,
+                                          pred_iou_thresh=sam.pred_iou_thresh,
+                                          stability_score_thresh=sam.stability_score_thresh,
+                                          box_nms_thresh=sam.box_nms_thresh)
+    for i in range(len(photos)):
+        kept = sorted(generator.generate(views[i].numpy()),
+                      key=lambda m: m["predicted_iou"] * m["stability_score"], reverse=True)[:sam.max_masks]
+        assert kept
+        theirs = sorted((*np.round(m["point_coords"][0], 2), round(m["predicted_iou"], 3)) for m in kept)
+        count = int(ours.count[i])
+        mine = sorted((*np.round(ours.points[i, k].tolist(), 2), round(float(ours.iou[i, k]), 3))
+                      for k in range(count))
+        np.testing.assert_allclose(np.array(mine), np.array(theirs), atol=2e-3)

@@ -5,8 +5,9 @@ the resolved config it started with as ``config.yaml`` (``--print-config`` print
 exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
 --nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
 
-``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
-(trainer/generate.py, trainer/evaluate.py; ``--help`` on each).
+``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model;
+``python -m trainer export ...`` writes it in the released CoVT checkpoints' layout
+(trainer/generate.py, trainer/evaluate.py, trainer/export.py; ``--help`` on each).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate"}
+SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate", "export": "trainer.export"}
 
 
 def main(argv: list[str] | None = None) -> None:
