@@ -260,3 +260,28 @@ def test_sam_masks_are_the_ones_the_reference_keeps_from_the_librarys_generator(
         mine = sorted((*np.round(ours.points[i, k].tolist(), 2), round(float(ours.iou[i, k]), 3))
                       for k in range(count))
         np.testing.assert_allclose(np.array(mine), np.array(theirs), atol=2e-3)
+
+
+# ------------------------------------------------------------------------------- all of them, trained
+@pytest.mark.slow
+def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir, e2e_overrides, run_trainer):
+    """The whole schedule with the 7B configs' choices: the depth MLP leaves it exactly as it was built."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from shards.reader import Cache
+
+    as_ran = [f"{key}={'null' if v is None else v}" for key, v in AS_RAN.items() if key.startswith("train.")]
+    overrides = [*e2e_overrides(e2e_workdir, "as_ran"), *as_ran]
+    run_trainer(["--config", "configs/tiny.yaml", *overrides])
+    final = e2e_workdir / "as_ran" / "final"
+    heads = load_file(final / "covt_heads.safetensors")
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    built = build_job_heads(cfg, json.loads((final / "covt_heads.json").read_text())["hidden_size"],
+                            Cache(cfg.cache.dir), 0.02)
+    for key, value in built["depth"].depth_token_generator.state_dict().items():
+        assert torch.equal(heads[f"depth.depth_token_generator.{key}"], value), key
+    assert not torch.equal(heads["dino.attend.query_vectors"], built["dino"].attend.query_vectors.detach())
+    lines = [json.loads(line) for line in (e2e_workdir / "as_ran" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == Schedule(cfg.train.stages).total_steps and all(math.isfinite(x["loss"]) for x in lines)
