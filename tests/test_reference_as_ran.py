@@ -120,8 +120,10 @@ def heads_loss(heads) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("trained", ["projection_query_attention", "all"])
-def test_the_depth_mlp_stays_at_its_init_when_only_the_reference_names_train(tmp_path, trained):
-    cfg, model = heads_model(tmp_path, f"train.trained_head_parameters={trained}")
+@pytest.mark.parametrize("init", ["transformers", "torch"])
+def test_the_depth_mlp_stays_at_its_init_when_only_the_reference_names_train(tmp_path, trained, init):
+    cfg, model = heads_model(tmp_path, f"train.trained_head_parameters={trained}", f"train.head_init={init}")
+    torch.randn(3)  # the global generator moves between builds (a merge rebuilds the heads mid-run)
     mlp = model.heads["depth"].depth_token_generator
     again = build_job_heads(cfg, HIDDEN, CacheDims(DIMS, tmp_path), 0.02)  # start, resume and merges rebuild it
     for a, b in zip(mlp.parameters(), again["depth"].depth_token_generator.parameters()):

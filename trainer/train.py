@@ -350,8 +350,8 @@ def build_job_heads(cfg: Config, hidden_size: int, cache: Cache, init_std: float
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         heads = build_heads(head_anchors(cfg), hidden_size, cache)
-    if cfg.train.head_init == "transformers":
-        init_like_missing_keys(heads, init_std)
+        if cfg.train.head_init == "transformers":
+            init_like_missing_keys(heads, init_std)
     if cfg.train.trained_head_parameters == "projection_query_attention":
         # the reference re-enables only these names after get_peft_model froze everything (train.py 255-261)
         for name, p in heads.named_parameters():
