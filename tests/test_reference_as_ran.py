@@ -265,8 +265,19 @@ def test_sam_masks_are_the_ones_the_reference_keeps_from_the_librarys_generator(
 
 
 # ------------------------------------------------------------------------------- all of them, trained
+def as_ran_overrides(workdir: Path, output: str, e2e_overrides) -> list[str]:
+    as_ran = [f"{key}={'null' if v is None else v}" for key, v in AS_RAN.items() if key.startswith("train.")]
+    return [*e2e_overrides(workdir, output), *as_ran]
+
+
+@pytest.fixture(scope="module")
+def trained_as_ran(e2e_workdir, e2e_overrides, run_trainer) -> Path:
+    run_trainer(["--config", "configs/tiny.yaml", *as_ran_overrides(e2e_workdir, "as_ran", e2e_overrides)])
+    return e2e_workdir / "as_ran"
+
+
 @pytest.mark.slow
-def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir, e2e_overrides, run_trainer):
+def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir, e2e_overrides, trained_as_ran):
     """The whole schedule with the 7B configs' choices: the depth MLP leaves it exactly as it was built."""
     import json
 
@@ -274,10 +285,8 @@ def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir,
 
     from shards.reader import Cache
 
-    as_ran = [f"{key}={'null' if v is None else v}" for key, v in AS_RAN.items() if key.startswith("train.")]
-    overrides = [*e2e_overrides(e2e_workdir, "as_ran"), *as_ran]
-    run_trainer(["--config", "configs/tiny.yaml", *overrides])
-    final = e2e_workdir / "as_ran" / "final"
+    overrides = as_ran_overrides(e2e_workdir, "as_ran", e2e_overrides)
+    final = trained_as_ran / "final"
     heads = load_file(final / "covt_heads.safetensors")
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     built = build_job_heads(cfg, json.loads((final / "covt_heads.json").read_text())["hidden_size"],
@@ -285,5 +294,18 @@ def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir,
     for key, value in built["depth"].depth_token_generator.state_dict().items():
         assert torch.equal(heads[f"depth.depth_token_generator.{key}"], value), key
     assert not torch.equal(heads["dino.attend.query_vectors"], built["dino"].attend.query_vectors.detach())
-    lines = [json.loads(line) for line in (e2e_workdir / "as_ran" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (trained_as_ran / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == Schedule(cfg.train.stages).total_steps and all(math.isfinite(x["loss"]) for x in lines)
+
+
+@pytest.mark.slow
+def test_resuming_mid_run_as_the_reference_ran_reproduces_the_uninterrupted_losses(e2e_workdir, e2e_overrides,
+                                                                                 trained_as_ran):
+    """Frozen heads rebuilt, the stream restarted per run and the draws per step survive a resume in run 2."""
+    from trainer.train import train
+
+    cfg = load_config(REPO / "configs/tiny.yaml", as_ran_overrides(e2e_workdir, "as_ran_split", e2e_overrides))
+    assert train(cfg, stop_after=3) is None  # stops after the first merge, mid generation
+    assert train(cfg) is not None
+    split = e2e_workdir / "as_ran_split"
+    assert (split / "metrics.jsonl").read_text() == (trained_as_ran / "metrics.jsonl").read_text()
