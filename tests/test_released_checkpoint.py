@@ -144,3 +144,20 @@ def test_export_in_the_reference_format_loads_back(parts, e2e_workdir, tmp_path,
         loaded = trained_heads(out, load_config(thoughts_config(e2e_workdir, tmp_path)), tmp_path / "decoders",
                                torch.device("cpu"))
     assert_heads_hold(loaded, heads)
+
+
+def test_a_sharded_released_checkpoint_loads_its_heads(parts, e2e_workdir, tmp_path):
+    """Released 7B checkpoints are sharded (model-0000K-of-0000N.safetensors + index): the heads are found in any."""
+    released = write_released(*parts, tmp_path / "CoVT-sharded")
+    tensors = load_file(released / "model.safetensors")
+    (released / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: tensors[k] for k in names}, released / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (released / "model.safetensors.index.json").write_text(json.dumps(index))
+    with torch.no_grad():
+        heads = trained_heads(released, load_config(thoughts_config(e2e_workdir, tmp_path)), tmp_path / "decoders",
+                              torch.device("cpu"))
+    assert_heads_hold(heads, parts[1])
