@@ -100,11 +100,15 @@ class CheckpointConfig:
 
 @dataclass
 class SamPrecomputeConfig:
-    points_per_side: int = option(16, "automatic mask generation point grid")
-    max_masks: int = option(8, "reference masks kept per image")
-    pred_iou_thresh: float = option(0.80, "keep masks whose predicted IoU exceeds this")
-    stability_score_thresh: float = option(0.90, "keep masks at least this stable (logit offset 1)")
+    # The defaults are segment_anything's SamAutomaticMaskGenerator's, which the reference calls with no
+    # arguments (covt_qwen2_5_vl.py 424), then keeps the top 8 by predicted IoU x stability (648-676)
+    points_per_side: int = option(32, "automatic mask generation point grid (SAM's default 32)")
+    max_masks: int = option(8, "reference masks kept per image, the best by predicted IoU x stability")
+    pred_iou_thresh: float = option(0.88, "keep masks whose predicted IoU exceeds this")
+    stability_score_thresh: float = option(0.95, "keep masks at least this stable (logit offset 1)")
     box_nms_thresh: float = option(0.70, "box IoU above which the lower-ranked mask is dropped")
+    nms_score: Literal["pred_iou", "iou_x_stability"] = option(
+        "pred_iou", "what box NMS ranks duplicates by (SAM's generator: pred_iou)")
     point_batch_size: int = option(256, "point prompts per mask-decoder call")
     # The same function three ways (precompute/anchors/sam_fast.py): segment_anything's own attention, or fused
     # SDPA with the relative-position terms as an additive bias or folded into wider q/k; sdpa_fold measured
@@ -184,7 +188,7 @@ class TrainConfig:
     # when set, grad_accum follows from it: global_batch / (batch_size x GPUs), so one config keeps the recipe's
     # global batch on any number of GPUs
     global_batch: int | None = option(None, "samples per optimizer step over all GPUs (sets grad_accum)")
-    max_length: int = option(2048, "tokens; truncation never cuts an image or a thought")
+    max_length: int | None = option(2048, "tokens; truncation never cuts an image or a thought (None: no limit)")
     num_workers: int = option(0, "DataLoader workers reading the cache")
     bf16: bool = option(True, "ignored on CPU")
     gradient_checkpointing: bool = option(True, "activation checkpointing of the VLM")
@@ -214,6 +218,20 @@ class TrainConfig:
     # every collective of the ranks (gradient reduction, barriers) waits at most this long, then the rank stops
     # naming its step and stage; it must cover rank 0's merge and export (minutes for a 7B) while the others wait
     collective_timeout_minutes: float = option(120.0, "how long a rank waits for the others (several ranks)")
+    # What the reference does as its code runs with the library versions it pins (README, "Differences from the
+    # reference"); the dataclass defaults are the evident intent, configs/covt_7b_*.yaml set the reference's.
+    lr_scheduler: Literal["cosine"] = option("cosine", "warm-up (train.warmup_ratio) then cosine to 0, per run")
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this; 0 or null: no clipping")
+    new_token_rows: Literal["every_run", "first_run"] = option(
+        "every_run", "runs whose added-token rows get gradients (first_run: later runs only decay them)")
+    trained_head_parameters: Literal["all", "projection_query_attention"] = option(
+        "all", "head parameters that train (projection_query_attention: the depth head's MLP stays at its init)")
+    head_init: Literal["torch", "transformers"] = option(
+        "torch", "head init: torch's defaults, or transformers' for missing keys (Linear N(0, 0.02), bias 0)")
+    stage4_draws: Literal["per_sample", "per_step"] = option(
+        "per_sample", "stage-4 format draws: one per sample, or one per optimizer step shared by its samples")
+    data_order: Literal["continue", "restart_each_run"] = option(
+        "continue", "each run continues the data stream, or restarts it from the first sample")
 
 
 # ------------------------------------------------------------------------- root
@@ -429,6 +447,7 @@ RANGES: dict[str, Range] = {
     "train.max_nonfinite_steps": AT_LEAST_1,
     "train.collective_timeout_minutes": POSITIVE,
     "train.validate_every": AT_LEAST_0,
+    "train.max_grad_norm": AT_LEAST_0,
 }
 
 

@@ -1,6 +1,7 @@
-"""PIDINet with the official table5_baseline.pth against the original implementation (../shared/golden)."""
+"""PIDINet with the official table5_baseline.pth against the original implementation (tests/golden/pidinet)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ from precompute.anchors.pidinet import build_pidinet, load_pidinet
 from precompute.anchors.vit import normalize_views, read_checkpoint
 from shards.config import CheckpointConfig, PrecomputeConfig
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "pidinet"
-CKPT = GOLDEN / "table5_baseline.pth"
+GOLDEN = Path(os.environ.get("COVT_PIDINET_GOLDEN_DIR") or Path(__file__).resolve().parent / "golden" / "pidinet")
+CKPT = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "table5_baseline.pth"  # the bundled one
 NPZ = GOLDEN / "pidinet_table5_baseline_golden.npz"
 PHOTOS = ("astronaut", "chelsea")
 

@@ -257,7 +257,7 @@ def test_reference_projection_lr_rule_selects_projection_queries_and_attention_n
     for anchor, head in heads.items():
         names = [n for n, _ in head.named_parameters()]
         slow = {n for n in names if uses_projection_lr(f"heads.{anchor}.{n}")}
-        if anchor == "depth":  # the reference trains depth_token_generator at the base lr
+        if anchor == "depth":  # depth_token_generator: the base lr when it trains (the reference's stays frozen)
             assert names and not slow and all(n.startswith("depth_token_generator.") for n in names), names
             continue
         assert slow == set(names), (anchor, set(names) - slow)

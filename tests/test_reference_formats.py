@@ -1,7 +1,7 @@
 """The training texts equal the reference's, byte for byte.
 
-The golden file (../shared/golden/covt_formats/reference_formats_golden.json, made by
-make_golden.py beside it from Wakals/CoVT's own data.py functions) holds 192 cases: for
+The golden file (tests/golden/covt_formats/reference_formats_golden.json, made by
+make_golden.py from Wakals/CoVT's own data.py functions: tests/golden/README.md) holds 192 cases: for
 each conversation, anchor set, stage and stage-4 draw, the prompt (no labels) and the
 labelled part. ``COVT_FORMATS_GOLDEN`` points the test at another file of the same schema.
 A case's conversation is its ``conversations`` field when the file has one, else the
@@ -21,7 +21,7 @@ from trainer.formats import choose_efficient, first_pair, format_sample, sample_
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("COVT_FORMATS_GOLDEN")
-              or REPO.parent / "shared/golden/covt_formats/reference_formats_golden.json")
+              or REPO / "tests/golden/covt_formats/reference_formats_golden.json")
 MULTI_TURN = {"id": "multi-turn", "image": "x.jpg", "conversations": [  # added by make_golden.py
     {"from": "human", "value": "<image>\nHow many cups are on the table?"},
     {"from": "gpt", "value": "There are two cups."},

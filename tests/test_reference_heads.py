@@ -1,9 +1,9 @@
-"""Our anchor heads and losses against CoVT's reference functions (../shared/golden/covt_heads).
+"""Our anchor heads and losses against CoVT's reference functions (tests/golden/covt_heads).
 
 The golden file holds, per anchor, head weights made by the reference's modules, thought
 hidden states, targets, every intermediate value and the loss, computed in fp32 by
-make_golden.py (beside it) with the reference's own functions. We load those weights into
-OUR heads (every size read from the golden's arrays), feed the same inputs and compare
+make_golden.py (tests/golden/README.md) with the reference's own functions. We load those
+weights into OUR heads (every size read from the golden's arrays), feed the same inputs and compare
 each stored value within 1e-5. ``COVT_HEADS_GOLDEN=/path/file.npz`` runs the same checks
 on another file of the same schema (other sizes, other seeds).
 """
@@ -21,7 +21,7 @@ from precompute.anchors.pidinet import CONFIGS, PiDiNet, PidinetAnchor
 from trainer.heads import CacheDims, build_heads
 from trainer.heads.sam import rotary_embedding, sam_token_loss
 
-DEFAULT_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "covt_heads" / "reference_heads_golden.npz"
+DEFAULT_GOLDEN = Path(__file__).resolve().parent / "golden" / "covt_heads" / "reference_heads_golden.npz"
 GOLDEN = Path(os.environ.get("COVT_HEADS_GOLDEN") or DEFAULT_GOLDEN)
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,8 @@ exits). Launch several GPUs with ``torchrun --nproc-per-node N -m trainer ...`` 
 
 ``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
 (trainer/generate.py, trainer/evaluate.py; ``--help`` on each); ``python -m trainer export`` turns a
-``step-N`` checkpoint into such a model folder (trainer/export_checkpoint.py).
+``step-N`` checkpoint into such a model folder, or writes one in the released CoVT checkpoints' layout
+(``--format reference``; trainer/export_checkpoint.py).
 """
 from __future__ import annotations
 

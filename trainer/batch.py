@@ -38,7 +38,9 @@ def _name(sample: dict) -> str:
 
 def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> TrainingText:
     """The training text of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
-    rng = sample_rng(cfg.train.seed, step, sample["index"])
+    # per_step: the samples of one optimizer step share one draw (the reference: 8 GPUs x 1 sample, python
+    # random seeded 42 on every rank)
+    rng = sample_rng(cfg.train.seed, step, sample["index"] if cfg.train.stage4_draws == "per_sample" else None)
     try:
         if not cfg.train.thoughts:
             # the direct fine-tune control: every stage trains stage 4's plain answer (no thoughts), so the
@@ -83,9 +85,9 @@ def _spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]
     return spans
 
 
-def truncation_point(ids: list[int], max_length: int, processor, tokens: ThoughtTokens, where: str) -> int:
-    """Largest length <= max_length that splits neither the image nor a visual thought."""
-    if len(ids) <= max_length:
+def truncation_point(ids: list[int], max_length: int | None, processor, tokens: ThoughtTokens, where: str) -> int:
+    """Largest length <= max_length that splits neither the image nor a visual thought (None: no limit)."""
+    if max_length is None or len(ids) <= max_length:
         return len(ids)
     tok = processor.tokenizer
     vision = _spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
@@ -207,9 +209,10 @@ class BatchBuilder:
     tokens: ThoughtTokens
     cfg: Any  # shards.config.Config
     view_sizes: dict[str, int | None]
+    first_step: int = 0  # the optimizer step at the stream's position 0 (train.data_order)
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
-        step = samples[0]["position"] // self.samples_per_step
+        step = self.first_step + samples[0]["position"] // self.samples_per_step
         at = self.schedule.stage_at(step)
         batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.cfg,
                             view_sizes=self.view_sizes)

@@ -1,4 +1,6 @@
-"""``python -m trainer export --checkpoint RUN/checkpoints/step-N --out DIR``: any checkpoint as a model folder.
+"""``python -m trainer export``: a checkpoint or a trained folder as a model folder, in our layout or the reference's.
+
+``--checkpoint RUN/checkpoints/step-N --out DIR``: any checkpoint as a model folder.
 
 The folder is the one training writes as ``final`` (merged weights + processor + the heads), built
 from the step's state: the checkpoint's run starts from the base model (run 0) or the previous
@@ -6,6 +8,10 @@ run's merged folder in the same run folder; its adapters and token rows are merg
 its heads exported beside. ``python -m trainer evaluate --model DIR`` scores it, so each kept
 checkpoint (``train.save_total_limit: null`` keeps all) can be compared and the best step chosen.
 The run folder's ``config.yaml`` (the config it trained with) says the LoRA, anchors and cache.
+
+``--format reference`` writes the released CoVT checkpoints' layout instead (fp16 or ``--dtype``, the heads
+inside the model file under the reference's names; :func:`trainer.export.export_reference`), from a
+checkpoint or from a trained folder (``--model output_dir/final``).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from safetensors.torch import load_file
 from shards.config import Config, load_config
 from shards.reader import Cache
 from trainer.checkpoint import read_meta
-from trainer.export import export_final, load_processor, merge_to_folder
+from trainer.export import DTYPES, HEADS_JSON, export_final, export_reference, load_processor, merge_to_folder
 from trainer.heads import build_heads
 from trainer.schedule import Schedule
 from trainer.tokens import add_thought_tokens
@@ -68,18 +74,40 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer export", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, RUN/checkpoints/step-XXXXXX")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint folder, RUN/checkpoints/step-XXXXXX")
+    source.add_argument("--model", help="a trained CoVT folder (output_dir/final); with --format reference")
     parser.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
+    parser.add_argument("--format", choices=["covt", "reference"], default="covt",
+                        help="covt: a folder like output_dir/final (default); reference: the released CoVT "
+                             "checkpoints' layout, which tools written for those checkpoints load")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                        help="--format reference: the weights' dtype")
     parser.add_argument("--verbose", action="store_true", help="show every library log line and warning")
     args = parser.parse_args(argv)
     from shards.console import setup_console
 
     setup_console(args.verbose)
+    if args.model and args.format != "reference":
+        parser.error("--model is already a trained folder: give --format reference, or --checkpoint")
+    if args.model and not (Path(args.model) / HEADS_JSON).is_file():
+        parser.error(f"--model {args.model} has no {HEADS_JSON}: give a trained CoVT folder (output_dir/final)")
     try:
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_any(args.checkpoint, args.model, args.out, args.format, args.dtype)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    step = read_meta(args.checkpoint)["global_step"]
-    print(f"exported step {step}: {out} (score it: python -m trainer evaluate --model {out} --benchmark FILE.tsv)")
+    what = f"step {read_meta(args.checkpoint)['global_step']}" if args.checkpoint else args.model
+    print(f"exported {what}: {out} (score it: python -m trainer evaluate --model {out} --benchmark FILE.tsv)")
     return 0
+
+
+def export_any(checkpoint: str | None, model: str | None, out: str | Path, layout: str, dtype: str) -> Path:
+    """``checkpoint`` (or the trained folder ``model``) written to ``out`` in ``layout`` (covt | reference)."""
+    if layout == "covt":
+        return export_checkpoint(checkpoint, out)
+    if model is not None:
+        return export_reference(model, out, dtype)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=Path(out).parent) as tmp:
+        return export_reference(export_checkpoint(checkpoint, Path(tmp) / "final"), out, dtype)

@@ -156,6 +156,7 @@ def plain_text(conversations: list[dict]) -> TrainingText:
     return stage_text("efficient_reasoning", question, answer, [])
 
 
-def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
-    """The format randomness of one sample: a function of (train seed, global step, sample index) only."""
-    return np.random.default_rng([int(seed), int(step), int(index)])
+def sample_rng(seed: int, step: int, index: int | None) -> np.random.Generator:
+    """The format randomness of one sample: a function of (train seed, global step, sample index) only;
+    index None: of the step alone, shared by its samples (train.stage4_draws: per_step)."""
+    return np.random.default_rng([int(seed), int(step)] + ([] if index is None else [int(index)]))

@@ -96,6 +96,16 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     return model
 
 
+def stop_token_row_gradients(model: PeftModel) -> int:
+    """Zero the gradient of the added tokens' rows: they stay optimizer parameters, so AdamW's weight decay
+    still shrinks them, but nothing trains them. What the reference's row mask does after its first merge,
+    where the merged tokenizer already holds the tokens and the masked range is empty. Returns the count."""
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n and p.requires_grad]
+    for p in rows:
+        p.register_hook(torch.zeros_like)
+    return len(rows)
+
+
 def merge_lora(model: PeftModel) -> torch.nn.Module:
     """Fold the LoRA adapters and trained token rows into the base weights; returns the plain model."""
     merged = model.merge_and_unload()

@@ -6,8 +6,9 @@ parameters whose name contains ``_projection``, ``query_vectors`` or ``cross_att
 (the heads' input projections, learned queries and attention) at ``projection_layer_lr``
 1e-5; weight decay 0.1 on everything but biases and normalisation weights; a linear
 warm-up over the first 5% of the run's steps, then a cosine decay to 0 (Hugging Face's
-``cosine`` schedule); gradients clipped to norm 1.0. Each ``run.sh`` call is one run
-with its own schedule, so the schedule restarts after each merge.
+``cosine`` schedule); no gradient clipping as it runs (its DeepSpeed JSON sets none:
+``train.max_grad_norm``, README "What the reference does as its code runs"). Each ``run.sh``
+call is one run with its own schedule, so the schedule restarts after each merge.
 
 Trainable here: the LoRA adapters, the new token rows (peft's ``trainable_tokens_delta``,
 the rows of the added tokens only) and the heads. The reference trains whole

@@ -21,6 +21,7 @@ path of ``trainer`` never does (the phases share only ``shards``).
 """
 from __future__ import annotations
 
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from shards.config import Config, load_config
 from shards.inspect import pca_image
 from shards.views import square_view
 from trainer.batch import encode_text
-from trainer.export import load_covt_heads
+from trainer.export import HEADS_JSON, is_reference_layout, load_covt_heads, load_reference_heads, read_reference_heads
 from trainer.formats import format_sample
 from trainer.generate import Generated, model_thought_tokens, open_image, thought_positions
 from trainer.model import last_hidden_states
@@ -112,10 +113,38 @@ def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: G
     checkpoints (precompute.checkpoints) and the view training used (model.image_size)."""
     cfg = load_config(config_path)
     final = Path(model_dir)
-    if not (final / "covt_heads.json").is_file():
-        raise FileNotFoundError(f"--thoughts: {final} has no covt_heads.json; give a trained CoVT folder "
+    with tempfile.TemporaryDirectory(prefix="covt-decoders-") as decoders:
+        heads = trained_heads(final, cfg, Path(decoders), vlm.device).to(vlm.device)
+        return decode_and_draw(cfg, heads, vlm, processor, generated, out, final)
+
+
+def trained_heads(final: Path, cfg: Config, decoders: Path, device: torch.device) -> torch.nn.ModuleDict:
+    """The heads of ``final``: ours (covt_heads.*), or a released CoVT checkpoint's, read from its model file
+    under the reference's names for ``--config``'s anchors, sized from the tensors and from those anchors,
+    whose frozen decoders (SAM's mask decoder, PIDINet's first stage) are exported into ``decoders``."""
+    if (final / HEADS_JSON).is_file():
+        return load_covt_heads(final)
+    if not is_reference_layout(final):
+        raise FileNotFoundError(f"--thoughts: {final} has no {HEADS_JSON} and is not a released CoVT checkpoint "
+                                "(architecture CoVTForConditionalGeneration); give a trained CoVT folder "
                                 "(output_dir/final), not a base or merged model")
-    heads = load_covt_heads(final).to(vlm.device)
+    tensors = read_reference_heads(final)
+    anchors = [a for a in cfg.anchors if a in tensors]
+    if not anchors:
+        raise ValueError(f"--thoughts: {final} holds heads for {sorted(tensors)}, none of --config's anchors "
+                         f"{cfg.anchors}")
+    dims = {}
+    for name in anchors:
+        model = load_anchor(name, cfg.precompute, device)
+        dims[name] = model.dims()
+        model.export_decoders(decoders)
+        del model
+    return load_reference_heads(tensors, anchors, dims, decoders)
+
+
+def decode_and_draw(cfg: Config, heads: torch.nn.ModuleDict, vlm, processor, generated: Generated, out: str,
+                    final: Path) -> Path:
+    """Decode the first answer's visual thoughts with ``heads`` and draw them beside the anchors' outputs."""
     anchors = list(heads.keys())
     if not anchors:
         raise ValueError(f"--thoughts: {final} has no visual-thought heads (trained with train.thoughts: false)")

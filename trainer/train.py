@@ -48,8 +48,8 @@ from trainer.checkpoint import (
 )
 from trainer.deepspeed_config import resolve_deepspeed_config
 from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
-from trainer.heads import build_heads
-from trainer.lora import attach_lora, trainable_summary
+from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
+from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
@@ -60,7 +60,6 @@ from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
 
 logger = logging.getLogger(__name__)
-MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 
 
 def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None = None,
@@ -112,6 +111,7 @@ class Job:
     step: int  # optimizer steps done
     log: MetricsLogger
     guard: NonFiniteGuard
+    head_init_std: float = 0.02  # the VLM config's initializer_range (train.head_init: transformers)
 
     def run_base(self, run: Run) -> Path:
         """The model a run starts from: the base model, or the previous run's merge."""
@@ -132,8 +132,9 @@ def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_co
     # before any model: an unfinished or edited cache is said at once
     cache = Cache(cfg.cache.dir, **cfg.cache.cache_kwargs())
     base_path = ensure_base_model_on_rank0(cfg, compute)
-    hidden_size = load_vlm_config(base_path).text_config.hidden_size
-    heads = build_heads(head_anchors(cfg), hidden_size, cache)
+    vlm_config = load_vlm_config(base_path)
+    hidden_size = vlm_config.text_config.hidden_size
+    heads = build_job_heads(cfg, hidden_size, cache, initializer_range(vlm_config))
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
@@ -152,13 +153,13 @@ def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_co
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
     return Job(cfg, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint, step, log,
-               NonFiniteGuard(t.max_nonfinite_steps, log))
+               NonFiniteGuard(t.max_nonfinite_steps, log), initializer_range(vlm_config))
 
 
 def train_run(job: Job, run: Run, stop_after: int | None) -> bool:
     """The optimizer steps of ``run`` from ``job.step`` on, then its merge; False if ``stop_after`` stopped it."""
     rm = RunModel.build(job, run)
-    loader = data_stream(job, rm)
+    loader = data_stream(job, rm, run)
     rm.model.train()
     for step in range(job.step, run.end):
         if stop_after is not None and step >= stop_after:
@@ -232,6 +233,8 @@ class RunModel:
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded
         vlm = attach_lora(vlm, t.lora, tokens.ids)
+        if t.new_token_rows == "first_run" and run.index > 0:
+            stop_token_row_gradients(vlm)  # the reference's row mask is empty after the first merge: decay only
         # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         optimizer = make_optimizer(model, t)
@@ -247,15 +250,27 @@ class RunModel:
         return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable)
 
 
-def data_stream(job: Job, rm: RunModel):
+def run_stream(cfg: Config, rank: int, world: int, step: int, run: Run) -> tuple[StreamingDataset, int]:
+    """This rank's sample stream from optimizer ``step`` of ``run`` on, and the step at its position 0.
+
+    train.data_order restart_each_run: each run reads the stream from its first sample, as each of the
+    reference's run.sh calls shuffles the data anew with the same seed (data.py 393, 426-429)."""
+    t = cfg.train
+    stream_start = run.start if t.data_order == "restart_each_run" else 0
+    dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
+                               start=(step - stream_start) * t.batch_size * t.grad_accum, batch_size=t.batch_size,
+                               on_damaged=t.on_damaged_sample, cache_kwargs=cfg.cache.cache_kwargs())
+    return dataset, stream_start
+
+
+def data_stream(job: Job, rm: RunModel, run: Run):
     """This rank's micro-batches, from the first sample the next optimizer step needs."""
     t, c = job.cfg.train, job.compute
     per_step = t.batch_size * t.grad_accum
-    dataset = StreamingDataset(job.cfg.cache.dir, job.cfg.anchors, seed=t.seed, rank=c.rank, world_size=c.world,
-                               start=job.step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample,
-                               cache_kwargs=job.cfg.cache.cache_kwargs())
+    dataset, stream_start = run_stream(job.cfg, c.rank, c.world, job.step, run)
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
-    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes())
+    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes(),
+                           first_step=stream_start)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
                                               collate_fn=collate, pin_memory=c.device.type == "cuda"))
     if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
@@ -282,7 +297,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
-    losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable)
+    losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
+                                             clip_norm(t))
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
                                     job.cfg, rm.model.view_sizes(), device, job.autocast)
@@ -304,7 +320,7 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     rm.trainable = []
     free_memory()
     # rebuilt: the engine may have partitioned or cast the old ones
-    job.heads = build_heads(head_anchors(job.cfg), job.hidden_size, job.cache)
+    job.heads = build_job_heads(job.cfg, job.hidden_size, job.cache, job.head_init_std)
     load_heads(job.heads, state, where=f"end of run {run.index}")
     if job.compute.rank == 0:
         merged_dir = job.out / run.merged_name
@@ -393,6 +409,32 @@ def schedule_stages(t: TrainConfig) -> list:
     return [dataclasses.replace(s, anchor_losses=False) for s in t.stages]
 
 
+def build_job_heads(cfg: Config, hidden_size: int, cache: Cache, init_std: float) -> torch.nn.ModuleDict:
+    """The heads as train.head_init and train.trained_head_parameters say. Built from train.seed alone, so a
+    part left frozen comes out the same at every build (start, resume, after a merge), never saved."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        heads = build_heads(head_anchors(cfg), hidden_size, cache)
+        if cfg.train.head_init == "transformers":
+            init_like_missing_keys(heads, init_std)
+    if cfg.train.trained_head_parameters == "projection_query_attention":
+        # the reference re-enables only these names after get_peft_model froze everything (train.py 255-261)
+        for name, p in heads.named_parameters():
+            p.requires_grad_(uses_projection_lr(name))
+    return heads
+
+
+def initializer_range(vlm_config) -> float:
+    """The std transformers initialises a model's missing Linear weights with (Qwen2.5-VL: 0.02)."""
+    value = getattr(vlm_config, "initializer_range", None)
+    return float(value if value is not None else vlm_config.text_config.initializer_range)
+
+
+def clip_norm(t: TrainConfig) -> float:
+    """train.max_grad_norm, or inf when clipping is off: the norm is still computed (log, non-finite check)."""
+    return float(t.max_grad_norm) if t.max_grad_norm else math.inf
+
+
 def load_vlm_config(path: Path):
     from transformers import AutoConfig
 
@@ -407,12 +449,20 @@ def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, de
                      hidden_size: int, run_steps: int):
     import deepspeed
 
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(t, world, device, hidden_size, run_steps))
+    return engine
+
+
+def deepspeed_config(t: TrainConfig, world: int, device: torch.device, hidden_size: int = 0,
+                     run_steps: int = 0) -> dict:
+    """train.deepspeed's JSON with the batch sizes, clipping and bf16 this config says ("auto" filled as Hugging
+    Face Trainer fills it). train.max_grad_norm owns clipping; off, the engine still clips at inf: it computes
+    the gradient norm only when it clips, and its non-finite check (our skip) needs that norm."""
     with open(t.deepspeed) as f:
         raw = json.load(f)
-    ds_config = resolve_deepspeed_config(raw, t, world, use_bf16(t, device), MAX_GRAD_NORM, hidden_size, run_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    return engine
+    return resolve_deepspeed_config(raw, t, world, use_bf16(t, device), clip_norm(t), hidden_size, run_steps,
+                                    clipping_source="train.max_grad_norm")
 
 
 def position(schedule: Schedule, done: int) -> dict:
@@ -460,7 +510,7 @@ def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: in
 
 
 def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
-                trainable) -> tuple[dict[str, float], float, bool]:
+                trainable, max_norm: float) -> tuple[dict[str, float], float, bool]:
     """End an optimizer step: (the step's mean losses, gradient norm before clipping, whether the update was
     applied), read from the device in one sync. A non-finite loss or gradient skips the update and the lr
     scheduler (as DeepSpeed does), never the step."""
@@ -468,7 +518,7 @@ def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
         values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
         norm = engine.get_global_grad_norm()
         return values, float("nan") if norm is None else float(norm), engine.was_step_applied()
-    norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     *numbers, norm = torch.stack([*losses.values(), norm.float().to(losses["loss"].device)]).tolist()
     values = dict(zip(losses, numbers))
     applied = math.isfinite(values["loss"]) and math.isfinite(norm)

@@ -17,8 +17,9 @@ mask decoder's submodules decode prompts of many images in one call, the
 stability score is computed on the low-res logits (SAM upsamples to the
 original size first, which costs 16x more and changes the score only at the
 boundary), and nothing goes through RLE or per-mask CPU work. Masks are ranked
-by predicted IoU x stability score, which is also the NMS score, so of two
-duplicates the one kept is the one the ranking prefers.
+by predicted IoU x stability score (the reference's top 8); box NMS ranks duplicates
+by ``precompute.sam.nms_score``: predicted IoU as SamAutomaticMaskGenerator does, or
+the same IoU x stability.
 """
 from __future__ import annotations
 
@@ -144,14 +145,18 @@ def point_grid(points_per_side: int, size: int) -> torch.Tensor:
 
 
 def select_masks(cand: dict[str, torch.Tensor], n_img: int, grid_points: torch.Tensor,
-                 max_masks: int, nms_thresh: float) -> MaskProposals:
-    """Box NMS per image on ``score``, then the ``max_masks`` best survivors of each image, best first.
+                 max_masks: int, nms_thresh: float, nms_score: str = "iou_x_stability") -> MaskProposals:
+    """Box NMS per image (duplicates ranked by ``nms_score``: "pred_iou" as SamAutomaticMaskGenerator, or
+    "iou_x_stability"), then the ``max_masks`` survivors of each image with the best ``score`` (predicted
+    IoU x stability, the reference's top 8), best first.
 
     ``cand`` holds flat candidates: ``masks`` (N, H, W) bool, ``boxes`` (N, 4), ``score``,
     ``iou``, ``stability``, ``image`` (index in the batch) and ``point`` (index in ``grid_points``).
     """
-    keep = batched_nms(cand["boxes"].float(), cand["score"], cand["image"], nms_thresh)
-    # batched_nms returns survivors by decreasing score; a stable sort by image keeps that order
+    ranking = {"pred_iou": cand["iou"], "iou_x_stability": cand["score"]}[nms_score]
+    keep = batched_nms(cand["boxes"].float(), ranking.float(), cand["image"], nms_thresh)
+    # best score first, then a stable sort by image keeps that order within each image
+    keep = keep[torch.sort(cand["score"][keep], descending=True, stable=True).indices]
     keep = keep[torch.sort(cand["image"][keep], stable=True).indices]
     img = cand["image"][keep]
     per_image = torch.bincount(img, minlength=n_img)
@@ -307,7 +312,7 @@ class SamAnchor(AnchorModel):
     def automatic_masks(self, emb: torch.Tensor) -> MaskProposals:
         """Up to ``max_masks`` masks per image after NMS, ranked by predicted IoU x stability."""
         return select_masks(self.mask_candidates(emb), emb.shape[0], self.grid_points,
-                            self.amg.max_masks, self.amg.box_nms_thresh)
+                            self.amg.max_masks, self.amg.box_nms_thresh, self.amg.nms_score)
 
     # -------------------------------------------------------------- interface
     @torch.no_grad()
@@ -338,7 +343,8 @@ class SamAnchor(AnchorModel):
                 "pred_iou_thresh": self.amg.pred_iou_thresh,
                 "stability_score_thresh": self.amg.stability_score_thresh,
                 "stability_score_offset": STABILITY_OFFSET, "stability_on": "low-res logits",
-                "box_nms_thresh": self.amg.box_nms_thresh, "rank": "predicted_iou * stability_score",
+                "box_nms_thresh": self.amg.box_nms_thresh, "nms_score": self.amg.nms_score,
+                "rank": "predicted_iou * stability_score",
             },
             "versions": {"segment_anything": version("segment_anything"), "torch": torch.__version__},
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from shards.anchors import get_anchor
@@ -44,6 +45,18 @@ def build_heads(anchors: Iterable[str], hidden_size: int, cache: DimsSource) -> 
     return heads
 
 
+def init_like_missing_keys(heads: nn.ModuleDict, std: float) -> None:
+    """Initialise as transformers initialises the reference's heads, missing keys of its checkpoint: every
+    Linear (attention out-projections included) N(0, std) with zero bias (Qwen2.5-VL's ``_init_weights``);
+    the attention in-projections and the randn queries stay as built."""
+    with torch.no_grad():
+        for module in heads.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 def heads_metadata(heads: nn.ModuleDict) -> dict:
     """What rebuilding ``heads`` needs besides their state dict (for ``covt_heads.json``).
 
@@ -64,4 +77,4 @@ def decoder_files(heads: nn.ModuleDict) -> list[Path]:
 
 
 __all__ = ["AnchorHead", "CacheDims", "DimsSource", "HEADS", "PROJECTION_LR_NAME_PARTS", "build_heads",
-           "decoder_files", "heads_metadata", "uses_projection_lr"]
+           "decoder_files", "heads_metadata", "init_like_missing_keys", "uses_projection_lr"]

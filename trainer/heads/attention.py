@@ -13,8 +13,9 @@ does the same three steps on the thought tokens ``(B, k, hidden)``:
 Parameter names are part of the optimizer's contract: the reference gives a smaller
 learning rate to every parameter whose name contains one of
 :data:`PROJECTION_LR_NAME_PARTS`, so the three pieces are called ``thought_projection``,
-``query_vectors`` and ``cross_attention`` (and the depth head's generator, which the
-reference keeps at the base rate, carries none of those parts).
+``query_vectors`` and ``cross_attention`` (and the depth head's generator carries none of
+those parts: it would train at the base rate, but the reference leaves it frozen at its init,
+``train.trained_head_parameters``).
 """
 from __future__ import annotations
 

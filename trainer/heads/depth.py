@@ -33,7 +33,8 @@ class DepthHead(AnchorHead):
             raise ValueError(f"{anchor}/features: {d['patches']} patches is not a square grid "
                              f"(expected patch tokens only, no CLS)")
         self.map_size = (d["map_h"], d["map_w"])
-        # the name carries none of the projection-lr name parts: the reference trains it at the base lr
+        # the name carries none of the projection-lr name parts: the base lr when it trains; the reference's
+        # peft froze it (train.trained_head_parameters: projection_query_attention keeps it at its init)
         self.depth_token_generator = nn.Sequential(
             nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, d["dim"]))
 
