@@ -110,7 +110,7 @@ def test_generate_thoughts_decodes_a_released_checkpoint(parts, e2e_workdir, tmp
     proc = run_trainer(["generate", "--model", str(released), "--image", str(REPO / "data/sample/images/rocket.jpg"),
                         "--question", "What is shown in the image?", "--image-size", "112", "--max-new-tokens", "8",
                         "--config", str(config), "--thoughts", str(out)])
-    assert f"visual thoughts: {out}" in proc.stdout
+    assert f"thoughts drawn: {out}" in proc.stdout
     picture = np.asarray(Image.open(out).convert("RGB"))
     assert picture.shape == (4 * 360, 756, 3)  # the image, then sam, depth, dino
     assert picture.std() > 20
@@ -126,7 +126,7 @@ def test_export_in_the_reference_format_loads_back(parts, e2e_workdir, tmp_path,
     final = export_final(vlm_dir, heads, add_thought_tokens(load_processor(vlm_dir)), {}, tmp_path / "final")
     out = tmp_path / "reference"
     proc = run_trainer(["export", "--model", str(final), "--out", str(out), "--format", "reference"])
-    assert f"wrote {out}" in proc.stdout
+    assert f"exported {final}: {out}" in proc.stdout
     assert json.loads((out / "config.json").read_text())["architectures"] == ["CoVTForConditionalGeneration"]
     assert not (out / "covt_heads.json").exists()
     tensors = load_file(out / "model.safetensors")
