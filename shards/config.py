@@ -153,6 +153,9 @@ class StageConfig:
 
 @dataclass
 class LoraConfig:
+    # false: full-parameter training (every VLM parameter trains, no peft; a merge saves the trained weights), as
+    # 2U1/Qwen-VL-Series-Finetune offers for small models
+    enabled: bool = option(True, "LoRA adapters; false = full-parameter training (every VLM parameter trains)")
     r: int = option(16, "LoRA rank")
     alpha: int = option(32, "LoRA alpha")
     dropout: float = option(0.01, "LoRA dropout")
