@@ -95,6 +95,8 @@ class CheckpointConfig:
     # Tiny embedded default only: if the file is missing, write a seeded random-weight
     # checkpoint of ``variant`` there first (in the same format users download).
     random_init_seed: int | None = option(None, "tiny default only: write seeded random weights here if missing")
+    # small images (bench/learn's synthetic world) need not be upscaled to 256: a CPU spends 5x less per image at 112
+    input_size: int | None = option(None, "pidinet only: side of the square view it computes from (None: 256)")
 
 
 @dataclass
