@@ -54,6 +54,7 @@ class Plan:
     lr: float
     validate_every: int
     device: str
+    pidinet_size: int = 112  # PIDINet's view (its first stage also runs in every training step, for the head)
     max_new_tokens: int = 96
     pictures: int = 2  # held-out images drawn with generate --thoughts
     seed: int = 0
@@ -61,9 +62,9 @@ class Plan:
 
 FULL = Plan(train=20000, covt_samples=None, held_out=256, bench=600, base_steps=3000,
             stage_steps=(600, 300, 400, 300), batch=16, base_lr=1e-3, lr=1e-3, validate_every=100, device="auto")
-QUICK = Plan(train=1500, covt_samples=192, held_out=32, bench=120, base_steps=300,
-             stage_steps=(60, 40, 60, 40), batch=8, base_lr=2e-3, lr=2e-3, validate_every=50, device="cpu",
-             max_new_tokens=64, pictures=1)
+QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=60, stage_steps=(30, 20, 30, 20),
+             batch=8, base_lr=2e-3, lr=2e-3, validate_every=25, device="cpu", pidinet_size=56, max_new_tokens=64,
+             pictures=1)
 
 
 def base_config(out: Path, plan: Plan) -> dict:
@@ -79,7 +80,7 @@ def base_config(out: Path, plan: Plan) -> dict:
             "device": plan.device, "dtype": "fp32", "batch_size": 16, "num_workers": 0,
             "checkpoints": {
                 "pidinet": {"path": str(REPO / "data/checkpoints/table5_baseline.pth"), "variant": "baseline",
-                            "input_size": 112},
+                            "input_size": plan.pidinet_size},
                 "dino": {"path": str(checkpoints / "dinov2_vit_tiny.pth"), "variant": "vit_tiny",
                          "random_init_seed": 2},
                 "depth": {"path": str(checkpoints / "depth_anything_v2_vit_tiny.pth"), "variant": "vit_tiny",
