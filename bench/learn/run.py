@@ -49,7 +49,8 @@ class Plan:
     bench: int  # benchmark questions
     base_steps: int  # full-parameter steps of the base model
     stage_steps: tuple[int, int, int, int]  # the four CoVT stages
-    batch: int
+    batch: int  # per optimizer step, the CoVT arms
+    base_batch: int  # per optimizer step, the base model
     base_lr: float
     lr: float
     validate_every: int
@@ -61,10 +62,11 @@ class Plan:
 
 
 FULL = Plan(train=20000, covt_samples=None, held_out=256, bench=600, base_steps=3000,
-            stage_steps=(600, 300, 400, 300), batch=16, base_lr=1e-3, lr=1e-3, validate_every=100, device="auto")
-QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=60, stage_steps=(30, 20, 30, 20),
-             batch=8, base_lr=2e-3, lr=2e-3, validate_every=25, device="cpu", pidinet_size=56, max_new_tokens=64,
-             pictures=1)
+            stage_steps=(600, 300, 400, 300), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
+            device="auto")
+QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=60, stage_steps=(30, 20, 60, 30),
+             batch=4, base_batch=8, base_lr=2e-3, lr=5e-3, validate_every=35, device="cpu", pidinet_size=56,
+             max_new_tokens=64, pictures=1)
 
 
 def base_config(out: Path, plan: Plan) -> dict:
@@ -104,7 +106,7 @@ def base_model_overrides(out: Path, plan: Plan) -> list[str]:
     """The base model: full-parameter training on the plain question/answer pairs."""
     stages = f"[{{name: understanding, steps: {plan.base_steps}, merge_after: true}}]"
     return [*plain_cache_overrides(out), f"train.output_dir={out / 'base'}", f"train.stages={stages}",
-            "train.thoughts=false",
+            "train.thoughts=false", f"train.batch_size={plan.base_batch}",
             "train.lora.enabled=false", f"train.lr={plan.base_lr}", f"train.projection_lr={plan.base_lr}",
             "train.validate_every=0"]
 
