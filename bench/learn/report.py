@@ -119,15 +119,16 @@ def decode_metrics(anchor: str, decoded: np.ndarray, target: np.ndarray) -> dict
 
 
 def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.Tensor], image_size: int,
-                      max_new_tokens: int, device: str) -> dict:
-    """Generate on every held-out sample; decode the thoughts (own, another image's) and the mean target."""
+                      max_new_tokens: int, device: str, heads=None) -> dict:
+    """Generate on every held-out sample; decode the thoughts (own, another image's) and the mean target with
+    the model's trained heads (or ``heads``, e.g. untrained ones)."""
     from shards.views import square_view
     from trainer.export import load_covt_heads
     from trainer.generate import GenerationSettings, ImageSizing, generate_answers, load_model
     from trainer.thoughts import thought_states
 
     vlm, processor = load_model(final, device=device)
-    heads = load_covt_heads(final).to(vlm.device)
+    heads = (heads if heads is not None else load_covt_heads(final)).to(vlm.device)
     anchors = list(heads.keys())
     states, emitted, per_sample = [], [], []
     for s in samples:
