@@ -64,7 +64,6 @@ def test_the_quick_experiment_learns(tmp_path):
     assert broken["decoding"]["pidinet"]["own"]["l1"] > broken["decoding"]["pidinet"]["mean_target"]["l1"]
     # not asserted: that the model emits complete visual thoughts (0 of 24 held-out answers in the quick run)
     assert "control" not in report["held_out_thoughts"]  # the control has no heads and no thoughts
-    assert {"base/final", "control/final", "covt/final", "covt/final (thoughts ablated)",
-            "covt/final (thoughts forced)"} <= set(report["accuracy"])
+    assert {"base", "control", "covt", "covt (thoughts ablated)", "covt (thoughts forced)"} <= set(report["accuracy"])
     assert (out / "report.md").is_file() and (out / "pictures" / "validation.png").is_file()
     assert all((out / p).is_file() for p in report["pictures"])

@@ -34,7 +34,7 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def paired_difference(a: list[bool], b: list[bool], z: float = 1.96) -> dict:
@@ -186,21 +186,28 @@ def accuracy_table(results_files: list[Path]) -> dict[str, dict]:
     for path in results_files:
         report = json.loads(Path(path).read_text())
         summaries = {s["name"]: s for s in report["models"]}
-        for name, predictions in report["predictions"].items():
+        for column, predictions in report["predictions"].items():
+            name = arm_column(summaries[column])
             cells = {}
             for category in ["overall", *sorted({p["category"] for p in predictions})]:
                 chosen = [p["correct"] for p in predictions if category in ("overall", p["category"])]
                 cells[category] = {"n": len(chosen), "accuracy": float(np.mean(chosen)),
                                    "ci95": list(wilson(sum(chosen), len(chosen)))}
             models[name] = {**cells, "correct": [p["correct"] for p in predictions],
-                            "thought_rate": summaries[name]["thought_rate"]}
+                            "thought_rate": summaries[column]["thought_rate"]}
     return models
 
 
+def arm_column(summary: dict) -> str:
+    """The arm's name (its run folder: base, covt, control, ...) and the variant, e.g. "covt (thoughts ablated)";
+    evaluate names a column by as few folder parts as tell its models apart, which differs between calls."""
+    variant = summary["name"][summary["name"].find(" ("):] if " (" in summary["name"] else ""
+    return Path(summary["model"]).parent.name + variant
+
+
 def comparisons(models: dict[str, dict], arm: str = "covt") -> dict[str, dict]:
-    base = f"{arm}/final"
-    pairs = {"covt - control": (base, "control/final"), "covt - ablated": (base, f"{base} (thoughts ablated)"),
-             "covt - base": (base, "base/final"), "covt forced - covt": (f"{base} (thoughts forced)", base)}
+    pairs = {"covt - control": (arm, "control"), "covt - ablated": (arm, f"{arm} (thoughts ablated)"),
+             "covt - base": (arm, "base"), "covt forced - covt": (f"{arm} (thoughts forced)", arm)}
     return {label: paired_difference(models[a]["correct"], models[b]["correct"])
             for label, (a, b) in pairs.items() if a in models and b in models}
 
