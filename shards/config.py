@@ -379,6 +379,7 @@ RANGES: dict[str, Range] = {
     "precompute.batch_size": AT_LEAST_1,
     "precompute.num_workers": AT_LEAST_0,
     "precompute.checkpoints.NAME.random_init_seed": AT_LEAST_0,
+    "precompute.checkpoints.NAME.input_size": Range(8),  # PIDINet pools three times
     "precompute.sam.points_per_side": AT_LEAST_1,
     "precompute.sam.max_masks": AT_LEAST_1,
     "precompute.sam.pred_iou_thresh": UNIT,
