@@ -58,6 +58,15 @@ demo:
 		--question "What animal is in the image?" --image-size 112 --max-new-tokens 24 \
 		--config $(CONFIG) --thoughts runs/tiny/thoughts.png $(ARGS)
 
+# show that it learns (bench/learn): a synthetic world, a base model trained on it, CoVT / the control / the
+# ablation through precompute, trainer and evaluate, then runs/learn/report.md; learn-quick is the CPU variant
+.PHONY: learn learn-quick
+learn:
+	$(PYTHON) bench/learn/run.py $(ARGS)
+
+learn-quick:
+	$(PYTHON) bench/learn/run.py --quick $(ARGS)
+
 inspect:
 	$(PYTHON) -m shards inspect --config $(CONFIG) --verify $(ARGS)
 

@@ -96,6 +96,8 @@ class CheckpointConfig:
     # Tiny embedded default only: if the file is missing, write a seeded random-weight
     # checkpoint of ``variant`` there first (in the same format users download).
     random_init_seed: int | None = option(None, "tiny default only: write seeded random weights here if missing")
+    # small images (bench/learn's synthetic world) need not be upscaled to 256: a CPU spends 5x less per image at 112
+    input_size: int | None = option(None, "pidinet only: side of the square view it computes from (None: 256)")
 
 
 @dataclass
@@ -158,6 +160,9 @@ class StageConfig:
 
 @dataclass
 class LoraConfig:
+    # false: full-parameter training (every VLM parameter trains, no peft; a merge saves the trained weights), as
+    # 2U1/Qwen-VL-Series-Finetune offers for small models
+    enabled: bool = option(True, "LoRA adapters; false = full-parameter training (every VLM parameter trains)")
     r: int = option(16, "LoRA rank")
     alpha: int = option(32, "LoRA alpha")
     dropout: float = option(0.01, "LoRA dropout")
@@ -414,6 +419,7 @@ RANGES: dict[str, Range] = {
     "precompute.batch_size": AT_LEAST_1,
     "precompute.num_workers": AT_LEAST_0,
     "precompute.checkpoints.NAME.random_init_seed": AT_LEAST_0,
+    "precompute.checkpoints.NAME.input_size": Range(8),  # PIDINet pools three times
     "precompute.sam.points_per_side": AT_LEAST_1,
     "precompute.sam.max_masks": AT_LEAST_1,
     "precompute.sam.pred_iou_thresh": UNIT,

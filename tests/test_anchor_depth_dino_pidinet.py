@@ -257,3 +257,14 @@ def test_pidinet_other_configurations_build_from_the_same_weights():
     kinds = [net.init_block.kind] + [getattr(net, f"block{s}_{b}").conv1.kind
                                      for s, n in zip((1, 2, 3, 4), (3, 4, 4, 4)) for b in range(1, n + 1)]
     assert kinds == ["cd", "ad", "rd", "cv"] * 4
+
+
+def test_pidinet_input_size_sets_its_view_edges_and_exported_stage(tmp_path):
+    anchor = load_pidinet(CheckpointConfig(path=str(PIDINET_CKPT), input_size=56), PrecomputeConfig(), CPU)
+    assert anchor.dims() == {"map_h": 56, "map_w": 56} and anchor.fingerprint()["input_size"] == 56
+    assert anchor.compute(random_views(2, 56))["edges"].shape == (2, 56, 56)
+    anchor.export_decoders(tmp_path)
+    assert json.loads((tmp_path / "pidinet_stage1.json").read_text())["input_size"] == 56
+    pre = PrecomputeConfig(checkpoints={"dino": CheckpointConfig(path="x.pth", input_size=56)})
+    with pytest.raises(ValueError, match="precompute.checkpoints.dino.input_size"):
+        load_anchor("dino", pre, CPU)

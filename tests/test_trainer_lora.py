@@ -139,3 +139,32 @@ def test_new_lora_on_a_merged_model_starts_from_the_merged_weights(base_dir):
         merged_logits = merged(**inputs).logits
         second = attach_lora(merged, LoraConfig(), new_ids).eval()  # LoRA B starts at zero
         torch.testing.assert_close(second(**inputs).logits, merged_logits, atol=1e-6, rtol=1e-6)
+
+
+def test_full_parameter_training_makes_every_parameter_trainable_and_merge_a_no_op(base_dir):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    vlm.requires_grad_(False)
+    model = attach_lora(vlm, LoraConfig(enabled=False), new_ids)
+    assert model is vlm and not lora_modules(model)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert merge_lora(model) is model
+
+
+@pytest.mark.slow
+def test_full_parameter_run_trains_every_weight_and_merges_to_a_plain_folder(e2e_workdir, e2e_overrides,
+                                                                             run_trainer):
+    from safetensors.torch import load_file
+
+    stages = "[{name: understanding, steps: 2, merge_after: true}]"
+    run_trainer(["--config", "configs/tiny.yaml", *e2e_overrides(e2e_workdir, "full"), f"train.stages={stages}",
+                 "train.lora.enabled=false", "train.save_every=0"])
+    merged = e2e_workdir / "full" / "lora_stage1_merged"
+    before, after = load_file(e2e_workdir / "base" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert not any("lora" in name for name in after)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    # the vision tower's patch embedding, an LLM norm and the old rows of lm_head: none of them trains with LoRA
+    for name in ("visual.patch_embed.proj.weight", "model.norm.weight", "lm_head.weight"):
+        assert name in changed, name
+    assert len(changed) == len(before)  # every weight trained
+    assert after["lm_head.weight"].dtype == before["lm_head.weight"].dtype
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(e2e_workdir / "full" / "final")

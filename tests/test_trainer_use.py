@@ -306,3 +306,26 @@ def test_training_and_generate_never_import_precompute():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_force_thoughts_prefills_the_answer_with_the_opening_of_every_visual_chain(tmp_path):
+    from PIL import Image
+
+    from trainer.formats import reasoning_answer
+    from trainer.generate import THOUGHT_OPENING, GenerationSettings, ImageSizing, generate_answers, load_model
+    from trainer.tiny_model import build_tiny_base_model
+    from trainer.tokens import add_thought_tokens
+
+    assert reasoning_answer("B", ["depth"]).startswith(THOUGHT_OPENING + " ")
+    vlm, processor = load_model(build_tiny_base_model(tmp_path / "base"))
+    add_thought_tokens(processor, vlm)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    sizing = ImageSizing(image_size=112)
+    plain, forced = (generate_answers(vlm, processor, [image], ["What is it?"], sizing,
+                                      GenerationSettings(max_new_tokens=2, force_thoughts=force))
+                     for force in (False, True))
+    opening = processor.tokenizer(THOUGHT_OPENING, add_special_tokens=False)["input_ids"]
+    prompt = forced.inputs["input_ids"][0].tolist()
+    assert prompt[-len(opening):] == opening and prompt[:-len(opening)] == plain.inputs["input_ids"][0].tolist()
+    assert forced.answers[0].text.startswith(THOUGHT_OPENING) and forced.answers[0].chain.startswith(THOUGHT_OPENING)
+    assert not plain.answers[0].text.startswith(THOUGHT_OPENING)

@@ -128,6 +128,7 @@ class ModelResult:
     name: str
     model: str
     ablated: bool
+    forced: bool = False  # --force-thoughts: every answer started with the chain's opening
     predictions: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -136,7 +137,8 @@ class ModelResult:
         for p in self.predictions:
             by_category[p["category"]].append(p["correct"])
         return {
-            "name": self.name, "model": self.model, "ablated_thoughts": self.ablated, "questions": n,
+            "name": self.name, "model": self.model, "ablated_thoughts": self.ablated,
+            "forced_thoughts": self.forced, "questions": n,
             "accuracy": _mean(p["correct"] for p in self.predictions),
             "categories": {c: _mean(v) for c, v in sorted(by_category.items())},
             "answered": _mean(p["choice"] != NO_ANSWER for p in self.predictions),
@@ -152,7 +154,7 @@ def _mean(values) -> float:
 def run_questions(vlm, processor, questions: list[Question], sizing: ImageSizing, settings: GenerationSettings,
                   batch_size: int, name: str, folder: str) -> ModelResult:
     """Every question through one model, with a progress bar."""
-    result = ModelResult(name=name, model=str(folder), ablated=settings.ablate)
+    result = ModelResult(name=name, model=str(folder), ablated=settings.ablate, forced=settings.force_thoughts)
     bar = tqdm(total=len(questions), desc=name, unit="q", dynamic_ncols=True)
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
@@ -201,6 +203,7 @@ def evaluate(folders: list[str], benchmark: str, out: str | Path, sizing: ImageS
     questions = read_benchmark(benchmark)
     results = []
     for folder, name in zip(folders, model_names(folders)):
+        name += " (thoughts forced)" if settings.force_thoughts else ""
         vlm, processor = load_model(folder, device=device)
         results.append(run_questions(vlm, processor, questions, sizing, settings, batch_size, name, folder))
         if ablate and model_thought_tokens(processor) is not None:

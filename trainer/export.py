@@ -85,13 +85,15 @@ def load_processor(path: str | Path):
 
 def merge_to_folder(base_path: str | Path, lora: LoraConfig, vlm_state: dict[str, torch.Tensor], out: str | Path,
                     token_seed: int) -> Path:
-    """Base folder + trained adapters/token rows (names as in the peft-wrapped VLM) -> merged HF folder."""
+    """Base folder + trained adapters/token rows (names as in the peft-wrapped VLM) -> merged HF folder.
+    Full-parameter training (``lora.enabled`` false): ``vlm_state`` is every weight, saved in the base's dtype."""
     processor = load_processor(base_path)
     vlm = load_vlm(base_path)
+    base_dtype = vlm.dtype
     tokens = add_thought_tokens(processor, vlm, seed=token_seed)
     peft_model = attach_lora(vlm, lora, tokens.ids)
     load_trainable(peft_model, vlm_state, where=f"merging into {base_path}")
-    merged = merge_lora(peft_model)
+    merged = merge_lora(peft_model).to(base_dtype)
     check_finite(merged.state_dict(), f"the merged model {out}")
 
     def write(tmp: Path) -> None:

@@ -12,7 +12,10 @@ The image goes to the processor at its own aspect ratio, its pixel count clamped
 with ``image_size``, as the square view training used (``model.image_size``).
 
 :func:`ablate_thoughts` (``--ablate-thoughts``) blanks what the visual thoughts carry, to test
-whether answers depend on it; see its docstring for the fixed vector and why.
+whether answers depend on it; see its docstring for the fixed vector and why. ``--force-thoughts``
+prefills the assistant turn with the opening every visual chain of stages 3-4 starts with
+(:data:`THOUGHT_OPENING`), so the model must think visually before it answers; the prefill counts as
+part of the answer's text.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, thought_toke
 MIN_PIXELS = 1280 * 28 * 28  # VLMEvalKit's CoVT-7B-* entries (vlmeval/config.py)
 MAX_PIXELS = 16384 * 28 * 28
 ANSWER_TAG = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.IGNORECASE | re.DOTALL)
+# how every chain of stages 3-4 starts (trainer.formats.reasoning_answer): the prefill of --force-thoughts
+THOUGHT_OPENING = "<think> Because the"
 # one visual thought as decoded text: start, pads of one anchor, end
 THOUGHT_SPAN = re.compile(re.escape(ANCHOR_START) + r"((?:<\|\w+_pad\|>)*)" + re.escape(ANCHOR_END))
 
@@ -98,12 +103,12 @@ def prompt_messages(question: str, system_prompt: str | None = None) -> list[dic
 
 
 def encode_prompts(processor, images: list[Image.Image], questions: list[str], sizing: ImageSizing,
-                   system_prompt: str | None = None) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs for a batch of (image, question)."""
+                   system_prompt: str | None = None, prefill: str = "") -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for a batch of (image, question), the assistant turn started with ``prefill``."""
     texts, prepared, kwargs = [], [], {}
     for image, question in zip(images, questions):
         texts.append(processor.apply_chat_template(prompt_messages(question, system_prompt), tokenize=False,
-                                                   add_generation_prompt=True))
+                                                   add_generation_prompt=True) + prefill)
         view, kwargs = sizing.prepare(image)
         prepared.append(view)
     return dict(processor(text=texts, images=prepared, padding=True, return_tensors="pt", **kwargs))
@@ -231,6 +236,11 @@ class GenerationSettings:
     sample: bool = False  # greedy unless asked (VLMEvalKit's top_k=1 is greedy too)
     temperature: float = 1.0
     ablate: bool = False
+    force_thoughts: bool = False  # prefill the answer with THOUGHT_OPENING
+
+    @property
+    def prefill(self) -> str:
+        return THOUGHT_OPENING if self.force_thoughts else ""
 
 
 @torch.no_grad()
@@ -239,10 +249,11 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
                      system_prompt: str | None = None) -> Generated:
     """Generate one answer per (image, question), all in one batch."""
     tokens = model_thought_tokens(processor)
-    if settings.ablate and tokens is None:
-        raise ValueError("--ablate-thoughts needs a model with visual thought tokens; this tokenizer has none")
-    inputs = {k: v.to(vlm.device) for k, v in encode_prompts(processor, images, questions, sizing,
-                                                              system_prompt).items()}
+    if (settings.ablate or settings.force_thoughts) and tokens is None:
+        raise ValueError("--ablate-thoughts and --force-thoughts need a model with visual thought tokens; this "
+                         "tokenizer has none")
+    inputs = {k: v.to(vlm.device) for k, v in encode_prompts(processor, images, questions, sizing, system_prompt,
+                                                              settings.prefill).items()}
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
                   pad_token_id=processor.tokenizer.pad_token_id)
     if settings.sample:
@@ -259,8 +270,9 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
     answers = []
     for row, question in enumerate(questions):
         generated = sequences[row, prompt_length:].tolist()
-        text = processor.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        chain, anchors = thought_chain(processor.tokenizer.decode(generated, skip_special_tokens=False))
+        decode = processor.tokenizer.decode
+        text = settings.prefill + decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        chain, anchors = thought_chain(settings.prefill + decode(generated, skip_special_tokens=False))
         spans = thought_positions(generated, tokens, offset=prompt_length) if tokens else []
         answers.append(Answer(question=question, image=names[row] if names else "", text=text,
                               answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans))
@@ -316,6 +328,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_new_tokens: int) ->
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="image pixels at most (VLMEvalKit's CoVT)")
     p.add_argument("--image-size", type=int, default=None,
                    help="feed the square view of this side instead (what training used: model.image_size)")
+    p.add_argument("--force-thoughts", action="store_true",
+                   help=f"start every answer with {THOUGHT_OPENING!r}, so the model must think visually")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -324,7 +338,8 @@ def sizing_from_args(a) -> ImageSizing:
 
 
 def settings_from_args(a) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=a.max_new_tokens, sample=a.sample, temperature=a.temperature)
+    return GenerationSettings(max_new_tokens=a.max_new_tokens, sample=a.sample, temperature=a.temperature,
+                              force_thoughts=a.force_thoughts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,9 @@ the anchor heads are not part of the VLM at all.
 The rows of the added thought tokens train in full through peft's
 ``trainable_token_indices`` on the input embedding and, when it is not tied, the
 lm_head; the rest of both matrices stays frozen.
+
+With ``lora.enabled: false`` (full-parameter training) no adapter is attached: every parameter of the VLM
+trains (the thought-token rows with the rest of their matrices), and merging is a no-op.
 """
 from __future__ import annotations
 
@@ -67,12 +70,16 @@ def lora_target_pattern(vlm: torch.nn.Module, lora: LoraConfig) -> str:
     return "^(?:" + "|".join(alternatives) + ")$"
 
 
-def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[int]) -> PeftModel:
+def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[int]) -> torch.nn.Module:
     """Wrap ``vlm`` with a fresh LoRA; the rows of ``new_token_ids`` train in full.
 
     Everything else is frozen. Trainable tensors (adapters, token rows) are kept in
     fp32 even when the base is bf16, so the optimizer updates them at full precision.
+    With ``lora.enabled`` false, ``vlm`` itself is returned with every parameter trainable (in fp32).
     """
+    if not lora.enabled:
+        vlm.requires_grad_(True)
+        return keep_trainable_in_fp32(vlm)
     token_ids = sorted(set(int(i) for i in new_token_ids))
     tied = bool(getattr(vlm.config, "tie_word_embeddings", False))
     if not token_ids:
@@ -89,7 +96,10 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
         trainable_token_indices=token_indices,
         bias="none",
     )
-    model = get_peft_model(vlm, config)
+    return keep_trainable_in_fp32(get_peft_model(vlm, config))
+
+
+def keep_trainable_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -106,9 +116,10 @@ def stop_token_row_gradients(model: PeftModel) -> int:
     return len(rows)
 
 
-def merge_lora(model: PeftModel) -> torch.nn.Module:
-    """Fold the LoRA adapters and trained token rows into the base weights; returns the plain model."""
-    merged = model.merge_and_unload()
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the LoRA adapters and trained token rows into the base weights; returns the plain model (a model
+    trained full-parameter, without peft, is already plain: returned as it is)."""
+    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     merged.requires_grad_(False)
     return merged
 

@@ -34,4 +34,7 @@ def load_anchor(name: str, pre: PrecomputeConfig, device: torch.device) -> Ancho
         raise KeyError(f"no precompute loader for anchor {name!r} (have {sorted(LOADERS)})")
     if name not in pre.checkpoints:
         raise KeyError(f"precompute.checkpoints.{name} is not set: where is the {name} checkpoint?")
+    if pre.checkpoints[name].input_size is not None and name != "pidinet":
+        raise ValueError(f"precompute.checkpoints.{name}.input_size: only pidinet's view size can be set "
+                         f"(the others compute at their model's own input size)")
     return LOADERS[name](pre.checkpoints[name], pre, device)

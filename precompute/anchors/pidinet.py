@@ -320,4 +320,7 @@ def load_pidinet(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.de
     path = checkpoint_file("pidinet", ckpt, WHERE_TO_GET)
     config = ckpt.variant or "baseline"
     net = build_pidinet(read_checkpoint(path), path, config)
-    return PidinetAnchor(net.to(device), config, str(path))
+    anchor = PidinetAnchor(net.to(device), config, str(path))
+    if ckpt.input_size is not None:
+        anchor.input_size = ckpt.input_size  # the edge maps, the views and the exported stage 1 follow it
+    return anchor
