@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_multi_gpu import build_cache, long_conversations  # noqa: E402
-from shards.config import Config, StageConfig  # noqa: E402
+from covt.config import Config, StageConfig  # noqa: E402
 from shards.reader import StreamingDataset  # noqa: E402
 from trainer.batch import BatchBuilder  # noqa: E402
 from trainer.schedule import Schedule  # noqa: E402

@@ -37,11 +37,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shards.anchors import array_shape, get_anchor  # noqa: E402
-from shards.compute import autocast  # noqa: E402
-from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
-from shards.views import open_rgb  # noqa: E402
-from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
+from covt.anchors import array_shape, get_anchor  # noqa: E402
+from covt.compute import autocast  # noqa: E402
+from covt.config import Config, LoraConfig, StageConfig  # noqa: E402
+from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
@@ -51,6 +50,7 @@ from trainer.optim import param_groups  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
+from trainer.vision_attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
 

@@ -5,8 +5,8 @@ import argparse
 import logging
 import sys
 
-from shards.anchors import ANCHORS
-from shards.config import add_config_arguments, config_from_args
+from covt.anchors import ANCHORS
+from covt.config import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> None:

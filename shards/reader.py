@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import zarr
 
+from covt.images import open_rgb
 from shards import integrity, layout, storage
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError
 from shards.lock import lock_holder_message, unfinished_hint
 from shards.mirror import Mirror
-from shards.views import open_rgb
 
 log = logging.getLogger(__name__)
 

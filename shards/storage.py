@@ -26,8 +26,8 @@ from pathlib import Path
 
 import fsspec
 
+from covt.fs import atomic_file
 from shards import layout
-from shards.fs import atomic_file
 from shards.lock import CacheLock, LockFile, describe, parse_holder
 from shards.mirror import METADATA_SUFFIXES
 from shards.writer import CacheMismatchError, CacheWriter

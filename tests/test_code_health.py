@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("shards", "precompute", "trainer")
+LIBRARY = ("covt", "shards", "precompute", "trainer", "inference")
 EVERYTHING = (*LIBRARY, "bench", "tests")
 MAX_FUNCTION_LINES = 60
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from covt.config import CheckpointConfig, PrecomputeConfig
 from precompute.anchors.pidinet import build_pidinet, load_pidinet
 from precompute.anchors.vit import normalize_views, read_checkpoint
-from shards.config import CheckpointConfig, PrecomputeConfig
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "pidinet"
 CKPT = GOLDEN / "table5_baseline.pth"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads

@@ -1,14 +1,14 @@
-"""The README's config reference is generated from shards.config, so it cannot drift."""
+"""The README's config reference is generated from covt.config, so it cannot drift."""
 from pathlib import Path
 
-from shards.config import reference_markdown
+from covt.config import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_config_reference_matches_the_config_dataclasses():
     assert reference_markdown() in README.read_text(), (
-        "README.md's config reference is stale: replace it with the output of `python -m shards.config`"
+        "README.md's config reference is stale: replace it with the output of `python -m covt.config`"
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from shards.config import LoraConfig, TrainConfig, config_yaml, load_config, save_config
+from covt.config import LoraConfig, TrainConfig, config_yaml, load_config, save_config
 from trainer.lora import attach_lora
 from trainer.optim import learning_rates, make_optimizer, make_scheduler, param_groups, untouched_row_shrink
 from trainer.tiny_model import build_tiny_base_model

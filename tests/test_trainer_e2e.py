@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.config import load_config
+from covt.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = ["sam", "depth", "dino"]  # the paper's main model; the other heads are covered by test_heads
@@ -172,7 +172,7 @@ def test_deepspeed_without_a_launcher_starts_a_one_process_group():
     """`make train` with train.deepspeed set runs plain `python -m trainer`: no RANK, no MPI. DeepSpeed joins the
     group compute_init starts (the DeepSpeed tests above train through it)."""
     pytest.importorskip("deepspeed")
-    code = ("from shards.compute import compute_init\n"
+    code = ("from covt.compute import compute_init\n"
             "from trainer.train import BARRIER_TIMEOUT\n"
             "import torch\n"
             "c = compute_init('cpu', 'train.device', BARRIER_TIMEOUT, group_of_one=True)\n"

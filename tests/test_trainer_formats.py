@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from shards.anchors import ANCHORS
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.anchors import ANCHORS
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.images import square_view
 from shards.reader import Cache
-from shards.views import square_view
 from trainer.batch import IGNORE_INDEX, BatchError, build_batch, sample_text
 from trainer.formats import FormatError, choose_efficient, first_pair, format_sample, plain_text, sample_rng, stage_text
 from trainer.tiny_model import build_tiny_base_model

@@ -8,8 +8,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from shards.anchors import ANCHORS
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.anchors import ANCHORS
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.config import StageConfig, load_config
+from covt.config import StageConfig, load_config
 from trainer.schedule import Schedule, ScheduleError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

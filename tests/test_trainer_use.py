@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from shards.config import load_config
-from trainer.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
-from trainer.generate import ThoughtSpanCompleter, extract_answer, read_questions, thought_chain, thought_positions
+from covt.config import load_config
+from inference.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
+from inference.generate import ThoughtSpanCompleter, extract_answer, read_questions, thought_chain, thought_positions
 from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, pad_token, thought_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_generate_prints_answers_with_their_chain(e2e_trained, tmp_path, run_tra
 def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
     from PIL import Image
 
-    from trainer.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
+    from inference.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
     from trainer.model import last_hidden_states
 
     vlm, processor = load_model(e2e_trained / "final")
@@ -249,8 +249,8 @@ def test_thoughts_png_from_generated_thoughts(e2e_workdir, e2e_trained):
     """A chain the model emitted is read at its own positions (a prompt makes the tiny model emit one)."""
     from PIL import Image
 
-    from trainer.generate import GenerationSettings, ImageSizing, generate_answers, load_model
-    from trainer.thoughts import thought_states
+    from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from inference.thoughts import thought_states
     from trainer.tokens import thought_tokens
 
     vlm, processor = load_model(e2e_trained / "final")
@@ -300,8 +300,8 @@ def e2e_checkpoints_overrides(root: Path) -> list[str]:
 
 
 def test_training_and_generate_never_import_precompute():
-    """Only `generate --thoughts` (trainer/thoughts.py) loads the anchor models; the phases share only shards."""
-    code = ("import sys, trainer.train, trainer.generate, trainer.evaluate, trainer.validation\n"
+    """Only `generate --thoughts` (inference/thoughts.py) loads the anchor models; the phases share only shards."""
+    code = ("import sys, trainer.train, inference.generate, inference.evaluate, trainer.validation\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'precompute'))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,7 +6,7 @@ exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
 --nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
 
 ``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
-(trainer/generate.py, trainer/evaluate.py; ``--help`` on each).
+(inference/generate.py, inference/evaluate.py; ``--help`` on each).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate"}
+SUBCOMMANDS = {"generate": "inference.generate", "evaluate": "inference.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         import importlib
 
         sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
-    from shards.config import add_config_arguments, config_from_args
+    from covt.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config:
-        from shards.config import config_yaml
+        from covt.config import config_yaml
 
         print(config_yaml(cfg), end="")
         return

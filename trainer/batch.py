@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards.anchors import get_anchor
-from shards.views import square_view
+from covt.anchors import get_anchor
+from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
 from trainer.tokens import ThoughtTokens
 
@@ -161,7 +161,7 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
 
 def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens, cfg,
                 view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """Model tensors for ``samples`` in ``stage``'s format (a shards.config.StageConfig) at global ``step``.
+    """Model tensors for ``samples`` in ``stage``'s format (a covt.config.StageConfig) at global ``step``.
 
     Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
     mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
@@ -205,7 +205,7 @@ class BatchBuilder:
     samples_per_step: int  # per rank: train.batch_size x train.grad_accum
     processor: Any
     tokens: ThoughtTokens
-    cfg: Any  # shards.config.Config
+    cfg: Any  # covt.config.Config
     view_sizes: dict[str, int | None]
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.compute import barrier
-from shards.fs import naming_disk_full
+from covt.compute import barrier
+from covt.fs import naming_disk_full
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"  # temporary folders of checkpoints and of export.write_atomically: removed when a run resumes

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.anchors import ANCHORS
-from shards.config import LoraConfig
-from shards.fs import atomic_dir, naming_disk_full
+from covt.anchors import ANCHORS
+from covt.config import LoraConfig
+from covt.fs import atomic_dir, naming_disk_full
 from trainer.checkpoint import CHECKPOINTS, TMP_PREFIX, load_trainable
 from trainer.lora import attach_lora, merge_lora
 from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, add_thought_tokens, pad_token

@@ -32,8 +32,8 @@ from typing import get_args, get_type_hints
 
 import numpy as np
 
-from shards.anchors import get_anchor
-from shards.config import PLAIN_ANSWER_FRACTION, StageConfig
+from covt.anchors import get_anchor
+from covt.config import PLAIN_ANSWER_FRACTION, StageConfig
 from trainer.tokens import thought_text
 
 STAGES: tuple[str, ...] = get_args(get_type_hints(StageConfig)["name"])  # the names train.stages accepts, in order

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shards.config import StageConfig
+from covt.config import StageConfig
 from trainer.formats import STAGES as STAGE_NAMES
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shards.anchors import ANCHORS, get_anchor
+from covt.anchors import ANCHORS, get_anchor
 
 ANCHOR_START = "<|anchor_start|>"
 ANCHOR_END = "<|anchor_end|>"

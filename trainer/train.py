@@ -1,6 +1,6 @@
 """The CoVT training loop: four stages, a LoRA merge after each run, the final folder.
 
-Read top to bottom. ``train`` sets up where this rank runs (``shards.compute``), then
+Read top to bottom. ``train`` sets up where this rank runs (``covt.compute``), then
 ``start_job`` (schedule, cache, base model, heads, validation samples, resume point); for
 each run (the stages between two merges) ``train_run``: ``RunModel.build`` (the run's base +
 a fresh LoRA + the thought tokens + the heads, its optimizer), ``data_stream`` (this rank's
@@ -31,11 +31,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from shards.compute import Compute, autocast, compute_cleanup, compute_init
-from shards.config import Config, TrainConfig, save_config
-from shards.fs import atomic_write
+from covt.compute import Compute, autocast, compute_cleanup, compute_init
+from covt.config import Config, TrainConfig, save_config
+from covt.fs import atomic_write
 from shards.reader import Cache, StreamingDataset
-from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -55,6 +54,7 @@ from trainer.schedule import Run, Schedule
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
+from trainer.vision_attention import use_varlen_vision_attention
 
 MAX_GRAD_NORM = 1.0  # same as gradient_clipping in configs/deepspeed/*.json
 # ranks wait at barriers while rank 0 alone merges a run or exports the final model (minutes for a 7B)

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from shards.config import Config, StageConfig
+from covt.config import Config, StageConfig
 from shards.layout import validation_cache_dir
 from shards.reader import Cache, CacheError
 from trainer.batch import batch_to, build_batch

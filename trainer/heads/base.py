@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.anchors import array_shape, get_anchor
+from covt.anchors import array_shape, get_anchor
 
 
 class DimsSource(Protocol):

@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covt.config import Config, load_config
+from covt.images import square_view
+from inference.generate import Generated, model_thought_tokens, open_image, thought_positions
 from precompute.anchors import load_anchor
 from precompute.views import make_view, view_key
-from shards.config import Config, load_config
 from shards.inspect import pca_image
-from shards.views import square_view
 from trainer.batch import encode_text
 from trainer.export import load_covt_heads
 from trainer.formats import format_sample
-from trainer.generate import Generated, model_thought_tokens, open_image, thought_positions
 from trainer.model import last_hidden_states
 
 MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],

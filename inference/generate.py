@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from shards.anchors import ANCHORS
-from shards.views import square_view
+from covt.anchors import ANCHORS
+from covt.images import square_view
 from trainer.export import load_processor, load_vlm
 from trainer.model import unwrap_vlm
 from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, thought_tokens
@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         for answer in generated.answers:
             print(json.dumps(answer.to_dict()) if a.json else format_answer(answer) + "\n", flush=True)
     if a.thoughts:
-        # only here: trainer.thoughts imports precompute's anchor loaders, which training never needs
-        from trainer.thoughts import draw_thoughts
+        # only here: inference.thoughts imports precompute's anchor loaders, which training never needs
+        from inference.thoughts import draw_thoughts
 
         print(f"visual thoughts: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
     return 0

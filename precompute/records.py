@@ -10,7 +10,7 @@ holds one ``<image>`` per image. Every record that breaks a rule becomes a
 decides whether the first one stops the run or all are skipped, logged and
 counted (they end up in the cache manifest). Nothing is dropped silently.
 
-The published CoVT parquet (``shards.parquet``) goes through the same rules: one
+The published CoVT parquet (``precompute.parquet``) goes through the same rules: one
 image per row, its bytes inside the file. ``data.subset`` keeps a seeded subset:
 the records are walked in a permutation drawn from ``subset.seed`` and the first
 ``subset.size`` good ones are kept, in source order (bad records met on the walk
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shards import parquet
-from shards.config import DataConfig, SubsetConfig
-from shards.parquet import ParquetImage
-from shards.views import open_rgb
+from covt.config import DataConfig, SubsetConfig
+from covt.images import open_rgb
+from precompute import parquet
+from precompute.parquet import ParquetImage
 
 log = logging.getLogger(__name__)
 

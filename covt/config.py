@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from shards.fs import atomic_write
+from covt.fs import atomic_write
 
 
 class ConfigError(ValueError):
@@ -183,7 +183,7 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader workers reading the cache")
     bf16: bool = option(True, "ignored on CPU")
     gradient_checkpointing: bool = option(True, "activation checkpointing of the VLM")
-    # varlen: every vision window of a micro-batch in one kernel call (trainer/attention.py); sdpa: transformers'
+    # varlen: every vision window of a micro-batch in one kernel call (trainer/vision_attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
@@ -448,7 +448,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
-    from shards.anchors import ANCHORS  # late import: anchors imports nothing from here
+    from covt.anchors import ANCHORS  # late import: anchors imports nothing from here
 
     for name in cfg.anchors:
         if name not in ANCHORS:
@@ -503,7 +503,7 @@ def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, str, str,
             default = repr(value) if not dataclasses.is_dataclass(value) else "…"
         else:
             default = "(required)"
-        keys.append((key, _type_name(tp).replace("shards.config.", ""), default, f.metadata.get("help", "")))
+        keys.append((key, _type_name(tp).replace("covt.config.", ""), default, f.metadata.get("help", "")))
         args = typing.get_args(tp)
         item = args[-1] if typing.get_origin(tp) in (list, dict) and args else None
         if item is not None and dataclasses.is_dataclass(item):
