@@ -68,7 +68,7 @@ def fake_targets(anchor: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _writer(tmp: Path, n: int, variant):
-    from precompute.records import Record
+    from shards.samples import Record
     from shards.writer import CacheWriter
 
     records = [Record(i, i, f"bench{i}", [Path(f"img{i}.jpg")], []) for i in range(n)]

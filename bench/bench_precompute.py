@@ -41,7 +41,7 @@ from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
-from precompute.records import Record  # noqa: E402
+from shards.samples import Record  # noqa: E402
 
 REFERENCE_SECONDS_PER_IMAGE = 1.1  # the reference recomputes the anchors inside each training step (H100)
 TARGET_IMAGES_PER_S = 10.0

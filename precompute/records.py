@@ -35,28 +35,12 @@ from covt.config import DataConfig, SubsetConfig
 from covt.images import open_rgb
 from precompute import parquet
 from precompute.parquet import ParquetImage
+from shards.samples import BadRecord, Record
 
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
-
-
-@dataclass
-class Record:
-    index: int  # position among the good records = sample index in the cache (0..N-1)
-    source_index: int  # position in the JSON list
-    id: str
-    images: list[Path | ParquetImage]  # both have .name, .suffix and .read_bytes()
-    conversations: list[dict]
-
-
-@dataclass
-class BadRecord:
-    source_index: int
-    id: str
-    reason: str
-    kind: str = "other"  # short category, counted in the manifest
 
 
 class BadRecordError(ValueError):

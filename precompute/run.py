@@ -41,9 +41,10 @@ from covt.images import open_rgb
 from precompute import calibrate
 from precompute.anchors import load_anchor
 from precompute.anchors.base import AnchorModel
-from precompute.records import Record, load_records, split_validation
+from precompute.records import load_records, split_validation
 from precompute.views import ViewKey, describe, make_view, view_key
 from shards.layout import validation_cache_dir
+from shards.samples import Record
 from shards.storage import open_writer, writer_lock
 from shards.writer import CacheWriter
 

@@ -37,7 +37,6 @@ import zarr
 
 from covt import fs
 from covt.anchors import ANCHORS, array_shape, get_anchor
-from precompute.records import BadRecord, Record
 from shards import layout
 from shards.codecs import (
     COMPRESSION_DEFAULTS,
@@ -49,6 +48,7 @@ from shards.codecs import (
     stored_name,
     zarr_compressors,
 )
+from shards.samples import BadRecord, Record
 
 RESUME = "precompute resumes, keeping every committed shard"
 LOGICAL_DTYPE = {"float": "float32", "mask": "bool", "count": "int32"}

@@ -17,7 +17,8 @@ from PIL import Image
 from covt.anchors import array_shape, get_anchor
 from covt.config import DataConfig
 from covt.images import open_rgb
-from precompute.records import Record, load_records
+from precompute.records import load_records
+from shards.samples import Record
 from shards.storage import is_url, open_writer
 
 DEFAULT_DIMS: dict[str, dict[str, int]] = {

@@ -5,8 +5,8 @@ the resolved config it started with as ``config.yaml`` (``--print-config`` print
 exits). Launch several GPUs with ``deepspeed -m trainer ...`` or ``torchrun
 --nproc-per-node N -m trainer ...`` and train.deepspeed=configs/deepspeed/zero2.json.
 
-``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
-(inference/generate.py, inference/evaluate.py; ``--help`` on each).
+``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model: they
+are ``python -m inference`` (inference/cli.py; ``--help`` on each), forwarded from here only.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SUBCOMMANDS = {"generate": "inference.generate", "evaluate": "inference.evaluate"}
+SUBCOMMANDS = ("generate", "evaluate")  # using a trained model: python -m inference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,12 +24,16 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        import importlib
+        # the command line is the one place of trainer that reaches inference (which sits above trainer)
+        from inference.cli import main as inference_main
 
-        sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
+        sys.exit(inference_main(argv))
     from covt.config import add_config_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__.split("\n")[0],
+        epilog="subcommands (a trained model): python -m trainer generate ... | python -m trainer evaluate ... "
+               "(--help on each)")
     add_config_arguments(parser)
     parser.add_argument("--resume", choices=["auto", "none"], default="auto",
                         help="auto: continue from the newest checkpoint in train.output_dir (default)")
