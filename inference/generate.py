@@ -31,13 +31,11 @@ from covt.anchors import ANCHORS
 from covt.images import square_view
 from trainer.export import load_processor, load_vlm
 from trainer.model import unwrap_vlm
-from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, thought_tokens
+from trainer.tokens import ThoughtTokens, thought_chain, thought_positions, thought_tokens
 
 MIN_PIXELS = 1280 * 28 * 28  # VLMEvalKit's CoVT-7B-* entries (vlmeval/config.py)
 MAX_PIXELS = 16384 * 28 * 28
 ANSWER_TAG = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.IGNORECASE | re.DOTALL)
-# one visual thought as decoded text: start, pads of one anchor, end
-THOUGHT_SPAN = re.compile(re.escape(ANCHOR_START) + r"((?:<\|\w+_pad\|>)*)" + re.escape(ANCHOR_END))
 
 
 @dataclass
@@ -115,40 +113,6 @@ def extract_answer(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
-def thought_chain(text: str) -> tuple[str, list[str]]:
-    """``text`` (decoded with special tokens) with each visual thought as ``[anchor x N]``, and the anchors."""
-    anchors: list[str] = []
-
-    def show(match: re.Match) -> str:
-        pads = re.findall(r"<\|(\w+)_pad\|>", match.group(1))
-        names = sorted(set(pads))
-        name = names[0] if len(names) == 1 else "+".join(names) or "empty"
-        if len(names) == 1 and len(pads) == ANCHORS[names[0]].tokens:
-            anchors.append(names[0])  # complete: one anchor, its full token count
-        return f"[{name} x{len(pads)}]"
-
-    shown = THOUGHT_SPAN.sub(show, text)
-    return re.sub(r"<\|(im_end|endoftext)\|>", "", shown).strip(), anchors
-
-
-def thought_positions(ids: list[int], tokens: ThoughtTokens, offset: int = 0) -> list[tuple[str, list[int]]]:
-    """(anchor, positions of its pads) for each complete visual thought in ``ids`` (positions + ``offset``)."""
-    anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
-    spans, begin = [], None
-    for i, token_id in enumerate(ids):
-        if token_id == tokens.start_id:
-            begin = i
-        elif token_id == tokens.end_id and begin is not None:
-            inner = ids[begin + 1:i]
-            names = {anchor_of.get(t) for t in inner}
-            if len(names) == 1 and None not in names:
-                anchor = names.pop()
-                if len(inner) == ANCHORS[anchor].tokens:
-                    spans.append((anchor, [offset + j for j in range(begin + 1, i)]))
-            begin = None
-    return spans
-
-
 class ThoughtSpanCompleter:
     """A logits processor that finishes a visual thought once its first pad is out: the anchor's remaining
     pads, then ``<|anchor_end|>``. Used with :func:`ablate_thoughts`, whose blanked states at the pad positions
@@ -157,12 +121,11 @@ class ThoughtSpanCompleter:
 
     def __init__(self, tokens: ThoughtTokens):
         self.tokens = tokens
-        self.anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
 
     def forced(self, ids: list[int]) -> int | None:
-        if not ids or ids[-1] not in self.anchor_of:
+        if not ids or ids[-1] not in self.tokens.anchor_of:
             return None
-        anchor = self.anchor_of[ids[-1]]
+        anchor = self.tokens.anchor_of[ids[-1]]
         run = 0
         while run < len(ids) and ids[-1 - run] == self.tokens.pad_id[anchor]:
             run += 1

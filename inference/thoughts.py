@@ -30,7 +30,7 @@ from PIL import Image
 
 from covt.config import Config, load_config
 from covt.images import square_view
-from inference.generate import Generated, model_thought_tokens, open_image, thought_positions
+from inference.generate import Generated, model_thought_tokens, open_image
 from precompute.anchors import load_anchor
 from precompute.views import make_view, view_key
 from shards.inspect import pca_image
@@ -38,6 +38,7 @@ from trainer.batch import encode_text
 from trainer.export import load_covt_heads
 from trainer.formats import format_sample
 from trainer.model import last_hidden_states
+from trainer.tokens import thought_positions
 
 MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                          [145, 30, 180], [70, 240, 240], [240, 50, 230]]) / 255.0

@@ -15,8 +15,16 @@ import torch
 
 from covt.config import load_config
 from inference.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
-from inference.generate import ThoughtSpanCompleter, extract_answer, read_questions, thought_chain, thought_positions
-from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, pad_token, thought_text
+from inference.generate import ThoughtSpanCompleter, extract_answer, read_questions
+from trainer.tokens import (
+    ANCHOR_END,
+    ANCHOR_START,
+    ThoughtTokens,
+    pad_token,
+    thought_chain,
+    thought_positions,
+    thought_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "data" / "sample" / "bench_tiny.tsv"

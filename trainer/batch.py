@@ -23,7 +23,7 @@ from PIL import Image
 from covt.anchors import get_anchor
 from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
-from trainer.tokens import ThoughtTokens
+from trainer.tokens import ThoughtTokens, spans
 
 IGNORE_INDEX = -100
 
@@ -72,23 +72,12 @@ def encode_text(text: TrainingText, view: Image.Image, processor) -> dict[str, t
     return row
 
 
-def _spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
-    spans, begin = [], None
-    for i, t in enumerate(ids):
-        if t == open_id:
-            begin = i
-        elif t == close_id and begin is not None:
-            spans.append((begin, i))
-            begin = None
-    return spans
-
-
 def truncation_point(ids: list[int], max_length: int, processor, tokens: ThoughtTokens, where: str) -> int:
     """Largest length <= max_length that splits neither the image nor a visual thought."""
     if len(ids) <= max_length:
         return len(ids)
     tok = processor.tokenizer
-    vision = _spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
+    vision = spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
     for begin, end in vision:
         if begin < max_length <= end:
             raise BatchError(f"{where}: train.max_length={max_length} would cut through the image "
@@ -97,7 +86,7 @@ def truncation_point(ids: list[int], max_length: int, processor, tokens: Thought
             raise BatchError(f"{where}: train.max_length={max_length} leaves out the image "
                              f"(it starts at token {begin} of {len(ids)}); raise train.max_length")
     cut = max_length
-    for begin, end in _spans(ids, tokens.start_id, tokens.end_id):
+    for begin, end in spans(ids, tokens.start_id, tokens.end_id):
         if begin < cut <= end:
             cut = begin  # drop the whole thought rather than train on half of one
     return cut
