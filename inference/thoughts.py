@@ -37,6 +37,7 @@ from shards.inspect import pca_image
 from trainer.batch import encode_text
 from trainer.export import load_covt_heads
 from trainer.formats import format_sample
+from trainer.heads.base import head_views
 from trainer.model import last_hidden_states
 from trainer.tokens import thought_positions
 
@@ -127,9 +128,7 @@ def draw_thoughts(model_dir: str, config_path: str, vlm, processor, generated: G
     for anchor in anchors:
         head = heads[anchor]
         hidden, source = states[anchor]
-        views = None
-        if getattr(head, "view_size", None):
-            views = torch.from_numpy(square_view(image, head.view_size)[None]).permute(0, 3, 1, 2).to(vlm.device)
+        views = head_views([image], head.view_size).to(vlm.device) if head.view_size else None
         with torch.no_grad():
             decoded = head.decode(hidden.float(), {k: v.to(vlm.device) for k, v in targets[anchor].items()}, views)
         rows.append((anchor, source, decoded.float().cpu(), {k: v.float() for k, v in targets[anchor].items()}))

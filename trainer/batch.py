@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from covt.anchors import get_anchor
 from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
+from trainer.heads.base import head_views
 from trainer.tokens import ThoughtTokens, spans
 
 IGNORE_INDEX = -100
@@ -135,11 +135,7 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
     first = samples[0]["targets"][anchor]
     targets = {name: torch.stack([samples[r]["targets"][anchor][name] for r in rows]) if rows
                else first[name].unsqueeze(0)[:0] for name in first}
-    views = None
-    if view_size:
-        arrays = [square_view(samples[r]["images"][0], view_size) for r in rows]
-        views = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
-                 else torch.zeros((0, 3, view_size, view_size), dtype=torch.uint8))
+    views = head_views([samples[r]["images"][0] for r in rows], view_size) if view_size else None
     return {
         "rows": torch.tensor(rows, dtype=torch.long),
         "positions": torch.stack(positions) if positions else torch.zeros((0, n), dtype=torch.long),
