@@ -253,10 +253,8 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     job.heads = build_heads(head_anchors(job.cfg), job.hidden_size, job.cache)
     load_heads(job.heads, state, where=f"end of run {run.index}")
     if job.compute.rank == 0:
-        merged_dir = job.out / run.merged_name
-        job.log.info(f"merging run {run.index} into {merged_dir}")
-        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
-                        token_seed=job.cfg.train.seed)
+        job.log.info(f"merging run {run.index} into {job.out / run.merged_name}")
+        merge_trained(job, run, state)
     job.compute.barrier()
 
 
@@ -270,10 +268,14 @@ def finish_merged_run(job: Job, run: Run) -> None:
                                 f"(step {run.end}) is left to rebuild it; rerun with --no-resume")
     if job.compute.rank == 0:
         job.log.info(f"redoing the merge of run {run.index} from {job.checkpoint}")
-        state = load_file(job.checkpoint / "trainable.safetensors")
-        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
-                        token_seed=job.cfg.train.seed)
+        merge_trained(job, run, load_file(job.checkpoint / "trainable.safetensors"))
     job.compute.barrier()
+
+
+def merge_trained(job: Job, run: Run, state: dict[str, torch.Tensor]) -> Path:
+    """The run's base + its trained tensors (a CoVTModel trainable state) -> output_dir/<merged_name>."""
+    return merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), job.out / run.merged_name,
+                           token_seed=job.cfg.train.seed)
 
 
 def export_final_model(job: Job) -> Path:
