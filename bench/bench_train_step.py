@@ -39,10 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from covt.anchors import array_shape, get_anchor  # noqa: E402
 from covt.compute import autocast  # noqa: E402
-from covt.config import Config, LoraConfig, StageConfig  # noqa: E402
+from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig  # noqa: E402
 from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
-from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
@@ -277,7 +276,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample, on average")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of each kind and setting")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--stage", default="understanding", choices=STAGES)
+    parser.add_argument("--stage", default="understanding", choices=STAGE_NAMES)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each kind")
     args = parser.parse_args(argv)

@@ -137,11 +137,12 @@ class ModelConfig:
 
 # -------------------------------------------------------------------------- train
 PLAIN_ANSWER_FRACTION = 1 / 6  # the reference draws randint(0, 5) == 0 per stage-4 sample
+STAGE_NAMES = ("understanding", "generation", "reasoning", "efficient_reasoning")  # the four formats, in order
 
 
 @dataclass
 class StageConfig:
-    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"] = option(help="the data format")
+    name: Literal[STAGE_NAMES] = option(help="the data format")
     steps: int = option(help="optimizer steps")
     anchor_losses: bool = option(True, "anchor losses on in this stage")
     # optimizer step (counted from the start of this stage's run, i.e. since the

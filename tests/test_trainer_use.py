@@ -111,10 +111,11 @@ def test_questions_file_as_json_or_jsonl(tmp_path):
 
 @pytest.mark.parametrize("stage", ["understanding", "generation", "reasoning", "efficient_reasoning"])
 def test_the_control_formats_every_stage_as_the_plain_answer(stage):
+    from covt.config import STAGE_NAMES
     from trainer.batch import sample_text
-    from trainer.formats import STAGES, plain_text
+    from trainer.formats import plain_text
 
-    assert stage in STAGES
+    assert stage in STAGE_NAMES
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     conversation = json.loads((REPO / "data/sample/conversations.json").read_text())[0]["conversations"]
     sample = {"index": 3, "key": "k", "id": "astronaut", "conversations": conversation}

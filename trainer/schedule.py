@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from covt.config import StageConfig
-from trainer.formats import STAGES as STAGE_NAMES
+from covt.config import STAGE_NAMES, StageConfig
 
 
 class ScheduleError(ValueError):
