@@ -62,12 +62,6 @@ def anchor_outputs(cfg: Config, anchors: list[str], image: Image.Image,
 
 
 # ----------------------------------------------------------------------------- the thought states
-@torch.no_grad()
-def last_states(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The last-layer hidden states (output of the final norm, what the heads were trained on), (1, T, H)."""
-    return last_hidden_states(vlm, inputs)
-
-
 def full_sequence_inputs(generated: Generated) -> dict[str, torch.Tensor]:
     """Model inputs for prompt + generated answer (row 0), to re-read the answer's hidden states."""
     sequence = generated.sequences[:1]
@@ -87,20 +81,22 @@ def stage2_inputs(processor, image: Image.Image, question: str, anchors: list[st
     return {k: v if k in ("pixel_values", "image_grid_thw") else v[None] for k, v in row.items() if k != "labels"}
 
 
+@torch.no_grad()
 def thought_states(vlm, processor, generated: Generated, image: Image.Image, anchors: list[str],
                    image_size: int) -> dict[str, tuple[torch.Tensor, str]]:
-    """anchor -> (its thought tokens' hidden states (1, N, H), where they come from)."""
+    """anchor -> (its thought tokens' last-layer hidden states (1, N, H): what the heads were trained on, where
+    they come from)."""
     tokens = model_thought_tokens(processor)
     found: dict[str, tuple[torch.Tensor, str]] = {}
     spans = [(a, p) for a, p in generated.answers[0].thought_spans if a in anchors]
     if spans:
-        states = last_states(vlm, {k: v.to(vlm.device) for k, v in full_sequence_inputs(generated).items()})
+        states = last_hidden_states(vlm, {k: v.to(vlm.device) for k, v in full_sequence_inputs(generated).items()})
         for anchor, positions in spans:
             found.setdefault(anchor, (states[:, positions], "generated"))
     missing = [a for a in anchors if a not in found]
     if missing:
         inputs = stage2_inputs(processor, image, generated.answers[0].question, missing, image_size)
-        states = last_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
+        states = last_hidden_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
         ids = inputs["input_ids"][0].tolist()
         for anchor, positions in thought_positions(ids, tokens):
             found.setdefault(anchor, (states[:, positions], "stage-2 prompt (not generated)"))
