@@ -30,7 +30,7 @@ from covt.images import open_rgb
 from shards import integrity, layout, storage
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError
-from shards.lock import lock_holder_message, unfinished_hint
+from shards.lock import lock_holder_message
 from shards.mirror import Mirror
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ class Cache:
             raw = (self._store[0].cat_file(f"{self._store[1]}/{layout.MANIFEST}") if self._store is not None
                    else (self.cache_dir / layout.MANIFEST).read_bytes())
         except FileNotFoundError:
-            hint = (unfinished_hint(self.cache_dir) if self._store is None
-                    else storage.unfinished_hint(self.location))
+            hint = storage.unfinished_hint(self.cache_dir if self._store is None else self.location)
             raise CacheError(f"{self.location} is not a shards cache: no {layout.MANIFEST}{hint}") from None
         try:
             return json.loads(raw)
