@@ -48,7 +48,6 @@ class SubsetConfig:
 
 @dataclass
 class DataConfig:
-    # LLaVA-format JSON (or JSON Lines, .jsonl), or the published parquet (a .parquet file, a glob, or a folder)
     path: str = option("data/sample/conversations.json", "DATA_PATH: LLaVA JSON / JSONL or parquet file/glob/folder")
     image_folder: str = option("data/sample/images", "IMAGE_FOLDER (JSON input; parquet holds the image bytes)")
     on_bad_record: Literal["skip", "error"] = option(
@@ -92,8 +91,6 @@ class CheckpointConfig:
 
     path: str = option("", "file (.pth) or Hugging Face folder")
     variant: str = option("", "e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino")
-    # Tiny embedded default only: if the file is missing, write a seeded random-weight
-    # checkpoint of ``variant`` there first (in the same format users download).
     random_init_seed: int | None = option(None, "tiny default only: write seeded random weights here if missing")
 
 
@@ -129,8 +126,6 @@ class PrecomputeConfig:
 @dataclass
 class ModelConfig:
     path: str = option("runs/tiny/base_model", "Hugging Face Qwen2.5-VL folder")
-    # Tiny embedded default only: build a random-weight tiny Qwen2.5-VL with a locally
-    # trained tokenizer at ``path`` if it does not exist.
     build_tiny_if_missing: bool = option(False, "tiny default only: build a random tiny Qwen2.5-VL at path")
     image_size: int = option(448, "the square view the VLM sees")
 
@@ -145,8 +140,6 @@ class StageConfig:
     name: Literal[STAGE_NAMES] = option(help="the data format")
     steps: int = option(help="optimizer steps")
     anchor_losses: bool = option(True, "anchor losses on in this stage")
-    # optimizer step (counted from the start of this stage's run, i.e. since the
-    # last merge) from which anchor losses switch off; None = never
     anchor_losses_off_from: int | None = option(
         None, "run step (since the last merge) from which anchor losses are off")
     merge_after: bool = option(False, "merge LoRA into the base after this stage")
