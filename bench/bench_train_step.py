@@ -46,6 +46,7 @@ from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
+from trainer.settings import BatchSettings  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
@@ -305,7 +306,7 @@ def main(argv=None) -> dict:
           f"image {image_size}x{image_size}, global batch {args.global_batch}, stage {args.stage}, heads {ANCHORS}")
     print(f"model: {trainable_summary(model)}")
 
-    first = build_batch(data[:2], stage, True, 0, processor, tokens, cfg)
+    first = build_batch(data[:2], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg))
     errors = compare_vision_attention(model, first, device)
     print(f"vision tower vs fp32: sdpa {errors['sdpa']:.2e}, varlen {errors[VISION_ATTENTION]:.2e} relative error "
           f"(varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
@@ -313,7 +314,7 @@ def main(argv=None) -> dict:
     for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
         set_checkpointing(model, checkpointing)
         for micro in [int(m) for m in args.micro_batch.split(",")]:
-            batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, cfg,
+            batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
                                    view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
             real = sum(int(b["attention_mask"].sum()) for b in batches)
             padded = sum(b["input_ids"].numel() for b in batches)

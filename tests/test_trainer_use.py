@@ -114,27 +114,29 @@ def test_the_control_formats_every_stage_as_the_plain_answer(stage):
     from covt.config import STAGE_NAMES
     from trainer.batch import sample_text
     from trainer.formats import plain_text
+    from trainer.settings import BatchSettings
 
     assert stage in STAGE_NAMES
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     conversation = json.loads((REPO / "data/sample/conversations.json").read_text())[0]["conversations"]
     sample = {"index": 3, "key": "k", "id": "astronaut", "conversations": conversation}
-    text = sample_text(sample, stage, cfg.anchors, step=5, cfg=cfg)
+    text = sample_text(sample, stage, cfg.anchors, step=5, settings=BatchSettings.from_config(cfg))
     assert text == plain_text(conversation)
     assert ANCHOR_START not in text.prompt + text.labelled and "<think>" not in text.labelled
-    with_thoughts = sample_text(sample, stage, cfg.anchors, step=5, cfg=load_config(REPO / "configs/tiny.yaml"))
+    with_thoughts = sample_text(sample, stage, cfg.anchors, step=5,
+                                settings=BatchSettings.from_config(load_config(REPO / "configs/tiny.yaml")))
     if stage != "efficient_reasoning":  # stage 4 may draw a plain answer itself
         assert ANCHOR_START in with_thoughts.prompt + with_thoughts.labelled
 
 
 def test_the_control_switches_every_anchor_loss_off():
     from trainer.schedule import Schedule
-    from trainer.train import head_anchors, schedule_stages
+    from trainer.settings import head_anchors, schedule_stages
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     schedule = Schedule(schedule_stages(cfg.train))
     assert not any(schedule.stage_at(s).anchor_losses_on for s in range(schedule.total_steps))
-    assert head_anchors(cfg) == []
+    assert head_anchors(cfg) == ()
     on = Schedule(schedule_stages(load_config(REPO / "configs" / "tiny.yaml").train))
     assert on.stage_at(0).anchor_losses_on
 

@@ -23,6 +23,7 @@ from covt.anchors import get_anchor
 from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
 from trainer.heads.base import head_views
+from trainer.settings import BatchSettings
 from trainer.tokens import ThoughtTokens, spans
 
 IGNORE_INDEX = -100
@@ -36,15 +37,16 @@ def _name(sample: dict) -> str:
     return f"sample {sample.get('index')} (key {sample.get('key')!r}, id {sample.get('id')!r})"
 
 
-def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> TrainingText:
+def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int,
+                settings: BatchSettings) -> TrainingText:
     """The training text of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
-    rng = sample_rng(cfg.train.seed, step, sample["index"])
+    rng = sample_rng(settings.seed, step, sample["index"])
     try:
-        if not cfg.train.thoughts:
+        if settings.plain_only:
             # the direct fine-tune control: every stage trains stage 4's plain answer (no thoughts), so the
             # control sees the same questions, answers and text layout as CoVT, only without visual thoughts
             return plain_text(sample["conversations"])
-        return format_sample(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
+        return format_sample(sample["conversations"], stage_name, anchors, rng, settings.plain_answer_fraction)
     except FormatError as e:
         raise BatchError(f"{_name(sample)}: {e}") from None
 
@@ -92,17 +94,18 @@ def truncation_point(ids: list[int], max_length: int, processor, tokens: Thought
     return cut
 
 
-def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, processor, tokens: ThoughtTokens, cfg):
+def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, processor, tokens: ThoughtTokens,
+            settings: BatchSettings):
     where = _name(sample)
     if not sample.get("images"):
         raise BatchError(f"{where}: no image")
-    text = sample_text(sample, stage_name, anchors, step, cfg)
-    view = Image.fromarray(square_view(sample["images"][0], cfg.model.image_size))
+    text = sample_text(sample, stage_name, anchors, step, settings)
+    view = Image.fromarray(square_view(sample["images"][0], settings.image_size))
     enc = encode_text(text, view, processor)
     labels = enc["labels"]
-    cut = truncation_point(enc["input_ids"].tolist(), cfg.train.max_length, processor, tokens, where)
+    cut = truncation_point(enc["input_ids"].tolist(), settings.max_length, processor, tokens, where)
     if not (labels[:cut] != IGNORE_INDEX).any():
-        raise BatchError(f"{where}: train.max_length={cfg.train.max_length} leaves no answer token to train on "
+        raise BatchError(f"{where}: train.max_length={settings.max_length} leaves no answer token to train on "
                          f"(the sequence has {labels.numel()} tokens); raise train.max_length")
     row = {k: enc[k][:cut] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels") if k in enc}
     return row, enc["pixel_values"], enc["image_grid_thw"]
@@ -144,8 +147,8 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
     }
 
 
-def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens, cfg,
-                view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
+def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens,
+                settings: BatchSettings, view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Model tensors for ``samples`` in ``stage``'s format (a covt.config.StageConfig) at global ``step``.
 
     Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
@@ -156,8 +159,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     """
     if not samples:
         raise BatchError("empty batch")
-    anchors = list(cfg.anchors)
-    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, cfg) for s in samples]
+    anchors = list(settings.anchors)
+    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, settings) for s in samples]
     rows = [e[0] for e in encoded]
     pad_id = processor.tokenizer.pad_token_id
     batch: dict[str, Any] = {
@@ -190,13 +193,13 @@ class BatchBuilder:
     samples_per_step: int  # per rank: train.batch_size x train.grad_accum
     processor: Any
     tokens: ThoughtTokens
-    cfg: Any  # covt.config.Config
+    settings: BatchSettings
     view_sizes: dict[str, int | None]
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         step = samples[0]["position"] // self.samples_per_step
         at = self.schedule.stage_at(step)
-        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.cfg,
+        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.settings,
                             view_sizes=self.view_sizes)
         batch["step"] = step
         batch["damaged_skipped"] = [problem for s in samples for problem in s.get("damaged_skipped", ())]

@@ -14,7 +14,6 @@ of an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -51,6 +50,7 @@ from trainer.lora import attach_lora, trainable_summary
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.schedule import Run, Schedule
+from trainer.settings import RunSettings
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
@@ -70,8 +70,7 @@ def train(cfg: Config, resume: bool = True, stop_after: int | None = None) -> Pa
         if compute.world > 1 and not t.deepspeed:
             raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
                              "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
-        t.grad_accum = grad_accum_for(t, compute.world)
-        job = start_job(cfg, compute, resume)
+        job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume)
         for run in job.schedule.runs:
             if job.step >= run.end:
                 finish_merged_run(job, run)
@@ -90,6 +89,7 @@ class Job:
     """What lasts across the runs: the config, where this rank runs, the schedule, the heads, where we are."""
 
     cfg: Config
+    settings: RunSettings  # derived from cfg once: grad_accum, what train.thoughts: false switches off
     compute: Compute
     schedule: Schedule
     out: Path
@@ -111,17 +111,17 @@ class Job:
         return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
 
 
-def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
+def start_job(cfg: Config, settings: RunSettings, compute: Compute, resume: bool) -> Job:
     """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
     t, rank, world = cfg.train, compute.rank, compute.world
-    schedule = Schedule(schedule_stages(t))
+    schedule = Schedule(settings.stages)
     out = Path(t.output_dir)
     seed_everything(t.seed)
     # before any model: an unfinished or edited cache is said at once
     cache = Cache(cfg.cache.dir, **cfg.cache.cache_kwargs())
     base_path = ensure_base_model_on_rank0(cfg, compute)
     hidden_size = load_vlm_config(base_path).text_config.hidden_size
-    heads = build_heads(head_anchors(cfg), hidden_size, cache)
+    heads = build_heads(list(settings.head_anchors), hidden_size, cache)
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
@@ -133,11 +133,11 @@ def start_job(cfg: Config, compute: Compute, resume: bool) -> Job:
     log = Logger(out, rank, schedule.total_steps, step)  # drops what a cut-short run logged after ``step``
     if rank == 0:
         save_config(cfg, out / "config.yaml")  # what this run (or this resumption of it) trains with
-    log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
+    log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {settings.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
-    return Job(cfg, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint, step, log,
-               NonFiniteGuard(t.max_nonfinite_steps, log))
+    return Job(cfg, settings, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint,
+               step, log, NonFiniteGuard(t.max_nonfinite_steps, log))
 
 
 def train_run(job: Job, run: Run, stop_after: int | None) -> bool:
@@ -185,7 +185,8 @@ class RunModel:
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
-        engine = deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device) if t.deepspeed else None
+        engine = deepspeed_engine(model, optimizer, scheduler, t, job.settings.grad_accum, job.compute.world,
+                                  device) if t.deepspeed else None
         job.log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
                      f"{trainable_summary(model)}")
         resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
@@ -198,12 +199,13 @@ class RunModel:
 def data_stream(job: Job, rm: RunModel):
     """This rank's micro-batches, from the first sample the next optimizer step needs."""
     t, c = job.cfg.train, job.compute
-    per_step = t.batch_size * t.grad_accum
+    per_step = t.batch_size * job.settings.grad_accum
     dataset = StreamingDataset(job.cfg.cache.dir, job.cfg.anchors, seed=t.seed, rank=c.rank, world_size=c.world,
                                start=job.step * per_step, batch_size=t.batch_size, on_damaged=t.on_damaged_sample,
                                cache_kwargs=job.cfg.cache.cache_kwargs())
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
-    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes())
+    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.settings.batch,
+                           rm.model.view_sizes())
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
                                               collate_fn=collate, pin_memory=c.device.type == "cuda"))
     if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
@@ -214,25 +216,25 @@ def data_stream(job: Job, rm: RunModel):
 def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     """One optimizer step: its stage, ``grad_accum`` micro-batches forward and backward, the update, the
     validation pass when one is due, the log line, and a checkpoint when one is due."""
-    t, device, log = job.cfg.train, job.compute.device, job.log
+    t, device, log, grad_accum = job.cfg.train, job.compute.device, job.log, job.settings.grad_accum
     log.start_clock()
     at = job.schedule.stage_at(step)
     torch.manual_seed(step_seed(t.seed, job.compute.rank, step))  # dropout etc. depend on the step, not on history
     losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
-    for _ in range(t.grad_accum):
+    for _ in range(grad_accum):
         batch = next(loader)
         if batch["step"] != step:
             raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
         log.damaged_samples(batch["damaged_skipped"], step)
         with job.autocast():
             result = (rm.engine or rm.model)(batch_to(batch, device), at.anchor_losses_on)
-        backward(result, rm.engine, t.grad_accum)
+        backward(result, rm.engine, grad_accum)
         for name, value in result.items():
-            losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
+            losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable)
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
-                                    job.cfg, rm.model.view_sizes(), device, job.autocast)
+                                    job.settings, rm.model.view_sizes(), device, job.autocast)
                   if validation_due(job.cfg, done, job.validation) else None)
     log.step(done, at, losses, learning_rates(rm.optimizer), every=t.log_every, skipped=not applied,
              grad_norm=grad_norm, validation=validation)
@@ -250,7 +252,7 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     rm.trainable = []
     free_memory()
     # rebuilt: the engine may have partitioned or cast the old ones
-    job.heads = build_heads(head_anchors(job.cfg), job.hidden_size, job.cache)
+    job.heads = build_heads(list(job.settings.head_anchors), job.hidden_size, job.cache)
     load_heads(job.heads, state, where=f"end of run {run.index}")
     if job.compute.rank == 0:
         job.log.info(f"merging run {run.index} into {job.out / run.merged_name}")
@@ -290,17 +292,6 @@ def export_final_model(job: Job) -> Path:
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-def grad_accum_for(t: TrainConfig, world: int) -> int:
-    """train.grad_accum, or what keeps train.global_batch samples per optimizer step on ``world`` GPUs."""
-    if t.global_batch is None:
-        return t.grad_accum
-    per_pass = t.batch_size * world
-    if t.global_batch % per_pass:
-        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.batch_size={t.batch_size} x "
-                         f"{world} GPU(s); choose a train.batch_size that divides {t.global_batch // world or 1}")
-    return t.global_batch // per_pass
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -318,18 +309,6 @@ def ensure_base_model_on_rank0(cfg: Config, compute: Compute) -> Path:
     return ensure_base_model(cfg.model)
 
 
-def head_anchors(cfg: Config) -> list[str]:
-    """The anchors that get a head: none in the direct fine-tune control (train.thoughts: false)."""
-    return list(cfg.anchors) if cfg.train.thoughts else []
-
-
-def schedule_stages(t: TrainConfig) -> list:
-    """train.stages, with anchor losses off in every stage in the direct fine-tune control (train.thoughts: false)."""
-    if t.thoughts:
-        return list(t.stages)
-    return [dataclasses.replace(s, anchor_losses=False) for s in t.stages]
-
-
 def load_vlm_config(path: Path):
     from transformers import AutoConfig
 
@@ -340,16 +319,17 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device):
+def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, grad_accum: int, world: int,
+                     device: torch.device):
     import deepspeed
 
     with open(t.deepspeed) as f:
         ds_config = json.load(f)
     ds_config["train_micro_batch_size_per_gpu"] = t.batch_size
-    ds_config["gradient_accumulation_steps"] = t.grad_accum
+    ds_config["gradient_accumulation_steps"] = grad_accum
     # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
     ds_config.setdefault("gradient_clipping", MAX_GRAD_NORM)
-    ds_config["train_batch_size"] = t.batch_size * t.grad_accum * world
+    ds_config["train_batch_size"] = t.batch_size * grad_accum * world
     ds_config.setdefault("bf16", {})["enabled"] = use_bf16(t, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
