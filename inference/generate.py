@@ -29,7 +29,7 @@ from PIL import Image
 
 from covt.anchors import ANCHORS
 from covt.images import square_view
-from trainer.export import load_processor, load_vlm
+from trainer.loading import load_processor, load_vlm
 from trainer.model import unwrap_vlm
 from trainer.tokens import ThoughtTokens, thought_chain, thought_positions, thought_tokens
 

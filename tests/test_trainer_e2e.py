@@ -87,7 +87,7 @@ def test_every_optimizer_step_records_its_time(uninterrupted):
 def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from trainer.export import load_covt_heads
+    from trainer.loading import load_covt_heads
     from trainer.tokens import pad_token, thought_text
 
     final = uninterrupted / "final"

@@ -44,8 +44,9 @@ from trainer.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
+from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads
+from trainer.loading import load_processor, load_vlm
 from trainer.lora import attach_lora, trainable_summary
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
