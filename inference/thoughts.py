@@ -16,8 +16,8 @@
 3. each head's public ``decode(thoughts, targets, views)`` (trainer.heads), then one PNG: the image
    and the answer, then per anchor the head's decoding beside the anchor's own output.
 
-Only the CLI imports this module: it imports ``precompute`` (the anchor models), which the training
-path of ``trainer`` never does (the phases share only ``shards``).
+Only the CLI (inference/cli.py) imports this module: it imports ``precompute`` (the anchor models), which
+``trainer`` never does (the phases share only ``covt`` and ``shards``).
 """
 from __future__ import annotations
 

@@ -311,7 +311,7 @@ def e2e_checkpoints_overrides(root: Path) -> list[str]:
 
 
 def test_training_and_generate_never_import_precompute():
-    """Only `generate --thoughts` (inference/thoughts.py) loads the anchor models; the phases share only shards."""
+    """Only `generate --thoughts` (inference/thoughts.py) loads the anchor models; the phases share covt and shards."""
     code = ("import sys, trainer.train, inference.generate, inference.evaluate, trainer.validation\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'precompute'))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
