@@ -44,8 +44,8 @@ ONE_GPU_SAMPLES_PER_S = 7.2  # the 7B step on one H100 (BENCHMARKS.md, issue 9):
 
 def bench_records(tmp: Path, samples: int):
     """``samples`` records: the bundled photos (and their conversations) repeated under new ids."""
-    from shards.config import DataConfig
-    from shards.records import load_records
+    from covt.config import DataConfig
+    from precompute.records import load_records
 
     base = json.loads((REPO / "data/sample/conversations.json").read_text())
     rows = [{**base[i % len(base)], "id": f"{base[i % len(base)]['id']}-{i}"} for i in range(samples)]
@@ -55,8 +55,8 @@ def bench_records(tmp: Path, samples: int):
 
 def write_cache(root: Path, anchors: list[str], small: bool, samples: int = 7, shard_size: int = 64,
                 codec: str = "bf16") -> Path:
-    from shards.testing import DEFAULT_DIMS, synthetic_shard_targets
     from shards.writer import CacheWriter
+    from tests.synthetic import DEFAULT_DIMS, synthetic_shard_targets
 
     dims = DEFAULT_DIMS if small else REAL_DIMS
     root.mkdir(parents=True)

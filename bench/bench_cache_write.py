@@ -48,7 +48,7 @@ VARIANTS = {  # name -> CacheWriter(compression=...)
 
 
 def fake_targets(anchor: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from shards.anchors import array_shape, get_anchor
+    from covt.anchors import array_shape, get_anchor
 
     rng = np.random.default_rng([seed, len(anchor)])
     dims = REAL_DIMS[anchor]
@@ -68,7 +68,7 @@ def fake_targets(anchor: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _writer(tmp: Path, n: int, variant):
-    from shards.records import Record
+    from shards.samples import Record
     from shards.writer import CacheWriter
 
     records = [Record(i, i, f"bench{i}", [Path(f"img{i}.jpg")], []) for i in range(n)]

@@ -45,12 +45,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from covt.anchors import get_anchor  # noqa: E402
+from covt.config import CheckpointConfig, DataConfig, PrecomputeConfig, load_config  # noqa: E402
 from precompute.anchors import load_anchor  # noqa: E402
+from precompute.records import load_records  # noqa: E402
 from precompute.run import decode_views  # noqa: E402
-from shards.anchors import get_anchor  # noqa: E402
 from shards.codecs import CODECS, Codec, CodecError  # noqa: E402
-from shards.config import CheckpointConfig, DataConfig, PrecomputeConfig, load_config  # noqa: E402
-from shards.records import load_records  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino", "pidinet"]

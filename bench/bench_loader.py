@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_multi_gpu import build_cache, long_conversations  # noqa: E402
-from shards.config import Config, StageConfig  # noqa: E402
+from covt.config import Config, StageConfig  # noqa: E402
 from shards.reader import StreamingDataset  # noqa: E402
 from trainer.batch import BatchBuilder  # noqa: E402
 from trainer.schedule import Schedule  # noqa: E402
+from trainer.settings import BatchSettings  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 
@@ -36,7 +37,7 @@ ANCHORS = ["sam", "depth", "dino"]
 
 def samples_per_second(cache: Path, workers: int, micro: int, batches: int, cfg: Config, processor, tokens) -> float:
     schedule = Schedule([StageConfig("understanding", 10**6, merge_after=True)])
-    collate = BatchBuilder(schedule, micro, processor, tokens, cfg, {})
+    collate = BatchBuilder(schedule, micro, processor, tokens, BatchSettings.from_config(cfg), {})
     dataset = StreamingDataset(cache, ANCHORS, seed=0, batch_size=micro)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=micro, num_workers=workers, collate_fn=collate,
                                               prefetch_factor=4 if workers else None))

@@ -107,9 +107,9 @@ def build_base(work: Path, tiny: bool) -> Path:
 
 def build_cache(work: Path, tiny: bool, data=None, name: str | None = None) -> Path:
     from bench.bench_train_step import REAL_DIMS, REAL_SAM, TINY_DIMS, TINY_SAM, write_sam_decoder
-    from shards.config import DataConfig
+    from covt.config import DataConfig
     from shards.reader import Cache
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
 
     cache = work / (name or ("cache-synthetic-tiny" if tiny else "cache-synthetic-real"))
     if not (cache / "manifest.json").is_file():
@@ -158,7 +158,7 @@ def zero3_recipe(n: int, work: Path, tiny: bool) -> dict:
 def long_conversations(work: Path, text_tokens: int = 300) -> Any:
     """data/sample with each first answer lengthened to ~``text_tokens`` tokens (bench_train_step.samples)."""
     from bench.bench_train_step import samples
-    from shards.config import DataConfig
+    from covt.config import DataConfig
     from trainer.tiny_model import build_processor, build_tokenizer
 
     path = work / "long_conversations.json"

@@ -33,15 +33,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from covt.config import SamPrecomputeConfig  # noqa: E402
+from covt.images import square_view  # noqa: E402
 from precompute.anchors.base import AnchorModel  # noqa: E402
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
-from shards.config import SamPrecomputeConfig  # noqa: E402
-from shards.records import Record  # noqa: E402
-from shards.views import square_view  # noqa: E402
+from shards.samples import Record  # noqa: E402
 
 REFERENCE_SECONDS_PER_IMAGE = 1.1  # the reference recomputes the anchors inside each training step (H100)
 TARGET_IMAGES_PER_S = 10.0

@@ -37,20 +37,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shards.anchors import array_shape, get_anchor  # noqa: E402
-from shards.compute import autocast  # noqa: E402
-from shards.config import Config, LoraConfig, StageConfig  # noqa: E402
-from shards.views import open_rgb  # noqa: E402
-from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
+from covt.anchors import array_shape, get_anchor  # noqa: E402
+from covt.compute import autocast  # noqa: E402
+from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig  # noqa: E402
+from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
-from trainer.formats import STAGES  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
+from trainer.settings import BatchSettings  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
+from trainer.vision_attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
 
@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample, on average")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of each kind and setting")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--stage", default="understanding", choices=STAGES)
+    parser.add_argument("--stage", default="understanding", choices=STAGE_NAMES)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each kind")
     args = parser.parse_args(argv)
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
           f"image {image_size}x{image_size}, global batch {args.global_batch}, stage {args.stage}, heads {ANCHORS}")
     print(f"model: {trainable_summary(model)}")
 
-    first = build_batch(data[:2], stage, True, 0, processor, tokens, cfg)
+    first = build_batch(data[:2], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg))
     errors = compare_vision_attention(model, first, device)
     print(f"vision tower vs fp32: sdpa {errors['sdpa']:.2e}, varlen {errors[VISION_ATTENTION]:.2e} relative error "
           f"(varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
         set_checkpointing(model, checkpointing)
         for micro in [int(m) for m in args.micro_batch.split(",")]:
-            batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, cfg,
+            batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
                                    view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
             real = sum(int(b["attention_mask"].sum()) for b in batches)
             padded = sum(b["input_ids"].numel() for b in batches)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shards.anchors import ANCHORS
-from shards.config import add_config_arguments, config_from_args
-from shards.console import setup_console
+from covt.anchors import ANCHORS
+from covt.config import add_config_arguments, config_from_args
+from covt.console import setup_console
 
 
 def main(argv: list[str] | None = None) -> None:

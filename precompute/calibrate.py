@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from shards.anchors import get_anchor
+from covt.anchors import get_anchor
 from shards.codecs import MEASURED_ON_DATA, validated_error_bound
 from shards.writer import CacheWriter
 

@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from shards.config import Config
-from shards.records import IMAGE_TOKEN
+from covt.config import Config
+from precompute.records import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 

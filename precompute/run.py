@@ -6,7 +6,7 @@ them, every rank then declares too (idempotent, it checks agreement); each rank
 walks the shards it owns (``shards_for_rank``), writes the sample tar if it is
 not committed yet, decodes the images in a small thread pool, builds each
 anchor's view (``precompute.views``: by default the square view straight from the
-original, ``shards.views.square_view``; ``reference`` the reference's inputs,
+original, ``covt.images.square_view``; ``reference`` the reference's inputs,
 ``precompute/views.py``) and runs the anchors in batches of ``precompute.batch_size``; each anchor's
 targets for a shard are committed (in a background thread, overlapping the next
 shard's compute) as soon as the shard is done. After a barrier
@@ -35,18 +35,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from covt.compute import Compute, compute_cleanup, compute_init
+from covt.config import Config
+from covt.fs import naming_disk_full
+from covt.images import open_rgb
 from precompute import calibrate
 from precompute.anchors import load_anchor
 from precompute.anchors.base import AnchorModel
 from precompute.lengths import length_check
+from precompute.records import load_records, split_validation
 from precompute.views import ViewKey, describe, make_view, view_key
-from shards.compute import Compute, compute_cleanup, compute_init
-from shards.config import Config
-from shards.fs import naming_disk_full
 from shards.layout import validation_cache_dir
-from shards.records import Record, load_records, split_validation
+from shards.samples import Record
 from shards.storage import open_writer, writer_lock
-from shards.views import open_rgb
 from shards.writer import CacheWriter
 
 log = logging.getLogger(__name__)

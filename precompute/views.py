@@ -1,7 +1,7 @@
 """What each anchor computes its targets from: ``precompute.views``.
 
 ``square`` (default): the square view the VLM sees, resized straight from the original
-to the anchor's input size (``shards.views.square_view``), the same for every anchor.
+to the anchor's input size (``covt.images.square_view``), the same for every anchor.
 
 ``reference``: the inputs the reference implementation (Wakals/CoVT
 ``train/src/training/covt_qwen2_5_vl.py``) gives its anchors, for anyone comparing with
@@ -30,7 +30,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from shards.views import square_view
+from covt.images import square_view
 
 REFERENCE_THUMBNAIL = 256  # the reference's image.resize((256, 256))
 DINO_SHORT_SIDE = 256  # facebook/dinov2-large's processor: resize shortest_edge 256, then crop_size 448

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from zarr.codecs import ZstdCodec
 
-from shards.anchors import TargetKind
+from covt.anchors import TargetKind
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 FP16_MAX = 65504.0

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards import fs, integrity, layout
+from covt import fs
+from covt.images import open_rgb
+from shards import integrity, layout
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError, sample_name
 from shards.reader import Cache, CacheError
 from shards.storage import is_url
-from shards.views import open_rgb
 
 
 # --------------------------------------------------------------------- summary
@@ -241,7 +242,7 @@ def pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.nd
 
 def _panels(sample: dict) -> list[tuple[str, callable]]:
     """(title, draw(ax)) for every panel of one sample."""
-    from shards.views import square_view
+    from covt.images import square_view
 
     image = sample["images"][0]
     panels = [(f"image  id={sample['id']}  key={sample['key']}  {image.size[0]}x{image.size[1]}",
@@ -260,7 +261,7 @@ def _panels(sample: dict) -> list[tuple[str, callable]]:
         im = ax.imshow(arr, cmap=cmap)
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
-    from shards.anchors import ANCHORS
+    from covt.anchors import ANCHORS
 
     order = sorted(sample["targets"], key=lambda a: list(ANCHORS).index(a) if a in ANCHORS else len(ANCHORS))
     for anchor in order:
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if dirs:
         cache_dir = dirs[0]
     else:
-        from shards.config import ConfigError, load_config
+        from covt.config import ConfigError, load_config
 
         try:
             cache_cfg = load_config(a.config or "configs/tiny.yaml", overrides).cache

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import fs, layout
+from covt import fs
+from shards import layout
 
 
 class DamagedSampleError(ValueError):

@@ -36,7 +36,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from shards.fs import atomic_write, sha256_file
+from covt.fs import atomic_write, sha256_file
 
 SCHEMA = "covt-shards/2"
 TARGET_CHECKSUM = "crc32c"

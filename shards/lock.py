@@ -4,8 +4,8 @@ Precompute holds the lock from before its first write until the manifest is writ
 (:class:`CacheLock`). The ranks of one launch share it (the lock records the launch's
 job id, and every rank of that job may enter); another precompute on the same cache
 stops at once naming the holder. A lock whose process is dead on this host is stale
-(a killed run) and is taken over. Readers use :func:`unfinished_hint` and
-:func:`lock_holder_message` to say that precompute is still running or has not
+(a killed run) and is taken over. Readers use :func:`lock_holder_message` (and
+``shards.storage.unfinished_hint``) to say that precompute is still running or has not
 finished, and what to run. The trainer locks its run folder the same way (``LockFile(out, name)``,
 ``CacheLock(..., what="training")``).
 """
@@ -93,18 +93,6 @@ def lock_holder_message(cache_dir: str | Path) -> str | None:
         return None
     return (f"{describe(holder)} is writing this cache now; wait until it has finished (if that process is "
             f"gone, delete {Path(cache_dir) / layout.LOCK})")
-
-
-def unfinished_hint(cache_dir: str | Path) -> str:
-    """Why a cache has no manifest, and what to run (appended to the reader's error)."""
-    cache_dir = Path(cache_dir)
-    busy = lock_holder_message(cache_dir)
-    if busy:
-        return f" (precompute is running: {busy})"
-    if (cache_dir / layout.PROGRESS_DIR).is_dir():
-        return (f" (precompute has not finished: rerun it on this cache, `python -m precompute --config YOUR_CONFIG "
-                f"cache.dir={cache_dir}`; it resumes where it stopped)")
-    return f" (run precompute first: `python -m precompute --config YOUR_CONFIG cache.dir={cache_dir}`)"
 
 
 class LockFile:

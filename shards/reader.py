@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import zarr
 
+from covt.images import open_rgb
 from shards import integrity, layout, storage
 from shards.codecs import get_codec, stored_suffix
 from shards.integrity import DamagedSampleError
-from shards.lock import lock_holder_message, unfinished_hint
+from shards.lock import lock_holder_message
 from shards.mirror import Mirror
-from shards.views import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class Cache:
             raise CacheError(f"{self.location} is a file, not a cache folder (cache.dir names the folder "
                              f"precompute wrote)") from None
         except FileNotFoundError:
-            hint = (unfinished_hint(self.cache_dir) if self._store is None
-                    else storage.unfinished_hint(self.location))
+            hint = storage.unfinished_hint(self.cache_dir if self._store is None else self.location)
             raise CacheError(f"{self.location} is not a shards cache: no {layout.MANIFEST}{hint}") from None
         try:
             return json.loads(raw)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import fsspec
 
+from covt.fs import atomic_file
 from shards import layout
-from shards.fs import atomic_file
-from shards.lock import CacheLock, LockFile, describe, holder_alive, parse_holder
+from shards.lock import CacheLock, LockFile, describe, holder_alive, lock_holder_message, parse_holder
 from shards.mirror import METADATA_SUFFIXES
 from shards.writer import CacheMismatchError, CacheWriter
 
@@ -103,18 +103,26 @@ def writer_lock(location: str | Path) -> CacheLock:
     return CacheLock(location, RemoteLockFile(str(location)) if is_url(location) else None)
 
 
-def unfinished_hint(url: str) -> str:
-    """Why a cache at a URL has no manifest, and what to run (the reader's error; ``shards.lock`` for a folder)."""
-    holder = RemoteLockFile(url).read()
-    if holder is not None and holder_alive(holder) is False:
-        return (f" (precompute stopped before it finished: {describe(holder)} is no longer running and its lock "
-                f"{url.rstrip('/')}/{layout.LOCK} is stale; rerun it on this cache, `python -m precompute --config "
-                f"YOUR_CONFIG cache.dir={url}`: it takes the lock over and resumes from what the store holds)")
-    if holder is not None:
-        return (f" (precompute is running: {describe(holder)} holds {url.rstrip('/')}/{layout.LOCK}; the manifest "
-                f"is uploaded last)")
-    return (f" (run precompute first, or rerun it to finish: `python -m precompute --config YOUR_CONFIG "
-            f"cache.dir={url}`; it resumes from what the store holds)")
+def unfinished_hint(location: str | Path) -> str:
+    """Why the cache at ``location`` (a folder or a URL) has no manifest, and what to run (the reader's error)."""
+    run = f"`python -m precompute --config YOUR_CONFIG cache.dir={location}`"
+    if is_url(location):
+        url = str(location).rstrip("/")
+        holder = RemoteLockFile(url).read()
+        if holder is not None and holder_alive(holder) is False:
+            return (f" (precompute stopped before it finished: {describe(holder)} is no longer running and its lock "
+                    f"{url}/{layout.LOCK} is stale; rerun it on this cache, {run}: it takes the lock over and "
+                    "resumes from what the store holds)")
+        if holder is not None:
+            return (f" (precompute is running: {describe(holder)} holds {url}/{layout.LOCK}; "
+                    "the manifest is uploaded last)")
+        return f" (run precompute first, or rerun it to finish: {run}; it resumes from what the store holds)"
+    busy = lock_holder_message(location)
+    if busy:
+        return f" (precompute is running: {busy})"
+    if (Path(location) / layout.PROGRESS_DIR).is_dir():
+        return f" (precompute has not finished: rerun it on this cache, {run}; it resumes where it stopped)"
+    return f" (run precompute first: {run})"
 
 
 class UploadingWriter(CacheWriter):

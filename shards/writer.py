@@ -1,6 +1,6 @@
 """The cache writer: resumable shard by shard, safe for several ranks writing disjoint shards.
 
-Usage (what precompute does; see ``shards.testing.write_synthetic_cache`` for a small one)::
+Usage (what precompute does; see ``tests.synthetic.write_synthetic_cache`` for a small one)::
 
     w = CacheWriter(cfg.cache.dir, records, cfg.cache.shard_size, bad, cfg.cache.codec, cfg.cache.codecs)
     w.declare_anchor("depth", dims, fingerprint, decoders)        # every rank; idempotent
@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from shards import fs, layout
-from shards.anchors import ANCHORS, array_shape, get_anchor
+from covt import fs
+from covt.anchors import ANCHORS, array_shape, get_anchor
+from shards import layout
 from shards.codecs import (
     COMPRESSION_DEFAULTS,
     Codec,
@@ -47,7 +48,7 @@ from shards.codecs import (
     stored_name,
     zarr_compressors,
 )
-from shards.records import BadRecord, Record
+from shards.samples import BadRecord, Record
 
 RESUME = "precompute resumes, keeping every committed shard"
 LOGICAL_DTYPE = {"float": "float32", "mask": "bool", "count": "int32"}

@@ -31,7 +31,7 @@ def repo_root() -> Path:
 @pytest.fixture
 def sample_data_cfg():
     """The bundled sample dataset (data/sample: 7 photos with LLaVA conversations)."""
-    from shards.config import DataConfig
+    from covt.config import DataConfig
 
     return DataConfig(path=str(REPO / "data" / "sample" / "conversations.json"),
                       image_folder=str(REPO / "data" / "sample" / "images"), on_bad_record="error")
@@ -50,8 +50,8 @@ def synthetic_cache(tmp_path_factory) -> Path:
 
     Shared by the whole session: copy it (shutil.copytree) before changing anything in it.
     """
-    from shards.config import DataConfig
-    from shards.testing import write_synthetic_cache
+    from covt.config import DataConfig
+    from tests.synthetic import write_synthetic_cache
 
     cfg = DataConfig(path=str(REPO / "data" / "sample" / "conversations.json"),
                      image_folder=str(REPO / "data" / "sample" / "images"), on_bad_record="error")
@@ -76,10 +76,10 @@ def e2e_workdir(tmp_path_factory):
     """
     import torch
 
+    from covt.config import CheckpointConfig, PrecomputeConfig, load_config
     from precompute.anchors import LOADERS
-    from shards.config import CheckpointConfig, PrecomputeConfig, load_config
     from shards.reader import Cache
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
 
     root = tmp_path_factory.mktemp("e2e")
     data_cfg = load_config(REPO / "configs" / "tiny.yaml").data

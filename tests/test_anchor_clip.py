@@ -9,11 +9,11 @@ import torch
 import transformers
 from PIL import Image
 
+from covt.anchors import array_shape
+from covt.config import load_config
+from covt.images import square_view
 from precompute.anchors import load_anchor
 from precompute.anchors.base import MissingCheckpointError
-from shards.anchors import array_shape
-from shards.config import load_config
-from shards.views import square_view
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "data/sample/images").glob("*.jpg"))
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from covt.anchors import array_shape, get_anchor
+from covt.config import CheckpointConfig, PrecomputeConfig, load_config
 from precompute.anchors import LOADERS, load_anchor
 from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2, load_depth
 from precompute.anchors.dino import DinoAnchor, HubDino, load_dino
 from precompute.anchors.pidinet import PixelDifferenceConv2d, build_pidinet, load_pidinet
 from precompute.anchors.vit import CheckpointFormatError, DinoVisionTransformer, get_variant, read_checkpoint
-from shards.anchors import array_shape, get_anchor
-from shards.config import CheckpointConfig, PrecomputeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PIDINET_CKPT = REPO / "data" / "checkpoints" / "table5_baseline.pth"

@@ -10,12 +10,12 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
+from covt.anchors import SAM_DECODER_FILE, array_shape, get_anchor
+from covt.config import load_config
+from covt.images import square_view
 from precompute.anchors import load_anchor
 from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.sam import SamAnchor, build_sam_vit_tiny, select_masks
-from shards.anchors import SAM_DECODER_FILE, array_shape, get_anchor
-from shards.config import load_config
-from shards.views import square_view
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "data/sample/images").glob("*.jpg"))
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.attention import VISION_ATTENTION, use_varlen_vision_attention, vision_varlen_attention
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config
+from trainer.vision_attention import VISION_ATTENTION, use_varlen_vision_attention, vision_varlen_attention
 
 
 def _tiny_vlm():
@@ -18,7 +18,7 @@ def _tiny_vlm():
 
 
 def test_vision_tower_output_and_gradient_equal_the_sdpa_path(monkeypatch):
-    import trainer.attention as attention
+    import trainer.vision_attention as attention
 
     vlm, config = _tiny_vlm()
     patch = config.vision_config.patch_size

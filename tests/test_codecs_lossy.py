@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 
 from precompute.calibrate import calibrate, declared_choice, error_bound, needs_calibration
+from precompute.records import load_records
 from shards.codecs import AUTO_CODECS, AUTO_DEFAULTS, CODECS, CodecError
 from shards.reader import Cache
-from shards.records import load_records
-from shards.testing import DEFAULT_DIMS, synthetic_shard_targets
 from shards.writer import CacheWriter
+from tests.synthetic import DEFAULT_DIMS, synthetic_shard_targets
 
 
 def rel_l2(a, b):

@@ -5,7 +5,7 @@ import typing
 
 import pytest
 
-from shards.config import ConfigError, load_config
+from covt.config import ConfigError, load_config
 
 
 def write(tmp_path, text):
@@ -121,10 +121,10 @@ def _patterns_of(hint, pattern):
 
 
 def test_every_numeric_field_has_a_range_and_every_range_a_field(repo_root):
-    from shards.config import RANGES, Config
+    from covt.config import RANGES, Config
 
     fields = set(_numeric_patterns(Config))
-    assert fields - set(RANGES) == set(), "add these to shards.config.RANGES"
+    assert fields - set(RANGES) == set(), "add these to covt.config.RANGES"
     assert set(RANGES) - fields == set(), "RANGES names fields that do not exist"
     for name in ("tiny.yaml", "covt_7b_all.yaml", "covt_7b_sam_depth_dino.yaml"):
         load_config(repo_root / "configs" / name)  # the shipped configs are in range

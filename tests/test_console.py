@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHECK = """
 import logging, warnings, sys
-from shards.console import setup_console
+from covt.console import setup_console
 setup_console(verbose={verbose})
 logging.getLogger("trainer.train").info("an info line")
 logging.getLogger("trainer.train").debug("a debug line")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from shards.config import load_config
+from covt.config import load_config
 from trainer.deepspeed_config import DeepSpeedConfigError, auto_keys, resolve_deepspeed_config
 
 # transformers' docs/source/en/deepspeed.md ZeRO-3 example, as users copy it

@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from shards import fs, layout
-from shards.config import DataConfig, load_config
+from covt import fs
+from covt.config import DataConfig, load_config
+from precompute.records import BadRecordError, load_records
+from shards import layout
 from shards.inspect import main as inspect_main
 from shards.integrity import DamagedSampleError
 from shards.lock import CacheBusyError, CacheLock
 from shards.reader import Cache, CacheError, StreamingDataset
-from shards.records import BadRecordError, load_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def enospc(*args, **kwargs):
 def test_disk_full_during_precompute_writes_names_the_file_and_rerunning_resumes(tmp_path, monkeypatch, capsys):
     import zarr
 
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
 
     data = DataConfig(path=str(REPO / "data/sample/conversations.json"),
                       image_folder=str(REPO / "data/sample/images"), on_bad_record="error")
@@ -313,7 +314,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A cache with synthetic depth targets (4 samples per shard) and a path for the tiny base model."""
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
 
     root = tmp_path_factory.mktemp("faults")
     data = DataConfig(path=str(REPO / "data/sample/conversations.json"),

@@ -70,10 +70,10 @@ def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
 
 
 def test_a_killed_anchors_run_leaves_nothing_after_the_rerun_and_says_to_rerun_it(tmp_path):
-    from shards.config import DataConfig
-    from shards.records import load_records
+    from covt.config import DataConfig
+    from precompute.records import load_records
     from shards.storage import open_writer
-    from shards.testing import DEFAULT_DIMS, write_synthetic_cache
+    from tests.synthetic import DEFAULT_DIMS, write_synthetic_cache
 
     repo = Path(__file__).resolve().parents[1]
     data = DataConfig(path=str(repo / "data/sample/conversations.json"), image_folder=str(repo / "data/sample/images"))
@@ -97,8 +97,8 @@ def test_a_killed_anchors_run_leaves_nothing_after_the_rerun_and_says_to_rerun_i
 
 
 def test_a_cache_dir_that_is_a_file_is_named(tmp_path):
+    from covt.config import load_config
     from precompute.run import precompute
-    from shards.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "cache").write_text("not a folder")
@@ -113,8 +113,8 @@ def test_a_rerun_on_a_read_only_cache_says_so(cache, monkeypatch):
     """As a cache mounted read-only: creating the lock file fails with EROFS (root ignores chmod here)."""
     import errno
 
+    from covt.config import load_config
     from precompute.run import precompute
-    from shards.config import load_config
 
     def read_only(path, obj):
         raise OSError(errno.EROFS, "Read-only file system", str(path))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.config import DataConfig, load_config
-from shards.parquet import ParquetSchemaError
-from shards.records import BadRecordError, load_records
-from shards.testing import sample_parquet_rows
-from shards.views import open_rgb
+from covt.config import DataConfig, load_config
+from covt.images import open_rgb
+from precompute.parquet import ParquetSchemaError
+from precompute.records import BadRecordError, load_records
+from tests.synthetic import sample_parquet_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data/sample"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards.config import DataConfig, load_config
+from covt.config import DataConfig, load_config
 from shards.lock import CacheBusyError
 from trainer.run_folder import RUN_LOCK, ConfigChangedError, keep_launch_config, run_folder_lock
 
@@ -95,7 +95,7 @@ def test_a_changed_config_that_trains_the_same_run_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_an_intended_config_change_resumes_and_every_launch_is_recorded(tmp_path):
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
     from trainer.train import train
 
     data = DataConfig(path=str(REPO / "data/sample/conversations.json"),

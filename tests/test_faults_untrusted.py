@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from covt.config import load_config
+from covt.untrusted import UnsafeFileError
 from shards import layout
-from shards.config import load_config
 from shards.inspect import main as inspect_main
 from shards.integrity import DamagedSampleError
 from shards.reader import Cache
-from shards.testing import write_synthetic_cache
-from shards.untrusted import UnsafeFileError
+from tests.synthetic import write_synthetic_cache
 from trainer import checkpoint
 from trainer.heads import build_heads
 

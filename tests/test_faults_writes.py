@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards import fs
+from covt import fs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from covt.config import CheckpointConfig, PrecomputeConfig
+from covt.images import square_view
 from precompute.anchors.depth import DepthAnythingV2, build_depth_model, load_depth
 from precompute.anchors.dino import DinoAnchor, HubDino
 from precompute.anchors.vit import normalize_views, read_checkpoint
-from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.views import square_view
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "depth_anything_v2"
 CKPT = GOLDEN / "depth_anything_v2_vits_random.pth"

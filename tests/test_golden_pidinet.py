@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from covt.config import CheckpointConfig, PrecomputeConfig
 from precompute.anchors.pidinet import build_pidinet, load_pidinet
 from precompute.anchors.vit import normalize_views, read_checkpoint
-from shards.config import CheckpointConfig, PrecomputeConfig
 
 GOLDEN = Path(os.environ.get("COVT_PIDINET_GOLDEN_DIR") or Path(__file__).resolve().parent / "golden" / "pidinet")
 CKPT = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "table5_baseline.pth"  # the bundled one

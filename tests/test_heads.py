@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from covt.anchors import ANCHORS, array_shape
 from precompute.anchors.pidinet import CONFIGS, PiDiNet, PidinetAnchor
-from shards.anchors import ANCHORS, array_shape
 from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata, uses_projection_lr
 from trainer.heads.sam import dice_coefficients, match_masks, sam_token_loss
 
@@ -352,8 +352,8 @@ def test_zero_targets_give_a_finite_loss_that_reaches_every_parameter(cache, anc
 
 
 def test_heads_consume_the_targets_and_views_the_cache_reader_yields(synthetic_cache, tmp_path):
+    from covt.images import square_view
     from shards.reader import Cache
-    from shards.views import square_view
 
     shutil.copytree(synthetic_cache, tmp_path / "cache")  # the session's cache is shared: add decoders to a copy
     cache = Cache(tmp_path / "cache")

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.learn.world import QUESTION_TYPES, samples, write_world
-from shards.parquet import COLUMNS
-from trainer.evaluate import mcq_prompt, read_benchmark
+from inference.evaluate import mcq_prompt, read_benchmark
+from precompute.parquet import COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 # measured on the quick run's CoVT arm (README, "Does it learn?"): held-out PIDINet L1 0.130 against the mean

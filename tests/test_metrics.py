@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.config import load_config
+from covt.config import load_config
 from trainer.metrics import TRACKERS_FILE, MetricsLogger
 from trainer.schedule import Schedule
 

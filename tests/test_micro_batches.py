@@ -10,11 +10,12 @@ import pytest
 import torch
 from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads
 from trainer.model import CoVTModel, text_hidden_size
+from trainer.settings import BatchSettings
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
@@ -43,16 +44,16 @@ def setup(tmp_path_factory, synthetic_cache):
     samples = [cache.sample(i % len(cache)) for i in range(GLOBAL_BATCH)]
     for i, s in enumerate(samples):
         s["index"] = i  # distinct stage-4 draws for the repeated sample
-    return model, processor, tokens, cfg, samples
+    return model, processor, tokens, BatchSettings.from_config(cfg), samples
 
 
 def loss_and_gradients(setup, micro: int, stage: StageConfig, step: int):
-    model, processor, tokens, cfg, samples = setup
+    model, processor, tokens, settings, samples = setup
     model.zero_grad(set_to_none=True)
     chunks = [samples[i:i + micro] for i in range(0, GLOBAL_BATCH, micro)]
     total = 0.0
     for chunk in chunks:
-        batch = build_batch(chunk, stage, True, step, processor, tokens, cfg, view_sizes=model.view_sizes())
+        batch = build_batch(chunk, stage, True, step, processor, tokens, settings, view_sizes=model.view_sizes())
         loss = model(batch, anchor_losses=True)["loss"] / len(chunks)  # gradient accumulation, or ranks' mean
         loss.backward()
         total += loss.item()
@@ -74,7 +75,7 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
 
 
 def test_global_batch_sets_gradient_accumulation_for_the_number_of_gpus():
-    from trainer.train import grad_accum_for
+    from trainer.settings import grad_accum_for
 
     assert grad_accum_for(TrainConfig(batch_size=2, grad_accum=3), 4) == 3  # no global_batch: as configured
     assert [grad_accum_for(TrainConfig(batch_size=2, global_batch=8), n) for n in (1, 2, 4)] == [4, 2, 1]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 
-from shards.config import Config, DataConfig, LoraConfig, ModelConfig, StageConfig, TrainConfig, load_config
+from covt.config import Config, DataConfig, LoraConfig, ModelConfig, StageConfig, TrainConfig, load_config
 from shards.reader import Cache, StreamingDataset
 from trainer.batch import build_batch, sample_text
 from trainer.tokens import pad_token
@@ -34,7 +34,7 @@ GLOBAL_BATCH, WORLD = 4, 2
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Six sample records, a cache with synthetic targets for all six anchors and tiny frozen decoders."""
-    from shards.testing import write_synthetic_cache
+    from tests.synthetic import write_synthetic_cache
 
     root = tmp_path_factory.mktemp("multi_rank")
     records = json.loads((REPO / "data/sample/conversations.json").read_text())[:RECORDS]
@@ -369,7 +369,7 @@ def runnable(command: str, workdir: Path, out: Path) -> list[str]:
 
 
 def free_port() -> int:
-    from shards.compute import free_port
+    from covt.compute import free_port
 
     return free_port()
 

@@ -18,7 +18,7 @@ import torch
 
 from shards import layout, mirror, storage
 from shards.reader import Cache, CacheError, StreamingDataset
-from shards.testing import write_synthetic_cache
+from tests.synthetic import write_synthetic_cache
 
 pytest.importorskip("s3fs", reason="s3fs is not installed (pip install s3fs)")
 pytest.importorskip("moto.server", reason="moto's S3 server is not installed (pip install 'moto[server]')")
@@ -64,7 +64,7 @@ def local_cache(tmp_path_factory, sample_data_cfg_module):
 
 @pytest.fixture(scope="module")
 def sample_data_cfg_module():
-    from shards.config import DataConfig
+    from covt.config import DataConfig
 
     return DataConfig(path=str(REPO / "data/sample/conversations.json"), image_folder=str(REPO / "data/sample/images"))
 
@@ -268,7 +268,7 @@ def remote_lock(url: str, pid: int) -> None:
 
 
 def tiny_config(url: str, *extra: str):
-    from shards.config import load_config
+    from covt.config import load_config
 
     return load_config(REPO / "configs/tiny.yaml", [f"cache.dir={url}", "anchors=[pidinet]", "cache.shard_size=2",
                                                    f"data.path={REPO / 'data/sample/conversations.json'}",

@@ -3,11 +3,11 @@ import logging
 
 import pytest
 
-from shards.config import DataConfig, SubsetConfig
-from shards.parquet import ParquetSchemaError
+from covt.config import DataConfig, SubsetConfig
+from precompute.parquet import ParquetSchemaError
+from precompute.records import BadRecordError, load_records
 from shards.reader import Cache
-from shards.records import BadRecordError, load_records
-from shards.testing import sample_parquet_rows, write_covt_parquet, write_synthetic_cache
+from tests.synthetic import sample_parquet_rows, write_covt_parquet, write_synthetic_cache
 
 
 def conv(first="<image>\nWhat is this?", answer="A photo."):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shards.config import load_config
+from covt.config import load_config
 from shards.reader import Cache
-from shards.testing import sample_parquet_rows, write_covt_parquet
+from tests.synthetic import sample_parquet_rows, write_covt_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = "[depth,dino,pidinet]"

@@ -12,9 +12,9 @@ from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPi
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from covt.config import load_config
+from covt.images import square_view
 from precompute.views import make_view, view_key
-from shards.config import load_config
-from shards.views import square_view
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "data/sample/images").glob("*.jpg"))  # square and landscape ones

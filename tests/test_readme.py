@@ -1,11 +1,11 @@
-"""The README's config reference is generated from shards.config, so it cannot drift; its commands are run."""
+"""The README's config reference is generated from covt.config, so it cannot drift; its commands are run."""
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from shards.config import load_config, reference_markdown
+from covt.config import load_config, reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -17,7 +17,7 @@ def section(title: str) -> str:
 
 def test_readme_config_reference_matches_the_config_dataclasses():
     assert reference_markdown() in README.read_text(), (
-        "README.md's config reference is stale: replace it with the output of `python -m shards.config`"
+        "README.md's config reference is stale: replace it with the output of `python -m covt.config`"
     )
 
 

@@ -1,4 +1,5 @@
 """The reference's recipe: the 7B configs, the optimizer groups, the per-run schedule, --print-config."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -9,17 +10,32 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from shards.config import LoraConfig, TrainConfig, config_yaml, load_config, save_config
+from covt.config import LoraConfig, TrainConfig, config_yaml, load_config, save_config
 from trainer.lora import attach_lora
 from trainer.optim import learning_rates, make_optimizer, make_scheduler, param_groups, untouched_row_shrink
+from trainer.settings import RunSettings, grad_accum_for
 from trainer.tiny_model import build_tiny_base_model
-from trainer.train import grad_accum_for
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ["covt_7b_sam_depth_dino.yaml", "covt_7b_all.yaml"]
 
 
 # ------------------------------------------------------------------------------- the 7B configs
+@pytest.mark.parametrize("name", RECIPES)
+def test_run_settings_are_derived_once_and_leave_the_config_as_loaded(name):
+    """grad_accum from train.global_batch and what train.thoughts=false switches off are resolved into a frozen
+    object; the config (saved as output_dir/config.yaml) stays what the user asked for."""
+    cfg = load_config(REPO / "configs" / name, ["train.thoughts=false"])
+    as_loaded = config_yaml(cfg)
+    settings = RunSettings.resolve(cfg, world=2)
+    assert cfg.train.batch_size == 2 and settings.grad_accum == 2 and cfg.train.grad_accum == 1  # 8 = 2 x 2 x 2 GPUs
+    assert settings.head_anchors == () and not settings.anchor_losses and settings.batch.plain_only
+    assert [s.anchor_losses for s in settings.stages] == [False] * 4 and all(s.anchor_losses for s in cfg.train.stages)
+    assert config_yaml(cfg) == as_loaded
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.grad_accum = 1  # type: ignore[misc]
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_the_7b_configs_are_the_reference_recipe(name):
     cfg = load_config(REPO / "configs" / name)

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from shards.config import DataConfig
-from shards.records import BadRecordError, load_records
+from covt.config import DataConfig
+from precompute.records import BadRecordError, load_records
 
 
 def conv(first="<image>\nWhat is this?", answer="A photo."):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from shards.config import LoraConfig, TrainConfig, config_yaml, load_config
+from covt.config import LoraConfig, TrainConfig, config_yaml, load_config
 from trainer.batch import sample_text, truncation_point
 from trainer.heads import CacheDims
 from trainer.lora import attach_lora, stop_token_row_gradients
@@ -221,7 +221,7 @@ def test_sam_settings_default_to_sam_automatic_mask_generators_own():
 
     from segment_anything import SamAutomaticMaskGenerator
 
-    from shards.config import SamPrecomputeConfig
+    from covt.config import SamPrecomputeConfig
 
     library = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     ours = SamPrecomputeConfig()
@@ -238,8 +238,8 @@ def test_sam_masks_are_the_ones_the_reference_keeps_from_the_librarys_generator(
     from PIL import Image
     from segment_anything import SamAutomaticMaskGenerator
 
+    from covt.images import square_view
     from precompute.anchors import load_anchor
-    from shards.views import square_view
 
     cfg = load_config(REPO / "configs/tiny.yaml", [f"precompute.checkpoints.sam.path={tmp_path}/sam.pth",
                                                    "precompute.sam.pred_iou_thresh=0.15",

@@ -20,11 +20,11 @@ from conftest import e2e_checkpoints
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from shards.config import load_config
+from covt.config import load_config
+from inference.thoughts import trained_heads
 from shards.reader import Cache
 from trainer.export import export_final, load_processor, load_vlm
 from trainer.heads import build_heads
-from trainer.thoughts import trained_heads
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 

@@ -23,8 +23,8 @@ def run(capsys, *argv):
 
 
 def test_summary_lists_samples_anchors_codecs_and_skipped_records(tmp_path, capsys, repo_root):
-    from shards.config import DataConfig
-    from shards.testing import write_synthetic_cache
+    from covt.config import DataConfig
+    from tests.synthetic import write_synthetic_cache
 
     entries = json.loads((repo_root / "data/sample/conversations.json").read_text())
     entries.append({"id": "lost", "image": "missing.jpg", "conversations": entries[0]["conversations"]})

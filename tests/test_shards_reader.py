@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from covt.images import open_rgb
+from precompute.records import load_records
 from shards.codecs import CODECS
 from shards.reader import Cache, CacheError, StreamingDataset
-from shards.records import load_records
-from shards.testing import DEFAULT_DIMS, synthetic_targets, write_synthetic_cache
-from shards.views import open_rgb
+from tests.synthetic import DEFAULT_DIMS, synthetic_targets, write_synthetic_cache
 
 
 def indices_of(batch):
@@ -72,7 +72,7 @@ def test_cache_errors_name_the_directory_and_problem(tmp_path, synthetic_cache):
 
 @pytest.fixture(scope="module")
 def six_cache(tmp_path_factory, repo_root):
-    from shards.config import DataConfig
+    from covt.config import DataConfig
 
     cfg = DataConfig(path=str(repo_root / "data/sample/conversations.json"),
                      image_folder=str(repo_root / "data/sample/images"), limit=6)

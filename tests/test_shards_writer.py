@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.records import load_records
-from shards.testing import DEFAULT_DIMS, synthetic_shard_targets, write_synthetic_cache
+from precompute.records import load_records
 from shards.writer import CacheMismatchError, CacheWriter
+from tests.synthetic import DEFAULT_DIMS, synthetic_shard_targets, write_synthetic_cache
 
 ANCHORS = ["sam", "depth", "pidinet"]
 
@@ -36,8 +36,8 @@ KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 import zarr
-from shards.config import DataConfig
-from shards.testing import write_synthetic_cache
+from covt.config import DataConfig
+from tests.synthetic import write_synthetic_cache
 
 cache, data, images, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 calls = 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.config import load_config
+from covt.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHORS = ["sam", "depth", "dino"]  # the paper's main model; the other heads are covered by test_heads
@@ -87,7 +87,7 @@ def test_every_optimizer_step_records_its_time(uninterrupted):
 def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from trainer.export import load_covt_heads
+    from trainer.loading import load_covt_heads
     from trainer.tokens import pad_token, thought_text
 
     final = uninterrupted / "final"
@@ -172,7 +172,7 @@ def test_deepspeed_without_a_launcher_starts_a_one_process_group():
     """`make train` with train.deepspeed set runs plain `python -m trainer`: no RANK, no MPI. DeepSpeed joins the
     group compute_init starts (the DeepSpeed tests above train through it)."""
     pytest.importorskip("deepspeed")
-    code = ("from shards.compute import compute_init\n"
+    code = ("from covt.compute import compute_init\n"
             "from datetime import timedelta\n"
             "import torch\n"
             "c = compute_init('cpu', 'train.device', timedelta(hours=2), group_of_one=True)\n"

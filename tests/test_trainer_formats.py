@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from shards.anchors import ANCHORS
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.anchors import ANCHORS
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.images import square_view
 from shards.reader import Cache
-from shards.views import square_view
 from trainer.batch import IGNORE_INDEX, BatchError, build_batch, sample_text
 from trainer.formats import FormatError, choose_efficient, first_pair, format_sample, plain_text, sample_rng, stage_text
+from trainer.settings import BatchSettings
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
@@ -59,9 +60,10 @@ def samples(synthetic_cache):
     return by_id
 
 
-def config(anchors=ANCHORS_2, max_length=2048, plain=1 / 6, seed=0):
-    return Config(anchors=list(anchors), model=ModelConfig(image_size=112),
-                  train=TrainConfig(max_length=max_length, plain_answer_fraction=plain, seed=seed))
+def config(anchors=ANCHORS_2, max_length=2048, plain=1 / 6, seed=0) -> BatchSettings:
+    return BatchSettings.from_config(Config(anchors=list(anchors), model=ModelConfig(image_size=112),
+                                            train=TrainConfig(max_length=max_length, plain_answer_fraction=plain,
+                                                              seed=seed)))
 
 
 def astronaut(samples):
@@ -161,7 +163,7 @@ def test_only_the_labelled_part_is_supervised_and_the_prompt_is_the_text_with_th
     batch = build_batch(batch_samples, StageConfig(stage, 1), True, 7, proc, tokens, cfg)
     image_pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for row, s in enumerate(batch_samples):
-        text = sample_text(s, stage, cfg.anchors, 7, cfg)
+        text = sample_text(s, stage, list(cfg.anchors), 7, cfg)
         labels, ids = batch["labels"][row], batch["input_ids"][row][batch["attention_mask"][row] == 1]
         supervised = labels[labels != IGNORE_INDEX]
         assert proc.tokenizer.decode(supervised) == text.labelled

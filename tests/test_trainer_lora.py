@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from shards.config import LoraConfig
+from covt.config import LoraConfig
 from trainer.lora import attach_lora, merge_lora
 from trainer.tiny_model import build_tiny_base_model
 

@@ -8,12 +8,13 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from shards.anchors import ANCHORS
-from shards.config import Config, ModelConfig, StageConfig, TrainConfig
+from covt.anchors import ANCHORS
+from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads
 from trainer.model import CoVTModel, text_hidden_size
+from trainer.settings import BatchSettings
 from trainer.tiny_model import build_tiny_base_model, ensure_base_model
 from trainer.tokens import REASONING_TAGS, add_thought_tokens, thought_text, thought_token_strings
 
@@ -73,6 +74,10 @@ def covt(base_dir, cache, peft=False, checkpointing=False):
     cfg = config()
     model = CoVTModel(vlm, heads, tokens, cfg.train.loss_weights)
     return model, processor, tokens, cfg
+
+
+def settings(cfg: Config) -> BatchSettings:
+    return BatchSettings.from_config(cfg)
 
 
 def samples(cache, n=3):
@@ -179,7 +184,7 @@ def test_thought_tokens_are_added_once_as_special_tokens_with_rows_at_the_vocabu
 # ---------------------------------------------------------------------------------- CoVTModel
 def test_thoughts_are_the_last_hidden_states_at_each_anchors_pads(base_dir, cache):
     model, processor, tokens, cfg = covt(base_dir, cache)
-    batch = build_batch(samples(cache), StageConfig("reasoning", 1), True, 0, processor, tokens, cfg,
+    batch = build_batch(samples(cache), StageConfig("reasoning", 1), True, 0, processor, tokens, settings(cfg),
                         view_sizes=model.view_sizes())
     model.eval()
     with torch.no_grad():
@@ -198,7 +203,7 @@ def test_thoughts_are_the_last_hidden_states_at_each_anchors_pads(base_dir, cach
 
 def test_total_loss_is_text_plus_weighted_anchor_losses_and_gradients_reach_new_rows_and_heads(base_dir, cache):
     model, processor, tokens, cfg = covt(base_dir, cache)
-    batch = build_batch(samples(cache), StageConfig("generation", 1), True, 0, processor, tokens, cfg,
+    batch = build_batch(samples(cache), StageConfig("generation", 1), True, 0, processor, tokens, settings(cfg),
                         view_sizes=model.view_sizes())
     out = model(batch, anchor_losses=True)
     assert set(out) == {"loss", "text", *cfg.anchors}
@@ -221,8 +226,8 @@ def test_text_loss_is_the_mean_over_samples_of_each_samples_token_mean(base_dir,
     over the micro-batch's pooled tokens), so it does not depend on how a global batch is cut."""
     model, processor, tokens, cfg = covt(base_dir, cache)
     model.eval()
-    batch = build_batch(samples(cache, 3), StageConfig("reasoning", 1), False, 0, processor, tokens, cfg)
-    singles = [build_batch([s], StageConfig("reasoning", 1), False, 0, processor, tokens, cfg)
+    batch = build_batch(samples(cache, 3), StageConfig("reasoning", 1), False, 0, processor, tokens, settings(cfg))
+    singles = [build_batch([s], StageConfig("reasoning", 1), False, 0, processor, tokens, settings(cfg))
                for s in samples(cache, 3)]
     inputs = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     with torch.no_grad():
@@ -235,7 +240,8 @@ def test_text_loss_is_the_mean_over_samples_of_each_samples_token_mean(base_dir,
 
 def test_with_anchor_losses_off_only_the_text_loss_counts(base_dir, cache):
     model, processor, tokens, cfg = covt(base_dir, cache)
-    batch = build_batch(samples(cache, 2), StageConfig("efficient_reasoning", 1), False, 9, processor, tokens, cfg)
+    batch = build_batch(samples(cache, 2), StageConfig("efficient_reasoning", 1), False, 9, processor, tokens,
+                        settings(cfg))
     out = model(batch, anchor_losses=False)
     assert set(out) == {"loss", "text"} and out["loss"].item() == pytest.approx(out["text"].item())
     assert model.heads[PROBE_ANCHOR].calls == []
@@ -245,7 +251,7 @@ def test_peft_wrapped_vlm_with_gradient_checkpointing_trains_thoughts_and_heads(
     model, processor, tokens, cfg = covt(base_dir, cache, peft=True, checkpointing=True)
     model.train()
     assert model.vlm.get_base_model().is_activation_checkpointing
-    batch = build_batch(samples(cache, 2), StageConfig("understanding", 1), True, 0, processor, tokens, cfg,
+    batch = build_batch(samples(cache, 2), StageConfig("understanding", 1), True, 0, processor, tokens, settings(cfg),
                         view_sizes=model.view_sizes())
     out = model(batch, anchor_losses=True)
     out["loss"].backward()

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.config import StageConfig, load_config
+from covt.config import StageConfig, load_config
 from trainer.schedule import Schedule, ScheduleError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,8 +39,10 @@ def test_seed_recipe_has_two_runs_named_like_the_seed():
     ],
 )
 def test_stage_boundaries_of_the_seed_recipe(step, name, run, step_in_run, step_in_stage):
-    at = Schedule(seed_recipe()).stage_at(step)
-    assert (at.name, at.run_index, at.step_in_run, at.step_in_stage) == (name, run, step_in_run, step_in_stage)
+    schedule = Schedule(seed_recipe())
+    at = schedule.stage_at(step)
+    assert (at.name, at.run_index, at.step_in_run) == (name, run, step_in_run)
+    assert step - schedule.stage_starts[at.stage_index] == step_in_stage
 
 
 def test_anchor_losses_switch_off_at_step_8000_of_the_second_run():
@@ -55,7 +57,7 @@ def test_anchor_losses_switch_off_at_step_8000_of_the_second_run():
 def test_stage_ends_and_merges():
     s = Schedule(seed_recipe())
     assert [k for k in range(1, 16001) if s.is_stage_end(k)] == [6000, 9000, 12000, 16000]
-    assert s.run_at(5999).index == 0 and s.run_at(6000).index == 1
+    assert s.stage_at(5999).run_index == 0 and s.stage_at(6000).run_index == 1
 
 
 def test_stage_with_anchor_losses_false_never_switches_them_on():

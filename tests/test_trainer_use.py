@@ -13,10 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from shards.config import load_config
-from trainer.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
-from trainer.generate import ThoughtSpanCompleter, extract_answer, read_questions, thought_chain, thought_positions
-from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, pad_token, thought_text
+from covt.config import load_config
+from inference.evaluate import ModelResult, markdown_table, match_option, mcq_prompt, read_benchmark
+from inference.generate import ThoughtSpanCompleter, extract_answer, read_questions
+from trainer.tokens import (
+    ANCHOR_END,
+    ANCHOR_START,
+    ThoughtTokens,
+    pad_token,
+    thought_chain,
+    thought_positions,
+    thought_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "data" / "sample" / "bench_tiny.tsv"
@@ -103,29 +111,32 @@ def test_questions_file_as_json_or_jsonl(tmp_path):
 
 @pytest.mark.parametrize("stage", ["understanding", "generation", "reasoning", "efficient_reasoning"])
 def test_the_control_formats_every_stage_as_the_plain_answer(stage):
+    from covt.config import STAGE_NAMES
     from trainer.batch import sample_text
-    from trainer.formats import STAGES, plain_text
+    from trainer.formats import plain_text
+    from trainer.settings import BatchSettings
 
-    assert stage in STAGES
+    assert stage in STAGE_NAMES
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     conversation = json.loads((REPO / "data/sample/conversations.json").read_text())[0]["conversations"]
     sample = {"index": 3, "key": "k", "id": "astronaut", "conversations": conversation}
-    text = sample_text(sample, stage, cfg.anchors, step=5, cfg=cfg)
+    text = sample_text(sample, stage, cfg.anchors, step=5, settings=BatchSettings.from_config(cfg))
     assert text == plain_text(conversation)
     assert ANCHOR_START not in text.prompt + text.labelled and "<think>" not in text.labelled
-    with_thoughts = sample_text(sample, stage, cfg.anchors, step=5, cfg=load_config(REPO / "configs/tiny.yaml"))
+    with_thoughts = sample_text(sample, stage, cfg.anchors, step=5,
+                                settings=BatchSettings.from_config(load_config(REPO / "configs/tiny.yaml")))
     if stage != "efficient_reasoning":  # stage 4 may draw a plain answer itself
         assert ANCHOR_START in with_thoughts.prompt + with_thoughts.labelled
 
 
 def test_the_control_switches_every_anchor_loss_off():
     from trainer.schedule import Schedule
-    from trainer.train import head_anchors, schedule_stages
+    from trainer.settings import head_anchors, schedule_stages
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.thoughts=false"])
     schedule = Schedule(schedule_stages(cfg.train))
     assert not any(schedule.stage_at(s).anchor_losses_on for s in range(schedule.total_steps))
-    assert head_anchors(cfg) == []
+    assert head_anchors(cfg) == ()
     on = Schedule(schedule_stages(load_config(REPO / "configs" / "tiny.yaml").train))
     assert on.stage_at(0).anchor_losses_on
 
@@ -157,7 +168,7 @@ def test_generate_prints_answers_with_their_chain(e2e_trained, tmp_path, run_tra
 def test_ablation_blanks_the_thoughts_for_later_tokens_only(e2e_trained):
     from PIL import Image
 
-    from trainer.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
+    from inference.generate import ImageSizing, ablate_thoughts, encode_prompts, load_model, model_thought_tokens
     from trainer.model import last_hidden_states
 
     vlm, processor = load_model(e2e_trained / "final")
@@ -249,8 +260,8 @@ def test_thoughts_png_from_generated_thoughts(e2e_workdir, e2e_trained):
     """A chain the model emitted is read at its own positions (a prompt makes the tiny model emit one)."""
     from PIL import Image
 
-    from trainer.generate import GenerationSettings, ImageSizing, generate_answers, load_model
-    from trainer.thoughts import thought_states
+    from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from inference.thoughts import thought_states
     from trainer.tokens import thought_tokens
 
     vlm, processor = load_model(e2e_trained / "final")
@@ -300,8 +311,8 @@ def e2e_checkpoints_overrides(root: Path) -> list[str]:
 
 
 def test_training_and_generate_never_import_precompute():
-    """Only `generate --thoughts` (trainer/thoughts.py) loads the anchor models; the phases share only shards."""
-    code = ("import sys, trainer.train, trainer.generate, trainer.evaluate, trainer.validation\n"
+    """Only `generate --thoughts` (inference/thoughts.py) loads the anchor models; the phases share covt and shards."""
+    code = ("import sys, trainer.train, inference.generate, inference.evaluate, trainer.validation\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'precompute'))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -311,8 +322,8 @@ def test_training_and_generate_never_import_precompute():
 def test_force_thoughts_prefills_the_answer_with_the_opening_of_every_visual_chain(tmp_path):
     from PIL import Image
 
+    from inference.generate import THOUGHT_OPENING, GenerationSettings, ImageSizing, generate_answers, load_model
     from trainer.formats import reasoning_answer
-    from trainer.generate import THOUGHT_OPENING, GenerationSettings, ImageSizing, generate_answers, load_model
     from trainer.tiny_model import build_tiny_base_model
     from trainer.tokens import add_thought_tokens
 

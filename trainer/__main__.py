@@ -5,10 +5,10 @@ the resolved config it started with as ``config.yaml`` (``--print-config`` print
 exits). Launch several GPUs with ``torchrun --nproc-per-node N -m trainer ...`` or ``deepspeed
 --module trainer ...`` (DeepSpeed's launcher has no ``-m``) and train.deepspeed=configs/deepspeed/zero2.json.
 
-``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model
-(trainer/generate.py, trainer/evaluate.py; ``--help`` on each); ``python -m trainer export`` turns a
-``step-N`` checkpoint into such a model folder, or writes one in the released CoVT checkpoints' layout
-(``--format reference``; trainer/export_checkpoint.py).
+``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model: they
+are ``python -m inference`` (inference/cli.py; ``--help`` on each), forwarded from here only.
+``python -m trainer export`` turns a ``step-N`` checkpoint into such a model folder, or writes one in the
+released CoVT checkpoints' layout (``--format reference``; trainer/export_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SUBCOMMANDS = {"generate": "trainer.generate", "evaluate": "trainer.evaluate", "export": "trainer.export_checkpoint"}
+SUBCOMMANDS = ("generate", "evaluate")  # using a trained model: python -m inference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,12 +26,20 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        import importlib
+        # the command line is the one place of trainer that reaches inference (which sits above trainer)
+        from inference.cli import main as inference_main
 
-        sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
-    from shards.config import add_config_arguments, config_from_args
+        sys.exit(inference_main(argv))
+    if argv and argv[0] == "export":
+        from trainer.export_checkpoint import main as export_main
 
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+        sys.exit(export_main(argv[1:]))
+    from covt.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description=__doc__.split("\n")[0],
+        epilog="subcommands: python -m trainer generate ... | evaluate ... (a trained model) | export ... "
+               "(a checkpoint as a model folder; --help on each)")
     add_config_arguments(parser)
     parser.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                         help="auto: continue from the newest checkpoint in train.output_dir (default); none: start "
@@ -52,12 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config:
-        from shards.config import config_yaml
+        from covt.config import config_yaml
 
         print(config_yaml(cfg), end="")
         return
 
-    from shards.console import setup_console
+    from covt.console import setup_console
 
     setup_console(args.verbose)
     from trainer.train import train

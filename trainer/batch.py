@@ -16,14 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from shards.anchors import get_anchor
-from shards.views import square_view
+from covt.anchors import get_anchor
+from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
-from trainer.tokens import ThoughtTokens
+from trainer.heads.base import head_views
+from trainer.settings import BatchSettings
+from trainer.tokens import ThoughtTokens, spans
 
 IGNORE_INDEX = -100
 
@@ -36,17 +37,18 @@ def _name(sample: dict) -> str:
     return f"sample {sample.get('index')} (key {sample.get('key')!r}, id {sample.get('id')!r})"
 
 
-def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int, cfg) -> TrainingText:
+def sample_text(sample: dict, stage_name: str, anchors: list[str], step: int,
+                settings: BatchSettings) -> TrainingText:
     """The training text of ``sample`` in ``stage_name``'s format at global optimizer ``step``."""
     # per_step: the samples of one optimizer step share one draw (the reference: 8 GPUs x 1 sample, python
     # random seeded 42 on every rank)
-    rng = sample_rng(cfg.train.seed, step, sample["index"] if cfg.train.stage4_draws == "per_sample" else None)
+    rng = sample_rng(settings.seed, step, sample["index"] if settings.stage4_draws == "per_sample" else None)
     try:
-        if not cfg.train.thoughts:
+        if settings.plain_only:
             # the direct fine-tune control: every stage trains stage 4's plain answer (no thoughts), so the
             # control sees the same questions, answers and text layout as CoVT, only without visual thoughts
             return plain_text(sample["conversations"])
-        return format_sample(sample["conversations"], stage_name, anchors, rng, cfg.train.plain_answer_fraction)
+        return format_sample(sample["conversations"], stage_name, anchors, rng, settings.plain_answer_fraction)
     except FormatError as e:
         raise BatchError(f"{_name(sample)}: {e}") from None
 
@@ -74,23 +76,12 @@ def encode_text(text: TrainingText, view: Image.Image, processor) -> dict[str, t
     return row
 
 
-def _spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
-    spans, begin = [], None
-    for i, t in enumerate(ids):
-        if t == open_id:
-            begin = i
-        elif t == close_id and begin is not None:
-            spans.append((begin, i))
-            begin = None
-    return spans
-
-
 def truncation_point(ids: list[int], max_length: int | None, processor, tokens: ThoughtTokens, where: str) -> int:
     """Largest length <= max_length that splits neither the image nor a visual thought (None: no limit)."""
     if max_length is None or len(ids) <= max_length:
         return len(ids)
     tok = processor.tokenizer
-    vision = _spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
+    vision = spans(ids, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>"))
     for begin, end in vision:
         if begin < max_length <= end:
             raise BatchError(f"{where}: train.max_length={max_length} would cut through the image "
@@ -99,23 +90,24 @@ def truncation_point(ids: list[int], max_length: int | None, processor, tokens: 
             raise BatchError(f"{where}: train.max_length={max_length} leaves out the image "
                              f"(it starts at token {begin} of {len(ids)}); raise train.max_length")
     cut = max_length
-    for begin, end in _spans(ids, tokens.start_id, tokens.end_id):
+    for begin, end in spans(ids, tokens.start_id, tokens.end_id):
         if begin < cut <= end:
             cut = begin  # drop the whole thought rather than train on half of one
     return cut
 
 
-def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, processor, tokens: ThoughtTokens, cfg):
+def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, processor, tokens: ThoughtTokens,
+            settings: BatchSettings):
     where = _name(sample)
     if not sample.get("images"):
         raise BatchError(f"{where}: no image")
-    text = sample_text(sample, stage_name, anchors, step, cfg)
-    view = Image.fromarray(square_view(sample["images"][0], cfg.model.image_size))
+    text = sample_text(sample, stage_name, anchors, step, settings)
+    view = Image.fromarray(square_view(sample["images"][0], settings.image_size))
     enc = encode_text(text, view, processor)
     labels = enc["labels"]
-    cut = truncation_point(enc["input_ids"].tolist(), cfg.train.max_length, processor, tokens, where)
+    cut = truncation_point(enc["input_ids"].tolist(), settings.max_length, processor, tokens, where)
     if not (labels[:cut] != IGNORE_INDEX).any():
-        raise BatchError(f"{where}: train.max_length={cfg.train.max_length} leaves no answer token to train on "
+        raise BatchError(f"{where}: train.max_length={settings.max_length} leaves no answer token to train on "
                          f"(the sequence has {labels.numel()} tokens); raise train.max_length")
     row = {k: enc[k][:cut] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels") if k in enc}
     return row, enc["pixel_values"], enc["image_grid_thw"]
@@ -148,11 +140,7 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
     first = samples[0]["targets"][anchor]
     targets = {name: torch.stack([samples[r]["targets"][anchor][name] for r in rows]) if rows
                else first[name].unsqueeze(0)[:0] for name in first}
-    views = None
-    if view_size:
-        arrays = [square_view(samples[r]["images"][0], view_size) for r in rows]
-        views = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() if arrays
-                 else torch.zeros((0, 3, view_size, view_size), dtype=torch.uint8))
+    views = head_views([samples[r]["images"][0] for r in rows], view_size) if view_size else None
     return {
         "rows": torch.tensor(rows, dtype=torch.long),
         "positions": torch.stack(positions) if positions else torch.zeros((0, n), dtype=torch.long),
@@ -161,9 +149,9 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
     }
 
 
-def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens, cfg,
-                view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """Model tensors for ``samples`` in ``stage``'s format (a shards.config.StageConfig) at global ``step``.
+def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens,
+                settings: BatchSettings, view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Model tensors for ``samples`` in ``stage``'s format (a covt.config.StageConfig) at global ``step``.
 
     Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
     mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
@@ -173,8 +161,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     """
     if not samples:
         raise BatchError("empty batch")
-    anchors = list(cfg.anchors)
-    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, cfg) for s in samples]
+    anchors = list(settings.anchors)
+    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, settings) for s in samples]
     rows = [e[0] for e in encoded]
     pad_id = processor.tokenizer.pad_token_id
     batch: dict[str, Any] = {
@@ -207,14 +195,14 @@ class BatchBuilder:
     samples_per_step: int  # per rank: train.batch_size x train.grad_accum
     processor: Any
     tokens: ThoughtTokens
-    cfg: Any  # shards.config.Config
+    settings: BatchSettings
     view_sizes: dict[str, int | None]
     first_step: int = 0  # the optimizer step at the stream's position 0 (train.data_order)
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         step = self.first_step + samples[0]["position"] // self.samples_per_step
         at = self.schedule.stage_at(step)
-        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.cfg,
+        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.settings,
                             view_sizes=self.view_sizes)
         batch["step"] = step
         batch["damaged_skipped"] = [problem for s in samples for problem in s.get("damaged_skipped", ())]

@@ -4,7 +4,7 @@ A checkpoint holds what changes during a run and nothing of the frozen base:
 ``trainable.safetensors`` (LoRA adapters, new-token rows, heads), ``state.pt``
 (optimizer, lr scheduler, global step, schedule position) and one
 ``rng-rankN.pt`` per rank. ``state.pt`` and the RNG files hold tensors and plain data only and are read with
-``shards.untrusted.load_plain``: a checkpoint from someone else runs no code when loaded.
+``covt.untrusted.load_plain``: a checkpoint from someone else runs no code when loaded.
 Under DeepSpeed, the engine's own files (partitioned
 optimizer states, frozen parameters excluded) go in ``deepspeed/``.
 
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.compute import barrier
-from shards.fs import naming_disk_full
-from shards.untrusted import check_pickle_globals, load_plain
+from covt.compute import barrier
+from covt.fs import naming_disk_full
+from covt.untrusted import check_pickle_globals, load_plain
 
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"  # temporary folders of checkpoints and of export.write_atomically: removed when a run resumes

@@ -16,9 +16,10 @@ for a valid file, not used.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
-from shards.config import TrainConfig
+from covt.config import TrainConfig
 from trainer.optim import warmup_steps
 
 AUTO = "auto"
@@ -30,13 +31,16 @@ class DeepSpeedConfigError(ValueError):
 
 def resolve_deepspeed_config(raw: dict, t: TrainConfig, world: int, bf16: bool, max_grad_norm: float,
                              hidden_size: int, run_steps: int, where: str = "train.deepspeed",
-                             clipping_source: str = "the trainer's gradient clipping") -> dict:
-    """``raw`` (a loaded DeepSpeed JSON) with every "auto" replaced by the config's value."""
+                             clipping_source: str = "the trainer's gradient clipping",
+                             grad_accum: int | None = None) -> dict:
+    """``raw`` (a loaded DeepSpeed JSON) with every "auto" replaced by the config's value; ``grad_accum``: the
+    accumulation resolved for this many GPUs (trainer.settings), train.grad_accum when None."""
+    grad_accum = t.grad_accum if grad_accum is None else grad_accum
     ds = copy.deepcopy(raw)
     fill = Filler(ds, where)
     fill.match("train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size")
-    fill.match("gradient_accumulation_steps", t.grad_accum, "train.grad_accum")
-    fill.match("train_batch_size", t.batch_size * t.grad_accum * world,
+    fill.match("gradient_accumulation_steps", grad_accum, "train.grad_accum")
+    fill.match("train_batch_size", t.batch_size * grad_accum * world,
                f"train.batch_size x train.grad_accum x {world} GPU(s)")
     # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
     fill.match("gradient_clipping", max_grad_norm, clipping_source, add=True)
@@ -113,6 +117,8 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        if math.isinf(a) or math.isinf(b):  # inf - 1.0 is within any relative tolerance of inf
+            return a == b
         return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1)
     return a == b
 

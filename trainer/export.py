@@ -11,7 +11,7 @@ redoable from a checkpoint.
 ``covt_heads.safetensors`` / ``covt_heads.json`` and the frozen decoders the heads
 use (``covt_decoders/``). The folder loads with plain
 ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``;
-:func:`load_covt_heads` rebuilds the heads from it.
+``trainer.loading.load_covt_heads`` rebuilds the heads from it.
 """
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from shards.anchors import ANCHORS
-from shards.config import LoraConfig
-from shards.fs import atomic_dir, naming_disk_full
+from covt.anchors import ANCHORS
+from covt.config import LoraConfig
+from covt.fs import atomic_dir, naming_disk_full
 from trainer.checkpoint import CHECKPOINTS, TMP_PREFIX, load_trainable
+from trainer.heads import decoder_files, heads_metadata
+from trainer.loading import HEADS_JSON, HEADS_WEIGHTS, load_covt_heads, load_processor, load_vlm
 from trainer.lora import attach_lora, merge_lora
 from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, add_thought_tokens, pad_token
 
-HEADS_WEIGHTS = "covt_heads.safetensors"
-HEADS_JSON = "covt_heads.json"
 DECODERS = "covt_decoders"
 
 
@@ -71,18 +71,6 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             f"checkpoint (delete the later ones) with a lower train.lr")
 
 
-def load_vlm(path: str | Path, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu"):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-
-
-def load_processor(path: str | Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path)
-
-
 def merge_to_folder(base_path: str | Path, lora: LoraConfig, vlm_state: dict[str, torch.Tensor], out: str | Path,
                     token_seed: int) -> Path:
     """Base folder + trained adapters/token rows (names as in the peft-wrapped VLM) -> merged HF folder.
@@ -111,8 +99,6 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def heads_json(heads: torch.nn.ModuleDict, tokens: ThoughtTokens, loss_weights: dict[str, float]) -> dict:
-    from trainer.heads import heads_metadata
-
     meta = heads_metadata(heads)
     meta.update(
         decoders_dir=DECODERS,
@@ -129,8 +115,6 @@ def heads_json(heads: torch.nn.ModuleDict, tokens: ThoughtTokens, loss_weights: 
 
 def export_final(merged_dir: str | Path, heads: torch.nn.ModuleDict, tokens: ThoughtTokens,
                  loss_weights: dict[str, float], out: str | Path) -> Path:
-    from trainer.heads import decoder_files
-
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in heads.state_dict().items()}
     check_finite(state, f"the heads of {out}")
     meta = heads_json(heads, tokens, loss_weights)
@@ -146,17 +130,6 @@ def export_final(merged_dir: str | Path, heads: torch.nn.ModuleDict, tokens: Tho
             shutil.copy2(f, decoders / Path(f).name)
 
     return write_atomically(out, write)
-
-
-def load_covt_heads(folder: str | Path) -> torch.nn.ModuleDict:
-    """The trained heads of a final CoVT folder (for decoding visual thoughts)."""
-    from trainer.heads import CacheDims, build_heads
-
-    folder = Path(folder)
-    meta = json.loads((folder / HEADS_JSON).read_text())
-    heads = build_heads(meta["anchors"], meta["hidden_size"], CacheDims(meta["dims"], folder / meta["decoders_dir"]))
-    heads.load_state_dict(load_file(folder / HEADS_WEIGHTS))
-    return heads.eval()
 
 
 # ----------------------------------------------------------------------------- the reference's layout

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from shards.config import Config, load_config
+from covt.config import Config, load_config
 from shards.reader import Cache
 from trainer.checkpoint import read_meta
 from trainer.export import DTYPES, HEADS_JSON, export_final, export_reference, load_processor, merge_to_folder
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--format reference: the weights' dtype")
     parser.add_argument("--verbose", action="store_true", help="show every library log line and warning")
     args = parser.parse_args(argv)
-    from shards.console import setup_console
+    from covt.console import setup_console
 
     setup_console(args.verbose)
     if args.model and args.format != "reference":

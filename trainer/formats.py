@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import get_args, get_type_hints
 
 import numpy as np
 
-from shards.anchors import get_anchor
-from shards.config import PLAIN_ANSWER_FRACTION, StageConfig
+from covt.anchors import get_anchor
+from covt.config import PLAIN_ANSWER_FRACTION, STAGE_NAMES
 from trainer.tokens import thought_text
 
-STAGES: tuple[str, ...] = get_args(get_type_hints(StageConfig)["name"])  # the names train.stages accepts, in order
 SYSTEM_MESSAGE = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's
@@ -112,8 +110,8 @@ def first_pair(conversations: list[dict]) -> tuple[str, str]:
 def stage_text(stage: str, question: str, answer: str, anchors: list[str]) -> TrainingText:
     """``stage``'s text of one exchange over ``anchors``; for efficient_reasoning ``anchors`` is the drawn
     subset and [] means the plain answer."""
-    if stage not in STAGES:
-        raise FormatError(f"unknown stage {stage!r} (known: {list(STAGES)})")
+    if stage not in STAGE_NAMES:
+        raise FormatError(f"unknown stage {stage!r} (known: {list(STAGE_NAMES)})")
     plain = TrainingText(SYSTEM_TURN + turn("user", question) + ASSISTANT_HEADER, f"{answer}\n{IM_END}\n")
     if stage == "understanding":
         with_thoughts = question.replace(IMAGE_TEXT, IMAGE_TEXT + thoughts(anchors))

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
-from shards.config import LoraConfig
+from covt.config import LoraConfig
 
 
 def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:

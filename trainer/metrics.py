@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shards.config import Config
-from shards.fs import atomic_write
+from covt.config import Config
+from covt.fs import atomic_write
 
 log = logging.getLogger("trainer")
 TRACKERS_FILE = "trackers.json"

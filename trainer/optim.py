@@ -25,7 +25,7 @@ import math
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from shards.config import TrainConfig
+from covt.config import TrainConfig
 from trainer.heads import uses_projection_lr  # the heads name their parameters to fit the reference's rule
 
 

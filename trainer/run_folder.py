@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from shards.config import Config, config_yaml, save_config
-from shards.fs import atomic_write
+from covt.config import Config, config_yaml, save_config
+from covt.fs import atomic_write
 from shards.lock import CacheLock, LockFile
 
 RUN_LOCK = "run.lock"

@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shards.config import StageConfig
-from trainer.formats import STAGES as STAGE_NAMES
+from covt.config import STAGE_NAMES, StageConfig
 
 
 class ScheduleError(ValueError):
@@ -52,7 +51,6 @@ class StageAt:
     global_step: int
     stage: StageConfig
     stage_index: int  # 0-based position in train.stages (stage number = stage_index + 1)
-    step_in_stage: int
     run_index: int
     step_in_run: int
     anchor_losses_on: bool
@@ -87,9 +85,6 @@ class Schedule:
     def is_stage_end(self, steps_done: int) -> bool:
         return any(self.stage_end(i) == steps_done for i in range(len(self.stages)))
 
-    def run_at(self, global_step: int) -> Run:
-        return self.run_of_stage(self.stage_at(global_step).stage_index)
-
     def run_of_stage(self, stage_index: int) -> Run:
         """The run (stages trained between two merges) that stage ``stage_index`` belongs to."""
         return self._run_of_stage[stage_index]
@@ -107,7 +102,6 @@ class Schedule:
             global_step=global_step,
             stage=stage,
             stage_index=index,
-            step_in_stage=global_step - self.stage_starts[index],
             run_index=run.index,
             step_in_run=step_in_run,
             anchor_losses_on=on,

@@ -227,7 +227,7 @@ def build_tiny_base_model(path: str | Path, seed: int = 0, image_size: int = 112
 
 
 def ensure_base_model(model_cfg) -> Path:
-    """The base model folder of ``model_cfg`` (a shards.config.ModelConfig), built first if it is the tiny default."""
+    """The base model folder of ``model_cfg`` (a covt.config.ModelConfig), built first if it is the tiny default."""
     path = Path(model_cfg.path)
     if (path / "config.json").is_file():
         return path

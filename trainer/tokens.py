@@ -11,11 +11,13 @@ different anchors are distinguishable from step 0). Only these rows train.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from shards.anchors import ANCHORS, get_anchor
+from covt.anchors import ANCHORS, get_anchor
 
 ANCHOR_START = "<|anchor_start|>"
 ANCHOR_END = "<|anchor_end|>"
@@ -52,6 +54,59 @@ class ThoughtTokens:
     def ids(self) -> list[int]:
         """Every added token's id: the rows of the embedding and lm_head that train."""
         return [self.start_id, self.end_id] + list(self.pad_id.values()) + list(self.tag_ids)
+
+    @cached_property
+    def anchor_of(self) -> dict[int, str]:
+        """pad id -> its anchor."""
+        return {token_id: anchor for anchor, token_id in self.pad_id.items()}
+
+
+# ----------------------------------------------------------------------------- the grammar of a visual thought
+def spans(ids: list[int], open_id: int, close_id: int) -> list[tuple[int, int]]:
+    """(position of ``open_id``, position of the ``close_id`` that closes it) for each closed span in ``ids``."""
+    found, begin = [], None
+    for i, token_id in enumerate(ids):
+        if token_id == open_id:
+            begin = i
+        elif token_id == close_id and begin is not None:
+            found.append((begin, i))
+            begin = None
+    return found
+
+
+def thought_positions(ids: list[int], tokens: ThoughtTokens, offset: int = 0) -> list[tuple[str, list[int]]]:
+    """(anchor, positions of its pads) for each complete visual thought in ``ids`` (positions + ``offset``):
+    the pads of one anchor only, as many as its token count."""
+    complete = []
+    for begin, end in spans(ids, tokens.start_id, tokens.end_id):
+        names = {tokens.anchor_of.get(t) for t in ids[begin + 1:end]}
+        if len(names) == 1 and None not in names:
+            anchor = names.pop()
+            if end - begin - 1 == ANCHORS[anchor].tokens:
+                complete.append((anchor, [offset + j for j in range(begin + 1, end)]))
+    return complete
+
+
+# one visual thought as decoded text: start, pads, end
+THOUGHT_SPAN = re.compile(re.escape(ANCHOR_START) + r"((?:<\|\w+_pad\|>)*)" + re.escape(ANCHOR_END))
+PAD_NAME = re.compile(r"<\|(\w+)_pad\|>")
+
+
+def thought_chain(text: str) -> tuple[str, list[str]]:
+    """``text`` (decoded with special tokens) with each visual thought as ``[anchor x N]``, and the anchors of the
+    complete ones (one anchor, its full token count), in order."""
+    anchors: list[str] = []
+
+    def show(match: re.Match) -> str:
+        pads = PAD_NAME.findall(match.group(1))
+        names = sorted(set(pads))
+        name = names[0] if len(names) == 1 else "+".join(names) or "empty"
+        if len(names) == 1 and len(pads) == ANCHORS[names[0]].tokens:
+            anchors.append(names[0])
+        return f"[{name} x{len(pads)}]"
+
+    shown = THOUGHT_SPAN.sub(show, text)
+    return re.sub(r"<\|(im_end|endoftext)\|>", "", shown).strip(), anchors
 
 
 def thought_tokens(tokenizer) -> ThoughtTokens:

@@ -1,6 +1,6 @@
 """The CoVT training loop: four stages, a LoRA merge after each run, the final folder.
 
-Read top to bottom. ``train`` sets up where this rank runs (``shards.compute``), then
+Read top to bottom. ``train`` sets up where this rank runs (``covt.compute``), then
 ``start_job`` (schedule, cache, base model, heads, validation samples, resume point); for
 each run (the stages between two merges) ``train_run``: ``RunModel.build`` (the run's base +
 a fresh LoRA + the thought tokens + the heads, its optimizer), ``data_stream`` (this rank's
@@ -14,7 +14,6 @@ of an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -30,10 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from shards.compute import Compute, autocast, compute_cleanup, compute_init
-from shards.config import Config, TrainConfig
+from covt.compute import Compute, autocast, compute_cleanup, compute_init
+from covt.config import Config, TrainConfig
 from shards.reader import Cache, StreamingDataset
-from trainer.attention import use_varlen_vision_attention
 from trainer.batch import BatchBuilder, batch_to
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -47,17 +45,20 @@ from trainer.checkpoint import (
     trainable_state,
 )
 from trainer.deepspeed_config import resolve_deepspeed_config
-from trainer.export import export_final, load_processor, load_vlm, merge_to_folder, remove_interrupted_writes
+from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
+from trainer.loading import load_processor, load_vlm
 from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
 from trainer.model import CoVTModel
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
+from trainer.settings import RunSettings
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
+from trainer.vision_attention import use_varlen_vision_attention
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,8 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
         if compute.world > 1 and not t.deepspeed:
             raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
                              "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
-        t.grad_accum = grad_accum_for(t, compute.world)
         lock.acquire()
-        job = start_job(cfg, compute, resume, allow_config_change)
+        job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume, allow_config_change)
         for run in job.schedule.runs:
             if job.step >= run.end:
                 finish_merged_run(job, run)
@@ -99,6 +99,7 @@ class Job:
     """What lasts across the runs: the config, where this rank runs, the schedule, the heads, where we are."""
 
     cfg: Config
+    settings: RunSettings  # derived from cfg once: grad_accum, what train.thoughts: false switches off
     compute: Compute
     schedule: Schedule
     out: Path
@@ -121,10 +122,11 @@ class Job:
         return autocast(self.compute.device, use_bf16(self.cfg.train, self.compute.device))
 
 
-def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_config_change: bool = False) -> Job:
+def start_job(cfg: Config, settings: RunSettings, compute: Compute, resume: bool | str | Path,
+              allow_config_change: bool = False) -> Job:
     """Set-up: schedule, cache, base model, heads, validation samples, and the checkpoint to resume from."""
     t, rank, world = cfg.train, compute.rank, compute.world
-    schedule = Schedule(schedule_stages(t))
+    schedule = Schedule(settings.stages)
     out = Path(t.output_dir)
     # before any work: a resumed run under another config is refused (every rank decides alike)
     changes = config_changes(cfg, out, resume and latest_checkpoint(out) is not None, allow_config_change)
@@ -134,7 +136,7 @@ def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_co
     base_path = ensure_base_model_on_rank0(cfg, compute)
     vlm_config = load_vlm_config(base_path)
     hidden_size = vlm_config.text_config.hidden_size
-    heads = build_job_heads(cfg, hidden_size, cache, initializer_range(vlm_config))
+    heads = build_job_heads(cfg, settings, hidden_size, cache, initializer_range(vlm_config))
     validation = load_validation(cfg)
     if rank == 0:
         remove_interrupted_writes(out)  # temporary folders of a merge, export or checkpoint cut short
@@ -144,16 +146,16 @@ def start_job(cfg: Config, compute: Compute, resume: bool | str | Path, allow_co
     if checkpoint:  # heads carry over merges, so every checkpoint restores them
         load_heads(heads, load_file(checkpoint / "trainable.safetensors"), where=str(checkpoint))
     # drops what a cut-short run logged after ``step``; continues its tracker runs (trackers.json) when resuming
-    log = MetricsLogger(cfg, out, rank, schedule.total_steps, step, t.batch_size * t.grad_accum * world)
+    log = MetricsLogger(cfg, out, rank, schedule.total_steps, step, t.batch_size * settings.grad_accum * world)
     if rank == 0:
         keep_launch_config(cfg, out)  # what this run (or this resumption of it) trains with
     if changes:
         log.info(f"resuming with a changed config (--allow-config-change): {changes}")
-    log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {world} "
+    log.info(f"schedule ({schedule.total_steps} optimizer steps, {t.batch_size} x {settings.grad_accum} x {world} "
              f"samples each):\n{schedule.describe()}")
     log.info(f"resuming from {checkpoint} at step {step}" if checkpoint else "starting from step 0")
-    return Job(cfg, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint, step, log,
-               NonFiniteGuard(t.max_nonfinite_steps, log), initializer_range(vlm_config))
+    return Job(cfg, settings, compute, schedule, out, cache, base_path, hidden_size, heads, validation, checkpoint,
+               step, log, NonFiniteGuard(t.max_nonfinite_steps, log), initializer_range(vlm_config))
 
 
 def train_run(job: Job, run: Run, stop_after: int | None) -> bool:
@@ -239,8 +241,8 @@ class RunModel:
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
-        engine = (deepspeed_engine(model, optimizer, scheduler, t, job.compute.world, device, job.hidden_size,
-                                   run.end - run.start) if t.deepspeed else None)
+        engine = (deepspeed_engine(model, optimizer, scheduler, t, job.settings.grad_accum, job.compute.world, device,
+                                   job.hidden_size, run.end - run.start) if t.deepspeed else None)
         job.log.info(f"run {run.index} (stages {[i + 1 for i in run.stage_indices]}) on {run_base}: "
                      f"{trainable_summary(model)}")
         resumed_from = job.checkpoint if job.checkpoint is not None and run.start < job.step < run.end else None
@@ -250,7 +252,8 @@ class RunModel:
         return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable)
 
 
-def run_stream(cfg: Config, rank: int, world: int, step: int, run: Run) -> tuple[StreamingDataset, int]:
+def run_stream(cfg: Config, per_step: int, rank: int, world: int, step: int,
+               run: Run) -> tuple[StreamingDataset, int]:
     """This rank's sample stream from optimizer ``step`` of ``run`` on, and the step at its position 0.
 
     train.data_order restart_each_run: each run reads the stream from its first sample, as each of the
@@ -258,7 +261,7 @@ def run_stream(cfg: Config, rank: int, world: int, step: int, run: Run) -> tuple
     t = cfg.train
     stream_start = run.start if t.data_order == "restart_each_run" else 0
     dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
-                               start=(step - stream_start) * t.batch_size * t.grad_accum, batch_size=t.batch_size,
+                               start=(step - stream_start) * per_step, batch_size=t.batch_size,
                                on_damaged=t.on_damaged_sample, cache_kwargs=cfg.cache.cache_kwargs())
     return dataset, stream_start
 
@@ -266,11 +269,11 @@ def run_stream(cfg: Config, rank: int, world: int, step: int, run: Run) -> tuple
 def data_stream(job: Job, rm: RunModel, run: Run):
     """This rank's micro-batches, from the first sample the next optimizer step needs."""
     t, c = job.cfg.train, job.compute
-    per_step = t.batch_size * t.grad_accum
-    dataset, stream_start = run_stream(job.cfg, c.rank, c.world, job.step, run)
+    per_step = t.batch_size * job.settings.grad_accum
+    dataset, stream_start = run_stream(job.cfg, per_step, c.rank, c.world, job.step, run)
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
-    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.cfg, rm.model.view_sizes(),
-                           first_step=stream_start)
+    collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.settings.batch,
+                           rm.model.view_sizes(), first_step=stream_start)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
                                               collate_fn=collate, pin_memory=c.device.type == "cuda"))
     if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
@@ -281,27 +284,27 @@ def data_stream(job: Job, rm: RunModel, run: Run):
 def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     """One optimizer step: its stage, ``grad_accum`` micro-batches forward and backward, the update, the
     validation pass when one is due, the log line, and a checkpoint when one is due."""
-    t, device, log = job.cfg.train, job.compute.device, job.log
+    t, device, log, grad_accum = job.cfg.train, job.compute.device, job.log, job.settings.grad_accum
     log.start_clock()
     at = job.schedule.stage_at(step)
     torch.manual_seed(step_seed(t.seed, job.compute.rank, step))  # dropout etc. depend on the step, not on history
     losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
-    for _ in range(t.grad_accum):
+    for _ in range(grad_accum):
         batch = next(loader)
         if batch["step"] != step:
             raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
         log.damaged_samples(batch["damaged_skipped"], step)
         with job.autocast():
             result = (rm.engine or rm.model)(batch_to(batch, device), at.anchor_losses_on)
-        backward(result, rm.engine, t.grad_accum)
+        backward(result, rm.engine, grad_accum)
         for name, value in result.items():
-            losses[name] = losses.get(name, 0) + value.detach().float() / t.grad_accum
+            losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
                                              clip_norm(t))
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
-                                    job.cfg, rm.model.view_sizes(), device, job.autocast)
+                                    job.settings, rm.model.view_sizes(), device, job.autocast)
                   if validation_due(job.cfg, done, job.validation) else None)
     log.step(done, at, losses, learning_rates(rm.optimizer), every=t.log_every, skipped=not applied,
              grad_norm=grad_norm, validation=validation)
@@ -320,13 +323,11 @@ def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     rm.trainable = []
     free_memory()
     # rebuilt: the engine may have partitioned or cast the old ones
-    job.heads = build_job_heads(job.cfg, job.hidden_size, job.cache, job.head_init_std)
+    job.heads = build_job_heads(job.cfg, job.settings, job.hidden_size, job.cache, job.head_init_std)
     load_heads(job.heads, state, where=f"end of run {run.index}")
     if job.compute.rank == 0:
-        merged_dir = job.out / run.merged_name
-        job.log.info(f"merging run {run.index} into {merged_dir}")
-        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
-                        token_seed=job.cfg.train.seed)
+        job.log.info(f"merging run {run.index} into {job.out / run.merged_name}")
+        merge_trained(job, run, state)
     job.compute.barrier()
 
 
@@ -351,10 +352,14 @@ def finish_merged_run(job: Job, run: Run) -> None:
                                 f"(step {run.end}) is left to rebuild it; rerun with --no-resume")
     if job.compute.rank == 0:
         job.log.info(f"redoing the merge of run {run.index} from {job.checkpoint}")
-        state = load_file(job.checkpoint / "trainable.safetensors")
-        merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), merged_dir,
-                        token_seed=job.cfg.train.seed)
+        merge_trained(job, run, load_file(job.checkpoint / "trainable.safetensors"))
     job.compute.barrier()
+
+
+def merge_trained(job: Job, run: Run, state: dict[str, torch.Tensor]) -> Path:
+    """The run's base + its trained tensors (a CoVTModel trainable state) -> output_dir/<merged_name>."""
+    return merge_to_folder(job.run_base(run), job.cfg.train.lora, vlm_tensors(state), job.out / run.merged_name,
+                           token_seed=job.cfg.train.seed)
 
 
 def export_final_model(job: Job) -> Path:
@@ -369,17 +374,6 @@ def export_final_model(job: Job) -> Path:
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
-def grad_accum_for(t: TrainConfig, world: int) -> int:
-    """train.grad_accum, or what keeps train.global_batch samples per optimizer step on ``world`` GPUs."""
-    if t.global_batch is None:
-        return t.grad_accum
-    per_pass = t.batch_size * world
-    if t.global_batch % per_pass:
-        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.batch_size={t.batch_size} x "
-                         f"{world} GPU(s); choose a train.batch_size that divides {t.global_batch // world or 1}")
-    return t.global_batch // per_pass
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -397,24 +391,13 @@ def ensure_base_model_on_rank0(cfg: Config, compute: Compute) -> Path:
     return ensure_base_model(cfg.model)
 
 
-def head_anchors(cfg: Config) -> list[str]:
-    """The anchors that get a head: none in the direct fine-tune control (train.thoughts: false)."""
-    return list(cfg.anchors) if cfg.train.thoughts else []
-
-
-def schedule_stages(t: TrainConfig) -> list:
-    """train.stages, with anchor losses off in every stage in the direct fine-tune control (train.thoughts: false)."""
-    if t.thoughts:
-        return list(t.stages)
-    return [dataclasses.replace(s, anchor_losses=False) for s in t.stages]
-
-
-def build_job_heads(cfg: Config, hidden_size: int, cache: Cache, init_std: float) -> torch.nn.ModuleDict:
+def build_job_heads(cfg: Config, settings: RunSettings, hidden_size: int, cache: Cache,
+                    init_std: float) -> torch.nn.ModuleDict:
     """The heads as train.head_init and train.trained_head_parameters say. Built from train.seed alone, so a
     part left frozen comes out the same at every build (start, resume, after a merge), never saved."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        heads = build_heads(head_anchors(cfg), hidden_size, cache)
+        heads = build_heads(list(settings.head_anchors), hidden_size, cache)
         if cfg.train.head_init == "transformers":
             init_like_missing_keys(heads, init_std)
     if cfg.train.trained_head_parameters == "projection_query_attention":
@@ -445,24 +428,24 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, world: int, device: torch.device,
-                     hidden_size: int, run_steps: int):
+def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, grad_accum: int, world: int,
+                     device: torch.device, hidden_size: int, run_steps: int):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(t, world, device, hidden_size, run_steps))
+    config = deepspeed_config(t, world, device, hidden_size, run_steps, grad_accum)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
 
 def deepspeed_config(t: TrainConfig, world: int, device: torch.device, hidden_size: int = 0,
-                     run_steps: int = 0) -> dict:
+                     run_steps: int = 0, grad_accum: int | None = None) -> dict:
     """train.deepspeed's JSON with the batch sizes, clipping and bf16 this config says ("auto" filled as Hugging
     Face Trainer fills it). train.max_grad_norm owns clipping; off, the engine still clips at inf: it computes
     the gradient norm only when it clips, and its non-finite check (our skip) needs that norm."""
     with open(t.deepspeed) as f:
         raw = json.load(f)
     return resolve_deepspeed_config(raw, t, world, use_bf16(t, device), clip_norm(t), hidden_size, run_steps,
-                                    clipping_source="train.max_grad_norm")
+                                    clipping_source="train.max_grad_norm", grad_accum=grad_accum)
 
 
 def position(schedule: Schedule, done: int) -> dict:

@@ -15,10 +15,11 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from shards.config import Config, StageConfig
+from covt.config import Config, StageConfig
 from shards.layout import validation_cache_dir
 from shards.reader import Cache, CacheError
 from trainer.batch import batch_to, build_batch
+from trainer.settings import RunSettings
 
 VALIDATION_STAGE = StageConfig(name="reasoning", steps=1)
 FORMAT_STEP = 0  # the format randomness of every validation pass is that of step 0
@@ -50,21 +51,21 @@ def validation_due(cfg: Config, done: int, samples: list[dict]) -> bool:
 
 
 @torch.no_grad()
-def validation_losses(model, forward, samples: list[dict], processor, tokens, cfg: Config, view_sizes,
+def validation_losses(model, forward, samples: list[dict], processor, tokens, settings: RunSettings, view_sizes,
                       device: torch.device, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
     """Mean losses over ``samples`` in batches of train.batch_size; ``forward`` is the model or its engine."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    size = cfg.train.batch_size
+    size = settings.batch_size
     try:
         for start in range(0, len(samples), size):
             chunk = samples[start:start + size]
-            batch = build_batch(chunk, VALIDATION_STAGE, cfg.train.thoughts, FORMAT_STEP, processor, tokens, cfg,
-                                view_sizes=view_sizes)
+            batch = build_batch(chunk, VALIDATION_STAGE, settings.anchor_losses, FORMAT_STEP, processor, tokens,
+                                settings.batch, view_sizes=view_sizes)
             with autocast():
-                result = forward(batch_to(batch, device), cfg.train.thoughts)
+                result = forward(batch_to(batch, device), settings.anchor_losses)
             for name, value in result.items():
                 if name != "loss":
                     sums[name] += float(value) * len(chunk)

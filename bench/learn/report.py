@@ -122,10 +122,10 @@ def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.T
                       max_new_tokens: int, device: str, heads=None) -> dict:
     """Generate on every held-out sample; decode the thoughts (own, another image's) and the mean target with
     the model's trained heads (or ``heads``, e.g. untrained ones)."""
-    from shards.views import square_view
-    from trainer.export import load_covt_heads
-    from trainer.generate import GenerationSettings, ImageSizing, generate_answers, load_model
-    from trainer.thoughts import thought_states
+    from covt.images import square_view
+    from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from inference.thoughts import thought_states
+    from trainer.loading import load_covt_heads
 
     vlm, processor = load_model(final, device=device)
     heads = (heads if heads is not None else load_covt_heads(final)).to(vlm.device)
@@ -214,7 +214,7 @@ def comparisons(models: dict[str, dict], arm: str = "covt") -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- the report
 def write_report(exp, finals: dict[str, Path], results: dict[str, Path], pictures: list[Path]) -> dict:
-    from trainer.export import load_covt_heads
+    from trainer.loading import load_covt_heads
 
     cache = exp.out / "cache"
     thinking = [a for a in finals if "train.thoughts=false" not in exp.arms[a]]

@@ -11,7 +11,7 @@ question's answer follows from the scene description alone, and comes with multi
   size       Which shape is larger, the red one or the blue one?
   occlusion  Two shapes overlap: which one is in front, the red one or the blue one?
 
-The question text is VLMEvalKit's multiple-choice prompt (``trainer.evaluate.mcq_prompt``), the answer the
+The question text is VLMEvalKit's multiple-choice prompt (``inference.evaluate.mcq_prompt``), the answer the
 option letter, so training (the parquet's conversations) and the benchmark (the TSV) ask the same way.
 
     python bench/learn/world.py --out runs/learn/world --train 4000 --held-out 200 --bench 300 --seed 0
@@ -138,7 +138,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, list[str], st
 
 
 def mcq_text(question: str, options: list[str]) -> str:
-    """VLMEvalKit's ImageMCQDataset prompt, as ``trainer.evaluate.mcq_prompt`` builds it."""
+    """VLMEvalKit's ImageMCQDataset prompt, as ``inference.evaluate.mcq_prompt`` builds it."""
     letters = "ABCDEFGH"
     return (f"Question: {question}\nOptions:\n" + "".join(f"{letters[i]}. {o}\n" for i, o in enumerate(options))
             + "Please select the correct answer from the options above. \n")

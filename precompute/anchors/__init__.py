@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from shards.config import CheckpointConfig, PrecomputeConfig
+from covt.config import CheckpointConfig, PrecomputeConfig
 
 from .base import AnchorModel
 from .clip import load_metaclip, load_siglip

@@ -2,7 +2,7 @@
 
 An anchor model is a frozen vision expert wrapped so the driver can treat all of
 them alike: it says the square input side it wants, the sizes of the named
-dimensions of its target arrays (see ``shards.anchors``), computes a batch of
+dimensions of its target arrays (see ``covt.anchors``), computes a batch of
 targets from square views, exports the frozen decoders the training loss needs,
 and fingerprints its checkpoint for the manifest.
 """
@@ -16,8 +16,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from shards.config import CheckpointConfig
-from shards.fs import sha256_file
+from covt.config import CheckpointConfig
+from covt.fs import sha256_file
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -35,7 +35,7 @@ class AnchorModel(torch.nn.Module, abc.ABC):
     name: ClassVar[str]
 
     #: side of the square view this anchor computes from (the driver resizes the
-    #: original image straight to it with ``shards.views.square_view``)
+    #: original image straight to it with ``covt.images.square_view``)
     input_size: int
 
     @abc.abstractmethod

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import transformers
 
-from shards.compute import autocast
-from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.fs import atomic_dir
+from covt.compute import autocast
+from covt.config import CheckpointConfig, PrecomputeConfig
+from covt.fs import atomic_dir
 
 from .base import AnchorModel, MissingCheckpointError
 

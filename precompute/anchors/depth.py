@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covt.compute import autocast
+from covt.config import CheckpointConfig, PrecomputeConfig
+from covt.fs import atomic_file
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
@@ -33,9 +36,6 @@ from precompute.anchors.vit import (
     read_checkpoint,
     resolve_variant,
 )
-from shards.compute import autocast
-from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.fs import atomic_file
 
 WHERE_TO_GET = ("https://huggingface.co/depth-anything/Depth-Anything-V2-Large "
                 "(depth_anything_v2_vitl.pth; -Small/-Base for vits/vitb)")

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from covt.compute import autocast
+from covt.config import CheckpointConfig, PrecomputeConfig
+from covt.fs import atomic_file
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
@@ -29,9 +32,6 @@ from precompute.anchors.vit import (
     read_checkpoint,
     resolve_variant,
 )
-from shards.compute import autocast
-from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.fs import atomic_file
 
 WHERE_TO_GET = ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth "
                 "(or a Hugging Face Dinov2Model folder such as facebook/dinov2-large)")

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covt.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
+from covt.config import CheckpointConfig, PrecomputeConfig
+from covt.fs import atomic_file, atomic_save
 from precompute.anchors.base import AnchorModel, checkpoint_file
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
@@ -32,9 +35,6 @@ from precompute.anchors.vit import (
     prepare_views,
     read_checkpoint,
 )
-from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
-from shards.config import CheckpointConfig, PrecomputeConfig
-from shards.fs import atomic_file, atomic_save
 
 WHERE_TO_GET = "https://github.com/hellozhuo/pidinet/tree/master/trained_models (table5_baseline.pth)"
 INPUT_SIZE = 256

@@ -4,7 +4,7 @@ Input: the square view at the image encoder's ``img_size`` (1024 for the real
 models), normalised with SAM's pixel mean/std; no padding is needed because the
 view is already square at that size.
 
-Targets (names from ``shards.anchors``):
+Targets (names from ``covt.anchors``):
 - ``embedding``: the image encoder output (256 x 64 x 64 for the real models);
 - ``masks``: up to ``precompute.sam.max_masks`` reference masks at the mask
   decoder's low-res size (4x the embedding side: 256 x 256), best first;
@@ -34,10 +34,10 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torchvision.ops import batched_nms
 
-from shards.anchors import SAM_DECODER_FILE
-from shards.compute import autocast
-from shards.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
-from shards.fs import atomic_file, atomic_save
+from covt.anchors import SAM_DECODER_FILE
+from covt.compute import autocast
+from covt.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
+from covt.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file
 from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shards.anchors import get_anchor
+from covt.anchors import get_anchor
 
 from .attention import PROJECTION_LR_NAME_PARTS, uses_projection_lr
 from .base import AnchorHead, CacheDims, DimsSource

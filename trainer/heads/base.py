@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.anchors import array_shape, get_anchor
+from covt.anchors import array_shape, get_anchor
+from covt.images import square_view
 
 
 class DimsSource(Protocol):
@@ -40,6 +42,13 @@ class CacheDims:
         except KeyError:
             raise KeyError(f"no dimension sizes recorded for anchor {anchor!r} "
                            f"(have {sorted(self.dims_by_anchor)})") from None
+
+
+def head_views(images: list, size: int) -> torch.Tensor:
+    """The square views of ``images`` (PIL) a head with ``view_size = size`` reads: (B, 3, size, size) uint8."""
+    if not images:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack([square_view(image, size) for image in images])).permute(0, 3, 1, 2).contiguous()
 
 
 class AnchorHead(nn.Module):

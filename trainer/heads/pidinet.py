@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.export.passes import move_to_device_pass
 
-from shards.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_META_KEYS, PIDINET_STAGE1_PROGRAM
-from shards.untrusted import load_exported_program
+from covt.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_META_KEYS, PIDINET_STAGE1_PROGRAM
+from covt.untrusted import load_exported_program
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error, resize_maps

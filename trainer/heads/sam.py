@@ -30,8 +30,8 @@ from scipy.optimize import linear_sum_assignment
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from shards.anchors import SAM_DECODER_FILE, SAM_DECODER_KEYS
-from shards.untrusted import load_plain
+from covt.anchors import SAM_DECODER_FILE, SAM_DECODER_KEYS
+from covt.untrusted import load_plain
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource, FrozenDecoder, missing_decoder_error

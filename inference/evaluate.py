@@ -6,7 +6,7 @@ Read top to bottom: :func:`read_benchmark` (VLMEvalKit's columns: ``index``, ``i
 the index of a row that holds it, ``question``, options ``A``, ``B``, ... , ``answer``, ``category``,
 optional ``hint``), :func:`mcq_prompt` (VLMEvalKit's ``ImageMCQDataset.build_prompt``, the prompt the
 CoVT model class receives, since its entries set ``use_custom_prompt=False``), generation through
-:mod:`trainer.generate` (chat template with the generation prompt, pixels in [1280x28x28, 16384x28x28],
+:mod:`inference.generate` (chat template with the generation prompt, pixels in [1280x28x28, 16384x28x28],
 ``skip_special_tokens=True``, the answer from ``<answer>...</answer>``), :func:`match_option` (VLMEvalKit's
 exact matching, what it scores with when no judge model is configured), then :func:`score` and
 :func:`markdown_table`. Results go to ``OUT/results.json`` and ``OUT/results.md``.
@@ -30,7 +30,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.generate import (
+from inference.generate import (
     GenerationSettings,
     ImageSizing,
     add_generation_arguments,

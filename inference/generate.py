@@ -30,19 +30,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from shards.anchors import ANCHORS
-from shards.views import square_view
-from trainer.export import load_processor, load_vlm
+from covt.anchors import ANCHORS
+from covt.images import square_view
+from trainer.loading import load_processor, load_vlm
 from trainer.model import unwrap_vlm
-from trainer.tokens import ANCHOR_END, ANCHOR_START, ThoughtTokens, thought_tokens
+from trainer.tokens import ThoughtTokens, thought_chain, thought_positions, thought_tokens
 
 MIN_PIXELS = 1280 * 28 * 28  # VLMEvalKit's CoVT-7B-* entries (vlmeval/config.py)
 MAX_PIXELS = 16384 * 28 * 28
 ANSWER_TAG = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.IGNORECASE | re.DOTALL)
 # how every chain of stages 3-4 starts (trainer.formats.reasoning_answer): the prefill of --force-thoughts
 THOUGHT_OPENING = "<think> Because the"
-# one visual thought as decoded text: start, pads of one anchor, end
-THOUGHT_SPAN = re.compile(re.escape(ANCHOR_START) + r"((?:<\|\w+_pad\|>)*)" + re.escape(ANCHOR_END))
 
 
 @dataclass
@@ -120,40 +118,6 @@ def extract_answer(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
-def thought_chain(text: str) -> tuple[str, list[str]]:
-    """``text`` (decoded with special tokens) with each visual thought as ``[anchor x N]``, and the anchors."""
-    anchors: list[str] = []
-
-    def show(match: re.Match) -> str:
-        pads = re.findall(r"<\|(\w+)_pad\|>", match.group(1))
-        names = sorted(set(pads))
-        name = names[0] if len(names) == 1 else "+".join(names) or "empty"
-        if len(names) == 1 and len(pads) == ANCHORS[names[0]].tokens:
-            anchors.append(names[0])  # complete: one anchor, its full token count
-        return f"[{name} x{len(pads)}]"
-
-    shown = THOUGHT_SPAN.sub(show, text)
-    return re.sub(r"<\|(im_end|endoftext)\|>", "", shown).strip(), anchors
-
-
-def thought_positions(ids: list[int], tokens: ThoughtTokens, offset: int = 0) -> list[tuple[str, list[int]]]:
-    """(anchor, positions of its pads) for each complete visual thought in ``ids`` (positions + ``offset``)."""
-    anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
-    spans, begin = [], None
-    for i, token_id in enumerate(ids):
-        if token_id == tokens.start_id:
-            begin = i
-        elif token_id == tokens.end_id and begin is not None:
-            inner = ids[begin + 1:i]
-            names = {anchor_of.get(t) for t in inner}
-            if len(names) == 1 and None not in names:
-                anchor = names.pop()
-                if len(inner) == ANCHORS[anchor].tokens:
-                    spans.append((anchor, [offset + j for j in range(begin + 1, i)]))
-            begin = None
-    return spans
-
-
 class ThoughtSpanCompleter:
     """A logits processor that finishes a visual thought once its first pad is out: the anchor's remaining
     pads, then ``<|anchor_end|>``. Used with :func:`ablate_thoughts`, whose blanked states at the pad positions
@@ -162,12 +126,11 @@ class ThoughtSpanCompleter:
 
     def __init__(self, tokens: ThoughtTokens):
         self.tokens = tokens
-        self.anchor_of = {token_id: anchor for anchor, token_id in tokens.pad_id.items()}
 
     def forced(self, ids: list[int]) -> int | None:
-        if not ids or ids[-1] not in self.anchor_of:
+        if not ids or ids[-1] not in self.tokens.anchor_of:
             return None
-        anchor = self.anchor_of[ids[-1]]
+        anchor = self.tokens.anchor_of[ids[-1]]
         run = 0
         while run < len(ids) and ids[-1 - run] == self.tokens.pad_id[anchor]:
             run += 1
@@ -340,44 +303,3 @@ def sizing_from_args(a) -> ImageSizing:
 def settings_from_args(a) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=a.max_new_tokens, sample=a.sample, temperature=a.temperature,
                               force_thoughts=a.force_thoughts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, metavar="DIR", help="trained model folder, e.g. runs/tiny/train/final")
-    p.add_argument("--image", metavar="IMG", help="image file (with --question)")
-    p.add_argument("--question", metavar="Q", help="question about --image")
-    p.add_argument("--questions", metavar="FILE", help='JSON list or JSONL of {"image": ..., "question": ...}')
-    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call with --questions")
-    p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of text")
-    p.add_argument("--thoughts", metavar="OUT.png",
-                   help="decode the visual thoughts with the trained heads and draw them beside the anchors' outputs "
-                        "(one question; runs the anchors named by --config)")
-    p.add_argument("--config", default="configs/tiny.yaml",
-                   help="with --thoughts: the anchors' checkpoints and views (precompute.*), "
-                        "the training view (model.image_size)")
-    add_generation_arguments(p, max_new_tokens=512)
-    a = p.parse_args(argv)
-    if a.questions:
-        if a.image or a.question or a.thoughts:
-            p.error("--questions replaces --image/--question and cannot be combined with --thoughts")
-        items = read_questions(a.questions)
-    elif a.image and a.question:
-        items = [{"image": a.image, "question": a.question}]
-    else:
-        p.error("give --image IMG --question Q, or --questions FILE")
-    vlm, processor = load_model(a.model, device=a.device)
-    sizing, settings = sizing_from_args(a), settings_from_args(a)
-    for start in range(0, len(items), a.batch_size):
-        batch = items[start:start + a.batch_size]
-        generated = generate_answers(vlm, processor, [open_image(i["image"]) for i in batch],
-                                     [i["question"] for i in batch], sizing, settings,
-                                     names=[i["image"] for i in batch])
-        for answer in generated.answers:
-            print(json.dumps(answer.to_dict()) if a.json else format_answer(answer) + "\n", flush=True)
-    if a.thoughts:
-        # only here: trainer.thoughts imports precompute's anchor loaders, which training never needs
-        from trainer.thoughts import draw_thoughts
-
-        print(f"thoughts drawn: {draw_thoughts(a.model, a.config, vlm, processor, generated, a.thoughts)}")
-    return 0

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.anchors import array_shape, get_anchor
-from shards.config import DataConfig
-from shards.records import Record, load_records
+from covt.anchors import array_shape, get_anchor
+from covt.config import DataConfig
+from covt.images import open_rgb
+from precompute.records import load_records
+from shards.samples import Record
 from shards.storage import is_url, open_writer
-from shards.views import open_rgb
 
 DEFAULT_DIMS: dict[str, dict[str, int]] = {
     "sam": {"embed_dim": 32, "embed_h": 8, "embed_w": 8, "max_masks": 8, "mask_h": 32, "mask_w": 32},

@@ -25,11 +25,6 @@ class Compute:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # compute_init started the process group, so compute_cleanup ends it
 
-    @property
-    def distributed(self) -> bool:
-        """Whether a process group is up (several ranks, or one for DeepSpeed)."""
-        return dist.is_available() and dist.is_initialized()
-
     def barrier(self) -> None:
         barrier(self.world)
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from shards.fs import atomic_write
+from covt.fs import atomic_write
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,6 @@ class SubsetConfig:
 
 @dataclass
 class DataConfig:
-    # LLaVA-format JSON (or JSON Lines, .jsonl), or the published parquet (a .parquet file, a glob, or a folder)
     path: str = option("data/sample/conversations.json", "DATA_PATH: LLaVA JSON / JSONL or parquet file/glob/folder")
     image_folder: str = option("data/sample/images", "IMAGE_FOLDER (JSON input; parquet holds the image bytes)")
     on_bad_record: Literal["skip", "error"] = option(
@@ -93,8 +92,6 @@ class CheckpointConfig:
 
     path: str = option("", "file (.pth) or Hugging Face folder")
     variant: str = option("", "e.g. vit_h / vit_l / vit_b for SAM, vitl / vits for depth and dino")
-    # Tiny embedded default only: if the file is missing, write a seeded random-weight
-    # checkpoint of ``variant`` there first (in the same format users download).
     random_init_seed: int | None = option(None, "tiny default only: write seeded random weights here if missing")
     # small images (bench/learn's synthetic world) need not be upscaled to 256: a CPU spends 5x less per image at 112
     input_size: int | None = option(None, "pidinet only: side of the square view it computes from (None: 256)")
@@ -136,23 +133,20 @@ class PrecomputeConfig:
 @dataclass
 class ModelConfig:
     path: str = option("runs/tiny/base_model", "Hugging Face Qwen2.5-VL folder")
-    # Tiny embedded default only: build a random-weight tiny Qwen2.5-VL with a locally
-    # trained tokenizer at ``path`` if it does not exist.
     build_tiny_if_missing: bool = option(False, "tiny default only: build a random tiny Qwen2.5-VL at path")
     image_size: int = option(448, "the square view the VLM sees")
 
 
 # -------------------------------------------------------------------------- train
 PLAIN_ANSWER_FRACTION = 1 / 6  # the reference draws randint(0, 5) == 0 per stage-4 sample
+STAGE_NAMES = ("understanding", "generation", "reasoning", "efficient_reasoning")  # the four formats, in order
 
 
 @dataclass
 class StageConfig:
-    name: Literal["understanding", "generation", "reasoning", "efficient_reasoning"] = option(help="the data format")
+    name: Literal[STAGE_NAMES] = option(help="the data format")
     steps: int = option(help="optimizer steps")
     anchor_losses: bool = option(True, "anchor losses on in this stage")
-    # optimizer step (counted from the start of this stage's run, i.e. since the
-    # last merge) from which anchor losses switch off; None = never
     anchor_losses_off_from: int | None = option(
         None, "run step (since the last merge) from which anchor losses are off")
     merge_after: bool = option(False, "merge LoRA into the base after this stage")
@@ -197,7 +191,7 @@ class TrainConfig:
     num_workers: int = option(0, "DataLoader workers reading the cache")
     bf16: bool = option(True, "ignored on CPU")
     gradient_checkpointing: bool = option(True, "activation checkpointing of the VLM")
-    # varlen: every vision window of a micro-batch in one kernel call (trainer/attention.py); sdpa: transformers'
+    # varlen: every vision window of a micro-batch in one kernel call (trainer/vision_attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
@@ -500,7 +494,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
-    from shards.anchors import ANCHORS  # late import: anchors imports nothing from here
+    from covt.anchors import ANCHORS  # late import: anchors imports nothing from here
 
     for name in cfg.anchors:
         if name not in ANCHORS:
@@ -555,7 +549,7 @@ def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, str, str,
             default = repr(value) if not dataclasses.is_dataclass(value) else "…"
         else:
             default = "(required)"
-        keys.append((key, _type_name(tp).replace("shards.config.", ""), default, f.metadata.get("help", "")))
+        keys.append((key, _type_name(tp).replace("covt.config.", ""), default, f.metadata.get("help", "")))
         args = typing.get_args(tp)
         item = args[-1] if typing.get_origin(tp) in (list, dict) and args else None
         if item is not None and dataclasses.is_dataclass(item):

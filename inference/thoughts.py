@@ -16,8 +16,8 @@
 3. each head's public ``decode(thoughts, targets, views)`` (trainer.heads), then one PNG: the image
    and the answer, then per anchor the head's decoding beside the anchor's own output.
 
-Only the CLI imports this module: it imports ``precompute`` (the anchor models), which the training
-path of ``trainer`` never does (the phases share only ``shards``).
+Only the CLI (inference/cli.py) imports this module: it imports ``precompute`` (the anchor models), which
+``trainer`` never does (the phases share only ``covt`` and ``shards``).
 """
 from __future__ import annotations
 
@@ -29,16 +29,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covt.config import Config, load_config
+from covt.images import square_view
+from inference.generate import Generated, model_thought_tokens, open_image
 from precompute.anchors import load_anchor
 from precompute.views import make_view, view_key
-from shards.config import Config, load_config
 from shards.inspect import pca_image
-from shards.views import square_view
 from trainer.batch import encode_text
-from trainer.export import HEADS_JSON, is_reference_layout, load_covt_heads, load_reference_heads, read_reference_heads
+from trainer.export import is_reference_layout, load_reference_heads, read_reference_heads
 from trainer.formats import format_sample
-from trainer.generate import Generated, model_thought_tokens, open_image, thought_positions
+from trainer.heads.base import head_views
+from trainer.loading import HEADS_JSON, load_covt_heads
 from trainer.model import last_hidden_states
+from trainer.tokens import thought_positions
 
 MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                          [145, 30, 180], [70, 240, 240], [240, 50, 230]]) / 255.0
@@ -62,12 +65,6 @@ def anchor_outputs(cfg: Config, anchors: list[str], image: Image.Image,
 
 
 # ----------------------------------------------------------------------------- the thought states
-@torch.no_grad()
-def last_states(vlm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The last-layer hidden states (output of the final norm, what the heads were trained on), (1, T, H)."""
-    return last_hidden_states(vlm, inputs)
-
-
 def full_sequence_inputs(generated: Generated) -> dict[str, torch.Tensor]:
     """Model inputs for prompt + generated answer (row 0), to re-read the answer's hidden states."""
     sequence = generated.sequences[:1]
@@ -87,20 +84,22 @@ def stage2_inputs(processor, image: Image.Image, question: str, anchors: list[st
     return {k: v if k in ("pixel_values", "image_grid_thw") else v[None] for k, v in row.items() if k != "labels"}
 
 
+@torch.no_grad()
 def thought_states(vlm, processor, generated: Generated, image: Image.Image, anchors: list[str],
                    image_size: int) -> dict[str, tuple[torch.Tensor, str]]:
-    """anchor -> (its thought tokens' hidden states (1, N, H), where they come from)."""
+    """anchor -> (its thought tokens' last-layer hidden states (1, N, H): what the heads were trained on, where
+    they come from)."""
     tokens = model_thought_tokens(processor)
     found: dict[str, tuple[torch.Tensor, str]] = {}
     spans = [(a, p) for a, p in generated.answers[0].thought_spans if a in anchors]
     if spans:
-        states = last_states(vlm, {k: v.to(vlm.device) for k, v in full_sequence_inputs(generated).items()})
+        states = last_hidden_states(vlm, {k: v.to(vlm.device) for k, v in full_sequence_inputs(generated).items()})
         for anchor, positions in spans:
             found.setdefault(anchor, (states[:, positions], "generated"))
     missing = [a for a in anchors if a not in found]
     if missing:
         inputs = stage2_inputs(processor, image, generated.answers[0].question, missing, image_size)
-        states = last_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
+        states = last_hidden_states(vlm, {k: v.to(vlm.device) for k, v in inputs.items()})
         ids = inputs["input_ids"][0].tolist()
         for anchor, positions in thought_positions(ids, tokens):
             found.setdefault(anchor, (states[:, positions], "stage-2 prompt (not generated)"))
@@ -156,9 +155,7 @@ def decode_and_draw(cfg: Config, heads: torch.nn.ModuleDict, vlm, processor, gen
     for anchor in anchors:
         head = heads[anchor]
         hidden, source = states[anchor]
-        views = None
-        if getattr(head, "view_size", None):
-            views = torch.tensor(square_view(image, head.view_size)[None]).permute(0, 3, 1, 2).to(vlm.device)
+        views = head_views([image], head.view_size).to(vlm.device) if head.view_size else None
         with torch.no_grad():
             decoded = head.decode(hidden.float(), {k: v.to(vlm.device) for k, v in targets[anchor].items()}, views)
         rows.append((anchor, source, decoded.float().cpu(), {k: v.float() for k, v in targets[anchor].items()}))

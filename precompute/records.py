@@ -10,7 +10,7 @@ holds one ``<image>`` per image. Every record that breaks a rule becomes a
 decides whether the first one stops the run or all are skipped, logged and
 counted (they end up in the cache manifest). Nothing is dropped silently.
 
-The published CoVT parquet (``shards.parquet``) goes through the same rules: one
+The published CoVT parquet (``precompute.parquet``) goes through the same rules: one
 image per row, its bytes inside the file. ``data.subset`` keeps a seeded subset:
 the records are walked in a permutation drawn from ``subset.seed`` and the first
 ``subset.size`` good ones are kept, in source order (bad records met on the walk
@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shards import parquet
-from shards.config import DataConfig, SubsetConfig
-from shards.parquet import ParquetImage
-from shards.views import open_rgb
+from covt.config import DataConfig, SubsetConfig
+from covt.images import open_rgb
+from precompute import parquet
+from precompute.parquet import ParquetImage
+from shards.samples import BadRecord, Record
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,6 @@ IMAGE_TOKEN = "<image>"
 # that token, and the training text then holds an image or a thought the sample does not have
 SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 ROLES = ("human", "gpt")
-
-
-@dataclass
-class Record:
-    index: int  # position among the good records = sample index in the cache (0..N-1)
-    source_index: int  # position in the JSON list
-    id: str
-    images: list[Path | ParquetImage]  # both have .name, .suffix and .read_bytes()
-    conversations: list[dict]
-
-
-@dataclass
-class BadRecord:
-    source_index: int
-    id: str
-    reason: str
-    kind: str = "other"  # short category, counted in the manifest
 
 
 class BadRecordError(ValueError):
