@@ -50,7 +50,8 @@ def test_a_shard_count_re_signed_to_match_is_named_when_the_shard_is_read(cache,
 def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
     from types import SimpleNamespace
 
-    from trainer.train import Logger
+    from covt.config import Config
+    from trainer.metrics import MetricsLogger
 
     entry = json.loads((cache / layout.samples_progress_name(0)).read_text())["samples"][2]
     data = bytearray((cache / layout.tar_name(0)).read_bytes())
@@ -59,7 +60,7 @@ def test_a_damaged_sample_skipped_in_every_epoch_counts_once(cache, tmp_path):
     samples = list(StreamingDataset(cache, ["depth"], seed=0, epochs=3, on_damaged="skip"))
     problems = [p for s in samples for p in s["damaged_skipped"]]
     assert len(problems) == 3  # passed over once per epoch
-    log = Logger(tmp_path / "run", 0, 3, 0)
+    log = MetricsLogger(Config(), tmp_path / "run", 0, 3, 0, samples_per_step=1)
     at = SimpleNamespace(name="understanding", stage_index=0, run_index=0, anchor_losses_on=True)
     for step in range(3):
         log.damaged_samples(problems[step:step + 1], step)

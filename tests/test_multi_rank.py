@@ -17,6 +17,7 @@ from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 from covt.config import Config, DataConfig, LoraConfig, ModelConfig, StageConfig, TrainConfig, load_config
 from shards.reader import Cache, StreamingDataset
 from trainer.batch import build_batch, sample_text
+from trainer.settings import BatchSettings
 from trainer.tokens import pad_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +97,8 @@ def backward_order(tiny, stage: str, anchors_on: bool, step: int, indices: list[
     samples = []
     for i in indices:
         samples.append({**cache.sample(i), "index": i})
-    batch = build_batch(samples, StageConfig(stage, 1), anchors_on, step, processor, tokens, cfg,
-                        view_sizes=model.view_sizes())
+    batch = build_batch(samples, StageConfig(stage, 1), anchors_on, step, processor, tokens,
+                        BatchSettings.from_config(cfg), view_sizes=model.view_sizes())
     model.every_head = every_head
     model.zero_grad(set_to_none=True)
     try:
@@ -197,7 +198,8 @@ def micro_batch_anchors(workdir: Path, cfg: Config, rank: int, step: int) -> lis
     found = []
     for position in range(step * per_rank, (step + 1) * per_rank):
         index = stream.index_at(position)
-        text = sample_text({**cache.sample(index), "index": index}, "efficient_reasoning", ANCHORS, step, cfg)
+        text = sample_text({**cache.sample(index), "index": index}, "efficient_reasoning", ANCHORS, step,
+                           BatchSettings.from_config(cfg))
         found.append({a for a in ANCHORS if pad_token(a) in text.prompt + text.labelled})
     return found
 

@@ -18,6 +18,7 @@ from trainer.heads import CacheDims
 from trainer.lora import attach_lora, stop_token_row_gradients
 from trainer.optim import make_optimizer
 from trainer.schedule import Schedule
+from trainer.settings import BatchSettings, RunSettings
 from trainer.tiny_model import build_tiny_base_model
 from trainer.train import build_job_heads, clip_norm, deepspeed_config, finish_step, run_stream
 
@@ -105,7 +106,7 @@ def test_after_the_first_merge_the_token_rows_get_no_gradient_and_only_decay(tin
 def heads_model(tmp_path: Path, *overrides: str):
     cfg = load_config(REPO / "configs/tiny.yaml", ["anchors=[depth,dino]", *overrides])
     model = torch.nn.Module()
-    model.heads = build_job_heads(cfg, HIDDEN, CacheDims(DIMS, tmp_path), 0.02)
+    model.heads = build_job_heads(cfg, RunSettings.resolve(cfg, 1), HIDDEN, CacheDims(DIMS, tmp_path), 0.02)
     return cfg, model
 
 
@@ -125,7 +126,8 @@ def test_the_depth_mlp_stays_at_its_init_when_only_the_reference_names_train(tmp
     cfg, model = heads_model(tmp_path, f"train.trained_head_parameters={trained}", f"train.head_init={init}")
     torch.randn(3)  # the global generator moves between builds (a merge rebuilds the heads mid-run)
     mlp = model.heads["depth"].depth_token_generator
-    again = build_job_heads(cfg, HIDDEN, CacheDims(DIMS, tmp_path), 0.02)  # start, resume and merges rebuild it
+    # start, resume and merges rebuild it
+    again = build_job_heads(cfg, RunSettings.resolve(cfg, 1), HIDDEN, CacheDims(DIMS, tmp_path), 0.02)
     for a, b in zip(mlp.parameters(), again["depth"].depth_token_generator.parameters()):
         assert torch.equal(a, b)
     before = [p.detach().clone() for p in mlp.parameters()]
@@ -189,7 +191,7 @@ def test_stage4_draws_are_shared_by_the_samples_of_a_step_when_per_step(draws):
     shared = []
     for step in range(20):
         texts = {sample_text({"index": i, "conversations": CONVERSATION}, "efficient_reasoning", cfg.anchors, step,
-                             cfg).labelled for i in range(8)}
+                             BatchSettings.from_config(cfg)).labelled for i in range(8)}
         shared.append(len(texts) == 1)
     assert all(shared) == (draws == "per_step")
 
@@ -200,12 +202,13 @@ def test_each_run_rereads_the_stream_from_its_start_when_restart_each_run(synthe
     cfg = load_config(REPO / "configs/tiny.yaml", [f"cache.dir={synthetic_cache}", "anchors=[sam,depth,dino]",
                                                    "train.batch_size=1", f"train.data_order={order}"])
     run0, run1 = Schedule(cfg.train.stages).runs
-    first, step0 = run_stream(cfg, 0, 1, run0.start, run0)
-    second, step1 = run_stream(cfg, 0, 1, run1.start, run1)
+    per_step = cfg.train.batch_size * RunSettings.resolve(cfg, 1).grad_accum
+    first, step0 = run_stream(cfg, per_step, 0, 1, run0.start, run0)
+    second, step1 = run_stream(cfg, per_step, 0, 1, run1.start, run1)
     assert (step0, step1) == (0, run1.start if order == "restart_each_run" else 0)
     read = [[ds.index_at(p) for p, _ in zip(ds.positions(), range(3))] for ds in (first, second)]
     assert (read[0] == read[1]) == (order == "restart_each_run")
-    resumed, _ = run_stream(cfg, 0, 1, run1.start + 2, run1)  # a resumed run continues where it was
+    resumed, _ = run_stream(cfg, per_step, 0, 1, run1.start + 2, run1)  # a resumed run continues where it was
     assert resumed.index_at(next(resumed.positions())) == second.index_at(second.start + 2)
 
 
@@ -289,8 +292,8 @@ def test_the_tiny_run_trains_with_every_switch_as_the_reference_ran(e2e_workdir,
     final = trained_as_ran / "final"
     heads = load_file(final / "covt_heads.safetensors")
     cfg = load_config(REPO / "configs/tiny.yaml", overrides)
-    built = build_job_heads(cfg, json.loads((final / "covt_heads.json").read_text())["hidden_size"],
-                            Cache(cfg.cache.dir), 0.02)
+    hidden = json.loads((final / "covt_heads.json").read_text())["hidden_size"]
+    built = build_job_heads(cfg, RunSettings.resolve(cfg, 1), hidden, Cache(cfg.cache.dir), 0.02)
     for key, value in built["depth"].depth_token_generator.state_dict().items():
         assert torch.equal(heads[f"depth.depth_token_generator.{key}"], value), key
     assert not torch.equal(heads["dino.attend.query_vectors"], built["dino"].attend.query_vectors.detach())

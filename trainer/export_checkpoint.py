@@ -29,8 +29,9 @@ from trainer.checkpoint import read_meta
 from trainer.export import DTYPES, HEADS_JSON, export_final, export_reference, load_processor, merge_to_folder
 from trainer.heads import build_heads
 from trainer.schedule import Schedule
+from trainer.settings import head_anchors, schedule_stages
 from trainer.tokens import add_thought_tokens
-from trainer.train import head_anchors, load_heads, load_vlm_config, schedule_stages, vlm_tensors
+from trainer.train import load_heads, load_vlm_config, vlm_tensors
 
 
 def checkpoint_base(cfg: Config, run_dir: Path, run_index: int) -> Path:
@@ -58,7 +59,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     meta = read_meta(checkpoint)
     base = checkpoint_base(cfg, run_dir, meta["run_index"])
     state = load_file(checkpoint / "trainable.safetensors")
-    heads = build_heads(head_anchors(cfg), load_vlm_config(base).text_config.hidden_size,
+    heads = build_heads(list(head_anchors(cfg)), load_vlm_config(base).text_config.hidden_size,
                         Cache(cfg.cache.dir, **cfg.cache.cache_kwargs()))
     load_heads(heads, state, where=str(checkpoint))
     out = Path(out)
