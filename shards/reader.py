@@ -424,7 +424,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                         f"{self.cache.location} --verify` lists every problem; rerun precompute into a new "
                         f"cache.dir to rewrite the cache, or set train.on_damaged_sample=skip to skip damaged "
                         f"samples") from None
-                log.warning("skipping damaged sample: %s", e)
+                # said once, by the consumer (the trainer's log counts distinct samples), not per loader worker
+                log.debug("skipping damaged sample: %s", e)
                 skipped.append(f"sample index {index}: {e}")  # one message per sample: counted once however often
                 continue
             sample["damaged_skipped"] = skipped

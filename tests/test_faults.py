@@ -112,6 +112,7 @@ def test_the_stream_stops_at_a_damaged_sample_naming_it_and_what_to_do(cache):
 
 
 def test_skip_mode_fills_the_slot_with_the_next_sample_and_says_what_it_skipped(cache, caplog):
+    caplog.set_level("DEBUG", logger="shards.reader")  # the stream says it at debug level; the trainer warns, once
     flip(cache / layout.tar_name(0), entry_of(cache, 2)["members"][1]["offset"] + 10)
     ds = StreamingDataset(cache, ["depth"], seed=0, epochs=1, shuffle=False, on_damaged="skip")
     samples = list(ds)

@@ -156,9 +156,9 @@ def test_full_parameter_run_trains_every_weight_and_merges_to_a_plain_folder(e2e
     from safetensors.torch import load_file
 
     stages = "[{name: understanding, steps: 2, merge_after: true}]"
-    run_trainer(["--config", "configs/tiny.yaml", *e2e_overrides(e2e_workdir, "full"), f"train.stages={stages}",
-                 "train.lora.enabled=false", "train.save_every=0"])
-    merged = e2e_workdir / "full" / "lora_stage1_merged"
+    run_trainer(["--config", "configs/tiny.yaml", *e2e_overrides(e2e_workdir, "full_parameter"),
+                 f"train.stages={stages}", "train.lora.enabled=false", "train.save_every=0"])
+    merged = e2e_workdir / "full_parameter" / "lora_stage1_merged"
     before, after = load_file(e2e_workdir / "base" / "model.safetensors"), load_file(merged / "model.safetensors")
     assert not any("lora" in name for name in after)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
@@ -167,4 +167,4 @@ def test_full_parameter_run_trains_every_weight_and_merges_to_a_plain_folder(e2e
         assert name in changed, name
     assert len(changed) == len(before)  # every weight trained
     assert after["lm_head.weight"].dtype == before["lm_head.weight"].dtype
-    Qwen2_5_VLForConditionalGeneration.from_pretrained(e2e_workdir / "full" / "final")
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(e2e_workdir / "full_parameter" / "final")
