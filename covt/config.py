@@ -557,6 +557,17 @@ def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, str, str,
     return keys
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"train.lora.r": 16, ...}`` of a nested config dict (``dataclasses.asdict`` of a Config, or its YAML)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def reference_markdown() -> str:
     """The config reference table of the README, generated from the dataclasses above."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from covt.config import Config
+from covt.config import Config, flatten
 from covt.fs import atomic_write
 
 log = logging.getLogger("trainer")
@@ -234,17 +234,6 @@ def import_tracker(module: str, extra: str):
     except ImportError as e:
         raise RuntimeError(f"train.report_to {module}: the package is not installed; "
                            f"pip install '.[{extra}]' (or drop {module} from train.report_to)") from e
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train.lora.r": 16, ...} of a nested config dict."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # ----------------------------------------------------------------------------- files

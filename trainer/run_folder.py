@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from covt.config import Config, config_yaml, save_config
+from covt.config import Config, config_yaml, flatten, save_config
 from covt.fs import atomic_write
 from shards.lock import CacheLock, LockFile
 
@@ -39,16 +39,6 @@ def run_folder_lock(output_dir: str | Path) -> CacheLock:
         raise NotADirectoryError(f"train.output_dir={out} is a file; the run folder belongs there (checkpoints, "
                                  f"merges, final/): move the file or choose another train.output_dir")
     return CacheLock(out, LockFile(out, RUN_LOCK), what="training", rule="one training run per output_dir")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def changed_keys(old_yaml: str, new_yaml: str) -> dict[str, tuple]:
