@@ -2,9 +2,8 @@
 
 The slow test runs ``bench/learn/run.py --quick`` (the CPU variant of ``make learn``) with one more arm whose
 anchor losses are off (every anchor's ``train.loss_weights`` 0): what it asserts is what a pipeline that stopped
-learning cannot reach, and the broken arm shows it is not reached for free. It runs only with COVT_LEARN_TEST=1:
-the whole quick driver (three arms, evaluation) has not yet finished end to end on a CPU we could time, so its
-CI cost is unknown (README, "Does it learn?").
+learning cannot reach, and the broken arm shows it is not reached for free. It runs in CI: about 3 minutes on
+an idle 2-core machine (173 s measured, 2026-12-05).
 """
 import json
 import os
@@ -47,7 +46,6 @@ def test_the_world_is_deterministic_and_every_split_has_the_published_layout(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("COVT_LEARN_TEST") != "1", reason="set COVT_LEARN_TEST=1 (CPU cost not yet known)")
 def test_the_quick_experiment_learns(tmp_path):
     out = tmp_path / "learn"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
