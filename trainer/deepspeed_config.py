@@ -31,7 +31,6 @@ class DeepSpeedConfigError(ValueError):
 
 def resolve_deepspeed_config(raw: dict, t: TrainConfig, world: int, bf16: bool, max_grad_norm: float,
                              hidden_size: int, run_steps: int, where: str = "train.deepspeed",
-                             clipping_source: str = "the trainer's gradient clipping",
                              grad_accum: int | None = None) -> dict:
     """``raw`` (a loaded DeepSpeed JSON) with every "auto" replaced by the config's value; ``grad_accum``: the
     accumulation resolved for this many GPUs (trainer.settings), train.grad_accum when None."""
@@ -43,7 +42,7 @@ def resolve_deepspeed_config(raw: dict, t: TrainConfig, world: int, bf16: bool, 
     fill.match("train_batch_size", t.batch_size * grad_accum * world,
                f"train.batch_size x train.grad_accum x {world} GPU(s)")
     # the engine computes the gradient norm only when it clips; its non-finite check (our skip) needs that norm
-    fill.match("gradient_clipping", max_grad_norm, clipping_source, add=True)
+    fill.match("gradient_clipping", max_grad_norm, "train.max_grad_norm", add=True)
     # bf16 follows train.bf16 and the device (ignored on CPU), whatever the file says, as before "auto"
     ds.setdefault("bf16", {})["enabled"] = bf16
     fill.match("fp16.enabled", False, "fp16 (the trainer uses bf16 or fp32)", add=False)

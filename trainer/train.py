@@ -445,7 +445,7 @@ def deepspeed_config(t: TrainConfig, world: int, device: torch.device, hidden_si
     with open(t.deepspeed) as f:
         raw = json.load(f)
     return resolve_deepspeed_config(raw, t, world, use_bf16(t, device), clip_norm(t), hidden_size, run_steps,
-                                    clipping_source="train.max_grad_norm", grad_accum=grad_accum)
+                                    grad_accum=grad_accum)
 
 
 def position(schedule: Schedule, done: int) -> dict:
