@@ -36,10 +36,9 @@ from precompute.anchors import load_anchor
 from precompute.views import make_view, view_key
 from shards.inspect import pca_image
 from trainer.batch import encode_text
-from trainer.export import is_reference_layout, load_reference_heads, read_reference_heads
 from trainer.formats import format_sample
 from trainer.heads.base import head_views
-from trainer.loading import HEADS_JSON, load_covt_heads
+from trainer.loading import HEADS_JSON, is_reference_layout, load_covt_heads, load_reference_heads, read_reference_heads
 from trainer.model import last_hidden_states
 from trainer.tokens import thought_positions
 
