@@ -204,6 +204,7 @@ def evaluate(folders: list[str], benchmark: str, out: str | Path, sizing: ImageS
     results = []
     for folder, name in zip(folders, model_names(folders)):
         name += " (thoughts forced)" if settings.force_thoughts else ""
+        name += " (training prompt)" if settings.prompt_layout == "training" else ""
         vlm, processor = load_model(folder, device=device)
         results.append(run_questions(vlm, processor, questions, sizing, settings, batch_size, name, folder))
         if ablate and model_thought_tokens(processor) is not None:

@@ -15,7 +15,9 @@ with ``image_size``, as the square view training used (``model.image_size``).
 whether answers depend on it; see its docstring for the fixed vector and why. ``--force-thoughts``
 prefills the assistant turn with the opening every visual chain of stages 3-4 starts with
 (:data:`THOUGHT_OPENING`), so the model must think visually before it answers; the prefill counts as
-part of the answer's text.
+part of the answer's text. ``--prompt-layout training`` writes the prompt as training did instead of with
+the chat template: the reference's layout has a newline before each ``<|im_end|>`` (trainer/formats.py),
+which VLMEvalKit's chat-template prompt has not.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from PIL import Image
 
 from covt.anchors import ANCHORS
 from covt.images import square_view
+from trainer.formats import ASSISTANT_HEADER, IMAGE_TEXT, SYSTEM_MESSAGE, turn
 from trainer.loading import load_processor, load_vlm
 from trainer.model import unwrap_vlm
 from trainer.tokens import ThoughtTokens, thought_chain, thought_positions, thought_tokens
@@ -100,13 +103,32 @@ def prompt_messages(question: str, system_prompt: str | None = None) -> list[dic
     return messages
 
 
+PROMPT_LAYOUTS = ("chat_template", "training")
+
+
+def training_prompt(question: str, system_prompt: str | None = None) -> str:
+    """The prompt as the stage formats write it (trainer.formats): the image first, a newline before each
+    ``<|im_end|>``."""
+    return turn("system", system_prompt or SYSTEM_MESSAGE) + turn("user", IMAGE_TEXT + question) + ASSISTANT_HEADER
+
+
+def prompt_text(processor, question: str, system_prompt: str | None = None, layout: str = "chat_template") -> str:
+    """The prompt of one question up to the assistant's turn, in ``layout`` (one of :data:`PROMPT_LAYOUTS`)."""
+    if layout == "training":
+        return training_prompt(question, system_prompt)
+    if layout != "chat_template":
+        raise ValueError(f"prompt layout {layout!r}: expected one of {PROMPT_LAYOUTS}")
+    return processor.apply_chat_template(prompt_messages(question, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def encode_prompts(processor, images: list[Image.Image], questions: list[str], sizing: ImageSizing,
-                   system_prompt: str | None = None, prefill: str = "") -> dict[str, torch.Tensor]:
+                   system_prompt: str | None = None, prefill: str = "",
+                   layout: str = "chat_template") -> dict[str, torch.Tensor]:
     """Left-padded model inputs for a batch of (image, question), the assistant turn started with ``prefill``."""
     texts, prepared, kwargs = [], [], {}
     for image, question in zip(images, questions):
-        texts.append(processor.apply_chat_template(prompt_messages(question, system_prompt), tokenize=False,
-                                                   add_generation_prompt=True) + prefill)
+        texts.append(prompt_text(processor, question, system_prompt, layout) + prefill)
         view, kwargs = sizing.prepare(image)
         prepared.append(view)
     return dict(processor(text=texts, images=prepared, padding=True, return_tensors="pt", **kwargs))
@@ -200,6 +222,7 @@ class GenerationSettings:
     temperature: float = 1.0
     ablate: bool = False
     force_thoughts: bool = False  # prefill the answer with THOUGHT_OPENING
+    prompt_layout: str = "chat_template"  # or "training": the stage formats' layout (PROMPT_LAYOUTS)
 
     @property
     def prefill(self) -> str:
@@ -216,7 +239,7 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
         raise ValueError("--ablate-thoughts and --force-thoughts need a model with visual thought tokens; this "
                          "tokenizer has none")
     inputs = {k: v.to(vlm.device) for k, v in encode_prompts(processor, images, questions, sizing, system_prompt,
-                                                              settings.prefill).items()}
+                                                              settings.prefill, settings.prompt_layout).items()}
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.sample,
                   pad_token_id=processor.tokenizer.pad_token_id)
     if settings.sample:
@@ -293,6 +316,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_new_tokens: int) ->
                    help="feed the square view of this side instead (what training used: model.image_size)")
     p.add_argument("--force-thoughts", action="store_true",
                    help=f"start every answer with {THOUGHT_OPENING!r}, so the model must think visually")
+    p.add_argument("--prompt-layout", choices=PROMPT_LAYOUTS, default="chat_template",
+                   help="chat_template: as VLMEvalKit prompts; training: as the stage formats wrote prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -302,4 +327,4 @@ def sizing_from_args(a) -> ImageSizing:
 
 def settings_from_args(a) -> GenerationSettings:
     return GenerationSettings(max_new_tokens=a.max_new_tokens, sample=a.sample, temperature=a.temperature,
-                              force_thoughts=a.force_thoughts)
+                              force_thoughts=a.force_thoughts, prompt_layout=a.prompt_layout)

@@ -183,9 +183,10 @@ def panels_of(anchor: str, image: Image.Image, decoded: torch.Tensor, target: di
         return (f"{what} reconstructed from the tokens", lambda ax: ax.imshow(decoded[0].numpy(), cmap=cmap),
                 f"{anchor}'s own {what}", lambda ax: ax.imshow(target[key][0].numpy(), cmap=cmap))
     if anchor == "dino":
-        predicted, _ = pca_image(decoded[0].numpy(), (1, 5, 0))
-        reference, _ = pca_image(target["features"][0].numpy(), (1, 5, 0))
-        return ("DINO features predicted (PCA)", lambda ax: ax.imshow(predicted),
+        own = target["features"][0].numpy()
+        predicted, _ = pca_image(decoded[0].numpy(), (1, 5, 0), reference=own)
+        reference, _ = pca_image(own, (1, 5, 0))
+        return ("DINO features predicted (PCA of DINOv2's own)", lambda ax: ax.imshow(predicted),
                 "DINOv2's own features (PCA)", lambda ax: ax.imshow(reference))
     predicted, reference = decoded.reshape(-1).numpy(), target["embedding"].reshape(-1).numpy()
     cosine = float(np.dot(predicted, reference) / max(np.linalg.norm(predicted) * np.linalg.norm(reference), 1e-12))

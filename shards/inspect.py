@@ -210,17 +210,27 @@ def _verify_shard(cache: Cache, shard: dict, first_index: int, problems: list[st
 
 
 # ---------------------------------------------------------------------- render
-def pca_rgb(features: np.ndarray) -> np.ndarray:
-    """``(n, d)`` -> ``(n, 3)`` in [0, 1]: the top 3 principal components, each stretched to its 1-99% range."""
-    x = features.astype(np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
-    if x.shape[1] < 3:
-        x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = x @ vt[:3].T
-    if comps.shape[1] < 3:
-        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
-    lo, hi = np.percentile(comps, 1, axis=0), np.percentile(comps, 99, axis=0)
+def pca_rgb(features: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """``(n, d)`` -> ``(n, 3)`` in [0, 1]: the top 3 principal components, each stretched to its 1-99% range;
+    with ``reference`` (``(m, d)``) the components, centre and range are the reference's, so that a prediction
+    and its target are drawn in the same colours."""
+    basis = (features if reference is None else reference).astype(np.float64)
+    centre = basis.mean(axis=0, keepdims=True)
+
+    def components(x: np.ndarray, vt: np.ndarray) -> np.ndarray:
+        x = x - centre
+        if x.shape[1] < 3:
+            x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
+        comps = x @ vt[:3].T
+        return np.pad(comps, ((0, 0), (0, 3 - comps.shape[1]))) if comps.shape[1] < 3 else comps
+
+    centred = basis - centre
+    if centred.shape[1] < 3:
+        centred = np.pad(centred, ((0, 0), (0, 3 - centred.shape[1])))
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    reference_comps = components(basis, vt)
+    lo, hi = np.percentile(reference_comps, 1, axis=0), np.percentile(reference_comps, 99, axis=0)
+    comps = reference_comps if reference is None else components(features.astype(np.float64), vt)
     return np.clip((comps - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
 
 
@@ -234,10 +244,13 @@ def _patch_grid(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.
     return tokens.reshape(1, n, -1), 0
 
 
-def pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...]) -> tuple[np.ndarray, int]:
+def pca_image(tokens: np.ndarray, prefer_prefix: tuple[int, ...],
+              reference: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The patch tokens drawn by their top 3 principal components (those of ``reference``'s tokens if given)."""
     grid, prefix = _patch_grid(tokens, prefer_prefix)
     h, w, d = grid.shape
-    return pca_rgb(grid.reshape(h * w, d)).reshape(h, w, 3), prefix
+    basis = None if reference is None else reference[prefix:].reshape(h * w, d)
+    return pca_rgb(grid.reshape(h * w, d), basis).reshape(h, w, 3), prefix
 
 
 def _panels(sample: dict) -> list[tuple[str, callable]]:

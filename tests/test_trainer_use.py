@@ -340,3 +340,20 @@ def test_force_thoughts_prefills_the_answer_with_the_opening_of_every_visual_cha
     assert prompt[-len(opening):] == opening and prompt[:-len(opening)] == plain.inputs["input_ids"][0].tolist()
     assert forced.answers[0].text.startswith(THOUGHT_OPENING) and forced.answers[0].chain.startswith(THOUGHT_OPENING)
     assert not plain.answers[0].text.startswith(THOUGHT_OPENING)
+
+
+def test_the_training_prompt_layout_is_the_prompt_the_stage_formats_train_on(tmp_path):
+    from inference.generate import PROMPT_LAYOUTS, prompt_text
+    from trainer.formats import plain_text
+    from trainer.tiny_model import build_processor, build_tokenizer
+
+    processor = build_processor(build_tokenizer(), image_size=112)
+    question = mcq_prompt(read_benchmark(BENCH)[0])
+    trained = plain_text([{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "A"}])
+    assert prompt_text(processor, question, layout="training") == trained.prompt
+    # VLMEvalKit's chat template differs from it only by the newline before each <|im_end|>
+    chat = prompt_text(processor, question, layout="chat_template")
+    assert chat != trained.prompt and chat == trained.prompt.replace("\n<|im_end|>", "<|im_end|>")
+    assert PROMPT_LAYOUTS == ("chat_template", "training")
+    with pytest.raises(ValueError, match="prompt layout 'other'"):
+        prompt_text(processor, question, layout="other")

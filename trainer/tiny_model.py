@@ -14,6 +14,7 @@ chat template that renders messages the way Qwen2.5-VL's does.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,8 +89,39 @@ One, two, three, four, five, six, seven, eight, nine, ten. 0 1 2 3 4 5 6 7 8 9.
 """
 
 
-def _training_text() -> list[str]:
-    lines = [line for line in _ENGLISH_TEXT.strip().splitlines()]
+@dataclass(frozen=True)
+class TinySize:
+    """The sizes of a small Qwen2.5-VL: the embedded default's, or bench/learn's larger ones."""
+
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+
+    def __post_init__(self):
+        head_dim = self.hidden // self.heads
+        if self.hidden % self.heads or head_dim % 2 or self.heads % self.kv_heads:
+            raise ValueError(f"{self}: hidden must split into an even head_dim per head, kv_heads divide heads")
+
+
+DEFAULT_SIZE = TinySize()
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's (temporal, height, width) split of the rotary frequencies, scaled from 7B's [16, 24, 24]."""
+    frequencies = head_dim // 2
+    temporal = frequencies // 4
+    height = (frequencies - temporal) // 2
+    return [temporal, height, frequencies - temporal - height]
+
+
+def _training_text(extra: list[str] = ()) -> list[str]:
+    lines = [line for line in _ENGLISH_TEXT.strip().splitlines()] + list(extra)
     if SAMPLE_CONVERSATIONS.is_file():
         for record in json.loads(SAMPLE_CONVERSATIONS.read_text()):
             for turn in record.get("conversations", []):
@@ -97,8 +129,8 @@ def _training_text() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 3000):
-    """A Qwen2Tokenizer whose byte-level BPE is trained here, with Qwen's special tokens."""
+def build_tokenizer(vocab_size: int = 3000, extra_text: list[str] = ()):
+    """A Qwen2Tokenizer whose byte-level BPE is trained here (on ``extra_text`` too), with Qwen's special tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -119,7 +151,7 @@ def build_tokenizer(vocab_size: int = 3000):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    bpe.train_from_iterator(_training_text(), trainer=trainer)
+    bpe.train_from_iterator(_training_text(extra_text), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -137,7 +169,7 @@ def build_tokenizer(vocab_size: int = 3000):
     return tokenizer
 
 
-def tiny_config(tokenizer, seed_vocab_multiple: int = 64):
+def tiny_config(tokenizer, seed_vocab_multiple: int = 64, size: TinySize = DEFAULT_SIZE):
     from transformers import Qwen2_5_VLConfig
 
     # Like the real checkpoints, the embedding table has a few spare rows past the tokenizer.
@@ -145,33 +177,33 @@ def tiny_config(tokenizer, seed_vocab_multiple: int = 64):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text_config = dict(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": mrope_section(size.hidden // size.heads)},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         use_sliding_window=False,
     )
     vision_config = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
+        depth=size.vision_depth,
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_intermediate,
+        num_heads=size.vision_heads,
         in_channels=3,
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
         tokens_per_second=2,
         window_size=112,
-        out_hidden_size=64,
-        fullatt_block_indexes=[1],
+        out_hidden_size=size.hidden,
+        fullatt_block_indexes=list(range(1, size.vision_depth, 2)),
     )
     return Qwen2_5_VLConfig(
         text_config=text_config,
@@ -202,16 +234,18 @@ def build_processor(tokenizer, image_size: int = 112):
     )
 
 
-def build_tiny_base_model(path: str | Path, seed: int = 0, image_size: int = 112) -> Path:
-    """Write a tiny random-weight Qwen2.5-VL folder at ``path`` (deterministic for ``seed``)."""
+def build_tiny_base_model(path: str | Path, seed: int = 0, image_size: int = 112, size: TinySize = DEFAULT_SIZE,
+                          extra_text: list[str] = ()) -> Path:
+    """Write a tiny random-weight Qwen2.5-VL folder at ``path`` (deterministic for its arguments); its tokenizer
+    also learns the words of ``extra_text``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from trainer.export import write_atomically
 
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(extra_text=extra_text)
     processor = build_processor(tokenizer, image_size)
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, size=size)
     fork = torch.random.fork_rng(devices=[])
     with fork:
         torch.manual_seed(seed)

@@ -10,12 +10,15 @@ Read by :func:`write_report` (called by ``bench/learn/run.py`` once every comman
   and beside the same model's thoughts of *another* held-out image (PIDINet's head convolves the image's own
   first-stage features, so any kernel gives an image-shaped map: only "own thoughts better than another image's"
   says the thoughts carry what this image holds);
-- the share of held-out answers that emit every anchor's thought (stage 3's chain), a subset (stage 4), none;
+- the share of held-out answers that emit every anchor's thought (stage 3's chain), a subset (stage 4), none:
+  prompted as VLMEvalKit does (the chat template), as training did (``--prompt-layout training``), and with the
+  chain's opening prefilled (``--force-thoughts``);
 - accuracy per question type for every evaluated model with n and a 95% Wilson interval, and paired differences
   (CoVT - control, CoVT - ablated, CoVT - base) with a 95% interval.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -120,9 +123,9 @@ def decode_metrics(anchor: str, decoded: np.ndarray, target: np.ndarray) -> dict
 
 def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.Tensor], image_size: int,
                       max_new_tokens: int, device: str, heads=None) -> dict:
-    """Generate on every held-out sample; decode the thoughts (own, another image's) and the mean target with
-    the model's trained heads (or ``heads``, e.g. untrained ones)."""
-    from covt.images import square_view
+    """Generate on every held-out sample, freely and with the chain's opening prefilled (``--force-thoughts``);
+    decode the forced answers' thoughts (own, another image's) and the mean target with the model's trained
+    heads (or ``heads``, e.g. untrained ones)."""
     from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
     from inference.thoughts import thought_states
     from trainer.loading import load_covt_heads
@@ -130,34 +133,47 @@ def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.T
     vlm, processor = load_model(final, device=device)
     heads = (heads if heads is not None else load_covt_heads(final)).to(vlm.device)
     anchors = list(heads.keys())
-    states, emitted, per_sample = [], [], []
-    for s in samples:
-        image = s["images"][0]
+    sizing = ImageSizing(image_size=image_size)
+
+    def generate(s: dict, force: bool, layout: str = "chat_template"):
         question = s["conversations"][0]["value"].replace("<image>\n", "")
-        generated = generate_answers(vlm, processor, [image], [question], ImageSizing(image_size=image_size),
-                                     GenerationSettings(max_new_tokens=max_new_tokens))
-        emitted.append(generated.answers[0].thoughts)
-        states.append(thought_states(vlm, processor, generated, image, anchors, image_size))
-    for i, s in enumerate(samples):
-        other = states[(i + 1) % len(samples)]
-        row = {}
-        for anchor in anchors:
-            head = heads[anchor]
-            views = None
-            if getattr(head, "view_size", None):
-                views = torch.from_numpy(square_view(s["images"][0], head.view_size)[None]).permute(0, 3, 1, 2)
-                views = views.to(vlm.device)
-            targets = {k: v[None].to(vlm.device) for k, v in s["targets"][anchor].items()}
-            target = s["targets"][anchor][TARGET_ARRAY[anchor]].float().numpy()
-            with torch.no_grad():
-                own = head.decode(states[i][anchor][0].float(), targets, views)[0].float().cpu().numpy()
-                swapped = head.decode(other[anchor][0].float(), targets, views)[0].float().cpu().numpy()
-            row[anchor] = {"source": states[i][anchor][1], "own": decode_metrics(anchor, own, target),
-                           "other_image": decode_metrics(anchor, swapped, target),
-                           "mean_target": decode_metrics(anchor, means[anchor].numpy(), target)}
-        per_sample.append(row)
-    return {"anchors": anchors, "emission": emission_shares(emitted, anchors),
+        return generate_answers(vlm, processor, [s["images"][0]], [question], sizing,
+                                GenerationSettings(max_new_tokens=max_new_tokens, force_thoughts=force,
+                                                   prompt_layout=layout))
+
+    free = [generate(s, force=False).answers[0].thoughts for s in samples]
+    free_training_layout = [generate(s, force=False, layout="training").answers[0].thoughts for s in samples]
+    forced = [generate(s, force=True) for s in samples]
+    states = [thought_states(vlm, processor, g, s["images"][0], anchors, image_size) for g, s in zip(forced, samples)]
+    per_sample = [decode_sample(heads, s, states[i], states[(i + 1) % len(samples)], means, vlm.device)
+                  for i, s in enumerate(samples)]
+    return {"anchors": anchors, "emission": emission_shares(free, anchors),
+            "emission_training_prompt": emission_shares(free_training_layout, anchors),
+            "forced_emission": emission_shares([g.answers[0].thoughts for g in forced], anchors),
             "decoding": summarise_decoding(per_sample, anchors)}
+
+
+def decode_sample(heads, s: dict, own_states: dict, other_states: dict, means: dict[str, torch.Tensor],
+                  device) -> dict:
+    """anchor -> metrics of the decoding of this sample's thoughts, of another image's, and of the mean target,
+    each against the anchor's own output for this sample."""
+    from covt.images import square_view
+
+    row = {}
+    for anchor, head in heads.items():
+        views = None
+        if getattr(head, "view_size", None):
+            views = torch.from_numpy(square_view(s["images"][0], head.view_size)[None]).permute(0, 3, 1, 2)
+            views = views.to(device)
+        targets = {k: v[None].to(device) for k, v in s["targets"][anchor].items()}
+        target = s["targets"][anchor][TARGET_ARRAY[anchor]].float().numpy()
+        with torch.no_grad():
+            own = head.decode(own_states[anchor][0].float(), targets, views)[0].float().cpu().numpy()
+            swapped = head.decode(other_states[anchor][0].float(), targets, views)[0].float().cpu().numpy()
+        row[anchor] = {"source": own_states[anchor][1], "own": decode_metrics(anchor, own, target),
+                       "other_image": decode_metrics(anchor, swapped, target),
+                       "mean_target": decode_metrics(anchor, means[anchor].numpy(), target)}
+    return row
 
 
 def emission_shares(emitted: list[list[str]], anchors: list[str]) -> dict:
@@ -221,7 +237,7 @@ def write_report(exp, finals: dict[str, Path], results: dict[str, Path], picture
     anchors = list(load_covt_heads(finals[thinking[0]]).keys())
     means = mean_targets(cache, anchors)
     samples = held_out_samples(cache, anchors)
-    report = {"plan": {k: getattr(exp.plan, k) for k in exp.plan.__dataclass_fields__},
+    report = {"plan": dataclasses.asdict(exp.plan),
               "arms": exp.arms, "timings_s": exp.timings, "anchors": anchors,
               "mean_target_loss": baseline_losses(load_covt_heads(finals[thinking[0]]), means, samples),
               "validation": {a: validation_curve(exp.out / a) for a in finals},
@@ -254,7 +270,8 @@ def markdown(report: dict) -> str:
                              f"{fmt(points[-1].get(anchor, float('nan')))} (step {points[-1]['step']})"
                              if points else "–")
             lines.append(f"| {arm} | {anchor} | {' | '.join(cells)} | {fmt(report['mean_target_loss'][anchor])} |")
-    lines += ["", "## Held-out visual thoughts: generated, decoded by the heads, against the anchor's own output", "",
+    lines += ["", "## Held-out visual thoughts (generated with the chain's opening prefilled), decoded by the heads, "
+              "against the anchor's own output", "",
               "| arm | anchor | generated | metric | own thoughts | another image's thoughts | mean target |",
               "|---|---|---|---|---|---|---|"]
     for arm, held in report["held_out_thoughts"].items():
@@ -263,12 +280,15 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {arm} | {anchor} | {100 * d['generated_share']:.0f}% | {metric} | "
                              f"{fmt(d['own'][metric])} | {fmt(d['other_image'][metric])} | "
                              f"{fmt(d['mean_target'][metric])} |")
-    lines += ["", "## Share of held-out answers that emit their visual thoughts", "",
-              "| arm | n | every anchor (stage 3) | a subset (stage 4) | none |", "|---|---|---|---|---|"]
+    lines += ["", "## Share of held-out answers that emit complete visual thoughts", "",
+              "| arm | generation | n | every anchor (stage 3) | a subset (stage 4) | none |",
+              "|---|---|---|---|---|---|"]
     for arm, held in report["held_out_thoughts"].items():
-        e = held["emission"]
-        lines.append(f"| {arm} | {e['n']} | {100 * e['stage3_every_anchor']:.1f}% | {100 * e['stage4_subset']:.1f}% "
-                     f"| {100 * e['none']:.1f}% |")
+        for kind, label in (("emission", "free"), ("emission_training_prompt", "free, training's prompt layout"),
+                            ("forced_emission", "chain opening prefilled")):
+            e = held[kind]
+            lines.append(f"| {arm} | {label} | {e['n']} | {100 * e['stage3_every_anchor']:.1f}% | "
+                         f"{100 * e['stage4_subset']:.1f}% | {100 * e['none']:.1f}% |")
     lines += accuracy_markdown(report)
     return "\n".join(lines)
 

@@ -8,13 +8,16 @@ Steps, each through the project's own commands (a subprocess each; configs writt
 1. the world (``bench/learn/world.py``): training parquet, held-out LLaVA JSON, held-out MCQ benchmark TSV;
 2. ``python -m precompute``: PIDINet (real weights), DINOv2 and Depth Anything V2 (small random-weight models of
    the real architectures: fixed, image-dependent targets), the held-out records cached as ``data.validation``;
-3. the base model: a tiny random-weight Qwen2.5-VL trained full-parameter (``train.lora.enabled=false``) on the
-   plain question/answer pairs (``train.thoughts=false``), ``OUT/base/final``;
-4. the arms on that base, ``python -m trainer``: ``covt`` (the four stages with LoRA and both merges) and
-   ``control`` (``train.thoughts=false``, the same schedule and data); ``--arm "NAME=key=value;..."`` adds one with
-   extra overrides (e.g. ``broken=train.loss_weights={pidinet: 0.0, ...}``);
+3. the base model: a small random-weight Qwen2.5-VL (``Plan.model``; its tokenizer also learns the world's words)
+   trained full-parameter (``train.lora.enabled=false``, ``train.thoughts=false``) on ``base.parquet``: the plain
+   question/answer pairs, the same questions answered in a sentence, and scene descriptions, so that it knows the
+   world and the words CoVT's formats use (``bench/learn/world.py`` says why), ``OUT/base/final``;
+4. the arms on that base, ``python -m trainer``: ``covt`` (the four stages with LoRA and both merges),
+   ``covt_rows_first_run`` (the same with the added tokens' rows trained in the first run only, as the reference
+   ran) and ``control`` (``train.thoughts=false``, the same schedule and data); ``--arm "NAME=key=value;..."``
+   adds one with extra overrides (e.g. ``broken=train.loss_weights={pidinet: 0.0, ...}``);
 5. ``python -m trainer evaluate`` on the benchmark (base, control, each CoVT arm with ``--ablate-thoughts``, and
-   with ``--force-thoughts``), ``python -m trainer generate --thoughts`` on held-out images;
+   with ``--force-thoughts``), ``python -m trainer generate --thoughts --force-thoughts`` on held-out images;
 6. ``bench/learn/report.py``: OUT/report.json, OUT/report.md and the pictures.
 """
 from __future__ import annotations
@@ -34,7 +37,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.learn.world import write_world  # noqa: E402
+from bench.learn.world import world_text, write_world  # noqa: E402
+from trainer.tiny_model import TinySize, build_tiny_base_model  # noqa: E402
 
 ANCHORS = ["pidinet", "dino", "depth"]
 
@@ -59,14 +63,16 @@ class Plan:
     max_new_tokens: int = 96
     pictures: int = 2  # held-out images drawn with generate --thoughts
     seed: int = 0
+    model: TinySize = TinySize()  # the base model's sizes
 
 
 FULL = Plan(train=20000, covt_samples=None, held_out=256, bench=600, base_steps=3000,
             stage_steps=(600, 300, 400, 300), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
-            device="auto")
-QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=60, stage_steps=(30, 20, 60, 30),
-             batch=4, base_batch=8, base_lr=2e-3, lr=5e-3, validate_every=35, device="cpu", pidinet_size=56,
-             max_new_tokens=64, pictures=1)
+            device="auto", model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4,
+                                          vision_hidden=256, vision_intermediate=768, vision_depth=4, vision_heads=4))
+QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=500, stage_steps=(60, 40, 250, 100),
+             batch=4, base_batch=8, base_lr=2e-3, lr=5e-3, validate_every=75, device="cpu", pidinet_size=56,
+             max_new_tokens=96, pictures=1)
 
 
 def base_config(out: Path, plan: Plan) -> dict:
@@ -89,7 +95,7 @@ def base_config(out: Path, plan: Plan) -> dict:
                           "random_init_seed": 1},
             },
         },
-        "model": {"path": str(out / "tiny_init"), "build_tiny_if_missing": True, "image_size": 112},
+        "model": {"path": str(out / "tiny_init"), "image_size": 112},
         "train": {"batch_size": plan.batch, "grad_accum": 1, "max_length": 512, "bf16": True,
                   "gradient_checkpointing": False, "save_every": 0, "log_every": 10, "seed": plan.seed,
                   "device": plan.device, "lr": plan.lr, "projection_lr": plan.lr, "warmup_ratio": 0.05,
@@ -99,7 +105,8 @@ def base_config(out: Path, plan: Plan) -> dict:
 
 def plain_cache_overrides(out: Path) -> list[str]:
     """The base model's cache: every training sample, one cheap anchor (the trainer reads images through a cache)."""
-    return [f"cache.dir={out / 'cache-plain'}", "anchors=[dino]", "data.validation=null", "data.subset.size=null"]
+    return [f"cache.dir={out / 'cache-plain'}", f"data.path={out / 'world' / 'base.parquet'}", "anchors=[dino]",
+            "data.validation=null", "data.subset.size=null"]
 
 
 def base_model_overrides(out: Path, plan: Plan) -> list[str]:
@@ -121,11 +128,18 @@ def covt_overrides(out: Path, plan: Plan, arm: str) -> list[str]:
     return [f"model.path={out / 'base' / 'final'}", f"train.output_dir={out / arm}", f"train.stages={stages}"]
 
 
+# covt: the added tokens' rows train in every run (the trainer's default); covt_rows_first_run: as the reference
+# ran them (trained in the first run only, README "What the reference does as its code runs"), the candidate
+# cause of its users' models skipping the chain (Wakals/CoVT issues 18, 31); control: the direct fine-tune
+DEFAULT_ARMS = {"covt": [], "covt_rows_first_run": ["train.new_token_rows=first_run"],
+                "control": ["train.thoughts=false"]}
+
+
 @dataclass
 class Experiment:
     out: Path
     plan: Plan
-    arms: dict[str, list[str]] = field(default_factory=lambda: {"covt": [], "control": ["train.thoughts=false"]})
+    arms: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_ARMS))
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -179,7 +193,7 @@ class Experiment:
                 "-m", "trainer", "generate", "--model", str(model), "--image",
                 str(self.out / "world" / "held_out" / record["image"]), "--question", question, "--image-size", "112",
                 "--max-new-tokens", str(self.plan.max_new_tokens), "--config", str(self.config),
-                "--thoughts", str(picture), "--device", self.device])
+                "--thoughts", str(picture), "--force-thoughts", "--device", self.device])
             drawn.append(picture)
         return drawn
 
@@ -194,6 +208,9 @@ def run(out: Path, plan: Plan, extra_arms: dict[str, list[str]] | None = None, f
     exp.arms.update(extra_arms or {})
     if not (out / "world" / "bench.tsv").is_file():
         write_world(out / "world", plan.train, plan.held_out, plan.bench, seed=plan.seed)
+    if not (out / "tiny_init" / "config.json").is_file():
+        build_tiny_base_model(out / "tiny_init", seed=plan.seed, image_size=112, size=plan.model,
+                              extra_text=world_text(out / "world"))
     exp.config.parent.mkdir(parents=True, exist_ok=True)
     exp.config.write_text(yaml.safe_dump(base_config(out, plan), sort_keys=False))
     exp.command("precompute-plain", ["-m", "precompute", "--config", str(exp.config), *plain_cache_overrides(out)])

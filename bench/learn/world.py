@@ -17,8 +17,10 @@ option letter, so training (the parquet's conversations) and the benchmark (the 
     python bench/learn/world.py --out runs/learn/world --train 4000 --held-out 200 --bench 300 --seed 0
 
 writes ``train.parquet`` (the published CoVT schema: id, image {bytes, path}, image_relpath, conversations),
-``held_out.json`` + ``held_out/`` (LLaVA JSON: ``data.validation``'s held-out records) and ``bench.tsv``
-(VLMEvalKit's layout: index, base64 image, question, A.., answer, category). Deterministic for a seed.
+``base.parquet`` (the base model's samples: each training question, the same answered in a sentence, and the
+scene's description; see :func:`describe`), ``held_out.json`` + ``held_out/`` (LLaVA JSON: ``data.validation``'s
+held-out records) and ``bench.tsv`` (VLMEvalKit's layout: index, base64 image, question, A.., answer,
+category). Deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -152,6 +154,36 @@ class Sample:
     question: str
     options: list[str]
     answer: str  # the correct option's letter
+    description: str  # the scene in sentences (the base model's language samples)
+
+
+def position(s: Shape) -> str:
+    rows, columns = ("top", "middle", "bottom"), ("left", "centre", "right")
+    row, column = rows[min(int(s.y * 3), 2)], columns[min(int(s.x * 3), 2)]
+    return "in the centre" if (row, column) == ("middle", "centre") else f"at the {row} {column}"
+
+
+def describe(scene: Scene) -> str:
+    """The scene in plain sentences: what a base model that knows the world and its language can say about it.
+
+    They also use the words the CoVT formats ask for (the edge map, the depth map, the perception feature of the
+    image, because), and separate sentences by two spaces as typewritten English does, which gives the lone space
+    token (CoVT's formats put one before every added token: ``is <|anchor_start|>``, ``<answer> A </answer>``).
+    A real base model knows all of them from pre-training; the tiny model's output rows of tokens it never
+    produced stay at their random init, which LoRA (no lm_head rows) cannot lift."""
+    shapes = scene.shapes
+    listed = [f"a {s.size} {s.colour} {s.kind} {position(s)}" for s in shapes]
+    sentences = [f"The image shows {NUMBERS[len(shapes) - 1]} shapes: {', '.join(listed[:-1])} and {listed[-1]}."]
+    for i, back in enumerate(shapes):
+        for front in shapes[i + 1:]:
+            if back.overlaps(front):
+                sentences.append(f"Because the {front.colour} {front.kind} is drawn after the {back.colour} "
+                                 f"{back.kind}, the {front.colour} {front.kind} is in front.")
+    colours = ", ".join(s.colour for s in shapes[:-1]) + f" and {shapes[-1].colour}"
+    sentences.append(f"The edge map of the image is the outline of the {NUMBERS[len(shapes) - 1]} shapes, the depth "
+                     f"map of the image is flat, and the perception feature of the image is {colours} on the "
+                     "background.")
+    return "  ".join(sentences)
 
 
 def samples(count: int, seed: int, side: int) -> list[Sample]:
@@ -166,7 +198,7 @@ def samples(count: int, seed: int, side: int) -> list[Sample]:
             continue
         question, options, correct = asked
         out.append(Sample(f"s{seed}-{len(out):06d}", draw(scene, side), kind, question, options,
-                          "ABCDEFGH"[options.index(correct)]))
+                          "ABCDEFGH"[options.index(correct)], describe(scene)))
     return out
 
 
@@ -177,21 +209,44 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+DESCRIBE = "Describe the image."
+
+
 def conversation(s: Sample) -> list[dict]:
     return [{"from": "human", "value": "<image>\n" + mcq_text(s.question, s.options)},
             {"from": "gpt", "value": s.answer}]
 
 
-def write_parquet(items: list[Sample], path: Path) -> None:
-    """The published CoVT schema: id, image {bytes, path}, image_relpath, conversations [{from, value}]."""
+SENTENCE = "Answer with a sentence."
+
+
+def description(s: Sample) -> list[dict]:
+    return [{"from": "human", "value": f"<image>\n{DESCRIBE}"}, {"from": "gpt", "value": s.description}]
+
+
+def sentence_answer(s: Sample) -> list[dict]:
+    """The question answered in a sentence ("The answer is B."): the letter after a space, as CoVT's
+    ``<answer> B </answer>`` writes it."""
+    return [{"from": "human", "value": "<image>\n" + mcq_text(s.question, s.options) + SENTENCE},
+            {"from": "gpt", "value": f"The answer is {s.answer}."}]
+
+
+def write_parquet(items: list[Sample], path: Path, describe: bool = False) -> None:
+    """The published CoVT schema: id, image {bytes, path}, image_relpath, conversations [{from, value}];
+    ``describe``: after each question sample, the same image with the question answered in a sentence and with
+    its description (id suffixes ``-s``, ``-d``): the base model's samples."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    rows = [(s.id, s, conversation(s)) for s in items]
+    if describe:
+        rows = [row for s in items for row in ((s.id, s, conversation(s)), (f"{s.id}-s", s, sentence_answer(s)),
+                                               (f"{s.id}-d", s, description(s)))]
     table = pa.table({
-        "id": [s.id for s in items],
-        "image": [{"bytes": png_bytes(s.image), "path": f"{s.id}.png"} for s in items],
-        "image_relpath": [f"world/{s.id}.png" for s in items],
-        "conversations": [conversation(s) for s in items],
+        "id": [i for i, _, _ in rows],
+        "image": [{"bytes": png_bytes(s.image), "path": f"{s.id}.png"} for _, s, _ in rows],
+        "image_relpath": [f"world/{s.id}.png" for _, s, _ in rows],
+        "conversations": [c for _, _, c in rows],
     })
     pq.write_table(table, path, row_group_size=256)
 
@@ -220,10 +275,20 @@ def write_world(out: str | Path, train: int, held_out: int, bench: int, seed: in
     """Every file of the world under ``out``; the three splits come from different seeds (no shared scene)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet(samples(train, seed * 3, side), out / "train.parquet")
+    training = samples(train, seed * 3, side)
+    write_parquet(training, out / "train.parquet")
+    write_parquet(training, out / "base.parquet", describe=True)
     write_llava(samples(held_out, seed * 3 + 1, side), out / "held_out.json", out / "held_out")
     write_bench(samples(bench, seed * 3 + 2, side), out / "bench.tsv")
     return out
+
+
+def world_text(out: str | Path) -> list[str]:
+    """Every conversation turn of the world's base.parquet: the words its tokenizer should learn."""
+    import pyarrow.parquet as pq
+
+    conversations = pq.read_table(Path(out) / "base.parquet", columns=["conversations"]).column(0).to_pylist()
+    return [turn["value"].replace("<image>\n", "") for c in conversations for turn in c]
 
 
 def main(argv: list[str] | None = None) -> int:
