@@ -59,13 +59,14 @@ demo:
 		--config $(CONFIG) --thoughts runs/tiny/thoughts.png $(ARGS)
 
 # show that it learns (bench/learn): a synthetic world, a base model trained on it, CoVT / the control / the
-# ablation through precompute, trainer and evaluate, then runs/learn/report.md; learn-quick is the CPU variant
+# ablation through precompute, trainer and evaluate, then runs/learn/report.md; learn-quick is the CPU variant,
+# one thread per process so that its numbers (README) do not depend on the machine's core count
 .PHONY: learn learn-quick
 learn:
 	$(PYTHON) bench/learn/run.py $(ARGS)
 
 learn-quick:
-	$(PYTHON) bench/learn/run.py --quick $(ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) bench/learn/run.py --quick $(ARGS)
 
 inspect:
 	$(PYTHON) -m shards inspect --config $(CONFIG) --verify $(ARGS)
