@@ -14,7 +14,11 @@
    (output_dir/perf-rank{R}.jsonl) and whether the resumed run went on from the checkpoint.
 3. ``--throughput``: the trainer's steady samples/s at the recipe's global batch of 8 for
    given GPU counts, ZeRO stages and micro-batch sizes (7B-sized, ~300 text tokens per
-   sample), and the projected hours of the recipe's 16000 optimizer steps.
+   sample), and the projected hours of the recipe's 16000 optimizer steps. With
+   ``--four-stages`` each run is the whole recipe in miniature (``--steps`` per stage, stage 4
+   twice as long with its second half text-only, both merges and the export) and the figures
+   are per stage, the projection the recipe's own schedule (configs/covt_7b_sam_depth_dino.yaml)
+   times each stage's measured seconds per step.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +203,98 @@ def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, w
             "recipe_hours": 16000 * steady / 3600, "launch_seconds": round(seconds, 1)}
 
 
+RECIPE_CONFIG = REPO / "configs" / "covt_7b_sam_depth_dino.yaml"
+
+
+def segment_of(at) -> str:
+    """A part of the schedule with one cost per step: the stage, and whether its anchor losses are on."""
+    return f"stage {at.stage_index + 1} {at.name}" + ("" if at.anchor_losses_on else " (text only)")
+
+
+def segment_steps(stages) -> Counter:
+    """segment -> optimizer steps, of a schedule (covt.config StageConfigs)."""
+    from trainer.schedule import Schedule
+
+    schedule = Schedule(stages)
+    return Counter(segment_of(schedule.stage_at(step)) for step in range(schedule.total_steps))
+
+
+def miniature_recipe(steps: int) -> str:
+    """The recipe's four stages, ``steps`` each (stage 4 twice as long, its second half text-only)."""
+    return (f"[{{name: understanding, steps: {steps}, merge_after: true}}, {{name: generation, steps: {steps}}}, "
+            f"{{name: reasoning, steps: {steps}}}, {{name: efficient_reasoning, steps: {2 * steps}, "
+            f"anchor_losses_off_from: {3 * steps}, merge_after: true}}]")
+
+
+def per_segment_seconds(stages_text: str, perf: list[dict], warm_up: int = 2) -> dict[str, float]:
+    """segment -> median seconds per optimizer step, the first ``warm_up`` steps of each segment left out (a
+    new run's first step also holds the merge before it and building the run)."""
+    from covt.config import load_config
+    from trainer.schedule import Schedule
+
+    schedule = Schedule(load_config(REPO / "configs/tiny.yaml", [f"train.stages={stages_text}"]).train.stages)
+    times: dict[str, list[float]] = {}
+    for record in perf:
+        times.setdefault(segment_of(schedule.stage_at(record["step"] - 1)), []).append(record["seconds"])
+    return {name: statistics.median(values[warm_up:]) for name, values in times.items()}
+
+
+def recipe_projection(seconds: dict[str, float]) -> dict:
+    """Hours of the recipe's schedule at the measured seconds per step of each segment."""
+    from covt.config import load_config
+
+    counts = segment_steps(load_config(RECIPE_CONFIG).train.stages)
+    missing = sorted(set(counts) - set(seconds))
+    if missing:
+        raise ValueError(f"no measured steps for {missing} of the recipe")
+    return {"recipe_steps": dict(counts), "recipe_hours": sum(counts[s] * seconds[s] for s in counts) / 3600}
+
+
+def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
+                          tiny: bool) -> dict:
+    """The trainer's seconds per step in each stage of a miniature recipe (both merges, the export) at the
+    recipe's global batch of 8 on ``n`` GPUs, and the recipe's hours at those rates."""
+    if steps < 4:
+        raise SystemExit("--four-stages needs --steps >= 4 (the first 2 steps of each stage warm up)")
+    base = build_base(work, tiny)
+    cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
+    grad_accum = 8 // (n * batch_size)
+    stages = miniature_recipe(steps)
+    out = work / f"recipe-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
+    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
+            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}", f"train.stages={stages}",
+            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
+            f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4", "train.save_every=0"]
+    args += ["train.device=cpu", "train.bf16=false"] if tiny else ["train.bf16=true"]
+    if zero:
+        args.append(f"train.deepspeed=configs/deepspeed/{zero}.json")
+    launch = run([*torchrun(n), "-m", "trainer", *args],
+                 f"four stages, {zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
+    perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
+    seconds = per_segment_seconds(stages, perf)
+    peaks = [max(json.loads(line).get("peak_gpu_memory_gib", 0) for line in (out / f"perf-rank{r}.jsonl").open())
+             for r in range(n)]
+    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": grad_accum,
+            "checkpointing": checkpointing, "seconds_per_step": seconds,
+            "samples_per_s": {k: 8 / v for k, v in seconds.items()},
+            "run2_first_step_seconds": perf[steps]["seconds"],  # the stage-1 merge and building run 2, then a step
+            "peak_gpu_memory_gib": max(peaks), "launch_seconds": round(launch, 1),
+            "final_has_heads": (out / "final" / "covt_heads.safetensors").is_file(),
+            **recipe_projection(seconds)}
+
+
+def four_stage_table(rows: list[dict]) -> str:
+    """Markdown: samples/s of every stage per run, and the recipe's projected hours."""
+    segments = list(rows[0]["samples_per_s"])
+    lines = ["| GPUs x ZeRO x micro-batch | " + " | ".join(segments) + " | recipe hours |",
+             "|---|" + "---|" * (len(segments) + 1)]
+    for r in rows:
+        cells = [f"{r['samples_per_s'][s]:.2f}" for s in segments]
+        lines.append(f"| {r['gpus']} x {r['zero']} x {r['micro_batch']} | " + " | ".join(cells) +
+                     f" | {r['recipe_hours']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", type=int, default=2)
@@ -208,16 +305,22 @@ def main() -> None:
     ap.add_argument("--throughput", metavar="RUNS",
                     help="instead: the trainer's samples/s at global batch 8, for runs GPUSxZEROxMICRO[xnockpt] "
                          "separated by commas, e.g. 1xnonex4xnockpt,4xzero2x2xnockpt,4xzero3x2xnockpt")
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per throughput run")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per throughput run (per stage with "
+                                                             "--four-stages)")
+    ap.add_argument("--four-stages", action="store_true",
+                    help="--throughput over the recipe's four stages in miniature, figures per stage")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.throughput:
         rows = []
         for spec in args.throughput.split(","):
             gpus, zero, micro, *rest = spec.split("x")
-            rows.append(throughput(int(gpus), None if zero == "none" else zero, int(micro), rest != ["nockpt"],
-                                   args.work, args.steps, args.tiny))
+            measure = four_stage_throughput if args.four_stages else throughput
+            rows.append(measure(int(gpus), None if zero == "none" else zero, int(micro), rest != ["nockpt"],
+                                args.work, args.steps, args.tiny))
             print(json.dumps(rows[-1]), flush=True)
+        if args.four_stages:
+            print("samples/s at global batch 8, per stage:\n" + four_stage_table(rows))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
