@@ -28,6 +28,7 @@ import torch
 
 TARGET_ARRAY = {"pidinet": "edges", "dino": "features", "depth": "depth"}  # what each head's loss compares with
 EDGE_THRESHOLD = 0.5
+GENERATION_BATCH = 16
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -135,15 +136,18 @@ def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.T
     anchors = list(heads.keys())
     sizing = ImageSizing(image_size=image_size)
 
-    def generate(s: dict, force: bool, layout: str = "chat_template"):
-        question = s["conversations"][0]["value"].replace("<image>\n", "")
-        return generate_answers(vlm, processor, [s["images"][0]], [question], sizing,
+    def generate(batch: list[dict], force: bool, layout: str = "chat_template"):
+        questions = [s["conversations"][0]["value"].replace("<image>\n", "") for s in batch]
+        return generate_answers(vlm, processor, [s["images"][0] for s in batch], questions, sizing,
                                 GenerationSettings(max_new_tokens=max_new_tokens, force_thoughts=force,
                                                    prompt_layout=layout))
 
-    free = [generate(s, force=False).answers[0].thoughts for s in samples]
-    free_training_layout = [generate(s, force=False, layout="training").answers[0].thoughts for s in samples]
-    forced = [generate(s, force=True) for s in samples]
+    def emitted(layout: str) -> list[list[str]]:  # batched: only which thoughts each answer holds is kept
+        return [a.thoughts for i in range(0, len(samples), GENERATION_BATCH)
+                for a in generate(samples[i:i + GENERATION_BATCH], force=False, layout=layout).answers]
+
+    free, free_training_layout = emitted("chat_template"), emitted("training")
+    forced = [generate([s], force=True) for s in samples]  # one at a time: thought_states reads the first row
     states = [thought_states(vlm, processor, g, s["images"][0], anchors, image_size) for g, s in zip(forced, samples)]
     per_sample = [decode_sample(heads, s, states[i], states[(i + 1) % len(samples)], means, vlm.device)
                   for i, s in enumerate(samples)]
@@ -163,7 +167,7 @@ def decode_sample(heads, s: dict, own_states: dict, other_states: dict, means: d
     for anchor, head in heads.items():
         views = None
         if getattr(head, "view_size", None):
-            views = torch.from_numpy(square_view(s["images"][0], head.view_size)[None]).permute(0, 3, 1, 2)
+            views = torch.from_numpy(np.array(square_view(s["images"][0], head.view_size)[None])).permute(0, 3, 1, 2)
             views = views.to(device)
         targets = {k: v[None].to(device) for k, v in s["targets"][anchor].items()}
         target = s["targets"][anchor][TARGET_ARRAY[anchor]].float().numpy()

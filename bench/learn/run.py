@@ -62,11 +62,12 @@ class Plan:
     pidinet_size: int = 112  # PIDINet's view (its first stage also runs in every training step, for the head)
     max_new_tokens: int = 96
     pictures: int = 2  # held-out images drawn with generate --thoughts
+    eval_batch: int = 8  # questions per generate call in evaluate
     seed: int = 0
     model: TinySize = TinySize()  # the base model's sizes
 
 
-FULL = Plan(train=20000, covt_samples=None, held_out=256, bench=600, base_steps=3000,
+FULL = Plan(train=20000, covt_samples=None, held_out=128, bench=300, base_steps=3000, eval_batch=32,
             stage_steps=(600, 300, 400, 300), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
             device="auto", model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4,
                                           vision_hidden=256, vision_intermediate=768, vision_depth=4, vision_heads=4))
@@ -172,7 +173,8 @@ class Experiment:
         self.command(f"evaluate-{name}", [
             "-m", "trainer", "evaluate", *[a for m in models for a in ("--model", str(m))],
             "--benchmark", str(self.out / "world" / "bench.tsv"), "--out", str(eval_dir), "--image-size", "112",
-            "--max-new-tokens", str(self.plan.max_new_tokens), "--batch-size", "8", "--device", self.device, *flags])
+            "--max-new-tokens", str(self.plan.max_new_tokens), "--batch-size", str(self.plan.eval_batch),
+            "--device", self.device, *flags])
         return eval_dir / "results.json"
 
     @property
