@@ -176,6 +176,17 @@ def long_conversations(work: Path, text_tokens: int = 300) -> Any:
     return DataConfig(path=str(path), image_folder=str(REPO / "data/sample/images"))
 
 
+def throughput_args(base: Path, cache: Path, out: Path, stages: str, batch_size: int, grad_accum: int,
+                    checkpointing: bool, zero: str | None, tiny: bool) -> list[str]:
+    """The trainer's arguments of a throughput run (sam+depth+dino, the real or tiny model's view)."""
+    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
+            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}", f"train.stages={stages}",
+            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
+            f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4", "train.save_every=0"]
+    args += ["train.device=cpu", "train.bf16=false"] if tiny else ["train.bf16=true"]
+    return args + ([f"train.deepspeed=configs/deepspeed/{zero}.json"] if zero else [])
+
+
 def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
                tiny: bool) -> dict:
     """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
@@ -183,14 +194,8 @@ def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, w
     cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
     grad_accum = 8 // (n * batch_size)
     out = work / f"train-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
-    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
-            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}",
-            f"train.stages=[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
-            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
-            f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4", "train.save_every=0"]
-    args += ["train.device=cpu", "train.bf16=false"] if tiny else ["train.bf16=true"]
-    if zero:
-        args.append(f"train.deepspeed=configs/deepspeed/{zero}.json")
+    args = throughput_args(base, cache, out, f"[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
+                           batch_size, grad_accum, checkpointing, zero, tiny)
     seconds = run([*torchrun(n), "-m", "trainer", *args, "--stop-after", str(steps)],
                   f"{zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
     perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
@@ -261,13 +266,7 @@ def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointi
     grad_accum = 8 // (n * batch_size)
     stages = miniature_recipe(steps)
     out = work / f"recipe-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
-    args = ["--config", "configs/tiny.yaml", f"model.path={base}", f"cache.dir={cache}", f"train.output_dir={out}",
-            "anchors=[sam,depth,dino]", f"model.image_size={112 if tiny else 448}", f"train.stages={stages}",
-            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=2048",
-            f"train.gradient_checkpointing={str(checkpointing).lower()}", "train.num_workers=4", "train.save_every=0"]
-    args += ["train.device=cpu", "train.bf16=false"] if tiny else ["train.bf16=true"]
-    if zero:
-        args.append(f"train.deepspeed=configs/deepspeed/{zero}.json")
+    args = throughput_args(base, cache, out, stages, batch_size, grad_accum, checkpointing, zero, tiny)
     launch = run([*torchrun(n), "-m", "trainer", *args],
                  f"four stages, {zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
     perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
