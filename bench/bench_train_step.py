@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from covt.anchors import array_shape, get_anchor  # noqa: E402
 from covt.compute import autocast  # noqa: E402
-from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig  # noqa: E402
+from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig, TrainConfig  # noqa: E402
 from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
@@ -49,7 +49,7 @@ from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
-from trainer.train import MAX_GRAD_NORM, free_memory  # noqa: E402
+from trainer.train import clip_norm, free_memory  # noqa: E402
 from trainer.vision_attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
@@ -188,7 +188,7 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
                 else:
                     loss = model(batch, anchor_losses=kind == "covt")["loss"]
             (loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
