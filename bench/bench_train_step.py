@@ -406,12 +406,11 @@ def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: 
 
 def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict, dict, dict, dict]:
     """Median-ready step times (ms), peak memory (bytes), counted FLOPs of one step and (with --profile) the
-    profile's busy time, of each kind; kinds alternate after warm-up."""
+    profile's busy time, of each kind; kinds alternate after warm-up. Counting and profiling come after the
+    timed steps, so that nothing they leave behind can slow those."""
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    flops = {kind: count_flops(step) for kind, step in steps.items()}
-    busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
     times = {k: [] for k in steps}
     peaks = {k: 0 for k in steps}
     for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
@@ -419,6 +418,8 @@ def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict
             ms, peak = timed(step, device)
             times[kind].append(ms)
             peaks[kind] = max(peaks[kind], peak)
+    flops = {kind: count_flops(step) for kind, step in steps.items()}
+    busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
     return times, peaks, flops, busy
 
 
