@@ -147,12 +147,13 @@ def packed_position_ids(vlm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     causal mask, and flash attention kernels take the boundaries as cu_seqlens (masking_utils,
     modeling_flash_attention_utils)."""
     model = unwrap_vlm(vlm).model
+    # on the host: a few blocking copies, not a device sync per sample (get_rope_index reads its inputs in Python)
     lengths = batch["packed"]["lengths"].tolist()
-    ids, types = batch["input_ids"][0].split(lengths), batch["mm_token_type_ids"][0].split(lengths)
-    grids = batch["image_grid_thw"].split(batch["packed"]["images"].tolist())
+    ids, types = batch["input_ids"][0].cpu().split(lengths), batch["mm_token_type_ids"][0].cpu().split(lengths)
+    grids = batch["image_grid_thw"].cpu().split(batch["packed"]["images"].tolist())
     rope = [model.get_rope_index(i[None], t[None], image_grid_thw=g)[0] for i, t, g in zip(ids, types, grids)]
-    text = torch.cat([torch.arange(n, device=batch["input_ids"].device) for n in lengths])
-    return torch.cat([text[None, None], torch.cat(rope, dim=2)])
+    text = torch.cat([torch.arange(n) for n in lengths])
+    return torch.cat([text[None, None], torch.cat(rope, dim=2)]).to(batch["input_ids"].device)
 
 
 def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_head: nn.Module) -> torch.Tensor:
