@@ -69,21 +69,22 @@ def loss_and_gradients(setup, micro: int, stage: StageConfig, step: int, packing
     return total, torch.cat([g.flatten() for g in grads.values()])
 
 
-@pytest.mark.parametrize("stage,step,packing,cuts", [
-    ("understanding", 0, False, (2, 4, 8)),
-    ("efficient_reasoning", 3, False, (2, 4, 8)),
-    ("efficient_reasoning", 3, True, (2, 8)),  # stage 4: rows without thoughts, subsets of anchors, plain answers
-])
-def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, stage, step, packing, cuts):
+# stage 4 (efficient_reasoning): rows without thoughts, subsets of anchors, plain answers
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("stage,step", [("understanding", 0), ("efficient_reasoning", 3)])
+def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, stage, step, packing):
     stage = StageConfig(stage, 1)
     loss_1, grads_1 = loss_and_gradients(setup, 1, stage, step)  # padded (one sample: nothing to pad or pack)
     assert grads_1.abs().sum() > 0
-    for micro in cuts:
+    # fp32 summation order differs between cuts (measured ~3e-7 padded); packed rows change the hidden states'
+    # last bits, which the anchor heads amplify (measured <= 6e-5, see the packed test below); a wrong
+    # normalisation is off by percents
+    tolerance = 3e-4 if packing else 1e-5
+    for micro in (2, 4, 8):
         loss, grads = loss_and_gradients(setup, micro, stage, step, packing)
         assert loss == pytest.approx(loss_1, rel=1e-5), micro
-        # fp32 summation order differs between cuts (measured ~3e-7); a wrong normalisation is off by percents
-        assert float((grads - grads_1).norm() / grads_1.norm()) < 1e-5, micro
-        assert float((grads - grads_1).abs().max()) < 1e-5 * float(grads_1.abs().max()), micro
+        assert float((grads - grads_1).norm() / grads_1.norm()) < tolerance, micro
+        assert float((grads - grads_1).abs().max()) < tolerance * float(grads_1.abs().max()), micro
 
 
 @pytest.mark.parametrize("anchor_losses,tolerance", [(False, 1e-5), (True, 1e-3)])
