@@ -26,11 +26,13 @@ Per layout and kind it also reports the FLOPs of one optimizer step (torch's Flo
 real step), the achieved TFLOP/s at the median step time and the MFU against the dense matmul rate measured in
 the same process (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU); with --profile, the busy time of one step (kernel
 time on CUDA, operator time on the CPU) over the median step time and the share of matrix products in it.
-``--packing off,on`` times padded micro-batches and packed ones (train.packing: one row per micro-batch).
+``--packing off,on`` times padded micro-batches and packed ones (train.packing: one row per micro-batch), and
+first prints the relative loss and gradient differences of one micro-batch packed vs padded on this device.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -231,9 +233,21 @@ def profile(step, name: str, device: torch.device) -> dict[str, float]:
     print(f"--- profile of one {name} step, by {key}")
     averages = prof.key_averages()
     print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60))
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, attribute) for e in averages)  # microseconds
-    gemm = sum(getattr(e, attribute) for e in averages if e.key in GEMM_OPS)
+    return busy_time(averages, device)
+
+
+def busy_time(averages, device: torch.device) -> dict[str, float]:
+    """Kernel time (CUDA; operator time on the CPU) of a profile, summed as the profiler's own table footer sums
+    it (on CUDA: the kernel events, each counted once), and the share of it in matrix-product operators."""
+    from torch.autograd import DeviceType
+
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in averages  # microseconds
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        gemm = sum(e.self_device_time_total for e in averages if e.key in GEMM_OPS)  # the operators' kernels
+    else:
+        busy = sum(e.self_cpu_time_total for e in averages)
+        gemm = sum(e.self_cpu_time_total for e in averages if e.key in GEMM_OPS)
     return {"busy_ms": busy / 1000, "gemm_share": gemm / busy if busy else 0.0}
 
 
@@ -298,6 +312,27 @@ def compare_vision_attention(model: CoVTModel, batch: dict, device: torch.device
     return errors
 
 
+def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.device) -> dict[str, float]:
+    """Relative differences of the CoVT loss and of the trainable parameters' gradient (all of them, as one
+    vector) between one micro-batch padded and the same samples packed, in this run's dtype, dropout off (the
+    exactness of train.packing on this device; the CPU tests bound it in fp32)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()  # no dropout: both passes compute the same function
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad(set_to_none=True)
+        with autocast(device, device.type == "cuda"):
+            loss = model(batch_to(batch, device), anchor_losses=True)["loss"]
+        loss.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in trainable])
+        results.append((loss.detach().float(), grad))
+    model.zero_grad(set_to_none=True)
+    model.train()
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    return {"loss_rel": float((loss_b - loss_a).abs() / loss_a.abs()),
+            "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
+
+
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
     base = unwrap_vlm(model.vlm)
     if on:
@@ -353,6 +388,15 @@ def main(argv=None) -> dict:
     errors = compare_vision_attention(model, first, device)
     print(f"vision tower vs fp32: sdpa {errors['sdpa']:.2e}, varlen {errors[VISION_ATTENTION]:.2e} relative error "
           f"(varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
+    exactness = {}
+    if "on" in args.packing.split(","):
+        micro = max(int(m) for m in args.micro_batch.split(","))
+        both = [build_batch(data[:micro], stage, True, 0, processor, tokens,
+                            dataclasses.replace(BatchSettings.from_config(cfg), packing=packing),
+                            view_sizes=model.view_sizes()) for packing in (False, True)]
+        exactness = compare_packing(model, *both, device)
+        print(f"packed vs padded micro-batch of {micro}, {dtype}: loss {exactness['loss_rel']:.2e}, gradient "
+              f"{exactness['grad_rel']:.2e} relative difference")
     rate, size = matmul_rate(device, dtype)
     print(f"dense matmul {size}^3 {dtype}: {rate / 1e12:.2f} TFLOP/s")
     rows = []
@@ -377,7 +421,7 @@ def main(argv=None) -> dict:
     print_table(rows, args.kinds.split(","), rate)
     result = {"device": name, "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized", "stage": args.stage,
               "global_batch": args.global_batch, "matmul_tflops": rate / 1e12, "matmul_size": size,
-              "matmul_dtype": str(dtype), "rows": rows}
+              "matmul_dtype": str(dtype), "packing_exactness": exactness, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

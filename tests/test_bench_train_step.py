@@ -14,6 +14,8 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
     assert result["matmul_tflops"] > 0 and result["matmul_size"] == 1024
+    # fp32 on the CPU: the heads amplify last-bit differences of the hidden states (tests/test_micro_batches.py)
+    assert result["packing_exactness"]["loss_rel"] < 1e-5 and result["packing_exactness"]["grad_rel"] < 3e-4
     assert [(r["micro_batch"], r["packing"]) for r in result["rows"]] == [(2, False), (2, True)]
     padded, packed = result["rows"]
     assert packed["padding_fraction"] == 0 < padded["padding_fraction"]
