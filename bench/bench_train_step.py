@@ -55,6 +55,7 @@ from trainer.lora import attach_lora, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
+from trainer.text_attention import use_packed_text_attention  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import clip_norm, free_memory  # noqa: E402
@@ -285,6 +286,7 @@ def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtyp
     if tokens.ids and max(tokens.ids) >= vlm.get_input_embeddings().weight.shape[0]:
         vlm.resize_token_embeddings(max(tokens.ids) + 1, mean_resizing=False)
     use_varlen_vision_attention(vlm)
+    use_packed_text_attention(vlm)  # rows that are not packed keep sdpa: the padded layouts are unchanged
     vlm = attach_lora(vlm, LoraConfig(), tokens.ids)  # the recipe's r16 / alpha 32 / dropout 0.01
     heads = build_heads(ANCHORS, config.text_config.hidden_size, CacheDims(dims, decoders))
     return CoVTModel(vlm, heads, tokens).to(device).train()

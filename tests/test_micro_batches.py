@@ -7,6 +7,7 @@ its anchor losses), so every cut must give the same number and the same gradient
 """
 import dataclasses
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
 from trainer.model import CoVTModel, packed_position_ids, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
+from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
@@ -87,9 +89,25 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
         assert float((grads - grads_1).abs().max()) < tolerance * float(grads_1.abs().max()), micro
 
 
+@contextmanager
+def text_attention(model, name: str):
+    """The language model's attention set to ``name`` for the block (transformers' ``sdpa``, or
+    trainer.text_attention's per-sample attention of packed rows), then back to sdpa."""
+    language_model = unwrap_vlm(model.vlm).model.language_model
+    if name == TEXT_ATTENTION:
+        use_packed_text_attention(model.vlm)
+    try:
+        yield
+    finally:
+        language_model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", TEXT_ATTENTION])
 @pytest.mark.parametrize("anchor_losses,tolerance", [(False, 1e-5), (True, 1e-3)])
-def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, anchor_losses, tolerance):
-    """One row, no padding, each sample's own rope index and attention within it: the same loss (relative 1e-5)
+def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, anchor_losses, tolerance, attention):
+    """One row, no padding, each sample's own rope index and attention within it (transformers' sdpa with the
+    block-diagonal mask it builds from the packed positions, or trainer.text_attention's per-sample attention,
+    the CPU stand-in of its varlen kernel): the same loss (relative 1e-5)
     and the same gradient of every trainable parameter as the right-padded micro-batch, in fp32. Per parameter,
     the gradient differs by at most ``tolerance`` of its norm: 1e-5 from the text loss (measured <= 8e-7; the
     hidden states agree to 2e-7, the attention sums run over other lengths and masks); 1e-3 with the six anchor
@@ -117,8 +135,9 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
     assert torch.equal(positions[1:, 0], rope[0][:, keep])
     assert torch.equal(positions[0, 0], torch.cat([torch.arange(int(n)) for n in keep.sum(1)]))
 
-    loss, grads = named_loss_and_gradients(setup, 4, stage, 0, False, 4, anchor_losses)
-    packed_loss, packed_grads = named_loss_and_gradients(setup, 4, stage, 0, True, 4, anchor_losses)
+    with text_attention(model, attention):  # padded rows: sdpa either way; packed: block mask, or per sample
+        loss, grads = named_loss_and_gradients(setup, 4, stage, 0, False, 4, anchor_losses)
+        packed_loss, packed_grads = named_loss_and_gradients(setup, 4, stage, 0, True, 4, anchor_losses)
     assert packed_loss == pytest.approx(loss, rel=1e-5)
     assert packed_grads.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
