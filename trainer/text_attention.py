@@ -9,6 +9,8 @@ elsewhere one causal SDPA call per sample. Rows that are not packed (no text pos
 transformers' own sdpa with its mask, unchanged.
 
 :func:`use_packed_text_attention` installs it on a loaded model; the trainer does so when train.packing is on.
+For training only: a row of one batch whose text positions reach the layer is taken for a packed row (what
+trainer.model.vlm_inputs passes); generation with a cache or a padding mask must keep transformers' sdpa.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0
     -> ((1, T, H, D), None); anything else goes to transformers' sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if position_ids is None or query.shape[0] != 1:
+    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:  # not a packed training row
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
