@@ -144,8 +144,8 @@ def packed_position_ids(vlm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     positions, 0.. within each sample, where the model finds the sample boundaries; rows 1-3 each sample's 3-D
     rope index computed by the model's own ``get_rope_index`` on that sample alone, as in a padded batch. From
     row 0 (with no attention_mask) the mask builders of sdpa, eager and flex attention make a block-diagonal
-    causal mask, and flash attention kernels take the boundaries as cu_seqlens (masking_utils,
-    modeling_flash_attention_utils)."""
+    causal mask, flash attention kernels take the boundaries as cu_seqlens (masking_utils,
+    modeling_flash_attention_utils), and so does trainer.text_attention, which the trainer installs."""
     model = unwrap_vlm(vlm).model
     # on the host: a few blocking copies, not a device sync per sample (get_rope_index reads its inputs in Python)
     lengths = batch["packed"]["lengths"].tolist()
