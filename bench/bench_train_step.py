@@ -21,10 +21,18 @@ alternating after warm-up, timed with CUDA events (medians):
 
     python bench/bench_train_step.py                       # H100: the 7B model
     python bench/bench_train_step.py --device cpu --tiny --micro-batch 1,4 --checkpointing on   # smoke test
+
+Per layout and kind it also reports the FLOPs of one optimizer step (torch's FlopCounterMode, counted once on a
+real step), the achieved TFLOP/s at the median step time and the MFU against the dense matmul rate measured in
+the same process (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU); with --profile, the busy time of one step (kernel
+time on CUDA, operator time on the CPU) over the median step time and the share of matrix products in it.
+``--packing off,on`` times padded micro-batches and packed ones (train.packing: one row per micro-batch), and
+first prints the relative loss and gradient differences of one micro-batch packed vs padded on this device.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -44,9 +52,10 @@ from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, trainable_summary  # noqa: E402
-from trainer.model import VLM_INPUTS, CoVTModel, unwrap_vlm  # noqa: E402
+from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
+from trainer.text_attention import use_packed_text_attention  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
 from trainer.train import clip_norm, free_memory  # noqa: E402
@@ -183,8 +192,7 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
             batch = batch_to(cpu_batch, device)
             with autocast(device, bf16):
                 if kind == "library":
-                    inputs = {k: batch[k] for k in VLM_INPUTS if k in batch}
-                    loss = model.vlm(**inputs, use_cache=False).loss
+                    loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
                 else:
                     loss = model(batch, anchor_losses=kind == "covt")["loss"]
             (loss / len(batches)).backward()
@@ -211,8 +219,9 @@ def timed(step, device: torch.device) -> tuple[float, int]:
     return (time.perf_counter() - t0) * 1000, 0
 
 
-def profile(step, name: str, device: torch.device) -> None:
-    """Top operators (self device time, then self CPU time) of one step."""
+def profile(step, name: str, device: torch.device) -> dict[str, float]:
+    """Top operators (self device time, then self CPU time) of one step, printed; returns the busy time of the
+    step (ms of kernel time on CUDA, of operator time on the CPU) and the share of it in matrix products."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -223,7 +232,53 @@ def profile(step, name: str, device: torch.device) -> None:
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"--- profile of one {name} step, by {key}")
-    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60))
+    return busy_time(averages, device)
+
+
+def busy_time(averages, device: torch.device) -> dict[str, float]:
+    """Kernel time (CUDA; operator time on the CPU) of a profile, summed as the profiler's own table footer sums
+    it (on CUDA: the kernel events, each counted once), and the share of it in matrix-product operators."""
+    from torch.autograd import DeviceType
+
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in averages  # microseconds
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        gemm = sum(e.self_device_time_total for e in averages if e.key in GEMM_OPS)  # the operators' kernels
+    else:
+        busy = sum(e.self_cpu_time_total for e in averages)
+        gemm = sum(e.self_cpu_time_total for e in averages if e.key in GEMM_OPS)
+    return {"busy_ms": busy / 1000, "gemm_share": gemm / busy if busy else 0.0}
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_scaled_mm"}
+
+
+def count_flops(step) -> int:
+    """Floating-point operations of one real step as torch's FlopCounterMode counts them (matrix products,
+    convolutions, attention; a recomputed forward under activation checkpointing counts again)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+    """Dense matrix-product rate (FLOP/s) of this process on ``device``: bf16 8192^3 on CUDA, a smaller fp32
+    size on the CPU (seconds, not minutes); the denominator of MFU. Returns (rate, size)."""
+    size, repeats = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def products() -> None:
+        for _ in range(repeats):
+            torch.mm(a, b)
+
+    products()  # warm-up
+    ms, _ = timed(products, device)
+    return 2 * size**3 * repeats / (ms / 1000), size
 
 
 def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtype: torch.dtype) -> CoVTModel:
@@ -231,6 +286,7 @@ def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtyp
     if tokens.ids and max(tokens.ids) >= vlm.get_input_embeddings().weight.shape[0]:
         vlm.resize_token_embeddings(max(tokens.ids) + 1, mean_resizing=False)
     use_varlen_vision_attention(vlm)
+    use_packed_text_attention(vlm)  # rows that are not packed keep sdpa: the padded layouts are unchanged
     vlm = attach_lora(vlm, LoraConfig(), tokens.ids)  # the recipe's r16 / alpha 32 / dropout 0.01
     heads = build_heads(ANCHORS, config.text_config.hidden_size, CacheDims(dims, decoders))
     return CoVTModel(vlm, heads, tokens).to(device).train()
@@ -258,6 +314,27 @@ def compare_vision_attention(model: CoVTModel, batch: dict, device: torch.device
     return errors
 
 
+def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.device) -> dict[str, float]:
+    """Relative differences of the CoVT loss and of the trainable parameters' gradient (all of them, as one
+    vector) between one micro-batch padded and the same samples packed, in this run's dtype, dropout off (the
+    exactness of train.packing on this device; the CPU tests bound it in fp32)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()  # no dropout: both passes compute the same function
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad(set_to_none=True)
+        with autocast(device, device.type == "cuda"):
+            loss = model(batch_to(batch, device), anchor_losses=True)["loss"]
+        loss.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in trainable])
+        results.append((loss.detach().float(), grad))
+    model.zero_grad(set_to_none=True)
+    model.train()
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    return {"loss_rel": float((loss_b - loss_a).abs() / loss_a.abs()),
+            "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
+
+
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
     base = unwrap_vlm(model.vlm)
     if on:
@@ -279,7 +356,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage", default="understanding", choices=STAGE_NAMES)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each kind")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top operators of one step of each kind, report busy time per step")
+    parser.add_argument("--packing", default="off",
+                        help="train.packing settings to time (off,on: padded and packed micro-batches side by side)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -310,53 +390,73 @@ def main(argv=None) -> dict:
     errors = compare_vision_attention(model, first, device)
     print(f"vision tower vs fp32: sdpa {errors['sdpa']:.2e}, varlen {errors[VISION_ATTENTION]:.2e} relative error "
           f"(varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
+    exactness = {}
+    if "on" in args.packing.split(","):
+        micro = max(int(m) for m in args.micro_batch.split(","))
+        both = [build_batch(data[:micro], stage, True, 0, processor, tokens,
+                            dataclasses.replace(BatchSettings.from_config(cfg), packing=packing),
+                            view_sizes=model.view_sizes()) for packing in (False, True)]
+        exactness = compare_packing(model, *both, device)
+        print(f"packed vs padded micro-batch of {micro}, {dtype}: loss {exactness['loss_rel']:.2e}, gradient "
+              f"{exactness['grad_rel']:.2e} relative difference")
+    rate, size = matmul_rate(device, dtype)
+    print(f"dense matmul {size}^3 {dtype}: {rate / 1e12:.2f} TFLOP/s")
     rows = []
     for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
         set_checkpointing(model, checkpointing)
-        for micro in [int(m) for m in args.micro_batch.split(",")]:
+        layouts = [(p == "on", int(m)) for p in args.packing.split(",") for m in args.micro_batch.split(",")]
+        for packing, micro in layouts:
+            cfg.train.packing = packing
             batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
                                    view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
-            real = sum(int(b["attention_mask"].sum()) for b in batches)
-            padded = sum(b["input_ids"].numel() for b in batches)
-            steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
-            try:
-                times, peaks = measure(steps, args, device, f"micro-batch {micro}")
-            except torch.OutOfMemoryError:
-                print(f"micro-batch {micro}, checkpointing {checkpointing}: out of GPU memory", flush=True)
-                optimizer.zero_grad(set_to_none=True)
-                del batches, steps
-                free_memory()
+            row = time_layout(model, optimizer, batches, args, device, rate)
+            del batches
+            free_memory()
+            if row is None:
+                print(f"micro-batch {micro}, checkpointing {checkpointing}, packing {packing}: out of GPU memory",
+                      flush=True)
                 continue
-            row = {"micro_batch": micro, "checkpointing": checkpointing, "tokens_per_sample": real / args.global_batch,
-                   "padding_fraction": 1 - real / padded}
-            for kind in steps:
-                ms = statistics.median(times[kind])
-                row[f"{kind}_ms"] = ms
-                row[f"{kind}_samples_per_s"] = args.global_batch / ms * 1000
-                row[f"{kind}_peak_gib"] = peaks[kind] / 2**30
-            if "covt" in steps and "plain" in steps:
-                row["covt_over_plain"] = row["covt_ms"] / row["plain_ms"]
+            row = {"micro_batch": micro, "checkpointing": checkpointing, "packing": packing, **row}
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-            del batches, steps
-            free_memory()
 
-    print_table(rows, args.kinds.split(","))
+    print_table(rows, args.kinds.split(","), rate)
     result = {"device": name, "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized", "stage": args.stage,
-              "global_batch": args.global_batch, "rows": rows}
+              "global_batch": args.global_batch, "matmul_tflops": rate / 1e12, "matmul_size": size,
+              "matmul_dtype": str(dtype), "packing_exactness": exactness, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict, dict]:
-    """Median-ready step times (ms) and peak memory (bytes) of each kind, alternating kinds after warm-up."""
+def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: torch.device,
+                rate: float) -> dict | None:
+    """The columns of one layout (micro-batches of a global batch) for every kind; None when out of memory."""
+    bf16 = device.type == "cuda"
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
+    try:
+        times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}")
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    row = {"tokens_per_sample": real / args.global_batch, "padding_fraction": 1 - real / padded}
+    for kind in steps:
+        row.update(kind_results(kind, times[kind], peaks[kind], flops[kind], busy.get(kind, {}), args.global_batch,
+                                rate))
+    if "covt" in steps and "plain" in steps:
+        row["covt_over_plain"] = row["covt_ms"] / row["plain_ms"]
+    return row
+
+
+def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict, dict, dict, dict]:
+    """Median-ready step times (ms), peak memory (bytes), counted FLOPs of one step and (with --profile) the
+    profile's busy time, of each kind; kinds alternate after warm-up. Counting and profiling come after the
+    timed steps, so that nothing they leave behind can slow those."""
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    if args.profile:
-        for kind, step in steps.items():
-            profile(step, f"{kind} {setting}", device)
     times = {k: [] for k in steps}
     peaks = {k: 0 for k in steps}
     for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
@@ -364,17 +464,44 @@ def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict
             ms, peak = timed(step, device)
             times[kind].append(ms)
             peaks[kind] = max(peaks[kind], peak)
-    return times, peaks
+    flops = {kind: count_flops(step) for kind, step in steps.items()}
+    busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
+    return times, peaks, flops, busy
 
 
-def print_table(rows: list[dict], kinds: list[str]) -> None:
-    header = ["micro-batch", "checkpointing", "padding"] + [f"{k} samples/s (GiB)" for k in kinds] + ["covt/plain"]
+def kind_results(kind: str, times: list[float], peak: int, flops: int, busy: dict, global_batch: int,
+                 rate: float) -> dict:
+    """One kind's columns of a row: speed, memory, counted FLOPs, achieved rate, MFU, busy time."""
+    ms = statistics.median(times)
+    achieved = flops / (ms / 1000)
+    out = {f"{kind}_ms": ms, f"{kind}_samples_per_s": global_batch / ms * 1000, f"{kind}_peak_gib": peak / 2**30,
+           f"{kind}_tflop_per_step": flops / 1e12, f"{kind}_tflops": achieved / 1e12, f"{kind}_mfu": achieved / rate}
+    if busy:
+        out[f"{kind}_busy_fraction"] = busy["busy_ms"] / ms
+        out[f"{kind}_gemm_share"] = busy["gemm_share"]
+    return out
+
+
+def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
+    """One table: per layout, each kind's samples/s (peak GiB), TFLOP per step, achieved TFLOP/s, MFU against
+    the measured matmul rate and, with --profile, busy time / step (GEMM share of it)."""
+    profiled = any(f"{k}_busy_fraction" in r for r in rows for k in kinds)
+    header = ["micro-batch", "checkpointing", "packing", "padding"] + [f"{k} samples/s (GiB)" for k in kinds]
+    header += ["covt/plain"] + [f"{k} {c}" for k in kinds for c in
+                                ("TFLOP/step", "TFLOP/s", "MFU") + (("busy (GEMM)",) if profiled else ())]
+    print(f"matmul rate measured in this process: {rate / 1e12:.2f} TFLOP/s (the MFU denominator)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        cells = [str(r["micro_batch"]), "on" if r["checkpointing"] else "off", f"{r['padding_fraction']:.0%}"]
+        cells = [str(r["micro_batch"]), "on" if r["checkpointing"] else "off", "on" if r["packing"] else "off",
+                 f"{r['padding_fraction']:.0%}"]
         cells += [f"{r[f'{k}_samples_per_s']:.2f} ({r[f'{k}_peak_gib']:.1f})" for k in kinds]
         cells.append(f"{r['covt_over_plain']:.3f}" if "covt_over_plain" in r else "")
+        for k in kinds:
+            cells += [f"{r[f'{k}_tflop_per_step']:.4g}", f"{r[f'{k}_tflops']:.4g}", f"{r[f'{k}_mfu']:.1%}"]
+            if profiled:
+                cells.append(f"{r[f'{k}_busy_fraction']:.0%} ({r[f'{k}_gemm_share']:.0%})"
+                             if f"{k}_busy_fraction" in r else "")
         print("| " + " | ".join(cells) + " |")
 
 

@@ -231,6 +231,8 @@ class TrainConfig:
         "per_sample", "stage-4 format draws: one per sample, or one per optimizer step shared by its samples")
     data_order: Literal["continue", "restart_each_run"] = option(
         "continue", "each run continues the data stream, or restarts it from the first sample")
+    # several samples in one row per micro-batch, each with its own rope positions, attention kept within a sample
+    packing: bool = option(False, "concatenate a micro-batch's samples into one row (no padding), attention per sample")
 
 
 # ------------------------------------------------------------------------- root

@@ -55,3 +55,25 @@ def test_segments_do_not_attend_to_each_other():
     assert out.shape == (1, 10, 2, 4)
     torch.testing.assert_close(out2[:, :4], out[:, :4])
     assert not torch.allclose(out2[:, 4:], out[:, 4:])
+
+
+def test_packed_text_attention_is_causal_within_each_sample_and_never_across():
+    """trainer.text_attention on a packed row of 3 samples (grouped-query heads, as the tiny and 7B models have)
+    against causal attention of each sample alone; the boundaries are read once per positions tensor."""
+    from trainer.text_attention import SampleBoundaries, packed_text_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 7]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    q, k, v = torch.randn(1, 4, 13, 8), torch.randn(1, 2, 13, 8), torch.randn(1, 2, 13, 8)
+    out, _ = packed_text_attention(None, q, k, v, None, scaling=0.5, position_ids=positions)
+    expected = [torch.nn.functional.scaled_dot_product_attention(
+        qs, ks.repeat_interleave(2, dim=1), vs.repeat_interleave(2, dim=1), is_causal=True, scale=0.5)
+        for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
+    torch.testing.assert_close(out, torch.cat(expected, dim=2).transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+    boundaries = SampleBoundaries()
+    cu, longest = boundaries(positions)
+    assert cu.tolist() == [0, 5, 6, 13] and longest == 7
+    assert boundaries(positions)[0] is cu  # the same tensor (every layer of one pass): not read again
+    assert boundaries(positions.clone())[0] is not cu

@@ -157,7 +157,7 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
     {anchor: {rows, positions (B_a, tokens), targets {array: (B_a, ...)}, views (B_a,3,S,S) uint8 or None}}
     for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``text``: :func:`text_targets`;
-    ``keys``.
+    ``keys``. With ``settings.packing`` the samples are one row instead (:func:`pack`).
     """
     if not samples:
         raise BatchError("empty batch")
@@ -179,7 +179,39 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
                         if anchors_on else {})
     batch["keys"] = [s.get("key") for s in samples]
-    return batch
+    return pack(batch, [e[2].shape[0] for e in encoded]) if settings.packing else batch
+
+
+def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
+    """A right-padded :func:`build_batch` batch as ONE row (train.packing): each sample's tokens in turn, no
+    padding. The text targets and every anchor's thought positions point at the same tokens as before (row 0,
+    the sample's offset + its position), with the same weights; ``packed``: each sample's ``lengths`` and
+    ``images`` (rows of image_grid_thw), from which the model gives every sample its own rope positions and
+    attention that stays within it (trainer.model.packed_position_ids). The loss stays the mean over samples
+    (:func:`sample_count`)."""
+    if "mm_token_type_ids" not in batch:
+        raise BatchError("train.packing needs the processor's mm_token_type_ids (which tokens are image tokens) to "
+                         "give each sample its own rope positions; this processor gives none: set train.packing "
+                         "to false")
+    keep = batch["attention_mask"].bool()
+    lengths = keep.sum(1)
+    offsets = lengths.cumsum(0) - lengths
+    packed = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+        packed[key] = batch[key][keep][None]
+    text = batch["text"]
+    packed["text"] = {**text, "rows": torch.zeros_like(text["rows"]),
+                      "positions": offsets[text["rows"]] + text["positions"]}
+    packed["anchors"] = {anchor: {**part, "rows": torch.zeros_like(part["rows"]),
+                                  "positions": offsets[part["rows"]][:, None] + part["positions"]}
+                         for anchor, part in batch["anchors"].items()}
+    packed["packed"] = {"lengths": lengths, "images": torch.tensor(images_per_sample, dtype=torch.long)}
+    return packed
+
+
+def sample_count(batch: dict[str, Any]) -> int:
+    """The number of samples in a :func:`build_batch` batch: its rows, or the samples packed into its one row."""
+    return len(batch["packed"]["lengths"]) if "packed" in batch else batch["input_ids"].shape[0]
 
 
 @dataclass

@@ -24,13 +24,14 @@ class BatchSettings:
     image_size: int  # model.image_size: the square view the VLM sees
     max_length: int | None  # train.max_length (None: no limit)
     stage4_draws: str  # train.stage4_draws: per_sample, or per_step (the samples of a step share one draw)
+    packing: bool = False  # train.packing: a micro-batch's samples concatenated into one row (trainer.batch.pack)
 
     @classmethod
     def from_config(cls, cfg: Config) -> BatchSettings:
         t = cfg.train
         return cls(anchors=tuple(cfg.anchors), plain_only=not t.thoughts, seed=t.seed,
                    plain_answer_fraction=t.plain_answer_fraction, image_size=cfg.model.image_size,
-                   max_length=t.max_length, stage4_draws=t.stage4_draws)
+                   max_length=t.max_length, stage4_draws=t.stage4_draws, packing=t.packing)
 
 
 @dataclass(frozen=True)

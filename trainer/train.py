@@ -55,6 +55,7 @@ from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
 from trainer.settings import RunSettings
+from trainer.text_attention import use_packed_text_attention
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
 from trainer.validation import load_validation, validation_due, validation_losses
@@ -231,6 +232,8 @@ class RunModel:
         tokens = add_thought_tokens(processor, vlm, seed=t.seed)
         if t.vision_attention == "varlen":
             use_varlen_vision_attention(vlm)
+        if t.packing:
+            use_packed_text_attention(vlm)
         if t.gradient_checkpointing:
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed + 1000 * (run.index + 1))  # the fresh LoRA of each run is seeded

@@ -24,7 +24,7 @@ from trainer.model import unwrap_vlm
 VISION_ATTENTION = "covt_flash_varlen"  # "flash" in the name routes cu_seqlens to us (transformers' dispatch)
 
 
-def _varlen_kernel():
+def varlen_kernel():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.9
@@ -33,12 +33,12 @@ def _varlen_kernel():
 
 
 def varlen_kernel_available() -> bool:
-    return _varlen_kernel() is not None and torch.cuda.is_available()
+    return varlen_kernel() is not None and torch.cuda.is_available()
 
 
 def varlen_kernel_applies(query: torch.Tensor) -> bool:
     """True where ``varlen_attn`` runs: CUDA tensors in bf16/fp16 and a torch that has it."""
-    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _varlen_kernel() is not None
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and varlen_kernel() is not None
 
 
 def per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -60,7 +60,7 @@ def vision_varlen_attention(module, query, key, value, attention_mask=None, scal
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     if varlen_kernel_applies(q):
         max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-        out = _varlen_kernel()(q, k, v, cu, cu, max_len, max_len, scale=scaling)
+        out = varlen_kernel()(q, k, v, cu, cu, max_len, max_len, scale=scaling)
     else:
         out = per_segment(q, k, v, cu, scaling)
     return out.unsqueeze(0), None

@@ -1,0 +1,33 @@
+"""bench/bench_train_step.py runs on the CPU (tiny model) and reports its MFU columns; speed is never asserted."""
+import json
+
+import pytest
+
+from bench.bench_train_step import main
+
+
+def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
+                   "--kinds", "plain,covt", "--packing", "off,on", "--steps", "1", "--warmup", "0", "--profile",
+                   "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == result
+    assert result["matmul_tflops"] > 0 and result["matmul_size"] == 1024
+    # fp32 on the CPU: the heads amplify last-bit differences of the hidden states (tests/test_micro_batches.py)
+    assert result["packing_exactness"]["loss_rel"] < 1e-5 and result["packing_exactness"]["grad_rel"] < 3e-4
+    assert [(r["micro_batch"], r["packing"]) for r in result["rows"]] == [(2, False), (2, True)]
+    padded, packed = result["rows"]
+    assert packed["padding_fraction"] == 0 < padded["padding_fraction"]
+    for row in result["rows"]:
+        for kind in ("plain", "covt"):
+            assert row[f"{kind}_tflop_per_step"] > 0
+            assert 0 < row[f"{kind}_mfu"] <= 1
+            assert row[f"{kind}_tflops"] == pytest.approx(row[f"{kind}_mfu"] * result["matmul_tflops"])
+            assert row[f"{kind}_busy_fraction"] > 0 and 0 < row[f"{kind}_gemm_share"] <= 1
+        # the anchor heads add work; packing removes the padding's (the same samples, fewer tokens)
+        assert row["covt_tflop_per_step"] > row["plain_tflop_per_step"]
+    assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
+    header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
+    for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU"):
+        assert f"| {column} |" in header

@@ -1,0 +1,93 @@
+"""Causal attention per sample for the language model on packed rows (train.packing), in one kernel call.
+
+transformers keeps the samples of a packed row apart by turning its restarting text positions into a
+block-diagonal causal mask (trainer.model.packed_position_ids); with ``sdpa`` the kernel then computes every
+pair of the row's tokens and discards those across samples (7/8 of them in a packed micro-batch of 8).
+:data:`TEXT_ATTENTION` computes the same function per sample instead: on CUDA in bf16/fp16 one causal
+``torch.nn.attention.varlen.varlen_attn`` call (grouped-query) with the samples' boundaries as cu_seqlens,
+elsewhere one causal SDPA call per sample. Rows that are not packed (no text positions reach the layer) go to
+transformers' own sdpa with its mask, unchanged.
+
+:func:`use_packed_text_attention` installs it on a loaded model; the trainer does so when train.packing is on.
+For training only: a row of one batch whose text positions reach the layer is taken for a packed row (what
+trainer.model.vlm_inputs passes); generation with a cache or a padding mask must keep transformers' sdpa.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from trainer.model import unwrap_vlm
+from trainer.vision_attention import varlen_kernel, varlen_kernel_applies
+
+TEXT_ATTENTION = "covt_packed_text"
+
+
+class SampleBoundaries:
+    """cu_seqlens (int32) and the longest sample of a packed row, from its text positions (0 starts a sample).
+
+    Every decoder layer of one forward pass receives the same positions tensor: the boundaries are read once per
+    pass (one host sync, as the padded path's rope index has), not once per layer."""
+
+    def __init__(self):
+        self.positions = None  # weak reference to the positions tensor the cached boundaries belong to
+        self.value: tuple[torch.Tensor, int] | None = None
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.positions is None or self.positions() is not position_ids:
+            row = position_ids.reshape(-1)
+            starts = (row == 0).nonzero().flatten()
+            cu = torch.cat([starts, starts.new_tensor([row.numel()])]).to(torch.int32)
+            self.value = (cu, int((cu[1:] - cu[:-1]).max()))
+            self.positions = weakref.ref(position_ids)
+        return self.value
+
+
+sample_boundaries = SampleBoundaries()
+
+
+def per_sample_causal(query, key, value, cu_seqlens: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """(T, H, D) queries, (T, H_kv, D) keys and values -> (T, H, D): one causal SDPA call per sample."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                           scale=scaling, enable_gqa=True)
+            for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                          **kwargs):
+    """transformers attention-interface function: (1, H, T, D) queries of a packed row and its text positions
+    -> ((1, T, H, D), None); anything else goes to transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:  # not a packed training row
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError(f"{TEXT_ATTENTION} (train.packing) serves dropout-free attention only; the model's "
+                         f"attention_dropout is {dropout}")
+    cu, longest = sample_boundaries(position_ids)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+    if varlen_kernel_applies(q):
+        out = varlen_kernel()(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
+                              enable_gqa=True)
+    else:
+        out = per_sample_causal(q, k, v, cu, scaling)
+    return out.unsqueeze(0), None
+
+
+def use_packed_text_attention(vlm) -> None:
+    """Switch the language model of a (possibly peft-wrapped) Qwen2.5-VL model to :data:`TEXT_ATTENTION`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TEXT_ATTENTION, packed_text_attention)
+    AttentionMaskInterface.register(TEXT_ATTENTION, sdpa_mask)  # rows that are not packed keep sdpa's own mask
+    language_model = getattr(getattr(unwrap_vlm(vlm), "model", None), "language_model", None)
+    if language_model is None:
+        raise TypeError(f"{type(unwrap_vlm(vlm)).__name__} has no language model (model.language_model); "
+                        "train.packing expects Qwen2.5-VL")
+    language_model.config._attn_implementation = TEXT_ATTENTION
