@@ -48,11 +48,12 @@ TARGET_IMAGES_PER_S = 10.0
 PHOTOS = sorted((REPO / "data/sample/images").glob("*.jpg"))
 
 
-def build_anchors(device: torch.device, quick: bool, dtype: str) -> dict[str, AnchorModel]:
+def build_anchors(device: torch.device, quick: bool, dtype: str,
+                  points_per_side: int | None = None) -> dict[str, AnchorModel]:
     sam_variant, vit_variant = ("vit_tiny", "vit_tiny") if quick else ("vit_h", "vitl")
     amg = SamPrecomputeConfig(pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    if quick:
-        amg.points_per_side = 8
+    if points_per_side or quick:
+        amg.points_per_side = points_per_side or 8
     with torch.device(device):
         sam = BUILDERS[sam_variant](None)
         depth = DepthAnythingV2(get_variant(vit_variant))
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--points-per-side", type=int, default=None,
+                    help="SAM's automatic mask grid (default: precompute.sam's, 32; quick: 8)")
     ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
@@ -190,12 +193,14 @@ def main(argv=None) -> int:
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads), tiny variants, torch {torch.__version__}")
 
-    anchors = build_anchors(device, args.quick, args.dtype)
+    anchors = build_anchors(device, args.quick, args.dtype, args.points_per_side)
     if args.sam_attention:
         anchors["sam"].encoder_attention = args.sam_attention
-    print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}")
+    print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
+          f"{anchors['sam'].amg.points_per_side} points per side")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "quick": args.quick, "dtype": args.dtype, "batches": {}}
+                     "quick": args.quick, "dtype": args.dtype,
+                     "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
     for bs in batch_sizes:
         views = {n: photo_batch(a.input_size, bs, device) for n, a in anchors.items()}
         row: dict = {}
