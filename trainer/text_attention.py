@@ -17,10 +17,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from trainer.model import unwrap_vlm
-from trainer.vision_attention import varlen_kernel, varlen_kernel_applies
+from trainer.vision_attention import per_segment, varlen_kernel, varlen_kernel_applies
 
 TEXT_ATTENTION = "covt_packed_text"
 
@@ -48,15 +47,6 @@ class SampleBoundaries:
 sample_boundaries = SampleBoundaries()
 
 
-def per_sample_causal(query, key, value, cu_seqlens: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """(T, H, D) queries, (T, H_kv, D) keys and values -> (T, H, D): one causal SDPA call per sample."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                           scale=scaling, enable_gqa=True)
-            for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))]
-    return torch.cat(outs, dim=1).transpose(0, 1)
-
-
 def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
                           **kwargs):
     """transformers attention-interface function: (1, H, T, D) queries of a packed row and its text positions
@@ -75,7 +65,7 @@ def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0
         out = varlen_kernel()(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
                               enable_gqa=True)
     else:
-        out = per_sample_causal(q, k, v, cu, scaling)
+        out = per_segment(q, k, v, cu, scaling, causal=True)
     return out.unsqueeze(0), None
 
 

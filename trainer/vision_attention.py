@@ -41,10 +41,14 @@ def varlen_kernel_applies(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and varlen_kernel() is not None
 
 
-def per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(S, H, D) inputs -> (S, H, D): one SDPA call per segment (the library's sdpa path)."""
+def per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float | None,
+                causal: bool = False) -> torch.Tensor:
+    """(S, H, D) queries, (S, H_kv, D) keys and values -> (S, H, D): one SDPA call per segment (the library's
+    sdpa path; ``causal`` within each segment, grouped-query where H_kv < H)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scaling)
+    gqa = key.shape[1] != query.shape[1]
+    outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scaling,
+                                           is_causal=causal, enable_gqa=gqa)
             for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))]
     return torch.cat(outs, dim=1).transpose(0, 1)
 
