@@ -217,20 +217,19 @@ def pca_rgb(features: np.ndarray, reference: np.ndarray | None = None) -> np.nda
     basis = (features if reference is None else reference).astype(np.float64)
     centre = basis.mean(axis=0, keepdims=True)
 
-    def components(x: np.ndarray, vt: np.ndarray) -> np.ndarray:
+    def centred(x: np.ndarray) -> np.ndarray:
         x = x - centre
-        if x.shape[1] < 3:
-            x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
-        comps = x @ vt[:3].T
-        return np.pad(comps, ((0, 0), (0, 3 - comps.shape[1]))) if comps.shape[1] < 3 else comps
+        return np.pad(x, ((0, 0), (0, max(0, 3 - x.shape[1]))))
 
-    centred = basis - centre
-    if centred.shape[1] < 3:
-        centred = np.pad(centred, ((0, 0), (0, 3 - centred.shape[1])))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    reference_comps = components(basis, vt)
+    _, _, vt = np.linalg.svd(centred(basis), full_matrices=False)
+
+    def components(x: np.ndarray) -> np.ndarray:
+        comps = centred(x.astype(np.float64)) @ vt[:3].T
+        return np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+
+    reference_comps = components(basis)
     lo, hi = np.percentile(reference_comps, 1, axis=0), np.percentile(reference_comps, 99, axis=0)
-    comps = reference_comps if reference is None else components(features.astype(np.float64), vt)
+    comps = reference_comps if reference is None else components(features)
     return np.clip((comps - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
 
 
