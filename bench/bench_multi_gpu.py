@@ -231,13 +231,19 @@ def miniature_recipe(steps: int) -> str:
             f"anchor_losses_off_from: {3 * steps}, merge_after: true}}]")
 
 
+def stage_configs(stages_text: str) -> list:
+    """The covt.config StageConfigs of a ``train.stages=`` override's value, parsed as the trainer parses it."""
+    from covt.config import load_config
+
+    return load_config(REPO / "configs/tiny.yaml", [f"train.stages={stages_text}"]).train.stages
+
+
 def per_segment_seconds(stages_text: str, perf: list[dict], warm_up: int = 2) -> dict[str, float]:
     """segment -> median seconds per optimizer step, the first ``warm_up`` steps of each segment left out (a
     new run's first step also holds the merge before it and building the run)."""
-    from covt.config import load_config
     from trainer.schedule import Schedule
 
-    schedule = Schedule(load_config(REPO / "configs/tiny.yaml", [f"train.stages={stages_text}"]).train.stages)
+    schedule = Schedule(stage_configs(stages_text))
     times: dict[str, list[float]] = {}
     for record in perf:
         times.setdefault(segment_of(schedule.stage_at(record["step"] - 1)), []).append(record["seconds"])

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_multi_gpu import RECIPE_CONFIG, miniature_recipe, segment_steps  # noqa: E402
+from bench.bench_multi_gpu import RECIPE_CONFIG, miniature_recipe, segment_steps, stage_configs  # noqa: E402
 from covt.config import load_config  # noqa: E402
 
 SEGMENTS = ["stage 1 understanding", "stage 2 generation", "stage 3 reasoning", "stage 4 efficient_reasoning",
@@ -22,9 +22,7 @@ def test_the_miniature_has_every_part_of_the_recipe_and_the_projection_counts_th
     recipe = segment_steps(load_config(RECIPE_CONFIG).train.stages)
     assert list(recipe) == SEGMENTS and sum(recipe.values()) == 16000
     assert recipe["stage 4 efficient_reasoning (text only)"] == 2000  # anchor losses off from step 8000 of run 2
-    miniature = segment_steps(load_config(REPO / "configs/tiny.yaml", [f"train.stages={miniature_recipe(4)}"])
-                              .train.stages)
-    assert miniature == dict.fromkeys(SEGMENTS, 4)
+    assert segment_steps(stage_configs(miniature_recipe(4))) == dict.fromkeys(SEGMENTS, 4)
 
 
 @pytest.mark.slow
