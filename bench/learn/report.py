@@ -161,14 +161,12 @@ def decode_sample(heads, s: dict, own_states: dict, other_states: dict, means: d
                   device) -> dict:
     """anchor -> metrics of the decoding of this sample's thoughts, of another image's, and of the mean target,
     each against the anchor's own output for this sample."""
-    from covt.images import square_view
+    from trainer.heads.base import head_views
 
     row = {}
     for anchor, head in heads.items():
-        views = None
-        if getattr(head, "view_size", None):
-            views = torch.from_numpy(np.array(square_view(s["images"][0], head.view_size)[None])).permute(0, 3, 1, 2)
-            views = views.to(device)
+        size = getattr(head, "view_size", None)
+        views = head_views([s["images"][0]], size).to(device) if size else None
         targets = {k: v[None].to(device) for k, v in s["targets"][anchor].items()}
         target = s["targets"][anchor][TARGET_ARRAY[anchor]].float().numpy()
         with torch.no_grad():
