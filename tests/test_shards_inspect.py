@@ -117,3 +117,20 @@ def test_module_entry_point_takes_the_cache_dir_from_a_config(synthetic_cache, r
     proc = subprocess.run([sys.executable, "-m", "shards", "inspect", str(repo_root)], cwd=repo_root,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a shards cache" in proc.stderr
+
+
+def test_a_prediction_is_drawn_in_its_references_principal_components():
+    import numpy as np
+
+    from shards.inspect import pca_rgb
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(40, 6)) * np.array([5.0, 3.0, 2.0, 0.1, 0.1, 0.1])
+    assert np.array_equal(pca_rgb(reference, reference), pca_rgb(reference))
+    # the reference's rows in another order are drawn in the same colours, row for row
+    order = rng.permutation(40)
+    assert np.allclose(pca_rgb(reference[order], reference), pca_rgb(reference)[order])
+    # without the reference, the prediction gets its own components and range (here: another colour scale)
+    shrunk = reference * 0.5
+    assert np.allclose(pca_rgb(shrunk), pca_rgb(reference))
+    assert not np.allclose(pca_rgb(shrunk, reference), pca_rgb(reference))

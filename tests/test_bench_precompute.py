@@ -1,0 +1,20 @@
+"""bench/bench_precompute.py on the CPU (--quick, tiny variants): it runs, and --points-per-side sets SAM's grid."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_precompute_bench_runs_at_the_grid_asked(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench/bench_precompute.py", "--quick", "--points-per-side", "4",
+                           "--batch-sizes", "1", "--json", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sam_points_per_side"] == 4 and "4 points per side" in proc.stdout
+    assert {"sam", "depth", "dino", "sam+depth+dino"} <= set(result["batches"]["1"])
