@@ -7,6 +7,7 @@ numbers do not depend on the machine's core count. It runs in CI: about 6 minute
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,15 @@ def test_the_world_is_deterministic_and_every_split_has_the_published_layout(tmp
     assert not train_ids & {r["id"] for r in held_out}
 
 
+def readme_generate_example() -> tuple[str, list[str]]:
+    """README's generate command on the learning experiment's model (continuation lines joined) and the lines of
+    output it shows after its "..."."""
+    block = re.search(r"```\n(\$ python -m trainer generate --model runs/learn-quick/.*?)```",
+                      (REPO / "README.md").read_text(), re.DOTALL).group(1)
+    command, shown = block.split("\n...\n")
+    return command.removeprefix("$ ").replace("\\\n", " "), shown.strip().splitlines()
+
+
 def emitting(shares: dict) -> float:
     """The share of answers with at least one complete visual thought."""
     return shares["stage3_every_anchor"] + shares["stage4_subset"]
@@ -93,3 +103,10 @@ def test_the_quick_experiment_learns(tmp_path):
             "covt_rows_first_run"} <= set(report["accuracy"])
     assert (out / "report.md").is_file() and (out / "pictures" / "validation.png").is_file()
     assert all((out / p).is_file() for p in report["pictures"])
+    # README's generate example on this model, as written (bash: its question uses $'...' quoting)
+    command, shown = readme_generate_example()
+    command = command.replace("runs/learn-quick", str(out)).replace("python ", f"{sys.executable} ", 1)
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.replace(str(out), "runs/learn-quick").strip().splitlines()
+    assert printed[-len(shown):] == shown
