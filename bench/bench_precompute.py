@@ -177,6 +177,8 @@ def main(argv=None) -> int:
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
                     help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
+    ap.add_argument("--no-sam-details", dest="sam_details", action="store_false",
+                    help="time the anchors only, not SAM's encoder/decoder variants (minutes at 32 points in fp32)")
     args = ap.parse_args(argv)
 
     if not args.quick and not torch.cuda.is_available():
@@ -211,7 +213,9 @@ def main(argv=None) -> int:
         row["sam+depth+dino"] = bs / t
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters, args.compile_encoder)
+        if args.sam_details:
+            row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters,
+                                             args.compile_encoder)
         results["batches"][bs] = row
         print_row(bs, row)
 
@@ -237,6 +241,8 @@ def print_row(bs: int, row: dict) -> None:
           + (f"  (peak {row['peak_gib']:.1f} GiB)" if "peak_gib" in row else ""))
     combined = row["sam+depth+dino"]
     print("  share of combined time: " + ", ".join(f"{n} {combined / row[n]:.0%}" for n in anchors[:3]))
+    if "sam_details" not in row:
+        return
     d = row["sam_details"]
     lib = d["encoder_library_s"]
     print("  sam encoder img/s (x library): " + ", ".join(

@@ -14,6 +14,7 @@ trainer.model.vlm_inputs passes); generation with a cache or a padding mask must
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -47,6 +48,21 @@ class SampleBoundaries:
 sample_boundaries = SampleBoundaries()
 
 
+def causal_varlen(q, k, v, cu: torch.Tensor, longest: int, scaling: float | None) -> torch.Tensor:
+    """One causal grouped-query ``varlen_attn`` call over (T, H, D) queries and (T, H_kv, D) keys and values. Its
+    keywords changed across torch releases (2.11 has neither ``enable_gqa`` nor, before it, ``window_size``): the
+    key/value heads are repeated where the kernel cannot group them itself."""
+    kernel = varlen_kernel()
+    params = inspect.signature(kernel).parameters
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **options)
+
+
 def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
                           **kwargs):
     """transformers attention-interface function: (1, H, T, D) queries of a packed row and its text positions
@@ -62,8 +78,7 @@ def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0
     cu, longest = sample_boundaries(position_ids)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
     if varlen_kernel_applies(q):
-        out = varlen_kernel()(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
-                              enable_gqa=True)
+        out = causal_varlen(q, k, v, cu, longest, scaling)
     else:
         out = per_segment(q, k, v, cu, scaling, causal=True)
     return out.unsqueeze(0), None

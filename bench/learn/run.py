@@ -64,13 +64,15 @@ class Plan:
     pictures: int = 2  # held-out images drawn with generate --thoughts
     eval_batch: int = 8  # questions per generate call in evaluate
     seed: int = 0
+    side_by_side: bool = False  # independent runs (the arms, the evaluations) at the same time
     model: TinySize = TinySize()  # the base model's sizes
 
 
-FULL = Plan(train=20000, covt_samples=None, held_out=128, bench=300, base_steps=3000, eval_batch=32,
-            stage_steps=(600, 300, 400, 300), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
-            device="auto", model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4,
-                                          vision_hidden=256, vision_intermediate=768, vision_depth=4, vision_heads=4))
+FULL = Plan(train=12000, covt_samples=None, held_out=128, bench=300, base_steps=2400, eval_batch=32,
+            stage_steps=(500, 250, 350, 250), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
+            device="auto", side_by_side=True,
+            model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4, vision_hidden=256,
+                           vision_intermediate=768, vision_depth=4, vision_heads=4))
 QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=500, stage_steps=(60, 40, 250, 100),
              batch=4, base_batch=8, base_lr=2e-3, lr=5e-3, validate_every=75, device="cpu", pidinet_size=56,
              max_new_tokens=96, pictures=1)
@@ -149,33 +151,52 @@ class Experiment:
 
     def command(self, name: str, args: list[str]) -> None:
         """``python ARGS`` from the repository root, output in OUT/logs/NAME.log; a failure stops the experiment."""
+        self.commands({name: args})
+
+    def commands(self, jobs: dict[str, list[str]]) -> None:
+        """Several ``command``s, side by side when the plan says so (the GPU plan's small model leaves the card
+        mostly idle, so its independent runs share it), else one after the other."""
+        if not self.plan.side_by_side:
+            for name, args in jobs.items():
+                self.wait(*self.start(name, args))
+            return
+        for running in [self.start(name, args) for name, args in jobs.items()]:
+            self.wait(*running)
+
+    def start(self, name: str, args: list[str]) -> tuple[str, subprocess.Popen, Path, float]:
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=str(REPO))
-        started = time.perf_counter()
         print(f"[learn] {name}: python {' '.join(args)}", flush=True)
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return name, proc, log, time.perf_counter()
+
+    def wait(self, name: str, proc: subprocess.Popen, log: Path, started: float) -> None:
+        returncode = proc.wait()
         self.timings[name] = round(time.perf_counter() - started, 1)
-        if proc.returncode != 0:
+        if returncode != 0:
             tail = log.read_text()[-3000:]
-            raise RuntimeError(f"step {name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
+            raise RuntimeError(f"step {name!r} failed (exit {returncode}); log {log}:\n{tail}")
 
-    def train(self, name: str, overrides: list[str]) -> Path:
-        final = self.out / name / "final"
-        if not (final / "config.json").is_file():
-            self.command(f"train-{name}", ["-m", "trainer", "--config", str(self.config), *overrides])
-        return final
+    def train(self, runs: dict[str, list[str]]) -> dict[str, Path]:
+        """Each run's final folder; runs whose final folder exists are not run again."""
+        finals = {name: self.out / name / "final" for name in runs}
+        self.commands({f"train-{name}": ["-m", "trainer", "--config", str(self.config), *overrides]
+                       for name, overrides in runs.items() if not (finals[name] / "config.json").is_file()})
+        return finals
 
-    def evaluate(self, name: str, models: list[Path], *flags: str) -> Path:
-        eval_dir = self.out / "eval" / name
-        self.command(f"evaluate-{name}", [
+    def evaluation_jobs(self, runs: dict[str, tuple[list[Path], tuple[str, ...]]]
+                        ) -> tuple[dict[str, list[str]], dict[str, Path]]:
+        """name -> (models, extra flags) to evaluate on the benchmark: the commands, and name -> its results.json."""
+        jobs = {f"evaluate-{name}": [
             "-m", "trainer", "evaluate", *[a for m in models for a in ("--model", str(m))],
-            "--benchmark", str(self.out / "world" / "bench.tsv"), "--out", str(eval_dir), "--image-size", "112",
-            "--max-new-tokens", str(self.plan.max_new_tokens), "--batch-size", str(self.plan.eval_batch),
-            "--device", self.device, *flags])
-        return eval_dir / "results.json"
+            "--benchmark", str(self.out / "world" / "bench.tsv"), "--out", str(self.out / "eval" / name),
+            "--image-size", "112", "--max-new-tokens", str(self.plan.max_new_tokens),
+            "--batch-size", str(self.plan.eval_batch), "--device", self.device, *flags]
+            for name, (models, flags) in runs.items()}
+        return jobs, {name: self.out / "eval" / name / "results.json" for name in runs}
 
     @property
     def device(self) -> str:
@@ -185,19 +206,20 @@ class Experiment:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def pictures(self, model: Path) -> list[Path]:
+    def picture_jobs(self, model: Path) -> tuple[dict[str, list[str]], list[Path]]:
+        """``generate --thoughts --force-thoughts`` of the first held-out images: the commands, and the pictures."""
         held_out = json.loads((self.out / "world" / "held_out.json").read_text())
-        drawn = []
+        jobs, drawn = {}, []
         for record in held_out[:self.plan.pictures]:
             picture = self.out / "pictures" / f"thoughts_{record['id']}.png"
             question = record["conversations"][0]["value"].replace("<image>\n", "")
-            self.command(f"generate-{record['id']}", [
+            jobs[f"generate-{record['id']}"] = [
                 "-m", "trainer", "generate", "--model", str(model), "--image",
                 str(self.out / "world" / "held_out" / record["image"]), "--question", question, "--image-size", "112",
                 "--max-new-tokens", str(self.plan.max_new_tokens), "--config", str(self.config),
-                "--thoughts", str(picture), "--force-thoughts", "--device", self.device])
+                "--thoughts", str(picture), "--force-thoughts", "--device", self.device]
             drawn.append(picture)
-        return drawn
+        return jobs, drawn
 
 
 def run(out: Path, plan: Plan, extra_arms: dict[str, list[str]] | None = None, fresh: bool = False) -> dict:
@@ -215,16 +237,16 @@ def run(out: Path, plan: Plan, extra_arms: dict[str, list[str]] | None = None, f
                               extra_text=world_text(out / "world"))
     exp.config.parent.mkdir(parents=True, exist_ok=True)
     exp.config.write_text(yaml.safe_dump(base_config(out, plan), sort_keys=False))
-    exp.command("precompute-plain", ["-m", "precompute", "--config", str(exp.config), *plain_cache_overrides(out)])
-    exp.command("precompute", ["-m", "precompute", "--config", str(exp.config)])
-    base = exp.train("base", base_model_overrides(out, plan))
-    finals = {arm: exp.train(arm, covt_overrides(out, plan, arm) + overrides) for arm, overrides in exp.arms.items()}
+    exp.commands({"precompute-plain": ["-m", "precompute", "--config", str(exp.config), *plain_cache_overrides(out)],
+                  "precompute": ["-m", "precompute", "--config", str(exp.config)]})
+    base = exp.train({"base": base_model_overrides(out, plan)})["base"]
+    finals = exp.train({arm: covt_overrides(out, plan, arm) + overrides for arm, overrides in exp.arms.items()})
     thinking = [finals[a] for a in finals if "train.thoughts=false" not in exp.arms[a]]
     plain = [base] + [finals[a] for a in finals if "train.thoughts=false" in exp.arms[a]]
-    results = {"plain": exp.evaluate("plain", plain),
-               "thinking": exp.evaluate("thinking", thinking, "--ablate-thoughts"),
-               "forced": exp.evaluate("forced", thinking, "--force-thoughts")}
-    pictures = exp.pictures(finals["covt"])
+    evaluations, results = exp.evaluation_jobs({"plain": (plain, ()), "thinking": (thinking, ("--ablate-thoughts",)),
+                                                "forced": (thinking, ("--force-thoughts",))})
+    drawing, pictures = exp.picture_jobs(finals["covt"])
+    exp.commands({**evaluations, **drawing})
     return write_report(exp, finals, results, pictures)
 
 
