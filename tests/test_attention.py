@@ -77,3 +77,25 @@ def test_packed_text_attention_is_causal_within_each_sample_and_never_across():
     assert cu.tolist() == [0, 5, 6, 13] and longest == 7
     assert boundaries(positions)[0] is cu  # the same tensor (every layer of one pass): not read again
     assert boundaries(positions.clone())[0] is not cu
+
+
+def test_causal_varlen_groups_heads_itself_where_the_kernel_cannot(monkeypatch):
+    """torch 2.11's varlen_attn has no enable_gqa (it failed on the device): the key/value heads are repeated
+    instead, and the result equals grouped-query attention per sample."""
+    import trainer.text_attention as text_attention
+    from trainer.vision_attention import per_segment
+
+    seen = {}
+
+    def varlen_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        seen.update(kv_heads=k.shape[1], window=window_size)
+        assert k.shape[1] == q.shape[1], "this kernel cannot group heads"
+        return per_segment(q, k, v, cu_q, scale, causal=window_size == (-1, 0))
+
+    monkeypatch.setattr(text_attention, "varlen_kernel", lambda: varlen_without_gqa)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = text_attention.causal_varlen(q, k, v, cu, 5, 0.3)
+    assert seen == {"kv_heads": 4, "window": (-1, 0)}
+    torch.testing.assert_close(out, per_segment(q, k, v, cu, 0.3, causal=True))
