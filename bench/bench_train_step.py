@@ -10,7 +10,7 @@ sam/depth/dino heads consuming synthetic targets of the real cached shapes (SAM 
 One timed step = one optimizer step over a global batch of 8 samples (448x448 image, ~300
 text tokens each, lengths varying +-20%), cut into micro-batches of 1, 2, 4 or 8 with
 gradient accumulation: host->device copies, forwards, backwards, clipping, AdamW, as
-trainer/train.py runs it (bf16 autocast). Three kinds of step on the same model and batches,
+trainer/train.py runs it (bf16 autocast). Kinds of step on the same model and batches,
 alternating after warm-up, timed with CUDA events (medians):
 
   library: transformers' loss from full logits and its per-window sdpa vision attention
@@ -18,6 +18,7 @@ alternating after warm-up, timed with CUDA events (medians):
   plain:   this trainer's text loss (logits at labelled positions only) and varlen vision
            attention, anchor losses off: a plain LoRA fine-tune through the same code;
   covt:    plain + the three anchor heads and their losses.
+  covt_bf16_inputs: covt with train.lora.fp32_inputs false (no fp32 copies of the adapters' inputs).
 
     python bench/bench_train_step.py                       # H100: the 7B model
     python bench/bench_train_step.py --device cpu --tiny --micro-batch 1,4 --checkpointing on   # smoke test
@@ -51,7 +52,7 @@ from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig, TrainConfi
 from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
-from trainer.lora import attach_lora, trainable_summary  # noqa: E402
+from trainer.lora import attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
@@ -181,20 +182,22 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
 
     kind: ``covt`` (text + anchor losses), ``plain`` (the same model and text loss, no anchor losses: a plain
     LoRA fine-tune through the same code), ``library`` (transformers' own loss from full logits and its
-    per-window sdpa vision attention: a LoRA fine-tune as usually written, the "before" of issue 9).
+    per-window sdpa vision attention: a LoRA fine-tune as usually written, the "before" of issue 9),
+    ``covt_bf16_inputs`` (covt with train.lora.fp32_inputs false: the adapters take the bf16 activations uncast).
     """
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
 
     def step() -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
+        cast_adapter_inputs(model.vlm, kind != "covt_bf16_inputs")
         for cpu_batch in batches:
             batch = batch_to(cpu_batch, device)
             with autocast(device, bf16):
                 if kind == "library":
                     loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
                 else:
-                    loss = model(batch, anchor_losses=kind == "covt")["loss"]
+                    loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
             (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
         optimizer.step()

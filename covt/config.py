@@ -162,6 +162,11 @@ class LoraConfig:
     dropout: float = option(0.01, "LoRA dropout")
     vision_tower: bool = option(True, "LoRA on the vision tower as well as the LLM")
     merger: bool = option(True, "LoRA also on the vision tower's patch merger (its 2 Linear layers), as the reference")
+    # peft copies each adapter's (bf16) input to fp32, its weights' dtype, and autocast copies it back for the
+    # matmul: two activation-sized casts per adapter and dropout in fp32. false: the adapters take the bf16
+    # activations as they are (weights and optimizer stay fp32; autocast casts the small weights once per forward),
+    # as the reference's adapters compute under DeepSpeed bf16. Equal without dropout (tests/test_trainer_lora.py)
+    fp32_inputs: bool = option(True, "adapters cast their bf16 inputs to fp32 (peft's default); false: no cast")
     target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],
         help="module names that get LoRA (LLM and vision blocks)")

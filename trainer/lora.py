@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from covt.config import LoraConfig
 
@@ -96,7 +97,16 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
         trainable_token_indices=token_indices,
         bias="none",
     )
-    return keep_trainable_in_fp32(get_peft_model(vlm, config))
+    model = keep_trainable_in_fp32(get_peft_model(vlm, config))
+    cast_adapter_inputs(model, lora.fp32_inputs)
+    return model
+
+
+def cast_adapter_inputs(model: torch.nn.Module, enabled: bool) -> None:
+    """Whether every LoRA layer copies its input to its weights' dtype (peft's ``cast_input_dtype_enabled``)."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
