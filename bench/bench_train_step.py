@@ -50,7 +50,7 @@ from covt.anchors import array_shape, get_anchor  # noqa: E402
 from covt.compute import autocast  # noqa: E402
 from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig, TrainConfig  # noqa: E402
 from covt.images import open_rgb  # noqa: E402
-from trainer.batch import batch_to, build_batch  # noqa: E402
+from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
@@ -412,6 +412,8 @@ def main(argv=None) -> dict:
             cfg.train.packing = packing
             batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
                                    view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
+            if device.type == "cuda":  # as the trainer's DataLoader hands them over (pin_memory)
+                batches = [pinned(b) for b in batches]
             row = time_layout(model, optimizer, batches, args, device, rate)
             del batches
             free_memory()

@@ -254,12 +254,23 @@ def text_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
             "weights": 1.0 / counts[rows].to(torch.float32)}
 
 
+def map_tensors(batch: Any, fn) -> Any:
+    """``batch`` (tensors in dicts, lists and tuples) with ``fn`` applied to every tensor."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def batch_to(batch: Any, device: torch.device | str) -> Any:
     """``batch`` with every tensor moved to ``device`` (dtypes unchanged: the VLM casts pixel values itself)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: batch_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(batch_to(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def pinned(batch: Any) -> Any:
+    """``batch`` in page-locked host memory, as the trainer's DataLoader (``pin_memory``) hands it over: its copy
+    to the GPU is then asynchronous."""
+    return map_tensors(batch, lambda t: t.pin_memory())
