@@ -73,6 +73,26 @@ def emitting(shares: dict) -> float:
     return shares["stage3_every_anchor"] + shares["stage4_subset"]
 
 
+
+def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_failure(tmp_path):
+    import dataclasses
+
+    from bench.learn.run import FULL, Experiment
+
+    assert FULL.side_by_side
+    exp = Experiment(tmp_path, dataclasses.replace(FULL, device="cpu"))
+    handshake = tmp_path / "first-is-running"
+    # the second command waits for the first one's file: it can only finish if both run at the same time
+    exp.commands({"first": ["-c", f"import pathlib, time; pathlib.Path({str(handshake)!r}).touch(); time.sleep(1)"],
+                  "second": ["-c", f"import pathlib, time\nfor _ in range(200):\n"
+                                   f"    if pathlib.Path({str(handshake)!r}).exists(): break\n    time.sleep(0.05)\n"
+                                   f"else: raise SystemExit('never ran beside the first')"]})
+    assert set(exp.timings) == {"first", "second"}
+    with pytest.raises(RuntimeError, match="(?s)step 'broken' failed .exit 3.*stderr of broken"):
+        exp.commands({"fine": ["-c", "pass"],
+                      "broken": ["-c", "import sys; sys.stderr.write('stderr of broken'); sys.exit(3)"]})
+
+
 @pytest.mark.slow
 def test_the_quick_experiment_learns(tmp_path):
     out = tmp_path / "learn"
