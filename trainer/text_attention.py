@@ -14,6 +14,7 @@ trainer.model.vlm_inputs passes); generation with a cache or a padding mask must
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -48,16 +49,23 @@ class SampleBoundaries:
 sample_boundaries = SampleBoundaries()
 
 
+@functools.cache
+def causal_options(kernel) -> tuple[tuple[str, object], ...]:
+    """The keywords that make ``kernel`` (a torch release's ``varlen_attn``) causal and grouped-query, read once."""
+    params = inspect.signature(kernel).parameters
+    options = [("window_size", (-1, 0)) if "window_size" in params else ("is_causal", True)]
+    if "enable_gqa" in params:
+        options.append(("enable_gqa", True))
+    return tuple(options)
+
+
 def causal_varlen(q, k, v, cu: torch.Tensor, longest: int, scaling: float | None) -> torch.Tensor:
     """One causal grouped-query ``varlen_attn`` call over (T, H, D) queries and (T, H_kv, D) keys and values. Its
-    keywords changed across torch releases (2.11 has neither ``enable_gqa`` nor, before it, ``window_size``): the
-    key/value heads are repeated where the kernel cannot group them itself."""
+    keywords changed across torch releases (2.11's has no ``enable_gqa``; one without ``window_size`` is asked with
+    ``is_causal``): the key/value heads are repeated where the kernel cannot group them itself."""
     kernel = varlen_kernel()
-    params = inspect.signature(kernel).parameters
-    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "enable_gqa" in params:
-        options["enable_gqa"] = True
-    elif k.shape[1] != q.shape[1]:
+    options = dict(causal_options(kernel))
+    if not options.get("enable_gqa") and k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **options)
