@@ -160,14 +160,18 @@ class Experiment:
             for name, args in jobs.items():
                 self.wait(*self.start(name, args))
             return
-        for running in [self.start(name, args) for name, args in jobs.items()]:
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, len(jobs))))  # the cores shared, not oversubscribed
+        for running in [self.start(name, args, threads) for name, args in jobs.items()]:
             self.wait(*running)
 
-    def start(self, name: str, args: list[str]) -> tuple[str, subprocess.Popen, Path, float]:
+    def start(self, name: str, args: list[str], threads: str | None = None
+              ) -> tuple[str, subprocess.Popen, Path, float]:
         log = self.out / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=str(REPO))
+        if threads and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = threads
         print(f"[learn] {name}: python {' '.join(args)}", flush=True)
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
