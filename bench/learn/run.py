@@ -149,13 +149,10 @@ class Experiment:
     def config(self) -> Path:
         return self.out / "configs" / "learn.yaml"
 
-    def command(self, name: str, args: list[str]) -> None:
-        """``python ARGS`` from the repository root, output in OUT/logs/NAME.log; a failure stops the experiment."""
-        self.commands({name: args})
-
     def commands(self, jobs: dict[str, list[str]]) -> None:
-        """Several ``command``s, side by side when the plan says so (the GPU plan's small model leaves the card
-        mostly idle, so its independent runs share it), else one after the other."""
+        """name -> ``python ARGS`` from the repository root, output in OUT/logs/NAME.log, side by side when the plan
+        says so (the GPU plan's small model leaves the card mostly idle, so its independent runs share it), else
+        one after the other; a failure stops the experiment."""
         if not self.plan.side_by_side:
             for name, args in jobs.items():
                 self.wait(*self.start(name, args))
