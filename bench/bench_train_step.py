@@ -52,7 +52,7 @@ from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig, TrainConfi
 from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
-from trainer.lora import attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
+from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
@@ -187,10 +187,11 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
     """
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
+    adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
 
     def step() -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
-        cast_adapter_inputs(model.vlm, kind != "covt_bf16_inputs")
+        cast_adapter_inputs(adapters, kind != "covt_bf16_inputs")
         for cpu_batch in batches:
             batch = batch_to(cpu_batch, device)
             with autocast(device, bf16):

@@ -98,15 +98,18 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
         bias="none",
     )
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
-    cast_adapter_inputs(model, lora.fp32_inputs)
+    cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
     return model
 
 
-def cast_adapter_inputs(model: torch.nn.Module, enabled: bool) -> None:
-    """Whether every LoRA layer copies its input to its weights' dtype (peft's ``cast_input_dtype_enabled``)."""
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = enabled
+def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def cast_adapter_inputs(layers: Iterable[BaseTunerLayer], enabled: bool) -> None:
+    """Whether these LoRA layers copy their input to their weights' dtype (peft's ``cast_input_dtype_enabled``)."""
+    for layer in layers:
+        layer.cast_input_dtype_enabled = enabled
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
