@@ -31,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -187,25 +187,41 @@ def throughput_args(base: Path, cache: Path, out: Path, stages: str, batch_size:
     return args + ([f"train.deepspeed=configs/deepspeed/{zero}.json"] if zero else [])
 
 
-def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
-               tiny: bool) -> dict:
-    """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
+class Launch(NamedTuple):
+    out: Path
+    grad_accum: int
+    seconds: float  # the whole launch
+    perf: list[dict]  # rank 0's perf-rank0.jsonl
+    peak_gib: float  # the highest peak GPU memory of any rank
+
+
+def launch_trainer(tag: str, stages: str, n: int, zero: str | None, batch_size: int, checkpointing: bool,
+                   work: Path, tiny: bool, what: str, extra: tuple[str, ...] = ()) -> Launch:
+    """``python -m trainer`` under torchrun on ``n`` ranks at the recipe's global batch of 8, on the 7B-sized (or
+    tiny) base and a cache of ~300-token samples with sam+depth+dino targets; its perf records."""
     base = build_base(work, tiny)
     cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
     grad_accum = 8 // (n * batch_size)
-    out = work / f"train-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
-    args = throughput_args(base, cache, out, f"[{{name: understanding, steps: {steps + 1}, merge_after: true}}]",
-                           batch_size, grad_accum, checkpointing, zero, tiny)
-    seconds = run([*torchrun(n), "-m", "trainer", *args, "--stop-after", str(steps)],
-                  f"{zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
+    out = work / f"{tag}-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
+    args = throughput_args(base, cache, out, stages, batch_size, grad_accum, checkpointing, zero, tiny)
+    seconds = run([*torchrun(n), "-m", "trainer", *args, *extra],
+                  f"{what}{zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
     perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
-    steady = statistics.median(p["seconds"] for p in perf[3:])  # the first steps warm up
     peaks = [max(json.loads(line).get("peak_gpu_memory_gib", 0) for line in (out / f"perf-rank{r}.jsonl").open())
              for r in range(n)]
-    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": grad_accum,
+    return Launch(out, grad_accum, seconds, perf, max(peaks))
+
+
+def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
+               tiny: bool) -> dict:
+    """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
+    launch = launch_trainer("train", f"[{{name: understanding, steps: {steps + 1}, merge_after: true}}]", n, zero,
+                            batch_size, checkpointing, work, tiny, "", ("--stop-after", str(steps)))
+    steady = statistics.median(p["seconds"] for p in launch.perf[3:])  # the first steps warm up
+    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": launch.grad_accum,
             "checkpointing": checkpointing, "seconds_per_step": steady, "samples_per_s": 8 / steady,
-            "samples_per_s_per_gpu": 8 / steady / n, "peak_gpu_memory_gib": max(peaks),
-            "recipe_hours": 16000 * steady / 3600, "launch_seconds": round(seconds, 1)}
+            "samples_per_s_per_gpu": 8 / steady / n, "peak_gpu_memory_gib": launch.peak_gib,
+            "recipe_hours": 16000 * steady / 3600, "launch_seconds": round(launch.seconds, 1)}
 
 
 RECIPE_CONFIG = REPO / "configs" / "covt_7b_sam_depth_dino.yaml"
@@ -267,24 +283,16 @@ def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointi
     recipe's global batch of 8 on ``n`` GPUs, and the recipe's hours at those rates."""
     if steps < 4:
         raise SystemExit("--four-stages needs --steps >= 4 (the first 2 steps of each stage warm up)")
-    base = build_base(work, tiny)
-    cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
-    grad_accum = 8 // (n * batch_size)
     stages = miniature_recipe(steps)
-    out = work / f"recipe-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
-    args = throughput_args(base, cache, out, stages, batch_size, grad_accum, checkpointing, zero, tiny)
-    launch = run([*torchrun(n), "-m", "trainer", *args],
-                 f"four stages, {zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
-    perf = [json.loads(line) for line in (out / "perf-rank0.jsonl").read_text().splitlines()]
-    seconds = per_segment_seconds(stages, perf)
-    peaks = [max(json.loads(line).get("peak_gpu_memory_gib", 0) for line in (out / f"perf-rank{r}.jsonl").open())
-             for r in range(n)]
-    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": grad_accum,
+    launch = launch_trainer("recipe", stages, n, zero, batch_size, checkpointing, work, tiny, "four stages, ")
+    seconds = per_segment_seconds(stages, launch.perf)
+    return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": launch.grad_accum,
             "checkpointing": checkpointing, "seconds_per_step": seconds,
             "samples_per_s": {k: 8 / v for k, v in seconds.items()},
-            "run2_first_step_seconds": perf[steps]["seconds"],  # the stage-1 merge and building run 2, then a step
-            "peak_gpu_memory_gib": max(peaks), "launch_seconds": round(launch, 1),
-            "final_has_heads": (out / "final" / "covt_heads.safetensors").is_file(),
+            # the stage-1 merge and building run 2, then a step
+            "run2_first_step_seconds": launch.perf[steps]["seconds"],
+            "peak_gpu_memory_gib": launch.peak_gib, "launch_seconds": round(launch.seconds, 1),
+            "final_has_heads": (launch.out / "final" / "covt_heads.safetensors").is_file(),
             **recipe_projection(seconds)}
 
 
