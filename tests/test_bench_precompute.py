@@ -8,25 +8,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_precompute_bench_runs_at_the_grid_asked(tmp_path):
+def run_quick_bench(tmp_path, *extra: str) -> tuple[dict, str]:
+    """``bench_precompute.py --quick`` at a 4-point grid and batch 1 (plus ``extra``): its JSON and its output."""
     out = tmp_path / "bench.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "bench/bench_precompute.py", "--quick", "--points-per-side", "4",
-                           "--batch-sizes", "1", "--json", str(out)], cwd=REPO, env=env, capture_output=True,
+                           "--batch-sizes", "1", "--json", str(out), *extra], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["sam_points_per_side"] == 4 and "4 points per side" in proc.stdout
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_the_precompute_bench_runs_at_the_grid_asked(tmp_path):
+    result, printed = run_quick_bench(tmp_path)
+    assert result["sam_points_per_side"] == 4 and "4 points per side" in printed
     assert {"sam", "depth", "dino", "sam+depth+dino"} <= set(result["batches"]["1"])
 
 
 def test_no_sam_details_times_the_anchors_only(tmp_path):
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "bench/bench_precompute.py", "--quick", "--points-per-side", "4",
-                           "--batch-sizes", "1", "--no-sam-details", "--json", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(out.read_text())["batches"]["1"]
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details")
+    row = result["batches"]["1"]
     assert "sam_details" not in row and row["sam+depth+dino"] > 0
-    assert "sam encoder img/s" not in proc.stdout
+    assert "sam encoder img/s" not in printed
