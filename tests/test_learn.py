@@ -74,12 +74,13 @@ def emitting(shares: dict) -> float:
 
 
 
-def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_failure(tmp_path):
+def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_failure(tmp_path, monkeypatch):
     import dataclasses
 
     from bench.learn.run import FULL, Experiment
 
     assert FULL.side_by_side
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     exp = Experiment(tmp_path, dataclasses.replace(FULL, device="cpu"))
     handshake = tmp_path / "first-is-running"
     # the second command waits for the first one's file: it can only finish if both run at the same time
@@ -88,6 +89,11 @@ def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_fail
                                    f"    if pathlib.Path({str(handshake)!r}).exists(): break\n    time.sleep(0.05)\n"
                                    f"else: raise SystemExit('never ran beside the first')"]})
     assert set(exp.timings) == {"first", "second"}
+    # runs side by side split the machine's cores between them
+    exp.commands({name: ["-c", f"import os, pathlib; pathlib.Path({str(tmp_path / name)!r}).write_text("
+                               "os.environ['OMP_NUM_THREADS'])"] for name in ("threads-a", "threads-b")})
+    for name in ("threads-a", "threads-b"):
+        assert int((tmp_path / name).read_text()) == max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(RuntimeError, match="(?s)step 'broken' failed .exit 3.*stderr of broken"):
         exp.commands({"fine": ["-c", "pass"],
                       "broken": ["-c", "import sys; sys.stderr.write('stderr of broken'); sys.exit(3)"]})
