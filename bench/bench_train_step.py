@@ -19,6 +19,9 @@ alternating after warm-up, timed with CUDA events (medians):
            attention, anchor losses off: a plain LoRA fine-tune through the same code;
   covt:    plain + the three anchor heads and their losses.
   covt_bf16_inputs: covt with train.lora.fp32_inputs false (no fp32 copies of the adapters' inputs).
+  covt_compiled: covt with train.compile (each decoder layer and vision block through torch.compile; the
+           other kinds run the same blocks eagerly, torch.compiler.set_stance("force_eager")).
+  covt_bf16_inputs_compiled: both.
 
     python bench/bench_train_step.py                       # H100: the 7B model
     python bench/bench_train_step.py --device cpu --tiny --micro-batch 1,4 --checkpointing on   # smoke test
@@ -53,7 +56,7 @@ from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
-from trainer.model import CoVTModel, unwrap_vlm, vlm_inputs  # noqa: E402
+from trainer.model import CoVTModel, compile_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
@@ -183,15 +186,22 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
     kind: ``covt`` (text + anchor losses), ``plain`` (the same model and text loss, no anchor losses: a plain
     LoRA fine-tune through the same code), ``library`` (transformers' own loss from full logits and its
     per-window sdpa vision attention: a LoRA fine-tune as usually written, the "before" of issue 9),
-    ``covt_bf16_inputs`` (covt with train.lora.fp32_inputs false: the adapters take the bf16 activations uncast).
+    ``covt_bf16_inputs`` (covt with train.lora.fp32_inputs false: the adapters take the bf16 activations uncast),
+    ``covt_compiled`` / ``covt_bf16_inputs_compiled`` (the same with train.compile's compiled blocks; every other
+    kind runs those blocks eagerly).
     """
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
 
-    def step() -> None:
+    def step(eager: bool = False) -> None:
+        """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel)."""
+        with torch.compiler.set_stance("default" if kind.endswith("_compiled") and not eager else "force_eager"):
+            micro_batches()
+
+    def micro_batches() -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
-        cast_adapter_inputs(adapters, kind != "covt_bf16_inputs")
+        cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         for cpu_batch in batches:
             batch = batch_to(cpu_batch, device)
             with autocast(device, bf16):
@@ -265,7 +275,7 @@ def count_flops(step) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(eager=True)  # compiled kernels bypass the counter: count the eager run of the same function
     return counter.get_total_flops()
 
 
@@ -292,6 +302,7 @@ def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtyp
     use_varlen_vision_attention(vlm)
     use_packed_text_attention(vlm)  # rows that are not packed keep sdpa: the padded layouts are unchanged
     vlm = attach_lora(vlm, LoraConfig(), tokens.ids)  # the recipe's r16 / alpha 32 / dropout 0.01
+    compile_blocks(vlm)  # compiles on the first call of a *_compiled kind; the others run the blocks eagerly
     heads = build_heads(ANCHORS, config.text_config.hidden_size, CacheDims(dims, decoders))
     return CoVTModel(vlm, heads, tokens).to(device).train()
 

@@ -238,6 +238,10 @@ class TrainConfig:
         "continue", "each run continues the data stream, or restarts it from the first sample")
     # several samples in one row per micro-batch, each with its own rope positions, attention kept within a sample
     packing: bool = option(False, "concatenate a micro-batch's samples into one row (no padding), attention per sample")
+    # regional compilation: each decoder layer and vision block through torch.compile (trainer.model.compile_blocks),
+    # the norms, activations, rope and casts between the matrix products fused into few kernels; the first steps
+    # of each run compile (a minute or more), later shapes reuse or extend the compiled code
+    compile: bool = option(False, "torch.compile each decoder layer and vision block (fused kernels, fewer launches)")
 
 
 # ------------------------------------------------------------------------- root

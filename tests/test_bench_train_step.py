@@ -9,8 +9,8 @@ from bench.bench_train_step import main
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
-                   "--kinds", "plain,covt", "--packing", "off,on", "--steps", "1", "--warmup", "0", "--profile",
-                   "--json", str(out)])
+                   "--kinds", "plain,covt,covt_compiled", "--packing", "off,on", "--steps", "1", "--warmup", "0",
+                   "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
     assert result["matmul_tflops"] > 0 and result["matmul_size"] == 1024
@@ -27,7 +27,11 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
             assert row[f"{kind}_busy_fraction"] > 0 and 0 < row[f"{kind}_gemm_share"] <= 1
         # the anchor heads add work; packing removes the padding's (the same samples, fewer tokens)
         assert row["covt_tflop_per_step"] > row["plain_tflop_per_step"]
+        # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
+        assert row["covt_compiled_tflop_per_step"] == row["covt_tflop_per_step"]
+        assert row["covt_compiled_busy_fraction"] > 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
     header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
-    for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU"):
+    for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU",
+                   "covt_compiled MFU"):
         assert f"| {column} |" in header

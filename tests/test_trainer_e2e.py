@@ -212,3 +212,29 @@ def test_packed_micro_batches_train_every_stage_as_padded_ones_do(workdir, overr
     for a, b in zip(packed[:2], padded[:2]):
         for key in ["loss", "text", *ANCHORS]:
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
+def test_compiled_blocks_train_every_stage_as_eager_ones_do(workdir, uninterrupted, overrides):
+    """train.compile (with activation checkpointing on) through all four stages, both merges (the model loaded
+    anew and compiled again for the second run) and the export: the first two steps' losses are those of the
+    eager run (relative 1e-5; later steps move with any change of fp32 summation order, see the packed test
+    above), and the final folder has the keys of the eager run's."""
+    from safetensors import safe_open
+
+    out = workdir / "compiled"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, out.name),
+           "train.compile=true", "train.gradient_checkpointing=true"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # each of the two runs: 2 decoder layers + 2 vision blocks
+    assert (proc.stdout + proc.stderr).count("train.compile: 4 blocks compile") == 2
+    compiled, eager = metrics(out), metrics(uninterrupted)
+    assert [r["stage"] for r in compiled] == [r["stage"] for r in eager]
+    assert all(np.isfinite(r["loss"]) for r in compiled)
+    for a, b in zip(compiled[:2], eager[:2]):
+        for key in ["loss", "text", *ANCHORS]:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    for name in ("model.safetensors", "covt_heads.safetensors"):
+        with safe_open(out / "final" / name, "pt") as f, safe_open(uninterrupted / "final" / name, "pt") as g:
+            assert set(f.keys()) == set(g.keys()), name

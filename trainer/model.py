@@ -168,3 +168,15 @@ def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_h
     logits = lm_head(hidden[rows, positions])
     token_losses = F.cross_entropy(logits.float(), text["targets"].to(device), reduction="none")
     return (token_losses * text["weights"].to(device)).sum()
+
+
+def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
+    """torch.compile each decoder layer of the language model and each block of the vision tower, in place
+    (train.compile; regional compilation): the repeated blocks share their compiled code, the state dict keeps
+    its keys, and what runs between the blocks (embeddings, rope index, the heads) stays eager. Compiles lazily,
+    at each new shape of the first calls. Returns the compiled blocks."""
+    model = unwrap_vlm(vlm).model
+    blocks = [*model.language_model.layers, *model.visual.blocks]
+    for block in blocks:
+        block.compile()
+    return blocks

@@ -50,7 +50,7 @@ from trainer.heads import build_heads, init_like_missing_keys, uses_projection_l
 from trainer.loading import load_processor, load_vlm
 from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
-from trainer.model import CoVTModel
+from trainer.model import CoVTModel, compile_blocks
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
@@ -240,6 +240,8 @@ class RunModel:
         vlm = attach_lora(vlm, t.lora, tokens.ids)
         if t.new_token_rows == "first_run" and run.index > 0:
             stop_token_row_gradients(vlm)  # the reference's row mask is empty after the first merge: decay only
+        if t.compile:
+            job.log.info(f"train.compile: {len(compile_blocks(vlm))} blocks compile at their first shapes")
         # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         optimizer = make_optimizer(model, t)
