@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from covt.compute import tf32_matmuls, use_tf32  # noqa: E402
 from covt.config import SamPrecomputeConfig  # noqa: E402
 from covt.images import square_view  # noqa: E402
 from precompute.anchors.base import AnchorModel  # noqa: E402
@@ -148,6 +149,32 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
     return out
 
 
+def profile_sam(sam: SamAnchor, views: torch.Tensor, device: torch.device, top: int = 15) -> dict:
+    """One ``sam.compute`` under torch.profiler: the top operators by self device time (CPU time on the CPU),
+    printed and returned with the step's total, and the time of its parts (encoder, mask decoding + selection)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with record_function("sam.embed"):
+            emb = sam.embed(views)
+            sync(device)
+        with record_function("sam.automatic_masks"):
+            sam.automatic_masks(emb)
+            sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events if not e.key.startswith("sam."))
+    parts = {e.key: e.cpu_time_total / 1000 for e in events if e.key.startswith("sam.")}  # wall ms, synced
+    print(f"--- profile of one sam.compute of {len(views)} images, by {key}: total {total / 1000:.1f} ms; parts "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+    return {"total_ms": total / 1000, "parts_ms": parts,
+            "top": [{"op": e.key, "ms": getattr(e, key) / 1000, "calls": e.count}
+                    for e in rows if not e.key.startswith("sam.")][:top]}
+
+
 def write_cost(name: str, anchor: AnchorModel, outputs: dict[str, np.ndarray]) -> float:
     """CPU seconds per image of ``CacheWriter.write_targets`` for one shard of these outputs."""
     from shards.writer import CacheWriter
@@ -171,12 +198,16 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                    help="fp32 matrix products in TF32 (precompute.tf32; the 7B configs' and the reference's setting)")
     ap.add_argument("--points-per-side", type=int, default=None,
                     help="SAM's automatic mask grid (default: precompute.sam's, 32; quick: 8)")
     ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
                     help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one sam.compute of the last batch: its top operators and where SAM's time goes")
     ap.add_argument("--no-sam-details", dest="sam_details", action="store_false",
                     help="time the anchors only, not SAM's encoder/decoder variants (minutes at 32 points in fp32)")
     args = ap.parse_args(argv)
@@ -188,10 +219,10 @@ def main(argv=None) -> int:
     batch_sizes = [int(b) for b in (args.batch_sizes or ("2" if args.quick else "8,16")).split(",")]
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     iters = args.iters if args.iters is not None else (1 if args.quick else 5)
+    use_tf32(args.tf32)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}")
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, dtype {args.dtype}, "
+              f"fp32 matrix products {'TF32' if tf32_matmuls() else 'IEEE fp32'}")
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads), tiny variants, torch {torch.__version__}")
 
@@ -201,7 +232,7 @@ def main(argv=None) -> int:
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "quick": args.quick, "dtype": args.dtype,
+                     "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
     for bs in batch_sizes:
         views = {n: photo_batch(a.input_size, bs, device) for n, a in anchors.items()}
@@ -219,6 +250,8 @@ def main(argv=None) -> int:
         results["batches"][bs] = row
         print_row(bs, row)
 
+    if args.profile:
+        results["sam_profile"] = profile_sam(anchors["sam"], views["sam"], device)
     outputs = {n: a.compute(views[n]) for n, a in anchors.items()}
     results["write_targets_s_per_image"] = {n: write_cost(n, anchors[n], outputs[n]) for n in anchors}
     print("CacheWriter.write_targets, CPU seconds per image (bf16 codec, zstd, checksums): "

@@ -97,3 +97,25 @@ def free_port() -> int:
 def autocast(device: torch.device, bf16: bool) -> torch.autocast:
     """bf16 autocast on CUDA when ``bf16`` is asked for; fp32 everywhere else (CPU runs stay exact)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def use_tf32(enabled: bool) -> None:
+    """With ``enabled``, CUDA's fp32 matrix products run in TF32 (tensor cores, 10-bit mantissa), as Hugging Face
+    ``TrainingArguments(tf32=True)`` sets them (the reference's run.sh passes ``--tf32 True``); False leaves
+    PyTorch's setting (IEEE fp32 matrix products). Convolutions keep PyTorch's default (TF32 in cuDNN)."""
+    if not enabled:
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+
+
+def tf32_matmuls() -> bool:
+    """Whether CUDA's fp32 matrix products run in TF32 in this process (:func:`use_tf32`, or set elsewhere)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # "none": the global setting (transformers' enable_tf32 sets that one)
+        own = matmul.fp32_precision
+        return own == "tf32" or (own == "none" and getattr(torch.backends, "fp32_precision", "none") == "tf32")
+    return bool(matmul.allow_tf32)

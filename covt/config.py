@@ -120,6 +120,8 @@ class SamPrecomputeConfig:
 class PrecomputeConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["bf16", "fp32"] = option("bf16", "anchors that do not tolerate bf16 stay fp32")
+    # Hugging Face's tf32: fp32 matrix products on tensor cores; the reference's anchors ran so (run.sh --tf32 True)
+    tf32: bool = option(False, "fp32 matrix products in TF32 on CUDA (the reference's run.sh --tf32 True)")
     batch_size: int = option(8, "images per anchor forward pass")
     num_workers: int = option(2, "image decoding workers")
     checkpoints: dict[str, CheckpointConfig] = option(factory=dict, help="anchor name -> its checkpoint")
@@ -195,6 +197,7 @@ class TrainConfig:
     max_length: int | None = option(2048, "tokens; truncation never cuts an image or a thought (None: no limit)")
     num_workers: int = option(0, "DataLoader workers reading the cache")
     bf16: bool = option(True, "ignored on CPU")
+    tf32: bool = option(False, "fp32 matrix products in TF32 on CUDA (the reference's run.sh --tf32 True)")
     gradient_checkpointing: bool = option(True, "activation checkpointing of the VLM")
     # varlen: every vision window of a micro-batch in one kernel call (trainer/vision_attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.

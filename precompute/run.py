@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from covt.compute import Compute, compute_cleanup, compute_init
+from covt.compute import Compute, compute_cleanup, compute_init, tf32_matmuls, use_tf32
 from covt.config import Config
 from covt.fs import naming_disk_full
 from covt.images import open_rgb
@@ -127,6 +127,7 @@ def precompute(cfg: Config, anchors: list[str] | None = None) -> dict:
     names = list(dict.fromkeys(anchors or cfg.anchors))
     started = time.perf_counter()
     compute = compute_init(cfg.precompute.device, "precompute.device", BARRIER_TIMEOUT)
+    use_tf32(cfg.precompute.tf32)
     try:
         # one precompute per cache (and its validation/; at a URL too: an object created only if absent);
         # every rank enters
@@ -232,6 +233,8 @@ def declare_anchors(writer: CacheWriter, models: dict[str, AnchorModel], keys: d
         fingerprint = model.fingerprint()
         if views != "square":  # recorded only when not the default, so existing caches stay valid
             fingerprint["views"] = describe(keys[name])
+        if device.type == "cuda" and tf32_matmuls():  # likewise: fp32 matrix products ran in TF32 (precompute.tf32)
+            fingerprint["fp32_matmuls"] = "tf32"
         if name in first:
             codecs, calibration = calibrate.calibrate(writer, name, joined(first[name]), bound)
         else:

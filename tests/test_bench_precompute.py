@@ -30,3 +30,12 @@ def test_no_sam_details_times_the_anchors_only(tmp_path):
     row = result["batches"]["1"]
     assert "sam_details" not in row and row["sam+depth+dino"] > 0
     assert "sam encoder img/s" not in printed
+
+
+def test_profile_reports_where_sams_time_goes(tmp_path):
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--profile")
+    profile = result["sam_profile"]
+    assert set(profile["parts_ms"]) == {"sam.embed", "sam.automatic_masks"}
+    assert all(v > 0 for v in profile["parts_ms"].values()) and profile["total_ms"] > 0
+    assert len(profile["top"]) == 15 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
+    assert "--- profile of one sam.compute of 1 images" in printed

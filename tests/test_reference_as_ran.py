@@ -60,6 +60,27 @@ def test_the_7b_configs_reproduce_the_reference_as_it_ran_and_print_it(name):
     assert "lr_scheduler: cosine" in printed and "max_grad_norm: null" in printed and "max_length: null" in printed
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_7b_configs_run_fp32_matrix_products_in_tf32_as_run_sh_does(name):
+    """run.sh 69 passes --tf32 True: the training process, the anchors inside its step included, runs fp32 matrix
+    products in TF32. use_tf32 sets that for this process (tf32_matmuls reads it back); False leaves it alone."""
+    from covt.compute import tf32_matmuls, use_tf32
+
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.precompute.tf32 and cfg.train.tf32 and cfg.precompute.dtype == "fp32"
+    assert not TrainConfig().tf32  # Hugging Face's default: PyTorch's own setting
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        use_tf32(False)
+        assert matmul.fp32_precision == before
+        use_tf32(True)
+        assert tf32_matmuls() and matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+    assert tf32_matmuls() == (before == "tf32")
+
+
 def test_the_readme_override_set_gives_the_evident_intent():
     readme = (REPO / "README.md").read_text()
     found = re.search(r"\*\*The evident intent\*\*[^`]*`([^`]+)`", readme)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from covt.compute import Compute, autocast, compute_cleanup, compute_init
+from covt.compute import Compute, autocast, compute_cleanup, compute_init, use_tf32
 from covt.config import Config, TrainConfig
 from shards.reader import Cache, StreamingDataset
 from trainer.batch import BatchBuilder, batch_to
@@ -79,6 +79,7 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
         if compute.world > 1 and not t.deepspeed:
             raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
                              "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
+        use_tf32(t.tf32)
         lock.acquire()
         job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume, allow_config_change)
         for run in job.schedule.runs:
