@@ -109,6 +109,9 @@ class SamPrecomputeConfig:
     nms_score: Literal["pred_iou", "iou_x_stability"] = option(
         "pred_iou", "what box NMS ranks duplicates by (SAM's generator: pred_iou)")
     point_batch_size: int = option(256, "point prompts per mask-decoder call")
+    # the masks of a prompt whose predicted IoUs all fail pred_iou_thresh are never made (that threshold would drop
+    # every one of them): the same candidates, less upscaling work where the threshold bites
+    iou_first: bool = option(True, "make masks only for prompts with a predicted IoU above pred_iou_thresh")
     # The same function three ways (precompute/anchors/sam_fast.py): segment_anything's own attention, or fused
     # SDPA with the relative-position terms as an additive bias or folded into wider q/k; sdpa_fold measured
     # fastest on an H100 (BENCHMARKS.md).

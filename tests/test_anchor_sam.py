@@ -274,6 +274,43 @@ def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
     assert torch.equal(a.count, b.count) and torch.equal(a.points, b.points)
 
 
+def test_masks_only_for_prompts_passing_the_iou_threshold_keep_every_candidate(sam_dir):
+    """precompute.sam.iou_first: prompts whose predicted IoUs all fail pred_iou_thresh get no masks made; the
+    candidates and the selected masks are those of making every prompt's masks."""
+    from precompute.anchors.sam_fast import decode_outputs
+
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.46", "precompute.sam.stability_score_thresh=0.0",
+                      "precompute.sam.point_batch_size=24")
+    spread_decoder_weights(anchor, 3)
+    anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data -= 1.4  # each prompt's best IoU 0.43-0.60
+    emb = anchor.embed(views(anchor, 3))
+    n_pts = len(anchor.grid_points)
+    img = torch.arange(3).repeat_interleave(n_pts)
+    with torch.no_grad():
+        _, _, iou = decode_outputs(anchor.sam, emb, img, anchor.grid_sparse_embeddings().repeat(3, 1, 1))
+    skipped = float((iou <= 0.46).all(1).float().mean())
+    assert 0.2 < skipped < 0.8  # the threshold skips a real share of the prompts, and keeps some
+    assert anchor.amg.iou_first  # the default
+    masked_prompts = []  # prompts whose masks are made: rows through a hypernetwork of mask_logits
+    anchor.sam.mask_decoder.output_hypernetworks_mlps[1].register_forward_hook(
+        lambda module, args, out: masked_prompts.append(args[0].shape[0]))
+    fast = anchor.mask_candidates(emb)
+    made_fast = sum(masked_prompts)
+    fast_masks = anchor.automatic_masks(emb)
+    anchor.amg.iou_first = False
+    masked_prompts.clear()
+    every = anchor.mask_candidates(emb)
+    assert sum(masked_prompts) == 3 * n_pts and made_fast == round(3 * n_pts * (1 - skipped))
+    every_masks = anchor.automatic_masks(emb)
+    assert len(every["iou"]) > 10
+    for key in ("image", "point"):
+        assert torch.equal(fast[key], every[key]), key
+    torch.testing.assert_close(fast["iou"], every["iou"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast["stability"], every["stability"], atol=1e-5, rtol=1e-5)
+    assert (fast["masks"] != every["masks"]).sum() <= 2  # a logit within rounding of 0 may flip
+    assert torch.equal(fast_masks.count, every_masks.count) and torch.equal(fast_masks.points, every_masks.points)
+
+
 def test_encoder_attention_comes_from_the_config(sam_dir):
     assert tiny_sam(sam_dir).encoder_attention == "sdpa_fold"
     assert tiny_sam(sam_dir, "precompute.sam.encoder_attention=library").encoder_attention == "library"

@@ -16,7 +16,9 @@ images of a batch at once on the device: grid prompts are embedded once, the
 mask decoder's submodules decode prompts of many images in one call, the
 stability score is computed on the low-res logits (SAM upsamples to the
 original size first, which costs 16x more and changes the score only at the
-boundary), and nothing goes through RLE or per-mask CPU work. Masks are ranked
+boundary), the masks of a prompt are made only when one of its predicted IoUs
+passes the threshold (``precompute.sam.iou_first``: the threshold would drop
+them all), and nothing goes through RLE or per-mask CPU work. Masks are ranked
 by predicted IoU x stability score (the reference's top 8); box NMS ranks duplicates
 by ``precompute.sam.nms_score``: predicted IoU as SamAutomaticMaskGenerator does, or
 the same IoU x stability.
@@ -40,7 +42,7 @@ from covt.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 from covt.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file
-from .sam_fast import decode_prompts, encoder_attention, use_encoder_attention
+from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -255,12 +257,21 @@ class SamAnchor(AnchorModel):
         return self._grid_sparse
 
     def _decode_batched(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
-        """Multimask logits ``(n, M, H, W)`` and IoU ``(n, M)`` for prompts (image ``img``, point ``pt``).
+        """Multimask logits ``(k, M, H, W)`` and IoU ``(k, M)`` of the prompts (image ``img``, point ``pt``) at
+        index ``live`` (k of the n), and ``live``.
 
-        MaskDecoder.predict_masks pairs one image with all prompts of a call; this
-        applies its submodules (sam_fast.decode_prompts) to prompts of many images.
+        MaskDecoder.predict_masks pairs one image with all prompts of a call; this applies its submodules
+        (sam_fast.decode_outputs) to prompts of many images. With ``precompute.sam.iou_first`` the masks of a
+        prompt are made only if one of its predicted IoUs passes ``pred_iou_thresh`` (the others' masks
+        would all be dropped by that threshold).
         """
-        return decode_prompts(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
+        mask_tokens, keys, iou = decode_outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
+        live = torch.arange(len(pt), device=pt.device)
+        if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
+            live = live[(iou > self.amg.pred_iou_thresh).any(1)]
+            if len(live) < len(pt):
+                mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
+        return multimask_logits(self.sam, keys, mask_tokens), iou, live
 
     def _decode_per_image(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
         pe = self.sam.prompt_encoder
@@ -274,7 +285,7 @@ class SamAnchor(AnchorModel):
                                             dense_prompt_embeddings=dense, multimask_output=True)
             logits.append(lg)
             ious.append(iou)
-        return torch.cat(logits), torch.cat(ious)
+        return torch.cat(logits), torch.cat(ious), torch.arange(len(pt), device=pt.device)
 
     @torch.no_grad()
     def mask_candidates(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -287,7 +298,8 @@ class SamAnchor(AnchorModel):
         for chunk in prompts.split(amg.point_batch_size):
             img, pt = chunk // n_pts, chunk % n_pts
             with autocast(self.device, self.decoder_bf16):
-                logits, iou = decode(emb, img, pt)
+                logits, iou, live = decode(emb, img, pt)
+            img, pt = img[live], pt[live]
             m = logits.shape[1]
             # thresholds at +-1 and 0 compare exactly in bf16 too: no float copy of the logits
             logits, iou = logits.flatten(0, 1), iou.float().flatten()

@@ -168,12 +168,12 @@ def transposed_conv_as_linear(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Ten
 
 
 def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens: torch.Tensor,
-                token_ids: list[int]) -> torch.Tensor:
+                token_ids: list[int], first_token: int = 0) -> torch.Tensor:
     """``MaskDecoder``'s mask logits ``(n, len(token_ids), 4h, 4w)`` from transformer outputs, channels last.
 
-    ``src`` (n, h*w, C) are the image tokens and ``mask_tokens`` (n, num_mask_tokens, C) the
-    mask-token outputs. The library transposes the tokens to NCHW, upscales with two
-    ConvTranspose2d (LayerNorm2d between them as separate element-wise ops), then contracts
+    ``src`` (n, h*w, C) are the image tokens and ``mask_tokens`` (n, T, C) the outputs of the mask tokens
+    ``first_token``, ``first_token + 1``, ... (each has its hypernetwork). The library transposes the tokens
+    to NCHW, upscales with two ConvTranspose2d (LayerNorm2d between them as separate element-wise ops), then contracts
     the 32-channel map with each hypernetwork's output. Here each transposed convolution
     is a per-pixel Linear on the token-major layout, the norm is one fused layer_norm over
     the channel (last) dim, only the wanted tokens are contracted, and the sub-pixel
@@ -186,9 +186,9 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
     x = F.linear(src, w1, b1).unflatten(-1, (4, c1))  # (n, hw, di*dj, c1)
     x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     x = act2(F.linear(x, w2, b2))  # (n, hw, di*dj, ei*ej*c2)
-    hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in token_ids], 1)
+    hyper = torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i]) for i in token_ids], 1)
     n, m = src.shape[0], len(token_ids)
-    logits = x.reshape(n, -1, c2) @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m)
+    logits = x.reshape(n, h * w * 16, c2) @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m); n may be 0
     # (n, y, x, di, dj, ei, ej, m) -> (n, m, y, di, ei, x, dj, ej): pixel (4y + 2di + ei, 4x + 2dj + ej)
     logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(n, m, 4 * h, 4 * w)
@@ -267,16 +267,16 @@ def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torc
     return queries, layer.norm4(keys + out)
 
 
-def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
-    """Multimask logits ``(n, M, 4h, 4w)`` and IoU ``(n, M)`` of single prompts, no dense prompt.
+def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
+    """The mask decoder's transformer for single prompts, no dense prompt, for prompts of many images in one call.
 
-    The function of ``MaskDecoder.forward(emb[img[j]], ..., sparse[j], no_mask_embed,
-    multimask_output=True)`` for each prompt j, for prompts of many images in one call;
-    consecutive prompts of one image share that image's layer-0 work (any order is correct).
+    Returns the multimask tokens ``(n, M, C)``, the image keys ``(n, h*w, C)`` (what :func:`multimask_logits`
+    turns into masks) and the predicted IoUs ``(n, M)``, those of ``MaskDecoder.forward(emb[img[j]], ...,
+    sparse[j], no_mask_embed, multimask_output=True)`` for each prompt j; consecutive prompts of one image
+    share that image's layer-0 work (any order is correct).
     """
     md, pe = sam.mask_decoder, sam.prompt_encoder
     n = sparse.shape[0]
-    _, c, h, w = emb.shape
     out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
     tokens = torch.cat([out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], 1)
     images, counts = torch.unique_consecutive(img, return_counts=True)
@@ -285,7 +285,19 @@ def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
     groups = list(enumerate(counts.tolist()))
     hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens)
-    multimask = list(range(1, md.num_mask_tokens))  # token 0 is the single-mask output
-    logits = mask_logits(md, keys, h, w, hs[:, 1:1 + md.num_mask_tokens], multimask)
-    iou = md.iou_prediction_head(hs[:, 0])[:, 1:]
-    return logits, iou
+    iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
+    return hs[:, 2:1 + md.num_mask_tokens], keys, iou
+
+
+def multimask_logits(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
+    """Mask logits ``(n, M, 4h, 4w)`` of :func:`decode_outputs`' keys and multimask tokens (any subset of rows)."""
+    md = sam.mask_decoder
+    h, w = sam.prompt_encoder.image_embedding_size
+    return mask_logits(md, keys, h, w, mask_tokens, list(range(mask_tokens.shape[1])), first_token=1)
+
+
+def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
+    """Multimask logits ``(n, M, 4h, 4w)`` and IoU ``(n, M)`` of single prompts, no dense prompt: the function of
+    ``MaskDecoder.forward`` per prompt (:func:`decode_outputs`, then :func:`multimask_logits`)."""
+    mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse)
+    return multimask_logits(sam, keys, mask_tokens), iou
