@@ -109,9 +109,11 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
-def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool = False) -> dict:
+def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool = False,
+                compile_decoder: bool = False) -> dict:
     """Encoder per attention mode (library vs SDPA) and mask generation time; decoder batched
-    (sam_fast.decode_prompts) vs per image (segment_anything's MaskDecoder.forward); bf16 vs fp32 decoder."""
+    (sam_fast.decode_outputs) vs per image (segment_anything's MaskDecoder.forward); bf16 vs fp32 decoder;
+    with ``compile_decoder``, the batched decoding eager vs compiled (precompute.sam.compile_decoder)."""
     out = {}
     default = sam.encoder_attention
     with sam_settings(sam, encoder_attention="library"):
@@ -129,6 +131,8 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
                                                               / emb_library.norm())
     out["encoder_s"] = out[f"encoder_{default}_s"]
     emb = sam.embed(views)
+    if compile_decoder:
+        out.update(compiled_decoder_details(sam, emb, device, warmup, iters))
     for mode in ("batched", "per_image"):
         for bf16 in ((True, False) if device.type == "cuda" else (False,)):
             with sam_settings(sam, decode_mode=mode, decoder_bf16=bf16):
@@ -175,6 +179,23 @@ def profile_sam(sam: SamAnchor, views: torch.Tensor, device: torch.device, top: 
                     for e in rows if not e.key.startswith("sam.")][:top]}
 
 
+def compiled_decoder_details(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters) -> dict:
+    """Mask generation with the batched decoding eager and compiled, side by side, and how far the compiled
+    candidates move (mean IoU of their masks with the eager ones)."""
+    out = {}
+    for compiled in (False, True):
+        with sam_settings(sam, compile_decoder=compiled):
+            sam.automatic_masks(emb)  # compiles
+            t = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+            out[f"masks_batched_{'compiled' if compiled else 'eager'}_s"] = t
+            candidates = sam.mask_candidates(emb)
+        if not compiled:
+            eager = candidates
+    same = candidates["masks"].shape == eager["masks"].shape
+    out["decoder_compiled_vs_eager_mask_iou"] = mask_iou(eager["masks"], candidates["masks"]) if same else float("nan")
+    return out
+
+
 def write_cost(name: str, anchor: AnchorModel, outputs: dict[str, np.ndarray]) -> float:
     """CPU seconds per image of ``CacheWriter.write_targets`` for one shard of these outputs."""
     from shards.writer import CacheWriter
@@ -206,6 +227,8 @@ def main(argv=None) -> int:
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
                     help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
+    ap.add_argument("--compile-decoder", action="store_true",
+                    help="the rows with precompute.sam.compile_decoder; the SAM details time it against eager")
     ap.add_argument("--profile", action="store_true",
                     help="profile one sam.compute of the last batch: its top operators and where SAM's time goes")
     ap.add_argument("--no-sam-details", dest="sam_details", action="store_false",
@@ -229,8 +252,9 @@ def main(argv=None) -> int:
     anchors = build_anchors(device, args.quick, args.dtype, args.points_per_side)
     if args.sam_attention:
         anchors["sam"].encoder_attention = args.sam_attention
+    anchors["sam"].compile_decoder = args.compile_decoder
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
-          f"{anchors['sam'].amg.points_per_side} points per side")
+          f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
@@ -246,7 +270,7 @@ def main(argv=None) -> int:
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.sam_details:
             row["sam_details"] = sam_details(anchors["sam"], views["sam"], device, warmup, iters,
-                                             args.compile_encoder)
+                                             args.compile_encoder, args.compile_decoder)
         results["batches"][bs] = row
         print_row(bs, row)
 
@@ -291,6 +315,9 @@ def print_row(bs: int, row: dict) -> None:
         if f"masks_per_image_{dt}_s" in d:
             speedup = d[f"masks_per_image_{dt}_s"] / d[f"masks_batched_{dt}_s"]
             print(f"  sam mask generation {dt}: batched (sam_fast) {speedup:.2f}x per image (MaskDecoder.forward)")
+    if "masks_batched_compiled_s" in d:
+        print(f"  sam mask generation compiled: {d['masks_batched_eager_s'] / d['masks_batched_compiled_s']:.2f}x "
+              f"eager, candidate masks' mean IoU with eager {d['decoder_compiled_vs_eager_mask_iou']:.4f}")
     for k in ("decoder_bf16_vs_fp32_mask_iou", "decoder_bf16_vs_fp32_max_iou_pred_diff", "encoder_bf16_vs_fp32_rel_l2"):
         if k in d:
             print(f"  sam {k}: {d[k]:.4g}")

@@ -117,6 +117,8 @@ class SamPrecomputeConfig:
     # fastest on an H100 (BENCHMARKS.md).
     encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = option("sdpa_fold", "SAM image encoder attention")
     compile_encoder: bool = option(False, "torch.compile the image encoder (compiles on the first batch)")
+    # the per-prompt work on the 64x64 image tokens (norms, activations, upscaling) fused by inductor
+    compile_decoder: bool = option(False, "torch.compile the mask decoder's batched decoding (compiles on first use)")
 
 
 @dataclass

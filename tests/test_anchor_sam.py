@@ -316,3 +316,29 @@ def test_encoder_attention_comes_from_the_config(sam_dir):
     assert tiny_sam(sam_dir, "precompute.sam.encoder_attention=library").encoder_attention == "library"
     with pytest.raises(Exception, match="encoder_attention"):
         tiny_sam(sam_dir, "precompute.sam.encoder_attention=flash")
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU
+def test_compiled_decoder_keeps_the_candidates_and_selected_masks(sam_dir):
+    """precompute.sam.compile_decoder: the batched decoding through torch.compile gives the eager candidates
+    (fp32: IoUs and stabilities within 1e-5, at most 2 flipped mask pixels) and the same selected masks."""
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.4", "precompute.sam.stability_score_thresh=0.42",
+                      "precompute.sam.point_batch_size=24", "precompute.sam.compile_decoder=true")
+    spread_decoder_weights(anchor, 3)
+    emb = anchor.embed(views(anchor, 3))
+    assert anchor.compile_decoder
+    with torch.profiler.profile() as profile:
+        compiled = anchor.mask_candidates(emb)
+    assert sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region")) > 0
+    compiled_masks = anchor.automatic_masks(emb)
+    anchor.compile_decoder = False
+    eager = anchor.mask_candidates(emb)
+    eager_masks = anchor.automatic_masks(emb)
+    assert len(eager["iou"]) > 50
+    for key in ("image", "point"):
+        assert torch.equal(compiled[key], eager[key]), key
+    torch.testing.assert_close(compiled["iou"], eager["iou"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled["stability"], eager["stability"], atol=1e-5, rtol=1e-5)
+    assert (compiled["masks"] != eager["masks"]).sum() <= 2
+    assert torch.equal(compiled_masks.count, eager_masks.count)
+    assert torch.equal(compiled_masks.points, eager_masks.points)

@@ -39,3 +39,11 @@ def test_profile_reports_where_sams_time_goes(tmp_path):
     assert all(v > 0 for v in profile["parts_ms"].values()) and profile["total_ms"] > 0
     assert len(profile["top"]) == 15 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
     assert "--- profile of one sam.compute of 1 images" in printed
+
+
+def test_compiled_decoder_is_timed_beside_eager(tmp_path):
+    result, printed = run_quick_bench(tmp_path, "--compile-decoder")
+    details = result["batches"]["1"]["sam_details"]
+    assert details["masks_batched_eager_s"] > 0 and details["masks_batched_compiled_s"] > 0
+    assert details["decoder_compiled_vs_eager_mask_iou"] > 0.999
+    assert "compiled decoder True" in printed and "sam mask generation compiled:" in printed

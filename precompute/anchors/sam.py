@@ -26,7 +26,7 @@ the same IoU x stability.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -182,6 +182,13 @@ def select_masks(cand: dict[str, torch.Tensor], n_img: int, grid_points: torch.T
     )
 
 
+@cache
+def compiled_decoding():
+    """:func:`decode_outputs` and :func:`multimask_logits` through torch.compile, built once per process (the
+    compiled code guards on the SAM it is given)."""
+    return torch.compile(decode_outputs), torch.compile(multimask_logits)
+
+
 class SamAnchor(AnchorModel):
     name = "sam"
 
@@ -206,6 +213,8 @@ class SamAnchor(AnchorModel):
         # torch.compile the image encoder on first use (default off: compiling takes minutes at vit_h size)
         self.compile_encoder = amg.compile_encoder
         self._compiled_encoder: tuple | None = None
+        # torch.compile the batched prompt decoding (decode_outputs, multimask_logits) on first use
+        self.compile_decoder = amg.compile_decoder
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -265,13 +274,14 @@ class SamAnchor(AnchorModel):
         prompt are made only if one of its predicted IoUs passes ``pred_iou_thresh`` (the others' masks
         would all be dropped by that threshold).
         """
-        mask_tokens, keys, iou = decode_outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
+        outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
+        mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
         live = torch.arange(len(pt), device=pt.device)
         if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]
             if len(live) < len(pt):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
-        return multimask_logits(self.sam, keys, mask_tokens), iou, live
+        return logits(self.sam, keys, mask_tokens), iou, live
 
     def _decode_per_image(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
         pe = self.sam.prompt_encoder
