@@ -263,7 +263,9 @@ def busy_time(averages, device: torch.device) -> dict[str, float]:
     else:
         busy = sum(e.self_cpu_time_total for e in averages)
         gemm = sum(e.self_cpu_time_total for e in averages if e.key in GEMM_OPS)
-    return {"busy_ms": busy / 1000, "gemm_share": gemm / busy if busy else 0.0}
+    # forward calls of compiled regions (train.compile's blocks): none where a block fell back to eager
+    compiled = sum(e.count for e in averages if e.key == "CompiledFunction")
+    return {"busy_ms": busy / 1000, "gemm_share": gemm / busy if busy else 0.0, "compiled_calls": compiled}
 
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_scaled_mm"}
@@ -348,6 +350,12 @@ def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.
     (loss_a, grad_a), (loss_b, grad_b) = results
     return {"loss_rel": float((loss_b - loss_a).abs() / loss_a.abs()),
             "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
+
+
+def compiled_block_count(model: CoVTModel) -> int:
+    """Decoder layers + vision blocks: what train.compile compiles (trainer.model.compile_blocks)."""
+    base = unwrap_vlm(model.vlm).model
+    return len(base.language_model.layers) + len(base.visual.blocks)
 
 
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
@@ -454,7 +462,8 @@ def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: 
     padded = sum(b["input_ids"].numel() for b in batches)
     steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
     try:
-        times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}")
+        blocks = len(batches) * compiled_block_count(model)  # forward calls of the blocks in one step
+        times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)
     except torch.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)
         return None
@@ -467,7 +476,7 @@ def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: 
     return row
 
 
-def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict, dict, dict, dict]:
+def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) -> tuple[dict, dict, dict, dict]:
     """Median-ready step times (ms), peak memory (bytes), counted FLOPs of one step and (with --profile) the
     profile's busy time, of each kind; kinds alternate after warm-up. Counting and profiling come after the
     timed steps, so that nothing they leave behind can slow those."""
@@ -483,6 +492,11 @@ def measure(steps: dict, args, device: torch.device, setting: str) -> tuple[dict
             peaks[kind] = max(peaks[kind], peak)
     flops = {kind: count_flops(step) for kind, step in steps.items()}
     busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
+    for kind, found in busy.items():
+        if kind.endswith("_compiled") and found["compiled_calls"] < blocks:
+            print(f"WARNING: {kind} {setting}: {found['compiled_calls']} compiled calls in a step of at least "
+                  f"{blocks} block calls: blocks ran eagerly (dynamo's recompile limit?); its times are not "
+                  "train.compile's", flush=True)
     return times, peaks, flops, busy
 
 
@@ -496,6 +510,7 @@ def kind_results(kind: str, times: list[float], peak: int, flops: int, busy: dic
     if busy:
         out[f"{kind}_busy_fraction"] = busy["busy_ms"] / ms
         out[f"{kind}_gemm_share"] = busy["gemm_share"]
+        out[f"{kind}_compiled_calls"] = busy["compiled_calls"]
     return out
 
 

@@ -319,13 +319,21 @@ def test_encoder_attention_comes_from_the_config(sam_dir):
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU
-def test_compiled_decoder_keeps_the_candidates_and_selected_masks(sam_dir):
-    """precompute.sam.compile_decoder: the batched decoding through torch.compile gives the eager candidates
-    (fp32: IoUs and stabilities within 1e-5, at most 2 flipped mask pixels) and the same selected masks."""
+def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected_masks(sam_dir):
+    """precompute.sam.compile_encoder / compile_decoder: the image encoder and the batched decoding through
+    torch.compile give the eager embedding (fp32, within 1e-5) and candidates (IoUs and stabilities within 1e-5,
+    at most 2 flipped mask pixels), and the same selected masks."""
     anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.4", "precompute.sam.stability_score_thresh=0.42",
-                      "precompute.sam.point_batch_size=24", "precompute.sam.compile_decoder=true")
+                      "precompute.sam.point_batch_size=24", "precompute.sam.compile_decoder=true",
+                      "precompute.sam.compile_encoder=true")
     spread_decoder_weights(anchor, 3)
-    emb = anchor.embed(views(anchor, 3))
+    v = views(anchor, 3)
+    with torch.profiler.profile() as profile:
+        compiled_emb = anchor.embed(v)
+    assert sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region")) > 0
+    anchor.compile_encoder = False
+    emb = anchor.embed(v)
+    torch.testing.assert_close(compiled_emb, emb, atol=1e-5, rtol=1e-5)
     assert anchor.compile_decoder
     with torch.profiler.profile() as profile:
         compiled = anchor.mask_candidates(emb)

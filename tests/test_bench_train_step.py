@@ -30,6 +30,8 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
         assert row["covt_compiled_tflop_per_step"] == row["covt_tflop_per_step"]
         assert row["covt_compiled_busy_fraction"] > 0
+        # every block's forward through compiled code (2 decoder layers + 2 vision blocks), none in the eager kinds
+        assert row["covt_compiled_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
     header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
     for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU",

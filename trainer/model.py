@@ -174,7 +174,11 @@ def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
     """torch.compile each decoder layer of the language model and each block of the vision tower, in place
     (train.compile; regional compilation): the repeated blocks share their compiled code, the state dict keeps
     its keys, and what runs between the blocks (embeddings, rope index, the heads) stays eager. Compiles lazily,
-    at each new shape of the first calls. Returns the compiled blocks."""
+    at each new shape of the first calls. The compiled code of earlier models is dropped first
+    (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, so its
+    variants (text and vision blocks, shapes, packing) stay within dynamo's recompile limit, past which a block
+    would silently run eagerly. Returns the compiled blocks."""
+    torch.compiler.reset()
     model = unwrap_vlm(vlm).model
     blocks = [*model.language_model.layers, *model.visual.blocks]
     for block in blocks:
