@@ -274,6 +274,17 @@ def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
     assert torch.equal(a.count, b.count) and torch.equal(a.points, b.points)
 
 
+def assert_same_candidates(a: dict, b: dict, a_masks, b_masks) -> None:
+    """Two ways of making the candidates agree: the same prompts, IoUs and stabilities within 1e-5 (fp32), at
+    most 2 flipped mask pixels (a logit within rounding of 0), and the same selected masks' counts and points."""
+    for key in ("image", "point"):
+        assert torch.equal(a[key], b[key]), key
+    torch.testing.assert_close(a["iou"], b["iou"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["stability"], b["stability"], atol=1e-5, rtol=1e-5)
+    assert (a["masks"] != b["masks"]).sum() <= 2
+    assert torch.equal(a_masks.count, b_masks.count) and torch.equal(a_masks.points, b_masks.points)
+
+
 def test_masks_only_for_prompts_passing_the_iou_threshold_keep_every_candidate(sam_dir):
     """precompute.sam.iou_first: prompts whose predicted IoUs all fail pred_iou_thresh get no masks made; the
     candidates and the selected masks are those of making every prompt's masks."""
@@ -303,12 +314,7 @@ def test_masks_only_for_prompts_passing_the_iou_threshold_keep_every_candidate(s
     assert sum(masked_prompts) == 3 * n_pts and made_fast == round(3 * n_pts * (1 - skipped))
     every_masks = anchor.automatic_masks(emb)
     assert len(every["iou"]) > 10
-    for key in ("image", "point"):
-        assert torch.equal(fast[key], every[key]), key
-    torch.testing.assert_close(fast["iou"], every["iou"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast["stability"], every["stability"], atol=1e-5, rtol=1e-5)
-    assert (fast["masks"] != every["masks"]).sum() <= 2  # a logit within rounding of 0 may flip
-    assert torch.equal(fast_masks.count, every_masks.count) and torch.equal(fast_masks.points, every_masks.points)
+    assert_same_candidates(fast, every, fast_masks, every_masks)
 
 
 def test_encoder_attention_comes_from_the_config(sam_dir):
@@ -343,10 +349,4 @@ def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected
     eager = anchor.mask_candidates(emb)
     eager_masks = anchor.automatic_masks(emb)
     assert len(eager["iou"]) > 50
-    for key in ("image", "point"):
-        assert torch.equal(compiled[key], eager[key]), key
-    torch.testing.assert_close(compiled["iou"], eager["iou"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(compiled["stability"], eager["stability"], atol=1e-5, rtol=1e-5)
-    assert (compiled["masks"] != eager["masks"]).sum() <= 2
-    assert torch.equal(compiled_masks.count, eager_masks.count)
-    assert torch.equal(compiled_masks.points, eager_masks.points)
+    assert_same_candidates(compiled, eager, compiled_masks, eager_masks)
