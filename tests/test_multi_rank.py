@@ -233,7 +233,19 @@ def test_two_ranks_zero2_train_all_four_stages_and_both_merges_as_one_process_do
     assert_trains_as_one_process(workdir / "two", one_process)
 
 
-def assert_trains_as_one_process(run_dir: Path, one_process: Path) -> None:
+@pytest.mark.slow
+def test_two_ranks_zero2_with_compiled_blocks_train_as_one_eager_process_does(workdir, one_process):
+    """train.compile under torchrun + DeepSpeed ZeRO-2: each rank compiles its blocks (and again after the
+    merge) and the run equals the eager one-process run: final weights within the same 1e-6, the losses within
+    1e-3 (measured: 1.1e-4 for the SigLIP loss at step 6, every other loss within 1.1e-5 of the eager run's:
+    the fused kernels sum in another order, which the heads amplify, tests/test_micro_batches.py)."""
+    proc = run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml",
+                *overrides(workdir, "two-compiled"), "train.compile=true"])
+    assert (proc.stdout + proc.stderr).count("blocks compile at their first shapes") == 2  # rank 0 logs, each run
+    assert_trains_as_one_process(workdir / "two-compiled", one_process, rel=1e-3)
+
+
+def assert_trains_as_one_process(run_dir: Path, one_process: Path, rel: float = 1e-4) -> None:
     """metrics.jsonl and the final weights of ``run_dir`` equal the one-process run's, up to rounding.
 
     Each sample's gradient is computed bit for bit alike; what differs is the order of the fp32 sums (two ranks'
@@ -248,8 +260,8 @@ def assert_trains_as_one_process(run_dir: Path, one_process: Path) -> None:
     for a, b in zip(mine, theirs):
         for key, value in b.items():
             if isinstance(value, float):
-                rel = 1e-2 if key == "grad_norm" else 1e-4
-                assert a[key] == pytest.approx(value, rel=rel, abs=1e-7), (a["step"], key)
+                bound = 1e-2 if key == "grad_norm" else rel
+                assert a[key] == pytest.approx(value, rel=bound, abs=1e-7), (a["step"], key)
     for name in ("model.safetensors", "covt_heads.safetensors"):
         weights, reference = load_file(run_dir / "final" / name), load_file(one_process / "final" / name)
         assert weights.keys() == reference.keys()
