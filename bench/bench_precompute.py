@@ -182,17 +182,14 @@ def profile_sam(sam: SamAnchor, views: torch.Tensor, device: torch.device, top: 
 def compiled_decoder_details(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters) -> dict:
     """Mask generation with the batched decoding eager and compiled, side by side, and how far the compiled
     candidates move (mean IoU of their masks with the eager ones)."""
-    out = {}
-    for compiled in (False, True):
+    out, masks = {}, {}
+    for name, compiled in (("eager", False), ("compiled", True)):
         with sam_settings(sam, compile_decoder=compiled):
             sam.automatic_masks(emb)  # compiles
-            t = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
-            out[f"masks_batched_{'compiled' if compiled else 'eager'}_s"] = t
-            candidates = sam.mask_candidates(emb)
-        if not compiled:
-            eager = candidates
-    same = candidates["masks"].shape == eager["masks"].shape
-    out["decoder_compiled_vs_eager_mask_iou"] = mask_iou(eager["masks"], candidates["masks"]) if same else float("nan")
+            out[f"masks_batched_{name}_s"] = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+            masks[name] = sam.mask_candidates(emb)["masks"]
+    same = masks["compiled"].shape == masks["eager"].shape
+    out["decoder_compiled_vs_eager_mask_iou"] = mask_iou(masks["eager"], masks["compiled"]) if same else float("nan")
     return out
 
 

@@ -56,7 +56,7 @@ from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
-from trainer.model import CoVTModel, compile_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
+from trainer.model import CoVTModel, compile_blocks, repeated_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
@@ -352,12 +352,6 @@ def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.
             "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
 
 
-def compiled_block_count(model: CoVTModel) -> int:
-    """Decoder layers + vision blocks: what train.compile compiles (trainer.model.compile_blocks)."""
-    base = unwrap_vlm(model.vlm).model
-    return len(base.language_model.layers) + len(base.visual.blocks)
-
-
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
     base = unwrap_vlm(model.vlm)
     if on:
@@ -462,7 +456,7 @@ def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: 
     padded = sum(b["input_ids"].numel() for b in batches)
     steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
     try:
-        blocks = len(batches) * compiled_block_count(model)  # forward calls of the blocks in one step
+        blocks = len(batches) * len(repeated_blocks(model.vlm))  # forward calls of the compiled blocks in a step
         times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)
     except torch.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)

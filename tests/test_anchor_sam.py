@@ -230,8 +230,8 @@ def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
 
 
-def test_decode_prompts_equals_mask_decoder_forward_per_prompt(sam_dir):
-    from precompute.anchors.sam_fast import decode_prompts
+def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir):
+    from precompute.anchors.sam_fast import decode_outputs, multimask_logits
 
     anchor = tiny_sam(sam_dir)
     spread_decoder_weights(anchor, 2)
@@ -241,7 +241,8 @@ def test_decode_prompts_equals_mask_decoder_forward_per_prompt(sam_dir):
     pts = torch.rand(len(img), 1, 2) * anchor.input_size
     sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(len(img), 1, dtype=torch.int)), boxes=None, masks=None)
     with torch.no_grad():
-        logits, iou = decode_prompts(sam, emb, img, sparse)
+        mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse)
+        logits = multimask_logits(sam, keys, mask_tokens)
         for j, i in enumerate(img.tolist()):
             ref_logits, ref_iou = sam.mask_decoder(
                 image_embeddings=emb[i:i + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -251,6 +252,17 @@ def test_decode_prompts_equals_mask_decoder_forward_per_prompt(sam_dir):
             assert ref_logits.max() > 0.1 and ref_logits.min() < -0.1  # masks with inside and outside
             torch.testing.assert_close(logits[j:j + 1], ref_logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(iou[j:j + 1], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def assert_same_candidates(a: dict, b: dict, a_masks, b_masks) -> None:
+    """Two ways of making the candidates agree: the same prompts, IoUs and stabilities within 1e-5 (fp32), at
+    most 2 flipped mask pixels (a logit within rounding of 0), and the same selected masks' counts and points."""
+    for key in ("image", "point"):
+        assert torch.equal(a[key], b[key]), key
+    torch.testing.assert_close(a["iou"], b["iou"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["stability"], b["stability"], atol=1e-5, rtol=1e-5)
+    assert (a["masks"] != b["masks"]).sum() <= 2
+    assert torch.equal(a_masks.count, b_masks.count) and torch.equal(a_masks.points, b_masks.points)
 
 
 def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
@@ -263,26 +275,9 @@ def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
     ref = anchor.mask_candidates(emb)
     n_all = 3 * len(anchor.grid_points) * 3
     assert 50 < len(ref["iou"]) < n_all // 3  # both thresholds bite
-    for key in ("image", "point"):
-        assert torch.equal(fast[key], ref[key]), key
-    torch.testing.assert_close(fast["iou"], ref["iou"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast["stability"], ref["stability"], atol=1e-5, rtol=1e-5)
-    assert (fast["masks"] != ref["masks"]).sum() <= 2  # a logit within rounding of 0 may flip
-    a, b = anchor.automatic_masks(emb), None
+    ref_masks = anchor.automatic_masks(emb)
     anchor.decode_mode = "batched"
-    b = anchor.automatic_masks(emb)
-    assert torch.equal(a.count, b.count) and torch.equal(a.points, b.points)
-
-
-def assert_same_candidates(a: dict, b: dict, a_masks, b_masks) -> None:
-    """Two ways of making the candidates agree: the same prompts, IoUs and stabilities within 1e-5 (fp32), at
-    most 2 flipped mask pixels (a logit within rounding of 0), and the same selected masks' counts and points."""
-    for key in ("image", "point"):
-        assert torch.equal(a[key], b[key]), key
-    torch.testing.assert_close(a["iou"], b["iou"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["stability"], b["stability"], atol=1e-5, rtol=1e-5)
-    assert (a["masks"] != b["masks"]).sum() <= 2
-    assert torch.equal(a_masks.count, b_masks.count) and torch.equal(a_masks.points, b_masks.points)
+    assert_same_candidates(fast, ref, anchor.automatic_masks(emb), ref_masks)
 
 
 def test_masks_only_for_prompts_passing_the_iou_threshold_keep_every_candidate(sam_dir):

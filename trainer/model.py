@@ -170,6 +170,12 @@ def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_h
     return (token_losses * text["weights"].to(device)).sum()
 
 
+def repeated_blocks(vlm: nn.Module) -> list[nn.Module]:
+    """The language model's decoder layers, then the vision tower's blocks."""
+    model = unwrap_vlm(vlm).model
+    return [*model.language_model.layers, *model.visual.blocks]
+
+
 def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
     """torch.compile each decoder layer of the language model and each block of the vision tower, in place
     (train.compile; regional compilation): the repeated blocks share their compiled code, the state dict keeps
@@ -179,8 +185,7 @@ def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
     variants (text and vision blocks, shapes, packing) stay within dynamo's recompile limit, past which a block
     would silently run eagerly. Returns the compiled blocks."""
     torch.compiler.reset()
-    model = unwrap_vlm(vlm).model
-    blocks = [*model.language_model.layers, *model.visual.blocks]
+    blocks = repeated_blocks(vlm)
     for block in blocks:
         block.compile()
     return blocks

@@ -168,15 +168,15 @@ def transposed_conv_as_linear(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Ten
 
 
 def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens: torch.Tensor,
-                token_ids: list[int], first_token: int = 0) -> torch.Tensor:
-    """``MaskDecoder``'s mask logits ``(n, len(token_ids), 4h, 4w)`` from transformer outputs, channels last.
+                first_token: int = 0) -> torch.Tensor:
+    """``MaskDecoder``'s mask logits ``(n, T, 4h, 4w)`` from transformer outputs, channels last.
 
     ``src`` (n, h*w, C) are the image tokens and ``mask_tokens`` (n, T, C) the outputs of the mask tokens
     ``first_token``, ``first_token + 1``, ... (each has its hypernetwork). The library transposes the tokens
     to NCHW, upscales with two ConvTranspose2d (LayerNorm2d between them as separate element-wise ops), then contracts
     the 32-channel map with each hypernetwork's output. Here each transposed convolution
     is a per-pixel Linear on the token-major layout, the norm is one fused layer_norm over
-    the channel (last) dim, only the wanted tokens are contracted, and the sub-pixel
+    the channel (last) dim, only the tokens given are contracted, and the sub-pixel
     order is unshuffled on the small contracted logits instead of the 32-channel map.
     """
     conv1, norm, act1, conv2, act2 = md.output_upscaling
@@ -186,8 +186,8 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
     x = F.linear(src, w1, b1).unflatten(-1, (4, c1))  # (n, hw, di*dj, c1)
     x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     x = act2(F.linear(x, w2, b2))  # (n, hw, di*dj, ei*ej*c2)
-    hyper = torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i]) for i in token_ids], 1)
-    n, m = src.shape[0], len(token_ids)
+    n, m = mask_tokens.shape[:2]
+    hyper = torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i]) for i in range(m)], 1)
     logits = x.reshape(n, h * w * 16, c2) @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m); n may be 0
     # (n, y, x, di, dj, ei, ej, m) -> (n, m, y, di, ei, x, dj, ej): pixel (4y + 2di + ei, 4x + 2dj + ej)
     logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
@@ -293,11 +293,4 @@ def multimask_logits(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor) ->
     """Mask logits ``(n, M, 4h, 4w)`` of :func:`decode_outputs`' keys and multimask tokens (any subset of rows)."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
-    return mask_logits(md, keys, h, w, mask_tokens, list(range(mask_tokens.shape[1])), first_token=1)
-
-
-def decode_prompts(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
-    """Multimask logits ``(n, M, 4h, 4w)`` and IoU ``(n, M)`` of single prompts, no dense prompt: the function of
-    ``MaskDecoder.forward`` per prompt (:func:`decode_outputs`, then :func:`multimask_logits`)."""
-    mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse)
-    return multimask_logits(sam, keys, mask_tokens), iou
+    return mask_logits(md, keys, h, w, mask_tokens, first_token=1)
