@@ -65,12 +65,14 @@ class Plan:
     eval_batch: int = 8  # questions per generate call in evaluate
     seed: int = 0
     side_by_side: bool = False  # independent runs (the arms, the evaluations) at the same time
+    workers: int = 0  # DataLoader workers of each arm, and each precompute's image workers
+    base_workers: int = 0  # DataLoader workers of the base model's run (it trains alone)
     model: TinySize = TinySize()  # the base model's sizes
 
 
 FULL = Plan(train=12000, covt_samples=None, held_out=128, bench=300, base_steps=2400, eval_batch=32,
             stage_steps=(500, 250, 350, 250), batch=16, base_batch=16, base_lr=1e-3, lr=1e-3, validate_every=100,
-            device="auto", side_by_side=True,
+            device="auto", side_by_side=True, workers=4, base_workers=8,
             model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4, vision_hidden=256,
                            vision_intermediate=768, vision_depth=4, vision_heads=4))
 QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=500, stage_steps=(60, 40, 250, 100),
@@ -88,7 +90,7 @@ def base_config(out: Path, plan: Plan) -> dict:
         "cache": {"dir": str(out / "cache"), "shard_size": 64, "codec": "bf16"},
         "anchors": ANCHORS,
         "precompute": {
-            "device": plan.device, "dtype": "fp32", "batch_size": 16, "num_workers": 0,
+            "device": plan.device, "dtype": "fp32", "batch_size": 16, "num_workers": plan.workers,
             "checkpoints": {
                 "pidinet": {"path": str(REPO / "data/checkpoints/table5_baseline.pth"), "variant": "baseline",
                             "input_size": plan.pidinet_size},
@@ -101,8 +103,9 @@ def base_config(out: Path, plan: Plan) -> dict:
         "model": {"path": str(out / "tiny_init"), "image_size": 112},
         "train": {"batch_size": plan.batch, "grad_accum": 1, "max_length": 512, "bf16": True,
                   "gradient_checkpointing": False, "save_every": 0, "log_every": 10, "seed": plan.seed,
-                  "device": plan.device, "lr": plan.lr, "projection_lr": plan.lr, "warmup_ratio": 0.05,
-                  "validate_every": plan.validate_every, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+                  "device": plan.device, "num_workers": plan.workers, "lr": plan.lr, "projection_lr": plan.lr,
+                  "warmup_ratio": 0.05, "validate_every": plan.validate_every,
+                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
     }
 
 
@@ -117,8 +120,8 @@ def base_model_overrides(out: Path, plan: Plan) -> list[str]:
     stages = f"[{{name: understanding, steps: {plan.base_steps}, merge_after: true}}]"
     return [*plain_cache_overrides(out), f"train.output_dir={out / 'base'}", f"train.stages={stages}",
             "train.thoughts=false", f"train.batch_size={plan.base_batch}",
-            "train.lora.enabled=false", f"train.lr={plan.base_lr}", f"train.projection_lr={plan.base_lr}",
-            "train.validate_every=0"]
+            "train.lora.enabled=false", f"train.num_workers={plan.base_workers}", f"train.lr={plan.base_lr}",
+            f"train.projection_lr={plan.base_lr}", "train.validate_every=0"]
 
 
 def covt_overrides(out: Path, plan: Plan, arm: str) -> list[str]:
