@@ -180,6 +180,7 @@ class Experiment:
     def wait(self, name: str, proc: subprocess.Popen, log: Path, started: float) -> None:
         returncode = proc.wait()
         self.timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[learn] {name}: exit {returncode} after {self.timings[name]} s", flush=True)
         if returncode != 0:
             tail = log.read_text()[-3000:]
             raise RuntimeError(f"step {name!r} failed (exit {returncode}); log {log}:\n{tail}")
