@@ -74,7 +74,24 @@ def emitting(shares: dict) -> float:
 
 
 
-def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_failure(tmp_path, monkeypatch):
+def test_the_gpu_plan_gives_each_run_its_loader_workers(tmp_path):
+    """One process loads ~55 samples/s at 112x112 (BENCHMARKS): the GPU plan's runs, resolved as the trainer
+    resolves them, read their data with workers; the quick plan's with none."""
+    import yaml
+
+    from bench.learn.run import FULL, QUICK, base_config, base_model_overrides, covt_overrides
+    from covt.config import load_config
+
+    for plan, arm_workers, base_workers in ((FULL, 4, 8), (QUICK, 0, 0)):
+        config = tmp_path / "learn.yaml"
+        config.write_text(yaml.safe_dump(base_config(tmp_path, plan)))
+        arm = load_config(config, covt_overrides(tmp_path, plan, "covt"))
+        base = load_config(config, base_model_overrides(tmp_path, plan))
+        assert (arm.train.num_workers, arm.precompute.num_workers, base.train.num_workers) == (
+            arm_workers, arm_workers, base_workers)
+
+
+def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_failure(tmp_path, monkeypatch, capsys):
     import dataclasses
 
     from bench.learn.run import FULL, Experiment
@@ -89,6 +106,8 @@ def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_fail
                                    f"    if pathlib.Path({str(handshake)!r}).exists(): break\n    time.sleep(0.05)\n"
                                    f"else: raise SystemExit('never ran beside the first')"]})
     assert set(exp.timings) == {"first", "second"}
+    # each step says how it ended as it ends (what a poll of the background GPU run reads)
+    assert re.search(r"\[learn\] second: exit 0 after [0-9.]+ s", capsys.readouterr().out)
     # runs side by side split the machine's cores between them
     exp.commands({name: ["-c", f"import os, pathlib; pathlib.Path({str(tmp_path / name)!r}).write_text("
                                "os.environ['OMP_NUM_THREADS'])"] for name in ("threads-a", "threads-b")})
