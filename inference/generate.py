@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -213,6 +213,25 @@ class Generated:
     answers: list[Answer]
     sequences: torch.Tensor  # (B, prompt + new) token ids, prompts left-padded
     inputs: dict[str, torch.Tensor]  # the prompts' model inputs (pixel values etc.)
+
+    def row(self, i: int) -> Generated:
+        """Row ``i`` as a batch of one: its prompt's left padding removed (its thought positions shifted with it)
+        and its own image's pixel values, so what reads row 0 (:mod:`inference.thoughts`) reads this row."""
+        pad = int((self.inputs["attention_mask"][i].cumsum(0) == 0).sum())
+        grids = self.inputs.get("image_grid_thw")
+        inputs = {}
+        for key, value in self.inputs.items():
+            if key == "pixel_values":  # each row has one image: its patches are the i-th run of rows
+                patches = grids.prod(-1).cumsum(0).tolist()
+                value = value[(patches[i - 1] if i else 0):patches[i]]
+            elif key == "image_grid_thw":
+                value = value[i:i + 1]
+            elif value.dim() >= 2 and value.shape[0] == len(self.answers):
+                value = value[i:i + 1, pad:]
+            inputs[key] = value
+        answer = self.answers[i]
+        spans = [(anchor, [p - pad for p in positions]) for anchor, positions in answer.thought_spans]
+        return Generated([replace(answer, thought_spans=spans)], self.sequences[i:i + 1, pad:], inputs)
 
 
 @dataclass

@@ -280,6 +280,45 @@ def test_thoughts_png_from_generated_thoughts(e2e_workdir, e2e_trained):
 
 
 @pytest.mark.slow
+def test_a_batch_row_reads_as_that_answer_generated_alone(e2e_trained):
+    """Generated.row(i): a batched answer's prompt without its left padding, its own image, its thoughts at their
+    own positions, so the learn report reads each answer of a batch as one generated alone."""
+    from PIL import Image
+
+    from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from inference.thoughts import thought_states
+    from trainer.tokens import thought_tokens
+
+    vlm, processor = load_model(e2e_trained / "final")
+    images = [Image.open(REPO / "data/sample/images" / name) for name in ("rocket.jpg", "coffee.jpg", "page.jpg")]
+    questions = ["Hi", "What is shown in the image, and where in the picture is it?", "Read it."]
+    sizing, settings = ImageSizing(image_size=112), GenerationSettings(max_new_tokens=2)
+    tokens = thought_tokens(processor.tokenizer)
+    thought = torch.tensor([[tokens.start_id] + [tokens.pad_id["depth"]] * 4 + [tokens.end_id]])
+
+    def with_thought(generated):  # as if each answer had ended with a complete depth thought
+        generated.sequences = torch.cat([generated.sequences, thought.expand(len(generated.answers), -1)], dim=1)
+        n = generated.sequences.shape[1]
+        for answer in generated.answers:
+            answer.thought_spans = [("depth", list(range(n - 5, n - 1)))]
+        return generated
+
+    batch = with_thought(generate_answers(vlm, processor, images, questions, sizing, settings))
+    assert int((batch.inputs["attention_mask"] == 0).sum()) > 0  # the prompts were left-padded
+    for i in range(len(questions)):
+        alone = with_thought(generate_answers(vlm, processor, images[i:i + 1], questions[i:i + 1], sizing, settings))
+        row = batch.row(i)
+        assert torch.equal(row.sequences, alone.sequences)
+        assert row.answers[0].thought_spans == alone.answers[0].thought_spans
+        assert row.inputs.keys() == alone.inputs.keys()
+        for key, value in alone.inputs.items():
+            assert torch.allclose(row.inputs[key], value), key
+        own = thought_states(vlm, processor, row, images[i], ["depth"], image_size=112)["depth"][0]
+        expected = thought_states(vlm, processor, alone, images[i], ["depth"], image_size=112)["depth"][0]
+        torch.testing.assert_close(own, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_validation_split_is_cached_apart_and_scored_every_n_steps(tmp_path, e2e_workdir, run_trainer):
     from shards.reader import Cache
 

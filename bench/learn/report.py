@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 
 TARGET_ARRAY = {"pidinet": "edges", "dino": "features", "depth": "depth"}  # what each head's loss compares with
 EDGE_THRESHOLD = 0.5
-GENERATION_BATCH = 16
+MEAN_TARGET_SAMPLES = 2048  # training samples the mean target is taken over, at most
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -75,18 +76,22 @@ def validation_curve(run_dir: Path) -> dict[int, list[dict]]:
     return by_run
 
 
-def mean_targets(cache_dir: Path, anchors: list[str]) -> dict[str, torch.Tensor]:
-    """The training set's mean target of each anchor (the array its head's loss compares with)."""
+def mean_targets(cache_dir: Path, anchors: list[str], at_most: int = MEAN_TARGET_SAMPLES
+                 ) -> dict[str, torch.Tensor]:
+    """The training set's mean target of each anchor (the array its head's loss compares with), over every
+    sample or, in a larger cache, ``at_most`` of them evenly spaced (a sample is read in ~10 ms: all 12,000 of
+    the GPU plan would take two minutes, for a mean that 2,048 already pin down)."""
     from shards.reader import Cache
 
     cache = Cache(cache_dir)
     try:
+        indices = np.unique(np.linspace(0, len(cache) - 1, min(len(cache), at_most)).round().astype(int))
         sums: dict[str, torch.Tensor] = {}
-        for i in range(len(cache)):
+        for i in indices.tolist():
             for anchor, arrays in cache.targets(i, anchors).items():
                 value = arrays[TARGET_ARRAY[anchor]].double()
                 sums[anchor] = sums[anchor] + value if anchor in sums else value
-        return {a: (s / len(cache)).float() for a, s in sums.items()}
+        return {a: (s / len(indices)).float() for a, s in sums.items()}
     finally:
         cache.close()
 
@@ -123,11 +128,11 @@ def decode_metrics(anchor: str, decoded: np.ndarray, target: np.ndarray) -> dict
 
 
 def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.Tensor], image_size: int,
-                      max_new_tokens: int, device: str, heads=None) -> dict:
+                      max_new_tokens: int, device: str, heads=None, batch_size: int = 16) -> dict:
     """Generate on every held-out sample, freely and with the chain's opening prefilled (``--force-thoughts``);
     decode the forced answers' thoughts (own, another image's) and the mean target with the model's trained
     heads (or ``heads``, e.g. untrained ones)."""
-    from inference.generate import GenerationSettings, ImageSizing, generate_answers, load_model
+    from inference.generate import Generated, GenerationSettings, ImageSizing, generate_answers, load_model
     from inference.thoughts import thought_states
     from trainer.loading import load_covt_heads
 
@@ -142,17 +147,18 @@ def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.T
                                 GenerationSettings(max_new_tokens=max_new_tokens, force_thoughts=force,
                                                    prompt_layout=layout))
 
-    def emitted(layout: str) -> list[list[str]]:  # batched: only which thoughts each answer holds is kept
-        return [a.thoughts for i in range(0, len(samples), GENERATION_BATCH)
-                for a in generate(samples[i:i + GENERATION_BATCH], force=False, layout=layout).answers]
+    def batches(force: bool, layout: str = "chat_template") -> list[Generated]:  # one row per sample
+        return [g.row(j) for i in range(0, len(samples), batch_size)
+                for g in [generate(samples[i:i + batch_size], force, layout)] for j in range(len(g.answers))]
 
-    free, free_training_layout = emitted("chat_template"), emitted("training")
-    forced = [generate([s], force=True) for s in samples]  # one at a time: thought_states reads the first row
+    free, free_training_layout = batches(False), batches(False, "training")
+    forced = batches(True)
     states = [thought_states(vlm, processor, g, s["images"][0], anchors, image_size) for g, s in zip(forced, samples)]
     per_sample = [decode_sample(heads, s, states[i], states[(i + 1) % len(samples)], means, vlm.device)
                   for i, s in enumerate(samples)]
-    return {"anchors": anchors, "emission": emission_shares(free, anchors),
-            "emission_training_prompt": emission_shares(free_training_layout, anchors),
+    return {"anchors": anchors, "emission": emission_shares([g.answers[0].thoughts for g in free], anchors),
+            "emission_training_prompt": emission_shares([g.answers[0].thoughts for g in free_training_layout],
+                                                        anchors),
             "forced_emission": emission_shares([g.answers[0].thoughts for g in forced], anchors),
             "decoding": summarise_decoding(per_sample, anchors)}
 
@@ -231,20 +237,32 @@ def comparisons(models: dict[str, dict], arm: str = "covt") -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- the report
+def timed(exp, name: str, work):
+    """``work()``, its time recorded in ``exp.timings`` and printed as the experiment's steps print theirs."""
+    started = time.perf_counter()
+    print(f"[learn] {name} ...", flush=True)
+    result = work()
+    exp.timings[name] = round(time.perf_counter() - started, 1)
+    print(f"[learn] {name}: done after {exp.timings[name]} s", flush=True)
+    return result
+
+
 def write_report(exp, finals: dict[str, Path], results: dict[str, Path], pictures: list[Path]) -> dict:
     from trainer.loading import load_covt_heads
 
     cache = exp.out / "cache"
     thinking = [a for a in finals if "train.thoughts=false" not in exp.arms[a]]
     anchors = list(load_covt_heads(finals[thinking[0]]).keys())
-    means = mean_targets(cache, anchors)
+    means = timed(exp, "report-mean-targets", lambda: mean_targets(cache, anchors))
     samples = held_out_samples(cache, anchors)
+    held_out = {a: timed(exp, f"report-thoughts-{a}", lambda a=a: held_out_thoughts(
+        finals[a], samples, means, 112, exp.plan.max_new_tokens, exp.device, batch_size=exp.plan.eval_batch))
+        for a in thinking}
     report = {"plan": dataclasses.asdict(exp.plan),
               "arms": exp.arms, "timings_s": exp.timings, "anchors": anchors,
               "mean_target_loss": baseline_losses(load_covt_heads(finals[thinking[0]]), means, samples),
               "validation": {a: validation_curve(exp.out / a) for a in finals},
-              "held_out_thoughts": {a: held_out_thoughts(finals[a], samples, means, 112, exp.plan.max_new_tokens,
-                                                         exp.device) for a in thinking},
+              "held_out_thoughts": held_out,
               "accuracy": accuracy_table(list(results.values())),
               "pictures": [str(p.relative_to(exp.out)) for p in pictures]}
     report["comparisons"] = comparisons(report["accuracy"])
