@@ -120,6 +120,8 @@ def test_the_gpu_plan_runs_independent_commands_side_by_side_and_stops_on_a_fail
 
 @pytest.mark.slow
 def test_the_quick_experiment_learns(tmp_path):
+    from bench.learn.run import QUICK
+
     out = tmp_path / "learn"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")
@@ -147,6 +149,12 @@ def test_the_quick_experiment_learns(tmp_path):
     assert {"base", "control", "covt", "covt (thoughts ablated)", "covt (thoughts forced)",
             "covt_rows_first_run"} <= set(report["accuracy"])
     assert (out / "report.md").is_file() and (out / "pictures" / "validation.png").is_file()
+    # each run's speed, and how much of each step waited for data (does the GPU plan need more workers?)
+    assert set(report["speed"]) == {"base", "covt", "covt_rows_first_run", "control", "broken"}
+    base_speed = report["speed"]["base"]
+    assert base_speed["steps"] >= QUICK.base_steps - 2, base_speed
+    assert 0 <= base_speed["data_seconds"] < base_speed["step_seconds"], base_speed
+    assert "## Training speed per run" in (out / "report.md").read_text()
     assert all((out / p).is_file() for p in report["pictures"])
     # README's generate example on this model, as written (bash: its question uses $'...' quoting)
     command, shown = readme_generate_example()

@@ -36,6 +36,32 @@ def test_metrics_jsonl_and_tensorboard_without_trackers_installed(tmp_path):
     assert not (tmp_path / "none" / "tb").exists()
 
 
+def test_perf_records_the_wait_for_the_loader_within_the_step(tmp_path, monkeypatch):
+    import trainer.metrics
+
+    now = [0.0]  # the logger's clock: advanced by the loader's waits and the step's own work only
+    monkeypatch.setattr(trainer.metrics.time, "perf_counter", lambda: now[0])
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.report_to=[none]", f"train.stages={STAGES}"])
+    schedule = Schedule(cfg.train.stages)
+    logger = MetricsLogger(cfg, tmp_path, rank=0, total=schedule.total_steps, initial=0, samples_per_step=4)
+
+    def slow_loader():  # each micro-batch takes 0.25 s to arrive
+        while True:
+            now[0] += 0.25
+            yield {}
+
+    loader = slow_loader()
+    for done, micro_batches in ((1, 2), (2, 1)):
+        logger.start_clock()
+        for _ in range(micro_batches):
+            logger.next_batch(loader)
+        now[0] += 1.0  # the step's own work
+        logger.step(done, schedule.stage_at(done - 1), {"loss": 1.0, "text": 1.0}, {"lr": 1e-3}, every=1)
+    logger.close()
+    perf = [json.loads(line) for line in (tmp_path / "perf-rank0.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["seconds"], p["data_seconds"]) for p in perf] == [(1, 1.5, 0.5), (2, 1.25, 0.25)]
+
+
 # ----------------------------------------------------------------------------- W&B
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB log format: 32 KiB blocks of

@@ -4,7 +4,7 @@
 (one line per optimizer step: stage, losses per anchor, lr per group, grad norm, validation) and the
 trackers named in ``train.report_to`` (:class:`TensorBoardTracker`, :class:`WandbTracker`,
 :class:`MlflowTracker`), which all receive the same scalars: metrics.jsonl's plus the step time,
-samples per second and peak GPU memory of ``perf-rank0.jsonl``. Every rank writes its
+samples per second, time waiting for data and peak GPU memory of ``perf-rank0.jsonl``. Every rank writes its
 ``perf-rank{R}.jsonl``, kept apart from the losses so that metrics.jsonl of a resumed run equals an
 uninterrupted one's: resuming at step ``initial`` drops the lines and TensorBoard points a cut-short
 run wrote after it.
@@ -46,6 +46,7 @@ class MetricsLogger:
         out.mkdir(parents=True, exist_ok=True)
         self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
         self.last_time = time.perf_counter()
+        self.data_seconds = 0.0  # of the step being timed: waiting for the loader's micro-batches
         self.trackers: list = []
         if not self.active:
             return
@@ -57,6 +58,15 @@ class MetricsLogger:
     def start_clock(self) -> None:
         """The optimizer step is timed from here (data, forward, backward, optimizer; not checkpoints)."""
         self.last_time = time.perf_counter()
+        self.data_seconds = 0.0
+
+    def next_batch(self, loader):
+        """``next(loader)``, its wait counted in the step's ``data_seconds`` (a step that mostly waits is
+        bound by its loader: more ``train.num_workers``)."""
+        started = time.perf_counter()
+        batch = next(loader)
+        self.data_seconds += time.perf_counter() - started
+        return batch
 
     def info(self, message: str) -> None:
         if self.active:
@@ -100,7 +110,7 @@ class MetricsLogger:
 
     def write_perf(self, done: int) -> dict:
         now = time.perf_counter()
-        perf = {"step": done, "seconds": round(now - self.last_time, 4)}
+        perf = {"step": done, "seconds": round(now - self.last_time, 4), "data_seconds": round(self.data_seconds, 4)}
         self.last_time = now
         if torch.cuda.is_available():
             perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -121,7 +131,7 @@ def step_scalars(losses: dict[str, float], lrs: dict[str, float], grad_norm: flo
                  samples_per_step: int, damaged: int) -> dict[str, float]:
     """The trackers' scalars of one optimizer step, named as in TensorBoard (loss/text, lr/projection_lr, ...)."""
     scalars = {**{f"loss/{k}": v for k, v in losses.items()}, **{f"lr/{k}": v for k, v in lrs.items()},
-               "grad_norm": grad_norm, "perf/step_seconds": perf["seconds"],
+               "grad_norm": grad_norm, "perf/step_seconds": perf["seconds"], "perf/data_seconds": perf["data_seconds"],
                "perf/samples_per_second": samples_per_step / perf["seconds"] if perf["seconds"] > 0 else 0.0}
     if "peak_gpu_memory_gib" in perf:
         scalars["perf/peak_gpu_memory_gib"] = perf["peak_gpu_memory_gib"]

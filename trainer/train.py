@@ -296,7 +296,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     torch.manual_seed(step_seed(t.seed, job.compute.rank, step))  # dropout etc. depend on the step, not on history
     losses: dict[str, torch.Tensor] = {}  # read once per optimizer step: a sync per backward stalls the GPU
     for _ in range(grad_accum):
-        batch = next(loader)
+        batch = log.next_batch(loader)
         if batch["step"] != step:
             raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
         log.damaged_samples(batch["damaged_skipped"], step)

@@ -76,6 +76,19 @@ def validation_curve(run_dir: Path) -> dict[int, list[dict]]:
     return by_run
 
 
+def run_speed(run_dir: Path) -> dict:
+    """Median seconds per optimizer step of a run and, of them, the wait for the loader (``perf-rank0.jsonl``;
+    the first step of each session, which builds the model and starts the workers, left out)."""
+    path = run_dir / "perf-rank0.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [r for i, r in enumerate(rows) if i and r["step"] == rows[i - 1]["step"] + 1]
+    if not rows:
+        return {}
+    seconds = float(np.median([r["seconds"] for r in rows]))
+    data = float(np.median([r.get("data_seconds", float("nan")) for r in rows]))
+    return {"steps": len(rows), "step_seconds": seconds, "data_seconds": data, "steps_per_second": 1 / seconds}
+
+
 def mean_targets(cache_dir: Path, anchors: list[str], at_most: int = MEAN_TARGET_SAMPLES
                  ) -> dict[str, torch.Tensor]:
     """The training set's mean target of each anchor (the array its head's loss compares with), over every
@@ -262,6 +275,7 @@ def write_report(exp, finals: dict[str, Path], results: dict[str, Path], picture
               "arms": exp.arms, "timings_s": exp.timings, "anchors": anchors,
               "mean_target_loss": baseline_losses(load_covt_heads(finals[thinking[0]]), means, samples),
               "validation": {a: validation_curve(exp.out / a) for a in finals},
+              "speed": {a: run_speed(exp.out / a) for a in ["base", *finals]},
               "held_out_thoughts": held_out,
               "accuracy": accuracy_table(list(results.values())),
               "pictures": [str(p.relative_to(exp.out)) for p in pictures]}
@@ -309,8 +323,19 @@ def markdown(report: dict) -> str:
             e = held[kind]
             lines.append(f"| {arm} | {label} | {e['n']} | {100 * e['stage3_every_anchor']:.1f}% | "
                          f"{100 * e['stage4_subset']:.1f}% | {100 * e['none']:.1f}% |")
-    lines += accuracy_markdown(report)
+    lines += accuracy_markdown(report) + speed_markdown(report)
     return "\n".join(lines)
+
+
+def speed_markdown(report: dict) -> list[str]:
+    lines = ["", "## Training speed per run (medians over its steps; the GPU plan trains the arms side by side on "
+             "one card)", "",
+             "| run | steps | seconds per step | of which waiting for data | steps/s |", "|---|---|---|---|---|"]
+    for run, speed in report.get("speed", {}).items():
+        if speed:
+            lines.append(f"| {run} | {speed['steps']} | {speed['step_seconds']:.3f} | {speed['data_seconds']:.3f} | "
+                         f"{speed['steps_per_second']:.1f} |")
+    return lines
 
 
 def accuracy_markdown(report: dict) -> list[str]:
