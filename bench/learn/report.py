@@ -78,7 +78,7 @@ def validation_curve(run_dir: Path) -> dict[int, list[dict]]:
 
 def run_speed(run_dir: Path) -> dict:
     """Median seconds per optimizer step of a run and, of them, the wait for the loader (``perf-rank0.jsonl``;
-    the first step of each session, which builds the model and starts the workers, left out)."""
+    the first step of each session, which starts the loader's workers, left out)."""
     path = run_dir / "perf-rank0.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     rows = [r for i, r in enumerate(rows) if i and r["step"] == rows[i - 1]["step"] + 1]
@@ -169,10 +169,11 @@ def held_out_thoughts(final: Path, samples: list[dict], means: dict[str, torch.T
     states = [thought_states(vlm, processor, g, s["images"][0], anchors, image_size) for g, s in zip(forced, samples)]
     per_sample = [decode_sample(heads, s, states[i], states[(i + 1) % len(samples)], means, vlm.device)
                   for i, s in enumerate(samples)]
-    return {"anchors": anchors, "emission": emission_shares([g.answers[0].thoughts for g in free], anchors),
-            "emission_training_prompt": emission_shares([g.answers[0].thoughts for g in free_training_layout],
-                                                        anchors),
-            "forced_emission": emission_shares([g.answers[0].thoughts for g in forced], anchors),
+    def shares(rows: list[Generated]) -> dict:
+        return emission_shares([g.answers[0].thoughts for g in rows], anchors)
+
+    return {"anchors": anchors, "emission": shares(free), "emission_training_prompt": shares(free_training_layout),
+            "forced_emission": shares(forced),
             "decoding": summarise_decoding(per_sample, anchors)}
 
 
@@ -265,7 +266,8 @@ def write_report(exp, finals: dict[str, Path], results: dict[str, Path], picture
 
     cache = exp.out / "cache"
     thinking = [a for a in finals if "train.thoughts=false" not in exp.arms[a]]
-    anchors = list(load_covt_heads(finals[thinking[0]]).keys())
+    heads = load_covt_heads(finals[thinking[0]])
+    anchors = list(heads.keys())
     means = timed(exp, "report-mean-targets", lambda: mean_targets(cache, anchors))
     samples = held_out_samples(cache, anchors)
     held_out = {a: timed(exp, f"report-thoughts-{a}", lambda a=a: held_out_thoughts(
@@ -273,7 +275,7 @@ def write_report(exp, finals: dict[str, Path], results: dict[str, Path], picture
         for a in thinking}
     report = {"plan": dataclasses.asdict(exp.plan),
               "arms": exp.arms, "timings_s": exp.timings, "anchors": anchors,
-              "mean_target_loss": baseline_losses(load_covt_heads(finals[thinking[0]]), means, samples),
+              "mean_target_loss": baseline_losses(heads, means, samples),
               "validation": {a: validation_curve(exp.out / a) for a in finals},
               "speed": {a: run_speed(exp.out / a) for a in ["base", *finals]},
               "held_out_thoughts": held_out,
