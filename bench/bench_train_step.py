@@ -404,7 +404,10 @@ def main(argv=None) -> dict:
     print(f"model: {trainable_summary(model)}")
 
     first = build_batch(data[:2], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg))
-    errors = compare_vision_attention(model, first, device)
+    # the exactness checks run the blocks eagerly: they measure the attention paths, and compiled code made here
+    # would be variants (evaluation mode) that only the checks use
+    with torch.compiler.set_stance("force_eager"):
+        errors = compare_vision_attention(model, first, device)
     print(f"vision tower vs fp32: sdpa {errors['sdpa']:.2e}, varlen {errors[VISION_ATTENTION]:.2e} relative error "
           f"(varlen kernel {'used' if bf16 and varlen_kernel_available() else 'not available: sdpa maths'})")
     exactness = {}
@@ -413,7 +416,8 @@ def main(argv=None) -> dict:
         both = [build_batch(data[:micro], stage, True, 0, processor, tokens,
                             dataclasses.replace(BatchSettings.from_config(cfg), packing=packing),
                             view_sizes=model.view_sizes()) for packing in (False, True)]
-        exactness = compare_packing(model, *both, device)
+        with torch.compiler.set_stance("force_eager"):
+            exactness = compare_packing(model, *both, device)
         print(f"packed vs padded micro-batch of {micro}, {dtype}: loss {exactness['loss_rel']:.2e}, gradient "
               f"{exactness['grad_rel']:.2e} relative difference")
     rate, size = matmul_rate(device, dtype)

@@ -2,15 +2,19 @@
 import json
 
 import pytest
+from torch._dynamo import config as dynamo_config
 
 from bench.bench_train_step import main
 
 
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
-                   "--kinds", "plain,covt,covt_compiled", "--packing", "off,on", "--steps", "1", "--warmup", "0",
-                   "--profile", "--json", str(out)])
+    # a compiled block past dynamo's recompile limit would run eagerly, with only a warning: here it fails
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+        result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing",
+                       "off",
+                       "--kinds", "plain,covt,covt_compiled", "--packing", "off,on", "--steps", "1", "--warmup", "0",
+                       "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
     assert result["matmul_tflops"] > 0 and result["matmul_size"] == 1024

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo import config as dynamo_config
 
 from trainer.batch import batch_to, sample_count
 from trainer.tokens import ThoughtTokens
@@ -176,16 +177,29 @@ def repeated_blocks(vlm: nn.Module) -> list[nn.Module]:
     return [*model.language_model.layers, *model.visual.blocks]
 
 
+# Every decoder layer and vision block runs one code object (transformers' GradientCheckpointingLayer.__call__),
+# and so does each resume function after a graph break in them: their variants (text and vision blocks, training
+# and evaluation, grad modes, the first layer's input that needs no grad, static then dynamic shapes, padded and
+# packed rows) count against one recompile limit per code object, 8 by default, past which each new variant runs
+# eagerly with only a warning. Measured: the 7B-sized bench step on an H100 ran every block eagerly; the tiny
+# model's bench run (padded and packed rows, the exactness check in evaluation mode) makes 10 variants of that
+# code object, 7 once every block holds its own gradient_checkpointing flag, as many at 6 layers as at 2.
+BLOCK_RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
     """torch.compile each decoder layer of the language model and each block of the vision tower, in place
     (train.compile; regional compilation): the repeated blocks share their compiled code, the state dict keeps
     its keys, and what runs between the blocks (embeddings, rope index, the heads) stays eager. Compiles lazily,
     at each new shape of the first calls. The compiled code of earlier models is dropped first
-    (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, so its
-    variants (text and vision blocks, shapes, packing) stay within dynamo's recompile limit, past which a block
-    would silently run eagerly. Returns the compiled blocks."""
+    (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, and dynamo's
+    recompile limit is raised to ``BLOCK_RECOMPILE_LIMIT`` so that every variant of the blocks compiles. Returns
+    the compiled blocks."""
     torch.compiler.reset()
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(vlm)
     for block in blocks:
+        # an attribute in some blocks' own dict and only on others' class is a guard that tells them apart
+        block.gradient_checkpointing = getattr(block, "gradient_checkpointing", False)
         block.compile()
     return blocks
