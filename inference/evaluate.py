@@ -36,7 +36,6 @@ from inference.generate import (
     add_generation_arguments,
     generate_answers,
     load_model,
-    model_thought_tokens,
     settings_from_args,
     sizing_from_args,
 )
@@ -160,11 +159,12 @@ def run_questions(vlm, processor, questions: list[Question], sizing: ImageSizing
         batch = questions[start:start + batch_size]
         generated = generate_answers(vlm, processor, [q.image for q in batch], [mcq_prompt(q) for q in batch],
                                      sizing, settings, names=[q.index for q in batch])
-        for q, a in zip(batch, generated.answers):
+        for row, (q, a) in enumerate(zip(batch, generated.answers)):
             choice = match_option(a.answer, q.options)
             result.predictions.append({"index": q.index, "category": q.category, "answer": q.answer,
                                        "choice": choice, "correct": choice == q.answer, "prediction": a.answer,
-                                       "text": a.text, "thoughts": a.thoughts})
+                                       "text": a.text, "thoughts": a.thoughts,
+                                       "thought_pads": generated.pads_written(row)})
         bar.update(len(batch))
     bar.close()
     return result
@@ -199,7 +199,9 @@ def model_names(folders: list[str]) -> list[str]:
 
 def evaluate(folders: list[str], benchmark: str, out: str | Path, sizing: ImageSizing, settings: GenerationSettings,
              ablate: bool = False, batch_size: int = 1, device: str = "cpu") -> dict:
-    """Evaluate every model; with ``ablate``, each model with thought tokens once more, its thoughts ablated."""
+    """Evaluate every model; with ``ablate``, each model that wrote visual thought pads once more, its thoughts
+    ablated. A model that wrote none (a base model, the control) would answer the same word for word: the
+    ablation acts only at pad positions, so it is not run again."""
     questions = read_benchmark(benchmark)
     results = []
     for folder, name in zip(folders, model_names(folders)):
@@ -207,7 +209,10 @@ def evaluate(folders: list[str], benchmark: str, out: str | Path, sizing: ImageS
         name += " (training prompt)" if settings.prompt_layout == "training" else ""
         vlm, processor = load_model(folder, device=device)
         results.append(run_questions(vlm, processor, questions, sizing, settings, batch_size, name, folder))
-        if ablate and model_thought_tokens(processor) is not None:
+        if ablate and not any(p["thought_pads"] for p in results[-1].predictions):
+            print(f"{name}: wrote no visual thought, so it is not run again with its thoughts ablated (it would "
+                  "answer the same)", file=sys.stderr)
+        elif ablate:
             ablated = dataclasses.replace(settings, ablate=True)
             results.append(run_questions(vlm, processor, questions, sizing, ablated, batch_size,
                                          f"{name} (thoughts ablated)", folder))
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benchmark", required=True, metavar="FILE.tsv", help="VLMEvalKit multiple-choice TSV")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="where results.json / results.md go")
     p.add_argument("--ablate-thoughts", action="store_true",
-                   help="also run each CoVT model with its visual thoughts' hidden states replaced by a fixed vector")
+                   help="also run each model that wrote visual thoughts with their hidden states replaced by a "
+                        "fixed vector")
     add_generation_arguments(p, max_new_tokens=2048)
     p.add_argument("--batch-size", type=int, default=1, help="questions per generate call (default 1, as VLMEvalKit)")
     a = p.parse_args(argv)

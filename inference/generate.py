@@ -213,6 +213,12 @@ class Generated:
     answers: list[Answer]
     sequences: torch.Tensor  # (B, prompt + new) token ids, prompts left-padded
     inputs: dict[str, torch.Tensor]  # the prompts' model inputs (pixel values etc.)
+    pad_ids: tuple[int, ...] = ()  # the model's visual thought pads (none: a model without thought tokens)
+
+    def pads_written(self, i: int) -> int:
+        """How many visual thought pads row ``i`` generated (complete thoughts or not)."""
+        new = self.sequences[i, self.inputs["input_ids"].shape[1]:]
+        return int(torch.isin(new, torch.tensor(self.pad_ids, device=new.device)).sum()) if self.pad_ids else 0
 
     def row(self, i: int) -> Generated:
         """Row ``i`` as a batch of one: its prompt's left padding removed (its thought positions shifted with it)
@@ -231,7 +237,7 @@ class Generated:
             inputs[key] = value
         answer = self.answers[i]
         spans = [(anchor, [p - pad for p in positions]) for anchor, positions in answer.thought_spans]
-        return Generated([replace(answer, thought_spans=spans)], self.sequences[i:i + 1, pad:], inputs)
+        return Generated([replace(answer, thought_spans=spans)], self.sequences[i:i + 1, pad:], inputs, self.pad_ids)
 
 
 @dataclass
@@ -281,7 +287,7 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
         spans = thought_positions(generated, tokens, offset=prompt_length) if tokens else []
         answers.append(Answer(question=question, image=names[row] if names else "", text=text,
                               answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans))
-    return Generated(answers, sequences, inputs)
+    return Generated(answers, sequences, inputs, tuple(tokens.pad_id.values()) if tokens else ())
 
 
 # ----------------------------------------------------------------------------- questions in

@@ -59,13 +59,24 @@ def test_the_world_is_deterministic_and_every_split_has_the_published_layout(tmp
     assert not train_ids & {r["id"] for r in held_out}
 
 
-def readme_generate_example() -> tuple[str, list[str]]:
-    """README's generate command on the learning experiment's model (continuation lines joined) and the lines of
-    output it shows after its "..."."""
-    block = re.search(r"```\n(\$ python -m trainer generate --model runs/learn-quick/.*?)```",
+def readme_example(subcommand: str) -> tuple[str, list[str]]:
+    """README's ``python -m trainer SUBCOMMAND`` example on the learning experiment's models (continuation lines
+    joined) and the lines of output it shows after its "..."."""
+    block = re.search(rf"```\n(\$ python -m trainer {subcommand} --model runs/learn-quick/.*?)```",
                       (REPO / "README.md").read_text(), re.DOTALL).group(1)
     command, shown = block.split("\n...\n")
     return command.removeprefix("$ ").replace("\\\n", " "), shown.strip().splitlines()
+
+
+def run_readme_example(subcommand: str, out: Path, env: dict) -> None:
+    """The example as written, on the run in ``out`` (bash: generate's question uses $'...' quoting); what it
+    prints ends with what README shows."""
+    command, shown = readme_example(subcommand)
+    command = command.replace("runs/learn-quick", str(out)).replace("python ", f"{sys.executable} ", 1)
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.replace(str(out), "runs/learn-quick").strip().splitlines()
+    assert printed[-len(shown):] == shown, (subcommand, printed)
 
 
 def emitting(shares: dict) -> float:
@@ -156,10 +167,6 @@ def test_the_quick_experiment_learns(tmp_path):
     assert 0 <= base_speed["data_seconds"] < base_speed["step_seconds"], base_speed
     assert "## Training speed per run" in (out / "report.md").read_text()
     assert all((out / p).is_file() for p in report["pictures"])
-    # README's generate example on this model, as written (bash: its question uses $'...' quoting)
-    command, shown = readme_generate_example()
-    command = command.replace("runs/learn-quick", str(out)).replace("python ", f"{sys.executable} ", 1)
-    proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = proc.stdout.replace(str(out), "runs/learn-quick").strip().splitlines()
-    assert printed[-len(shown):] == shown
+    # README's examples on these models: generate (the CoVT model) and evaluate (base, control, CoVT ablated)
+    run_readme_example("generate", out, env)
+    run_readme_example("evaluate", out, env)
