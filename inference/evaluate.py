@@ -159,12 +159,12 @@ def run_questions(vlm, processor, questions: list[Question], sizing: ImageSizing
         batch = questions[start:start + batch_size]
         generated = generate_answers(vlm, processor, [q.image for q in batch], [mcq_prompt(q) for q in batch],
                                      sizing, settings, names=[q.index for q in batch])
-        for row, (q, a) in enumerate(zip(batch, generated.answers)):
+        for q, a in zip(batch, generated.answers):
             choice = match_option(a.answer, q.options)
             result.predictions.append({"index": q.index, "category": q.category, "answer": q.answer,
                                        "choice": choice, "correct": choice == q.answer, "prediction": a.answer,
                                        "text": a.text, "thoughts": a.thoughts,
-                                       "thought_pads": generated.pads_written(row)})
+                                       "thought_pads": a.pads_written})
         bar.update(len(batch))
     bar.close()
     return result
@@ -209,13 +209,13 @@ def evaluate(folders: list[str], benchmark: str, out: str | Path, sizing: ImageS
         name += " (training prompt)" if settings.prompt_layout == "training" else ""
         vlm, processor = load_model(folder, device=device)
         results.append(run_questions(vlm, processor, questions, sizing, settings, batch_size, name, folder))
-        if ablate and not any(p["thought_pads"] for p in results[-1].predictions):
-            print(f"{name}: wrote no visual thought, so it is not run again with its thoughts ablated (it would "
-                  "answer the same)", file=sys.stderr)
-        elif ablate:
+        if ablate and any(p["thought_pads"] for p in results[-1].predictions):
             ablated = dataclasses.replace(settings, ablate=True)
             results.append(run_questions(vlm, processor, questions, sizing, ablated, batch_size,
                                          f"{name} (thoughts ablated)", folder))
+        elif ablate:
+            print(f"{name}: wrote no visual thought, so it is not run again with its thoughts ablated (it would "
+                  "answer the same)", file=sys.stderr)
         del vlm
     summaries = [r.summary() for r in results]
     report = {"benchmark": str(benchmark), "questions": len(questions), "models": summaries,

@@ -71,6 +71,7 @@ class Answer:
     chain: str  # the generated text with every visual thought shown as [anchor x N]
     thoughts: list[str] = field(default_factory=list)  # anchors of the complete visual thoughts, in order
     thought_spans: list[tuple[str, list[int]]] = field(default_factory=list)  # (anchor, sequence positions)
+    pads_written: int = 0  # visual thought pads among the generated tokens, in complete thoughts or not
 
     def to_dict(self) -> dict:
         return {"image": self.image, "question": self.question, "answer": self.answer, "text": self.text,
@@ -213,12 +214,6 @@ class Generated:
     answers: list[Answer]
     sequences: torch.Tensor  # (B, prompt + new) token ids, prompts left-padded
     inputs: dict[str, torch.Tensor]  # the prompts' model inputs (pixel values etc.)
-    pad_ids: tuple[int, ...] = ()  # the model's visual thought pads (none: a model without thought tokens)
-
-    def pads_written(self, i: int) -> int:
-        """How many visual thought pads row ``i`` generated (complete thoughts or not)."""
-        new = self.sequences[i, self.inputs["input_ids"].shape[1]:]
-        return int(torch.isin(new, torch.tensor(self.pad_ids, device=new.device)).sum()) if self.pad_ids else 0
 
     def row(self, i: int) -> Generated:
         """Row ``i`` as a batch of one: its prompt's left padding removed (its thought positions shifted with it)
@@ -237,7 +232,7 @@ class Generated:
             inputs[key] = value
         answer = self.answers[i]
         spans = [(anchor, [p - pad for p in positions]) for anchor, positions in answer.thought_spans]
-        return Generated([replace(answer, thought_spans=spans)], self.sequences[i:i + 1, pad:], inputs, self.pad_ids)
+        return Generated([replace(answer, thought_spans=spans)], self.sequences[i:i + 1, pad:], inputs)
 
 
 @dataclass
@@ -286,8 +281,9 @@ def generate_answers(vlm, processor, images: list[Image.Image], questions: list[
         chain, anchors = thought_chain(settings.prefill + decode(generated, skip_special_tokens=False))
         spans = thought_positions(generated, tokens, offset=prompt_length) if tokens else []
         answers.append(Answer(question=question, image=names[row] if names else "", text=text,
-                              answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans))
-    return Generated(answers, sequences, inputs, tuple(tokens.pad_id.values()) if tokens else ())
+                              answer=extract_answer(text), chain=chain, thoughts=anchors, thought_spans=spans,
+                              pads_written=sum(t in tokens.anchor_of for t in generated) if tokens else 0))
+    return Generated(answers, sequences, inputs)
 
 
 # ----------------------------------------------------------------------------- questions in
