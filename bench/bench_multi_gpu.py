@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -203,6 +204,8 @@ def launch_trainer(tag: str, stages: str, n: int, zero: str | None, batch_size: 
     cache = build_cache(work, tiny, data=long_conversations(work), name=f"cache-long-{'tiny' if tiny else 'real'}")
     grad_accum = 8 // (n * batch_size)
     out = work / f"{tag}-{zero or 'plain'}-x{n}-b{batch_size}-{'ckpt' if checkpointing else 'nockpt'}"
+    if extra:  # a run with other settings gets a folder of its own (the trainer would resume another's)
+        out = out.with_name(out.name + "-" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8])
     args = throughput_args(base, cache, out, stages, batch_size, grad_accum, checkpointing, zero, tiny)
     seconds = run([*torchrun(n), "-m", "trainer", *args, *extra],
                   f"{what}{zero or 'plain'} x{n}, micro-batch {batch_size} x accumulation {grad_accum}")
@@ -213,10 +216,10 @@ def launch_trainer(tag: str, stages: str, n: int, zero: str | None, batch_size: 
 
 
 def throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
-               tiny: bool) -> dict:
+               tiny: bool, overrides: tuple[str, ...] = ()) -> dict:
     """Samples/s of the trainer itself at the recipe's global batch of 8 on ``n`` GPUs (steady state)."""
     launch = launch_trainer("train", f"[{{name: understanding, steps: {steps + 1}, merge_after: true}}]", n, zero,
-                            batch_size, checkpointing, work, tiny, "", ("--stop-after", str(steps)))
+                            batch_size, checkpointing, work, tiny, "", ("--stop-after", str(steps), *overrides))
     steady = statistics.median(p["seconds"] for p in launch.perf[3:])  # the first steps warm up
     return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": launch.grad_accum,
             "checkpointing": checkpointing, "seconds_per_step": steady, "samples_per_s": 8 / steady,
@@ -278,13 +281,14 @@ def recipe_projection(seconds: dict[str, float]) -> dict:
 
 
 def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointing: bool, work: Path, steps: int,
-                          tiny: bool) -> dict:
+                          tiny: bool, overrides: tuple[str, ...] = ()) -> dict:
     """The trainer's seconds per step in each stage of a miniature recipe (both merges, the export) at the
     recipe's global batch of 8 on ``n`` GPUs, and the recipe's hours at those rates."""
     if steps < 4:
         raise SystemExit("--four-stages needs --steps >= 4 (the first 2 steps of each stage warm up)")
     stages = miniature_recipe(steps)
-    launch = launch_trainer("recipe", stages, n, zero, batch_size, checkpointing, work, tiny, "four stages, ")
+    launch = launch_trainer("recipe", stages, n, zero, batch_size, checkpointing, work, tiny, "four stages, ",
+                            overrides)
     seconds = per_segment_seconds(stages, launch.perf)
     return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": launch.grad_accum,
             "checkpointing": checkpointing, "seconds_per_step": seconds,
@@ -322,6 +326,9 @@ def main() -> None:
                                                              "--four-stages)")
     ap.add_argument("--four-stages", action="store_true",
                     help="--throughput over the recipe's four stages in miniature, figures per stage")
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="trainer config overrides added to every throughput run, e.g. train.compile=true "
+                         "train.lora.fp32_inputs=false train.packing=true (each run's folder name says which)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.throughput:
@@ -330,7 +337,8 @@ def main() -> None:
             gpus, zero, micro, *rest = spec.split("x")
             measure = four_stage_throughput if args.four_stages else throughput
             rows.append(measure(int(gpus), None if zero == "none" else zero, int(micro), rest != ["nockpt"],
-                                args.work, args.steps, args.tiny))
+                                args.work, args.steps, args.tiny, tuple(args.overrides)))
+            rows[-1]["overrides"] = args.overrides
             print(json.dumps(rows[-1]), flush=True)
         if args.four_stages:
             print("samples/s at global batch 8, per stage:\n" + four_stage_table(rows))

@@ -30,12 +30,16 @@ def test_four_stage_throughput_runs_the_whole_recipe_on_the_cpu(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "bench/bench_multi_gpu.py", "--tiny", "--throughput", "1xnonex4xnockpt",
-                           "--four-stages", "--steps", "4", "--work", str(tmp_path / "work"), "--json", str(out)],
+                           "--four-stages", "--steps", "4", "--work", str(tmp_path / "work"), "--json", str(out),
+                           "--set", "train.packing=true", "train.lora.fp32_inputs=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [row] = json.loads(out.read_text())
     assert list(row["seconds_per_step"]) == SEGMENTS and all(v > 0 for v in row["seconds_per_step"].values())
     assert row["final_has_heads"] and row["grad_accum"] == 2
+    assert row["overrides"] == ["train.packing=true", "train.lora.fp32_inputs=false"]
+    [run] = [p for p in (tmp_path / "work").glob("recipe-*") if p.is_dir()]
+    assert "packing: true" in (run / "config.yaml").read_text()
     hours = sum(row["recipe_steps"][s] * row["seconds_per_step"][s] for s in SEGMENTS) / 3600
     assert math.isclose(row["recipe_hours"], hours)
     assert "| 1 x none x 4 |" in proc.stdout

@@ -17,7 +17,7 @@ from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
-from trainer.model import CoVTModel, packed_position_ids, text_hidden_size, unwrap_vlm
+from trainer.model import CoVTModel, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention
 from trainer.tiny_model import build_tiny_base_model
@@ -129,9 +129,12 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
     assert torch.equal(packed["text"]["targets"], padded["text"]["targets"])
     assert torch.equal(packed["text"]["weights"], padded["text"]["weights"])
     keep = padded["attention_mask"].bool()
+    # the loader's rope positions (trainer.rope) are the model's own, padded and packed
     rope = unwrap_vlm(model.vlm).model.get_rope_index(padded["input_ids"], padded["mm_token_type_ids"],
                                                       padded["image_grid_thw"], attention_mask=padded["attention_mask"])
-    positions = packed_position_ids(model.vlm, packed)
+    assert torch.equal(padded["position_ids"], rope[0])
+    positions = packed["position_ids"]
+    assert positions.shape == (4, 1, packed["input_ids"].shape[1])
     assert torch.equal(positions[1:, 0], rope[0][:, keep])
     assert torch.equal(positions[0, 0], torch.cat([torch.arange(int(n)) for n in keep.sum(1)]))
 

@@ -23,6 +23,7 @@ from covt.anchors import get_anchor
 from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
 from trainer.heads.base import head_views
+from trainer.rope import packed_position_ids, padded_position_ids
 from trainer.settings import BatchSettings
 from trainer.tokens import ThoughtTokens, spans
 
@@ -153,8 +154,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
                 settings: BatchSettings, view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Model tensors for ``samples`` in ``stage``'s format (a covt.config.StageConfig) at global ``step``.
 
-    Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and
-    mm_token_type_ids when the processor gives them), right-padded; ``anchors``:
+    Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and mm_token_type_ids and the
+    rope position_ids, trainer.rope, when the processor gives the token types), right-padded; ``anchors``:
     {anchor: {rows, positions (B_a, tokens), targets {array: (B_a, ...)}, views (B_a,3,S,S) uint8 or None}}
     for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``text``: :func:`text_targets`;
     ``keys``. With ``settings.packing`` the samples are one row instead (:func:`pack`).
@@ -174,6 +175,7 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     }
     if "mm_token_type_ids" in rows[0]:
         batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
+        batch["position_ids"] = padded_position_ids(batch, processor.image_processor.merge_size)
     batch["text"] = text_targets(batch["labels"])
     view_sizes = view_sizes or {}
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
@@ -185,10 +187,9 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
 def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     """A right-padded :func:`build_batch` batch as ONE row (train.packing): each sample's tokens in turn, no
     padding. The text targets and every anchor's thought positions point at the same tokens as before (row 0,
-    the sample's offset + its position), with the same weights; ``packed``: each sample's ``lengths`` and
-    ``images`` (rows of image_grid_thw), from which the model gives every sample its own rope positions and
-    attention that stays within it (trainer.model.packed_position_ids). The loss stays the mean over samples
-    (:func:`sample_count`)."""
+    the sample's offset + its position), with the same weights; position_ids give every sample its own rope
+    positions and attention that stays within it (trainer.rope.packed_position_ids); ``packed``: each sample's
+    ``lengths`` and ``images`` (rows of image_grid_thw). The loss stays the mean over samples (:func:`sample_count`)."""
     if "mm_token_type_ids" not in batch:
         raise BatchError("train.packing needs the processor's mm_token_type_ids (which tokens are image tokens) to "
                          "give each sample its own rope positions; this processor gives none: set train.packing "
@@ -199,6 +200,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     packed = dict(batch)
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
         packed[key] = batch[key][keep][None]
+    packed["position_ids"] = packed_position_ids(batch["position_ids"], keep)
     text = batch["text"]
     packed["text"] = {**text, "rows": torch.zeros_like(text["rows"]),
                       "positions": offsets[text["rows"]] + text["positions"]}

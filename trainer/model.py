@@ -25,7 +25,8 @@ from torch._dynamo import config as dynamo_config
 from trainer.batch import batch_to, sample_count
 from trainer.tokens import ThoughtTokens
 
-VLM_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+VLM_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+              "position_ids")
 
 
 def unwrap_vlm(vlm: nn.Module) -> nn.Module:
@@ -130,31 +131,13 @@ def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def vlm_inputs(vlm: nn.Module, batch: dict[str, Any], labels: bool = False) -> dict[str, Any]:
-    """The keyword arguments of the VLM's forward for a :func:`trainer.batch.build_batch` batch. A packed batch
-    (train.packing) goes without attention_mask and with :func:`packed_position_ids`: transformers reads the
-    sample boundaries from the positions (its own packed-sequence support)."""
+    """The keyword arguments of the VLM's forward for a :func:`trainer.batch.build_batch` batch, with the rope
+    positions the loader computed (trainer.rope). A packed batch (train.packing) goes without attention_mask:
+    transformers reads the sample boundaries from its positions (its own packed-sequence support)."""
     inputs = {k: batch[k] for k in VLM_INPUTS if k in batch and (labels or k != "labels")}
     if "packed" in batch:
         del inputs["attention_mask"]
-        inputs["position_ids"] = packed_position_ids(vlm, batch)
     return inputs
-
-
-def packed_position_ids(vlm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """``(4, 1, T)`` position ids of a packed batch, transformers' packed layout for Qwen2.5-VL: row 0 the text
-    positions, 0.. within each sample, where the model finds the sample boundaries; rows 1-3 each sample's 3-D
-    rope index computed by the model's own ``get_rope_index`` on that sample alone, as in a padded batch. From
-    row 0 (with no attention_mask) the mask builders of sdpa, eager and flex attention make a block-diagonal
-    causal mask, flash attention kernels take the boundaries as cu_seqlens (masking_utils,
-    modeling_flash_attention_utils), and so does trainer.text_attention, which the trainer installs."""
-    model = unwrap_vlm(vlm).model
-    # on the host: a few blocking copies, not a device sync per sample (get_rope_index reads its inputs in Python)
-    lengths = batch["packed"]["lengths"].tolist()
-    ids, types = batch["input_ids"][0].cpu().split(lengths), batch["mm_token_type_ids"][0].cpu().split(lengths)
-    grids = batch["image_grid_thw"].cpu().split(batch["packed"]["images"].tolist())
-    rope = [model.get_rope_index(i[None], t[None], image_grid_thw=g)[0] for i, t, g in zip(ids, types, grids)]
-    text = torch.cat([torch.arange(n) for n in lengths])
-    return torch.cat([text[None, None], torch.cat(rope, dim=2)]).to(batch["input_ids"].device)
 
 
 def labelled_text_loss(hidden: torch.Tensor, text: dict[str, torch.Tensor], lm_head: nn.Module) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Causal attention per sample for the language model on packed rows (train.packing), in one kernel call.
 
 transformers keeps the samples of a packed row apart by turning its restarting text positions into a
-block-diagonal causal mask (trainer.model.packed_position_ids); with ``sdpa`` the kernel then computes every
+block-diagonal causal mask (trainer.rope.packed_position_ids); with ``sdpa`` the kernel then computes every
 pair of the row's tokens and discards those across samples (7/8 of them in a packed micro-batch of 8).
 :data:`TEXT_ATTENTION` computes the same function per sample instead: on CUDA in bf16/fp16 one causal
 ``torch.nn.attention.varlen.varlen_attn`` call (grouped-query) with the samples' boundaries as cu_seqlens,
