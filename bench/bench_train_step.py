@@ -415,7 +415,8 @@ def main(argv=None) -> dict:
         micro = max(int(m) for m in args.micro_batch.split(","))
         both = [build_batch(data[:micro], stage, True, 0, processor, tokens,
                             dataclasses.replace(BatchSettings.from_config(cfg), packing=packing),
-                            view_sizes=model.view_sizes()) for packing in (False, True)]
+                            view_sizes=model.view_sizes(), vision=model.vision_geometry())
+                for packing in (False, True)]
         try:
             with torch.compiler.set_stance("force_eager"):
                 exactness = compare_packing(model, *both, device)
@@ -434,7 +435,8 @@ def main(argv=None) -> dict:
         for packing, micro in layouts:
             cfg.train.packing = packing
             batches = [build_batch(data[i:i + micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
-                                   view_sizes=model.view_sizes()) for i in range(0, args.global_batch, micro)]
+                                   view_sizes=model.view_sizes(), vision=model.vision_geometry())
+                       for i in range(0, args.global_batch, micro)]
             if device.type == "cuda":  # as the trainer's DataLoader hands them over (pin_memory)
                 batches = [pinned(b) for b in batches]
             row = time_layout(model, optimizer, batches, args, device, rate)

@@ -6,18 +6,21 @@ its anchor losses), so every cut must give the same number and the same gradient
 (train.packing: a micro-batch's samples in one row, each with its own rope positions and attention) too.
 """
 import dataclasses
+import inspect
 import shutil
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
 import torch
 from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
-from trainer.model import CoVTModel, text_hidden_size, unwrap_vlm
+from trainer.model import CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention
 from trainer.tiny_model import build_tiny_base_model
@@ -145,6 +148,55 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
     assert packed_grads.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
         assert float((packed_grads[name] - grad).norm()) <= tolerance * float(grad.norm()), name
+
+
+# what the model computes from ids and image grids at the start of a forward when the batch does not hold it
+HOST_COMPUTED = ("get_rope_index", "get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index")
+HOST_INPUTS = ("position_ids", "image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
+               "image_cu_window_seqlens", "image_max_window_seqlen", "cu_seq_lens_q", "cu_seq_lens_k",
+               "max_length_q", "max_length_k")
+
+
+def hidden_and_ops_of(model, batch: dict) -> tuple[torch.Tensor, Counter]:
+    """The last hidden states of ``batch``, and how many tensor operations each of :data:`HOST_COMPUTED` issued."""
+    ops: Counter = Counter()
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            frame = inspect.currentframe()
+            while frame is not None and frame.f_code.co_name not in HOST_COMPUTED:
+                frame = frame.f_back
+            if frame is not None:
+                ops[frame.f_code.co_name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Census():
+        hidden = last_hidden_states(model.vlm, batch)
+    return hidden, ops
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_the_loaders_rope_positions_and_vision_indices_are_the_models_own_and_spare_it_computing_them(setup, packing):
+    """trainer.host_inputs: the loader computes the rope positions, the vision tower's rotary positions, windows and
+    segments (and a packed row's sample boundaries) with transformers' functions on the host; the model then
+    computes none of them (the device reads they cost), and its hidden states are bit-equal to those it gives
+    computing them itself."""
+    model, processor, tokens, settings, samples = setup
+    settings = dataclasses.replace(settings, packing=packing)
+    batch = build_batch(samples[:3], StageConfig("understanding", 1), True, 0, processor, tokens, settings,
+                        view_sizes=model.view_sizes(), vision=model.vision_geometry())
+    assert set(HOST_INPUTS[:7]) <= batch.keys() and (set(HOST_INPUTS[7:]) <= batch.keys()) == packing
+    bare = {k: v for k, v in batch.items() if k not in HOST_INPUTS[1:]}
+    if packing:  # transformers' packed rows need the text positions; they are what it would compute per sample
+        bare["position_ids"] = batch["position_ids"]
+    else:
+        del bare["position_ids"]
+    with text_attention(model, TEXT_ATTENTION if packing else "sdpa"):
+        hidden, ops = hidden_and_ops_of(model, batch)
+        own, own_ops = hidden_and_ops_of(model, bare)
+    assert not ops, ops
+    assert own_ops["get_vision_window_index"] > 0 and (packing or own_ops["get_rope_index"] > 0)
+    assert torch.equal(hidden, own)
 
 
 def test_global_batch_sets_gradient_accumulation_for_the_number_of_gpus():

@@ -23,7 +23,13 @@ from covt.anchors import get_anchor
 from covt.images import square_view
 from trainer.formats import FormatError, TrainingText, format_sample, plain_text, sample_rng
 from trainer.heads.base import head_views
-from trainer.rope import packed_position_ids, padded_position_ids
+from trainer.host_inputs import (
+    VisionGeometry,
+    packed_position_ids,
+    packed_text_boundaries,
+    padded_position_ids,
+    vision_inputs,
+)
 from trainer.settings import BatchSettings
 from trainer.tokens import ThoughtTokens, spans
 
@@ -151,11 +157,13 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
 
 
 def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens,
-                settings: BatchSettings, view_sizes: dict[str, int | None] | None = None) -> dict[str, Any]:
+                settings: BatchSettings, view_sizes: dict[str, int | None] | None = None,
+                vision: VisionGeometry | None = None) -> dict[str, Any]:
     """Model tensors for ``samples`` in ``stage``'s format (a covt.config.StageConfig) at global ``step``.
 
     Returns input_ids, attention_mask, labels, pixel_values, image_grid_thw (and mm_token_type_ids and the
-    rope position_ids, trainer.rope, when the processor gives the token types), right-padded; ``anchors``:
+    rope position_ids when the processor gives the token types), right-padded, and with ``vision`` (the model's
+    CoVTModel.vision_geometry) the vision tower's index tensors (trainer.host_inputs); ``anchors``:
     {anchor: {rows, positions (B_a, tokens), targets {array: (B_a, ...)}, views (B_a,3,S,S) uint8 or None}}
     for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``text``: :func:`text_targets`;
     ``keys``. With ``settings.packing`` the samples are one row instead (:func:`pack`).
@@ -176,6 +184,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     if "mm_token_type_ids" in rows[0]:
         batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
         batch["position_ids"] = padded_position_ids(batch, processor.image_processor.merge_size)
+    if vision is not None:
+        batch.update(vision_inputs(batch["image_grid_thw"], vision))
     batch["text"] = text_targets(batch["labels"])
     view_sizes = view_sizes or {}
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
@@ -188,7 +198,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     """A right-padded :func:`build_batch` batch as ONE row (train.packing): each sample's tokens in turn, no
     padding. The text targets and every anchor's thought positions point at the same tokens as before (row 0,
     the sample's offset + its position), with the same weights; position_ids give every sample its own rope
-    positions and attention that stays within it (trainer.rope.packed_position_ids); ``packed``: each sample's
+    positions and attention that stays within it (trainer.host_inputs); ``packed``: each sample's
     ``lengths`` and ``images`` (rows of image_grid_thw). The loss stays the mean over samples (:func:`sample_count`)."""
     if "mm_token_type_ids" not in batch:
         raise BatchError("train.packing needs the processor's mm_token_type_ids (which tokens are image tokens) to "
@@ -201,6 +211,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
         packed[key] = batch[key][keep][None]
     packed["position_ids"] = packed_position_ids(batch["position_ids"], keep)
+    packed.update(packed_text_boundaries(lengths))
     text = batch["text"]
     packed["text"] = {**text, "rows": torch.zeros_like(text["rows"]),
                       "positions": offsets[text["rows"]] + text["positions"]}
@@ -232,12 +243,13 @@ class BatchBuilder:
     settings: BatchSettings
     view_sizes: dict[str, int | None]
     first_step: int = 0  # the optimizer step at the stream's position 0 (train.data_order)
+    vision: VisionGeometry | None = None  # the model's (CoVTModel.vision_geometry): its index tensors made here
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         step = self.first_step + samples[0]["position"] // self.samples_per_step
         at = self.schedule.stage_at(step)
         batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.settings,
-                            view_sizes=self.view_sizes)
+                            view_sizes=self.view_sizes, vision=self.vision)
         batch["step"] = step
         batch["damaged_skipped"] = [problem for s in samples for problem in s.get("damaged_skipped", ())]
         return batch

@@ -23,10 +23,13 @@ from torch import nn
 from torch._dynamo import config as dynamo_config
 
 from trainer.batch import batch_to, sample_count
+from trainer.host_inputs import VisionGeometry
 from trainer.tokens import ThoughtTokens
 
 VLM_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids",
-              "position_ids")
+              "position_ids", "image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
+              "image_cu_window_seqlens", "image_max_window_seqlen",
+              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # trainer.host_inputs
 
 
 def unwrap_vlm(vlm: nn.Module) -> nn.Module:
@@ -70,6 +73,11 @@ class CoVTModel(nn.Module):
     def view_sizes(self) -> dict[str, int | None]:
         """anchor -> side of the uint8 views its head wants (for build_batch)."""
         return {name: getattr(head, "view_size", None) for name, head in self.heads.items()}
+
+    def vision_geometry(self) -> VisionGeometry:
+        """What the vision tower's index tensors follow from (for build_batch, which makes them on the host)."""
+        vision = unwrap_vlm(self.vlm).config.vision_config
+        return VisionGeometry(vision.spatial_merge_size, vision.window_size, vision.patch_size)
 
     def forward(self, batch: dict[str, Any], anchor_losses: bool = True) -> dict[str, Any]:
         """``loss``: the mean over the micro-batch's samples of (text loss + weighted anchor losses), so that
@@ -131,8 +139,8 @@ def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def vlm_inputs(vlm: nn.Module, batch: dict[str, Any], labels: bool = False) -> dict[str, Any]:
-    """The keyword arguments of the VLM's forward for a :func:`trainer.batch.build_batch` batch, with the rope
-    positions the loader computed (trainer.rope). A packed batch (train.packing) goes without attention_mask:
+    """The keyword arguments of the VLM's forward for a :func:`trainer.batch.build_batch` batch, with what the
+    loader computed for it (trainer.host_inputs). A packed batch (train.packing) goes without attention_mask:
     transformers reads the sample boundaries from its positions (its own packed-sequence support)."""
     inputs = {k: batch[k] for k in VLM_INPUTS if k in batch and (labels or k != "labels")}
     if "packed" in batch:

@@ -1,7 +1,7 @@
 """Causal attention per sample for the language model on packed rows (train.packing), in one kernel call.
 
 transformers keeps the samples of a packed row apart by turning its restarting text positions into a
-block-diagonal causal mask (trainer.rope.packed_position_ids); with ``sdpa`` the kernel then computes every
+block-diagonal causal mask (trainer.host_inputs.packed_position_ids); with ``sdpa`` the kernel then computes every
 pair of the row's tokens and discards those across samples (7/8 of them in a packed micro-batch of 8).
 :data:`TEXT_ATTENTION` computes the same function per sample instead: on CUDA in bf16/fp16 one causal
 ``torch.nn.attention.varlen.varlen_attn`` call (grouped-query) with the samples' boundaries as cu_seqlens,
@@ -27,7 +27,8 @@ TEXT_ATTENTION = "covt_packed_text"
 
 
 class SampleBoundaries:
-    """cu_seqlens (int32) and the longest sample of a packed row, from its text positions (0 starts a sample).
+    """cu_seqlens (int32) and the longest sample of a packed row, from its text positions (0 starts a sample), for
+    a packed row given without the loader's boundaries (trainer.host_inputs.packed_text_boundaries).
 
     Every decoder layer of one forward pass receives the same positions tensor: the boundaries are read once per
     pass (one host sync, as the padded path's rope index has), not once per layer."""
@@ -83,7 +84,10 @@ def packed_text_attention(module, query, key, value, attention_mask, dropout=0.0
     if dropout:
         raise ValueError(f"{TEXT_ATTENTION} (train.packing) serves dropout-free attention only; the model's "
                          f"attention_dropout is {dropout}")
-    cu, longest = sample_boundaries(position_ids)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:  # from the loader
+        cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    else:
+        cu, longest = sample_boundaries(position_ids)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
     if varlen_kernel_applies(q):
         out = causal_varlen(q, k, v, cu, longest, scaling)

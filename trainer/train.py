@@ -279,7 +279,7 @@ def data_stream(job: Job, rm: RunModel, run: Run):
     dataset, stream_start = run_stream(job.cfg, per_step, c.rank, c.world, job.step, run)
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
     collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.settings.batch,
-                           rm.model.view_sizes(), first_step=stream_start)
+                           rm.model.view_sizes(), first_step=stream_start, vision=rm.model.vision_geometry())
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
                                               collate_fn=collate, pin_memory=c.device.type == "cuda"))
     if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
@@ -310,7 +310,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
                                              clip_norm(t))
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
-                                    job.settings, rm.model.view_sizes(), device, job.autocast)
+                                    job.settings, device, job.autocast)
                   if validation_due(job.cfg, done, job.validation) else None)
     log.step(done, at, losses, learning_rates(rm.optimizer), every=t.log_every, skipped=not applied,
              grad_norm=grad_norm, validation=validation)

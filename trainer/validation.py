@@ -51,9 +51,10 @@ def validation_due(cfg: Config, done: int, samples: list[dict]) -> bool:
 
 
 @torch.no_grad()
-def validation_losses(model, forward, samples: list[dict], processor, tokens, settings: RunSettings, view_sizes,
+def validation_losses(model, forward, samples: list[dict], processor, tokens, settings: RunSettings,
                       device: torch.device, autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
-    """Mean losses over ``samples`` in batches of train.batch_size; ``forward`` is the model or its engine."""
+    """Mean losses over ``samples`` in batches of train.batch_size; ``model`` is the CoVTModel, ``forward`` the
+    model or its engine."""
     was_training = model.training
     model.eval()  # no LoRA dropout
     sums: dict[str, float] = defaultdict(float)
@@ -63,7 +64,7 @@ def validation_losses(model, forward, samples: list[dict], processor, tokens, se
         for start in range(0, len(samples), size):
             chunk = samples[start:start + size]
             batch = build_batch(chunk, VALIDATION_STAGE, settings.anchor_losses, FORMAT_STEP, processor, tokens,
-                                settings.batch, view_sizes=view_sizes)
+                                settings.batch, view_sizes=model.view_sizes(), vision=model.vision_geometry())
             with autocast():
                 result = forward(batch_to(batch, device), settings.anchor_losses)
             for name, value in result.items():
