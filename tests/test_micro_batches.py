@@ -22,7 +22,7 @@ from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
 from trainer.model import CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
-from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention
+from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 
@@ -96,13 +96,12 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
 def text_attention(model, name: str):
     """The language model's attention set to ``name`` for the block (transformers' ``sdpa``, or
     trainer.text_attention's per-sample attention of packed rows), then back to sdpa."""
-    language_model = unwrap_vlm(model.vlm).model.language_model
     if name == TEXT_ATTENTION:
         use_packed_text_attention(model.vlm)
     try:
         yield
     finally:
-        language_model.config._attn_implementation = "sdpa"
+        use_sdpa_text_attention(model.vlm)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", TEXT_ATTENTION])
@@ -151,10 +150,11 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
 
 
 # what the model computes from ids and image grids at the start of a forward when the batch does not hold it
-HOST_COMPUTED = ("get_rope_index", "get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index")
-HOST_INPUTS = ("position_ids", "image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
-               "image_cu_window_seqlens", "image_max_window_seqlen", "cu_seq_lens_q", "cu_seq_lens_k",
-               "max_length_q", "max_length_k")
+HOST_COMPUTED = ("get_rope_index", "get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index",
+                 "get_placeholder_mask")
+HOST_INPUTS = ("position_ids", "image_token_index", "image_position_ids", "image_cu_seqlens", "image_max_seqlen",
+               "image_window_index", "image_cu_window_seqlens", "image_max_window_seqlen", "cu_seq_lens_q",
+               "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def hidden_and_ops_of(model, batch: dict) -> tuple[torch.Tensor, Counter]:
@@ -185,7 +185,7 @@ def test_the_loaders_rope_positions_and_vision_indices_are_the_models_own_and_sp
     settings = dataclasses.replace(settings, packing=packing)
     batch = build_batch(samples[:3], StageConfig("understanding", 1), True, 0, processor, tokens, settings,
                         view_sizes=model.view_sizes(), vision=model.vision_geometry())
-    assert set(HOST_INPUTS[:7]) <= batch.keys() and (set(HOST_INPUTS[7:]) <= batch.keys()) == packing
+    assert set(HOST_INPUTS[:8]) <= batch.keys() and (set(HOST_INPUTS[8:]) <= batch.keys()) == packing
     bare = {k: v for k, v in batch.items() if k not in HOST_INPUTS[1:]}
     if packing:  # transformers' packed rows need the text positions; they are what it would compute per sample
         bare["position_ids"] = batch["position_ids"]
@@ -195,8 +195,19 @@ def test_the_loaders_rope_positions_and_vision_indices_are_the_models_own_and_sp
         hidden, ops = hidden_and_ops_of(model, batch)
         own, own_ops = hidden_and_ops_of(model, bare)
     assert not ops, ops
-    assert own_ops["get_vision_window_index"] > 0 and (packing or own_ops["get_rope_index"] > 0)
+    assert own_ops["get_vision_window_index"] > 0 and own_ops["get_placeholder_mask"] > 0
+    assert packing or own_ops["get_rope_index"] > 0
     assert torch.equal(hidden, own)
+    with text_attention(model, TEXT_ATTENTION if packing else "sdpa"):
+        grads = [named_gradients(model, b) for b in (batch, bare)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+
+
+def named_gradients(model, batch: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(batch)["loss"].backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def test_global_batch_sets_gradient_accumulation_for_the_number_of_gpus():

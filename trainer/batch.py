@@ -25,6 +25,8 @@ from trainer.formats import FormatError, TrainingText, format_sample, plain_text
 from trainer.heads.base import head_views
 from trainer.host_inputs import (
     VisionGeometry,
+    image_feature_count,
+    image_token_index,
     packed_position_ids,
     packed_text_boundaries,
     padded_position_ids,
@@ -184,6 +186,11 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     if "mm_token_type_ids" in rows[0]:
         batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
         batch["position_ids"] = padded_position_ids(batch, processor.image_processor.merge_size)
+        batch["image_token_index"] = image_token_index(batch["mm_token_type_ids"])
+        features = image_feature_count(batch["image_grid_thw"], processor.image_processor.merge_size)
+        if batch["image_token_index"].numel() != features:
+            raise BatchError(f"{[_name(s) for s in samples]}: {batch['image_token_index'].numel()} image tokens for "
+                             f"{features} image features")
     if vision is not None:
         batch.update(vision_inputs(batch["image_grid_thw"], vision))
     batch["text"] = text_targets(batch["labels"])
@@ -212,6 +219,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
         packed[key] = batch[key][keep][None]
     packed["position_ids"] = packed_position_ids(batch["position_ids"], keep)
     packed.update(packed_text_boundaries(lengths))
+    packed["image_token_index"] = image_token_index(packed["mm_token_type_ids"])
     text = batch["text"]
     packed["text"] = {**text, "rows": torch.zeros_like(text["rows"]),
                       "positions": offsets[text["rows"]] + text["positions"]}

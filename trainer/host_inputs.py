@@ -6,7 +6,9 @@ attention segments (``transformers.vision_utils``): about thirty reads from the 
 stops the host from queueing work ahead of it. The loader's workers compute the same tensors with the same
 functions on the batch's CPU tensors, and trainer.model.vlm_inputs hands them to the model through the inputs
 transformers provides for them (``position_ids``; ``image_*``, which reach the vision tower only; and for a
-packed row the varlen keywords, which reach the language model's attention only).
+packed row the varlen keywords, which reach the language model's attention only). The positions of the image
+tokens (:func:`image_token_index`) let trainer.model write the image features into the embeddings without the
+count transformers reads back to check them.
 """
 from __future__ import annotations
 
@@ -45,6 +47,20 @@ def packed_position_ids(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
     rope positions, those of the padded batch."""
     text = torch.cat([torch.arange(int(n)) for n in keep.sum(1)])
     return torch.cat([text[None, None], padded[:, keep][:, None]])
+
+
+IMAGE_TOKEN = 1  # an image token's mm_token_type_ids
+
+
+def image_token_index(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Flat positions (over the batch's rows x tokens) of its image tokens, in order: where trainer.model writes
+    the images' features, in the order the vision tower gives them."""
+    return (mm_token_type_ids.reshape(-1) == IMAGE_TOKEN).nonzero().flatten()
+
+
+def image_feature_count(grid_thw: torch.Tensor, spatial_merge_size: int) -> int:
+    """How many features (merged patches) the vision tower gives for images of ``grid_thw``."""
+    return int(grid_thw.prod(-1).sum()) // spatial_merge_size**2
 
 
 def longest(cu_seqlens: torch.Tensor) -> int:

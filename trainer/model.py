@@ -26,10 +26,13 @@ from trainer.batch import batch_to, sample_count
 from trainer.host_inputs import VisionGeometry
 from trainer.tokens import ThoughtTokens
 
+# set on a language model whose attention finds a packed row's samples without a mask (trainer.text_attention)
+PACKED_ROWS_NEED_NO_MASK = "covt_packed_rows_need_no_mask"
+# what the loader computed for the vision tower (trainer.host_inputs.vision_inputs)
+VISION_INPUTS = ("image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
+                 "image_cu_window_seqlens", "image_max_window_seqlen")
 VLM_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids",
-              "position_ids", "image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
-              "image_cu_window_seqlens", "image_max_window_seqlen",
-              "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # trainer.host_inputs
+              "position_ids", *VISION_INPUTS, "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def unwrap_vlm(vlm: nn.Module) -> nn.Module:
@@ -135,7 +138,29 @@ def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The last-layer hidden states of a (peft-wrapped) Qwen2.5-VL: the output of the language model's final
     norm, what lm_head reads and the heads are trained on, ``(B, T, hidden)``. Runs the model without its
     lm_head (no logits); ``inputs`` may hold labels and other keys, only the VLM's inputs are passed."""
-    return unwrap_vlm(vlm).model(**vlm_inputs(vlm, inputs), use_cache=False).last_hidden_state
+    model = unwrap_vlm(vlm).model
+    kwargs = vlm_inputs(vlm, inputs)
+    if "image_token_index" in inputs and "pixel_values" in kwargs:
+        kwargs = with_image_features(model, kwargs, inputs["image_token_index"])
+    return model(**kwargs, use_cache=False).last_hidden_state
+
+
+def with_image_features(model: nn.Module, kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """``kwargs`` of a Qwen2.5-VL base model's forward with input_ids and pixel_values replaced by inputs_embeds:
+    the token embeddings with the vision tower's features written at the image tokens (``index``: their flat
+    positions, trainer.host_inputs.image_token_index). transformers' forward writes the same values with
+    ``masked_scatter``, after reading the number of image tokens and the features' split sizes back from the GPU
+    (and the scatter's backward reads the mask's count again); the loader checked that number."""
+    kwargs = dict(kwargs)
+    embeds = model.get_input_embeddings()(kwargs.pop("input_ids"))
+    vision = {k.removeprefix("image_"): kwargs.pop(k) for k in VISION_INPUTS if k in kwargs}
+    visual = model.visual
+    features = visual(kwargs.pop("pixel_values").type(visual.dtype), grid_thw=kwargs["image_grid_thw"],
+                      **vision).pooler_output
+    flat = embeds.reshape(-1, embeds.shape[-1])
+    flat = flat.index_copy(0, index.to(flat.device), features.to(flat.device, flat.dtype))
+    kwargs["inputs_embeds"] = flat.view_as(embeds)
+    return kwargs
 
 
 def vlm_inputs(vlm: nn.Module, batch: dict[str, Any], labels: bool = False) -> dict[str, Any]:
@@ -145,6 +170,11 @@ def vlm_inputs(vlm: nn.Module, batch: dict[str, Any], labels: bool = False) -> d
     inputs = {k: batch[k] for k in VLM_INPUTS if k in batch and (labels or k != "labels")}
     if "packed" in batch:
         del inputs["attention_mask"]
+        language_model = unwrap_vlm(vlm).model.language_model
+        if getattr(language_model, PACKED_ROWS_NEED_NO_MASK, False):
+            # the attention reads the loader's sample boundaries: no mask is built (transformers' builder would
+            # read the packed positions back from the GPU to find them)
+            inputs["attention_mask"] = dict.fromkeys(set(language_model.config.layer_types))
     return inputs
 
 

@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from trainer.model import unwrap_vlm
+from trainer.model import PACKED_ROWS_NEED_NO_MASK, unwrap_vlm
 from trainer.vision_attention import per_segment, varlen_kernel, varlen_kernel_applies
 
 TEXT_ATTENTION = "covt_packed_text"
@@ -108,3 +108,11 @@ def use_packed_text_attention(vlm) -> None:
         raise TypeError(f"{type(unwrap_vlm(vlm)).__name__} has no language model (model.language_model); "
                         "train.packing expects Qwen2.5-VL")
     language_model.config._attn_implementation = TEXT_ATTENTION
+    setattr(language_model, PACKED_ROWS_NEED_NO_MASK, True)
+
+
+def use_sdpa_text_attention(vlm) -> None:
+    """Undo :func:`use_packed_text_attention`: the language model back to transformers' sdpa, its masks built."""
+    language_model = unwrap_vlm(vlm).model.language_model
+    language_model.config._attn_implementation = "sdpa"
+    setattr(language_model, PACKED_ROWS_NEED_NO_MASK, False)
