@@ -22,6 +22,9 @@ alternating after warm-up, timed with CUDA events (medians):
   covt_compiled: covt with train.compile (each decoder layer and vision block through torch.compile; the
            other kinds run the same blocks eagerly, torch.compiler.set_stance("force_eager")).
   covt_bf16_inputs_compiled: both.
+  any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
+           (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
+           the model then computes itself at each forward, reading them back from the GPU (the code before them).
 
     python bench/bench_train_step.py                       # H100: the 7B model
     python bench/bench_train_step.py --device cpu --tiny --micro-batch 1,4 --checkpointing on   # smoke test
@@ -55,6 +58,7 @@ from covt.config import STAGE_NAMES, Config, LoraConfig, StageConfig, TrainConfi
 from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
+from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, compile_blocks, repeated_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
@@ -190,13 +194,15 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
     ``covt_compiled`` / ``covt_bf16_inputs_compiled`` (the same with train.compile's compiled blocks; every other
     kind runs those blocks eagerly).
     """
+    if kind.endswith("_model_indices"):
+        batches = [without_host_inputs(b) for b in batches]
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
 
     def step(eager: bool = False) -> None:
         """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel)."""
-        with torch.compiler.set_stance("default" if kind.endswith("_compiled") and not eager else "force_eager"):
+        with torch.compiler.set_stance("default" if "_compiled" in kind and not eager else "force_eager"):
             micro_batches()
 
     def micro_batches() -> None:
@@ -498,7 +504,7 @@ def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) 
     flops = {kind: count_flops(step) for kind, step in steps.items()}
     busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
     for kind, found in busy.items():
-        if kind.endswith("_compiled") and found["compiled_calls"] < blocks:
+        if "_compiled" in kind and found["compiled_calls"] < blocks:
             print(f"WARNING: {kind} {setting}: {found['compiled_calls']} compiled calls in a step of at least "
                   f"{blocks} block calls: blocks ran eagerly (dynamo's recompile limit?); its times are not "
                   "train.compile's", flush=True)

@@ -13,7 +13,8 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
     with dynamo_config.patch(fail_on_recompile_limit_hit=True):
         result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing",
                        "off",
-                       "--kinds", "plain,covt,covt_compiled", "--packing", "off,on", "--steps", "1", "--warmup", "0",
+                       "--kinds", "plain,covt,covt_compiled,covt_model_indices", "--packing", "off,on", "--steps", "1",
+                       "--warmup", "0",
                        "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
@@ -34,6 +35,8 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
         assert row["covt_compiled_tflop_per_step"] == row["covt_tflop_per_step"]
         assert row["covt_compiled_busy_fraction"] > 0
+        # the model computing its rope positions and vision indices itself (the code before trainer/host_inputs.py)
+        assert row["covt_model_indices_tflop_per_step"] == row["covt_tflop_per_step"]
         # every block's forward through compiled code (2 decoder layers + 2 vision blocks), none in the eager kinds
         assert row["covt_compiled_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]

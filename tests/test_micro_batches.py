@@ -20,6 +20,7 @@ from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
 from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
+from trainer.host_inputs import HOST_INPUT_KEYS, without_host_inputs
 from trainer.model import CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
@@ -152,11 +153,6 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
 # what the model computes from ids and image grids at the start of a forward when the batch does not hold it
 HOST_COMPUTED = ("get_rope_index", "get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index",
                  "get_placeholder_mask")
-HOST_INPUTS = ("position_ids", "image_token_index", "image_position_ids", "image_cu_seqlens", "image_max_seqlen",
-               "image_window_index", "image_cu_window_seqlens", "image_max_window_seqlen", "cu_seq_lens_q",
-               "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
 def hidden_and_ops_of(model, batch: dict) -> tuple[torch.Tensor, Counter]:
     """The last hidden states of ``batch``, and how many tensor operations each of :data:`HOST_COMPUTED` issued."""
     ops: Counter = Counter()
@@ -185,12 +181,10 @@ def test_the_loaders_rope_positions_and_vision_indices_are_the_models_own_and_sp
     settings = dataclasses.replace(settings, packing=packing)
     batch = build_batch(samples[:3], StageConfig("understanding", 1), True, 0, processor, tokens, settings,
                         view_sizes=model.view_sizes(), vision=model.vision_geometry())
-    assert set(HOST_INPUTS[:8]) <= batch.keys() and (set(HOST_INPUTS[8:]) <= batch.keys()) == packing
-    bare = {k: v for k, v in batch.items() if k not in HOST_INPUTS[1:]}
-    if packing:  # transformers' packed rows need the text positions; they are what it would compute per sample
-        bare["position_ids"] = batch["position_ids"]
-    else:
-        del bare["position_ids"]
+    assert {"position_ids", *HOST_INPUT_KEYS[:7]} <= batch.keys()
+    assert (set(HOST_INPUT_KEYS[7:]) <= batch.keys()) == packing
+    bare = without_host_inputs(batch)
+    assert ("position_ids" in bare) == packing  # a packed row needs its text positions to find its samples
     with text_attention(model, TEXT_ATTENTION if packing else "sdpa"):
         hidden, ops = hidden_and_ops_of(model, batch)
         own, own_ops = hidden_and_ops_of(model, bare)
