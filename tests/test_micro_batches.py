@@ -152,7 +152,7 @@ def test_a_packed_micro_batch_gives_the_padded_ones_loss_and_gradients(setup, an
 
 # what the model computes from ids and image grids at the start of a forward when the batch does not hold it
 HOST_COMPUTED = ("get_rope_index", "get_vision_position_ids", "get_vision_cu_seqlens", "get_vision_window_index",
-                 "get_placeholder_mask")
+                 "get_placeholder_mask", "find_packed_sequence_indices", "_ignore_causal_mask_sdpa")
 def hidden_and_ops_of(model, batch: dict) -> tuple[torch.Tensor, Counter]:
     """The last hidden states of ``batch``, and how many tensor operations each of :data:`HOST_COMPUTED` issued."""
     ops: Counter = Counter()
@@ -181,8 +181,8 @@ def test_the_loaders_rope_positions_and_vision_indices_are_the_models_own_and_sp
     settings = dataclasses.replace(settings, packing=packing)
     batch = build_batch(samples[:3], StageConfig("understanding", 1), True, 0, processor, tokens, settings,
                         view_sizes=model.view_sizes(), vision=model.vision_geometry())
-    assert {"position_ids", *HOST_INPUT_KEYS[:7]} <= batch.keys()
-    assert (set(HOST_INPUT_KEYS[7:]) <= batch.keys()) == packing
+    assert {"position_ids", *HOST_INPUT_KEYS[:8]} <= batch.keys()
+    assert (set(HOST_INPUT_KEYS[8:]) <= batch.keys()) == packing
     bare = without_host_inputs(batch)
     assert ("position_ids" in bare) == packing  # a packed row needs its text positions to find its samples
     with text_attention(model, TEXT_ATTENTION if packing else "sdpa"):

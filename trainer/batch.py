@@ -187,6 +187,7 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
         batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
         batch["position_ids"] = padded_position_ids(batch, processor.image_processor.merge_size)
         batch["image_token_index"] = image_token_index(batch["mm_token_type_ids"])
+        batch["has_padding"] = not bool(batch["attention_mask"].all())
         features = image_feature_count(batch["image_grid_thw"], processor.image_processor.merge_size)
         if batch["image_token_index"].numel() != features:
             raise BatchError(f"{[_name(s) for s in samples]}: {batch['image_token_index'].numel()} image tokens for "
@@ -220,6 +221,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     packed["position_ids"] = packed_position_ids(batch["position_ids"], keep)
     packed.update(packed_text_boundaries(lengths))
     packed["image_token_index"] = image_token_index(packed["mm_token_type_ids"])
+    packed["has_padding"] = False
     text = batch["text"]
     packed["text"] = {**text, "rows": torch.zeros_like(text["rows"]),
                       "positions": offsets[text["rows"]] + text["positions"]}

@@ -97,14 +97,15 @@ def vision_inputs(grid_thw: torch.Tensor, geometry: VisionGeometry) -> dict:
 
 # every key build_batch adds for the model to skip its own computation (position_ids: padded batches only; a packed
 # row needs its text positions to find its samples)
-HOST_INPUT_KEYS = ("image_token_index", "image_position_ids", "image_cu_seqlens", "image_max_seqlen",
-                   "image_window_index", "image_cu_window_seqlens", "image_max_window_seqlen", "cu_seq_lens_q",
-                   "cu_seq_lens_k", "max_length_q", "max_length_k")
+HOST_INPUT_KEYS = ("image_token_index", "has_padding", "image_position_ids", "image_cu_seqlens",
+                   "image_max_seqlen", "image_window_index", "image_cu_window_seqlens", "image_max_window_seqlen",
+                   "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def without_host_inputs(batch: dict) -> dict:
     """``batch`` as the model gets it without this module: it computes the rope positions (of a padded batch),
-    the vision tower's indices, the image tokens' places and a packed row's boundaries itself, from the GPU."""
+    the vision tower's indices, the image tokens' places, whether to mask padding and a packed row's boundaries
+    itself, reading the GPU."""
     bare = {k: v for k, v in batch.items() if k not in HOST_INPUT_KEYS}
     if "packed" not in batch:
         bare.pop("position_ids", None)
