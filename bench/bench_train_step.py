@@ -35,10 +35,13 @@ the same process (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU); with --profile, 
 time on CUDA, operator time on the CPU) over the median step time and the share of matrix products in it.
 ``--packing off,on`` times padded micro-batches and packed ones (train.packing: one row per micro-batch), and
 first prints the relative loss and gradient differences of one micro-batch packed vs padded on this device.
+``--count-reads`` counts, per kind, the operators of one micro-batch's forward and backward that read a device
+value back to the host (each of which, on CUDA, waits for the GPU): 0 with the loader's inputs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -48,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -200,27 +204,61 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
 
-    def step(eager: bool = False) -> None:
-        """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel)."""
-        with torch.compiler.set_stance("default" if "_compiled" in kind and not eager else "force_eager"):
-            micro_batches()
+    def step(eager: bool = False, reads: DeviceReads | None = None) -> None:
+        """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel);
+        ``reads``: only the first micro-batch's forward and backward, eagerly, under that census (no update)."""
+        with torch.compiler.set_stance("default" if "_compiled" in kind and not eager and reads is None
+                                       else "force_eager"):
+            micro_batches(reads)
 
-    def micro_batches() -> None:
+    def micro_batches(reads: DeviceReads | None) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
-        for cpu_batch in batches:
+        for cpu_batch in batches[:1] if reads is not None else batches:
             batch = batch_to(cpu_batch, device)
-            with autocast(device, bf16):
+            with autocast(device, bf16), reads or contextlib.nullcontext():
                 if kind == "library":
                     loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
                 else:
                     loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
-            (loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
-        optimizer.step()
+                (loss / len(batches)).backward()
+        if reads is None:
+            torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+# operators that need a device value on the host: on CUDA each one waits for the GPU to finish what came before
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
+              "aten.repeat_interleave.Tensor", "aten.equal", "aten.is_nonzero")
+
+
+class DeviceReads(TorchDispatchMode):
+    """Counts the operators that read a value of the model's tensors back to the host: :data:`HOST_READS`,
+    indexing with a boolean mask (a ``nonzero``) and copies from the GPU to the host. On the CPU it counts what
+    would read the GPU on CUDA (a ``.tolist()`` does not pass through the dispatcher and is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, kwargs = str(func), kwargs or {}
+        masks = args[1] if name.startswith("aten.index.Tensor") and len(args) > 1 else ()
+        to_host = (name.startswith("aten._to_copy") and str(kwargs.get("device")) == "cpu"
+                   and isinstance(args[0], torch.Tensor) and args[0].is_cuda)
+        if name.startswith(HOST_READS) or to_host or any(m is not None and m.dtype == torch.bool for m in masks):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def device_reads(step) -> int:
+    """How many times one micro-batch's forward and backward of ``step`` (a :func:`make_step`) reads the device."""
+    reads = DeviceReads()
+    step(reads=reads)
+    return reads.count
 
 
 def timed(step, device: torch.device) -> tuple[float, int]:
@@ -381,6 +419,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="print the top operators of one step of each kind, report busy time per step")
+    parser.add_argument("--count-reads", action="store_true",
+                        help="count the device reads of one micro-batch's forward and backward of each kind")
     parser.add_argument("--packing", default="off",
                         help="train.packing settings to time (off,on: padded and packed micro-batches side by side)")
     args = parser.parse_args(argv)
@@ -484,6 +524,8 @@ def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: 
                                 rate))
     if "covt" in steps and "plain" in steps:
         row["covt_over_plain"] = row["covt_ms"] / row["plain_ms"]
+    if args.count_reads:
+        row.update({f"{kind}_device_reads": device_reads(step) for kind, step in steps.items()})
     return row
 
 

@@ -14,7 +14,7 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing",
                        "off",
                        "--kinds", "plain,covt,covt_compiled,covt_model_indices", "--packing", "off,on", "--steps", "1",
-                       "--warmup", "0",
+                       "--warmup", "0", "--count-reads",
                        "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
@@ -37,6 +37,9 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         assert row["covt_compiled_busy_fraction"] > 0
         # the model computing its rope positions and vision indices itself (the code before trainer/host_inputs.py)
         assert row["covt_model_indices_tflop_per_step"] == row["covt_tflop_per_step"]
+        # the loader's inputs (trainer/host_inputs.py): a forward and backward that reads nothing from the device
+        assert row["covt_device_reads"] == row["covt_compiled_device_reads"] == 0
+        assert row["covt_model_indices_device_reads"] > 0
         # every block's forward through compiled code (2 decoder layers + 2 vision blocks), none in the eager kinds
         assert row["covt_compiled_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
