@@ -199,15 +199,15 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
                         if anchors_on else {})
     batch["keys"] = [s.get("key") for s in samples]
-    return pack(batch, [e[2].shape[0] for e in encoded]) if settings.packing else batch
+    return pack(batch) if settings.packing else batch
 
 
-def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
+def pack(batch: dict[str, Any]) -> dict[str, Any]:
     """A right-padded :func:`build_batch` batch as ONE row (train.packing): each sample's tokens in turn, no
     padding. The text targets and every anchor's thought positions point at the same tokens as before (row 0,
     the sample's offset + its position), with the same weights; position_ids give every sample its own rope
-    positions and attention that stays within it (trainer.host_inputs); ``packed``: each sample's
-    ``lengths`` and ``images`` (rows of image_grid_thw). The loss stays the mean over samples (:func:`sample_count`)."""
+    positions and attention that stays within it (trainer.host_inputs); ``packed``: each sample's ``lengths``.
+    The loss stays the mean over samples (:func:`sample_count`)."""
     if "mm_token_type_ids" not in batch:
         raise BatchError("train.packing needs the processor's mm_token_type_ids (which tokens are image tokens) to "
                          "give each sample its own rope positions; this processor gives none: set train.packing "
@@ -228,7 +228,7 @@ def pack(batch: dict[str, Any], images_per_sample: list[int]) -> dict[str, Any]:
     packed["anchors"] = {anchor: {**part, "rows": torch.zeros_like(part["rows"]),
                                   "positions": offsets[part["rows"]][:, None] + part["positions"]}
                          for anchor, part in batch["anchors"].items()}
-    packed["packed"] = {"lengths": lengths, "images": torch.tensor(images_per_sample, dtype=torch.long)}
+    packed["packed"] = {"lengths": lengths}
     return packed
 
 

@@ -71,7 +71,8 @@ def packed_text_boundaries(lengths: torch.Tensor) -> dict:
     """The varlen keywords of a packed row's samples (``lengths``: their token counts): int32 cu_seqlens and the
     longest sample, read by trainer.text_attention in every decoder layer without a look at the device."""
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest(cu), "max_length_k": longest(cu)}
+    most = int(lengths.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": most, "max_length_k": most}
 
 
 @dataclass(frozen=True)
