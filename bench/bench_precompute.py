@@ -132,7 +132,8 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
     out["encoder_s"] = out[f"encoder_{default}_s"]
     emb = sam.embed(views)
     if compile_decoder:
-        out.update(compiled_decoder_details(sam, emb, device, warmup, iters))
+        out["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, (sam.decoder_attention,),
+                                                   (False, True))
     for mode in ("batched", "per_image"):
         for bf16 in ((True, False) if device.type == "cuda" else (False,)):
             with sam_settings(sam, decode_mode=mode, decoder_bf16=bf16):
@@ -179,18 +180,32 @@ def profile_sam(sam: SamAnchor, views: torch.Tensor, device: torch.device, top: 
                     for e in rows if not e.key.startswith("sam.")][:top]}
 
 
-def compiled_decoder_details(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters) -> dict:
-    """Mask generation with the batched decoding eager and compiled, side by side, and how far the compiled
-    candidates move (mean IoU of their masks with the eager ones)."""
-    out, masks = {}, {}
-    for name, compiled in (("eager", False), ("compiled", True)):
-        with sam_settings(sam, compile_decoder=compiled):
-            sam.automatic_masks(emb)  # compiles
-            out[f"masks_batched_{name}_s"] = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
-            masks[name] = sam.mask_candidates(emb)["masks"]
-    same = masks["compiled"].shape == masks["eager"].shape
-    out["decoder_compiled_vs_eager_mask_iou"] = mask_iou(masks["eager"], masks["compiled"]) if same else float("nan")
+def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
+                     compiled: tuple[bool, ...]) -> dict[str, dict]:
+    """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
+    ``compile_decoder`` setting, side by side: seconds per batch, and how far each one's candidates are from the
+    first setting's (their count, the mean IoU of their masks). Keyed ``<attention>_<eager|compiled>``."""
+    out, first = {}, None
+    for compile_decoder in compiled:
+        for attention in attentions:
+            with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder):
+                sam.automatic_masks(emb)  # compiles
+                seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+                masks = sam.mask_candidates(emb)["masks"]
+            first = masks if first is None else first
+            same = masks.shape == first.shape
+            out[f"{attention}_{'compiled' if compile_decoder else 'eager'}"] = {
+                "s": seconds, "candidates": len(masks), "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
+
+
+def print_decoder_variants(bs: int, variants: dict[str, dict]) -> None:
+    first = next(iter(variants))
+    for name, v in variants.items():
+        iou = "different candidates" if v["mask_iou_vs_first"] is None else f"{v['mask_iou_vs_first']:.4f}"
+        print(f"  sam mask generation, decoder {name}: {bs / v['s']:.2f} images/s, "
+              f"{variants[first]['s'] / v['s']:.2f}x {first}; {v['candidates']} candidates, mask IoU with {first} "
+              f"{iou}")
 
 
 def write_cost(name: str, anchor: AnchorModel, outputs: dict[str, np.ndarray]) -> float:
@@ -226,6 +241,9 @@ def main(argv=None) -> int:
                     help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
     ap.add_argument("--compile-decoder", action="store_true",
                     help="the rows with precompute.sam.compile_decoder; the SAM details time it against eager")
+    ap.add_argument("--decoder-variants", action="store_true",
+                    help="time SAM's mask generation with each precompute.sam.decoder_attention (and compiled, with "
+                         "--compile-decoder) on the last batch, side by side")
     ap.add_argument("--profile", action="store_true",
                     help="profile one sam.compute of the last batch: its top operators and where SAM's time goes")
     ap.add_argument("--no-sam-details", dest="sam_details", action="store_false",
@@ -271,6 +289,13 @@ def main(argv=None) -> int:
         results["batches"][bs] = row
         print_row(bs, row)
 
+    if args.decoder_variants:
+        sam = anchors["sam"]
+        emb = sam.embed(views["sam"])
+        compiled = (False, True) if args.compile_decoder else (False,)
+        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, ("library", "sdpa"), compiled)
+        print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
+        print_decoder_variants(len(emb), results["decoder_variants"])
     if args.profile:
         results["sam_profile"] = profile_sam(anchors["sam"], views["sam"], device)
     outputs = {n: a.compute(views[n]) for n, a in anchors.items()}
@@ -312,9 +337,8 @@ def print_row(bs: int, row: dict) -> None:
         if f"masks_per_image_{dt}_s" in d:
             speedup = d[f"masks_per_image_{dt}_s"] / d[f"masks_batched_{dt}_s"]
             print(f"  sam mask generation {dt}: batched (sam_fast) {speedup:.2f}x per image (MaskDecoder.forward)")
-    if "masks_batched_compiled_s" in d:
-        print(f"  sam mask generation compiled: {d['masks_batched_eager_s'] / d['masks_batched_compiled_s']:.2f}x "
-              f"eager, candidate masks' mean IoU with eager {d['decoder_compiled_vs_eager_mask_iou']:.4f}")
+    if "decoder_variants" in d:
+        print_decoder_variants(bs, d["decoder_variants"])
     for k in ("decoder_bf16_vs_fp32_mask_iou", "decoder_bf16_vs_fp32_max_iou_pred_diff", "encoder_bf16_vs_fp32_rel_l2"):
         if k in d:
             print(f"  sam {k}: {d[k]:.4g}")

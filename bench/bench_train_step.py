@@ -22,6 +22,8 @@ alternating after warm-up, timed with CUDA events (medians):
   covt_compiled: covt with train.compile (each decoder layer and vision block through torch.compile; the
            other kinds run the same blocks eagerly, torch.compiler.set_stance("force_eager")).
   covt_bf16_inputs_compiled: both.
+  any kind + _fused: the same with train.optim adamw_torch_fused (torch's fused AdamW) instead of the
+           reference's adamw_torch (multi-tensor); each has its own optimizer over the same parameters.
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -65,7 +67,7 @@ from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
 from trainer.model import CoVTModel, compile_blocks, repeated_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
-from trainer.optim import param_groups  # noqa: E402
+from trainer.optim import make_optimizer  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
@@ -188,7 +190,7 @@ def samples(n: int, targets: dict, text_tokens: int, tokenizer) -> list[dict]:
     return out
 
 
-def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.device, kind: str, bf16: bool):
+def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: torch.device, kind: str, bf16: bool):
     """One optimizer step over a global batch given as micro-batches, as trainer/train.py runs it.
 
     kind: ``covt`` (text + anchor losses), ``plain`` (the same model and text loss, no anchor losses: a plain
@@ -200,6 +202,7 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
     """
     if kind.endswith("_model_indices"):
         batches = [without_host_inputs(b) for b in batches]
+    optimizer = optimizers["adamw_torch_fused" if "_fused" in kind else "adamw_torch"]
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
@@ -216,6 +219,7 @@ def make_step(model: CoVTModel, optimizer, batches: list[dict], device: torch.de
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         for cpu_batch in batches[:1] if reads is not None else batches:
             batch = batch_to(cpu_batch, device)
+            torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new micro-batch
             with autocast(device, bf16), reads or contextlib.nullcontext():
                 if kind == "library":
                     loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
@@ -315,12 +319,34 @@ def busy_time(averages, device: torch.device) -> dict[str, float]:
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_scaled_mm"}
 
 
+def grouped_query_sdpa_flops() -> dict:
+    """FlopCounterMode formulas for the fused SDPA kernels that also count grouped-query calls (``enable_gqa``:
+    fewer key/value heads than query heads, what transformers passes where a micro-batch has no padding), on which
+    torch's own formulas assert: each key/value head counts once per query head it serves."""
+    from torch.utils import flop_counter
+
+    def per_query_head(query: tuple, kv: tuple) -> tuple:
+        return (kv[0], query[1], *kv[2:])
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, per_query_head(query, key), per_query_head(query, value))
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, per_query_head(query, key),
+                                                     per_query_head(query, value))
+
+    aten = torch.ops.aten
+    kernels = ("efficient", "flash", "cudnn")
+    return {**{getattr(aten, f"_scaled_dot_product_{k}_attention"): forward for k in kernels},
+            **{getattr(aten, f"_scaled_dot_product_{k}_attention_backward"): backward for k in kernels}}
+
+
 def count_flops(step) -> int:
     """Floating-point operations of one real step as torch's FlopCounterMode counts them (matrix products,
     convolutions, attention; a recomputed forward under activation checkpointing counts again)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=grouped_query_sdpa_flops()) as counter:
         step(eager=True)  # compiled kernels bypass the counter: count the eager run of the same function
     return counter.get_total_flops()
 
@@ -341,14 +367,15 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
     return 2 * size**3 * repeats / (ms / 1000), size
 
 
-def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtype: torch.dtype) -> CoVTModel:
+def build_model(config, tokens, dims, decoders: Path, device: torch.device, dtype: torch.dtype,
+                compile_mode: str | None = None) -> CoVTModel:
     vlm = build_vlm(config, device, dtype, grad_ckpt=False)
     if tokens.ids and max(tokens.ids) >= vlm.get_input_embeddings().weight.shape[0]:
         vlm.resize_token_embeddings(max(tokens.ids) + 1, mean_resizing=False)
     use_varlen_vision_attention(vlm)
     use_packed_text_attention(vlm)  # rows that are not packed keep sdpa: the padded layouts are unchanged
     vlm = attach_lora(vlm, LoraConfig(), tokens.ids)  # the recipe's r16 / alpha 32 / dropout 0.01
-    compile_blocks(vlm)  # compiles on the first call of a *_compiled kind; the others run the blocks eagerly
+    compile_blocks(vlm, compile_mode)  # compiles at the first call of a *_compiled kind; the others run them eagerly
     heads = build_heads(ANCHORS, config.text_config.hidden_size, CacheDims(dims, decoders))
     return CoVTModel(vlm, heads, tokens).to(device).train()
 
@@ -413,6 +440,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpointing", default="on,off", help="gradient checkpointing settings to time")
     parser.add_argument("--kinds", default="library,plain,covt", help="step kinds to time (see make_step)")
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample, on average")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the *_compiled kinds' blocks (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of each kind and setting")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage", default="understanding", choices=STAGE_NAMES)
@@ -437,11 +466,13 @@ def main(argv=None) -> dict:
     decoders = Path(tempfile.mkdtemp(prefix="bench-decoders-"))
     write_sam_decoder(decoders, sam_spec)
     torch.manual_seed(0)
-    model = build_model(config, tokens, dims, decoders, device, dtype)
+    model = build_model(config, tokens, dims, decoders, device, dtype, args.compile_mode)
     cfg = Config(anchors=list(ANCHORS))
     cfg.model.image_size = image_size
     cfg.train.max_length = 4096
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=1e-5)
+    # the two train.optim settings, each over every trainable parameter (states made at a kind's first step)
+    optimizers = {name: make_optimizer(model, dataclasses.replace(cfg.train, optim=name))
+                  for name in ("adamw_torch", "adamw_torch_fused")}
     stage = StageConfig(args.stage, 1)
     data = samples(args.global_batch, synthetic_targets(dims), args.text_tokens, processor.tokenizer)
     name = torch.cuda.get_device_name(device) if bf16 else "cpu"
@@ -485,7 +516,7 @@ def main(argv=None) -> dict:
                        for i in range(0, args.global_batch, micro)]
             if device.type == "cuda":  # as the trainer's DataLoader hands them over (pin_memory)
                 batches = [pinned(b) for b in batches]
-            row = time_layout(model, optimizer, batches, args, device, rate)
+            row = time_layout(model, optimizers, batches, args, device, rate)
             del batches
             free_memory()
             if row is None:
@@ -505,18 +536,18 @@ def main(argv=None) -> dict:
     return result
 
 
-def time_layout(model: CoVTModel, optimizer, batches: list[dict], args, device: torch.device,
+def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, device: torch.device,
                 rate: float) -> dict | None:
     """The columns of one layout (micro-batches of a global batch) for every kind; None when out of memory."""
     bf16 = device.type == "cuda"
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    steps = {k: make_step(model, optimizer, batches, device, k, bf16) for k in args.kinds.split(",")}
+    steps = {k: make_step(model, optimizers, batches, device, k, bf16) for k in args.kinds.split(",")}
     try:
         blocks = len(batches) * len(repeated_blocks(model.vlm))  # forward calls of the compiled blocks in a step
         times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)
     except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         return None
     row = {"tokens_per_sample": real / args.global_batch, "padding_fraction": 1 - real / padded}
     for kind in steps:

@@ -119,6 +119,10 @@ class SamPrecomputeConfig:
     compile_encoder: bool = option(False, "torch.compile the image encoder (compiles on the first batch)")
     # the per-prompt work on the 64x64 image tokens (norms, activations, upscaling) fused by inductor
     compile_decoder: bool = option(False, "torch.compile the mask decoder's batched decoding (compiles on first use)")
+    # library: segment_anything's attention maths (q @ k^T, softmax, @ v: TF32 matrix products under precompute.tf32,
+    # as the reference runs it); sdpa: one fused kernel (in fp32 a full-precision one). Every decoder attention has
+    # the prompt's 7 tokens on one side, which the fused kernels' 64-row tiles waste
+    decoder_attention: Literal["library", "sdpa"] = option("library", "the mask decoder's attention computation")
 
 
 @dataclass
@@ -193,6 +197,11 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    # Hugging Face TrainingArguments' optim (its default from torch 2.8): adamw_torch_fused updates every tensor in
+    # a few kernel launches instead of a few per tensor group, the same update up to rounding; the reference's
+    # params.py sets adamw_torch (torch's multi-tensor AdamW)
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = option(
+        "adamw_torch", "AdamW implementation: adamw_torch (the reference's) or adamw_torch_fused (fused kernels)")
     warmup_ratio: float = option(0.05, "linear warm-up over this share of each run, then cosine to 0 (per run)")
     batch_size: int = option(1, "per device")
     grad_accum: int = option(1, "micro batches per optimizer step")

@@ -230,7 +230,8 @@ def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
 
 
-def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir):
+@pytest.mark.parametrize("sdpa", [False, True], ids=["library_attention", "sdpa_attention"])
+def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, sdpa):
     from precompute.anchors.sam_fast import decode_outputs, multimask_logits
 
     anchor = tiny_sam(sam_dir)
@@ -241,7 +242,7 @@ def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir):
     pts = torch.rand(len(img), 1, 2) * anchor.input_size
     sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(len(img), 1, dtype=torch.int)), boxes=None, masks=None)
     with torch.no_grad():
-        mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse)
+        mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse, sdpa)
         logits = multimask_logits(sam, keys, mask_tokens)
         for j, i in enumerate(img.tolist()):
             ref_logits, ref_iou = sam.mask_decoder(

@@ -43,7 +43,18 @@ def test_profile_reports_where_sams_time_goes(tmp_path):
 
 def test_compiled_decoder_is_timed_beside_eager(tmp_path):
     result, printed = run_quick_bench(tmp_path, "--compile-decoder")
-    details = result["batches"]["1"]["sam_details"]
-    assert details["masks_batched_eager_s"] > 0 and details["masks_batched_compiled_s"] > 0
-    assert details["decoder_compiled_vs_eager_mask_iou"] > 0.999
-    assert "compiled decoder True" in printed and "sam mask generation compiled:" in printed
+    variants = result["batches"]["1"]["sam_details"]["decoder_variants"]
+    assert set(variants) == {"library_eager", "library_compiled"}
+    assert all(v["s"] > 0 for v in variants.values())
+    assert variants["library_compiled"]["candidates"] == variants["library_eager"]["candidates"] > 0
+    assert variants["library_compiled"]["mask_iou_vs_first"] > 0.999
+    assert "compiled decoder True" in printed and "sam mask generation, decoder library_compiled:" in printed
+
+
+def test_decoder_attentions_are_timed_side_by_side(tmp_path):
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants")
+    variants = result["decoder_variants"]
+    assert set(variants) == {"library_eager", "sdpa_eager"}
+    assert variants["sdpa_eager"]["candidates"] == variants["library_eager"]["candidates"] > 0
+    assert variants["sdpa_eager"]["mask_iou_vs_first"] > 0.999
+    assert "SAM's mask generation alone" in printed and "decoder sdpa_eager:" in printed

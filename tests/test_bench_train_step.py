@@ -13,7 +13,7 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
     with dynamo_config.patch(fail_on_recompile_limit_hit=True):
         result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing",
                        "off",
-                       "--kinds", "plain,covt,covt_compiled,covt_model_indices", "--packing", "off,on", "--steps", "1",
+                       "--kinds", "plain,covt,covt_compiled_fused,covt_model_indices", "--packing", "off,on", "--steps", "1",
                        "--warmup", "0", "--count-reads",
                        "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
@@ -33,17 +33,18 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # the anchor heads add work; packing removes the padding's (the same samples, fewer tokens)
         assert row["covt_tflop_per_step"] > row["plain_tflop_per_step"]
         # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
-        assert row["covt_compiled_tflop_per_step"] == row["covt_tflop_per_step"]
-        assert row["covt_compiled_busy_fraction"] > 0
+        assert row["covt_compiled_fused_tflop_per_step"] == row["covt_tflop_per_step"]
+        assert row["covt_compiled_fused_busy_fraction"] > 0
         # the model computing its rope positions and vision indices itself (the code before trainer/host_inputs.py)
         assert row["covt_model_indices_tflop_per_step"] == row["covt_tflop_per_step"]
         # the loader's inputs (trainer/host_inputs.py): a forward and backward that reads nothing from the device
-        assert row["covt_device_reads"] == row["covt_compiled_device_reads"] == 0
+        assert row["covt_device_reads"] == row["covt_compiled_fused_device_reads"] == 0
         assert row["covt_model_indices_device_reads"] > 0
-        # every block's forward through compiled code (2 decoder layers + 2 vision blocks), none in the eager kinds
-        assert row["covt_compiled_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
+        # every block's forward through compiled code (2 decoder layers + 2 vision blocks; the kind steps the fused
+        # AdamW, train.optim=adamw_torch_fused), none in the eager kinds
+        assert row["covt_compiled_fused_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
     header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
     for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU",
-                   "covt_compiled MFU"):
+                   "covt_compiled_fused MFU"):
         assert f"| {column} |" in header

@@ -46,6 +46,31 @@ def test_adam_betas_and_epsilon_reach_the_optimizer():
         load_config(None, ["train.adam_beta2=1.0"])
 
 
+def test_fused_adamw_takes_the_multi_tensor_step():
+    """train.optim=adamw_torch_fused: torch's fused AdamW, the same update as the reference's adamw_torch."""
+    import torch
+
+    from trainer.optim import make_optimizer
+
+    torch.manual_seed(0)
+    models = {name: torch.nn.Linear(8, 4) for name in ("adamw_torch", "adamw_torch_fused")}
+    models["adamw_torch_fused"].load_state_dict(models["adamw_torch"].state_dict())
+    start = models["adamw_torch"].weight.detach().clone()
+    x = torch.randn(16, 8)
+    for name, model in models.items():
+        optimizer = make_optimizer(model, load_config(None, [f"train.optim={name}", "train.lr=1e-2"]).train)
+        assert optimizer.defaults["fused"] is (True if name.endswith("fused") else None)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    plain, fused = (m.weight.detach() for m in models.values())
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+    assert (plain - start).abs().min() > 1e-3  # both moved
+    with pytest.raises(ConfigError, match=r"train\.optim"):
+        load_config(None, ["train.optim=sgd"])
+
+
 def test_wrong_type_names_the_dotted_key(tmp_path):
     with pytest.raises(ConfigError, match=r"cache\.shard_size.*integer"):
         load_config(write(tmp_path, "cache: {shard_size: many}\n"))

@@ -225,19 +225,19 @@ def repeated_blocks(vlm: nn.Module) -> list[nn.Module]:
 BLOCK_RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(vlm: nn.Module) -> list[nn.Module]:
+def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
     """torch.compile each decoder layer of the language model and each block of the vision tower, in place
     (train.compile; regional compilation): the repeated blocks share their compiled code, the state dict keeps
     its keys, and what runs between the blocks (embeddings, rope index, the heads) stays eager. Compiles lazily,
     at each new shape of the first calls. The compiled code of earlier models is dropped first
     (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, and dynamo's
-    recompile limit is raised to ``BLOCK_RECOMPILE_LIMIT`` so that every variant of the blocks compiles. Returns
-    the compiled blocks."""
+    recompile limit is raised to ``BLOCK_RECOMPILE_LIMIT`` so that every variant of the blocks compiles. ``mode``
+    is torch.compile's. Returns the compiled blocks."""
     torch.compiler.reset()
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(vlm)
     for block in blocks:
         # an attribute in some blocks' own dict and only on others' class is a guard that tells them apart
         block.gradient_checkpointing = getattr(block, "gradient_checkpointing", False)
-        block.compile()
+        block.compile(mode=mode)
     return blocks

@@ -60,8 +60,10 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`: torch's multi-tensor implementation, or its fused kernels (train.optim)."""
     return torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay,
-                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                             fused=True if t.optim == "adamw_torch_fused" else None)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -215,6 +215,7 @@ class SamAnchor(AnchorModel):
         self._compiled_encoder: tuple | None = None
         # torch.compile the batched prompt decoding (decode_outputs, multimask_logits) on first use
         self.compile_decoder = amg.compile_decoder
+        self.decoder_attention = amg.decoder_attention
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -275,7 +276,8 @@ class SamAnchor(AnchorModel):
         would all be dropped by that threshold).
         """
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
-        mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt])
+        mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],
+                                         self.decoder_attention == "sdpa")
         live = torch.arange(len(pt), device=pt.device)
         if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]

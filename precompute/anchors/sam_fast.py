@@ -22,6 +22,7 @@ of the GPU and its kernels: bench/bench_precompute.py measures all three.
 """
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -199,15 +200,21 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 
 
-def attend(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment_anything's transformer ``Attention.forward`` on already projected q, k, v, via SDPA."""
+def attend(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: bool) -> torch.Tensor:
+    """segment_anything's transformer ``Attention.forward`` on already projected q, k, v: its maths (explicit
+    products and softmax), or one ``scaled_dot_product_attention`` call (``sdpa``)."""
     h = attn.num_heads
-    out = F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h))
+    q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
+    if sdpa:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
     return attn.out_proj(out.transpose(-3, -2).flatten(-2))
 
 
 def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
-                        groups: list[tuple[int, int]], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        groups: list[tuple[int, int]], tokens: torch.Tensor,
+                        sdpa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``TwoWayTransformer.forward`` for prompts of several images, image-side work of layer 0 shared.
 
     ``image_tokens`` (U, HW, C) are the images' tokens (dense prompt embedding added),
@@ -217,7 +224,7 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     the same image tokens, so their projections are computed once per image and the
     token-to-image attention runs all of that image's prompts as one query set. Later
     layers and the final attention are the library's modules on per-prompt tokens.
-    Returns (queries (n, T, C), keys (n, HW, C)) as the library does.
+    Returns (queries (n, T, C), keys (n, HW, C)) as the library does. ``sdpa``: see :func:`attend`.
     """
     first = t.layers[0]
     if not first.skip_first_layer_pe:
@@ -232,7 +239,7 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
         keys_pe = keys + image_pe[0]
         shared.append((keys, i2t.q_proj(keys_pe)))
         q = q_t2i[start:start + count].flatten(0, 1)  # every prompt's tokens query the same image
-        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None])[0])
+        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None], sdpa)[0])
         start += count
     queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, n_tok)))
     queries = first.norm3(queries + first.mlp(queries))
@@ -240,40 +247,41 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     new_keys, start = [], 0
     for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
         sel = slice(start, start + count)
-        out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel])
+        out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], sdpa)
         new_keys.append(first.norm4(keys + out))
         start += count
     keys = torch.cat(new_keys)
     for layer in t.layers[1:]:
-        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe)
-    attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys)
+        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, sdpa)
+    attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, sdpa)
     return t.norm_final_attn(queries + attn_out), keys
 
 
-def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment_anything's transformer ``Attention.forward(q, k, v)`` via SDPA."""
-    return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: bool) -> torch.Tensor:
+    """segment_anything's transformer ``Attention.forward(q, k, v)`` (``sdpa``: see :func:`attend`)."""
+    return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), sdpa)
 
 
 def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor,
-                  query_pe: torch.Tensor, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TwoWayAttentionBlock.forward`` (a block after the first) with SDPA attention."""
+                  query_pe: torch.Tensor, key_pe: torch.Tensor, sdpa: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayAttentionBlock.forward`` (a block after the first); ``sdpa``: see :func:`attend`."""
     q = queries + query_pe
-    queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries))
+    queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries, sdpa))
     keys_pe = keys + key_pe  # the library adds it twice; keys do not change in between
-    queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys))
+    queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys,
+                                              sdpa))
     queries = layer.norm3(queries + layer.mlp(queries))
-    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries)
+    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, sdpa)
     return queries, layer.norm4(keys + out)
 
 
-def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor):
+def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, sdpa: bool = False):
     """The mask decoder's transformer for single prompts, no dense prompt, for prompts of many images in one call.
 
     Returns the multimask tokens ``(n, M, C)``, the image keys ``(n, h*w, C)`` (what :func:`multimask_logits`
     turns into masks) and the predicted IoUs ``(n, M)``, those of ``MaskDecoder.forward(emb[img[j]], ...,
     sparse[j], no_mask_embed, multimask_output=True)`` for each prompt j; consecutive prompts of one image
-    share that image's layer-0 work (any order is correct).
+    share that image's layer-0 work (any order is correct). ``sdpa``: the attention as one fused call (:func:`attend`).
     """
     md, pe = sam.mask_decoder, sam.prompt_encoder
     n = sparse.shape[0]
@@ -284,7 +292,7 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     image_tokens = used.flatten(2).transpose(1, 2)
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
     groups = list(enumerate(counts.tolist()))
-    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens)
+    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, sdpa)
     iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
     return hs[:, 2:1 + md.num_mask_tokens], keys, iou
 
