@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,17 +222,24 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
             batch = batch_to(cpu_batch, device)
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new micro-batch
             with autocast(device, bf16), reads or contextlib.nullcontext():
-                if kind == "library":
-                    loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
-                else:
-                    loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
-                (loss / len(batches)).backward()
+                with record_function(STEP_PARTS[0]):
+                    if kind == "library":
+                        loss = model.vlm(**vlm_inputs(model.vlm, batch, labels=True), use_cache=False).loss
+                    else:
+                        loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
+                with record_function(STEP_PARTS[1]):
+                    (loss / len(batches)).backward()
         if reads is None:
-            torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
-            optimizer.step()
+            with record_function(STEP_PARTS[2]):
+                torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+# the parts of a step whose host time --profile reports (the time the host spends issuing them, on CUDA)
+STEP_PARTS = ("step.forward", "step.backward", "step.clip_and_optimizer")
 
 
 # operators that need a device value on the host: on CUDA each one waits for the GPU to finish what came before
@@ -283,7 +291,8 @@ def timed(step, device: torch.device) -> tuple[float, int]:
 
 def profile(step, name: str, device: torch.device) -> dict[str, float]:
     """Top operators (self device time, then self CPU time) of one step, printed; returns the busy time of the
-    step (ms of kernel time on CUDA, of operator time on the CPU) and the share of it in matrix products."""
+    step (ms of kernel time on CUDA, of operator time on the CPU), the share of it in matrix products, and the host
+    time of each of :data:`STEP_PARTS` (on CUDA the time the host takes to issue that part's work)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -292,11 +301,14 @@ def profile(step, name: str, device: torch.device) -> dict[str, float]:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"--- profile of one {name} step, by {key}")
     averages = prof.key_averages()
-    print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60))
-    return busy_time(averages, device)
+    for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+        print(f"--- profile of one {name} step, by {key}")
+        print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60))
+    host = {e.key: e.cpu_time_total / 1000 for e in averages if e.key in STEP_PARTS}
+    print(f"--- host time of one {name} step (ms, under the profiler): "
+          + ", ".join(f"{part} {host.get(part, 0.0):.1f}" for part in STEP_PARTS))
+    return {**busy_time(averages, device), "host_ms": host}
 
 
 def busy_time(averages, device: torch.device) -> dict[str, float]:
@@ -595,6 +607,7 @@ def kind_results(kind: str, times: list[float], peak: int, flops: int, busy: dic
         out[f"{kind}_busy_fraction"] = busy["busy_ms"] / ms
         out[f"{kind}_gemm_share"] = busy["gemm_share"]
         out[f"{kind}_compiled_calls"] = busy["compiled_calls"]
+        out.update({f"{kind}_host_ms_{part.removeprefix('step.')}": ms for part, ms in busy["host_ms"].items()})
     return out
 
 

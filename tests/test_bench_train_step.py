@@ -11,10 +11,9 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
     out = tmp_path / "bench.json"
     # a compiled block past dynamo's recompile limit would run eagerly, with only a warning: here it fails
     with dynamo_config.patch(fail_on_recompile_limit_hit=True):
-        result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing",
-                       "off",
-                       "--kinds", "plain,covt,covt_compiled_fused,covt_model_indices", "--packing", "off,on", "--steps", "1",
-                       "--warmup", "0", "--count-reads",
+        result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2",
+                       "--checkpointing", "off", "--kinds", "plain,covt,covt_compiled_fused,covt_model_indices",
+                       "--packing", "off,on", "--steps", "1", "--warmup", "0", "--count-reads",
                        "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     assert json.loads(out.read_text()) == result
@@ -35,6 +34,9 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
         assert row["covt_compiled_fused_tflop_per_step"] == row["covt_tflop_per_step"]
         assert row["covt_compiled_fused_busy_fraction"] > 0
+        # the host's time per part of the step (forward, backward, clipping and AdamW), from the profile
+        assert all(row[f"{kind}_host_ms_{part}"] > 0 for kind in ("covt", "covt_compiled_fused")
+                   for part in ("forward", "backward", "clip_and_optimizer"))
         # the model computing its rope positions and vision indices itself (the code before trainer/host_inputs.py)
         assert row["covt_model_indices_tflop_per_step"] == row["covt_tflop_per_step"]
         # the loader's inputs (trainer/host_inputs.py): a forward and backward that reads nothing from the device
