@@ -3,6 +3,7 @@
     python bench/bench_precompute.py                   # CUDA: SAM vit_h, Depth Anything V2 ViT-L, DINOv2 ViT-L
     python bench/bench_precompute.py --batch-sizes 8,16 --iters 5
     python bench/bench_precompute.py --quick           # CPU smoke run with the tiny variants
+    python bench/bench_precompute.py --batch-sizes 16 --dtype fp32 --no-sam-details --decoder-variants --compile-decoder
 
 Random weights of the real architectures (speed does not depend on the values),
 fed the bundled photos resized to each anchor's square view and repeated to the
@@ -16,6 +17,9 @@ the same batch (speed ratio and how far the embedding moves), SAM's mask
 decoder per-image vs batched across images and bf16 vs fp32 (speed, and how far
 the bf16 masks move), and the CPU cost of ``CacheWriter.write_targets`` per image
 (codec + zstd + checksums), which the driver overlaps with the next shard's compute.
+``--decoder-variants`` times the mask generation alone with each
+``precompute.sam.decoder_attention`` (and, with ``--compile-decoder``, compiled), side by
+side on the same embeddings, with how far each one's candidates move from the first's.
 """
 from __future__ import annotations
 
