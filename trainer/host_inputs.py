@@ -63,7 +63,8 @@ def image_feature_count(grid_thw: torch.Tensor, spatial_merge_size: int) -> int:
     return int(grid_thw.prod(-1).sum()) // spatial_merge_size**2
 
 
-def longest(cu_seqlens: torch.Tensor) -> int:
+def longest_segment(cu_seqlens: torch.Tensor) -> int:
+    """The longest segment of cumulative boundaries ``cu_seqlens`` (a varlen kernel's max_seqlen)."""
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
@@ -92,8 +93,8 @@ def vision_inputs(grid_thw: torch.Tensor, geometry: VisionGeometry) -> dict:
                                                       window_size=geometry.window_size,
                                                       patch_size=geometry.patch_size)
     return {"image_position_ids": get_vision_position_ids(grid_thw, geometry.spatial_merge_size),
-            "image_cu_seqlens": cu, "image_max_seqlen": longest(cu), "image_window_index": window_index,
-            "image_cu_window_seqlens": cu_window, "image_max_window_seqlen": longest(cu_window)}
+            "image_cu_seqlens": cu, "image_max_seqlen": longest_segment(cu), "image_window_index": window_index,
+            "image_cu_window_seqlens": cu_window, "image_max_window_seqlen": longest_segment(cu_window)}
 
 
 # every key build_batch adds for the model to skip its own computation (position_ids: padded batches only; a packed

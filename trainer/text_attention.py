@@ -20,6 +20,7 @@ import weakref
 
 import torch
 
+from trainer.host_inputs import longest_segment
 from trainer.model import PACKED_ROWS_NEED_NO_MASK, unwrap_vlm
 from trainer.vision_attention import per_segment, varlen_kernel, varlen_kernel_applies
 
@@ -42,7 +43,7 @@ class SampleBoundaries:
             row = position_ids.reshape(-1)
             starts = (row == 0).nonzero().flatten()
             cu = torch.cat([starts, starts.new_tensor([row.numel()])]).to(torch.int32)
-            self.value = (cu, int((cu[1:] - cu[:-1]).max()))
+            self.value = (cu, longest_segment(cu))
             self.positions = weakref.ref(position_ids)
         return self.value
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.host_inputs import longest_segment
 from trainer.model import unwrap_vlm
 
 VISION_ATTENTION = "covt_flash_varlen"  # "flash" in the name routes cu_seqlens to us (transformers' dispatch)
@@ -63,7 +64,7 @@ def vision_varlen_attention(module, query, key, value, attention_mask=None, scal
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D)
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     if varlen_kernel_applies(q):
-        max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
+        max_len = int(max_length_q) if max_length_q is not None else longest_segment(cu)
         out = varlen_kernel()(q, k, v, cu, cu, max_len, max_len, scale=scaling)
     else:
         out = per_segment(q, k, v, cu, scaling)
