@@ -50,3 +50,23 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
     for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU",
                    "covt_compiled_fused MFU"):
         assert f"| {column} |" in header
+
+
+def test_grouped_query_sdpa_kernels_count_each_key_head_once_per_query_head():
+    """An unpadded micro-batch takes transformers' grouped-query SDPA path (4 key/value heads for 28 query heads in
+    the 7B), on which the FlopCounterMode formulas of the device's torch 2.11 assert; the bench's count it as the
+    repeated heads."""
+    import torch
+    from torch.utils import flop_counter
+
+    from bench.bench_train_step import grouped_query_sdpa_flops
+
+    query, grouped, repeated = (1, 28, 96, 128), (1, 4, 96, 128), (1, 28, 96, 128)
+    formulas = grouped_query_sdpa_flops()
+    aten = torch.ops.aten
+    for kernel in ("efficient", "flash", "cudnn"):
+        forward = formulas[getattr(aten, f"_scaled_dot_product_{kernel}_attention")]
+        backward = formulas[getattr(aten, f"_scaled_dot_product_{kernel}_attention_backward")]
+        assert forward(query, grouped, grouped) == flop_counter.sdpa_flop_count(query, repeated, repeated) > 0
+        assert backward(query, query, grouped, grouped) == \
+            flop_counter.sdpa_backward_flop_count(query, query, repeated, repeated) > 0
