@@ -334,7 +334,7 @@ GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addm
 def grouped_query_sdpa_flops() -> dict:
     """FlopCounterMode formulas for the fused SDPA kernels that also count grouped-query calls (``enable_gqa``:
     fewer key/value heads than query heads, what transformers passes where a micro-batch has no padding), on which
-    torch's own formulas assert: each key/value head counts once per query head it serves."""
+    the formulas of the device's torch 2.11 assert: each key/value head counts once per query head it serves."""
     from torch.utils import flop_counter
 
     def per_query_head(query: tuple, kv: tuple) -> tuple:
