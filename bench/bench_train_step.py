@@ -67,7 +67,15 @@ from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
-from trainer.model import CoVTModel, compile_blocks, repeated_blocks, unwrap_vlm, vlm_inputs  # noqa: E402
+from trainer.model import (  # noqa: E402
+    CUDA_GRAPH_MODES,
+    CoVTModel,
+    compile_blocks,
+    keep_gradients,
+    repeated_blocks,
+    unwrap_vlm,
+    vlm_inputs,
+)
 from trainer.optim import make_optimizer  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
@@ -191,7 +199,8 @@ def samples(n: int, targets: dict, text_tokens: int, tokenizer) -> list[dict]:
     return out
 
 
-def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: torch.device, kind: str, bf16: bool):
+def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: torch.device, kind: str, bf16: bool,
+              cuda_graphs: bool = False):
     """One optimizer step over a global batch given as micro-batches, as trainer/train.py runs it.
 
     kind: ``covt`` (text + anchor losses), ``plain`` (the same model and text loss, no anchor losses: a plain
@@ -199,7 +208,8 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     per-window sdpa vision attention: a LoRA fine-tune as usually written, the "before" of issue 9),
     ``covt_bf16_inputs`` (covt with train.lora.fp32_inputs false: the adapters take the bf16 activations uncast),
     ``covt_compiled`` / ``covt_bf16_inputs_compiled`` (the same with train.compile's compiled blocks; every other
-    kind runs those blocks eagerly).
+    kind runs those blocks eagerly). ``cuda_graphs``: the blocks replay CUDA graphs (``--compile-mode
+    reduce-overhead``), so the step keeps its gradients between micro-batches (trainer.model.keep_gradients).
     """
     if kind.endswith("_model_indices"):
         batches = [without_host_inputs(b) for b in batches]
@@ -218,6 +228,8 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def micro_batches(reads: DeviceReads | None) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
+        if cuda_graphs:
+            keep_gradients(trainable)
         for cpu_batch in batches[:1] if reads is not None else batches:
             batch = batch_to(cpu_batch, device)
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new micro-batch
@@ -233,7 +245,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
             with record_function(STEP_PARTS[2]):
                 torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not cuda_graphs)
 
     return step
 
@@ -554,7 +566,8 @@ def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, d
     bf16 = device.type == "cuda"
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    steps = {k: make_step(model, optimizers, batches, device, k, bf16) for k in args.kinds.split(",")}
+    graphs = args.compile_mode in CUDA_GRAPH_MODES
+    steps = {k: make_step(model, optimizers, batches, device, k, bf16, graphs) for k in args.kinds.split(",")}
     try:
         blocks = len(batches) * len(repeated_blocks(model.vlm))  # forward calls of the compiled blocks in a step
         times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)

@@ -11,7 +11,7 @@ from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads
 from trainer.lora import attach_lora
-from trainer.model import CoVTModel, compile_blocks, text_hidden_size
+from trainer.model import CoVTModel, compile_blocks, keep_gradients, text_hidden_size
 from trainer.settings import BatchSettings
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
@@ -21,8 +21,12 @@ pytestmark = pytest.mark.slow  # inductor compiles C++ kernels on the CPU: about
 ANCHORS = ["sam", "depth", "dino"]
 
 
-def loss_and_gradients(model: CoVTModel, batches: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
+def loss_and_gradients(model: CoVTModel, batches: list[dict], keep: bool = False
+                       ) -> tuple[float, dict[str, torch.Tensor]]:
+    """``keep``: as a step with CUDA graphs runs, gradients allocated once and accumulated in place."""
+    model.zero_grad(set_to_none=not keep)
+    if keep:
+        keep_gradients([p for p in model.parameters() if p.requires_grad])
     total = 0.0
     for batch in batches:  # two micro-batches of different lengths: the compiled code meets two shapes
         loss = model(batch)["loss"] / len(batches)
@@ -35,11 +39,14 @@ def calls(profile, name: str) -> int:
     return sum(e.count for e in profile.key_averages() if e.key == name)
 
 
-def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache, mode):
     """fp32, dropout off. The loss is equal to 1e-6 and every trainable parameter's gradient to 1e-4 of its
     norm (measured: loss equal, gradients <= 1.2e-5 on this model, 6e-5 with 12 layers per tower: the fused
     kernels sum in another order, and the anchor heads amplify last-bit differences, tests/test_micro_batches.py).
-    Compiled regions really run, forward and backward, and the state dict keeps its keys."""
+    Compiled regions really run, forward and backward, and the state dict keeps its keys. ``reduce-overhead``
+    (CUDA graphs on a GPU; the CPU compiles the same graphs without them): each block's output handed off outside
+    its graph and the gradients kept in place compute the same function."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     base = build_tiny_base_model(tmp_path / "base", seed=0, image_size=112)
@@ -65,11 +72,15 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
     keys = list(model.state_dict())
 
     eager_loss, eager = loss_and_gradients(model, batches)
-    blocks = compile_blocks(model.vlm)
+    blocks = compile_blocks(model.vlm, mode)
     assert len(blocks) == 4  # 2 decoder layers + 2 vision blocks
-    loss_and_gradients(model, batches)  # compiles
+    keep = mode is not None
+    assert all(("forward" in vars(block)) == keep for block in blocks)  # CUDA graphs: the forward compiled alone
+    loss_and_gradients(model, batches, keep)  # compiles
+    kept = [p.grad for p in model.parameters() if p.requires_grad]
     with torch.profiler.profile() as profile:
-        loss, compiled = loss_and_gradients(model, batches)
+        loss, compiled = loss_and_gradients(model, batches, keep)
+    assert all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), kept)) == keep
     assert calls(profile, "CompiledFunction") >= 2 * len(blocks)  # every block of both micro-batches
     assert calls(profile, "CompiledFunctionBackward") >= 2 * len(blocks)
     assert list(model.state_dict()) == keys

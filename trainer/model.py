@@ -232,12 +232,55 @@ def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
     at each new shape of the first calls. The compiled code of earlier models is dropped first
     (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, and dynamo's
     recompile limit is raised to ``BLOCK_RECOMPILE_LIMIT`` so that every variant of the blocks compiles. ``mode``
-    is torch.compile's. Returns the compiled blocks."""
+    is torch.compile's; in :data:`CUDA_GRAPH_MODES` each block's forward is compiled on its own and its output handed
+    off (:class:`BlockHandOff`), and the step keeps its gradients (:func:`keep_gradients`). Returns the blocks."""
     torch.compiler.reset()
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(vlm)
     for block in blocks:
         # an attribute in some blocks' own dict and only on others' class is a guard that tells them apart
         block.gradient_checkpointing = getattr(block, "gradient_checkpointing", False)
-        block.compile(mode=mode)
+        if mode in CUDA_GRAPH_MODES:
+            block.forward = handed_off(torch.compile(type(block).forward.__get__(block), mode=mode))
+        else:
+            block.compile(mode=mode)
     return blocks
+
+
+# torch.compile modes that replay the compiled code as CUDA graphs (inductor's CUDA graph trees)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class BlockHandOff(torch.autograd.Function):
+    """The identity, as a copy both ways: a block's output leaves its CUDA graph's memory before the next block
+    reads it, and so does the gradient that the next block's backward hands back. The blocks replay one compiled
+    graph, and torch 2.11's CUDA graph trees overwrite a replay's outputs at the next replay while they are still
+    needed ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run",
+    pytorch/pytorch#152887); the copy, of one hidden state per block, is what the error message prescribes."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone()
+
+
+def handed_off(forward):
+    """``forward`` (a block's compiled forward), its output passed through :class:`BlockHandOff` outside the graph."""
+    def run(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (BlockHandOff.apply(out[0]), *out[1:])
+        return BlockHandOff.apply(out)
+    return run
+
+
+def keep_gradients(params: list[nn.Parameter]) -> None:
+    """Give each parameter a zero ``.grad`` it keeps, for steps with CUDA graphs (then clear with
+    ``zero_grad(set_to_none=False)``): the backward adds into it in place instead of keeping the graph's output
+    tensor as the gradient, which the next micro-batch's replay would overwrite before the optimizer reads it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
