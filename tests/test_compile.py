@@ -81,6 +81,11 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
     with torch.profiler.profile() as profile:
         loss, compiled = loss_and_gradients(model, batches, keep)
     assert all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), kept)) == keep
+    if keep:  # a deep copy (the bench's fp32 reference tower) runs its own weights through the compiled forward
+        import copy
+        block = blocks[-1]
+        twin = copy.deepcopy(block).double()
+        assert twin.forward.__self__ is twin
     assert calls(profile, "CompiledFunction") >= 2 * len(blocks)  # every block of both micro-batches
     assert calls(profile, "CompiledFunctionBackward") >= 2 * len(blocks)
     assert list(model.state_dict()) == keys

@@ -15,6 +15,7 @@ one) every head runs at every micro-batch: one with nothing to score adds an exa
 """
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -237,11 +238,12 @@ def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
     torch.compiler.reset()
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(vlm)
+    graphed = handed_off(torch.compile(class_forward, mode=mode)) if mode in CUDA_GRAPH_MODES else None
     for block in blocks:
         # an attribute in some blocks' own dict and only on others' class is a guard that tells them apart
         block.gradient_checkpointing = getattr(block, "gradient_checkpointing", False)
-        if mode in CUDA_GRAPH_MODES:
-            block.forward = handed_off(torch.compile(type(block).forward.__get__(block), mode=mode))
+        if graphed is not None:
+            block.forward = types.MethodType(graphed, block)  # a bound method: a deep copy binds it to the copy
         else:
             block.compile(mode=mode)
     return blocks
@@ -267,14 +269,20 @@ class BlockHandOff(torch.autograd.Function):
         return grad.clone()
 
 
-def handed_off(forward):
-    """``forward`` (a block's compiled forward), its output passed through :class:`BlockHandOff` outside the graph."""
-    def run(*args, **kwargs):
-        out = forward(*args, **kwargs)
+def class_forward(block: nn.Module, *args, **kwargs):
+    """``block``'s own class's forward: what the CUDA graph modes compile, once for every block."""
+    return type(block).forward(block, *args, **kwargs)
+
+
+def handed_off(compiled):
+    """A forward for :func:`types.MethodType`: ``compiled`` (:func:`class_forward` compiled) of the block, its
+    output passed through :class:`BlockHandOff` outside the graph."""
+    def forward(block: nn.Module, *args, **kwargs):
+        out = compiled(block, *args, **kwargs)
         if isinstance(out, tuple):
             return (BlockHandOff.apply(out[0]), *out[1:])
         return BlockHandOff.apply(out)
-    return run
+    return forward
 
 
 def keep_gradients(params: list[nn.Parameter]) -> None:
