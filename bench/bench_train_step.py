@@ -589,9 +589,11 @@ def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) 
     """Median-ready step times (ms), peak memory (bytes), counted FLOPs of one step and (with --profile) the
     profile's busy time, of each kind; kinds alternate after warm-up. Counting and profiling come after the
     timed steps, so that nothing they leave behind can slow those."""
-    for _ in range(args.warmup):
-        for step in steps.values():
+    for i in range(args.warmup):  # the first compiles (and records CUDA graphs): said as it ends, for a run cut short
+        for kind, step in steps.items():
+            start = time.perf_counter()
             step()
+            print(f"{setting}: warm-up step {i + 1} of {kind}: {time.perf_counter() - start:.1f} s", flush=True)
     times = {k: [] for k in steps}
     peaks = {k: 0 for k in steps}
     for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike
