@@ -233,8 +233,9 @@ def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
     at each new shape of the first calls. The compiled code of earlier models is dropped first
     (``torch.compiler.reset``): a process that trains run after run keeps only the current model's, and dynamo's
     recompile limit is raised to ``BLOCK_RECOMPILE_LIMIT`` so that every variant of the blocks compiles. ``mode``
-    is torch.compile's; in :data:`CUDA_GRAPH_MODES` each block's forward is compiled on its own and its output handed
-    off (:class:`BlockHandOff`), and the step keeps its gradients (:func:`keep_gradients`). Returns the blocks."""
+    is torch.compile's; in :data:`CUDA_GRAPH_MODES` one compiled :func:`class_forward` becomes each block's forward
+    method, its output handed off outside the graph (:class:`BlockHandOff`), and the step keeps its gradients
+    (:func:`keep_gradients`). Returns the blocks."""
     torch.compiler.reset()
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(vlm)
