@@ -225,6 +225,9 @@ def repeated_blocks(vlm: nn.Module) -> list[nn.Module]:
 # code object, 7 once every block holds its own gradient_checkpointing flag, as many at 6 layers as at 2.
 BLOCK_RECOMPILE_LIMIT = 64
 
+# torch.compile modes that replay the compiled code as CUDA graphs (inductor's CUDA graph trees)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
     """torch.compile each decoder layer of the language model and each block of the vision tower, in place
@@ -248,10 +251,6 @@ def compile_blocks(vlm: nn.Module, mode: str | None = None) -> list[nn.Module]:
         else:
             block.compile(mode=mode)
     return blocks
-
-
-# torch.compile modes that replay the compiled code as CUDA graphs (inductor's CUDA graph trees)
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class BlockHandOff(torch.autograd.Function):
@@ -279,10 +278,7 @@ def handed_off(compiled):
     """A forward for :func:`types.MethodType`: ``compiled`` (:func:`class_forward` compiled) of the block, its
     output passed through :class:`BlockHandOff` outside the graph."""
     def forward(block: nn.Module, *args, **kwargs):
-        out = compiled(block, *args, **kwargs)
-        if isinstance(out, tuple):
-            return (BlockHandOff.apply(out[0]), *out[1:])
-        return BlockHandOff.apply(out)
+        return BlockHandOff.apply(compiled(block, *args, **kwargs))  # transformers' blocks return the hidden state
     return forward
 
 
