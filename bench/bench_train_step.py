@@ -24,6 +24,8 @@ alternating after warm-up, timed with CUDA events (medians):
   covt_bf16_inputs_compiled: both.
   any kind + _fused: the same with train.optim adamw_torch_fused (torch's fused AdamW) instead of the
            reference's adamw_torch (multi-tensor); each has its own optimizer over the same parameters.
+  any kind + _device_matching: the same with train.sam_matching device (the SAM head's Hungarian matching on the
+           GPU, no read back to the host) instead of scipy's on the host.
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -211,7 +213,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     kind runs those blocks eagerly). ``cuda_graphs``: the blocks replay CUDA graphs (``--compile-mode
     reduce-overhead``), so the step keeps its gradients between micro-batches (trainer.model.keep_gradients).
     """
-    if kind.endswith("_model_indices"):
+    if "_model_indices" in kind:
         batches = [without_host_inputs(b) for b in batches]
     optimizer = optimizers["adamw_torch_fused" if "_fused" in kind else "adamw_torch"]
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -228,6 +230,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def micro_batches(reads: DeviceReads | None) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
+        model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         if cuda_graphs:
             keep_gradients(trainable)
         for cpu_batch in batches[:1] if reads is not None else batches:

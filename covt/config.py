@@ -259,6 +259,10 @@ class TrainConfig:
     # the norms, activations, rope and casts between the matrix products fused into few kernels; the first steps
     # of each run compile (a minute or more), later shapes reuse or extend the compiled code
     compile: bool = option(False, "torch.compile each decoder layer and vision block (fused kernels, fewer launches)")
+    # scipy: the reference's linear_sum_assignment on the host, which waits for the GPU at every micro-batch;
+    # device: every assignment of the (at most 8) predictions tried on the GPU, the same optimum, no wait
+    sam_matching: Literal["scipy", "device"] = option(
+        "scipy", "where the SAM head's Hungarian matching runs: scipy on the host, or the device (no host read)")
 
 
 # ------------------------------------------------------------------------- root

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,15 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from covt.anchors import ANCHORS, array_shape
+from covt.config import load_config
 from precompute.anchors.pidinet import CONFIGS, PiDiNet, PidinetAnchor
 from trainer.heads import CacheDims, build_heads, decoder_files, heads_metadata, uses_projection_lr
-from trainer.heads.sam import dice_coefficients, match_masks, sam_token_loss
+from trainer.heads.sam import dice_coefficients, match_masks, match_masks_on_device, sam_token_loss
+from trainer.settings import RunSettings
+from trainer.train import build_job_heads
 
 HIDDEN = 48
+REPO = Path(__file__).resolve().parents[1]
 BATCH = 2
 PIDINET_VIEW = 24
 PIDINET_CHANNELS = 8
@@ -228,6 +233,41 @@ def test_hungarian_matching_finds_the_permutation():
     assert assignment[0].tolist() == [-1, 0, -1, 1, -1, -1]
 
 
+def test_device_matching_finds_scipys_assignment():
+    """train.sam_matching=device: the same assignment as scipy's linear_sum_assignment wherever the cheapest is
+    unique (random costs: always), for every count from none (or a negative one) to more than the masks held."""
+    g = torch.Generator().manual_seed(2)
+    for masks in range(1, 9):
+        for predictions in (masks, 8):
+            cost = torch.rand(6, predictions, masks, generator=g)
+            counts = torch.tensor([-1, 0, 1, masks // 2, masks, masks + 3])
+            on_device = match_masks_on_device(cost, counts)
+            assert torch.equal(on_device, match_masks(cost, counts)), (predictions, masks)
+            assert on_device.dtype == torch.long and (on_device[:2] == -1).all()
+    references = blob_masks(g, 4, 32).unsqueeze(0)
+    logits = torch.full((1, 6, 32, 32), -8.0)
+    for i, j in enumerate([2, 0, 3, 1]):
+        logits[0, i] = references[0, j].float() * 16 - 8
+    assert match_masks_on_device(matching_cost(logits, references), torch.tensor([2]))[0].tolist() == \
+        [-1, 0, -1, 1, -1, -1]
+    with pytest.raises(ValueError, match="train.sam_matching: scipy"):
+        match_masks_on_device(torch.rand(1, 9, 4), torch.tensor([4]))
+    with pytest.raises(ValueError, match="no more reference masks than predictions"):
+        match_masks_on_device(torch.rand(1, 4, 6), torch.tensor([6]))
+
+
+@pytest.mark.parametrize("matching", ["scipy", "device"])
+def test_the_config_chooses_where_the_sam_head_matches(cache, matching):
+    cfg = load_config(REPO / "configs/tiny.yaml", ["anchors=[sam]", f"train.sam_matching={matching}"])
+    head = build_job_heads(cfg, RunSettings.resolve(cfg, 1), HIDDEN, cache, 0.02)["sam"]
+    assert head.matching == matching
+    reference = build_heads(["sam"], HIDDEN, cache)["sam"]
+    reference.load_state_dict(head.state_dict())
+    assert reference.matching == "scipy"  # the reference's, unless the config says otherwise
+    thoughts, targets = make_thoughts("sam"), make_targets("sam")
+    assert head(thoughts, targets) == reference(thoughts, targets)
+
+
 def test_sam_token_loss_is_low_for_the_right_masks_in_any_order():
     g = torch.Generator().manual_seed(1)
     references = blob_masks(g, 3, 32).unsqueeze(0)
@@ -238,6 +278,8 @@ def test_sam_token_loss_is_low_for_the_right_masks_in_any_order():
     counts = torch.tensor([3])
     assert sam_token_loss(right, references, counts) < 0.01
     assert sam_token_loss(wrong, references, counts) > 1.0
+    for logits in (right, wrong):
+        assert sam_token_loss(logits, references, counts, "device") == sam_token_loss(logits, references, counts)
 
 
 def test_sam_loss_of_an_image_without_reference_masks_is_zero_but_stays_in_the_graph(cache):

@@ -406,6 +406,8 @@ def build_job_heads(cfg: Config, settings: RunSettings, hidden_size: int, cache:
         heads = build_heads(list(settings.head_anchors), hidden_size, cache)
         if cfg.train.head_init == "transformers":
             init_like_missing_keys(heads, init_std)
+    if "sam" in heads:
+        heads["sam"].matching = cfg.train.sam_matching
     if cfg.train.trained_head_parameters == "projection_query_attention":
         # the reference re-enables only these names after get_peft_model froze everything (train.py 255-261)
         for name, p in heads.named_parameters():

@@ -20,6 +20,8 @@ target ``embedding``.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from pathlib import Path
 
@@ -172,17 +174,51 @@ def match_masks(cost: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(assignment).to(cost.device)
 
 
-def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+# the most predictions (or reference masks) whose matching runs on the device: 8! orders of the rows, 40,320
+DEVICE_MATCHING_MAX = 8
+
+
+@functools.cache
+def row_orders(n: int, device: torch.device) -> torch.Tensor:
+    """Every order of ``n`` rows, (n!, n) int64 on ``device``, made once per size and device."""
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long, device=device)
+
+
+def match_masks_on_device(cost: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`match_masks` without leaving the device (train.sam_matching: device): the cheapest assignment by
+    trying every one, summed in float64, so no host read stops the step. At most ``DEVICE_MATCHING_MAX``
+    predictions and no more reference masks than predictions. The assignment is scipy's wherever the cheapest
+    one is unique; between assignments of exactly equal cost it may pick another (the first in
+    :func:`row_orders`). Order k gives reference mask j to prediction ``orders[k, j]``; columns past an image's
+    count add nothing, so each image's minimum is over its own injections of masks into predictions.
+    """
+    b, p, m = cost.shape
+    if p > DEVICE_MATCHING_MAX or m > p:
+        raise ValueError(f"device matching takes at most {DEVICE_MATCHING_MAX} predictions and no more reference "
+                         f"masks than predictions; got {p} predictions and {m} masks (train.sam_matching: scipy)")
+    orders = row_orders(p, cost.device)
+    square = F.pad(cost.detach().double(), (0, p - m))  # (B, P, P): columns past m are never real
+    real = torch.arange(p, device=cost.device) < counts.to(cost.device).clamp(0, m)[:, None]  # (B, P) columns
+    picked = square[:, orders, torch.arange(p, device=cost.device)]  # (B, orders, P): cost of row orders[k, j]
+    best = orders[(picked * real[:, None, :]).sum(-1).argmin(-1)]  # (B, P)
+    column = torch.where(real, torch.arange(p, device=cost.device).expand(b, p), -1)
+    return torch.full((b, p), -1, dtype=torch.long, device=cost.device).scatter(1, best, column)
+
+
+def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
+                   matching: str = "scipy") -> torch.Tensor:
     """The reference's SAM loss, per image then averaged over the batch.
 
     ``logits`` (B, P, H, W) predicted masks, ``masks`` (B, M, H, W) reference masks of which
     the first ``counts[b]`` are real. Per image: match on 1 - dice; matched predictions
     ``1 - mean dice + mean BCE``; unmatched ones ``0.1 x mean BCE`` to an empty mask (if any);
-    no reference mask: 0.
+    no reference mask: 0. ``matching``: ``scipy`` (:func:`match_masks`, the reference's) or ``device``
+    (:func:`match_masks_on_device`).
     """
     logits, masks = logits.float(), masks.float()
     with torch.no_grad():
-        assignment = match_masks(1 - dice_coefficients(logits, masks), counts)
+        match = match_masks_on_device if matching == "device" else match_masks
+        assignment = match(1 - dice_coefficients(logits, masks), counts)
     matched = assignment >= 0
     target = torch.gather(masks, 1, assignment.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
     target = target * matched[:, :, None, None]  # unmatched -> the empty mask
@@ -204,6 +240,7 @@ class SamHead(AnchorHead):
 
     def __init__(self, hidden_size: int, cache: DimsSource, anchor: str = "sam"):
         super().__init__(anchor, hidden_size, cache.dims(anchor))
+        self.matching = "scipy"  # train.sam_matching: where the Hungarian matching runs (see sam_token_loss)
         self.decoder_path = Path(cache.decoders_dir) / SAM_DECODER_FILE
         spec = load_sam_decoder_spec(self.decoder_path)
         d = self.dims
@@ -245,4 +282,5 @@ class SamHead(AnchorHead):
 
     def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         b = prediction.shape[0]
-        return sam_token_loss(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b))
+        return sam_token_loss(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b),
+                              self.matching)
