@@ -235,18 +235,25 @@ def test_two_ranks_zero2_train_all_four_stages_and_both_merges_as_one_process_do
 
 @pytest.mark.slow
 def test_two_ranks_zero2_with_compiled_blocks_train_as_one_eager_process_does(workdir, one_process):
-    """train.compile and train.optim=adamw_torch_fused (the 7B configs' speed settings) under torchrun + DeepSpeed
-    ZeRO-2: each rank compiles its blocks (and again after the merge), the engine steps the fused AdamW over its
-    flat fp32 partitions, and the run equals the eager multi-tensor one-process run: final weights within the same
-    1e-6, the losses within 1e-3 (measured: 1.1e-4 for the SigLIP loss at step 6, every other loss within 1.1e-5 of
-    the eager run's: the fused kernels sum in another order, which the heads amplify, tests/test_micro_batches.py)."""
+    """train.compile, train.optim=adamw_torch_fused and train.sam_matching=device (the 7B configs' speed settings)
+    under torchrun + DeepSpeed ZeRO-2: each rank compiles its blocks (and again after the merge), the engine steps
+    the fused AdamW over its flat fp32 partitions, each rank matches its SAM masks on its device, and the run equals
+    the eager multi-tensor one-process run: final weights within the same 1e-6, the losses within 1e-3 (measured:
+    1.1e-4 for the SigLIP loss at step 6, every other loss within 1.1e-5 of the eager run's: the fused kernels sum
+    in another order, which the heads amplify, tests/test_micro_batches.py). The final weights within 1e-5, not
+    1e-6: on an AMD EPYC host (2026-12-06) the SAM head's attention in-projection ends 3.6e-6 from the eager run's,
+    with scipy's matching as with the device's (the same on the commit before the device matcher), where AdamW
+    normalises gradients near zero that the compiled kernels round differently; a misrouted gradient moves the
+    head's weights by its learning rate (1e-5) at every step."""
     proc = run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml",
-                *overrides(workdir, "two-compiled"), "train.compile=true", "train.optim=adamw_torch_fused"])
+                *overrides(workdir, "two-compiled"), "train.compile=true", "train.optim=adamw_torch_fused",
+                "train.sam_matching=device"])
     assert (proc.stdout + proc.stderr).count("blocks compile at their first shapes") == 2  # rank 0 logs, each run
-    assert_trains_as_one_process(workdir / "two-compiled", one_process, rel=1e-3)
+    assert_trains_as_one_process(workdir / "two-compiled", one_process, rel=1e-3, weights_atol=1e-5)
 
 
-def assert_trains_as_one_process(run_dir: Path, one_process: Path, rel: float = 1e-4) -> None:
+def assert_trains_as_one_process(run_dir: Path, one_process: Path, rel: float = 1e-4,
+                                 weights_atol: float = 1e-6) -> None:
     """metrics.jsonl and the final weights of ``run_dir`` equal the one-process run's, up to rounding.
 
     Each sample's gradient is computed bit for bit alike; what differs is the order of the fp32 sums (two ranks'
@@ -267,7 +274,7 @@ def assert_trains_as_one_process(run_dir: Path, one_process: Path, rel: float = 
         weights, reference = load_file(run_dir / "final" / name), load_file(one_process / "final" / name)
         assert weights.keys() == reference.keys()
         for key in reference:
-            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=weights_atol, msg=f"{name}: {key}")
 
 
 @pytest.mark.slow
