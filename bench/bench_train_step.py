@@ -253,6 +253,14 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     return step
 
 
+def plain_twin(kind: str) -> str | None:
+    """The kind a CoVT kind's time is divided by for CoVT/plain: the plain step at the same settings (a plain step
+    has no anchor heads, so no SAM matching to place); None for a kind that is not CoVT."""
+    if not kind.startswith("covt"):
+        return None
+    return "plain" + kind.removeprefix("covt").replace("_device_matching", "")
+
+
 # the parts of a step whose host time --profile reports (the time the host spends issuing them, on CUDA)
 STEP_PARTS = ("step.forward", "step.backward", "step.clip_and_optimizer")
 
@@ -584,8 +592,9 @@ def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, d
     for kind in steps:
         row.update(kind_results(kind, times[kind], peaks[kind], flops[kind], busy.get(kind, {}), args.global_batch,
                                 rate))
-    if "covt" in steps and "plain" in steps:
-        row["covt_over_plain"] = row["covt_ms"] / row["plain_ms"]
+    for kind in steps:
+        if plain_twin(kind) in steps:
+            row[f"{kind}_over_plain"] = row[f"{kind}_ms"] / row[f"{plain_twin(kind)}_ms"]
     if args.count_reads:
         row.update({f"{kind}_device_reads": device_reads(step) for kind, step in steps.items()})
     return row
@@ -637,7 +646,8 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
     the measured matmul rate and, with --profile, busy time / step (GEMM share of it)."""
     profiled = any(f"{k}_busy_fraction" in r for r in rows for k in kinds)
     header = ["micro-batch", "checkpointing", "packing", "padding"] + [f"{k} samples/s (GiB)" for k in kinds]
-    header += ["covt/plain"] + [f"{k} {c}" for k in kinds for c in
+    ratios = [k for k in kinds if plain_twin(k) in kinds]
+    header += [f"{k}/plain" for k in ratios] + [f"{k} {c}" for k in kinds for c in
                                 ("TFLOP/step", "TFLOP/s", "MFU") + (("busy (GEMM)",) if profiled else ())]
     print(f"matmul rate measured in this process: {rate / 1e12:.2f} TFLOP/s (the MFU denominator)")
     print("| " + " | ".join(header) + " |")
@@ -646,7 +656,7 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
         cells = [str(r["micro_batch"]), "on" if r["checkpointing"] else "off", "on" if r["packing"] else "off",
                  f"{r['padding_fraction']:.0%}"]
         cells += [f"{r[f'{k}_samples_per_s']:.2f} ({r[f'{k}_peak_gib']:.1f})" for k in kinds]
-        cells.append(f"{r['covt_over_plain']:.3f}" if "covt_over_plain" in r else "")
+        cells += [f"{r[f'{k}_over_plain']:.3f}" if f"{k}_over_plain" in r else "" for k in ratios]
         for k in kinds:
             cells += [f"{r[f'{k}_tflop_per_step']:.4g}", f"{r[f'{k}_tflops']:.4g}", f"{r[f'{k}_mfu']:.1%}"]
             if profiled:

@@ -4,7 +4,7 @@ import json
 import pytest
 from torch._dynamo import config as dynamo_config
 
-from bench.bench_train_step import main
+from bench.bench_train_step import main, plain_twin
 
 
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
@@ -46,10 +46,21 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # AdamW, train.optim=adamw_torch_fused), none in the eager kinds
         assert row["covt_compiled_fused_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
+    # CoVT over plain where the plain step at the same settings ran: only covt's here
+    assert [k for k in padded if k.endswith("_over_plain")] == ["covt_over_plain"]
+    assert padded["covt_over_plain"] == padded["covt_ms"] / padded["plain_ms"]
     header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
-    for column in ("packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)", "plain MFU",
-                   "covt_compiled_fused MFU"):
+    for column in ("covt/plain", "packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)",
+                   "plain MFU", "covt_compiled_fused MFU"):
         assert f"| {column} |" in header
+
+
+def test_each_covt_kind_is_divided_by_the_plain_kind_of_its_settings():
+    assert plain_twin("covt") == "plain"
+    assert plain_twin("covt_bf16_inputs_compiled_fused") == "plain_bf16_inputs_compiled_fused"
+    # a plain step has no SAM head: the matching's place is not one of its settings
+    assert plain_twin("covt_bf16_inputs_compiled_fused_device_matching") == "plain_bf16_inputs_compiled_fused"
+    assert plain_twin("plain_compiled") is None and plain_twin("library") is None
 
 
 def test_grouped_query_sdpa_kernels_count_each_key_head_once_per_query_head():
