@@ -196,13 +196,13 @@ def match_masks_on_device(cost: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     if p > DEVICE_MATCHING_MAX or m > p:
         raise ValueError(f"device matching takes at most {DEVICE_MATCHING_MAX} predictions and no more reference "
                          f"masks than predictions; got {p} predictions and {m} masks (train.sam_matching: scipy)")
-    orders = row_orders(p, cost.device)
+    orders, columns = row_orders(p, cost.device), torch.arange(p, device=cost.device)
     square = F.pad(cost.detach().double(), (0, p - m))  # (B, P, P): columns past m are never real
-    real = torch.arange(p, device=cost.device) < counts.to(cost.device).clamp(0, m)[:, None]  # (B, P) columns
-    picked = square[:, orders, torch.arange(p, device=cost.device)]  # (B, orders, P): cost of row orders[k, j]
+    real = columns < counts.to(cost.device).clamp(0, m)[:, None]  # (B, P)
+    picked = square[:, orders, columns]  # (B, orders, P): the cost of giving mask j to prediction orders[k, j]
     best = orders[(picked * real[:, None, :]).sum(-1).argmin(-1)]  # (B, P)
-    column = torch.where(real, torch.arange(p, device=cost.device).expand(b, p), -1)
-    return torch.full((b, p), -1, dtype=torch.long, device=cost.device).scatter(1, best, column)
+    return torch.full((b, p), -1, dtype=torch.long, device=cost.device).scatter(
+        1, best, torch.where(real, columns.expand(b, p), -1))
 
 
 def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
