@@ -1,5 +1,6 @@
 """train.compile: the decoder layers and vision blocks compiled (trainer.model.compile_blocks) compute the
 function the eager model computes, loss and gradients, LoRA and the anchor heads included."""
+import copy
 import shutil
 
 import pytest
@@ -82,9 +83,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
         loss, compiled = loss_and_gradients(model, batches, keep)
     assert all(p.grad is g for p, g in zip((p for p in model.parameters() if p.requires_grad), kept)) == keep
     if keep:  # a deep copy (the bench's fp32 reference tower) runs its own weights through the compiled forward
-        import copy
-        block = blocks[-1]
-        twin = copy.deepcopy(block).double()
+        twin = copy.deepcopy(blocks[-1])
         assert twin.forward.__self__ is twin
     assert calls(profile, "CompiledFunction") >= 2 * len(blocks)  # every block of both micro-batches
     assert calls(profile, "CompiledFunctionBackward") >= 2 * len(blocks)
