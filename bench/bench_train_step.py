@@ -384,8 +384,14 @@ def count_flops(step) -> int:
     convolutions, attention; a recomputed forward under activation checkpointing counts again)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=grouped_query_sdpa_flops()) as counter:
-        step(eager=True)  # compiled kernels bypass the counter: count the eager run of the same function
+    try:
+        with FlopCounterMode(display=False, custom_mapping=grouped_query_sdpa_flops()) as counter:
+            step(eager=True)  # compiled kernels bypass the counter: count the eager run of the same function
+    except torch.OutOfMemoryError:  # the eager step holds more than the compiled one: keep its activations on
+        free_memory()               # the host for the count (the same operators, so the same FLOPs)
+        with torch.autograd.graph.save_on_cpu(), FlopCounterMode(
+                display=False, custom_mapping=grouped_query_sdpa_flops()) as counter:
+            step(eager=True)
     return counter.get_total_flops()
 
 
