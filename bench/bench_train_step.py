@@ -26,6 +26,9 @@ alternating after warm-up, timed with CUDA events (medians):
            reference's adamw_torch (multi-tensor); each has its own optimizer over the same parameters.
   any kind + _device_matching: the same with train.sam_matching device (the SAM head's Hungarian matching on the
            GPU, no read back to the host) instead of scipy's on the host.
+  any kind + _graphed: each micro-batch's forward and backward replayed as one CUDA graph, recorded once per
+           batch layout (trainer.step_graphs; CUDA only, needs _device_matching for CoVT kinds); first prints the
+           loss and gradient differences of a replay against the same micro-batch run directly.
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -47,11 +50,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,6 +86,7 @@ from trainer.model import (  # noqa: E402
 )
 from trainer.optim import make_optimizer  # noqa: E402
 from trainer.settings import BatchSettings  # noqa: E402
+from trainer.step_graphs import MicroBatchGraphs  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
@@ -219,21 +226,27 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
+    graphs = MicroBatchGraphs(functools.partial(forward_backward, model, kind, len(batches), device, bf16),
+                              trainable, device) if "_graphed" in kind else None
 
     def step(eager: bool = False, reads: DeviceReads | None = None) -> None:
         """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel);
         ``reads``: only the first micro-batch's forward and backward, eagerly, under that census (no update)."""
         with torch.compiler.set_stance("default" if "_compiled" in kind and not eager and reads is None
                                        else "force_eager"):
-            micro_batches(reads)
+            micro_batches(reads, eager)
 
-    def micro_batches(reads: DeviceReads | None) -> None:
+    def micro_batches(reads: DeviceReads | None, eager: bool) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         if cuda_graphs:
             keep_gradients(trainable)
-        for cpu_batch in batches[:1] if reads is not None else batches:
+        replay = graphs is not None and not eager and reads is None
+        for cpu_batch in batches if replay else []:
+            with record_function(STEP_PARTS[0]):  # forward and backward: one replay
+                graphs(cpu_batch)
+        for cpu_batch in [] if replay else batches[:1] if reads is not None else batches:
             batch = batch_to(cpu_batch, device)
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new micro-batch
             with autocast(device, bf16), reads or contextlib.nullcontext():
@@ -248,9 +261,19 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
             with record_function(STEP_PARTS[2]):
                 torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=not cuda_graphs)
+        optimizer.zero_grad(set_to_none=not cuda_graphs and graphs is None)
 
     return step
+
+
+def forward_backward(model: CoVTModel, kind: str, count: int, device: torch.device, bf16: bool,
+                     batch: dict) -> dict[str, torch.Tensor]:
+    """One micro-batch's forward and backward (of ``count`` in the step) on a device batch: what a ``_graphed``
+    kind records as one CUDA graph (trainer.step_graphs)."""
+    with autocast(device, bf16):
+        loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
+    (loss / count).backward()
+    return {"loss": loss.detach()}
 
 
 def plain_twin(kind: str) -> str | None:
@@ -467,6 +490,40 @@ def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.
             "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
 
 
+def compare_graphed(model: CoVTModel, cpu_batch: dict, device: torch.device) -> dict[str, float]:
+    """Relative differences of the CoVT loss and gradients of one micro-batch recorded as a CUDA graph and
+    replayed (trainer.step_graphs), against the same forward and backward run directly; dropout off in both, as a
+    replay draws other masks than a direct run."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    rates = [m.p for m in dropouts]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.heads["sam"].matching = "device"  # the host's matching would read the GPU inside the capture
+    run = functools.partial(forward_backward, model, "covt", 1, device, True)
+    try:
+        for m in dropouts:
+            m.p = 0.0
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as syncs:  # what would break the capture, where it is
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                direct = run(batch_to(cpu_batch, device))["loss"]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        places = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs if "synchroniz" in str(w.message)})
+        print(f"host syncs in one micro-batch's forward and backward: {len(places)} places {places}", flush=True)
+        expected = torch.cat([p.grad.flatten().float() for p in trainable if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        replayed = MicroBatchGraphs(run, trainable, device)(cpu_batch)["loss"]
+        got = torch.cat([p.grad.flatten().float() for p in trainable if p.grad is not None])
+        return {"loss_rel": float((replayed - direct).abs() / direct.abs()),
+                "grad_rel": float((got - expected).norm() / expected.norm())}
+    finally:
+        for m, rate in zip(dropouts, rates):
+            m.p = rate
+        model.zero_grad(set_to_none=True)
+
+
 def set_checkpointing(model: CoVTModel, on: bool) -> None:
     base = unwrap_vlm(model.vlm)
     if on:
@@ -547,6 +604,18 @@ def main(argv=None) -> dict:
             model.zero_grad(set_to_none=True)
             free_memory()
             print(f"packed vs padded micro-batch of {micro}: not compared (out of GPU memory in eager mode)")
+    graph_exactness = {}
+    if bf16 and any("_graphed" in k for k in args.kinds.split(",")):
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                graph_exactness = compare_graphed(model, first, device)
+            print(f"micro-batch of 2 as one CUDA graph vs run directly, {dtype}, dropout off: loss "
+                  f"{graph_exactness['loss_rel']:.2e}, gradient {graph_exactness['grad_rel']:.2e} relative difference")
+        except Exception:  # noqa: BLE001 - report why, then time the other kinds
+            traceback.print_exc()
+            args.kinds = ",".join(k for k in args.kinds.split(",") if "_graphed" not in k)
+            print(f"ERROR: the micro-batch CUDA graph failed (above); timing the other kinds: {args.kinds}", flush=True)
+            free_memory()
     rate, size = matmul_rate(device, dtype)
     print(f"dense matmul {size}^3 {dtype}: {rate / 1e12:.2f} TFLOP/s")
     rows = []
@@ -574,7 +643,8 @@ def main(argv=None) -> dict:
     print_table(rows, args.kinds.split(","), rate)
     result = {"device": name, "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized", "stage": args.stage,
               "global_batch": args.global_batch, "matmul_tflops": rate / 1e12, "matmul_size": size,
-              "matmul_dtype": str(dtype), "packing_exactness": exactness, "rows": rows}
+              "matmul_dtype": str(dtype), "packing_exactness": exactness, "graph_exactness": graph_exactness,
+              "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -625,7 +695,7 @@ def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) 
     flops = {kind: count_flops(step) for kind, step in steps.items()}
     busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
     for kind, found in busy.items():
-        if "_compiled" in kind and found["compiled_calls"] < blocks:
+        if "_compiled" in kind and "_graphed" not in kind and found["compiled_calls"] < blocks:
             print(f"WARNING: {kind} {setting}: {found['compiled_calls']} compiled calls in a step of at least "
                   f"{blocks} block calls: blocks ran eagerly (dynamo's recompile limit?); its times are not "
                   "train.compile's", flush=True)

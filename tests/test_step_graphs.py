@@ -1,0 +1,58 @@
+"""trainer.step_graphs: what decides which recorded CUDA graph a micro-batch replays, and the copy into its inputs.
+
+The recording and replay themselves need CUDA: ``bench/bench_train_step.py`` with a ``_graphed`` kind compares a
+replayed micro-batch's loss and gradients against the same micro-batch run directly on the device."""
+import pytest
+import torch
+
+from trainer.step_graphs import MicroBatchGraphs, copy_into, layout
+
+
+def batch(rows: int = 2, length: int = 5, has_padding: bool = True, keys=("a", "b")) -> dict:
+    return {"input_ids": torch.arange(rows * length).view(rows, length), "has_padding": has_padding,
+            "image_max_seqlen": 64, "keys": list(keys), "step": 3,
+            "anchors": {"sam": {"rows": torch.arange(rows), "views": None,
+                                "targets": {"masks": torch.zeros(rows, 8, 4, 4, dtype=torch.bool)}}}}
+
+
+def test_layout_keys_on_shapes_dtypes_and_host_values_not_on_tensor_values_or_names():
+    base = layout(batch())
+    other_values = batch()
+    other_values["input_ids"] += 7
+    assert layout(other_values) == base  # the replay copies the values in
+    assert layout(batch(keys=("c", "d"))) == base  # names and the step's number are not read by the model
+    assert layout(batch(length=6)) != base
+    assert layout(batch(has_padding=False)) != base  # read on the host: a different recorded graph
+    wider = batch()
+    wider["image_max_seqlen"] = 128
+    assert layout(wider) != base
+    retyped = batch()
+    retyped["anchors"]["sam"]["targets"]["masks"] = retyped["anchors"]["sam"]["targets"]["masks"].to(torch.uint8)
+    assert layout(retyped) != base
+    fewer = batch()
+    del fewer["anchors"]["sam"]["views"]
+    assert layout(fewer) != base
+
+
+def test_layout_refuses_a_value_that_cannot_key_a_graph():
+    odd = batch()
+    odd["lengths"] = [[1, 2], {3}]  # a set inside a list: unhashable
+    with pytest.raises(TypeError):
+        layout(odd)
+
+
+def test_copy_into_writes_every_tensor_in_place():
+    static, fresh = batch(), batch()
+    fresh["input_ids"] = fresh["input_ids"] * 10
+    fresh["anchors"]["sam"]["targets"]["masks"][:, 0] = True
+    tensors = (static["input_ids"], static["anchors"]["sam"]["targets"]["masks"])
+    copy_into(static, fresh)
+    assert static["input_ids"] is tensors[0] and static["anchors"]["sam"]["targets"]["masks"] is tensors[1]
+    assert torch.equal(static["input_ids"], fresh["input_ids"])
+    assert bool(static["anchors"]["sam"]["targets"]["masks"][:, 0].all())
+
+
+def test_graphs_need_a_cuda_device():
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        MicroBatchGraphs(lambda b: {}, [param], torch.device("cpu"))

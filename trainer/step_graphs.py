@@ -1,0 +1,121 @@
+"""Whole micro-batch CUDA graphs: a micro-batch's forward and backward recorded once per batch layout, then replayed.
+
+At micro-batches of 1 and 2 the step waits on the host: it launches some 7,300 kernels per micro-batch (the compiled
+blocks' forward and backward, the adapters' products, the heads) and the GPU idles between them. A CUDA graph of
+the whole forward and backward is one launch. What a graph needs, and what :class:`MicroBatchGraphs` keeps:
+
+- the same layout at every replay: one graph per :func:`layout` (the batch's tensor shapes and dtypes and the
+  values the model reads on the host: flags, the vision tower's longest window); the batch's tensor values are
+  copied into the graph's own input tensors before each replay;
+- no read of the GPU by the host inside it (capture fails on one): the loader's inputs (trainer.host_inputs) and
+  ``train.sam_matching: device``;
+- the gradients in place: each parameter's ``.grad`` exists before the capture and stays the same tensor, so the
+  recorded backward adds into it (trainer.model.keep_gradients; clear with ``zero_grad(set_to_none=False)``);
+- warm-up runs before the capture (the compiled blocks compile, cuBLAS makes its workspaces) on a side stream;
+  the gradients they leave are put back, so a capture does not change the step it happens in.
+
+Dropout draws new masks at each replay (the graph advances the CUDA generator's offset), as eager steps do.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.batch import batch_to
+
+# entries of a batch that name or count its samples for logs and are not read by the model
+NOT_READ_BY_THE_MODEL = frozenset({"keys", "step", "damaged_skipped"})
+
+
+def layout(batch: Any) -> tuple:
+    """What a recorded graph of ``batch`` depends on besides its tensors' values: each tensor's place in the
+    batch, shape and dtype, and every other value the model may read on the host."""
+    if isinstance(batch, torch.Tensor):
+        return ("tensor", tuple(batch.shape), batch.dtype)
+    if isinstance(batch, dict):
+        return tuple((key, layout(value)) for key, value in sorted(batch.items())
+                     if key not in NOT_READ_BY_THE_MODEL)
+    if isinstance(batch, (list, tuple)):
+        return (type(batch).__name__, *(layout(value) for value in batch))
+    hash(batch)  # a value that cannot key a graph is a batch this module cannot serve: say so here
+    return ("value", batch)
+
+
+def copy_into(static: Any, batch: Any) -> None:
+    """Copy every tensor of ``batch`` into the tensor at the same place of ``static`` (same layout)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(batch, non_blocking=True)
+    elif isinstance(static, dict):
+        for key, value in static.items():
+            copy_into(value, batch[key])
+    elif isinstance(static, (list, tuple)):
+        for mine, theirs in zip(static, batch):
+            copy_into(mine, theirs)
+
+
+@dataclass
+class RecordedMicroBatch:
+    graph: torch.cuda.CUDAGraph
+    inputs: Any  # the batch tensors the graph reads, on the device
+    outputs: dict[str, torch.Tensor]  # what the recorded run returned, rewritten at each replay
+
+
+class MicroBatchGraphs:
+    """Runs ``run(batch) -> dict of detached tensors`` (a micro-batch's forward and ``backward``) as a CUDA graph
+    per batch layout: the first micro-batch of a layout is warmed up ``warmup`` times and recorded, then every
+    micro-batch of that layout replays it. Graphs share one memory pool (they never run at once).
+
+    ``params``: the trainable parameters. Their gradients are this object's tensors, which every graph adds into:
+    clear them with ``zero_grad(set_to_none=False)``. Where all were set to None since (another step's
+    ``zero_grad()``), the next call gives them back, zeroed."""
+
+    def __init__(self, run: Callable[[Any], dict[str, torch.Tensor]], params: list[nn.Parameter],
+                 device: torch.device, warmup: int = 2):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.run, self.params, self.device, self.warmup = run, list(params), device, warmup
+        self.gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.graphs: dict[tuple, RecordedMicroBatch] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The outputs of ``run`` on ``batch`` (a host batch, pinned for an asynchronous copy), as fresh tensors."""
+        self.install_gradients()
+        key = layout(batch)
+        recorded = self.graphs.get(key)
+        if recorded is None:
+            recorded = self.graphs[key] = self.record(batch)
+        copy_into(recorded.inputs, batch)
+        recorded.graph.replay()
+        return {name: value.clone() for name, value in recorded.outputs.items()}
+
+    def install_gradients(self) -> None:
+        """Make this object's tensors the parameters' gradients: the graphs add into them and nowhere else."""
+        if all(p.grad is grad for p, grad in zip(self.params, self.gradients)):
+            return
+        if any(p.grad is not None for p in self.params):
+            raise RuntimeError("a parameter's .grad was replaced while its micro-batch CUDA graphs add into "
+                               "another tensor; clear gradients with zero_grad(set_to_none=False)")
+        torch._foreach_zero_(self.gradients)
+        for p, grad in zip(self.params, self.gradients):
+            p.grad = grad
+
+    def record(self, batch: Any) -> RecordedMicroBatch:
+        saved = torch._foreach_mul(self.gradients, 1.0)  # copies
+        inputs = batch_to(batch, self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.run(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch._foreach_copy_(self.gradients, saved)  # the warm-ups' gradients are not the step's
+        del saved
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.run(inputs)
+        return RecordedMicroBatch(graph, inputs, outputs)
