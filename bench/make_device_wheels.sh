@@ -10,6 +10,7 @@ $PIP download -q --no-deps --python-version 3.12 --only-binary=:all: \
   -d device_wheels \
   transformers==5.23.0 peft==0.21.2 webdataset==1.0.2 zarr==3.1.6 numcodecs donfig google-crc32c \
   segment-anything==1.0 typing_extensions braceexpand hjson msgpack py-cpuinfo einops \
-  pydantic pydantic-core annotated-types typing-inspection
+  pydantic pydantic-core annotated-types typing-inspection \
+  pytest iniconfig pluggy pygments packaging  # the CUDA-only tests run there
 # DeepSpeed ships as a source package: build its (pure Python) wheel with no CUDA ops
 DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w device_wheels deepspeed==0.19.8

@@ -263,6 +263,11 @@ class TrainConfig:
     # device: every assignment of the (at most 8) predictions tried on the GPU, the same optimum, no wait
     sam_matching: Literal["scipy", "device"] = option(
         "scipy", "where the SAM head's Hungarian matching runs: scipy on the host, or the device (no host read)")
+    # each micro-batch's forward and backward recorded once per layout as a CUDA graph and replayed as one launch
+    # (trainer.step_graphs): for one GPU without DeepSpeed, with sam_matching device and packing off
+    cuda_graphs: bool = option(False, "replay each micro-batch's forward and backward as one CUDA graph (one GPU)")
+    # few layouts for cuda_graphs: each micro-batch's tokens and text-loss positions padded up to a multiple
+    pad_to_multiple_of: int = option(1, "pad each micro-batch's tokens and text-loss positions to a multiple of this")
 
 
 # ------------------------------------------------------------------------- root
@@ -470,6 +475,7 @@ RANGES: dict[str, Range] = {
     "train.grad_accum": AT_LEAST_1,
     "train.global_batch": AT_LEAST_1,
     "train.max_length": AT_LEAST_1,
+    "train.pad_to_multiple_of": AT_LEAST_1,
     "train.num_workers": AT_LEAST_0,
     "train.save_every": AT_LEAST_0,
     "train.save_total_limit": AT_LEAST_1,

@@ -56,9 +56,9 @@ def setup(tmp_path_factory, synthetic_cache):
 
 
 def named_loss_and_gradients(setup, micro: int, stage: StageConfig, step: int, packing: bool = False,
-                             global_batch: int = GLOBAL_BATCH, anchor_losses: bool = True):
+                             global_batch: int = GLOBAL_BATCH, anchor_losses: bool = True, multiple: int = 1):
     model, processor, tokens, settings, samples = setup
-    settings = dataclasses.replace(settings, packing=packing)
+    settings = dataclasses.replace(settings, packing=packing, pad_to_multiple_of=multiple)
     model.zero_grad(set_to_none=True)
     chunks = [samples[i:i + micro] for i in range(0, global_batch, micro)]
     total = 0.0
@@ -91,6 +91,25 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
         assert loss == pytest.approx(loss_1, rel=1e-5), micro
         assert float((grads - grads_1).norm() / grads_1.norm()) < tolerance, micro
         assert float((grads - grads_1).abs().max()) < tolerance * float(grads_1.abs().max()), micro
+
+
+@pytest.mark.parametrize("stage,step", [("understanding", 0), ("efficient_reasoning", 3)])
+def test_padding_to_a_multiple_changes_shapes_not_the_loss_or_gradients(setup, stage, step):
+    """train.pad_to_multiple_of (few layouts for train.cuda_graphs): more padded tokens and zero-weight text-loss
+    entries, the same function."""
+    model, processor, tokens, settings, samples = setup
+    stage = StageConfig(stage, 1)
+    padded = build_batch(samples[:3], stage, True, step, processor, tokens,
+                         dataclasses.replace(settings, pad_to_multiple_of=64), view_sizes=model.view_sizes())
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["has_padding"]
+    assert all(len(v) % 64 == 0 for v in padded["text"].values())
+    for micro in (1, 4):
+        loss, grads = named_loss_and_gradients(setup, micro, stage, step)
+        loss_padded, grads_padded = named_loss_and_gradients(setup, micro, stage, step, multiple=64)
+        assert loss_padded == pytest.approx(loss, rel=1e-5), micro
+        assert grads_padded.keys() == grads.keys()
+        flat, flat_padded = (torch.cat([g.flatten() for g in gs.values()]) for gs in (grads, grads_padded))
+        assert float((flat_padded - flat).norm() / flat.norm()) < 1e-5, micro
 
 
 @contextmanager

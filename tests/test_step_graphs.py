@@ -56,3 +56,25 @@ def test_graphs_need_a_cuda_device():
     param = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         MicroBatchGraphs(lambda b: {}, [param], torch.device("cpu"))
+
+
+def test_what_train_cuda_graphs_needs_is_said_before_any_work(tmp_path):
+    from covt.config import Config, TrainConfig
+    from trainer.step_graphs import cuda_graph_problems
+    from trainer.train import train
+
+    cuda = torch.device("cuda")
+    fine = Config(anchors=["sam", "depth"], train=TrainConfig(cuda_graphs=True, sam_matching="device"))
+    assert cuda_graph_problems(fine, cuda, 1) == []
+    wrong = Config(anchors=["sam", "depth"], train=TrainConfig(cuda_graphs=True, packing=True,
+                                                               deepspeed="configs/deepspeed/zero2.json"))
+    said = " | ".join(cuda_graph_problems(wrong, torch.device("cpu"), 2))
+    for needed in ("CUDA device", "train.deepspeed=null", "train.packing=false", "train.sam_matching=device"):
+        assert needed in said
+    no_sam = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True))
+    assert cuda_graph_problems(no_sam, cuda, 1) == []  # the scipy matching is the SAM head's only
+
+    cfg = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True, device="cpu",
+                                                      output_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="train.cuda_graphs: CUDA graphs need a CUDA device"):
+        train(cfg)

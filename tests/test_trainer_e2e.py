@@ -242,3 +242,29 @@ def test_compiled_blocks_train_every_stage_as_eager_ones_do(workdir, uninterrupt
     for name in ("model.safetensors", "covt_heads.safetensors"):
         with safe_open(out / "final" / name, "pt") as f, safe_open(uninterrupted / "final" / name, "pt") as g:
             assert set(f.keys()) == set(g.keys()), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="train.cuda_graphs records CUDA graphs: needs a GPU (run on the device, BENCHMARKS.md)")
+def test_cuda_graphs_train_every_stage_as_direct_steps_do(workdir, overrides, run_trainer):
+    """train.cuda_graphs on a GPU (fp32, as configs/tiny.yaml trains): all four stages, both merges (a new model and
+    new graphs for the second run) and the export, each micro-batch padded to 64 tokens (train.pad_to_multiple_of,
+    few layouts) and replayed as one graph. The first two steps' losses are those of the same run without graphs
+    (relative 1e-4: the same kernels, summed in another order only where atomics add); LoRA dropout is off in both,
+    as a replay draws other masks than a direct run."""
+    runs = {}
+    for graphs in ("true", "false"):
+        out = workdir / f"cuda-graphs-{graphs}"
+        run_trainer(["--config", "configs/tiny.yaml", *overrides(workdir, out.name), "train.device=cuda",
+                     f"train.cuda_graphs={graphs}", "train.pad_to_multiple_of=64", "train.sam_matching=device",
+                     "train.lora.dropout=0"])
+        assert (out / "final" / "covt_heads.safetensors").is_file()
+        runs[graphs] = metrics(out)
+    graphed, direct = runs["true"], runs["false"]
+    assert [r["stage"] for r in graphed] == ["understanding"] * 2 + ["generation"] * 2 + ["reasoning"] + \
+        ["efficient_reasoning"] * 2
+    assert [set(a) for a in graphed] == [set(b) for b in direct]
+    assert all(np.isfinite(r["loss"]) for r in graphed)
+    for a, b in zip(graphed[:2], direct[:2]):
+        for key in ["loss", "text", *ANCHORS]:
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)

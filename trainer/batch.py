@@ -122,8 +122,8 @@ def _encode(sample: dict, stage_name: str, anchors: list[str], step: int, proces
     return row, enc["pixel_values"], enc["image_grid_thw"]
 
 
-def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(r.numel() for r in rows)), value, dtype=rows[0].dtype)
+def _pad(rows: list[torch.Tensor], value: int, multiple: int = 1) -> torch.Tensor:
+    out = torch.full((len(rows), padded_size(max(r.numel() for r in rows), multiple)), value, dtype=rows[0].dtype)
     for i, r in enumerate(rows):
         out[i, :r.numel()] = r
     return out
@@ -177,14 +177,14 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     rows = [e[0] for e in encoded]
     pad_id = processor.tokenizer.pad_token_id
     batch: dict[str, Any] = {
-        "input_ids": _pad([r["input_ids"] for r in rows], pad_id),
-        "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
-        "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX),
+        "input_ids": _pad([r["input_ids"] for r in rows], pad_id, settings.pad_to_multiple_of),
+        "attention_mask": _pad([r["attention_mask"] for r in rows], 0, settings.pad_to_multiple_of),
+        "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX, settings.pad_to_multiple_of),
         "pixel_values": torch.cat([e[1] for e in encoded]),
         "image_grid_thw": torch.cat([e[2] for e in encoded]),
     }
     if "mm_token_type_ids" in rows[0]:
-        batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0)
+        batch["mm_token_type_ids"] = _pad([r["mm_token_type_ids"] for r in rows], 0, settings.pad_to_multiple_of)
         batch["position_ids"] = padded_position_ids(batch, processor.image_processor.merge_size)
         batch["image_token_index"] = image_token_index(batch["mm_token_type_ids"])
         batch["has_padding"] = not bool(batch["attention_mask"].all())
@@ -194,7 +194,7 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
                              f"{features} image features")
     if vision is not None:
         batch.update(vision_inputs(batch["image_grid_thw"], vision))
-    batch["text"] = text_targets(batch["labels"])
+    batch["text"] = text_targets(batch["labels"], settings.pad_to_multiple_of)
     view_sizes = view_sizes or {}
     batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
                         if anchors_on else {})
@@ -265,17 +265,26 @@ class BatchBuilder:
         return batch
 
 
-def text_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def text_targets(labels: torch.Tensor, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Where the text loss is read, computed on the host so the model needs no device sync to find it.
 
     The hidden state at ``(rows[i], positions[i])`` predicts token ``targets[i]``; ``weights[i]`` is one over
     the number of labelled tokens of its sample, so that ``sum(weights * token losses)`` is the sum over
-    samples of each sample's mean token loss (the reference's loss at one sample per device).
+    samples of each sample's mean token loss (the reference's loss at one sample per device). ``multiple``
+    (train.pad_to_multiple_of): as many entries as the next multiple, the added ones weighing 0 (row 0,
+    position 0, token 0), so the loss and gradients are unchanged.
     """
     rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=labels.shape[0]).clamp(min=1)
-    return {"rows": rows, "positions": positions, "targets": labels[rows, positions + 1],
+    text = {"rows": rows, "positions": positions, "targets": labels[rows, positions + 1],
             "weights": 1.0 / counts[rows].to(torch.float32)}
+    extra = padded_size(len(rows), multiple) - len(rows)
+    return {name: torch.cat([value, value.new_zeros(extra)]) for name, value in text.items()} if extra else text
+
+
+def padded_size(size: int, multiple: int) -> int:
+    """``size`` rounded up to a multiple of ``multiple``."""
+    return -(-size // multiple) * multiple
 
 
 def map_tensors(batch: Any, fn) -> Any:

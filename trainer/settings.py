@@ -25,13 +25,15 @@ class BatchSettings:
     max_length: int | None  # train.max_length (None: no limit)
     stage4_draws: str  # train.stage4_draws: per_sample, or per_step (the samples of a step share one draw)
     packing: bool = False  # train.packing: a micro-batch's samples concatenated into one row (trainer.batch.pack)
+    pad_to_multiple_of: int = 1  # train.pad_to_multiple_of: tokens and text-loss positions padded up to a multiple
 
     @classmethod
     def from_config(cls, cfg: Config) -> BatchSettings:
         t = cfg.train
         return cls(anchors=tuple(cfg.anchors), plain_only=not t.thoughts, seed=t.seed,
                    plain_answer_fraction=t.plain_answer_fraction, image_size=cfg.model.image_size,
-                   max_length=t.max_length, stage4_draws=t.stage4_draws, packing=t.packing)
+                   max_length=t.max_length, stage4_draws=t.stage4_draws, packing=t.packing,
+                   pad_to_multiple_of=t.pad_to_multiple_of)
 
 
 @dataclass(frozen=True)

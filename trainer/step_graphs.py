@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from covt.config import Config
 from trainer.batch import batch_to
 
 # entries of a batch that name or count its samples for logs and are not read by the model
@@ -43,6 +44,23 @@ def layout(batch: Any) -> tuple:
         return (type(batch).__name__, *(layout(value) for value in batch))
     hash(batch)  # a value that cannot key a graph is a batch this module cannot serve: say so here
     return ("value", batch)
+
+
+def cuda_graph_problems(cfg: Config, device: torch.device, world: int) -> list[str]:
+    """Why train.cuda_graphs cannot run with ``cfg`` on ``device`` in ``world`` processes (empty: it can)."""
+    t = cfg.train
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"CUDA graphs need a CUDA device (train.device resolves to {device})")
+    if t.deepspeed or world > 1:
+        problems.append("one process without DeepSpeed only (DeepSpeed reduces gradients on the host during the "
+                        "backward): set train.deepspeed=null on one GPU")
+    if t.packing:
+        problems.append("a packed micro-batch's sample lengths make a layout of their own: set train.packing=false")
+    if "sam" in cfg.anchors and t.thoughts and t.sam_matching != "device":
+        problems.append("the SAM head's scipy matching reads the GPU from the host, which a graph cannot hold: "
+                        "set train.sam_matching=device")
+    return problems
 
 
 def copy_into(static: Any, batch: Any) -> None:
@@ -65,15 +83,15 @@ class RecordedMicroBatch:
 
 
 class MicroBatchGraphs:
-    """Runs ``run(batch) -> dict of detached tensors`` (a micro-batch's forward and ``backward``) as a CUDA graph
-    per batch layout: the first micro-batch of a layout is warmed up ``warmup`` times and recorded, then every
-    micro-batch of that layout replays it. Graphs share one memory pool (they never run at once).
+    """Runs ``run(batch, *settings) -> dict of detached tensors`` (a micro-batch's forward and ``backward``) as a
+    CUDA graph per batch layout and settings: the first micro-batch of each is warmed up ``warmup`` times and
+    recorded, then every later one replays it. Graphs share one memory pool (they never run at once).
 
-    ``params``: the trainable parameters. Their gradients are this object's tensors, which every graph adds into:
-    clear them with ``zero_grad(set_to_none=False)``. Where all were set to None since (another step's
-    ``zero_grad()``), the next call gives them back, zeroed."""
+    ``params``: the trainable parameters. Their gradients are this object's tensors, which every graph adds into.
+    Clearing them with ``zero_grad()`` (to None) is fine: the next call gives them back, zeroed; a gradient
+    replaced by another tensor is an error."""
 
-    def __init__(self, run: Callable[[Any], dict[str, torch.Tensor]], params: list[nn.Parameter],
+    def __init__(self, run: Callable[..., dict[str, torch.Tensor]], params: list[nn.Parameter],
                  device: torch.device, warmup: int = 2):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -82,13 +100,14 @@ class MicroBatchGraphs:
         self.graphs: dict[tuple, RecordedMicroBatch] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
-        """The outputs of ``run`` on ``batch`` (a host batch, pinned for an asynchronous copy), as fresh tensors."""
+    def __call__(self, batch: Any, *settings) -> dict[str, torch.Tensor]:
+        """The outputs of ``run(batch, *settings)`` on ``batch`` (a host batch, pinned for an asynchronous copy), as
+        fresh tensors. ``settings``: hashable arguments of ``run`` that its graph is recorded with."""
         self.install_gradients()
-        key = layout(batch)
+        key = (layout(batch), settings)
         recorded = self.graphs.get(key)
         if recorded is None:
-            recorded = self.graphs[key] = self.record(batch)
+            recorded = self.graphs[key] = self.record(batch, settings)
         copy_into(recorded.inputs, batch)
         recorded.graph.replay()
         return {name: value.clone() for name, value in recorded.outputs.items()}
@@ -100,22 +119,22 @@ class MicroBatchGraphs:
         if any(p.grad is not None for p in self.params):
             raise RuntimeError("a parameter's .grad was replaced while its micro-batch CUDA graphs add into "
                                "another tensor; clear gradients with zero_grad(set_to_none=False)")
-        torch._foreach_zero_(self.gradients)
         for p, grad in zip(self.params, self.gradients):
-            p.grad = grad
+            p.grad = grad.zero_()
 
-    def record(self, batch: Any) -> RecordedMicroBatch:
-        saved = torch._foreach_mul(self.gradients, 1.0)  # copies
+    def record(self, batch: Any, settings: tuple) -> RecordedMicroBatch:
+        saved = [grad.clone() for grad in self.gradients]
         inputs = batch_to(batch, self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.run(inputs)
+                self.run(inputs, *settings)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        torch._foreach_copy_(self.gradients, saved)  # the warm-ups' gradients are not the step's
+        for grad, before in zip(self.gradients, saved):  # the warm-ups' gradients are not the step's
+            grad.copy_(before)
         del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.run(inputs)
+            outputs = self.run(inputs, *settings)
         return RecordedMicroBatch(graph, inputs, outputs)

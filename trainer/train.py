@@ -14,6 +14,7 @@ of an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -55,6 +56,7 @@ from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
 from trainer.settings import RunSettings
+from trainer.step_graphs import MicroBatchGraphs, cuda_graph_problems
 from trainer.text_attention import use_packed_text_attention
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
@@ -79,6 +81,9 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
         if compute.world > 1 and not t.deepspeed:
             raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
                              "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
+        problems = cuda_graph_problems(cfg, compute.device, compute.world) if t.cuda_graphs else []
+        if problems:
+            raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         use_tf32(t.tf32)
         lock.acquire()
         job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume, allow_config_change)
@@ -223,6 +228,7 @@ class RunModel:
     engine: Any  # the DeepSpeed engine, or None
     resumed_from: Path | None  # the checkpoint this run continues from, mid-way
     trainable: list[torch.nn.Parameter]  # what the optimizer updates (clipped together), listed once per run
+    graphs: MicroBatchGraphs | None = None  # train.cuda_graphs: the micro-batches' recorded forward and backward
 
     @classmethod
     def build(cls, job: Job, run: Run) -> RunModel:
@@ -255,7 +261,9 @@ class RunModel:
         if resumed_from is not None:
             load_checkpoint(resumed_from, model, optimizer, scheduler, engine, job.compute.rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable)
+        graphs = (MicroBatchGraphs(functools.partial(graphed_micro_batch, model, job.settings.grad_accum, job.autocast),
+                                   trainable, device) if t.cuda_graphs else None)
+        return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable, graphs)
 
 
 def run_stream(cfg: Config, per_step: int, rank: int, world: int, step: int,
@@ -300,14 +308,17 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
         if batch["step"] != step:
             raise RuntimeError(f"the data stream is at optimizer step {batch['step']}, the loop at {step}")
         log.damaged_samples(batch["damaged_skipped"], step)
-        with job.autocast():
-            result = (rm.engine or rm.model)(batch_to(batch, device), at.anchor_losses_on)
-        backward(result, rm.engine, grad_accum)
+        if rm.graphs is not None:
+            result = rm.graphs(batch, at.anchor_losses_on)  # forward and backward: one replay
+        else:
+            with job.autocast():
+                result = (rm.engine or rm.model)(batch_to(batch, device), at.anchor_losses_on)
+            backward(result, rm.engine, grad_accum)
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
-                                             clip_norm(t))
+                                             clip_norm(t), keep_gradients=rm.graphs is not None)
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
                                     job.settings, device, job.autocast)
@@ -325,7 +336,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
 def merge_run(job: Job, run: Run, rm: RunModel) -> None:
     """Merge the run's LoRA into its base (the next run's base); the heads carry on as plain modules."""
     state = trainable_state(rm.model)  # gathered under ZeRO-3
-    rm.engine = rm.model = rm.optimizer = rm.scheduler = None  # free the run's model before the merge loads one
+    # free the run's model, and its CUDA graphs' memory, before the merge loads one
+    rm.engine = rm.model = rm.optimizer = rm.scheduler = rm.graphs = None
     rm.trainable = []
     free_memory()
     # rebuilt: the engine may have partitioned or cast the old ones
@@ -487,6 +499,16 @@ def backward(result: dict, engine, grad_accum: int) -> None:
         (loss / grad_accum).backward()
 
 
+def graphed_micro_batch(model: CoVTModel, grad_accum: int, autocast_context, batch: dict,
+                        anchor_losses: bool) -> dict[str, torch.Tensor]:
+    """What train.cuda_graphs records per micro-batch layout: the forward and backward of one micro-batch of
+    ``grad_accum`` (as :func:`backward` without DeepSpeed, which train.cuda_graphs excludes)."""
+    with autocast_context():
+        result = model(batch, anchor_losses)
+    (result["loss"] / grad_accum).backward()
+    return {name: value.detach() for name, value in result.items()}
+
+
 def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: int) -> dict[str, torch.Tensor]:
     """The step's losses over the whole global batch, as one process holding all of it logs them: each rank's
     mean over its micro-batches, averaged over the ranks. A part (an anchor) is kept when a micro-batch of any
@@ -500,11 +522,12 @@ def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: in
     return {n: values[i] / world for i, n in enumerate(names) if values[len(names) + i] > 0}
 
 
-def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
-                trainable, max_norm: float) -> tuple[dict[str, float], float, bool]:
+def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler, trainable, max_norm: float,
+                keep_gradients: bool = False) -> tuple[dict[str, float], float, bool]:
     """End an optimizer step: (the step's mean losses, gradient norm before clipping, whether the update was
     applied), read from the device in one sync. A non-finite loss or gradient skips the update and the lr
-    scheduler (as DeepSpeed does), never the step."""
+    scheduler (as DeepSpeed does), never the step. ``keep_gradients`` (train.cuda_graphs): zero the gradient
+    tensors the recorded graphs add into, rather than free them."""
     if engine is not None:
         values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
         norm = engine.get_global_grad_norm()
@@ -516,7 +539,7 @@ def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
     if applied:
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_gradients)
     return values, norm, applied
 
 
