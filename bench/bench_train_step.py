@@ -490,6 +490,31 @@ def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.
             "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
 
 
+def host_syncs(fn, device: torch.device) -> tuple:
+    """``fn()`` under torch's CUDA sync debug mode (on CUDA): its result and, for each operation that made the host
+    wait for the GPU (a read, a copy from pageable memory), where it was issued: the innermost frames outside torch
+    (warnings that are not torch's sync warnings are dropped)."""
+    places: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+            places.append(f"{Path(filename).name}:{lineno} (from {where})")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    return result, list(dict.fromkeys(places))
+
+
 def compare_graphed(model: CoVTModel, cpu_batch: dict, device: torch.device) -> dict[str, float]:
     """Relative differences of the CoVT loss and gradients of one micro-batch recorded as a CUDA graph and
     replayed (trainer.step_graphs), against the same forward and backward run directly; dropout off in both, as a
@@ -503,15 +528,12 @@ def compare_graphed(model: CoVTModel, cpu_batch: dict, device: torch.device) -> 
         for m in dropouts:
             m.p = 0.0
         model.zero_grad(set_to_none=True)
-        with warnings.catch_warnings(record=True) as syncs:  # what would break the capture, where it is
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                direct = run(batch_to(cpu_batch, device))["loss"]
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        places = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs if "synchroniz" in str(w.message)})
-        print(f"host syncs in one micro-batch's forward and backward: {len(places)} places {places}", flush=True)
+        batch = batch_to(cpu_batch, device)
+        direct, syncs = host_syncs(lambda: run(batch)["loss"], device)
+        print(f"host syncs in one micro-batch's forward and backward (each would stop a capture): {len(syncs)}",
+              flush=True)
+        for where in syncs:
+            print(f"  sync at {where}", flush=True)
         expected = torch.cat([p.grad.flatten().float() for p in trainable if p.grad is not None])
         model.zero_grad(set_to_none=True)
         replayed = MicroBatchGraphs(run, trainable, device)(cpu_batch)["loss"]
@@ -608,7 +630,10 @@ def main(argv=None) -> dict:
     if bf16 and any("_graphed" in k for k in args.kinds.split(",")):
         try:
             with torch.compiler.set_stance("force_eager"):
-                graph_exactness = compare_graphed(model, first, device)
+                # a micro-batch as the trainer's loader hands it over: the loader's inputs, pinned
+                graph_exactness = compare_graphed(model, pinned(build_batch(
+                    data[:2], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
+                    view_sizes=model.view_sizes(), vision=model.vision_geometry())), device)
             print(f"micro-batch of 2 as one CUDA graph vs run directly, {dtype}, dropout off: loss "
                   f"{graph_exactness['loss_rel']:.2e}, gradient {graph_exactness['grad_rel']:.2e} relative difference")
         except Exception:  # noqa: BLE001 - report why, then time the other kinds

@@ -4,7 +4,7 @@ import json
 import pytest
 from torch._dynamo import config as dynamo_config
 
-from bench.bench_train_step import main, plain_twin
+from bench.bench_train_step import host_syncs, main, plain_twin
 
 
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
@@ -81,3 +81,19 @@ def test_grouped_query_sdpa_kernels_count_each_key_head_once_per_query_head():
         assert forward(query, grouped, grouped) == flop_counter.sdpa_flop_count(query, repeated, repeated) > 0
         assert backward(query, query, grouped, grouped) == \
             flop_counter.sdpa_backward_flop_count(query, query, repeated, repeated) > 0
+
+
+def test_host_syncs_says_where_each_sync_was_issued_and_keeps_the_result():
+    import warnings
+
+    import torch
+
+    def reads_twice() -> int:
+        for _ in range(2):  # one place, said once
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("an unrelated warning", stacklevel=1)
+        return 7
+
+    result, places = host_syncs(reads_twice, torch.device("cpu"))
+    assert result == 7
+    assert len(places) == 1 and "reads_twice" in places[0] and "test_bench_train_step.py" in places[0]

@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from covt.config import LoraConfig
-from trainer.lora import attach_lora, merge_lora
+from trainer.lora import attach_lora, merge_lora, merged_token_rows
 from trainer.tiny_model import build_tiny_base_model
 
 NEW_TOKENS = 3
@@ -207,3 +207,36 @@ def test_adapters_on_bf16_inputs_give_the_same_loss_and_gradients_without_the_fp
         # the backward through peft's casts accumulates in the other dtype: within bf16 rounding
         torch.testing.assert_close(grads_off[name], g, rtol=1.6e-2, atol=1e-5, msg=name)
     assert cast_off < 0.6 * cast_on, (cast_off, cast_on)  # the adapters' casts were ~half (norms, rope keep theirs)
+
+
+def test_token_rows_indexed_once_give_peft_own_weights_outputs_and_gradients(base_dir):
+    """trainer.lora.index_token_rows_once: the trained rows of the embedding and lm_head written in as peft's own
+    get_merged_weights writes them (which copies its index from host memory at every forward)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    vlm, new_ids = load_with_new_rows(base_dir)
+    inputs = image_inputs(base_dir, new_ids)
+    peft_model = attach_lora(vlm, LoraConfig(), new_ids).eval()  # no dropout: two forwards compare
+    randomise_adapters(peft_model)
+    layers = [m for m in peft_model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert len(layers) == 2 and all(layer.get_merged_weights.__func__ is not
+                                     TrainableTokensLayer.get_merged_weights for layer in layers)
+    rows = [p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n]
+
+    def logits_and_row_gradients():
+        peft_model.zero_grad(set_to_none=True)
+        logits = peft_model(**inputs).logits
+        logits[0, -NEW_TOKENS:].square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in rows]
+
+    ours = logits_and_row_gradients()
+    for layer in layers:  # peft's own method again
+        layer.get_merged_weights = TrainableTokensLayer.get_merged_weights.__get__(layer)
+    theirs = logits_and_row_gradients()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    assert all(g.abs().sum() > 0 for g in ours[1])  # the rows train through the new forward
+    for mine, peft_grad in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(mine, peft_grad, rtol=0, atol=0)
+    for layer in layers:
+        merged = merged_token_rows(layer, layer.active_adapters)
+        assert torch.equal(merged[new_ids], layer.trainable_tokens_delta["default"].detach())

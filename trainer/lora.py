@@ -20,11 +20,13 @@ trains (the thought-token rows with the rest of their matrices), and merging is 
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from covt.config import LoraConfig
@@ -99,7 +101,32 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     )
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
+    index_token_rows_once(model)
     return model
+
+
+def index_token_rows_once(model: torch.nn.Module) -> int:
+    """Give peft's trainable-token layers (the thought-token rows of the embedding and lm_head) a
+    ``get_merged_weights`` that keeps their row index on the weights' device, made once per device. peft's builds
+    it from a Python list at every forward and copies it from pageable memory: the host waits there for the GPU to
+    finish all queued work, twice per forward, and a CUDA graph (train.cuda_graphs) cannot hold such a copy. The
+    same rows and values otherwise (``tests/test_trainer_lora.py``). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    for layer in layers:
+        layer.row_indices = {}
+        layer.get_merged_weights = types.MethodType(merged_token_rows, layer)
+    return len(layers)
+
+
+def merged_token_rows(layer: TrainableTokensLayer, active_adapters) -> torch.Tensor:
+    """The layer's weight with each active adapter's trained rows written in (what peft's method computes)."""
+    weight = layer.base_layer.weight
+    for name in active_adapters:
+        key = (name, weight.device)
+        if key not in layer.row_indices:
+            layer.row_indices[key] = torch.tensor(layer.token_indices[name], device=weight.device)
+        weight = weight.index_copy(0, layer.row_indices[key], layer.trainable_tokens_delta[name].to(weight))
+    return weight
 
 
 def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
