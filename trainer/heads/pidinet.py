@@ -49,6 +49,7 @@ class PidinetHead(AnchorHead):
         # plain floats, not buffers: a bf16 cast of the module must not round the normalisation
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])
+        self.normalisations: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.map_size = (self.dims["map_h"], self.dims["map_w"])
         program = load_exported_program(self.program_path)  # refuses an archive that would unpickle
         self.frozen = FrozenDecoder("pidinet_stage1", lambda device: move_to_device_pass(program, device).module())
@@ -67,8 +68,7 @@ class PidinetHead(AnchorHead):
         if views.dim() != 4 or tuple(views.shape[1:]) != (3, self.view_size, self.view_size):
             raise ValueError(f"{self.anchor} head: views must be (B, 3, {self.view_size}, {self.view_size}) uint8, "
                              f"got {tuple(views.shape)} {views.dtype}")
-        mean = torch.tensor(self.mean, device=views.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=views.device).view(1, -1, 1, 1)
+        mean, std = self.normalisation(views.device)
         x = (views.float() / 255.0 - mean) / std
         with torch.autocast(views.device.type, enabled=False):  # constants: compute them in fp32
             features = self.frozen.on(views.device)(x)
@@ -76,6 +76,14 @@ class PidinetHead(AnchorHead):
             raise ValueError(f"{self.program_path}: stage gives {features.shape[1]} channels, "
                              f"{self.meta_path} says {self.channels}")
         return features
+
+    def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views' mean and std, (1, 3, 1, 1) fp32 on ``device``, made once per device: a copy from host memory
+        at every forward would make the host wait for the GPU there (and stop a CUDA graph's capture)."""
+        if device not in self.normalisations:
+            self.normalisations[device] = tuple(torch.tensor(values, device=device).view(1, -1, 1, 1)
+                                                for values in (self.mean, self.std))
+        return self.normalisations[device]
 
     def decode(self, thoughts: torch.Tensor, targets: dict | None = None,
                views: torch.Tensor | None = None) -> torch.Tensor:
