@@ -5,7 +5,7 @@ replayed micro-batch's loss and gradients against the same micro-batch run direc
 import pytest
 import torch
 
-from trainer.step_graphs import MicroBatchGraphs, copy_into, layout
+from trainer.step_graphs import InputBuffers, MicroBatchGraphs, copy_into, layout
 
 
 def batch(rows: int = 2, length: int = 5, has_padding: bool = True, keys=("a", "b")) -> dict:
@@ -78,3 +78,20 @@ def test_what_train_cuda_graphs_needs_is_said_before_any_work(tmp_path):
                                                       output_dir=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="train.cuda_graphs: CUDA graphs need a CUDA device"):
         train(cfg)
+
+
+def test_graphs_share_one_input_tensor_per_place_and_shape():
+    buffers = InputBuffers(torch.device("cpu"))
+    first, other_tokens, same = buffers.like(batch()), buffers.like(batch(length=6)), buffers.like(batch())
+    masks = ("anchors", "sam", "targets", "masks")
+
+    def at(b, place):
+        for key in place:
+            b = b[key]
+        return b
+
+    assert at(first, masks) is at(other_tokens, masks)  # the same targets' shape: one tensor for both graphs
+    assert first["input_ids"] is not other_tokens["input_ids"] and first["input_ids"] is same["input_ids"]
+    assert first["input_ids"].shape == (2, 5) and other_tokens["input_ids"].shape == (2, 6)
+    assert first["has_padding"] is True and first["keys"] == ["a", "b"]  # values stay as they are
+    assert len(buffers.tensors) == 4  # input_ids at two widths, rows, masks

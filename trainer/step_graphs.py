@@ -6,11 +6,12 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
 
 - the same layout at every replay: one graph per :func:`layout` (the batch's tensor shapes and dtypes and the
   values the model reads on the host: flags, the vision tower's longest window); the batch's tensor values are
-  copied into the graph's own input tensors before each replay;
-- no read of the GPU by the host inside it (capture fails on one): the loader's inputs (trainer.host_inputs) and
-  ``train.sam_matching: device``;
-- the gradients in place: each parameter's ``.grad`` exists before the capture and stays the same tensor, so the
-  recorded backward adds into it (trainer.model.keep_gradients; clear with ``zero_grad(set_to_none=False)``);
+  copied into the graph's input tensors before each replay (:class:`InputBuffers`, shared between graphs);
+- no read of the GPU by the host inside it, and no copy from pageable host memory (capture fails on either): the
+  loader's inputs (trainer.host_inputs), ``train.sam_matching: device``, the thought-token rows' index made once
+  (trainer.lora.index_token_rows_once); what is made once per device is made in the warm-ups;
+- the gradients in place: the graphs add into gradient tensors this module owns and gives the parameters, so
+  the backward accumulates micro-batches as a direct one does (a ``zero_grad()`` to None gets them back zeroed);
 - warm-up runs before the capture (the compiled blocks compile, cuBLAS makes its workspaces) on a side stream;
   the gradients they leave are put back, so a capture does not change the step it happens in.
 
@@ -26,7 +27,6 @@ import torch
 from torch import nn
 
 from covt.config import Config
-from trainer.batch import batch_to
 
 # entries of a batch that name or count its samples for logs and are not read by the model
 NOT_READ_BY_THE_MODEL = frozenset({"keys", "step", "damaged_skipped"})
@@ -75,6 +75,30 @@ def copy_into(static: Any, batch: Any) -> None:
             copy_into(mine, theirs)
 
 
+class InputBuffers:
+    """The device tensors the recorded graphs read their batches from: one per place in the batch, shape and dtype,
+    shared by every graph that has a tensor of that shape there (a replay's batch is copied in just before it).
+    Graphs of micro-batches that differ only in token count thus share the large per-sample tensors (pixel
+    values, the anchors' targets) instead of holding one copy each."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def like(self, batch: Any, place: tuple = ()) -> Any:
+        """``batch`` with each tensor replaced by the buffer of its place, shape and dtype (made at first use)."""
+        if isinstance(batch, torch.Tensor):
+            key = (place, tuple(batch.shape), batch.dtype)
+            if key not in self.tensors:
+                self.tensors[key] = torch.empty(batch.shape, dtype=batch.dtype, device=self.device)
+            return self.tensors[key]
+        if isinstance(batch, dict):
+            return {key: self.like(value, (*place, key)) for key, value in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.like(value, (*place, i)) for i, value in enumerate(batch))
+        return batch
+
+
 @dataclass
 class RecordedMicroBatch:
     graph: torch.cuda.CUDAGraph
@@ -99,6 +123,7 @@ class MicroBatchGraphs:
         self.gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.graphs: dict[tuple, RecordedMicroBatch] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.inputs = InputBuffers(device)
 
     def __call__(self, batch: Any, *settings) -> dict[str, torch.Tensor]:
         """The outputs of ``run(batch, *settings)`` on ``batch`` (a host batch, pinned for an asynchronous copy), as
@@ -124,7 +149,8 @@ class MicroBatchGraphs:
 
     def record(self, batch: Any, settings: tuple) -> RecordedMicroBatch:
         saved = [grad.clone() for grad in self.gradients]
-        inputs = batch_to(batch, self.device)
+        inputs = self.inputs.like(batch)
+        copy_into(inputs, batch)  # what the warm-ups run on
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
