@@ -8,7 +8,8 @@ Start at :meth:`Mirror.path`. The processes coordinate with ``fcntl.flock`` on f
   exclusively (the others wait, then find the file). A process reading the file holds it shared while the
   file belongs to the shard it reads (its last ``pin_files`` files), and eviction deletes only files nobody
   holds: zarr reopens its shard files on every read, so a delete could pull a file from under a reader.
-- ``.space.lock``, held while a process makes room for a download and reserves it. A download in progress
+- ``.space.lock``, held while a process makes room for a download and reserves it, and while the download
+  lands (its rename, which a directory scan could otherwise see under neither name). A download in progress
   is a ``.part`` file whose name carries its final size, so every process counts it before it lands.
 
 The bound (``max_bytes``) covers the data files (tars and zarr shard files); commit records and zarr
@@ -19,6 +20,7 @@ about two shards per reading process: the one each reads and the next it moves t
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -189,7 +191,10 @@ class Mirror:
             return
         try:
             self.fs.get_file(self.remote(rel), str(part))
-            os.replace(part, target)  # a reader never sees half a file
+            # a reader never sees half a file; under the space lock, a scan never misses the file between its two
+            # names (and reserves its bytes again for another download: a bound overrun, seen in a test under load)
+            with self._space() if is_data(rel) else contextlib.nullcontext():
+                os.replace(part, target)
         except FileNotFoundError:
             pass
         finally:
@@ -202,8 +207,7 @@ class Mirror:
         self.local.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + PREFETCH_WAIT_S
         while True:
-            with open(self.local / SPACE_LOCK, "a") as space:
-                fcntl.flock(space, fcntl.LOCK_EX)
+            with self._space():
                 files, reserved, prefetching = self._scan()
                 total = self._evict_lru(files, reserved + size)
                 if total > self.max_bytes and not required:
@@ -214,6 +218,13 @@ class Mirror:
                     part.touch()  # reserved: every process counts it from now on
                     return True
             time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def _space(self):
+        """The local copy's space lock, held while a process makes room and reserves it, and while a download lands."""
+        with open(self.local / SPACE_LOCK, "a") as space:
+            fcntl.flock(space, fcntl.LOCK_EX)
+            yield
 
     def _evict_lru(self, files: list[tuple[float, int, Path]], incoming: int) -> int:
         """Delete unpinned files, least recently used first, until ``incoming`` more bytes fit; the new total."""
