@@ -90,7 +90,7 @@ from trainer.step_graphs import MicroBatchGraphs  # noqa: E402
 from trainer.text_attention import use_packed_text_attention  # noqa: E402
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config  # noqa: E402
 from trainer.tokens import add_thought_tokens  # noqa: E402
-from trainer.train import clip_norm, free_memory  # noqa: E402
+from trainer.train import clip_norm, free_memory, graphed_micro_batch  # noqa: E402
 from trainer.vision_attention import VISION_ATTENTION, use_varlen_vision_attention, varlen_kernel_available  # noqa: E402
 
 ANCHORS = ["sam", "depth", "dino"]
@@ -226,7 +226,8 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     visual = unwrap_vlm(model.vlm).model.visual
     adapters = adapter_layers(model.vlm)  # found once: the timed step only sets their flag
-    graphs = MicroBatchGraphs(functools.partial(forward_backward, model, kind, len(batches), device, bf16),
+    graphs = MicroBatchGraphs(functools.partial(graphed_micro_batch, model, len(batches),
+                                                functools.partial(autocast, device, bf16)),
                               trainable, device) if "_graphed" in kind else None
 
     def step(eager: bool = False, reads: DeviceReads | None = None) -> None:
@@ -245,7 +246,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         replay = graphs is not None and not eager and reads is None
         for cpu_batch in batches if replay else []:
             with record_function(STEP_PARTS[0]):  # forward and backward: one replay
-                graphs(cpu_batch)
+                graphs(cpu_batch, kind.startswith("covt"))
         for cpu_batch in [] if replay else batches[:1] if reads is not None else batches:
             batch = batch_to(cpu_batch, device)
             torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: a new micro-batch
@@ -264,16 +265,6 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         optimizer.zero_grad(set_to_none=not cuda_graphs and graphs is None)
 
     return step
-
-
-def forward_backward(model: CoVTModel, kind: str, count: int, device: torch.device, bf16: bool,
-                     batch: dict) -> dict[str, torch.Tensor]:
-    """One micro-batch's forward and backward (of ``count`` in the step) on a device batch: what a ``_graphed``
-    kind records as one CUDA graph (trainer.step_graphs)."""
-    with autocast(device, bf16):
-        loss = model(batch, anchor_losses=kind.startswith("covt"))["loss"]
-    (loss / count).backward()
-    return {"loss": loss.detach()}
 
 
 def plain_twin(kind: str) -> str | None:
@@ -528,12 +519,12 @@ def compare_graphed(model: CoVTModel, cpu_batch: dict, device: torch.device) -> 
     rates = [m.p for m in dropouts]
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.heads["sam"].matching = "device"  # the host's matching would read the GPU inside the capture
-    run = functools.partial(forward_backward, model, "covt", 1, device, True)
+    run = functools.partial(graphed_micro_batch, model, 1, functools.partial(autocast, device, True))
     batch = batch_to(cpu_batch, device)
 
     def direct(census: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad(set_to_none=True)
-        loss, syncs = host_syncs(lambda: run(batch)["loss"], device if census else torch.device("cpu"))
+        loss, syncs = host_syncs(lambda: run(batch, True)["loss"], device if census else torch.device("cpu"))
         for where in syncs:
             print(f"  host sync at {where}", flush=True)
         return loss, torch.cat([p.grad.flatten().float() for p in trainable if p.grad is not None])
@@ -547,7 +538,7 @@ def compare_graphed(model: CoVTModel, cpu_batch: dict, device: torch.device) -> 
         loss, expected = direct(census=True)
         again = direct()[1]
         model.zero_grad(set_to_none=True)
-        replayed = MicroBatchGraphs(run, trainable, device)(cpu_batch)["loss"]
+        replayed = MicroBatchGraphs(run, trainable, device)(cpu_batch, True)["loss"]
         got = torch.cat([p.grad.flatten().float() for p in trainable if p.grad is not None])
         return {"loss_rel": float((replayed - loss).abs() / loss.abs()),
                 "grad_rel": float((got - expected).norm() / expected.norm()),

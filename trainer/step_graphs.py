@@ -132,8 +132,9 @@ class MicroBatchGraphs:
         key = (layout(batch), settings)
         recorded = self.graphs.get(key)
         if recorded is None:
-            recorded = self.graphs[key] = self.record(batch, settings)
-        copy_into(recorded.inputs, batch)
+            recorded = self.graphs[key] = self.record(batch, settings)  # its inputs hold the batch already
+        else:
+            copy_into(recorded.inputs, batch)
         recorded.graph.replay()
         return {name: value.clone() for name, value in recorded.outputs.items()}
 
