@@ -1,6 +1,7 @@
 """The vision tower's varlen attention computes what transformers' sdpa path computes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.tiny_model import build_processor, build_tokenizer, tiny_config
@@ -99,3 +100,15 @@ def test_causal_varlen_groups_heads_itself_where_the_kernel_cannot(monkeypatch):
     out = text_attention.causal_varlen(q, k, v, cu, 5, 0.3)
     assert seen == {"kv_heads": 4, "window": (-1, 0)}
     torch.testing.assert_close(out, per_segment(q, k, v, cu, 0.3, causal=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_diagonal_mask_attends_as_per_segment_calls_do(causal):
+    """What a CUDA graph's recording uses instead of per-segment calls (it cannot read the lengths to the host):
+    the same attention, grouped-query heads and all, from one masked call."""
+    from trainer.vision_attention import block_diagonal, per_segment
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+    cu = torch.tensor([0, 3, 4, 11], dtype=torch.int32)
+    torch.testing.assert_close(block_diagonal(q, k, v, cu, 0.3, causal), per_segment(q, k, v, cu, 0.3, causal))

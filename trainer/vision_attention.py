@@ -45,13 +45,30 @@ def varlen_kernel_applies(query: torch.Tensor) -> bool:
 def per_segment(query, key, value, cu_seqlens: torch.Tensor, scaling: float | None,
                 causal: bool = False) -> torch.Tensor:
     """(S, H, D) queries, (S, H_kv, D) keys and values -> (S, H, D): one SDPA call per segment (the library's
-    sdpa path; ``causal`` within each segment, grouped-query where H_kv < H)."""
+    sdpa path; ``causal`` within each segment, grouped-query where H_kv < H). While a CUDA graph is recorded the
+    segments' lengths cannot be read to the host: then one call with a block-diagonal mask computes the same."""
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return block_diagonal(query, key, value, cu_seqlens, scaling, causal)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     gqa = key.shape[1] != query.shape[1]
     outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scaling,
                                            is_causal=causal, enable_gqa=gqa)
             for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths))]
     return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def block_diagonal(query, key, value, cu_seqlens: torch.Tensor, scaling: float | None,
+                   causal: bool = False) -> torch.Tensor:
+    """:func:`per_segment`'s attention as one SDPA call whose mask keeps each position within its segment, built
+    on the device from ``cu_seqlens`` (no host read; memory grows with the square of the sequence)."""
+    positions = torch.arange(query.shape[0], device=query.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    mask = segment[:, None] == segment[None, :]
+    if causal:
+        mask = mask & (positions[None, :] <= positions[:, None])
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                         attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(0, 1)
 
 
 def vision_varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
