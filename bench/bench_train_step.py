@@ -262,7 +262,8 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
             with record_function(STEP_PARTS[2]):
                 torch.nn.utils.clip_grad_norm_(trainable, clip_norm(TrainConfig()))
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=not cuda_graphs and graphs is None)
+        # the graphed kinds too: each kind's graphs own other gradient tensors and install theirs when none are set
+        optimizer.zero_grad(set_to_none=not cuda_graphs)
 
     return step
 
@@ -568,6 +569,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--text-tokens", type=int, default=300, help="text tokens per sample, on average")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the *_compiled kinds' blocks (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=1,
+                        help="train.pad_to_multiple_of: micro-batches padded to a multiple of this many tokens (fewer "
+                             "layouts to record for the _graphed kinds)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of each kind and setting")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--stage", default="understanding", choices=STAGE_NAMES)
@@ -596,6 +600,7 @@ def main(argv=None) -> dict:
     cfg = Config(anchors=list(ANCHORS))
     cfg.model.image_size = image_size
     cfg.train.max_length = 4096
+    cfg.train.pad_to_multiple_of = args.pad_to_multiple_of
     # the two train.optim settings, each over every trainable parameter (states made at a kind's first step)
     optimizers = {name: make_optimizer(model, dataclasses.replace(cfg.train, optim=name))
                   for name in ("adamw_torch", "adamw_torch_fused")}
@@ -640,6 +645,7 @@ def main(argv=None) -> dict:
             print(f"micro-batch of 2 as one CUDA graph vs run directly, {dtype}, dropout off: loss "
                   f"{graph_exactness['loss_rel']:.2e}, gradient {graph_exactness['grad_rel']:.2e} relative difference "
                   f"(two direct runs: gradient {graph_exactness['grad_rel_direct']:.2e})")
+            free_memory()  # the check's graph pool
         except Exception:  # noqa: BLE001 - report why, then time the other kinds
             traceback.print_exc()
             args.kinds = ",".join(k for k in args.kinds.split(",") if "_graphed" not in k)
@@ -690,7 +696,8 @@ def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, d
     try:
         blocks = len(batches) * len(repeated_blocks(model.vlm))  # forward calls of the compiled blocks in a step
         times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as error:
+        print(f"  {str(error).splitlines()[0]}", flush=True)  # what was asked for and what was held
         model.zero_grad(set_to_none=True)
         return None
     row = {"tokens_per_sample": real / args.global_batch, "padding_fraction": 1 - real / padded}
@@ -713,7 +720,8 @@ def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) 
         for kind, step in steps.items():
             start = time.perf_counter()
             step()
-            print(f"{setting}: warm-up step {i + 1} of {kind}: {time.perf_counter() - start:.1f} s", flush=True)
+            held = f", {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB reserved" if device.type == "cuda" else ""
+            print(f"{setting}: warm-up step {i + 1} of {kind}: {time.perf_counter() - start:.1f} s{held}", flush=True)
     times = {k: [] for k in steps}
     peaks = {k: 0 for k in steps}
     for _ in range(args.steps):  # alternate so drift (clocks, thermals) hits all kinds alike

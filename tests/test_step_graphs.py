@@ -95,3 +95,49 @@ def test_graphs_share_one_input_tensor_per_place_and_shape():
     assert first["input_ids"].shape == (2, 5) and other_tokens["input_ids"].shape == (2, 6)
     assert first["has_padding"] is True and first["keys"] == ["a", "b"]  # values stay as they are
     assert len(buffers.tensors) == 4  # input_ids at two widths, rows, masks
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs: needs a CUDA device")
+
+
+class CachingRun:
+    """A micro-batch's forward and backward through a linear layer, with a tensor made on the device the first time
+    each width is seen and kept (as the model's per-device caches are): what a later warm-up may leave behind."""
+
+    def __init__(self, device: torch.device):
+        self.layer = torch.nn.Linear(8, 8, device=device)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, batch: dict) -> dict:
+        x = batch["x"]
+        if x.shape[0] not in self.cache:
+            self.cache[x.shape[0]] = torch.full((x.shape[0], 8), 0.5, device=x.device)
+        loss = (self.layer(x) * self.cache[x.shape[0]]).square().mean()
+        loss.backward()
+        return {"loss": loss.detach()}
+
+
+@cuda_only
+def test_replays_add_the_gradients_direct_runs_do_and_survive_a_cache_made_by_a_later_warm_up():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    run = CachingRun(device)
+    params = list(run.layer.parameters())
+    graphs = MicroBatchGraphs(run, params, device)
+    batches = [{"x": torch.randn(rows, 8).pin_memory()} for rows in (4, 6, 4, 6, 4)]
+
+    replayed = [float(graphs(b)["loss"]) for b in batches[:1]]
+    graphs(batches[1])  # its warm-ups make the cache of width 6 in the pool where the first graph may keep memory
+    assert len(graphs.graphs) == 1, "the earlier graph is dropped, to be recorded again beside the cache"
+    for p in params:
+        p.grad.zero_()
+    replayed = [float(graphs(b)["loss"]) for b in batches]
+    got = [p.grad.clone() for p in params]
+
+    for p in params:
+        p.grad = None
+    direct = [float(run({"x": b["x"].to(device)})["loss"]) for b in batches]
+    assert replayed == pytest.approx(direct, rel=1e-6)
+    for mine, theirs in zip(got, (p.grad for p in params)):
+        torch.testing.assert_close(mine, theirs)
+    assert len(graphs.graphs) == 2

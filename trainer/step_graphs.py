@@ -13,12 +13,18 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
 - the gradients in place: the graphs add into gradient tensors this module owns and gives the parameters, so
   the backward accumulates micro-batches as a direct one does (a ``zero_grad()`` to None gets them back zeroed);
 - warm-up runs before the capture (the compiled blocks compile, cuBLAS makes its workspaces) on a side stream;
-  the gradients they leave are put back, so a capture does not change the step it happens in.
+  the gradients they leave are put back, so a capture does not change the step it happens in;
+- one memory pool for the warm-ups and all the graphs: a warm-up's activations reuse what the graphs recorded so
+  far free between replays, so a new layout needs no second activation peak beside theirs (at 7B, micro-batch 2,
+  one pool for graphs and another for the warm-ups ran out of an H100's 80 GB). A warm-up must then leave nothing
+  allocated that an earlier graph could overwrite: when one leaves memory allocated (a cache made on first use),
+  the earlier graphs are dropped and recorded again.
 
 Dropout draws new masks at each replay (the graph advances the CUDA generator's offset), as eager steps do.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +33,8 @@ import torch
 from torch import nn
 
 from covt.config import Config
+
+logger = logging.getLogger(__name__)
 
 # entries of a batch that name or count its samples for logs and are not read by the model
 NOT_READ_BY_THE_MODEL = frozenset({"keys", "step", "damaged_skipped"})
@@ -122,7 +130,8 @@ class MicroBatchGraphs:
         self.run, self.params, self.device, self.warmup = run, list(params), device, warmup
         self.gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.graphs: dict[tuple, RecordedMicroBatch] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.MemPool()
+        self.stream = torch.cuda.Stream(device)  # warm-ups and captures: where the pool's freed blocks are reused
         self.inputs = InputBuffers(device)
 
     def __call__(self, batch: Any, *settings) -> dict[str, torch.Tensor]:
@@ -149,19 +158,24 @@ class MicroBatchGraphs:
             p.grad = grad.zero_()
 
     def record(self, batch: Any, settings: tuple) -> RecordedMicroBatch:
-        saved = [grad.clone() for grad in self.gradients]
         inputs = self.inputs.like(batch)
         copy_into(inputs, batch)  # what the warm-ups run on
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        held = torch.cuda.memory_allocated(self.device)
+        saved = [grad.clone() for grad in self.gradients]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream), torch.cuda.use_mem_pool(self.pool):
             for _ in range(self.warmup):
                 self.run(inputs, *settings)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for grad, before in zip(self.gradients, saved):  # the warm-ups' gradients are not the step's
             grad.copy_(before)
         del saved
+        left = torch.cuda.memory_allocated(self.device) - held
+        if left > 0 and self.graphs:  # what the warm-ups left may lie where those graphs keep their activations
+            logger.info("micro-batch CUDA graphs: a warm-up left %d bytes allocated; the %d graphs recorded before "
+                        "it are recorded again at their next use", left, len(self.graphs))
+            self.graphs.clear()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
             outputs = self.run(inputs, *settings)
         return RecordedMicroBatch(graph, inputs, outputs)
