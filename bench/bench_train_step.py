@@ -28,7 +28,8 @@ alternating after warm-up, timed with CUDA events (medians):
            GPU, no read back to the host) instead of scipy's on the host.
   any kind + _graphed: each micro-batch's forward and backward replayed as one CUDA graph, recorded once per
            batch layout (trainer.step_graphs; CUDA only, needs _device_matching for CoVT kinds); first prints the
-           loss and gradient differences of a replay against the same micro-batch run directly.
+           loss and gradient differences of a replay against the same micro-batch run directly. Their peak memory
+           adds the graphs' pool (where a replay's activations live) to the step's own peak.
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -265,6 +266,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         # the graphed kinds too: each kind's graphs own other gradient tensors and install theirs when none are set
         optimizer.zero_grad(set_to_none=not cuda_graphs)
 
+    step.graphs = graphs
     return step
 
 
@@ -696,6 +698,9 @@ def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, d
     try:
         blocks = len(batches) * len(repeated_blocks(model.vlm))  # forward calls of the compiled blocks in a step
         times, peaks, flops, busy = measure(steps, args, device, f"micro-batch {len(batches[0]['keys'])}", blocks)
+        for kind, step in steps.items():  # a replay's activations live in its graphs' pool, not in the step's peak
+            if step.graphs is not None:
+                peaks[kind] += step.graphs.pool_bytes()
     except torch.OutOfMemoryError as error:
         print(f"  {str(error).splitlines()[0]}", flush=True)  # what was asked for and what was held
         model.zero_grad(set_to_none=True)

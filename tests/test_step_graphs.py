@@ -141,3 +141,5 @@ def test_replays_add_the_gradients_direct_runs_do_and_survive_a_cache_made_by_a_
     for mine, theirs in zip(got, (p.grad for p in params)):
         torch.testing.assert_close(mine, theirs)
     assert len(graphs.graphs) == 2
+    assert graphs.pool_bytes() >= sum(o.numel() * o.element_size() for r in graphs.graphs.values()
+                                      for o in r.outputs.values())

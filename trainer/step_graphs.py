@@ -147,6 +147,11 @@ class MicroBatchGraphs:
         recorded.graph.replay()
         return {name: value.clone() for name, value in recorded.outputs.items()}
 
+    def pool_bytes(self) -> int:
+        """Device memory the graphs' pool holds (its segments): the recorded activations, which a step's allocation
+        statistics do not show, as a replay allocates nothing."""
+        return sum(segment["total_size"] for segment in self.pool.snapshot())
+
     def install_gradients(self) -> None:
         """Make this object's tensors the parameters' gradients: the graphs add into them and nowhere else."""
         if all(p.grad is grad for p, grad in zip(self.params, self.gradients)):
