@@ -14,9 +14,10 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
   the backward accumulates micro-batches as a direct one does (a ``zero_grad()`` to None gets them back zeroed);
 - warm-up runs before the capture (the compiled blocks compile, cuBLAS makes its workspaces) on a side stream;
   the gradients they leave are put back, so a capture does not change the step it happens in;
-- one memory pool for the warm-ups and all the graphs: a warm-up's activations reuse what the graphs recorded so
-  far free between replays, so a new layout needs no second activation peak beside theirs (at 7B, micro-batch 2,
-  one pool for graphs and another for the warm-ups ran out of an H100's 80 GB). A warm-up must then leave nothing
+- one memory pool for the warm-ups and all the graphs: a warm-up's forward activations reuse what the graphs
+  recorded so far free between replays, so a new layout needs no second activation peak beside theirs (at 7B,
+  micro-batch 2, one pool for the graphs and the warm-ups' activations outside it ran out of an H100's 80 GB; the
+  backward allocates from autograd's own thread, which the pool does not route). A warm-up must then leave nothing
   allocated that an earlier graph could overwrite: when one leaves memory allocated (a cache made on first use),
   the earlier graphs are dropped and recorded again.
 
