@@ -143,6 +143,8 @@ class MicroBatchGraphs:
         recorded = self.graphs.get(key)
         if recorded is None:
             recorded = self.graphs[key] = self.record(batch, settings)  # its inputs hold the batch already
+            logger.info("micro-batch CUDA graphs: %d recorded, their memory pool %.1f GiB", len(self.graphs),
+                        self.pool_bytes() / 2**30)
         else:
             copy_into(recorded.inputs, batch)
         recorded.graph.replay()
