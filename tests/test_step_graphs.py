@@ -143,3 +143,26 @@ def test_replays_add_the_gradients_direct_runs_do_and_survive_a_cache_made_by_a_
     assert len(graphs.graphs) == 2
     assert graphs.pool_bytes() >= sum(o.numel() * o.element_size() for r in graphs.graphs.values()
                                       for o in r.outputs.values())
+
+
+def test_train_cuda_graphs_advises_padding_to_few_layouts():
+    from covt.config import Config, TrainConfig
+    from trainer.step_graphs import cuda_graph_advice
+
+    unpadded = cuda_graph_advice(Config(train=TrainConfig(cuda_graphs=True)))
+    assert len(unpadded) == 1 and "train.pad_to_multiple_of" in unpadded[0]
+    assert cuda_graph_advice(Config(train=TrainConfig(cuda_graphs=True, pad_to_multiple_of=64))) == []
+
+
+@cuda_only
+def test_running_out_of_memory_while_recording_says_what_to_change():
+    device = torch.device("cuda")
+    layer = torch.nn.Linear(4, 4, device=device)
+
+    def run(batch: dict) -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+
+    graphs = MicroBatchGraphs(run, list(layer.parameters()), device)
+    with pytest.raises(torch.OutOfMemoryError, match="(?s)Tried to allocate.*recording micro-batch CUDA graph 1.*"
+                                                      "train.pad_to_multiple_of"):
+        graphs({"x": torch.zeros(2, 4).pin_memory()})

@@ -72,6 +72,15 @@ def cuda_graph_problems(cfg: Config, device: torch.device, world: int) -> list[s
     return problems
 
 
+def cuda_graph_advice(cfg: Config) -> list[str]:
+    """What would make train.cuda_graphs run better with ``cfg`` (it runs as it is)."""
+    if cfg.train.pad_to_multiple_of == 1:
+        return ["train.pad_to_multiple_of is 1: every micro-batch token count that occurs is recorded as a graph of "
+                "its own (two warm-ups and a capture each); a multiple such as 64 makes few of them, with the same "
+                "loss and gradients"]
+    return []
+
+
 def copy_into(static: Any, batch: Any) -> None:
     """Copy every tensor of ``batch`` into the tensor at the same place of ``static`` (same layout)."""
     if isinstance(static, torch.Tensor):
@@ -142,7 +151,13 @@ class MicroBatchGraphs:
         key = (layout(batch), settings)
         recorded = self.graphs.get(key)
         if recorded is None:
-            recorded = self.graphs[key] = self.record(batch, settings)  # its inputs hold the batch already
+            try:
+                recorded = self.graphs[key] = self.record(batch, settings)  # its inputs hold the batch already
+            except torch.OutOfMemoryError as error:
+                raise torch.OutOfMemoryError(
+                    f"{error}\nwhile recording micro-batch CUDA graph {len(self.graphs) + 1} (train.cuda_graphs), its "
+                    f"pool holding {self.pool_bytes() / 2**30:.1f} GiB: a smaller train.batch_size, or a larger "
+                    "train.pad_to_multiple_of (fewer layouts), or train.cuda_graphs=false") from error
             logger.info("micro-batch CUDA graphs: %d recorded, their memory pool %.1f GiB", len(self.graphs),
                         self.pool_bytes() / 2**30)
         else:

@@ -56,7 +56,7 @@ from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
 from trainer.settings import RunSettings
-from trainer.step_graphs import MicroBatchGraphs, cuda_graph_problems
+from trainer.step_graphs import MicroBatchGraphs, cuda_graph_advice, cuda_graph_problems
 from trainer.text_attention import use_packed_text_attention
 from trainer.tiny_model import ensure_base_model
 from trainer.tokens import ThoughtTokens, add_thought_tokens
@@ -84,6 +84,8 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
         problems = cuda_graph_problems(cfg, compute.device, compute.world) if t.cuda_graphs else []
         if problems:
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
+        for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
+            logger.warning("train.cuda_graphs: %s", advice)
         use_tf32(t.tf32)
         lock.acquire()
         job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume, allow_config_change)
