@@ -126,8 +126,14 @@ def test_replays_add_the_gradients_direct_runs_do_and_survive_a_cache_made_by_a_
     graphs = MicroBatchGraphs(run, params, device)
     batches = [{"x": torch.randn(rows, 8).pin_memory()} for rows in (4, 6, 4, 6, 4)]
 
+    def in_pool(t: torch.Tensor) -> bool:
+        return any(seg["address"] <= t.data_ptr() < seg["address"] + seg["total_size"]
+                   for seg in graphs.pool.snapshot())
+
     replayed = [float(graphs(b)["loss"]) for b in batches[:1]]
+    assert not in_pool(run.cache[4]), "the very first warm-up runs outside the pool"
     graphs(batches[1])  # its warm-ups make the cache of width 6 in the pool where the first graph may keep memory
+    assert in_pool(run.cache[6])
     assert len(graphs.graphs) == 1, "the earlier graph is dropped, to be recorded again beside the cache"
     for p in params:
         p.grad.zero_()

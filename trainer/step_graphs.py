@@ -17,9 +17,10 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
 - one memory pool for the warm-ups and all the graphs: a warm-up's forward activations reuse what the graphs
   recorded so far free between replays, so a new layout needs no second activation peak beside theirs (at 7B,
   micro-batch 2, one pool for the graphs and the warm-ups' activations outside it ran out of an H100's 80 GB; the
-  backward allocates from autograd's own thread, which the pool does not route). A warm-up must then leave nothing
-  allocated that an earlier graph could overwrite: when one leaves memory allocated (a cache made on first use),
-  the earlier graphs are dropped and recorded again.
+  backward allocates from autograd's own thread, which the pool does not route). The very first warm-up runs
+  outside the pool, so that what the model makes once on first use lives in ordinary memory. A later warm-up must
+  leave nothing allocated that an earlier graph could overwrite: when one does (a cache made on first use), the
+  earlier graphs are dropped and recorded again.
 
 Dropout draws new masks at each replay (the graph advances the CUDA generator's offset), as eager steps do.
 """
@@ -141,6 +142,7 @@ class MicroBatchGraphs:
         self.gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.graphs: dict[tuple, RecordedMicroBatch] = {}
         self.pool = torch.cuda.MemPool()
+        self.pool_used = False  # the first recording's first warm-up runs outside the pool
         self.stream = torch.cuda.Stream(device)  # warm-ups and captures: where the pool's freed blocks are reused
         self.inputs = InputBuffers(device)
 
@@ -186,9 +188,16 @@ class MicroBatchGraphs:
         held = torch.cuda.memory_allocated(self.device)
         saved = [grad.clone() for grad in self.gradients]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream), torch.cuda.use_mem_pool(self.pool):
-            for _ in range(self.warmup):
+        with torch.cuda.stream(self.stream):
+            first = self.warmup > 0 and not self.pool_used
+            if first:  # what the model makes on first use (frozen decoders on the device...) lands outside the pool
                 self.run(inputs, *settings)
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # its activations, cached outside the pool, given back for the pool's use
+            with torch.cuda.use_mem_pool(self.pool):
+                for _ in range(self.warmup - first):
+                    self.run(inputs, *settings)
+        self.pool_used = True
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for grad, before in zip(self.gradients, saved):  # the warm-ups' gradients are not the step's
             grad.copy_(before)
