@@ -320,7 +320,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
             losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
-                                             clip_norm(t), keep_gradients=rm.graphs is not None)
+                                             clip_norm(t))
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
                                     job.settings, device, job.autocast)
@@ -507,7 +507,7 @@ def graphed_micro_batch(model: CoVTModel, grad_accum: int, autocast_context, bat
     ``grad_accum`` (as :func:`backward` without DeepSpeed, which train.cuda_graphs excludes)."""
     with autocast_context():
         result = model(batch, anchor_losses)
-    (result["loss"] / grad_accum).backward()
+    backward(result, None, grad_accum)
     return {name: value.detach() for name, value in result.items()}
 
 
@@ -524,12 +524,12 @@ def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: in
     return {n: values[i] / world for i, n in enumerate(names) if values[len(names) + i] > 0}
 
 
-def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler, trainable, max_norm: float,
-                keep_gradients: bool = False) -> tuple[dict[str, float], float, bool]:
+def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
+                trainable, max_norm: float) -> tuple[dict[str, float], float, bool]:
     """End an optimizer step: (the step's mean losses, gradient norm before clipping, whether the update was
     applied), read from the device in one sync. A non-finite loss or gradient skips the update and the lr
-    scheduler (as DeepSpeed does), never the step. ``keep_gradients`` (train.cuda_graphs): zero the gradient
-    tensors the recorded graphs add into, rather than free them."""
+    scheduler (as DeepSpeed does), never the step. Under train.cuda_graphs the freed gradients come back zeroed
+    at the next micro-batch (trainer.step_graphs.MicroBatchGraphs.install_gradients)."""
     if engine is not None:
         values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
         norm = engine.get_global_grad_norm()
@@ -541,7 +541,7 @@ def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler, t
     if applied:
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=not keep_gradients)
+    optimizer.zero_grad(set_to_none=True)
     return values, norm, applied
 
 
