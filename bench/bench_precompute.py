@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO))
 from covt.compute import tf32_matmuls, use_tf32  # noqa: E402
 from covt.config import SamPrecomputeConfig  # noqa: E402
 from covt.images import square_view  # noqa: E402
-from precompute.anchors.base import AnchorModel  # noqa: E402
+from precompute.anchors.base import AnchorModel, to_host  # noqa: E402
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
-from precompute.anchors.sam_fast import ATTENTION_MODES  # noqa: E402
+from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
@@ -113,17 +113,15 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
-def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool = False,
-                compile_decoder: bool = False) -> dict:
-    """Encoder per attention mode (library vs SDPA) and mask generation time; decoder batched
-    (sam_fast.decode_outputs) vs per image (segment_anything's MaskDecoder.forward); bf16 vs fp32 decoder;
-    with ``compile_decoder``, the batched decoding eager vs compiled (precompute.sam.compile_decoder)."""
+def encoder_variants(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool) -> dict:
+    """SAM's image encoder with each attention mode (eager), side by side on the same batch, and how far each
+    embedding moves from segment_anything's attention; with ``compile_encoder`` also the default mode compiled."""
     out = {}
     default = sam.encoder_attention
-    with sam_settings(sam, encoder_attention="library"):
+    with sam_settings(sam, encoder_attention="library", compile_encoder=False):
         emb_library = sam.embed(views)
-    for mode in ATTENTION_MODES:  # the same batch through each attention, side by side
-        with sam_settings(sam, encoder_attention=mode):
+    for mode in ATTENTION_MODES:
+        with sam_settings(sam, encoder_attention=mode, compile_encoder=False):
             out[f"encoder_{mode}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
             out[f"encoder_{mode}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
                                                              / emb_library.norm())
@@ -133,6 +131,16 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
             out[f"encoder_{default}_compiled_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
             out["encoder_compiled_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
                                                               / emb_library.norm())
+    return out
+
+
+def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool = False,
+                compile_decoder: bool = False) -> dict:
+    """Encoder per attention mode (library vs SDPA) and mask generation time; decoder batched
+    (sam_fast.decode_outputs) vs per image (segment_anything's MaskDecoder.forward); bf16 vs fp32 decoder;
+    with ``compile_decoder``, the batched decoding eager vs compiled (precompute.sam.compile_decoder)."""
+    out = encoder_variants(sam, views, device, warmup, iters, compile_encoder)
+    default = sam.encoder_attention
     out["encoder_s"] = out[f"encoder_{default}_s"]
     emb = sam.embed(views)
     if compile_decoder:
@@ -158,30 +166,39 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
     return out
 
 
-def profile_sam(sam: SamAnchor, views: torch.Tensor, device: torch.device, top: int = 15) -> dict:
-    """One ``sam.compute`` under torch.profiler: the top operators by self device time (CPU time on the CPU),
-    printed and returned with the step's total, and the time of its parts (encoder, mask decoding + selection)."""
+def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: torch.device, top: int = 15) -> dict:
+    """One ``anchor.compute`` under torch.profiler: the top operators by self device time (CPU time on the CPU),
+    printed and returned with the call's total; for SAM also the time of its parts (encoder, mask decoding and
+    selection, copies to the host)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        with record_function("sam.embed"):
-            emb = sam.embed(views)
-            sync(device)
-        with record_function("sam.automatic_masks"):
-            sam.automatic_masks(emb)
-            sync(device)
+        if isinstance(anchor, SamAnchor):
+            with record_function("sam.embed"):
+                emb = anchor.embed(views)
+                sync(device)
+            with record_function("sam.automatic_masks"):
+                masks = anchor.automatic_masks(emb)
+                sync(device)
+            with record_function("sam.to_host"):
+                to_host({"embedding": emb, "masks": masks.masks})
+        else:
+            with record_function(f"{name}.compute"):
+                anchor.compute(views)
+                sync(device)
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    mine = (f"{name}.", "sam.")
     rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events if not e.key.startswith("sam."))
-    parts = {e.key: e.cpu_time_total / 1000 for e in events if e.key.startswith("sam.")}  # wall ms, synced
-    print(f"--- profile of one sam.compute of {len(views)} images, by {key}: total {total / 1000:.1f} ms; parts "
+    total = sum(getattr(e, key) for e in events if not e.key.startswith(mine))
+    parts = {e.key: e.cpu_time_total / 1000 for e in events if e.key.startswith(mine)}  # wall ms, synced
+    print(f"--- profile of one {name}.compute of {len(views)} images, by {key}: total {total / 1000:.1f} ms; parts "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
     print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
     return {"total_ms": total / 1000, "parts_ms": parts,
             "top": [{"op": e.key, "ms": getattr(e, key) / 1000, "calls": e.count}
-                    for e in rows if not e.key.startswith("sam.")][:top]}
+                    for e in rows if not e.key.startswith(mine)][:top]}
 
 
 def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
@@ -242,14 +259,21 @@ def main(argv=None) -> int:
     ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
-                    help="also time the SAM encoder under torch.compile (compiles once, minutes at vit_h)")
+                    help="the rows with precompute.sam.compile_encoder (compiles once, minutes at vit_h); the SAM "
+                         "details time it against eager")
+    ap.add_argument("--decoder-attention", choices=DECODER_ATTENTIONS, default=None,
+                    help="precompute.sam.decoder_attention for the rows (default: SamAnchor's)")
     ap.add_argument("--compile-decoder", action="store_true",
                     help="the rows with precompute.sam.compile_decoder; the SAM details time it against eager")
     ap.add_argument("--decoder-variants", action="store_true",
                     help="time SAM's mask generation with each precompute.sam.decoder_attention (and compiled, with "
                          "--compile-decoder) on the last batch, side by side")
+    ap.add_argument("--encoder-variants", action="store_true",
+                    help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
+                         "--compile-encoder) on the last batch, side by side")
     ap.add_argument("--profile", action="store_true",
-                    help="profile one sam.compute of the last batch: its top operators and where SAM's time goes")
+                    help="profile one compute of each anchor on the last batch: its top operators (and where SAM's "
+                         "time goes)")
     ap.add_argument("--no-sam-details", dest="sam_details", action="store_false",
                     help="time the anchors only, not SAM's encoder/decoder variants (minutes at 32 points in fp32)")
     args = ap.parse_args(argv)
@@ -272,8 +296,12 @@ def main(argv=None) -> int:
     if args.sam_attention:
         anchors["sam"].encoder_attention = args.sam_attention
     anchors["sam"].compile_decoder = args.compile_decoder
+    anchors["sam"].compile_encoder = args.compile_encoder
+    if args.decoder_attention:
+        anchors["sam"].decoder_attention = args.decoder_attention
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
-          f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}")
+          f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
+          f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
@@ -297,11 +325,18 @@ def main(argv=None) -> int:
         sam = anchors["sam"]
         emb = sam.embed(views["sam"])
         compiled = (False, True) if args.compile_decoder else (False,)
-        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, ("library", "sdpa"), compiled)
+        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, DECODER_ATTENTIONS, compiled)
         print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
         print_decoder_variants(len(emb), results["decoder_variants"])
+    if args.encoder_variants:
+        sam = anchors["sam"]
+        results["encoder_variants"] = encoder_variants(sam, views["sam"], device, warmup, iters, args.compile_encoder)
+        bs = len(views["sam"])
+        print(f"\nbatch {bs}, SAM's image encoder alone:")
+        for key, value in results["encoder_variants"].items():
+            print(f"  {key}: " + (f"{bs / value:.2f} images/s" if key.endswith("_s") else f"{value:.2e}"))
     if args.profile:
-        results["sam_profile"] = profile_sam(anchors["sam"], views["sam"], device)
+        results["profiles"] = {n: profile_anchor(n, a, views[n], device) for n, a in anchors.items()}
     outputs = {n: a.compute(views[n]) for n, a in anchors.items()}
     results["write_targets_s_per_image"] = {n: write_cost(n, anchors[n], outputs[n]) for n in anchors}
     print("CacheWriter.write_targets, CPU seconds per image (bf16 codec, zstd, checksums): "

@@ -230,8 +230,8 @@ def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
 
 
-@pytest.mark.parametrize("sdpa", [False, True], ids=["library_attention", "sdpa_attention"])
-def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, sdpa):
+@pytest.mark.parametrize("how", ["library", "sdpa", "folded"])
+def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, how):
     from precompute.anchors.sam_fast import decode_outputs, multimask_logits
 
     anchor = tiny_sam(sam_dir)
@@ -242,7 +242,7 @@ def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, sdpa):
     pts = torch.rand(len(img), 1, 2) * anchor.input_size
     sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(len(img), 1, dtype=torch.int)), boxes=None, masks=None)
     with torch.no_grad():
-        mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse, sdpa)
+        mask_tokens, keys, iou = decode_outputs(sam, emb, img, sparse, how)
         logits = multimask_logits(sam, keys, mask_tokens)
         for j, i in enumerate(img.tolist()):
             ref_logits, ref_iou = sam.mask_decoder(
@@ -279,6 +279,20 @@ def test_fast_decoding_keeps_candidates_and_selected_masks(sam_dir):
     ref_masks = anchor.automatic_masks(emb)
     anchor.decode_mode = "batched"
     assert_same_candidates(fast, ref, anchor.automatic_masks(emb), ref_masks)
+
+
+def test_folded_decoder_attention_keeps_candidates_and_selected_masks(sam_dir):
+    """precompute.sam.decoder_attention=folded (the image side's projections moved onto the prompt tokens' side)
+    computes segment_anything's attention: the same candidates and selected masks as the library's maths."""
+    anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.4", "precompute.sam.stability_score_thresh=0.42",
+                      "precompute.sam.point_batch_size=24", "precompute.sam.decoder_attention=folded")
+    spread_decoder_weights(anchor, 3)
+    emb = anchor.embed(views(anchor, 3))
+    folded, folded_masks = anchor.mask_candidates(emb), anchor.automatic_masks(emb)
+    anchor.decoder_attention = "library"
+    library = anchor.mask_candidates(emb)
+    assert len(library["iou"]) > 50
+    assert_same_candidates(folded, library, folded_masks, anchor.automatic_masks(emb))
 
 
 def test_masks_only_for_prompts_passing_the_iou_threshold_keep_every_candidate(sam_dir):
@@ -327,7 +341,7 @@ def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected
     at most 2 flipped mask pixels), and the same selected masks."""
     anchor = tiny_sam(sam_dir, "precompute.sam.pred_iou_thresh=0.4", "precompute.sam.stability_score_thresh=0.42",
                       "precompute.sam.point_batch_size=24", "precompute.sam.compile_decoder=true",
-                      "precompute.sam.compile_encoder=true")
+                      "precompute.sam.compile_encoder=true", "precompute.sam.decoder_attention=folded")
     spread_decoder_weights(anchor, 3)
     v = views(anchor, 3)
     with torch.profiler.profile() as profile:

@@ -32,13 +32,17 @@ def test_no_sam_details_times_the_anchors_only(tmp_path):
     assert "sam encoder img/s" not in printed
 
 
-def test_profile_reports_where_sams_time_goes(tmp_path):
+def test_profile_reports_where_each_anchors_time_goes(tmp_path):
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--profile")
-    profile = result["sam_profile"]
-    assert set(profile["parts_ms"]) == {"sam.embed", "sam.automatic_masks"}
-    assert all(v > 0 for v in profile["parts_ms"].values()) and profile["total_ms"] > 0
-    assert len(profile["top"]) == 15 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
+    profiles = result["profiles"]
+    assert set(profiles) == {"sam", "depth", "dino"}
+    assert set(profiles["sam"]["parts_ms"]) == {"sam.embed", "sam.automatic_masks", "sam.to_host"}
+    assert set(profiles["depth"]["parts_ms"]) == {"depth.compute"}
+    for profile in profiles.values():
+        assert all(v > 0 for v in profile["parts_ms"].values()) and profile["total_ms"] > 0
+        assert len(profile["top"]) == 15 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
     assert "--- profile of one sam.compute of 1 images" in printed
+    assert "--- profile of one dino.compute of 1 images" in printed
 
 
 def test_compiled_decoder_is_timed_beside_eager(tmp_path):
@@ -54,7 +58,16 @@ def test_compiled_decoder_is_timed_beside_eager(tmp_path):
 def test_decoder_attentions_are_timed_side_by_side(tmp_path):
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants")
     variants = result["decoder_variants"]
-    assert set(variants) == {"library_eager", "sdpa_eager"}
-    assert variants["sdpa_eager"]["candidates"] == variants["library_eager"]["candidates"] > 0
-    assert variants["sdpa_eager"]["mask_iou_vs_first"] > 0.999
-    assert "SAM's mask generation alone" in printed and "decoder sdpa_eager:" in printed
+    assert set(variants) == {"library_eager", "sdpa_eager", "folded_eager"}
+    for name in ("sdpa_eager", "folded_eager"):
+        assert variants[name]["candidates"] == variants["library_eager"]["candidates"] > 0
+        assert variants[name]["mask_iou_vs_first"] > 0.999
+    assert "SAM's mask generation alone" in printed and "decoder folded_eager:" in printed
+
+
+def test_encoder_attentions_are_timed_side_by_side(tmp_path):
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--encoder-variants")
+    variants = result["encoder_variants"]
+    assert {"encoder_library_s", "encoder_sdpa_bias_s", "encoder_sdpa_fold_s"} <= set(variants)
+    assert variants["encoder_library_vs_library_rel_l2"] == 0 and variants["encoder_sdpa_fold_vs_library_rel_l2"] < 1e-4
+    assert "SAM's image encoder alone" in printed and "encoder_sdpa_fold_s:" in printed

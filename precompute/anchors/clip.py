@@ -30,7 +30,7 @@ from covt.compute import autocast
 from covt.config import CheckpointConfig, PrecomputeConfig
 from covt.fs import atomic_dir
 
-from .base import AnchorModel, MissingCheckpointError
+from .base import AnchorModel, MissingCheckpointError, to_host
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  vocab_size=99, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -154,7 +154,7 @@ class PooledEmbeddingAnchor(AnchorModel):
         return getattr(out, self.family.output).float()
 
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"embedding": self.embed(views).cpu().numpy()}
+        return to_host({"embedding": self.embed(views)})
 
     def fingerprint(self) -> dict:
         return {

@@ -21,7 +21,7 @@ from torch import nn
 from covt.compute import autocast
 from covt.config import CheckpointConfig, PrecomputeConfig
 from covt.fs import atomic_file
-from precompute.anchors.base import AnchorModel, checkpoint_file
+from precompute.anchors.base import AnchorModel, checkpoint_file, to_host
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -159,7 +159,7 @@ class DepthAnchor(AnchorModel):
         features = torch.stack([t[:, skip:] for t in layers], dim=1).float()
         depth = F.interpolate(depth.float()[:, None], (self.map_size, self.map_size),
                               mode="bilinear", align_corners=True)[:, 0]
-        return {"features": features.cpu().numpy(), "depth": depth.cpu().numpy()}
+        return to_host({"features": features, "depth": depth})
 
     def fingerprint(self) -> dict:
         return {

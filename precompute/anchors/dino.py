@@ -17,7 +17,7 @@ from torch import nn
 from covt.compute import autocast
 from covt.config import CheckpointConfig, PrecomputeConfig
 from covt.fs import atomic_file
-from precompute.anchors.base import AnchorModel, checkpoint_file
+from precompute.anchors.base import AnchorModel, checkpoint_file, to_host
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -90,7 +90,7 @@ class DinoAnchor(AnchorModel):
         x = prepare_views(views, self.model, self.input_size, self.name)
         with autocast(x.device, self.dtype == "bf16"):
             tokens = self.model(x)
-        return {"features": tokens.float().cpu().numpy()}
+        return to_host({"features": tokens.float()})
 
     def fingerprint(self) -> dict:
         return {

@@ -27,7 +27,7 @@ from torch import nn
 from covt.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_PROGRAM
 from covt.config import CheckpointConfig, PrecomputeConfig
 from covt.fs import atomic_file, atomic_save
-from precompute.anchors.base import AnchorModel, checkpoint_file
+from precompute.anchors.base import AnchorModel, checkpoint_file, to_host
 from precompute.anchors.vit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -273,7 +273,7 @@ class PidinetAnchor(AnchorModel):
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
         # fp32 always: the net is tiny. Output 0 is side 1 (the stage-1 branch), already through its sigmoid
         side1 = self.net(prepare_views(views, self.net, self.input_size, self.name))[0]
-        return {"edges": side1[:, 0].float().cpu().numpy()}
+        return to_host({"edges": side1[:, 0].float()})
 
     def export_decoders(self, out_dir: Path) -> list[str]:
         """``PIDINET_STAGE1_PROGRAM`` (torch.export, dynamic batch, fixed HxW) and its JSON description."""

@@ -41,7 +41,7 @@ from covt.compute import autocast
 from covt.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 from covt.fs import atomic_file, atomic_save
 
-from .base import AnchorModel, checkpoint_file
+from .base import AnchorModel, checkpoint_file, to_host
 from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
 
 CHECKPOINT_URLS = {
@@ -277,7 +277,7 @@ class SamAnchor(AnchorModel):
         """
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
         mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],
-                                         self.decoder_attention == "sdpa")
+                                         self.decoder_attention)
         live = torch.arange(len(pt), device=pt.device)
         if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]
@@ -343,11 +343,7 @@ class SamAnchor(AnchorModel):
     def compute(self, views: torch.Tensor) -> dict[str, np.ndarray]:
         emb = self.embed(views)
         proposals = self.automatic_masks(emb)
-        return {
-            "embedding": emb.cpu().numpy(),
-            "masks": proposals.masks.cpu().numpy(),
-            "mask_count": proposals.count.to(torch.int32).cpu().numpy(),
-        }
+        return to_host({"embedding": emb, "masks": proposals.masks, "mask_count": proposals.count.to(torch.int32)})
 
     def export_decoders(self, out_dir: Path) -> list[str]:
         return save_decoders(self.sam, out_dir)

@@ -189,32 +189,103 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
     x = act2(F.linear(x, w2, b2))  # (n, hw, di*dj, ei*ej*c2)
     n, m = mask_tokens.shape[:2]
     hyper = torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i]) for i in range(m)], 1)
-    logits = x.reshape(n, h * w * 16, c2) @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m); n may be 0
+    x = x.reshape(n, h * w * 16, c2)
+    if torch.compiler.is_compiling():  # a reduction inductor fuses with the GELU above: x is read once, not written
+        logits = (x[:, :, None] * hyper[:, None].to(x.dtype)).sum(-1)
+    else:
+        logits = x @ hyper.transpose(1, 2).to(x.dtype)  # (n, hw*16, m); n may be 0
     # (n, y, x, di, dj, ei, ej, m) -> (n, m, y, di, ei, x, dj, ej): pixel (4y + 2di + ei, 4x + 2dj + ej)
     logits = logits.view(n, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(n, m, 4 * h, 4 * w)
 
 
 # ------------------------------------------------------------------ mask decoder transformer
+# How the mask decoder's attention is computed (precompute.sam.decoder_attention): segment_anything's maths, one
+# fused SDPA call, or "folded": in the attentions between a prompt's few tokens and the 4,096 image tokens, the
+# projections of the image side are moved onto the tokens' side (associativity), so no projection of the image
+# tokens is made per prompt.
+DECODER_ATTENTIONS = ("library", "sdpa", "folded")
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 
 
-def attend(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: bool) -> torch.Tensor:
+def attend(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
     """segment_anything's transformer ``Attention.forward`` on already projected q, k, v: its maths (explicit
-    products and softmax), or one ``scaled_dot_product_attention`` call (``sdpa``)."""
+    products and softmax), or one ``scaled_dot_product_attention`` call (``how="sdpa"``)."""
     h = attn.num_heads
     q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
-    if sdpa:
+    if how == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     else:
         out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
     return attn.out_proj(out.transpose(-3, -2).flatten(-2))
 
 
+def head_rows(linear: torch.nn.Linear, num_heads: int) -> torch.Tensor:
+    """A projection's weight ``(heads * d, C)`` as ``(heads, d, C)``: the rows each head's channels come from."""
+    return linear.weight.unflatten(0, (num_heads, -1))
+
+
+def tokens_to_image_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q, k, v)`` for a prompt's tokens ``q`` (n, T, C) over image tokens ``k``, ``v`` (n, HW, C).
+
+    Each head's scores ``q_h . (W_k,h k_j + b_k,h)`` are ``(W_k,h^T q_h) . k_j`` plus a term that is the same for
+    every key j (the softmax drops it); its output ``sum_j p_j (W_v,h v_j + b_v,h)`` is ``W_v,h (sum_j p_j v_j) +
+    b_v,h``. So the image side is never projected: T * heads rows meet the HW keys at width C instead.
+    """
+    h = attn.num_heads
+    qh = split_heads(attn.q_proj(q), h)  # (n, H, T, d)
+    qh = qh / math.sqrt(qh.shape[-1])
+    q_wide = torch.einsum("nhte,hec->nhtc", qh, head_rows(attn.k_proj, h)).flatten(1, 2)  # (n, H*T, C)
+    context = torch.softmax(q_wide @ k.transpose(-2, -1), dim=-1) @ v  # (n, H*T, C)
+    out = torch.einsum("nhtc,hec->nthe", context.unflatten(1, (h, -1)), head_rows(attn.v_proj, h))
+    out = out + attn.v_proj.bias.unflatten(0, (h, -1))
+    return attn.out_proj(out.flatten(-2))
+
+
+def image_to_tokens_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           q_projected: bool = False) -> torch.Tensor:
+    """``attn(q, k, v)`` for image tokens ``q`` (n or 1, HW, C) over a prompt's tokens, ``k`` and ``v`` (n, T, heads
+    * d) already projected; ``q_projected``: ``q`` is ``attn.q_proj`` of the image tokens already (n or 1, HW,
+    heads * d).
+
+    The scores of all heads come from one product of ``q`` with a (C, heads * T) matrix made from the keys (each
+    head's ``W_q,h^T k_h``, plus the query bias's term; a block-diagonal of the keys when ``q`` is projected), and
+    the output projection acts on the T values of each head before they are mixed: ``W_o (sum_t p_t v_t) =
+    sum_t p_t (W_o,h v_t)``. So nothing of width heads * d is made per image token.
+    """
+    h = attn.num_heads
+    kh, vh = split_heads(k, h), split_heads(v, h)  # (n, H, T, d)
+    kh = kh / math.sqrt(kh.shape[-1])
+    n, _, t, d = kh.shape
+    if q_projected:
+        eye = torch.eye(h, dtype=kh.dtype, device=kh.device)
+        keys = torch.einsum("nhte,hg->nhegt", kh, eye).reshape(n, h * d, h * t)
+        scores = q @ keys
+    else:
+        keys = torch.einsum("hec,nhte->ncht", head_rows(attn.q_proj, h), kh).flatten(2)  # (n, C, H*T)
+        bias = torch.einsum("he,nhte->nht", attn.q_proj.bias.unflatten(0, (h, -1)), kh).flatten(1)
+        scores = q @ keys + bias[:, None]
+    p = torch.softmax(scores.unflatten(-1, (h, t)), dim=-1).flatten(-2)  # (n, HW, H*T)
+    values = torch.einsum("nhte,che->nhtc", vh, attn.out_proj.weight.unflatten(1, (h, -1))).flatten(1, 2)
+    return p @ values + attn.out_proj.bias
+
+
+def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
+    """segment_anything's transformer ``Attention.forward(q, k, v)`` (``how``: one of :data:`DECODER_ATTENTIONS`;
+    "folded" applies to the attentions between tokens and image, the others are computed as "library")."""
+    if how == "folded" and q.shape[-2] < k.shape[-2]:
+        return tokens_to_image_folded(attn, q, k, v)
+    if how == "folded" and q.shape[-2] > k.shape[-2]:
+        return image_to_tokens_folded(attn, q, attn.k_proj(k), attn.v_proj(v))
+    return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), how)
+
+
 def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
                         groups: list[tuple[int, int]], tokens: torch.Tensor,
-                        sdpa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        how: str = "library") -> tuple[torch.Tensor, torch.Tensor]:
     """``TwoWayTransformer.forward`` for prompts of several images, image-side work of layer 0 shared.
 
     ``image_tokens`` (U, HW, C) are the images' tokens (dense prompt embedding added),
@@ -224,7 +295,7 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     the same image tokens, so their projections are computed once per image and the
     token-to-image attention runs all of that image's prompts as one query set. Later
     layers and the final attention are the library's modules on per-prompt tokens.
-    Returns (queries (n, T, C), keys (n, HW, C)) as the library does. ``sdpa``: see :func:`attend`.
+    Returns (queries (n, T, C), keys (n, HW, C)) as the library does. ``how``: see :func:`attention`.
     """
     first = t.layers[0]
     if not first.skip_first_layer_pe:
@@ -239,7 +310,7 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
         keys_pe = keys + image_pe[0]
         shared.append((keys, i2t.q_proj(keys_pe)))
         q = q_t2i[start:start + count].flatten(0, 1)  # every prompt's tokens query the same image
-        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None], sdpa)[0])
+        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None], how)[0])
         start += count
     queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, n_tok)))
     queries = first.norm3(queries + first.mlp(queries))
@@ -247,41 +318,39 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     new_keys, start = [], 0
     for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
         sel = slice(start, start + count)
-        out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], sdpa)
+        if how == "folded":
+            out = image_to_tokens_folded(i2t, q_image[None], k_i2t[sel], v_i2t[sel], q_projected=True)
+        else:
+            out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], how)
         new_keys.append(first.norm4(keys + out))
         start += count
     keys = torch.cat(new_keys)
     for layer in t.layers[1:]:
-        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, sdpa)
-    attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, sdpa)
+        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how)
+    attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, how)
     return t.norm_final_attn(queries + attn_out), keys
 
 
-def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: bool) -> torch.Tensor:
-    """segment_anything's transformer ``Attention.forward(q, k, v)`` (``sdpa``: see :func:`attend`)."""
-    return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), sdpa)
-
-
 def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor,
-                  query_pe: torch.Tensor, key_pe: torch.Tensor, sdpa: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TwoWayAttentionBlock.forward`` (a block after the first); ``sdpa``: see :func:`attend`."""
+                  query_pe: torch.Tensor, key_pe: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayAttentionBlock.forward`` (a block after the first); ``how``: see :func:`attention`."""
     q = queries + query_pe
-    queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries, sdpa))
+    queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries, how))
     keys_pe = keys + key_pe  # the library adds it twice; keys do not change in between
     queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys,
-                                              sdpa))
+                                              how))
     queries = layer.norm3(queries + layer.mlp(queries))
-    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, sdpa)
+    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, how)
     return queries, layer.norm4(keys + out)
 
 
-def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, sdpa: bool = False):
+def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, how: str = "library"):
     """The mask decoder's transformer for single prompts, no dense prompt, for prompts of many images in one call.
 
     Returns the multimask tokens ``(n, M, C)``, the image keys ``(n, h*w, C)`` (what :func:`multimask_logits`
     turns into masks) and the predicted IoUs ``(n, M)``, those of ``MaskDecoder.forward(emb[img[j]], ...,
     sparse[j], no_mask_embed, multimask_output=True)`` for each prompt j; consecutive prompts of one image
-    share that image's layer-0 work (any order is correct). ``sdpa``: the attention as one fused call (:func:`attend`).
+    share that image's layer-0 work (any order is correct). ``how``: the attention's computation (:func:`attention`).
     """
     md, pe = sam.mask_decoder, sam.prompt_encoder
     n = sparse.shape[0]
@@ -292,7 +361,7 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     image_tokens = used.flatten(2).transpose(1, 2)
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
     groups = list(enumerate(counts.tolist()))
-    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, sdpa)
+    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, how)
     iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
     return hs[:, 2:1 + md.num_mask_tokens], keys, iou
 
