@@ -172,6 +172,11 @@ class MicroBatchGraphs:
         statistics do not show, as a replay allocates nothing."""
         return sum(segment["total_size"] for segment in self.pool.snapshot())
 
+    def pool_allocated(self) -> int:
+        """Bytes of the pool's blocks in use (not those freed and waiting for a stream to pass them)."""
+        return sum(block["size"] for segment in self.pool.snapshot() for block in segment["blocks"]
+                   if block["state"] == "active_allocated")
+
     def install_gradients(self) -> None:
         """Make this object's tensors the parameters' gradients: the graphs add into them and nowhere else."""
         if all(p.grad is grad for p, grad in zip(self.params, self.gradients)):
@@ -185,7 +190,7 @@ class MicroBatchGraphs:
     def record(self, batch: Any, settings: tuple) -> RecordedMicroBatch:
         inputs = self.inputs.like(batch)
         copy_into(inputs, batch)  # what the warm-ups run on
-        held = torch.cuda.memory_allocated(self.device)
+        held = self.pool_allocated()
         saved = [grad.clone() for grad in self.gradients]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -202,8 +207,8 @@ class MicroBatchGraphs:
         for grad, before in zip(self.gradients, saved):  # the warm-ups' gradients are not the step's
             grad.copy_(before)
         del saved
-        left = torch.cuda.memory_allocated(self.device) - held
-        if left > 0 and self.graphs:  # what the warm-ups left may lie where those graphs keep their activations
+        left = self.pool_allocated() - held
+        if left > 0 and self.graphs:  # what the warm-ups left in the pool may lie where those graphs keep activations
             logger.info("micro-batch CUDA graphs: a warm-up left %d bytes allocated; the %d graphs recorded before "
                         "it are recorded again at their next use", left, len(self.graphs))
             self.graphs.clear()
