@@ -55,10 +55,11 @@ def test_the_7b_configs_are_the_reference_recipe(name):
     # activation checkpointing (the reference's) changes memory and time, not the maths: off, the faster (issue 9)
     assert (cfg.model.image_size, t.bf16) == (448, True)
     # the speed switches the device measured as wins (BENCHMARKS.md, issue 19): compiled blocks, bf16 adapter inputs,
-    # fused AdamW, the SAM head's matching on the device; SAM's compiled prompt decoding with segment_anything's
-    # attention maths
+    # fused AdamW, the SAM head's matching on the device; SAM's compiled prompt decoding with the folded attention
+    # and its compiled encoder
     assert t.compile and not t.lora.fp32_inputs and t.optim == "adamw_torch_fused" and t.sam_matching == "device"
-    assert cfg.precompute.sam.compile_decoder and cfg.precompute.sam.decoder_attention == "library"
+    assert cfg.precompute.sam.compile_decoder and cfg.precompute.sam.decoder_attention == "folded"
+    assert cfg.precompute.sam.compile_encoder
     if "siglip" in cfg.anchors:
         assert Path(cfg.precompute.checkpoints["siglip"].path).name == "siglip2-large-patch16-256"
     assert cfg.anchors == (["sam", "depth", "dino"] if "sam_depth_dino" in name else
