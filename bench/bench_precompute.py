@@ -202,21 +202,25 @@ def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: 
 
 
 def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
-                     compiled: tuple[bool, ...]) -> dict[str, dict]:
+                     compiled: tuple[bool, ...], fused: tuple[bool, ...] = (False,)) -> dict[str, dict]:
     """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
-    ``compile_decoder`` setting, side by side: seconds per batch, and how far each one's candidates are from the
-    first setting's (their count, the mean IoU of their masks). Keyed ``<attention>_<eager|compiled>``."""
+    ``compile_decoder`` x ``fused_masks`` setting, side by side: seconds per batch, and how far each one's candidates
+    are from the first setting's (their count, the mean IoU of their masks). Keyed
+    ``<attention>_<eager|compiled>[_fused]``."""
     out, first = {}, None
-    for compile_decoder in compiled:
-        for attention in attentions:
-            with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder):
-                sam.automatic_masks(emb)  # compiles
-                seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
-                masks = sam.mask_candidates(emb)["masks"]
-            first = masks if first is None else first
-            same = masks.shape == first.shape
-            out[f"{attention}_{'compiled' if compile_decoder else 'eager'}"] = {
-                "s": seconds, "candidates": len(masks), "mask_iou_vs_first": mask_iou(first, masks) if same else None}
+    for fused_masks in fused:
+        for compile_decoder in compiled:
+            for attention in attentions:
+                with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
+                                  fused_masks=fused_masks):
+                    sam.automatic_masks(emb)  # compiles
+                    seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+                    masks = sam.mask_candidates(emb)["masks"]
+                first = masks if first is None else first
+                same = masks.shape == first.shape
+                name = f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
+                out[name] = {"s": seconds, "candidates": len(masks),
+                             "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
 
 
@@ -265,9 +269,14 @@ def main(argv=None) -> int:
                     help="precompute.sam.decoder_attention for the rows (default: SamAnchor's)")
     ap.add_argument("--compile-decoder", action="store_true",
                     help="the rows with precompute.sam.compile_decoder; the SAM details time it against eager")
-    ap.add_argument("--decoder-variants", action="store_true",
-                    help="time SAM's mask generation with each precompute.sam.decoder_attention (and compiled, with "
-                         "--compile-decoder) on the last batch, side by side")
+    ap.add_argument("--fused-masks", action="store_true",
+                    help="the rows with precompute.sam.fused_masks (CUDA); --decoder-variants times it beside the "
+                         "logits' path")
+    ap.add_argument("--decoder-variants", nargs="?", const=",".join(DECODER_ATTENTIONS), default=None,
+                    metavar="ATTENTIONS",
+                    help="time SAM's mask generation with each precompute.sam.decoder_attention (all, or the "
+                         "comma-separated ones given; and compiled, with --compile-decoder; and fused, with "
+                         "--fused-masks) on the last batch, side by side")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")
@@ -297,11 +306,13 @@ def main(argv=None) -> int:
         anchors["sam"].encoder_attention = args.sam_attention
     anchors["sam"].compile_decoder = args.compile_decoder
     anchors["sam"].compile_encoder = args.compile_encoder
+    anchors["sam"].fused_masks = args.fused_masks
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
-          f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}")
+          f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
+          f"fused masks {args.fused_masks}")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
@@ -325,7 +336,9 @@ def main(argv=None) -> int:
         sam = anchors["sam"]
         emb = sam.embed(views["sam"])
         compiled = (False, True) if args.compile_decoder else (False,)
-        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, DECODER_ATTENTIONS, compiled)
+        fused = (False, True) if args.fused_masks else (False,)
+        attentions = tuple(args.decoder_variants.split(","))
+        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, attentions, compiled, fused)
         print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
         print_decoder_variants(len(emb), results["decoder_variants"])
     if args.encoder_variants:

@@ -126,6 +126,9 @@ class SamPrecomputeConfig:
     # multiply-adds per prompt in the decoder's transformer
     decoder_attention: Literal["library", "sdpa", "folded"] = option("library",
                                                                      "the mask decoder's attention computation")
+    # the two upscalings and the mask/stability counts per prompt in one Triton kernel that writes no logits
+    # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. Not yet timed on a GPU
+    fused_masks: bool = option(False, "on CUDA, SAM's mask upscaling and statistics in one Triton kernel")
 
 
 @dataclass

@@ -360,3 +360,95 @@ def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected
     eager_masks = anchor.automatic_masks(emb)
     assert len(eager["iou"]) > 50
     assert_same_candidates(compiled, eager, compiled_masks, eager_masks)
+
+
+FUSED_MASKS_CHECK = """
+import json, torch
+from covt.config import SamPrecomputeConfig
+from precompute.anchors.sam import BUILDERS, SamAnchor
+from precompute.anchors.sam_fast import multimask_logits
+from precompute.anchors.sam_masks import mask_statistics, statistics_of_logits
+
+torch.manual_seed(0)
+out = {}
+# the real decoder's widths (256 tokens' channels, 64 and 32 after the upscalings), one prompt over 64 x 64 tokens
+sam = BUILDERS["vit_b"](None).eval()
+for p in sam.mask_decoder.parameters():
+    p.data.normal_(0, 0.3)
+keys, tokens = torch.randn(1, 64 * 64, 256), torch.randn(1, 3, 256)
+with torch.no_grad():
+    ref = statistics_of_logits(multimask_logits(sam, keys, tokens), 0.0, 1.0)
+    got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
+out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
+                      "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)]}
+# the anchor's candidates with the kernel and without, on the tiny SAM
+anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
+    points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12, fused_masks=False),
+    variant="vit_tiny", checkpoint="(random)", checkpoint_sha256="", bf16=False)
+for p in anchor.sam.mask_decoder.parameters():
+    p.data.normal_(0, 0.5)  # logits around the +-1 of the stability score
+emb = anchor.embed(torch.randint(0, 256, (2, anchor.input_size, anchor.input_size, 3), dtype=torch.uint8))
+every = anchor.mask_candidates(emb)  # thresholds at the medians: both bite
+anchor.amg.pred_iou_thresh = float(every["iou"].median())
+anchor.amg.stability_score_thresh = float(every["stability"].median())
+for fused in (True, False):
+    anchor.fused_masks = fused
+    cand, sel = anchor.mask_candidates(emb), anchor.automatic_masks(emb)
+    out[str(fused)] = {"n": len(cand["iou"]), "image": cand["image"].tolist(), "point": cand["point"].tolist(),
+                       "iou": cand["iou"].tolist(), "stability": cand["stability"].tolist(),
+                       "masks": cand["masks"].flatten().tolist(), "count": sel.count.tolist(),
+                       "points": sel.points.flatten().tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_fused_mask_statistics_equal_the_logits_path():
+    """precompute.sam.fused_masks: the Triton kernel (in Triton's interpreter on the CPU) gives the masks and counts
+    of the logits' path at the real decoder's widths, and the anchor the same candidates and selected masks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", FUSED_MASKS_CHECK], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    real = out["real_widths"]
+    assert real["flipped"] <= 2 and real["pixels"] == 3 * 256 * 256
+    ref_counts, got_counts = real["counts"]
+    for ref, got in zip(ref_counts, got_counts, strict=True):
+        assert all(abs(a - b) <= 2 for a, b in zip(ref[0], got[0], strict=True))
+    fused, plain = out["True"], out["False"]
+    assert 10 < plain["n"] < 2 * 16 * 3 and fused["n"] == plain["n"]  # both thresholds bite
+    for key in ("image", "point", "iou", "count", "points"):
+        assert fused[key] == plain[key], key
+    assert max(abs(a - b) for a, b in zip(fused["stability"], plain["stability"], strict=True)) < 1e-5
+    assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton kernel: needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
+    from precompute.anchors.sam import BUILDERS
+    from precompute.anchors.sam_fast import multimask_logits
+    from precompute.anchors.sam_masks import mask_statistics, statistics_of_logits
+
+    torch.manual_seed(0)
+    sam = BUILDERS["vit_b"](None).eval().cuda()
+    for p in sam.mask_decoder.parameters():
+        p.data.normal_(0, 0.3)
+    keys, tokens = torch.randn(5, 64 * 64, 256, device="cuda"), torch.randn(5, 3, 256, device="cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE products on both sides in fp32
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            ref = statistics_of_logits(multimask_logits(sam, keys.to(dtype), tokens), 0.0, 1.0)
+            got = mask_statistics(sam, keys.to(dtype), tokens, 0.0, 1.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    flipped = float((ref.masks != got.masks).float().mean())
+    assert flipped < (1e-5 if dtype == torch.float32 else 2e-2)
+    for a, b in ((ref.area, got.area), (ref.inner, got.inner), (ref.outer, got.outer)):
+        assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)

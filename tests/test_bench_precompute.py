@@ -71,3 +71,11 @@ def test_encoder_attentions_are_timed_side_by_side(tmp_path):
     assert {"encoder_library_s", "encoder_sdpa_bias_s", "encoder_sdpa_fold_s"} <= set(variants)
     assert variants["encoder_library_vs_library_rel_l2"] == 0 and variants["encoder_sdpa_fold_vs_library_rel_l2"] < 1e-4
     assert "SAM's image encoder alone" in printed and "encoder_sdpa_fold_s:" in printed
+
+
+def test_decoder_variants_of_the_attentions_named_with_fused_masks(tmp_path):
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded", "--fused-masks")
+    variants = result["decoder_variants"]
+    assert set(variants) == {"folded_eager", "folded_eager_fused"}
+    assert variants["folded_eager_fused"]["candidates"] == variants["folded_eager"]["candidates"] > 0
+    assert "fused masks True" in printed

@@ -43,6 +43,8 @@ from covt.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file, to_host
 from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
+from .sam_masks import mask_statistics, statistics_of_logits
+from .sam_masks import runs_on as fused_masks_run_on
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -216,6 +218,8 @@ class SamAnchor(AnchorModel):
         # torch.compile the batched prompt decoding (decode_outputs, multimask_logits) on first use
         self.compile_decoder = amg.compile_decoder
         self.decoder_attention = amg.decoder_attention
+        # on CUDA, the masks' upscaling and their statistics in one Triton kernel (sam_masks.py), no logits written
+        self.fused_masks = amg.fused_masks
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -283,7 +287,14 @@ class SamAnchor(AnchorModel):
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]
             if len(live) < len(pt):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
-        return logits(self.sam, keys, mask_tokens), iou, live
+        if self.fused_masks and fused_masks_run_on(keys.device):
+            dtype = torch.bfloat16 if self.decoder_bf16 else torch.float32  # the products' dtype under autocast
+            stats = mask_statistics(self.sam, keys.to(dtype), mask_tokens.float(), self.sam.mask_threshold,
+                                    STABILITY_OFFSET)
+        else:
+            stats = statistics_of_logits(logits(self.sam, keys, mask_tokens), self.sam.mask_threshold,
+                                         STABILITY_OFFSET)
+        return stats, iou, live
 
     def _decode_per_image(self, emb: torch.Tensor, img: torch.Tensor, pt: torch.Tensor):
         pe = self.sam.prompt_encoder
@@ -297,7 +308,8 @@ class SamAnchor(AnchorModel):
                                             dense_prompt_embeddings=dense, multimask_output=True)
             logits.append(lg)
             ious.append(iou)
-        return torch.cat(logits), torch.cat(ious), torch.arange(len(pt), device=pt.device)
+        stats = statistics_of_logits(torch.cat(logits), self.sam.mask_threshold, STABILITY_OFFSET)
+        return stats, torch.cat(ious), torch.arange(len(pt), device=pt.device)
 
     @torch.no_grad()
     def mask_candidates(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -310,17 +322,13 @@ class SamAnchor(AnchorModel):
         for chunk in prompts.split(amg.point_batch_size):
             img, pt = chunk // n_pts, chunk % n_pts
             with autocast(self.device, self.decoder_bf16):
-                logits, iou, live = decode(emb, img, pt)
+                stats, iou, live = decode(emb, img, pt)
             img, pt = img[live], pt[live]
-            m = logits.shape[1]
-            # thresholds at +-1 and 0 compare exactly in bf16 too: no float copy of the logits
-            logits, iou = logits.flatten(0, 1), iou.float().flatten()
+            m = stats.masks.shape[1]
+            masks, iou = stats.masks.flatten(0, 1), iou.float().flatten()
             img, pt = img.repeat_interleave(m), pt.repeat_interleave(m)
-            inner = (logits > STABILITY_OFFSET).sum((-1, -2))
-            outer = (logits > -STABILITY_OFFSET).sum((-1, -2))
-            stability = inner / outer.clamp_min(1)
-            masks = logits > self.sam.mask_threshold
-            keep = masks.flatten(1).any(1)
+            stability = stats.inner.flatten() / stats.outer.flatten().clamp_min(1)
+            keep = stats.area.flatten() > 0
             if amg.pred_iou_thresh > 0:
                 keep &= iou > amg.pred_iou_thresh
             if amg.stability_score_thresh > 0:

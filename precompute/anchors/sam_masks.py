@@ -1,0 +1,127 @@
+"""SAM's multimask upscaling and the automatic mask generator's per-mask statistics in one Triton kernel.
+
+For every prompt the mask decoder turns its (h*w, C) image tokens into three (4h, 4w) mask logits: two
+kernel-2 stride-2 transposed convolutions (a LayerNorm and a GELU between them, a GELU after), then a contraction
+with each mask token's hypernetwork output (:func:`precompute.anchors.sam_fast.mask_logits`). The automatic mask
+generator then reads the logits back for three things only: the mask (logit > 0), and the pixel counts above +1
+and above -1 (the stability score). At 32 points per side that is 3,072 logit maps of 256 x 256 per image, and
+the two upscaled maps before them are four and eight times the tokens' size: written out and read back, they are
+most of the mask decoder's memory traffic.
+
+:func:`mask_statistics` computes the same in one pass: each program takes a block of one prompt's tokens, keeps
+both upscalings in registers, and writes only the mask bits and three counts per mask (area, above +1, above
+-1). Its matrix products follow the inputs' dtype: bf16 tokens multiply in bf16, fp32 ones in TF32 where
+``torch.backends.cuda.matmul.allow_tf32`` is on (as the library's products under ``precompute.tf32``), in IEEE
+fp32 otherwise. On the CPU it runs only in Triton's interpreter (``TRITON_INTERPRET=1`` set before this module
+is imported; slow, for tests): SamAnchor uses it on CUDA devices only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from segment_anything.modeling import Sam
+
+from .sam_fast import transposed_conv_as_linear
+
+MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
+SQRT_HALF = 0.7071067811865476
+
+
+@triton.jit
+def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w2_ptr, b2_ptr, hyper_ptr,
+                           masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
+                           C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
+                           MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    prompt = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
+    valid = t < n_tokens
+    rc, rc1, rc2, rm = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, C2), tl.arange(0, MP)
+    x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
+    dtype = x.dtype
+    hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :]).to(dtype)  # (C2, MP)
+    norm_w, norm_b = tl.load(norm_w_ptr + rc1), tl.load(norm_b_ptr + rc1)
+    y, xx = t // width, t % width
+    side = 4 * width
+    area = tl.zeros((MP,), dtype=tl.int32)
+    inner = tl.zeros((MP,), dtype=tl.int32)
+    outer = tl.zeros((MP,), dtype=tl.int32)
+    for s1 in tl.static_range(4):  # first upscaling's sub-pixel (di, dj)
+        w1 = tl.load(w1_ptr + s1 * C1 * C + rc1[None, :] * C + rc[:, None]).to(dtype)  # (C, C1)
+        h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
+        mean = tl.sum(h, axis=1) / C1
+        centred = h - mean[:, None]
+        var = tl.sum(centred * centred, axis=1) / C1
+        h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
+        h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
+        for s2 in tl.static_range(4):  # second upscaling's sub-pixel (ei, ej)
+            w2 = tl.load(w2_ptr + s2 * C2 * C1 + rc2[None, :] * C1 + rc1[:, None]).to(dtype)  # (C1, C2)
+            g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
+            g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
+            logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
+            row = 4 * y + 2 * (s1 // 2) + s2 // 2
+            col = 4 * xx + 2 * (s1 % 2) + s2 % 2
+            keep = valid[:, None] & (rm[None, :] < M)
+            on = logits > threshold
+            pixel = masks_ptr + prompt * M * side * side + rm[None, :] * side * side + (row * side + col)[:, None]
+            tl.store(pixel, on.to(tl.int8), mask=keep)
+            area += tl.sum((on & keep).to(tl.int32), axis=0)
+            inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
+            outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
+    counts = counts_ptr + prompt * 3 * M
+    tl.atomic_add(counts + rm, area, mask=rm < M)
+    tl.atomic_add(counts + M + rm, inner, mask=rm < M)
+    tl.atomic_add(counts + 2 * M + rm, outer, mask=rm < M)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether :func:`mask_statistics` runs for tensors on ``device``: CUDA, or anywhere under the interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class MaskStatistics:
+    """Per prompt and mask: the mask (logit > threshold) and its pixel counts."""
+
+    masks: torch.Tensor  # (n, M, 4h, 4w) bool
+    area: torch.Tensor  # (n, M) pixels above the threshold
+    inner: torch.Tensor  # (n, M) pixels above +offset
+    outer: torch.Tensor  # (n, M) pixels above -offset
+
+
+def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) -> MaskStatistics:
+    """The same statistics from mask logits ``(n, M, H, W)`` (the unfused path)."""
+    masks = logits > threshold
+    return MaskStatistics(masks, masks.sum((-1, -2)), (logits > offset).sum((-1, -2)),
+                          (logits > -offset).sum((-1, -2)))
+
+
+def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float, offset: float,
+                    block: int = 32) -> MaskStatistics:
+    """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
+    (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs."""
+    md = sam.mask_decoder
+    h, w = sam.prompt_encoder.image_embedding_size
+    conv1, norm, _, conv2, _ = md.output_upscaling
+    n, m = mask_tokens.shape[:2]
+    c, c1, c2 = keys.shape[-1], conv1.out_channels, conv2.out_channels
+    w1, b1 = transposed_conv_as_linear(conv1)
+    w2, b2 = transposed_conv_as_linear(conv2)
+    hyper = torch.stack([md.output_hypernetworks_mlps[1 + i](mask_tokens[:, i]) for i in range(m)], 2)  # (n, C2, M)
+    hyper = torch.nn.functional.pad(hyper.float(), (0, MASK_COLUMNS - m)).contiguous()
+    masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
+    counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
+    if not keys.is_cuda:  # the interpreter's cost is per operation, not per element: one program per prompt
+        block = triton.next_power_of_2(h * w)
+    if n:
+        tf32 = keys.dtype == torch.float32 and keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        mask_statistics_kernel[(n, triton.cdiv(h * w, block))](
+            keys.contiguous(), w1.float().contiguous(), b1.float().contiguous(), norm.weight.float().contiguous(),
+            norm.bias.float().contiguous(), w2.float().contiguous(), b2.float().contiguous(), hyper, masks, counts,
+            h * w, w, norm.eps, threshold, offset, C=c, C1=c1, C2=c2, M=m, MP=MASK_COLUMNS, BLOCK=block,
+            PRECISION="tf32" if tf32 else "ieee")
+    return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])
+
