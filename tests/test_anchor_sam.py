@@ -452,3 +452,23 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
     assert flipped < (1e-5 if dtype == torch.float32 else 2e-2)
     for a, b in ((ref.area, got.area), (ref.inner, got.inner), (ref.outer, got.outer)):
         assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("tokens, precision, block", [("*bf16", "tf32", 64), ("*fp32", "tf32", 32)])
+def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block):
+    """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
+    decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from precompute.anchors.sam_masks import MASK_COLUMNS, mask_statistics_kernel
+
+    names = mask_statistics_kernel.arg_names
+    pointers = dict.fromkeys(["w1_ptr", "b1_ptr", "norm_w_ptr", "norm_b_ptr", "w2_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
+    signature = {"tokens_ptr": tokens, **pointers, "masks_ptr": "*i8", "counts_ptr": "*i32", "n_tokens": "i32",
+                 "width": "i32", "eps": "fp32", "threshold": "fp32", "offset": "fp32"}
+    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision}
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
+    kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024

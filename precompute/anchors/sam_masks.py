@@ -5,15 +5,16 @@ kernel-2 stride-2 transposed convolutions (a LayerNorm and a GELU between them, 
 with each mask token's hypernetwork output (:func:`precompute.anchors.sam_fast.mask_logits`). The automatic mask
 generator then reads the logits back for three things only: the mask (logit > 0), and the pixel counts above +1
 and above -1 (the stability score). At 32 points per side that is 3,072 logit maps of 256 x 256 per image, and
-the two upscaled maps before them are four and eight times the tokens' size: written out and read back, they are
-most of the mask decoder's memory traffic.
+the two upscaled maps before them are once and twice the size of the prompt's tokens: written out and read back,
+they are much of the mask decoder's memory traffic.
 
 :func:`mask_statistics` computes the same in one pass: each program takes a block of one prompt's tokens, keeps
 both upscalings in registers, and writes only the mask bits and three counts per mask (area, above +1, above
 -1). Its matrix products follow the inputs' dtype: bf16 tokens multiply in bf16, fp32 ones in TF32 where
-``torch.backends.cuda.matmul.allow_tf32`` is on (as the library's products under ``precompute.tf32``), in IEEE
-fp32 otherwise. On the CPU it runs only in Triton's interpreter (``TRITON_INTERPRET=1`` set before this module
-is imported; slow, for tests): SamAnchor uses it on CUDA devices only.
+``torch.backends.cuda.matmul.allow_tf32`` is on (as the library's products under ``precompute.tf32``), in three
+TF32 products each otherwise (near fp32). On the CPU it runs only in Triton's interpreter (``TRITON_INTERPRET=1``
+set before this module is imported; slow, for tests; the interpreter's bf16 products are wrong, so its tests run
+fp32): SamAnchor uses it on CUDA devices only.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from segment_anything.modeling import Sam
 from .sam_fast import transposed_conv_as_linear
 
 MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
-SQRT_HALF = 0.7071067811865476
+SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr globals
 
 
 @triton.jit
@@ -82,6 +83,16 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
+# (about 200 KB per program) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel several
+# times, so the counts it adds into are zeroed before each run.
+tuned_mask_statistics_kernel = triton.autotune(
+    configs=[triton.Config({"BLOCK": block}, num_warps=warps)
+             for block, warps in ((32, 4), (64, 4), (64, 8), (128, 8))],
+    key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
+)(mask_statistics_kernel)
+
+
 @dataclass
 class MaskStatistics:
     """Per prompt and mask: the mask (logit > threshold) and its pixel counts."""
@@ -99,8 +110,8 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
                           (logits > -offset).sum((-1, -2)))
 
 
-def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float, offset: float,
-                    block: int = 32) -> MaskStatistics:
+def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
+                    offset: float) -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs."""
     md = sam.mask_decoder
@@ -114,14 +125,19 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     hyper = torch.nn.functional.pad(hyper.float(), (0, MASK_COLUMNS - m)).contiguous()
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
     counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
-    if not keys.is_cuda:  # the interpreter's cost is per operation, not per element: one program per prompt
-        block = triton.next_power_of_2(h * w)
     if n:
-        tf32 = keys.dtype == torch.float32 and keys.is_cuda and torch.backends.cuda.matmul.allow_tf32
-        mask_statistics_kernel[(n, triton.cdiv(h * w, block))](
-            keys.contiguous(), w1.float().contiguous(), b1.float().contiguous(), norm.weight.float().contiguous(),
-            norm.bias.float().contiguous(), w2.float().contiguous(), b2.float().contiguous(), hyper, masks, counts,
-            h * w, w, norm.eps, threshold, offset, C=c, C1=c1, C2=c2, M=m, MP=MASK_COLUMNS, BLOCK=block,
-            PRECISION="tf32" if tf32 else "ieee")
+        # The products' precision applies to fp32 operands only (bf16 ones multiply in bf16 either way). Without TF32
+        # a GPU runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products
+        # unroll to FMAs that ptxas took over ten minutes to compile at 64 tokens per program.
+        precision = "tf32"
+        if keys.dtype == torch.float32 and not (keys.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+            precision = "tf32x3" if keys.is_cuda else "ieee"
+        args = (keys.contiguous(), w1.float().contiguous(), b1.float().contiguous(), norm.weight.float().contiguous(),
+                norm.bias.float().contiguous(), w2.float().contiguous(), b2.float().contiguous(), hyper, masks,
+                counts, h * w, w, norm.eps, threshold, offset)
+        shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
+        if keys.is_cuda:
+            tuned_mask_statistics_kernel[lambda meta: (n, triton.cdiv(h * w, meta["BLOCK"]))](*args, **shape)
+        else:  # the interpreter's cost is per operation, not per element: one program per prompt
+            mask_statistics_kernel[(n, 1)](*args, **shape, BLOCK=triton.next_power_of_2(h * w))
     return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])
-
