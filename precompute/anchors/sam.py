@@ -280,17 +280,18 @@ class SamAnchor(AnchorModel):
         would all be dropped by that threshold).
         """
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
+        fused = self.fused_masks and fused_masks_run_on(emb.device)
+        # the fused kernel multiplies in its input's dtype: the products' dtype under autocast
+        keys_dtype = (torch.bfloat16 if self.decoder_bf16 and emb.is_cuda else torch.float32) if fused else None
         mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],
-                                         self.decoder_attention)
+                                         self.decoder_attention, keys_dtype)
         live = torch.arange(len(pt), device=pt.device)
         if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]
             if len(live) < len(pt):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
-        if self.fused_masks and fused_masks_run_on(keys.device):
-            dtype = torch.bfloat16 if self.decoder_bf16 else torch.float32  # the products' dtype under autocast
-            stats = mask_statistics(self.sam, keys.to(dtype), mask_tokens.float(), self.sam.mask_threshold,
-                                    STABILITY_OFFSET)
+        if fused:
+            stats = mask_statistics(self.sam, keys, mask_tokens.float(), self.sam.mask_threshold, STABILITY_OFFSET)
         else:
             stats = statistics_of_logits(logits(self.sam, keys, mask_tokens), self.sam.mask_threshold,
                                          STABILITY_OFFSET)

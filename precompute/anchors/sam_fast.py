@@ -344,13 +344,15 @@ def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torc
     return queries, layer.norm4(keys + out)
 
 
-def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, how: str = "library"):
+def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, how: str = "library",
+                   keys_dtype: torch.dtype | None = None):
     """The mask decoder's transformer for single prompts, no dense prompt, for prompts of many images in one call.
 
     Returns the multimask tokens ``(n, M, C)``, the image keys ``(n, h*w, C)`` (what :func:`multimask_logits`
     turns into masks) and the predicted IoUs ``(n, M)``, those of ``MaskDecoder.forward(emb[img[j]], ...,
     sparse[j], no_mask_embed, multimask_output=True)`` for each prompt j; consecutive prompts of one image
     share that image's layer-0 work (any order is correct). ``how``: the attention's computation (:func:`attention`).
+    ``keys_dtype``: the keys in that dtype (compiled, the cast is fused into the LayerNorm that makes them).
     """
     md, pe = sam.mask_decoder, sam.prompt_encoder
     n = sparse.shape[0]
@@ -363,7 +365,7 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     groups = list(enumerate(counts.tolist()))
     hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, how)
     iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
-    return hs[:, 2:1 + md.num_mask_tokens], keys, iou
+    return hs[:, 2:1 + md.num_mask_tokens], keys if keys_dtype is None else keys.to(keys_dtype), iou
 
 
 def multimask_logits(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
