@@ -36,14 +36,14 @@ def to_host(targets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     together and one wait at the end: copies into pageable numpy memory ran at 1.5 GB/s on an H100 host and took
     three quarters of Depth Anything's ``compute`` (BENCHMARKS.md). Torch's host allocator caches the page-locked
     blocks, which return to it when the arrays are dropped."""
-    out = {}
+    out, copied = {}, False
     for name, t in targets.items():
         if t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            out[name] = host.copy_(t, non_blocking=True)
+            out[name], copied = host.copy_(t, non_blocking=True), True
         else:
             out[name] = t.contiguous()
-    if any(t.device.type == "cuda" for t in targets.values()):
+    if copied:
         torch.cuda.current_stream().synchronize()
     return {name: t.numpy() for name, t in out.items()}
 

@@ -291,7 +291,7 @@ class SamAnchor(AnchorModel):
             if len(live) < len(pt):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
         if fused:
-            stats = mask_statistics(self.sam, keys, mask_tokens.float(), self.sam.mask_threshold, STABILITY_OFFSET)
+            stats = mask_statistics(self.sam, keys, mask_tokens, self.sam.mask_threshold, STABILITY_OFFSET)
         else:
             stats = statistics_of_logits(logits(self.sam, keys, mask_tokens), self.sam.mask_threshold,
                                          STABILITY_OFFSET)

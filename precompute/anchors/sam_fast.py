@@ -168,6 +168,13 @@ def transposed_conv_as_linear(conv: torch.nn.ConvTranspose2d) -> tuple[torch.Ten
     return conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in), conv.bias.repeat(4)
 
 
+def hypernetwork_outputs(md: MaskDecoder, mask_tokens: torch.Tensor, first_token: int = 0) -> torch.Tensor:
+    """``(n, T, C2)``: the outputs ``(n, T, C)`` of mask tokens ``first_token``, ``first_token + 1``, ... through
+    each one's hypernetwork MLP, the weights their masks contract the upscaled image tokens with."""
+    return torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i])
+                        for i in range(mask_tokens.shape[1])], 1)
+
+
 def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens: torch.Tensor,
                 first_token: int = 0) -> torch.Tensor:
     """``MaskDecoder``'s mask logits ``(n, T, 4h, 4w)`` from transformer outputs, channels last.
@@ -188,7 +195,7 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
     x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     x = act2(F.linear(x, w2, b2))  # (n, hw, di*dj, ei*ej*c2)
     n, m = mask_tokens.shape[:2]
-    hyper = torch.stack([md.output_hypernetworks_mlps[first_token + i](mask_tokens[:, i]) for i in range(m)], 1)
+    hyper = hypernetwork_outputs(md, mask_tokens, first_token)
     x = x.reshape(n, h * w * 16, c2)
     if torch.compiler.is_compiling():  # a reduction inductor fuses with the GELU above: x is read once, not written
         logits = (x[:, :, None] * hyper[:, None].to(x.dtype)).sum(-1)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from segment_anything.modeling import Sam
 
-from .sam_fast import transposed_conv_as_linear
+from .sam_fast import hypernetwork_outputs, transposed_conv_as_linear
 
 MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr globals
@@ -121,7 +121,7 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     c, c1, c2 = keys.shape[-1], conv1.out_channels, conv2.out_channels
     w1, b1 = transposed_conv_as_linear(conv1)
     w2, b2 = transposed_conv_as_linear(conv2)
-    hyper = torch.stack([md.output_hypernetworks_mlps[1 + i](mask_tokens[:, i]) for i in range(m)], 2)  # (n, C2, M)
+    hyper = hypernetwork_outputs(md, mask_tokens, first_token=1).transpose(1, 2)  # (n, C2, M)
     hyper = torch.nn.functional.pad(hyper.float(), (0, MASK_COLUMNS - m)).contiguous()
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
     counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
