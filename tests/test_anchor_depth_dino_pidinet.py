@@ -268,3 +268,20 @@ def test_pidinet_input_size_sets_its_view_edges_and_exported_stage(tmp_path):
     pre = PrecomputeConfig(checkpoints={"dino": CheckpointConfig(path="x.pth", input_size=56)})
     with pytest.raises(ValueError, match="precompute.checkpoints.dino.input_size"):
         load_anchor("dino", pre, CPU)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="page-locked copies from a GPU: needs a CUDA device"))])
+def test_targets_reach_the_host_as_numpy_with_their_values(device):
+    """``to_host``: every anchor's targets (float, bool, int32; a non-contiguous view too) as numpy arrays of the same
+    values; from a GPU through page-locked buffers."""
+    from precompute.anchors.base import to_host
+
+    torch.manual_seed(0)
+    targets = {"features": torch.randn(2, 3, 5, device=device).transpose(1, 2),
+               "masks": torch.rand(2, 4, 4, device=device) > 0.5,
+               "count": torch.tensor([3, 1], dtype=torch.int32, device=device)}
+    got = to_host(targets)
+    for name, t in targets.items():
+        assert isinstance(got[name], np.ndarray) and got[name].dtype == t.cpu().numpy().dtype
+        np.testing.assert_array_equal(got[name], t.cpu().numpy())
