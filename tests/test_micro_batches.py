@@ -23,6 +23,7 @@ from trainer.heads import build_heads
 from trainer.host_inputs import HOST_INPUT_KEYS, without_host_inputs
 from trainer.model import CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
+from trainer.step_graphs import layout
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
@@ -56,9 +57,10 @@ def setup(tmp_path_factory, synthetic_cache):
 
 
 def named_loss_and_gradients(setup, micro: int, stage: StageConfig, step: int, packing: bool = False,
-                             global_batch: int = GLOBAL_BATCH, anchor_losses: bool = True, multiple: int = 1):
+                             global_batch: int = GLOBAL_BATCH, anchor_losses: bool = True, multiple: int = 1,
+                             every_row: bool = False):
     model, processor, tokens, settings, samples = setup
-    settings = dataclasses.replace(settings, packing=packing, pad_to_multiple_of=multiple)
+    settings = dataclasses.replace(settings, packing=packing, pad_to_multiple_of=multiple, every_anchor_row=every_row)
     model.zero_grad(set_to_none=True)
     chunks = [samples[i:i + micro] for i in range(0, global_batch, micro)]
     total = 0.0
@@ -110,6 +112,38 @@ def test_padding_to_a_multiple_changes_shapes_not_the_loss_or_gradients(setup, s
         assert grads_padded.keys() == grads.keys()
         flat, flat_padded = (torch.cat([g.flatten() for g in gs.values()]) for gs in (grads, grads_padded))
         assert float((flat_padded - flat).norm() / flat.norm()) < 1e-5, micro
+
+
+def test_anchor_parts_over_every_row_give_one_layout_and_the_same_loss_and_gradients(setup):
+    """Under train.cuda_graphs each anchor's part spans every row of the micro-batch, with ``carries`` marking the
+    rows that drew its thoughts: stage 4's subsets and the plain answers then change values, not shapes (one
+    recorded graph instead of one per draw), and the rows without thoughts add exactly nothing."""
+    model, processor, tokens, settings, samples = setup
+    stage = StageConfig("efficient_reasoning", 1)
+    every = dataclasses.replace(settings, every_anchor_row=True, pad_to_multiple_of=64)
+    carried_layouts, every_layouts = set(), set()
+    for step in range(4):
+        for chunk in (samples[:4], samples[4:]):
+            carried = build_batch(chunk, stage, True, step, processor, tokens,
+                                  dataclasses.replace(every, every_anchor_row=False), view_sizes=model.view_sizes())
+            batch = build_batch(chunk, stage, True, step, processor, tokens, every, view_sizes=model.view_sizes())
+            for anchor, part in batch["anchors"].items():
+                assert part["rows"].tolist() == list(range(len(chunk)))
+                assert part["rows"][part["carries"] > 0].tolist() == carried["anchors"][anchor]["rows"].tolist()
+            carried_layouts.add(layout(carried))
+            every_layouts.add(layout(batch))
+    assert len(every_layouts) < len(carried_layouts)
+    assert all(len(part["rows"]) == 4 for part in batch["anchors"].values())
+    for stage_name, step in (("efficient_reasoning", 3), ("understanding", 0)):
+        for micro in (1, 4):
+            loss, grads = named_loss_and_gradients(setup, micro, StageConfig(stage_name, 1), step)
+            loss_every, grads_every = named_loss_and_gradients(setup, micro, StageConfig(stage_name, 1), step,
+                                                               every_row=True)
+            assert loss_every == pytest.approx(loss, rel=1e-6), (stage_name, micro)
+            for name, grad in grads_every.items():  # a head no row carries gets zeros here, no gradient there
+                reference = grads.get(name, torch.zeros_like(grad))
+                assert float((grad - reference).norm()) <= 1e-5 * float(reference.norm()) + 1e-12, (name, micro)
+            assert grads.keys() <= grads_every.keys()
 
 
 @contextmanager

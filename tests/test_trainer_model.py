@@ -33,11 +33,12 @@ class ProbeHead(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
         self.calls = []
 
-    def forward(self, thoughts, targets, views):
+    def forward(self, thoughts, targets, views, per_row=False):
         self.calls.append((thoughts.detach().clone(), targets, views))
         if thoughts.shape[0] == 0:
             return self.proj.weight.sum() * 0.0 + thoughts.sum() * 0.0
-        return (self.proj(thoughts).squeeze(-1) - 1.0).pow(2).mean()
+        losses = (self.proj(thoughts).squeeze(-1) - 1.0).pow(2).mean(1)
+        return losses if per_row else losses.mean()
 
 
 @pytest.fixture(scope="module")

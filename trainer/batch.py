@@ -130,18 +130,21 @@ def _pad(rows: list[torch.Tensor], value: int, multiple: int = 1) -> torch.Tenso
 
 
 def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, tokens: ThoughtTokens,
-                 view_size: int | None) -> dict[str, Any]:
+                 view_size: int | None, every_row: bool = False) -> dict[str, Any]:
+    """The rows that carry ``anchor``'s thoughts, their pad positions, targets and views; with ``every_row`` all
+    rows, and ``carries`` (1.0 where a row carries them; the others point at their first positions and add no
+    loss)."""
     n = get_anchor(anchor).tokens
     is_pad = input_ids == tokens.pad_id[anchor]
-    rows, positions = [], []
+    rows, positions, carries = [], [], []
     for r in range(input_ids.shape[0]):
         pos = is_pad[r].nonzero().flatten()
-        if pos.numel() == 0:
-            continue
-        if pos.numel() != n:
+        if pos.numel() not in (0, n):
             raise BatchError(f"{_name(samples[r])}: {pos.numel()} <|{anchor}_pad|> tokens, expected 0 or {n}")
-        rows.append(r)
-        positions.append(pos)
+        if pos.numel() or every_row:
+            rows.append(r)
+            positions.append(pos if pos.numel() else torch.arange(n))
+            carries.append(float(pos.numel() > 0))
     for s in samples:
         if anchor not in s.get("targets", {}):
             raise BatchError(f"{_name(s)}: the cache has no targets for anchor {anchor!r} "
@@ -150,12 +153,13 @@ def _anchor_part(anchor: str, samples: list[dict], input_ids: torch.Tensor, toke
     targets = {name: torch.stack([samples[r]["targets"][anchor][name] for r in rows]) if rows
                else first[name].unsqueeze(0)[:0] for name in first}
     views = head_views([samples[r]["images"][0] for r in rows], view_size) if view_size else None
-    return {
+    part = {
         "rows": torch.tensor(rows, dtype=torch.long),
         "positions": torch.stack(positions) if positions else torch.zeros((0, n), dtype=torch.long),
         "targets": targets,
         "views": views,
     }
+    return {**part, "carries": torch.tensor(carries)} if every_row else part
 
 
 def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, processor, tokens: ThoughtTokens,
@@ -196,8 +200,8 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
         batch.update(vision_inputs(batch["image_grid_thw"], vision))
     batch["text"] = text_targets(batch["labels"], settings.pad_to_multiple_of)
     view_sizes = view_sizes or {}
-    batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a)) for a in anchors}
-                        if anchors_on else {})
+    batch["anchors"] = ({a: _anchor_part(a, samples, batch["input_ids"], tokens, view_sizes.get(a),
+                                         settings.every_anchor_row) for a in anchors} if anchors_on else {})
     batch["keys"] = [s.get("key") for s in samples]
     return pack(batch) if settings.packing else batch
 

@@ -101,11 +101,17 @@ class CoVTModel(nn.Module):
         for anchor in self.heads:  # in the heads' order, so every rank builds (and back-propagates) one graph
             part = anchors.get(anchor)
             if part is not None and len(part["rows"]):
-                loss = self.anchor_loss(anchor, hidden, part)
-                # the head's loss is a mean over the rows that carry this anchor's thoughts; samples without
-                # them (stage 4 subsets) add zero, as they do in the reference
-                total = total + self.loss_weights.get(anchor, 1.0) * loss * (len(part["rows"]) / size)
-                parts[anchor] = loss.detach()
+                # each row that carries this anchor's thoughts adds its loss; samples without them (stage 4
+                # subsets, plain answers) add zero, as they do in the reference
+                losses = self.anchor_loss(anchor, hidden, part, per_row=True)
+                carries = part.get("carries")  # a part over every row (trainer.batch): 1 where thoughts are
+                if carries is None:
+                    carried, count = losses.sum(), len(part["rows"])
+                else:
+                    carries = carries.to(losses.device, losses.dtype)
+                    carried, count = (losses * carries).sum(), carries.sum().clamp(min=1)
+                total = total + self.loss_weights.get(anchor, 1.0) * carried / size
+                parts[anchor] = (carried / count).detach()  # the head's loss: a mean over those rows
             elif self.every_head:
                 total = total + self.anchor_loss(anchor, hidden, self.placeholder_part(anchor)) * 0.0
         return {"loss": total, **parts}
@@ -126,13 +132,16 @@ class CoVTModel(nn.Module):
         return {"rows": torch.zeros(1, dtype=torch.long), "positions": torch.arange(head.num_tokens)[None],
                 "targets": targets, "views": views}
 
-    def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any]) -> torch.Tensor:
+    def anchor_loss(self, anchor: str, hidden: torch.Tensor, part: dict[str, Any],
+                    per_row: bool = False) -> torch.Tensor:
+        """The head's loss on ``part``'s thoughts (each row's, with ``per_row``)."""
         head = self.heads[anchor]
         thoughts = gather_thoughts(hidden, part["rows"], part["positions"])
         param = next(head.parameters(), None)
         if param is not None and param.is_floating_point():
             thoughts = thoughts.to(param.dtype)
-        return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device))
+        return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
+                    per_row=per_row)
 
 
 def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

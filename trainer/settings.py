@@ -26,6 +26,9 @@ class BatchSettings:
     stage4_draws: str  # train.stage4_draws: per_sample, or per_step (the samples of a step share one draw)
     packing: bool = False  # train.packing: a micro-batch's samples concatenated into one row (trainer.batch.pack)
     pad_to_multiple_of: int = 1  # train.pad_to_multiple_of: tokens and text-loss positions padded up to a multiple
+    # train.cuda_graphs: each anchor's part spans every row, marked by whether it carries the anchor's thoughts, so
+    # that which samples drew thoughts (stage 4's subsets, plain answers) does not make a layout of its own
+    every_anchor_row: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> BatchSettings:
@@ -33,7 +36,7 @@ class BatchSettings:
         return cls(anchors=tuple(cfg.anchors), plain_only=not t.thoughts, seed=t.seed,
                    plain_answer_fraction=t.plain_answer_fraction, image_size=cfg.model.image_size,
                    max_length=t.max_length, stage4_draws=t.stage4_draws, packing=t.packing,
-                   pad_to_multiple_of=t.pad_to_multiple_of)
+                   pad_to_multiple_of=t.pad_to_multiple_of, every_anchor_row=t.cuda_graphs)
 
 
 @dataclass(frozen=True)

@@ -79,16 +79,22 @@ class AnchorHead(nn.Module):
     def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of each row (sample), ``(B,)``: the head's loss is their mean."""
         raise NotImplementedError
 
+    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.row_losses(prediction, targets).mean()
+
     def forward(self, thoughts: torch.Tensor, targets: dict[str, torch.Tensor],
-                views: torch.Tensor | None = None) -> torch.Tensor:
+                views: torch.Tensor | None = None, *, per_row: bool = False) -> torch.Tensor:
+        """The loss, or with ``per_row`` each row's (:meth:`row_losses`)."""
         self.check_thoughts(thoughts)
         if thoughts.shape[0] == 0:
             raise ValueError(f"{self.anchor} head: no thoughts to score (a micro-batch without this anchor's "
                              "thoughts runs the head on CoVTModel.placeholder_part instead)")
-        return self.loss(self.decode(thoughts, targets, views), targets)
+        losses = self.row_losses(self.decode(thoughts, targets, views), targets)
+        return losses if per_row else losses.mean()
 
     def zero_targets(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """All-zero targets (every cached array at the cache's shape) and views for ``batch`` rows: what the
@@ -99,6 +105,11 @@ class AnchorHead(nn.Module):
         return targets, views
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def row_means(values: torch.Tensor) -> torch.Tensor:
+        """Each row's mean of ``values`` (B, ...): with rows of one size, their mean is the mean of all."""
+        return values.flatten(1).mean(1)
+
     def check_thoughts(self, thoughts: torch.Tensor) -> None:
         expected = (self.num_tokens, self.hidden_size)
         if thoughts.dim() != 3 or tuple(thoughts.shape[1:]) != expected:

@@ -8,7 +8,6 @@ samples of a batch; with its batch of one that is the per-sample MSE we compute.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource
@@ -26,6 +25,6 @@ class PooledEmbeddingHead(AnchorHead):
         """Predicted embedding (B, dim)."""
         return self.attend(thoughts)[:, 0]
 
-    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         embedding = self.target(targets, "embedding", prediction.shape[0])
-        return F.mse_loss(prediction.float(), embedding.float()) * LOSS_SCALE
+        return self.row_means((prediction.float() - embedding.float()).square()) * LOSS_SCALE

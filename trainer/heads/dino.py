@@ -7,7 +7,6 @@ attention output is the prediction itself, compared with the cached final-norm t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .attention import ThoughtQueries
 from .base import AnchorHead, DimsSource
@@ -26,6 +25,6 @@ class DinoHead(AnchorHead):
         """Predicted features (B, tokens, dim)."""
         return self.attend(thoughts)
 
-    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.target(targets, "features", prediction.shape[0])
-        return F.mse_loss(prediction.float(), features.float()) * LOSS_SCALE
+        return self.row_means((prediction.float() - features.float()).square()) * LOSS_SCALE

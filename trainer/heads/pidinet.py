@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.export.passes import move_to_device_pass
 
 from covt.anchors import PIDINET_STAGE1_META, PIDINET_STAGE1_META_KEYS, PIDINET_STAGE1_PROGRAM
@@ -98,6 +97,6 @@ class PidinetHead(AnchorHead):
         edges = torch.sigmoid(maps.mean(1, keepdim=True))
         return resize_maps(edges, self.map_size)[:, 0]
 
-    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         edges = self.target(targets, "edges", prediction.shape[0])
-        return F.l1_loss(prediction, edges.float())
+        return self.row_means((prediction - edges.float()).abs())

@@ -207,7 +207,13 @@ def match_masks_on_device(cost: torch.Tensor, counts: torch.Tensor) -> torch.Ten
 
 def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
                    matching: str = "scipy") -> torch.Tensor:
-    """The reference's SAM loss, per image then averaged over the batch.
+    """The reference's SAM loss: :func:`sam_image_losses` averaged over the batch."""
+    return sam_image_losses(logits, masks, counts, matching).mean()
+
+
+def sam_image_losses(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
+                     matching: str = "scipy") -> torch.Tensor:
+    """The reference's SAM loss of each image, ``(B,)``.
 
     ``logits`` (B, P, H, W) predicted masks, ``masks`` (B, M, H, W) reference masks of which
     the first ``counts[b]`` are real. Per image: match on 1 - dice; matched predictions
@@ -231,8 +237,7 @@ def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tens
     per_match = n_matched.clamp(min=1)
     positive = (1 - (dice * matched).sum(1) / per_match) + (bce * matched).sum(1) / per_match
     negative = (bce * ~matched).sum(1) / n_unmatched.clamp(min=1)  # 0 when every prediction is matched
-    per_image = torch.where(n_matched > 0, positive + UNMATCHED_WEIGHT * negative, torch.zeros_like(positive))
-    return per_image.mean()
+    return torch.where(n_matched > 0, positive + UNMATCHED_WEIGHT * negative, torch.zeros_like(positive))
 
 
 class SamHead(AnchorHead):
@@ -280,7 +285,7 @@ class SamHead(AnchorHead):
         size = (self.encoder_size, self.encoder_size)
         return postprocess_masks(logits, self.encoder_size, size, self.mask_size)
 
-    def loss(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         b = prediction.shape[0]
-        return sam_token_loss(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b),
+        return sam_image_losses(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b),
                               self.matching)
