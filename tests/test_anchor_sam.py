@@ -464,8 +464,8 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block):
     from precompute.anchors.sam_masks import MASK_COLUMNS, mask_statistics_kernel
 
     names = mask_statistics_kernel.arg_names
-    pointers = dict.fromkeys(["w1_ptr", "b1_ptr", "norm_w_ptr", "norm_b_ptr", "w2_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
-    signature = {"tokens_ptr": tokens, **pointers, "masks_ptr": "*i8", "counts_ptr": "*i32", "n_tokens": "i32",
+    pointers = dict.fromkeys(["b1_ptr", "norm_w_ptr", "norm_b_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
+    signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8", "counts_ptr": "*i32", "n_tokens": "i32",
                  "width": "i32", "eps": "fp32", "threshold": "fp32", "offset": "fp32"}
     constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision}
     signature.update(dict.fromkeys(constants, "constexpr"))

@@ -21,12 +21,13 @@ from shards.reader import Cache
 from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
 from trainer.host_inputs import HOST_INPUT_KEYS, without_host_inputs
-from trainer.model import CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
+from trainer.model import CARRIED_ROWS, CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
 from trainer.settings import BatchSettings
 from trainer.step_graphs import layout
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
+from trainer.train import carried_parts
 
 ANCHORS = ["sam", "depth", "dino", "pidinet", "siglip", "metaclip"]
 GLOBAL_BATCH = 8
@@ -134,6 +135,16 @@ def test_anchor_parts_over_every_row_give_one_layout_and_the_same_loss_and_gradi
             every_layouts.add(layout(batch))
     assert len(every_layouts) < len(carried_layouts)
     assert all(len(part["rows"]) == 4 for part in batch["anchors"].values())
+    # each anchor's part is reported at every micro-batch, with how many rows carried it: a step logs the parts
+    # some row carried, as direct steps do
+    with torch.no_grad():
+        outputs = model(batch)
+    counts = {a: float(outputs[a + CARRIED_ROWS]) for a in batch["anchors"]}
+    assert counts == {a: float(carried["anchors"][a]["rows"].numel()) for a in batch["anchors"]}
+    logged = carried_parts({name: float(value) for name, value in outputs.items()})
+    assert set(logged) == {"loss", "text", *(a for a, n in counts.items() if n > 0)}
+    assert carried_parts({"loss": 1.0, "sam": 0.0, "sam" + CARRIED_ROWS: 0.0, "dino": 2.0, "dino" + CARRIED_ROWS: 1.0,
+                          "depth": 3.0}) == {"loss": 1.0, "dino": 2.0, "depth": 3.0}
     for stage_name, step in (("efficient_reasoning", 3), ("understanding", 0)):
         for micro in (1, 4):
             loss, grads = named_loss_and_gradients(setup, micro, StageConfig(stage_name, 1), step)

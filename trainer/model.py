@@ -29,6 +29,10 @@ from trainer.tokens import ThoughtTokens
 
 # set on a language model whose attention finds a packed row's samples without a mask (trainer.text_attention)
 PACKED_ROWS_NEED_NO_MASK = "covt_packed_rows_need_no_mask"
+# the output that counts the rows of a micro-batch carrying an anchor's thoughts, with parts over every row
+# (train.cuda_graphs): that anchor's part is then there at every micro-batch, and a step logs it where one row
+# carried it (trainer.train.carried_parts), as a direct step logs the parts of the micro-batches that have them
+CARRIED_ROWS = ".carried_rows"
 # what the loader computed for the vision tower (trainer.host_inputs.vision_inputs)
 VISION_INPUTS = ("image_position_ids", "image_cu_seqlens", "image_max_seqlen", "image_window_index",
                  "image_cu_window_seqlens", "image_max_window_seqlen")
@@ -110,6 +114,7 @@ class CoVTModel(nn.Module):
                 else:
                     carries = carries.to(losses.device, losses.dtype)
                     carried, count = (losses * carries).sum(), carries.sum().clamp(min=1)
+                    parts[anchor + CARRIED_ROWS] = carries.sum()
                 total = total + self.loss_weights.get(anchor, 1.0) * carried / size
                 parts[anchor] = (carried / count).detach()  # the head's loss: a mean over those rows
             elif self.every_head:

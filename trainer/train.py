@@ -51,7 +51,7 @@ from trainer.heads import build_heads, init_like_missing_keys, uses_projection_l
 from trainer.loading import load_processor, load_vlm
 from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
-from trainer.model import CoVTModel, compile_blocks
+from trainer.model import CARRIED_ROWS, CoVTModel, compile_blocks
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
 from trainer.run_folder import config_changes, keep_launch_config, run_folder_lock
 from trainer.schedule import Run, Schedule
@@ -321,6 +321,7 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
                                              clip_norm(t))
+    losses = carried_parts(losses)
     done = step + 1
     validation = (validation_losses(rm.model, rm.engine or rm.model, job.validation, rm.processor, rm.tokens,
                                     job.settings, device, job.autocast)
@@ -509,6 +510,14 @@ def graphed_micro_batch(model: CoVTModel, grad_accum: int, autocast_context, bat
         result = model(batch, anchor_losses)
     backward(result, None, grad_accum)
     return {name: value.detach() for name, value in result.items()}
+
+
+def carried_parts(losses: dict[str, float]) -> dict[str, float]:
+    """The step's losses without the row counts of parts over every row (trainer.model.CARRIED_ROWS), and without
+    the parts of anchors that no row of the step carried."""
+    carried = {name[:-len(CARRIED_ROWS)]: value for name, value in losses.items() if name.endswith(CARRIED_ROWS)}
+    return {name: value for name, value in losses.items()
+            if not name.endswith(CARRIED_ROWS) and carried.get(name, 1) > 0}
 
 
 def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ Every rank computes the same numbers (ZeRO-3 needs all ranks in each forward); r
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -60,11 +61,13 @@ def validation_losses(model, forward, samples: list[dict], processor, tokens, se
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     size = settings.batch_size
+    # run directly, never as a recorded graph: each anchor's part holds the rows that carry its thoughts only
+    batch_settings = dataclasses.replace(settings.batch, every_anchor_row=False)
     try:
         for start in range(0, len(samples), size):
             chunk = samples[start:start + size]
             batch = build_batch(chunk, VALIDATION_STAGE, settings.anchor_losses, FORMAT_STEP, processor, tokens,
-                                settings.batch, view_sizes=model.view_sizes(), vision=model.vision_geometry())
+                                batch_settings, view_sizes=model.view_sizes(), vision=model.vision_geometry())
             with autocast():
                 result = forward(batch_to(batch, device), settings.anchor_losses)
             for name, value in result.items():

@@ -51,7 +51,7 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     inner = tl.zeros((MP,), dtype=tl.int32)
     outer = tl.zeros((MP,), dtype=tl.int32)
     for s1 in tl.static_range(4):  # first upscaling's sub-pixel (di, dj)
-        w1 = tl.load(w1_ptr + s1 * C1 * C + rc1[None, :] * C + rc[:, None]).to(dtype)  # (C, C1)
+        w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
         h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
         mean = tl.sum(h, axis=1) / C1
         centred = h - mean[:, None]
@@ -59,7 +59,7 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
         h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
         h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
         for s2 in tl.static_range(4):  # second upscaling's sub-pixel (ei, ej)
-            w2 = tl.load(w2_ptr + s2 * C2 * C1 + rc2[None, :] * C1 + rc1[:, None]).to(dtype)  # (C1, C2)
+            w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
             g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
             g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
             logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
@@ -84,11 +84,11 @@ def runs_on(device: torch.device) -> bool:
 
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
-# (about 200 KB per program) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel several
-# times, so the counts it adds into are zeroed before each run.
+# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel
+# several times, so the counts it adds into are zeroed before each run.
 tuned_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK": block}, num_warps=warps)
-             for block, warps in ((32, 4), (64, 4), (64, 8), (128, 8))],
+             for block, warps in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
 
@@ -119,8 +119,12 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     conv1, norm, _, conv2, _ = md.output_upscaling
     n, m = mask_tokens.shape[:2]
     c, c1, c2 = keys.shape[-1], conv1.out_channels, conv2.out_channels
+    # the upscalings' weights per sub-pixel, (4, in, out), in the products' dtype: loaded once per program as the
+    # dot takes them, not cast there
     w1, b1 = transposed_conv_as_linear(conv1)
     w2, b2 = transposed_conv_as_linear(conv2)
+    w1 = w1.view(4, c1, c).transpose(1, 2).to(keys.dtype).contiguous()
+    w2 = w2.view(4, c2, c1).transpose(1, 2).to(keys.dtype).contiguous()
     hyper = hypernetwork_outputs(md, mask_tokens, first_token=1).transpose(1, 2)  # (n, C2, M)
     hyper = torch.nn.functional.pad(hyper.float(), (0, MASK_COLUMNS - m)).contiguous()
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
@@ -132,8 +136,8 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
         precision = "tf32"
         if keys.dtype == torch.float32 and not (keys.is_cuda and torch.backends.cuda.matmul.allow_tf32):
             precision = "tf32x3" if keys.is_cuda else "ieee"
-        args = (keys.contiguous(), w1.float().contiguous(), b1.float().contiguous(), norm.weight.float().contiguous(),
-                norm.bias.float().contiguous(), w2.float().contiguous(), b2.float().contiguous(), hyper, masks,
+        args = (keys.contiguous(), w1, b1.float().contiguous(), norm.weight.float().contiguous(),
+                norm.bias.float().contiguous(), w2, b2.float().contiguous(), hyper, masks,
                 counts, h * w, w, norm.eps, threshold, offset)
         shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
         if keys.is_cuda:
