@@ -4,7 +4,8 @@
 batch with labels (the text loss), reads the last-layer hidden states (the output of the
 language model's final norm, the states the lm_head reads), gathers each anchor's pad
 positions into ``(B_a, tokens, hidden)`` "visual thoughts" and, when anchor losses are on,
-scores them with that anchor's head against the cached targets.
+scores them with that anchor's head against the cached targets. Under ``train.cuda_graphs`` an anchor's
+part holds every row, and ``carries`` says which ones drew its thoughts: the others add no loss.
 
 The loss is the reference's: text cross-entropy + the sum of the anchor losses (each head
 already carries the reference's own scale, e.g. depth x 0.005, dino x 0.5); with anchor

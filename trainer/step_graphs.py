@@ -6,7 +6,9 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
 
 - the same layout at every replay: one graph per :func:`layout` (the batch's tensor shapes and dtypes and the
   values the model reads on the host: flags, the vision tower's longest window); the batch's tensor values are
-  copied into the graph's input tensors before each replay (:class:`InputBuffers`, shared between graphs);
+  copied into the graph's input tensors before each replay (:class:`InputBuffers`, shared between graphs). Few
+  layouts: tokens padded to ``train.pad_to_multiple_of``, and each anchor's part over every row of the micro-batch
+  (``BatchSettings.every_anchor_row``), so which samples drew thoughts changes values, not shapes;
 - no read of the GPU by the host inside it, and no copy from pageable host memory (capture fails on either): the
   loader's inputs (trainer.host_inputs), ``train.sam_matching: device``, the thought-token rows' index made once
   (trainer.lora.index_token_rows_once); what is made once per device is made in the warm-ups;
