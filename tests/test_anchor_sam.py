@@ -379,8 +379,12 @@ keys, tokens = torch.randn(1, 64 * 64, 256), torch.randn(1, 3, 256)
 with torch.no_grad():
     ref = statistics_of_logits(multimask_logits(sam, keys, tokens), 0.0, 1.0)
     got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
+    split = mask_statistics(sam, keys, tokens, 0.0, 1.0, interpreter_subpixels=1)  # a program per sub-pixel
 out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
-                      "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)]}
+                      "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)],
+                      "split_same": bool(torch.equal(split.masks, got.masks)) and all(
+                          torch.equal(a, b) for a, b in ((split.area, got.area), (split.inner, got.inner),
+                                                          (split.outer, got.outer)))}
 # the anchor's candidates with the kernel and without, on the tiny SAM
 anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
     points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12, fused_masks=False),
@@ -417,6 +421,7 @@ def test_fused_mask_statistics_equal_the_logits_path():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     real = out["real_widths"]
     assert real["flipped"] <= 2 and real["pixels"] == 3 * 256 * 256
+    assert real["split_same"]  # one program per sub-pixel of the first upscaling: the same sums, counted apart
     ref_counts, got_counts = real["counts"]
     for ref, got in zip(ref_counts, got_counts, strict=True):
         assert all(abs(a - b) <= 2 for a, b in zip(ref[0], got[0], strict=True))
@@ -454,8 +459,9 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
         assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.mark.parametrize("tokens, precision, block", [("*bf16", "tf32", 64), ("*fp32", "tf32", 32)])
-def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block):
+@pytest.mark.parametrize("tokens, precision, block, subpixels", [("*bf16", "tf32", 64, 4), ("*bf16", "tf32", 128, 1),
+                                                                ("*fp32", "tf32", 32, 4)])
+def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels):
     """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
     decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
     from triton.backends.compiler import GPUTarget
@@ -465,9 +471,11 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block):
 
     names = mask_statistics_kernel.arg_names
     pointers = dict.fromkeys(["b1_ptr", "norm_w_ptr", "norm_b_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
-    signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8", "counts_ptr": "*i32", "n_tokens": "i32",
-                 "width": "i32", "eps": "fp32", "threshold": "fp32", "offset": "fp32"}
-    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision}
+    signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8",
+                 "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
+                 "offset": "fp32"}
+    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision,
+                 "SUBPIXELS": subpixels}
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -36,7 +36,10 @@ SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr gl
 def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w2_ptr, b2_ptr, hyper_ptr,
                            masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
                            C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
-                           MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                           MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                           SUBPIXELS: tl.constexpr = 4):
+    """Program (prompt, token block, part): ``SUBPIXELS`` of the first upscaling's 4 sub-pixels, from ``part *
+    SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip)."""
     prompt = tl.program_id(0)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
     valid = t < n_tokens
@@ -50,7 +53,8 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     area = tl.zeros((MP,), dtype=tl.int32)
     inner = tl.zeros((MP,), dtype=tl.int32)
     outer = tl.zeros((MP,), dtype=tl.int32)
-    for s1 in tl.static_range(4):  # first upscaling's sub-pixel (di, dj)
+    for k in tl.static_range(SUBPIXELS):
+        s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
         w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
         h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
         mean = tl.sum(h, axis=1) / C1
@@ -87,8 +91,8 @@ def runs_on(device: torch.device) -> bool:
 # (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel
 # several times, so the counts it adds into are zeroed before each run.
 tuned_mask_statistics_kernel = triton.autotune(
-    configs=[triton.Config({"BLOCK": block}, num_warps=warps)
-             for block, warps in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))],
+    configs=[triton.Config({"BLOCK": block, "SUBPIXELS": subpixels}, num_warps=warps)
+             for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
 
@@ -111,9 +115,11 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
 
 
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
-                    offset: float) -> MaskStatistics:
+                    offset: float, interpreter_subpixels: int = 4) -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
-    (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs."""
+    (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
+    ``interpreter_subpixels``: the first upscaling's sub-pixels per program in the interpreter, 4 or 1 (on a GPU the
+    autotuner chooses)."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
     conv1, norm, _, conv2, _ = md.output_upscaling
@@ -141,7 +147,9 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
                 counts, h * w, w, norm.eps, threshold, offset)
         shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
         if keys.is_cuda:
-            tuned_mask_statistics_kernel[lambda meta: (n, triton.cdiv(h * w, meta["BLOCK"]))](*args, **shape)
+            grid = lambda meta: (n, triton.cdiv(h * w, meta["BLOCK"]), 4 // meta["SUBPIXELS"])  # noqa: E731
+            tuned_mask_statistics_kernel[grid](*args, **shape)
         else:  # the interpreter's cost is per operation, not per element: one program per prompt
-            mask_statistics_kernel[(n, 1)](*args, **shape, BLOCK=triton.next_power_of_2(h * w))
+            mask_statistics_kernel[(n, 1, 4 // interpreter_subpixels)](
+                *args, **shape, BLOCK=triton.next_power_of_2(h * w), SUBPIXELS=interpreter_subpixels)
     return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])
