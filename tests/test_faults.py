@@ -352,14 +352,14 @@ def nan_depth_loss(monkeypatch, at_calls: set[int]) -> None:
     """The depth head's loss turns NaN at the given calls (one call per optimizer step here)."""
     from trainer.heads.depth import DepthHead
 
-    real, calls = DepthHead.loss, [0]
+    real, calls = DepthHead.row_losses, [0]
 
-    def loss(self, prediction, targets):
+    def row_losses(self, prediction, targets):
         calls[0] += 1
         value = real(self, prediction, targets)
         return value * float("nan") if calls[0] in at_calls else value
 
-    monkeypatch.setattr(DepthHead, "loss", loss)
+    monkeypatch.setattr(DepthHead, "row_losses", row_losses)
 
 
 @pytest.mark.slow
@@ -419,12 +419,12 @@ def test_under_deepspeed_a_non_finite_loss_skips_the_engine_step(workdir, tmp_pa
     script.write_text(f"""import sys
 sys.path.insert(0, {str(REPO)!r})
 from trainer.heads.depth import DepthHead
-real, calls = DepthHead.loss, [0]
-def loss(self, prediction, targets):
+real, calls = DepthHead.row_losses, [0]
+def row_losses(self, prediction, targets):
     calls[0] += 1
     value = real(self, prediction, targets)
     return value * float("nan") if calls[0] == 2 else value
-DepthHead.loss = loss
+DepthHead.row_losses = row_losses
 from trainer.__main__ import main
 main(sys.argv[1:])
 """)
