@@ -122,12 +122,13 @@ class SamPrecomputeConfig:
     # library: segment_anything's attention maths (q @ k^T, softmax, @ v: TF32 matrix products under precompute.tf32,
     # as the reference runs it); sdpa: one fused kernel (in fp32 a full-precision one). Every decoder attention has
     # the prompt's 7 tokens on one side, which the fused kernels' 64-row tiles waste; folded: the same function with
-    # the image side's projections moved onto the 7 tokens' side (precompute/anchors/sam_fast.py), 2.4x fewer
-    # multiply-adds per prompt in the decoder's transformer
+    # the image side's projections moved onto the 7 tokens' side (precompute/anchors/sam_fast.py), 2.1x fewer
+    # multiply-adds per prompt in the decoder's transformer (2.01 -> 0.95 GFLOP, BENCHMARKS.md)
     decoder_attention: Literal["library", "sdpa", "folded"] = option("library",
                                                                      "the mask decoder's attention computation")
     # the two upscalings and the mask/stability counts per prompt in one Triton kernel that writes no logits
-    # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. Not yet timed on a GPU
+    # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. 1.11x the compiled logits'
+    # path on mask generation in bf16 (H100); off until timed in fp32 with TF32, the 7B configs' precision
     fused_masks: bool = option(False, "on CUDA, SAM's mask upscaling and statistics in one Triton kernel")
 
 
