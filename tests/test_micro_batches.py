@@ -9,7 +9,7 @@ import dataclasses
 import inspect
 import shutil
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -22,12 +22,13 @@ from trainer.batch import build_batch, sample_count
 from trainer.heads import build_heads
 from trainer.host_inputs import HOST_INPUT_KEYS, without_host_inputs
 from trainer.model import CARRIED_ROWS, CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
-from trainer.settings import BatchSettings
+from trainer.settings import BatchSettings, RunSettings
 from trainer.step_graphs import layout
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
 from trainer.train import carried_parts
+from trainer.validation import validation_losses
 
 ANCHORS = ["sam", "depth", "dino", "pidinet", "siglip", "metaclip"]
 GLOBAL_BATCH = 8
@@ -155,6 +156,22 @@ def test_anchor_parts_over_every_row_give_one_layout_and_the_same_loss_and_gradi
                 reference = grads.get(name, torch.zeros_like(grad))
                 assert float((grad - reference).norm()) <= 1e-5 * float(reference.norm()) + 1e-12, (name, micro)
             assert grads.keys() <= grads_every.keys()
+
+
+def test_validation_scores_the_carried_rows_under_train_cuda_graphs_as_without(setup):
+    """Validation runs directly, never as a graph: with every-row parts on (train.cuda_graphs) it gives the losses
+    of the carried rows only, not zeros for the rows without thoughts, and reports no row counts."""
+    model, processor, tokens, settings, samples = setup
+    losses = {}
+    for every_row in (False, True):
+        run = RunSettings(grad_accum=1, batch_size=2, head_anchors=tuple(ANCHORS), stages=(),
+                          batch=dataclasses.replace(settings, every_anchor_row=every_row))
+        with torch.no_grad():
+            losses[every_row] = validation_losses(model, model, samples, processor, tokens, run,
+                                                  torch.device("cpu"), nullcontext)
+    assert losses[True].keys() == losses[False].keys() and set(ANCHORS) <= losses[False].keys()
+    for name, value in losses[False].items():
+        assert losses[True][name] == pytest.approx(value, rel=1e-6), name
 
 
 @contextmanager
