@@ -260,6 +260,9 @@ def main(argv=None) -> int:
                     help="fp32 matrix products in TF32 (precompute.tf32; the 7B configs' and the reference's setting)")
     ap.add_argument("--points-per-side", type=int, default=None,
                     help="SAM's automatic mask grid (default: precompute.sam's, 32; quick: 8)")
+    ap.add_argument("--point-batch-size", type=int, default=None,
+                    help="precompute.sam.point_batch_size for the rows: grid prompts per mask-decoder call "
+                         "(default: precompute.sam's, 256)")
     ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
     ap.add_argument("--compile-encoder", action="store_true",
@@ -309,10 +312,12 @@ def main(argv=None) -> int:
     anchors["sam"].fused_masks = args.fused_masks
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
+    if args.point_batch_size:
+        anchors["sam"].amg.point_batch_size = args.point_batch_size
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
           f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
-          f"fused masks {args.fused_masks}")
+          f"fused masks {args.fused_masks}, {anchors['sam'].amg.point_batch_size} prompts per decoder call")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}

@@ -230,7 +230,7 @@ def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     anchor.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
 
 
-@pytest.mark.parametrize("how", ["library", "sdpa", "folded"])
+@pytest.mark.parametrize("how", ["library", "sdpa", "folded", "fused"])  # fused: its kernel runs under the interpreter
 def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, how):
     from precompute.anchors.sam_fast import decode_outputs, multimask_logits
 
@@ -479,4 +479,137 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, s
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
+
+
+FUSED_DECODER_CHECK = """
+import json, torch
+from covt.config import SamPrecomputeConfig
+from precompute.anchors.sam import BUILDERS, SamAnchor
+from precompute.anchors.sam_fast import decode_outputs
+from precompute.anchors.sam_keys import prompt_keys_attention
+
+torch.manual_seed(0)
+out = {}
+# the real decoder's widths (256 channels, 8 heads, 64 x 64 image tokens), prompts of two images out of order
+sam = BUILDERS["vit_b"](None).eval()
+for p in sam.mask_decoder.parameters():
+    p.data.normal_(0, 0.3)
+emb = torch.randn(2, 256, 64, 64)
+img = torch.tensor([1, 0, 0])
+pts = torch.rand(3, 1, 2) * 1024
+sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(3, 1, dtype=torch.int)), boxes=None, masks=None)
+with torch.no_grad():
+    folded = decode_outputs(sam, emb, img, sparse, "folded")
+    fused = decode_outputs(sam, emb, img, sparse, "fused")
+out["real_widths"] = {name: [float((a - b).abs().max()), float(a.abs().max())]
+                      for name, a, b in zip(("mask_tokens", "keys", "iou"), folded, fused)}
+# a prompt's tokens split over several programs: the partial sums put together give one program's result
+n, heads = 2, 8
+updates = [(torch.randn(n, 256, 64) / 16, torch.randn(n, 64), torch.randn(n, 64, 256) / 8, torch.randn(256),
+            1 + torch.rand(256), torch.randn(256))]
+args = (torch.randn(1, 4096, 256), torch.randn(4096, 256), torch.zeros(n, dtype=torch.long), updates,
+        torch.randn(n, 64, 256) / 16, 7, 1e-5, torch.float32)
+one, keys_one = prompt_keys_attention(*args, splits=1)
+three, keys_three = prompt_keys_attention(*args, splits=3)  # 4096 tokens: spans of 1366, the last shorter
+out["splits"] = [float((one - three).abs().max()), float((keys_one - keys_three).abs().max()), float(one.abs().max())]
+# the anchor's candidates and selected masks, fused against folded, on the tiny SAM
+anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
+    points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12,
+    decoder_attention="folded"), variant="vit_tiny", checkpoint="(random)", checkpoint_sha256="", bf16=False)
+for p in anchor.sam.mask_decoder.parameters():
+    p.data.normal_(0, 0.5)
+emb = anchor.embed(torch.randint(0, 256, (2, anchor.input_size, anchor.input_size, 3), dtype=torch.uint8))
+every = anchor.mask_candidates(emb)
+anchor.amg.pred_iou_thresh = float(every["iou"].median())
+anchor.amg.stability_score_thresh = float(every["stability"].median())
+for how in ("fused", "folded"):
+    anchor.decoder_attention = how
+    cand, sel = anchor.mask_candidates(emb), anchor.automatic_masks(emb)
+    out[how] = {"n": len(cand["iou"]), "image": cand["image"].tolist(), "point": cand["point"].tolist(),
+                "iou": cand["iou"].tolist(), "stability": cand["stability"].tolist(),
+                "masks": cand["masks"].flatten().tolist(), "count": sel.count.tolist(),
+                "points": sel.points.flatten().tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_fused_decoder_equals_the_folded_one():
+    """precompute.sam.decoder_attention=fused: the Triton kernel making each prompt's image tokens on chip (in
+    Triton's interpreter on the CPU, fp32) gives the folded decoder's mask tokens, keys and IoUs at the real
+    decoder's widths, the same sums when a prompt's tokens are split over programs, and the anchor the same
+    candidates and selected masks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", FUSED_DECODER_CHECK], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (diff, scale) in out["real_widths"].items():
+        assert scale > 0.5 and diff < 1e-5 * max(1.0, scale), (name, diff, scale)
+    split_out, split_keys, scale = out["splits"]
+    assert scale > 0.1 and split_out < 1e-5 and split_keys == 0.0
+    fused, folded = out["fused"], out["folded"]
+    assert 10 < folded["n"] < 2 * 16 * 3 and fused["n"] == folded["n"]  # both thresholds bite
+    for key in ("image", "point", "count", "points"):
+        assert fused[key] == folded[key], key
+    for key in ("iou", "stability"):
+        assert max(abs(a - b) for a, b in zip(fused[key], folded[key], strict=True)) < 1e-5, key
+    assert sum(a != b for a, b in zip(fused["masks"], folded["masks"], strict=True)) <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton kernel: needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_decoder_on_the_gpu_equals_the_folded_one(bf16):
+    """The fused decoder's kernel compiled, in bf16 under autocast and in TF32, against the folded decoder's
+    products in PyTorch at the real decoder's widths."""
+    from precompute.anchors.sam import BUILDERS
+    from precompute.anchors.sam_fast import decode_outputs
+
+    torch.manual_seed(0)
+    sam = BUILDERS["vit_b"](None).eval().cuda()
+    for p in sam.mask_decoder.parameters():
+        p.data.normal_(0, 0.3)
+    emb = torch.randn(2, 256, 64, 64, device="cuda")
+    img = torch.tensor([0, 0, 1, 1, 1], device="cuda")
+    pts = torch.rand(5, 1, 2, device="cuda") * 1024
+    ones = torch.ones(5, 1, dtype=torch.int, device="cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            sparse, _ = sam.prompt_encoder(points=(pts, ones), boxes=None, masks=None)
+            folded = decode_outputs(sam, emb, img, sparse, "folded")
+            fused = decode_outputs(sam, emb, img, sparse, "fused")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for a, b in zip(folded, fused, strict=True):
+        rel = float((a.float() - b.float()).norm() / a.float().norm())
+        assert rel < (3e-2 if bf16 else 2e-3), rel
+
+
+@pytest.mark.parametrize("operands, block, warps, layers, store", [
+    ("*bf16", 32, 4, 1, False), ("*bf16", 64, 8, 2, True), ("*fp32", 16, 4, 1, False), ("*fp32", 32, 4, 2, True)])
+def test_fused_decoder_kernel_compiles_for_a_hopper_gpu(operands, block, warps, layers, store):
+    """The keys kernel through Triton's compiler for sm_90 at the real decoder's widths, in shared memory a
+    multiprocessor has (227 KB), for each of its uses: a block's token-to-image attention after one update, the
+    final attention after two with the keys written."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from precompute.anchors.sam_keys import prompt_keys_kernel
+
+    names = prompt_keys_kernel.arg_names
+    signature = {**dict.fromkeys(names[:13], "*fp32"), "which_ptr": "*i32", "keys_ptr": "*bf16",
+                 "n_tokens": "i32", "span": "i32", "eps": "fp32"}
+    signature.update(dict.fromkeys(["proj_ptr", "values_ptr", "queries_ptr"], operands))
+    constants = {"C": 256, "R": 64, "T": 7, "COLS": 8, "LAYERS": layers, "STORE_KEYS": store, "BLOCK": block,
+                 "PRECISION": "tf32"}
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(prompt_keys_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
+    kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
