@@ -123,11 +123,9 @@ class SamPrecomputeConfig:
     # as the reference runs it); sdpa: one fused kernel (in fp32 a full-precision one). Every decoder attention has
     # the prompt's 7 tokens on one side, which the fused kernels' 64-row tiles waste; folded: the same function with
     # the image side's projections moved onto the 7 tokens' side (precompute/anchors/sam_fast.py), 2.1x fewer
-    # multiply-adds per prompt in the decoder's transformer (2.01 -> 0.95 GFLOP, BENCHMARKS.md); fused: folded, the
-    # attentions to the image after the first block's token-to-image one in a Triton kernel that makes each prompt's
-    # image tokens on chip and writes only the last layer's (precompute/anchors/sam_keys.py; CUDA, bf16 or TF32)
-    decoder_attention: Literal["library", "sdpa", "folded", "fused"] = option(
-        "library", "the mask decoder's attention computation")
+    # multiply-adds per prompt in the decoder's transformer (2.01 -> 0.95 GFLOP, BENCHMARKS.md)
+    decoder_attention: Literal["library", "sdpa", "folded"] = option("library",
+                                                                     "the mask decoder's attention computation")
     # the two upscalings and the mask/stability counts per prompt in one Triton kernel that writes no logits
     # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. 1.11x the compiled logits'
     # path on mask generation in bf16 (H100); off until timed in fp32 with TF32, the 7B configs' precision

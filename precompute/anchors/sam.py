@@ -44,7 +44,7 @@ from covt.fs import atomic_file, atomic_save
 from .base import AnchorModel, checkpoint_file, to_host
 from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
 from .sam_masks import mask_statistics, statistics_of_logits
-from .sam_triton import runs_on as kernels_run_on
+from .sam_masks import runs_on as fused_masks_run_on
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -280,7 +280,7 @@ class SamAnchor(AnchorModel):
         would all be dropped by that threshold).
         """
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
-        fused = self.fused_masks and kernels_run_on(emb.device)
+        fused = self.fused_masks and fused_masks_run_on(emb.device)
         # the fused kernel multiplies in its input's dtype: the products' dtype under autocast
         keys_dtype = (torch.bfloat16 if self.decoder_bf16 and emb.is_cuda else torch.float32) if fused else None
         mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],

@@ -32,9 +32,6 @@ from segment_anything.modeling.transformer import Attention as TwoWayAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch.nn import functional as F
 
-from . import sam_keys
-from .sam_keys import prompt_keys_attention, token_columns
-
 ATTENTION_MODES = ("library", "sdpa_bias", "sdpa_fold")
 # the memory-efficient kernel wants the mask's row stride a multiple of 16 elements
 # (it pads a copy otherwise); key head dims a multiple of 8 keep the fused kernels eligible
@@ -213,10 +210,8 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
 # How the mask decoder's attention is computed (precompute.sam.decoder_attention): segment_anything's maths, one
 # fused SDPA call, or "folded": in the attentions between a prompt's few tokens and the 4,096 image tokens, the
 # projections of the image side are moved onto the tokens' side (associativity), so no projection of the image
-# tokens is made per prompt; "fused": folded, with the attentions to the image after the first block's token-to-image
-# one in a Triton kernel that makes each prompt's image tokens on chip (sam_keys.py; on CUDA or under Triton's
-# interpreter, folded elsewhere).
-DECODER_ATTENTIONS = ("library", "sdpa", "folded", "fused")
+# tokens is made per prompt.
+DECODER_ATTENTIONS = ("library", "sdpa", "folded")
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -240,24 +235,6 @@ def head_rows(linear: torch.nn.Linear, num_heads: int) -> torch.Tensor:
     return linear.weight.unflatten(0, (num_heads, -1))
 
 
-def token_queries_wide(attn: TwoWayAttention, q: torch.Tensor) -> torch.Tensor:
-    """``(n, heads, T, C)``: a prompt's tokens ``q`` (n, T, C) as queries of the image tokens themselves, each head's
-    scaled ``W_k,h^T q_h`` (the keys' bias adds the same to every key's score: the softmax drops it)."""
-    h = attn.num_heads
-    qh = split_heads(attn.q_proj(q), h)  # (n, H, T, d)
-    qh = qh / math.sqrt(qh.shape[-1])
-    return torch.einsum("nhte,hec->nhtc", qh, head_rows(attn.k_proj, h))
-
-
-def tokens_to_image_output(attn: TwoWayAttention, context: torch.Tensor) -> torch.Tensor:
-    """The attention's output ``(n, T, C)`` from each head's softmax-weighted sum of the image tokens ``context``
-    (n, heads, T, C): ``W_v,h context + b_v,h``, then the output projection."""
-    h = attn.num_heads
-    out = torch.einsum("nhtc,hec->nthe", context, head_rows(attn.v_proj, h))
-    out = out + attn.v_proj.bias.unflatten(0, (h, -1))
-    return attn.out_proj(out.flatten(-2))
-
-
 def tokens_to_image_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attn(q, k, v)`` for a prompt's tokens ``q`` (n, T, C) over image tokens ``k``, ``v`` (n, HW, C).
 
@@ -265,9 +242,14 @@ def tokens_to_image_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tens
     every key j (the softmax drops it); its output ``sum_j p_j (W_v,h v_j + b_v,h)`` is ``W_v,h (sum_j p_j v_j) +
     b_v,h``. So the image side is never projected: T * heads rows meet the HW keys at width C instead.
     """
-    q_wide = token_queries_wide(attn, q)
-    context = torch.softmax(q_wide.flatten(1, 2) @ k.transpose(-2, -1), dim=-1) @ v  # (n, H*T, C)
-    return tokens_to_image_output(attn, context.unflatten(1, q_wide.shape[1:3]))
+    h = attn.num_heads
+    qh = split_heads(attn.q_proj(q), h)  # (n, H, T, d)
+    qh = qh / math.sqrt(qh.shape[-1])
+    q_wide = torch.einsum("nhte,hec->nhtc", qh, head_rows(attn.k_proj, h)).flatten(1, 2)  # (n, H*T, C)
+    context = torch.softmax(q_wide @ k.transpose(-2, -1), dim=-1) @ v  # (n, H*T, C)
+    out = torch.einsum("nhtc,hec->nthe", context.unflatten(1, (h, -1)), head_rows(attn.v_proj, h))
+    out = out + attn.v_proj.bias.unflatten(0, (h, -1))
+    return attn.out_proj(out.flatten(-2))
 
 
 def image_to_tokens_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -282,32 +264,20 @@ def image_to_tokens_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tens
     sum_t p_t (W_o,h v_t)``. So nothing of width heads * d is made per image token.
     """
     h = attn.num_heads
-    if q_projected:
-        kh = split_heads(k, h)
-        kh = kh / math.sqrt(kh.shape[-1])
-        n, _, t, d = kh.shape
-        eye = torch.eye(h, dtype=kh.dtype, device=kh.device)
-        scores = q @ torch.einsum("nhte,hg->nhegt", kh, eye).reshape(n, h * d, h * t)
-        values = image_to_tokens_matrices(attn, k, v)[2]
-    else:
-        keys, bias, values = image_to_tokens_matrices(attn, k, v)
-        n, _, _, t = keys.shape
-        scores = q @ keys.flatten(2) + bias.flatten(1)[:, None]
-    p = torch.softmax(scores.unflatten(-1, (h, t)), dim=-1).flatten(-2)  # (n, HW, H*T)
-    return p @ values.flatten(1, 2) + attn.out_proj.bias
-
-
-def image_to_tokens_matrices(attn: TwoWayAttention, k: torch.Tensor, v: torch.Tensor):
-    """What :func:`image_to_tokens_folded` makes of a prompt's projected keys ``k`` and values ``v`` (n, T, heads
-    * d): the scores' matrix ``(n, C, heads, T)`` (each head's ``W_q,h^T k_h``, scaled) and bias ``(n, heads, T)``
-    (the query bias's term), the output projection applied to each head's values ``(n, heads, T, C)``."""
-    h = attn.num_heads
     kh, vh = split_heads(k, h), split_heads(v, h)  # (n, H, T, d)
     kh = kh / math.sqrt(kh.shape[-1])
-    keys = torch.einsum("hec,nhte->ncht", head_rows(attn.q_proj, h), kh)
-    bias = torch.einsum("he,nhte->nht", attn.q_proj.bias.unflatten(0, (h, -1)), kh)
-    values = torch.einsum("nhte,che->nhtc", vh, attn.out_proj.weight.unflatten(1, (h, -1)))
-    return keys, bias, values
+    n, _, t, d = kh.shape
+    if q_projected:
+        eye = torch.eye(h, dtype=kh.dtype, device=kh.device)
+        keys = torch.einsum("nhte,hg->nhegt", kh, eye).reshape(n, h * d, h * t)
+        scores = q @ keys
+    else:
+        keys = torch.einsum("hec,nhte->ncht", head_rows(attn.q_proj, h), kh).flatten(2)  # (n, C, H*T)
+        bias = torch.einsum("he,nhte->nht", attn.q_proj.bias.unflatten(0, (h, -1)), kh).flatten(1)
+        scores = q @ keys + bias[:, None]
+    p = torch.softmax(scores.unflatten(-1, (h, t)), dim=-1).flatten(-2)  # (n, HW, H*T)
+    values = torch.einsum("nhte,che->nhtc", vh, attn.out_proj.weight.unflatten(1, (h, -1))).flatten(1, 2)
+    return p @ values + attn.out_proj.bias
 
 
 def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
@@ -320,27 +290,6 @@ def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.
     return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), how)
 
 
-def first_layer_queries(first: TwoWayAttentionBlock, image_tokens: torch.Tensor, image_pe: torch.Tensor,
-                        groups: list[tuple[int, int]], tokens: torch.Tensor, how: str) -> torch.Tensor:
-    """The prompts' tokens after the first block's token-to-image attention and MLP (see :func:`decoder_transformer`):
-    until the image-to-token attention every prompt of an image sees the same image tokens, so the image's
-    projections are made once and all of its prompts' tokens query them as one set."""
-    if not first.skip_first_layer_pe:
-        raise ValueError("decoder_transformer expects SAM's first two-way block (skip_first_layer_pe)")
-    t2i = first.cross_attn_token_to_image
-    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
-    q_t2i = t2i.q_proj(queries + tokens)
-    attn_out, start = [], 0
-    for image, count in groups:
-        keys = image_tokens[image]
-        keys_pe = keys + image_pe[0]
-        q = q_t2i[start:start + count].flatten(0, 1)  # every prompt's tokens query the same image
-        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None], how)[0])
-        start += count
-    queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, tokens.shape[1])))
-    return first.norm3(queries + first.mlp(queries))
-
-
 def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
                         groups: list[tuple[int, int]], tokens: torch.Tensor,
                         how: str = "library") -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,18 +298,32 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     ``image_tokens`` (U, HW, C) are the images' tokens (dense prompt embedding added),
     ``image_pe`` (1, HW, C) their positional encoding, ``tokens`` (n, T, C) the prompts'
     output + sparse tokens, ordered by image: ``groups`` lists (image index, prompt count)
-    in that order. The first block's work before its image-to-token attention is shared per image
-    (:func:`first_layer_queries`). Later layers and the final attention are the library's modules on per-prompt tokens.
+    in that order. Until the first image-to-token attention every prompt of an image sees
+    the same image tokens, so their projections are computed once per image and the
+    token-to-image attention runs all of that image's prompts as one query set. Later
+    layers and the final attention are the library's modules on per-prompt tokens.
     Returns (queries (n, T, C), keys (n, HW, C)) as the library does. ``how``: see :func:`attention`.
     """
     first = t.layers[0]
-    i2t = first.cross_attn_image_to_token
-    queries = first_layer_queries(first, image_tokens, image_pe, groups, tokens, how)
-    k_i2t, v_i2t = i2t.k_proj(queries + tokens), i2t.v_proj(queries)
-    new_keys, start = [], 0
+    if not first.skip_first_layer_pe:
+        raise ValueError("decoder_transformer expects SAM's first two-way block (skip_first_layer_pe)")
+    t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    n_tok = tokens.shape[1]
+    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+    q_t2i = t2i.q_proj(queries + tokens)
+    shared, attn_out, start = [], [], 0
     for image, count in groups:
         keys = image_tokens[image]
-        q_image = i2t.q_proj(keys + image_pe[0])
+        keys_pe = keys + image_pe[0]
+        shared.append((keys, i2t.q_proj(keys_pe)))
+        q = q_t2i[start:start + count].flatten(0, 1)  # every prompt's tokens query the same image
+        attn_out.append(attend(t2i, q[None], t2i.k_proj(keys_pe)[None], t2i.v_proj(keys)[None], how)[0])
+        start += count
+    queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, n_tok)))
+    queries = first.norm3(queries + first.mlp(queries))
+    k_i2t, v_i2t = i2t.k_proj(queries + tokens), i2t.v_proj(queries)
+    new_keys, start = [], 0
+    for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
         sel = slice(start, start + count)
         if how == "folded":
             out = image_to_tokens_folded(i2t, q_image[None], k_i2t[sel], v_i2t[sel], q_projected=True)
@@ -373,51 +336,6 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
         queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how)
     attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, how)
     return t.norm_final_attn(queries + attn_out), keys
-
-
-def keys_update(layer: TwoWayAttentionBlock, queries: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A block's image-to-token attention and norm as :func:`sam_keys.prompt_keys_attention` takes them: the
-    matrices of :func:`image_to_tokens_matrices`, each head's tokens padded to ``token_columns``, then the output
-    bias and the norm's weight and bias."""
-    i2t = layer.cross_attn_image_to_token
-    keys, bias, values = image_to_tokens_matrices(i2t, i2t.k_proj(queries + tokens), i2t.v_proj(queries))
-    pad = token_columns(tokens.shape[1]) - tokens.shape[1]
-    return (F.pad(keys, (0, pad)).flatten(2), F.pad(bias, (0, pad)).flatten(1),
-            F.pad(values, (0, 0, 0, pad)).flatten(1, 2), i2t.out_proj.bias, layer.norm4.weight, layer.norm4.bias)
-
-
-def fused_decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
-                              groups: list[tuple[int, int]], tokens: torch.Tensor,
-                              keys_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decoder_transformer` with every attention to the image after the first block's token-to-image one in
-    :func:`sam_keys.prompt_keys_attention`: the prompts' image tokens are made on chip, layer by layer, and written
-    once (the last layer's, in ``keys_dtype``, else the products' dtype). ``precompute.sam.decoder_attention:
-    fused``."""
-    norms = [layer.norm4 for layer in t.layers]
-    if len({norm.eps for norm in norms}) != 1:
-        raise ValueError("the fused decoder takes one LayerNorm eps for every block's image tokens")
-    which = torch.repeat_interleave(torch.arange(len(groups), device=tokens.device),
-                                    torch.tensor([count for _, count in groups], device=tokens.device))
-    n_tok, cols, pe = tokens.shape[1], token_columns(tokens.shape[1]), image_pe[0]
-
-    def attend_image(attn: TwoWayAttention, q: torch.Tensor, updates: list, store: bool):
-        wide = token_queries_wide(attn, q)  # (n, H, T, C), in the products' dtype
-        queries = F.pad(wide, (0, 0, 0, cols - n_tok)).flatten(1, 2)
-        out, keys = prompt_keys_attention(image_tokens, pe, which, updates, queries, n_tok, norms[0].eps,
-                                          (keys_dtype or wide.dtype) if store else None)
-        return tokens_to_image_output(attn, out.unflatten(1, (attn.num_heads, cols))[:, :, :n_tok]), keys
-
-    queries = first_layer_queries(t.layers[0], image_tokens, image_pe, groups, tokens, "folded")
-    updates = [keys_update(t.layers[0], queries, tokens)]
-    for layer in t.layers[1:]:
-        q = queries + tokens
-        queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries, "folded"))
-        out, _ = attend_image(layer.cross_attn_token_to_image, queries + tokens, updates, False)
-        queries = layer.norm2(queries + out)
-        queries = layer.norm3(queries + layer.mlp(queries))
-        updates.append(keys_update(layer, queries, tokens))
-    out, keys = attend_image(t.final_attn_token_to_image, queries + tokens, updates, True)
-    return t.norm_final_attn(queries + out), keys
 
 
 def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor,
@@ -452,11 +370,7 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     image_tokens = used.flatten(2).transpose(1, 2)
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
     groups = list(enumerate(counts.tolist()))
-    if how == "fused" and sam_keys.runs_on(emb.device):
-        hs, keys = fused_decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, keys_dtype)
-    else:  # "fused" where its kernel does not run: the same products in PyTorch
-        hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens,
-                                       "folded" if how == "fused" else how)
+    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, how)
     iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
     return hs[:, 2:1 + md.num_mask_tokens], keys if keys_dtype is None else keys.to(keys_dtype), iou
 

@@ -18,6 +18,7 @@ fp32): SamAnchor uses it on CUDA devices only.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,6 @@ import triton.language as tl
 from segment_anything.modeling import Sam
 
 from .sam_fast import hypernetwork_outputs, transposed_conv_as_linear
-from .sam_triton import product_precision
 
 MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr globals
@@ -82,6 +82,11 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     tl.atomic_add(counts + 2 * M + rm, outer, mask=rm < M)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether :func:`mask_statistics` runs for tensors on ``device``: CUDA, or anywhere under the interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
 # (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel
 # several times, so the counts it adds into are zeroed before each run.
@@ -131,7 +136,12 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
     counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
     if n:
-        precision = product_precision(keys)
+        # The products' precision applies to fp32 operands only (bf16 ones multiply in bf16 either way). Without TF32
+        # a GPU runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products
+        # unroll to FMAs that ptxas took over ten minutes to compile at 64 tokens per program.
+        precision = "tf32"
+        if keys.dtype == torch.float32 and not (keys.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+            precision = "tf32x3" if keys.is_cuda else "ieee"
         args = (keys.contiguous(), w1, b1.float().contiguous(), norm.weight.float().contiguous(),
                 norm.bias.float().contiguous(), w2, b2.float().contiguous(), hyper, masks,
                 counts, h * w, w, norm.eps, threshold, offset)
