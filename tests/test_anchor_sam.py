@@ -459,9 +459,9 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
         assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.mark.parametrize("tokens, precision, block, subpixels", [("*bf16", "tf32", 64, 4), ("*bf16", "tf32", 128, 1),
-                                                                ("*fp32", "tf32", 32, 4)])
-def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels):
+@pytest.mark.parametrize("tokens, precision, block, subpixels, unroll", [
+    ("*bf16", "tf32", 64, 4, 4), ("*bf16", "tf32", 128, 1, 1), ("*fp32", "tf32", 32, 4, 1)])
+def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels, unroll):
     """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
     decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
     from triton.backends.compiler import GPUTarget
@@ -475,7 +475,7 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, s
                  "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
                  "offset": "fp32"}
     constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision,
-                 "SUBPIXELS": subpixels}
+                 "SUBPIXELS": subpixels, "UNROLL": unroll}
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -37,9 +37,11 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
                            masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
                            C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
                            MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                           SUBPIXELS: tl.constexpr = 4):
+                           SUBPIXELS: tl.constexpr = 4, UNROLL: tl.constexpr = 4):
     """Program (prompt, token block, part): ``SUBPIXELS`` of the first upscaling's 4 sub-pixels, from ``part *
-    SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip)."""
+    SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). ``UNROLL``: the sub-pixel loops
+    unrolled that many times (unrolled, the compiler schedules their weights' loads early and may run out of
+    registers)."""
     prompt = tl.program_id(0)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
     valid = t < n_tokens
@@ -53,7 +55,7 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     area = tl.zeros((MP,), dtype=tl.int32)
     inner = tl.zeros((MP,), dtype=tl.int32)
     outer = tl.zeros((MP,), dtype=tl.int32)
-    for k in tl.static_range(SUBPIXELS):
+    for k in tl.range(SUBPIXELS, loop_unroll_factor=UNROLL):
         s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
         w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
         h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
@@ -62,7 +64,7 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
         var = tl.sum(centred * centred, axis=1) / C1
         h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
         h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
-        for s2 in tl.static_range(4):  # second upscaling's sub-pixel (ei, ej)
+        for s2 in tl.range(4, loop_unroll_factor=UNROLL):  # second upscaling's sub-pixel (ei, ej)
             w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
             g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
             g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
