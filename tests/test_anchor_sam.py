@@ -379,7 +379,7 @@ keys, tokens = torch.randn(1, 64 * 64, 256), torch.randn(1, 3, 256)
 with torch.no_grad():
     ref = statistics_of_logits(multimask_logits(sam, keys, tokens), 0.0, 1.0)
     got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
-    split = mask_statistics(sam, keys, tokens, 0.0, 1.0, interpreter_subpixels=1)  # a program per sub-pixel
+    split = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"SUBPIXELS": 1})  # a program per sub-pixel
 out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
                       "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)],
                       "split_same": bool(torch.equal(split.masks, got.masks)) and all(

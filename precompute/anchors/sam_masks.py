@@ -117,11 +117,11 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
 
 
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
-                    offset: float, interpreter_subpixels: int = 4) -> MaskStatistics:
+                    offset: float, launch: dict | None = None) -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
-    ``interpreter_subpixels``: the first upscaling's sub-pixels per program in the interpreter, 4 or 1 (on a GPU the
-    autotuner chooses)."""
+    ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``, ``UNROLL``, ``num_warps``) in place of
+    the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
     conv1, norm, _, conv2, _ = md.output_upscaling
@@ -148,10 +148,11 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
                 norm.bias.float().contiguous(), w2, b2.float().contiguous(), hyper, masks,
                 counts, h * w, w, norm.eps, threshold, offset)
         shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
-        if keys.is_cuda:
+        if keys.is_cuda and launch is None:
             grid = lambda meta: (n, triton.cdiv(h * w, meta["BLOCK"]), 4 // meta["SUBPIXELS"])  # noqa: E731
             tuned_mask_statistics_kernel[grid](*args, **shape)
-        else:  # the interpreter's cost is per operation, not per element: one program per prompt
-            mask_statistics_kernel[(n, 1, 4 // interpreter_subpixels)](
-                *args, **shape, BLOCK=triton.next_power_of_2(h * w), SUBPIXELS=interpreter_subpixels)
+        else:  # the interpreter's cost is per operation, not per element: by default one program per prompt
+            launch = {"BLOCK": triton.next_power_of_2(h * w), "SUBPIXELS": 4, **(launch or {})}
+            grid = (n, triton.cdiv(h * w, launch["BLOCK"]), 4 // launch["SUBPIXELS"])
+            mask_statistics_kernel[grid](*args, **shape, **launch)
     return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])

@@ -1,0 +1,125 @@
+"""SAM's fused mask kernel (precompute/anchors/sam_masks.py) per launch configuration, side by side.
+
+    python bench/bench_mask_kernel.py                          # CUDA: 1,024 prompts (one image at 32 points per side)
+    python bench/bench_mask_kernel.py --prompts 4096 --dtype fp32
+    python bench/bench_mask_kernel.py --configs 64x4x4x1,128x8x1x1
+    python bench/bench_mask_kernel.py --quick                  # CPU: Triton's interpreter, one prompt
+
+Random image tokens and mask tokens at the real decoder's widths (a mask decoder with random weights, the same in
+every SAM variant: 64 x 64 tokens of 256 channels, upscaled to 64 then 32 channels, 3 masks per prompt). Each
+configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL``: tokens per program, warps, the first upscaling's sub-pixels per
+program (4 or 1), and how many times the sub-pixel loops are unrolled (4: fully, 1: not). For each, the CUDA-
+synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
+autotuner's choice (timed the same way, first), and whether its masks and counts equal the autotuner's. On the CPU
+(``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--quick" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from precompute.anchors.sam import BUILDERS  # noqa: E402
+from precompute.anchors.sam_masks import mask_statistics, tuned_mask_statistics_kernel  # noqa: E402
+
+DEFAULT_CONFIGS = "64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1"
+
+
+def parse_config(text: str) -> dict:
+    block, warps, subpixels, unroll = (int(v) for v in text.split("x"))
+    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll}
+
+
+def upscaling_flops(prompts: int, tokens: int, c: int, c1: int, c2: int, columns: int) -> float:
+    """Multiply-adds x 2 of the two upscalings and the masks' contraction (padded to ``columns``) per call."""
+    return 2.0 * prompts * tokens * 4 * (c * c1 + 4 * c1 * c2 + 4 * c2 * columns)
+
+
+def seconds(fn, device: torch.device, iters: int) -> float:
+    fn()  # compiles (and, for the autotuner, tunes)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in ((a.masks, b.masks), (a.area, b.area), (a.inner, b.inner),
+                                               (a.outer, b.outer)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run in Triton's interpreter (one prompt)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per call (default 1,024; quick: 1)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="the image tokens' dtype: the products' (fp32 in TF32)")
+    ap.add_argument("--configs", default=None, help=f"BLOCKxWARPSxSUBPIXELSxUNROLL list (default {DEFAULT_CONFIGS}; "
+                                                    "quick: 4096x4x4x4,4096x4x1x1)")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("no CUDA device: run with --quick for a CPU smoke run in Triton's interpreter", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.quick else "cuda")
+    prompts = args.prompts or (1 if args.quick else 1024)
+    iters = args.iters or (1 if args.quick else 10)
+    configs = (args.configs or ("4096x4x4x4,4096x4x1x1" if args.quick else DEFAULT_CONFIGS)).split(",")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        sam = BUILDERS["vit_b"](None).eval()  # the smallest encoder: only the mask decoder is used
+    h, w = sam.prompt_encoder.image_embedding_size
+    keys = torch.randn(prompts, h * w, sam.prompt_encoder.embed_dim, device=device).to(dtype)
+    tokens = torch.randn(prompts, 3, sam.prompt_encoder.embed_dim, device=device)
+    conv1, _, _, conv2, _ = sam.mask_decoder.output_upscaling
+    flops = upscaling_flops(prompts, h * w, keys.shape[-1], conv1.out_channels, conv2.out_channels, 16)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
+    print(f"device: {name}, torch {torch.__version__}, {prompts} prompts, tokens {str(dtype).split('.')[-1]}")
+
+    def call(launch: dict | None):
+        return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch)
+
+    rows: dict[str, dict] = {}
+    with torch.no_grad():
+        if device.type == "cuda":
+            reference = call(None)
+            t = seconds(lambda: call(None), device, iters)
+            rows["autotuned"] = {"s": t, "config": str(tuned_mask_statistics_kernel.best_config), "same": True}
+        else:
+            reference = call(parse_config(configs[0]))
+        for text in configs:
+            launch = parse_config(text)
+            t = seconds(lambda launch=launch: call(launch), device, iters)
+            rows[text] = {"s": t, "config": text, "same": same(call(launch), reference)}
+    first = next(iter(rows.values()))["s"]
+    print(f"{'configuration':>14} | ms per call | TFLOP/s | vs {next(iter(rows))} | masks and counts equal")
+    for key, row in rows.items():
+        print(f"{key:>14} | {row['s'] * 1e3:11.2f} | {flops / row['s'] / 1e12:7.1f} | {first / row['s']:8.2f}x | "
+              f"{row['same']}" + (f"  ({row['config']})" if key == "autotuned" else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "prompts": prompts, "dtype": str(dtype).split(".")[-1],
+                                         "tflop_per_call": flops / 1e12, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

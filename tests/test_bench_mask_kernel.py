@@ -1,0 +1,22 @@
+"""bench/bench_mask_kernel.py on the CPU (--quick, Triton's interpreter): it runs each configuration and checks its
+masks and counts against the first's."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_mask_kernel_bench_times_each_configuration(tmp_path):
+    out = tmp_path / "kernel.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench/bench_mask_kernel.py", "--quick", "--json", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 1 and result["dtype"] == "float32" and result["tflop_per_call"] > 0
+    assert set(result["rows"]) == {"4096x4x4x4", "4096x4x1x1"}
+    assert all(row["same"] and row["s"] > 0 for row in result["rows"].values())
+    assert "4096x4x1x1" in proc.stdout and "masks and counts equal" in proc.stdout
