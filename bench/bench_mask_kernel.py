@@ -7,8 +7,9 @@
 
 Random image tokens and mask tokens at the real decoder's widths (a mask decoder with random weights, the same in
 every SAM variant: 64 x 64 tokens of 256 channels, upscaled to 64 then 32 channels, 3 masks per prompt). Each
-configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL``: tokens per program, warps, the first upscaling's sub-pixels per
-program (4 or 1), and how many times the sub-pixel loops are unrolled (4: fully, 1: not). For each, the CUDA-
+configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]``: tokens per block, warps, the first upscaling's
+sub-pixels per program (4 or 1), how many times the sub-pixel loops are unrolled (4: fully, 1: not), and the blocks
+each program runs one after the other (default 1). For each, the CUDA-
 synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
 autotuner's choice (timed the same way, first), and whether its masks and counts equal the autotuner's. On the CPU
 (``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
@@ -33,12 +34,14 @@ sys.path.insert(0, str(REPO))
 from precompute.anchors.sam import BUILDERS  # noqa: E402
 from precompute.anchors.sam_masks import mask_statistics, tuned_mask_statistics_kernel  # noqa: E402
 
-DEFAULT_CONFIGS = "64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1"
+DEFAULT_CONFIGS = ("64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1,"
+                   "64x8x1x1x4,64x4x1x1x4")
 
 
 def parse_config(text: str) -> dict:
-    block, warps, subpixels, unroll = (int(v) for v in text.split("x"))
-    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll}
+    block, warps, subpixels, unroll, token_blocks = ([int(v) for v in text.split("x")] + [1])[:5]
+    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll,
+            "TOKEN_BLOCKS": token_blocks}
 
 
 def upscaling_flops(prompts: int, tokens: int, c: int, c1: int, c2: int, columns: int) -> float:
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per call (default 1,024; quick: 1)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="the image tokens' dtype: the products' (fp32 in TF32)")
-    ap.add_argument("--configs", default=None, help=f"BLOCKxWARPSxSUBPIXELSxUNROLL list (default {DEFAULT_CONFIGS}; "
-                                                    "quick: 4096x4x4x4,4096x4x1x1)")
+    ap.add_argument("--configs", default=None, help=f"BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] list (default "
+                                                    f"{DEFAULT_CONFIGS}; "
+                                                    "quick: 4096x4x4x4,4096x4x1x1,2048x4x1x1x2)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.quick else "cuda")
     prompts = args.prompts or (1 if args.quick else 1024)
     iters = args.iters or (1 if args.quick else 10)
-    configs = (args.configs or ("4096x4x4x4,4096x4x1x1" if args.quick else DEFAULT_CONFIGS)).split(",")
+    configs = (args.configs or ("4096x4x4x4,4096x4x1x1,2048x4x1x1x2" if args.quick else DEFAULT_CONFIGS)).split(",")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
 

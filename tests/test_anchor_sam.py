@@ -380,11 +380,12 @@ with torch.no_grad():
     ref = statistics_of_logits(multimask_logits(sam, keys, tokens), 0.0, 1.0)
     got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
     split = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"SUBPIXELS": 1})  # a program per sub-pixel
+    blocks = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"BLOCK": 1024, "TOKEN_BLOCKS": 2})  # 2 programs
 out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
                       "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)],
-                      "split_same": bool(torch.equal(split.masks, got.masks)) and all(
-                          torch.equal(a, b) for a, b in ((split.area, got.area), (split.inner, got.inner),
-                                                          (split.outer, got.outer)))}
+                      "split_same": [bool(torch.equal(other.masks, got.masks)) and all(
+                          torch.equal(a, b) for a, b in ((other.area, got.area), (other.inner, got.inner),
+                                                          (other.outer, got.outer))) for other in (split, blocks)]}
 # the anchor's candidates with the kernel and without, on the tiny SAM
 anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
     points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12, fused_masks=False),
@@ -421,7 +422,8 @@ def test_fused_mask_statistics_equal_the_logits_path():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     real = out["real_widths"]
     assert real["flipped"] <= 2 and real["pixels"] == 3 * 256 * 256
-    assert real["split_same"]  # one program per sub-pixel of the first upscaling: the same sums, counted apart
+    # one program per sub-pixel of the first upscaling, two blocks of tokens per program: the same sums
+    assert real["split_same"] == [True, True]
     ref_counts, got_counts = real["counts"]
     for ref, got in zip(ref_counts, got_counts, strict=True):
         assert all(abs(a - b) <= 2 for a, b in zip(ref[0], got[0], strict=True))
@@ -459,9 +461,10 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
         assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.mark.parametrize("tokens, precision, block, subpixels, unroll", [
-    ("*bf16", "tf32", 64, 4, 4), ("*bf16", "tf32", 128, 1, 1), ("*fp32", "tf32", 32, 4, 1)])
-def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels, unroll):
+@pytest.mark.parametrize("tokens, precision, block, subpixels, unroll, token_blocks", [
+    ("*bf16", "tf32", 64, 4, 4, 1), ("*bf16", "tf32", 128, 1, 1, 1), ("*fp32", "tf32", 32, 4, 1, 1),
+    ("*bf16", "tf32", 64, 1, 1, 4)])
+def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels, unroll, token_blocks):
     """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
     decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
     from triton.backends.compiler import GPUTarget
@@ -475,7 +478,7 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, s
                  "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
                  "offset": "fp32"}
     constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision,
-                 "SUBPIXELS": subpixels, "UNROLL": unroll}
+                 "SUBPIXELS": subpixels, "UNROLL": unroll, "TOKEN_BLOCKS": token_blocks}
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -37,47 +37,48 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
                            masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
                            C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
                            MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                           SUBPIXELS: tl.constexpr = 4, UNROLL: tl.constexpr = 4):
-    """Program (prompt, token block, part): ``SUBPIXELS`` of the first upscaling's 4 sub-pixels, from ``part *
-    SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). ``UNROLL``: the sub-pixel loops
-    unrolled that many times (unrolled, the compiler schedules their weights' loads early and may run out of
-    registers)."""
+                           SUBPIXELS: tl.constexpr = 4, UNROLL: tl.constexpr = 4, TOKEN_BLOCKS: tl.constexpr = 1):
+    """Program (prompt, token blocks, part): ``TOKEN_BLOCKS`` blocks of ``BLOCK`` tokens one after the other (the
+    weights that do not change between them loaded once), and ``SUBPIXELS`` of the first upscaling's 4 sub-pixels,
+    from ``part * SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). ``UNROLL``: the
+    sub-pixel loops unrolled that many times (unrolled, the compiler schedules their weights' loads early and may run
+    out of registers)."""
     prompt = tl.program_id(0)
-    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
-    valid = t < n_tokens
     rc, rc1, rc2, rm = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, C2), tl.arange(0, MP)
-    x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
-    dtype = x.dtype
-    hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :]).to(dtype)  # (C2, MP)
+    hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :])  # (C2, MP)
     norm_w, norm_b = tl.load(norm_w_ptr + rc1), tl.load(norm_b_ptr + rc1)
-    y, xx = t // width, t % width
     side = 4 * width
     area = tl.zeros((MP,), dtype=tl.int32)
     inner = tl.zeros((MP,), dtype=tl.int32)
     outer = tl.zeros((MP,), dtype=tl.int32)
-    for k in tl.range(SUBPIXELS, loop_unroll_factor=UNROLL):
-        s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
-        w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
-        h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
-        mean = tl.sum(h, axis=1) / C1
-        centred = h - mean[:, None]
-        var = tl.sum(centred * centred, axis=1) / C1
-        h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
-        h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
-        for s2 in tl.range(4, loop_unroll_factor=UNROLL):  # second upscaling's sub-pixel (ei, ej)
-            w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
-            g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
-            g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
-            logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
-            row = 4 * y + 2 * (s1 // 2) + s2 // 2
-            col = 4 * xx + 2 * (s1 % 2) + s2 % 2
-            keep = valid[:, None] & (rm[None, :] < M)
-            on = logits > threshold
-            pixel = masks_ptr + prompt * M * side * side + rm[None, :] * side * side + (row * side + col)[:, None]
-            tl.store(pixel, on.to(tl.int8), mask=keep)
-            area += tl.sum((on & keep).to(tl.int32), axis=0)
-            inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
-            outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
+    for b in tl.range(TOKEN_BLOCKS):
+        t = (tl.program_id(1) * TOKEN_BLOCKS + b) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
+        valid = t < n_tokens
+        x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
+        y, xx = t // width, t % width
+        for k in tl.range(SUBPIXELS, loop_unroll_factor=UNROLL):
+            s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
+            w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
+            h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
+            mean = tl.sum(h, axis=1) / C1
+            centred = h - mean[:, None]
+            var = tl.sum(centred * centred, axis=1) / C1
+            h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
+            h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(x.dtype)  # GELU (erf), as nn.GELU
+            for s2 in tl.range(4, loop_unroll_factor=UNROLL):  # second upscaling's sub-pixel (ei, ej)
+                w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
+                g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
+                g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(x.dtype)
+                logits = tl.dot(g, hyper.to(x.dtype), input_precision=PRECISION)  # (BLOCK, MP): past M padding
+                row = 4 * y + 2 * (s1 // 2) + s2 // 2
+                col = 4 * xx + 2 * (s1 % 2) + s2 % 2
+                keep = valid[:, None] & (rm[None, :] < M)
+                on = logits > threshold
+                pixel = masks_ptr + prompt * M * side * side + rm[None, :] * side * side + (row * side + col)[:, None]
+                tl.store(pixel, on.to(tl.int8), mask=keep)
+                area += tl.sum((on & keep).to(tl.int32), axis=0)
+                inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
+                outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
     counts = counts_ptr + prompt * 3 * M
     tl.atomic_add(counts + rm, area, mask=rm < M)
     tl.atomic_add(counts + M + rm, inner, mask=rm < M)
@@ -90,11 +91,17 @@ def runs_on(device: torch.device) -> bool:
 
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
-# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. Tuning runs the kernel
-# several times, so the counts it adds into are zeroed before each run.
+# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. With the 4 sub-pixels in
+# one program and the loops unrolled, ptxas (sm_90a, bf16) gives 255 registers and 1.1-1.5 KB of spills per thread
+# at 32-128 tokens; not unrolled, none. Several token blocks per program load a sub-pixel's weights once for all of
+# them. Tuning runs the kernel several times, so the counts it adds into are zeroed before each run.
+MASK_KERNEL_CONFIGS = (
+    [({"BLOCK": block, "SUBPIXELS": subpixels}, warps)
+     for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)]
+    + [({"BLOCK": block, "SUBPIXELS": 4, "UNROLL": 1}, warps) for block, warps in ((64, 4), (64, 8), (128, 8))]
+    + [({"BLOCK": 64, "SUBPIXELS": 1, "UNROLL": 1, "TOKEN_BLOCKS": 4}, warps) for warps in (4, 8)])
 tuned_mask_statistics_kernel = triton.autotune(
-    configs=[triton.Config({"BLOCK": block, "SUBPIXELS": subpixels}, num_warps=warps)
-             for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)],
+    configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in MASK_KERNEL_CONFIGS],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
 
@@ -116,12 +123,18 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
                           (logits > -offset).sum((-1, -2)))
 
 
+def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, int, int]:
+    """The kernel's programs: per prompt, per ``BLOCK x TOKEN_BLOCKS`` tokens, per ``SUBPIXELS`` of the 4."""
+    return (prompts, triton.cdiv(tokens, launch["BLOCK"] * launch.get("TOKEN_BLOCKS", 1)), 4 // launch["SUBPIXELS"])
+
+
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
                     offset: float, launch: dict | None = None) -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
-    ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``, ``UNROLL``, ``num_warps``) in place of
-    the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
+    ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``, ``UNROLL``, ``TOKEN_BLOCKS``,
+    ``num_warps``) in place of the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt
+    in the interpreter."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
     conv1, norm, _, conv2, _ = md.output_upscaling
@@ -149,10 +162,8 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
                 counts, h * w, w, norm.eps, threshold, offset)
         shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
         if keys.is_cuda and launch is None:
-            grid = lambda meta: (n, triton.cdiv(h * w, meta["BLOCK"]), 4 // meta["SUBPIXELS"])  # noqa: E731
-            tuned_mask_statistics_kernel[grid](*args, **shape)
+            tuned_mask_statistics_kernel[lambda meta: launch_grid(n, h * w, meta)](*args, **shape)
         else:  # the interpreter's cost is per operation, not per element: by default one program per prompt
             launch = {"BLOCK": triton.next_power_of_2(h * w), "SUBPIXELS": 4, **(launch or {})}
-            grid = (n, triton.cdiv(h * w, launch["BLOCK"]), 4 // launch["SUBPIXELS"])
-            mask_statistics_kernel[grid](*args, **shape, **launch)
+            mask_statistics_kernel[launch_grid(n, h * w, launch)](*args, **shape, **launch)
     return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])
