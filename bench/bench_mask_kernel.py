@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--quick" in sys.argv:
@@ -30,6 +29,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_precompute import seconds_per_batch  # noqa: E402
 
 from precompute.anchors.sam import BUILDERS  # noqa: E402
 from precompute.anchors.sam_masks import mask_statistics, tuned_mask_statistics_kernel  # noqa: E402
@@ -47,18 +49,6 @@ def parse_config(text: str) -> dict:
 def upscaling_flops(prompts: int, tokens: int, c: int, c1: int, c2: int, columns: int) -> float:
     """Multiply-adds x 2 of the two upscalings and the masks' contraction (padded to ``columns``) per call."""
     return 2.0 * prompts * tokens * 4 * (c * c1 + 4 * c1 * c2 + 4 * c2 * columns)
-
-
-def seconds(fn, device: torch.device, iters: int) -> float:
-    fn()  # compiles (and, for the autotuner, tunes)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
 
 
 def same(a, b) -> bool:
@@ -104,16 +94,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict] = {}
     with torch.no_grad():
+        # each first call compiles (the autotuner's also tunes) and gives the masks compared
         if device.type == "cuda":
             reference = call(None)
-            t = seconds(lambda: call(None), device, iters)
+            t = seconds_per_batch(lambda: call(None), device, 0, iters)
             rows["autotuned"] = {"s": t, "config": str(tuned_mask_statistics_kernel.best_config), "same": True}
         else:
             reference = call(parse_config(configs[0]))
         for text in configs:
             launch = parse_config(text)
-            t = seconds(lambda launch=launch: call(launch), device, iters)
-            rows[text] = {"s": t, "config": text, "same": same(call(launch), reference)}
+            stats = call(launch)
+            t = seconds_per_batch(lambda launch=launch: call(launch), device, 0, iters)
+            rows[text] = {"s": t, "config": text, "same": same(stats, reference)}
     first = next(iter(rows.values()))["s"]
     print(f"{'configuration':>14} | ms per call | TFLOP/s | vs {next(iter(rows))} | masks and counts equal")
     for key, row in rows.items():

@@ -44,8 +44,9 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     sub-pixel loops unrolled that many times (unrolled, the compiler schedules their weights' loads early and may run
     out of registers)."""
     prompt = tl.program_id(0)
+    dtype = tokens_ptr.dtype.element_ty  # the products'
     rc, rc1, rc2, rm = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, C2), tl.arange(0, MP)
-    hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :])  # (C2, MP)
+    hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :]).to(dtype)  # (C2, MP)
     norm_w, norm_b = tl.load(norm_w_ptr + rc1), tl.load(norm_b_ptr + rc1)
     side = 4 * width
     area = tl.zeros((MP,), dtype=tl.int32)
@@ -64,12 +65,12 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
             centred = h - mean[:, None]
             var = tl.sum(centred * centred, axis=1) / C1
             h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
-            h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(x.dtype)  # GELU (erf), as nn.GELU
+            h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
             for s2 in tl.range(4, loop_unroll_factor=UNROLL):  # second upscaling's sub-pixel (ei, ej)
                 w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
                 g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
-                g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(x.dtype)
-                logits = tl.dot(g, hyper.to(x.dtype), input_precision=PRECISION)  # (BLOCK, MP): past M padding
+                g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
+                logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
                 row = 4 * y + 2 * (s1 // 2) + s2 // 2
                 col = 4 * xx + 2 * (s1 % 2) + s2 % 2
                 keep = valid[:, None] & (rm[None, :] < M)
