@@ -23,7 +23,14 @@ def test_the_precompute_bench_runs_at_the_grid_asked(tmp_path):
     result, printed = run_quick_bench(tmp_path, "--point-batch-size", "5")
     assert result["sam_points_per_side"] == 4 and "4 points per side" in printed
     assert "5 prompts per decoder call" in printed
+    assert "target at 4 points per side >= 10 images/s" in printed
     assert {"sam", "depth", "dino", "sam+depth+dino"} <= set(result["batches"]["1"])
+
+
+def test_the_target_is_issue_19s_at_the_references_32_points():
+    from bench.bench_precompute import target_images_per_s
+
+    assert target_images_per_s(32) == 20.0 and target_images_per_s(16) == 10.0
 
 
 def test_no_sam_details_times_the_anchors_only(tmp_path):
