@@ -9,9 +9,11 @@ Random image tokens and mask tokens at the real decoder's widths (a mask decoder
 every SAM variant: 64 x 64 tokens of 256 channels, upscaled to 64 then 32 channels, 3 masks per prompt). Each
 configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]``: tokens per block, warps, the first upscaling's
 sub-pixels per program (4 or 1), how many times the sub-pixel loops are unrolled (4: fully, 1: not), and the blocks
-each program runs one after the other (default 1). For each, the CUDA-
-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
-autotuner's choice (timed the same way, first), and whether its masks and counts equal the autotuner's. On the CPU
+each program runs one after the other (default 1); or, for the grouped kernel, ``gBLOCKxWARPSxGROUP[xSTAGES]``: the
+first upscaling's sub-pixels per product (1, 2 or 4) and the software pipeline's stages (Triton's default 3). For each,
+the CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
+first row (the per-sub-pixel kernel's autotuned choice, then the grouped kernel's, timed the same way), and whether
+its masks and counts equal the first row's. On the CPU
 (``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ if "--quick" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,13 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precompute import seconds_per_batch  # noqa: E402
 
 from precompute.anchors.sam import BUILDERS  # noqa: E402
-from precompute.anchors.sam_masks import mask_statistics, tuned_mask_statistics_kernel  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, mask_statistics  # noqa: E402
 
 DEFAULT_CONFIGS = ("64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1,"
-                   "64x8x1x1x4,64x4x1x1x4")
+                   "64x8x1x1x4,64x4x1x1x4,g32x8x4,g16x4x4,g64x4x1,g64x8x1,g128x8x1,g64x8x2,g32x4x2,g32x8x4x1")
+QUICK_CONFIGS = "4096x4x4x4,4096x4x1x1,2048x4x1x1x2,g1024x4x4,g2048x4x1"
+KERNEL_OF_ROW = {"autotuned": "subpixels", "autotuned grouped": "grouped"}
 
 
 def parse_config(text: str) -> dict:
+    if text.startswith("g"):
+        block, warps, group, *stages = [int(v) for v in text[1:].split("x")]
+        return {"BLOCK": block, "num_warps": warps, "GROUP": group, **({"num_stages": stages[0]} if stages else {})}
     block, warps, subpixels, unroll, token_blocks = ([int(v) for v in text.split("x")] + [1])[:5]
     return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll,
             "TOKEN_BLOCKS": token_blocks}
@@ -62,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per call (default 1,024; quick: 1)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="the image tokens' dtype: the products' (fp32 in TF32)")
-    ap.add_argument("--configs", default=None, help=f"BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] list (default "
-                                                    f"{DEFAULT_CONFIGS}; "
-                                                    "quick: 4096x4x4x4,4096x4x1x1,2048x4x1x1x2)")
+    ap.add_argument("--configs", default=None, help="BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] and "
+                                                    f"gBLOCKxWARPSxGROUP[xSTAGES] list (default {DEFAULT_CONFIGS}; "
+                                                    f"quick: {QUICK_CONFIGS})")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.quick else "cuda")
     prompts = args.prompts or (1 if args.quick else 1024)
     iters = args.iters or (1 if args.quick else 10)
-    configs = (args.configs or ("4096x4x4x4,4096x4x1x1,2048x4x1x1x2" if args.quick else DEFAULT_CONFIGS)).split(",")
+    configs = (args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)).split(",")
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
 
@@ -89,28 +97,35 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
     print(f"device: {name}, torch {torch.__version__}, {prompts} prompts, tokens {str(dtype).split('.')[-1]}")
 
-    def call(launch: dict | None):
-        return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch)
+    def call(launch: dict | None, kernel: str = "subpixels"):
+        kernel = "grouped" if launch and "GROUP" in launch else kernel
+        return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel=kernel)
 
     rows: dict[str, dict] = {}
     with torch.no_grad():
         # each first call compiles (the autotuner's also tunes) and gives the masks compared
         if device.type == "cuda":
             reference = call(None)
-            t = seconds_per_batch(lambda: call(None), device, 0, iters)
-            rows["autotuned"] = {"s": t, "config": str(tuned_mask_statistics_kernel.best_config), "same": True}
+            for row, kernel in KERNEL_OF_ROW.items():
+                stats = call(None, kernel)
+                t = seconds_per_batch(lambda kernel=kernel: call(None, kernel), device, 0, iters)
+                rows[row] = {"s": t, "config": str(MASK_KERNELS[kernel][1].best_config), "same": same(stats, reference)}
         else:
             reference = call(parse_config(configs[0]))
         for text in configs:
             launch = parse_config(text)
-            stats = call(launch)
+            try:
+                stats = call(launch)
+            except OutOfResources as e:  # more shared memory or registers than the GPU has: no row
+                print(f"{text}: {e}")
+                continue
             t = seconds_per_batch(lambda launch=launch: call(launch), device, 0, iters)
             rows[text] = {"s": t, "config": text, "same": same(stats, reference)}
     first = next(iter(rows.values()))["s"]
-    print(f"{'configuration':>14} | ms per call | TFLOP/s | vs {next(iter(rows))} | masks and counts equal")
+    print(f"{'configuration':>17} | ms per call | TFLOP/s | vs {next(iter(rows))} | masks and counts equal")
     for key, row in rows.items():
-        print(f"{key:>14} | {row['s'] * 1e3:11.2f} | {flops / row['s'] / 1e12:7.1f} | {first / row['s']:8.2f}x | "
-              f"{row['same']}" + (f"  ({row['config']})" if key == "autotuned" else ""))
+        print(f"{key:>17} | {row['s'] * 1e3:11.2f} | {flops / row['s'] / 1e12:7.1f} | {first / row['s']:8.2f}x | "
+              f"{row['same']}" + (f"  ({row['config']})" if key in KERNEL_OF_ROW else ""))
     if args.json:
         args.json.write_text(json.dumps({"device": name, "prompts": prompts, "dtype": str(dtype).split(".")[-1],
                                          "tflop_per_call": flops / 1e12, "rows": rows}, indent=1))

@@ -45,7 +45,7 @@ from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
-from precompute.anchors.sam_masks import tuned_mask_statistics_kernel  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
@@ -282,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-masks", action="store_true",
                     help="the rows with precompute.sam.fused_masks (CUDA); --decoder-variants times it beside the "
                          "logits' path")
+    ap.add_argument("--mask-kernel", choices=["subpixels", "grouped"], default="subpixels",
+                    help="precompute.sam.mask_kernel: the Triton kernel --fused-masks runs")
     ap.add_argument("--decoder-variants", nargs="?", const=",".join(DECODER_ATTENTIONS), default=None,
                     metavar="ATTENTIONS",
                     help="time SAM's mask generation with each precompute.sam.decoder_attention (all, or the "
@@ -317,6 +319,7 @@ def main(argv=None) -> int:
     anchors["sam"].compile_decoder = args.compile_decoder
     anchors["sam"].compile_encoder = args.compile_encoder
     anchors["sam"].fused_masks = args.fused_masks
+    anchors["sam"].mask_kernel = args.mask_kernel
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
     if args.point_batch_size:
@@ -324,7 +327,8 @@ def main(argv=None) -> int:
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
           f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
-          f"fused masks {args.fused_masks}, {anchors['sam'].amg.point_batch_size} prompts per decoder call")
+          f"fused masks {args.fused_masks} ({args.mask_kernel}), {anchors['sam'].amg.point_batch_size} prompts per "
+          "decoder call")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
@@ -376,8 +380,8 @@ def main(argv=None) -> int:
           f"{'met' if best >= target else 'NOT met'}"
           f"{' (quick run: tiny models, not comparable)' if args.quick else ''}")
     if args.fused_masks and device.type == "cuda":
-        results["mask_kernel_config"] = str(tuned_mask_statistics_kernel.best_config)
-        print(f"the fused mask kernel's autotuned launch: {results['mask_kernel_config']}")
+        results["mask_kernel_config"] = str(MASK_KERNELS[args.mask_kernel][1].best_config)
+        print(f"the fused mask kernel ({args.mask_kernel}) autotuned launch: {results['mask_kernel_config']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -130,6 +130,9 @@ class SamPrecomputeConfig:
     # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. 1.11x the compiled logits'
     # path on mask generation in bf16 (H100); off until timed in fp32 with TF32, the 7B configs' precision
     fused_masks: bool = option(False, "on CUDA, SAM's mask upscaling and statistics in one Triton kernel")
+    # subpixels: a product per sub-pixel of each upscaling (N = 64, then 32); grouped: the second upscaling's 4
+    # sub-pixels in one product (N = 128) and the masks' contraction block-diagonal over them (bench_mask_kernel.py)
+    mask_kernel: Literal["subpixels", "grouped"] = option("subpixels", "which Triton kernel fused_masks runs")
 
 
 @dataclass

@@ -381,11 +381,14 @@ with torch.no_grad():
     got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
     split = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"SUBPIXELS": 1})  # a program per sub-pixel
     blocks = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"BLOCK": 1024, "TOKEN_BLOCKS": 2})  # 2 programs
+    grouped = [mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel="grouped")  # 4 and 2 programs
+               for launch in ({"BLOCK": 1024, "GROUP": 4}, {"BLOCK": 2048, "GROUP": 1})]
 out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
                       "counts": [[t.tolist() for t in (r.area, r.inner, r.outer)] for r in (ref, got)],
                       "split_same": [bool(torch.equal(other.masks, got.masks)) and all(
                           torch.equal(a, b) for a, b in ((other.area, got.area), (other.inner, got.inner),
-                                                          (other.outer, got.outer))) for other in (split, blocks)]}
+                                                          (other.outer, got.outer)))
+                                     for other in (split, blocks, *grouped)]}
 # the anchor's candidates with the kernel and without, on the tiny SAM
 anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
     points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12, fused_masks=False),
@@ -422,8 +425,9 @@ def test_fused_mask_statistics_equal_the_logits_path():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     real = out["real_widths"]
     assert real["flipped"] <= 2 and real["pixels"] == 3 * 256 * 256
-    # one program per sub-pixel of the first upscaling, two blocks of tokens per program: the same sums
-    assert real["split_same"] == [True, True]
+    # one program per sub-pixel of the first upscaling, two blocks of tokens per program, and the grouped kernel (4 and
+    # 2 programs; 4 and 1 sub-pixels per product): the same sums
+    assert real["split_same"] == [True, True, True, True]
     ref_counts, got_counts = real["counts"]
     for ref, got in zip(ref_counts, got_counts, strict=True):
         assert all(abs(a - b) <= 2 for a, b in zip(ref[0], got[0], strict=True))
@@ -436,8 +440,9 @@ def test_fused_mask_statistics_equal_the_logits_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton kernel: needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["subpixels", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
+def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype, kernel):
     from precompute.anchors.sam import BUILDERS
     from precompute.anchors.sam_fast import multimask_logits
     from precompute.anchors.sam_masks import mask_statistics, statistics_of_logits
@@ -452,7 +457,7 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype):
     try:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             ref = statistics_of_logits(multimask_logits(sam, keys.to(dtype), tokens), 0.0, 1.0)
-            got = mask_statistics(sam, keys.to(dtype), tokens, 0.0, 1.0)
+            got = mask_statistics(sam, keys.to(dtype), tokens, 0.0, 1.0, kernel=kernel)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     flipped = float((ref.masks != got.masks).float().mean())
@@ -482,4 +487,25 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, s
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("tokens, block, group, warps", [("*bf16", 32, 4, 8), ("*bf16", 64, 1, 8), ("*fp32", 32, 2, 4)])
+def test_grouped_mask_kernel_compiles_for_a_hopper_gpu(tokens, block, group, warps):
+    """precompute.sam.mask_kernel: grouped, through Triton's compiler for sm_90 at the real decoder's widths."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from precompute.anchors.sam_masks import grouped_mask_statistics_kernel
+
+    names = grouped_mask_statistics_kernel.arg_names
+    pointers = dict.fromkeys(["b1_ptr", "norm_w_ptr", "norm_b_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
+    signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8",
+                 "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
+                 "offset": "fp32"}
+    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MG": 4, "BLOCK": block, "PRECISION": "tf32", "GROUP": group}
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(grouped_mask_statistics_kernel, signature,
+                       {(names.index(k),): v for k, v in constants.items()})
+    kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024

@@ -220,6 +220,7 @@ class SamAnchor(AnchorModel):
         self.decoder_attention = amg.decoder_attention
         # on CUDA, the masks' upscaling and their statistics in one Triton kernel (sam_masks.py), no logits written
         self.fused_masks = amg.fused_masks
+        self.mask_kernel = amg.mask_kernel
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -291,7 +292,8 @@ class SamAnchor(AnchorModel):
             if len(live) < len(pt):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
         if fused:
-            stats = mask_statistics(self.sam, keys, mask_tokens, self.sam.mask_threshold, STABILITY_OFFSET)
+            stats = mask_statistics(self.sam, keys, mask_tokens, self.sam.mask_threshold, STABILITY_OFFSET,
+                                    kernel=self.mask_kernel)
         else:
             stats = statistics_of_logits(logits(self.sam, keys, mask_tokens), self.sam.mask_threshold,
                                          STABILITY_OFFSET)

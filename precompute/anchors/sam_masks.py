@@ -86,6 +86,62 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     tl.atomic_add(counts + 2 * M + rm, outer, mask=rm < M)
 
 
+@triton.jit
+def grouped_mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w2_ptr, b2_ptr, hyper_ptr,
+                                   masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
+                                   C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
+                                   MG: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                                   GROUP: tl.constexpr):
+    """Program (prompt, token block): the same statistics in wider products. ``GROUP`` of the first upscaling's 4
+    sub-pixels per product (N = GROUP * C1); the second upscaling's 4 sub-pixels in one product (N = 4 * C2) over the
+    rows (token, sub-pixel of the group); the masks' contraction with the hypernetwork outputs laid out block-diagonal,
+    (4 * C2, 4 * MG), one column per (second sub-pixel, mask)."""
+    prompt = tl.program_id(0)
+    dtype = tokens_ptr.dtype.element_ty
+    rc, rc1, rg1 = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, GROUP * C1)
+    r2, rcol, rm = tl.arange(0, 4 * C2), tl.arange(0, 4 * MG), tl.arange(0, MG)
+    hyper = tl.load(hyper_ptr + prompt * 16 * C2 * MG + r2[:, None] * 4 * MG + rcol[None, :]).to(dtype)
+    # the weights per sub-pixel, (4, in, out), read as (in, sub-pixels x out)
+    w2 = tl.load(w2_ptr + (r2 // C2)[None, :] * C1 * C2 + rc1[:, None] * C2 + (r2 % C2)[None, :])  # (C1, 4 * C2)
+    b2 = tl.load(b2_ptr + r2)
+    norm_w, norm_b = tl.load(norm_w_ptr + rc1), tl.load(norm_b_ptr + rc1)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=(t < n_tokens)[:, None],
+                other=0.0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK * GROUP) // GROUP  # the token of each (token, sub-pixel)
+    s2, m = rcol // MG, rcol % MG
+    keep = (rows < n_tokens)[:, None] & (m < M)[None, :]
+    side = 4 * width
+    area = tl.zeros((4 * MG,), dtype=tl.int32)
+    inner = tl.zeros((4 * MG,), dtype=tl.int32)
+    outer = tl.zeros((4 * MG,), dtype=tl.int32)
+    for first in tl.range(0, 4, GROUP):  # the group's first sub-pixel of the first upscaling
+        w1 = tl.load(w1_ptr + (first + rg1 // C1)[None, :] * C * C1 + rc[:, None] * C1 + (rg1 % C1)[None, :])
+        h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + first * C1 + rg1)[None, :]
+        h = tl.reshape(h, (BLOCK, GROUP, C1))
+        mean = tl.sum(h, axis=2) / C1
+        centred = h - mean[:, :, None]
+        var = tl.sum(centred * centred, axis=2) / C1
+        h = centred / tl.sqrt(var + eps)[:, :, None] * norm_w[None, None, :] + norm_b[None, None, :]
+        h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
+        g = tl.dot(tl.reshape(h, (BLOCK * GROUP, C1)), w2, input_precision=PRECISION) + b2[None, :]
+        g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
+        logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK * GROUP, 4 * MG)
+        s1 = first + tl.arange(0, BLOCK * GROUP) % GROUP
+        row = 4 * (rows // width)[:, None] + (2 * (s1 // 2))[:, None] + (s2 // 2)[None, :]
+        col = 4 * (rows % width)[:, None] + (2 * (s1 % 2))[:, None] + (s2 % 2)[None, :]
+        on = logits > threshold
+        tl.store(masks_ptr + prompt * M * side * side + m[None, :] * side * side + row * side + col, on.to(tl.int8),
+                 mask=keep)
+        area += tl.sum((on & keep).to(tl.int32), axis=0)
+        inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
+        outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
+    out = counts_ptr + prompt * 3 * M + rm
+    tl.atomic_add(out, tl.sum(tl.reshape(area, (4, MG)), axis=0), mask=rm < M)
+    tl.atomic_add(out + M, tl.sum(tl.reshape(inner, (4, MG)), axis=0), mask=rm < M)
+    tl.atomic_add(out + 2 * M, tl.sum(tl.reshape(outer, (4, MG)), axis=0), mask=rm < M)
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether :func:`mask_statistics` runs for tensors on ``device``: CUDA, or anywhere under the interpreter."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,6 +161,17 @@ tuned_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in MASK_KERNEL_CONFIGS],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
+# The grouped kernel's: ptxas (sm_90a, bf16) gives 255 registers and 0.1-0.4 KB of spills at 64-128 tokens x 8 warps,
+# 254 and none at 32 x 8 with the 4 sub-pixels in one product.
+GROUPED_KERNEL_CONFIGS = [({"BLOCK": block, "GROUP": group}, warps) for block, group, warps in (
+    (32, 4, 8), (16, 4, 4), (64, 4, 8), (32, 2, 4), (64, 2, 8), (64, 1, 4), (64, 1, 8), (128, 1, 8))]
+tuned_grouped_mask_statistics_kernel = triton.autotune(
+    configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in GROUPED_KERNEL_CONFIGS],
+    key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
+)(grouped_mask_statistics_kernel)
+# kernel name -> (the kernel, its autotuned launcher)
+MASK_KERNELS = {"subpixels": (mask_statistics_kernel, tuned_mask_statistics_kernel),
+                "grouped": (grouped_mask_statistics_kernel, tuned_grouped_mask_statistics_kernel)}
 
 
 @dataclass
@@ -124,18 +191,35 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
                           (logits > -offset).sum((-1, -2)))
 
 
-def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, int, int]:
-    """The kernel's programs: per prompt, per ``BLOCK x TOKEN_BLOCKS`` tokens, per ``SUBPIXELS`` of the 4."""
+def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, ...]:
+    """The kernel's programs: per prompt, per ``BLOCK x TOKEN_BLOCKS`` tokens, per ``SUBPIXELS`` of the 4 (the grouped
+    kernel: per prompt, per ``BLOCK`` tokens)."""
+    if "GROUP" in launch:
+        return (prompts, triton.cdiv(tokens, launch["BLOCK"]))
     return (prompts, triton.cdiv(tokens, launch["BLOCK"] * launch.get("TOKEN_BLOCKS", 1)), 4 // launch["SUBPIXELS"])
 
 
+def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
+    """The hypernetwork outputs ``(n, M, C2)`` as ``kernel`` reads them, and its width constant: ``(n, C2, MP)``
+    zero-padded to MP columns; grouped, block-diagonal over the second upscaling's 4 sub-pixels, ``(n, 4 * C2, 4 *
+    MG)`` with [s * C2 + c, s * MG + j] = hyper[j, c] (MG: the masks padded to a power of two, 4 x MG >= 16)."""
+    n, m, c2 = hyper.shape
+    hyper = hyper.float()
+    if kernel == "grouped":
+        mg = max(4, triton.next_power_of_2(m))
+        padded = torch.nn.functional.pad(hyper, (0, 0, 0, mg - m)).transpose(1, 2)  # (n, C2, MG)
+        eye = torch.eye(4, device=hyper.device, dtype=hyper.dtype)
+        return torch.einsum("st,ncj->nsctj", eye, padded).reshape(n, 4 * c2, 4 * mg).contiguous(), {"MG": mg}
+    return torch.nn.functional.pad(hyper.transpose(1, 2), (0, MASK_COLUMNS - m)).contiguous(), {"MP": MASK_COLUMNS}
+
+
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
-                    offset: float, launch: dict | None = None) -> MaskStatistics:
+                    offset: float, launch: dict | None = None, kernel: str = "subpixels") -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
-    ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``, ``UNROLL``, ``TOKEN_BLOCKS``,
-    ``num_warps``) in place of the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt
-    in the interpreter."""
+    ``kernel``: one of :data:`MASK_KERNELS`. ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``,
+    ``UNROLL``, ``TOKEN_BLOCKS``, ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``) in place of the
+    autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
     conv1, norm, _, conv2, _ = md.output_upscaling
@@ -147,8 +231,7 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     w2, b2 = transposed_conv_as_linear(conv2)
     w1 = w1.view(4, c1, c).transpose(1, 2).to(keys.dtype).contiguous()
     w2 = w2.view(4, c2, c1).transpose(1, 2).to(keys.dtype).contiguous()
-    hyper = hypernetwork_outputs(md, mask_tokens, first_token=1).transpose(1, 2)  # (n, C2, M)
-    hyper = torch.nn.functional.pad(hyper.float(), (0, MASK_COLUMNS - m)).contiguous()
+    hyper, width = kernel_hyper(hypernetwork_outputs(md, mask_tokens, first_token=1), kernel)
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
     counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
     if n:
@@ -161,10 +244,14 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
         args = (keys.contiguous(), w1, b1.float().contiguous(), norm.weight.float().contiguous(),
                 norm.bias.float().contiguous(), w2, b2.float().contiguous(), hyper, masks,
                 counts, h * w, w, norm.eps, threshold, offset)
-        shape = {"C": c, "C1": c1, "C2": c2, "M": m, "MP": MASK_COLUMNS, "PRECISION": precision}
+        shape = {"C": c, "C1": c1, "C2": c2, "M": m, "PRECISION": precision, **width}
+        plain, tuned = MASK_KERNELS[kernel]
         if keys.is_cuda and launch is None:
-            tuned_mask_statistics_kernel[lambda meta: launch_grid(n, h * w, meta)](*args, **shape)
+            tuned[lambda meta: launch_grid(n, h * w, meta)](*args, **shape)
         else:  # the interpreter's cost is per operation, not per element: by default one program per prompt
-            launch = {"BLOCK": triton.next_power_of_2(h * w), "SUBPIXELS": 4, **(launch or {})}
-            mask_statistics_kernel[launch_grid(n, h * w, launch)](*args, **shape, **launch)
+            # (grouped: at most 1,024 tokens, the interpreter's largest tensor being (4 x BLOCK, 4 x C2))
+            whole = triton.next_power_of_2(h * w)
+            launch = {**({"BLOCK": min(whole, 1024), "GROUP": 4} if kernel == "grouped" else
+                         {"BLOCK": whole, "SUBPIXELS": 4}), **(launch or {})}
+            plain[launch_grid(n, h * w, launch)](*args, **shape, **launch)
     return MaskStatistics(masks.view(torch.bool), counts[:, 0], counts[:, 1], counts[:, 2])
