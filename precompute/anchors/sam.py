@@ -184,6 +184,24 @@ def select_masks(cand: dict[str, torch.Tensor], n_img: int, grid_points: torch.T
     )
 
 
+def kept_candidates(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The candidates of all decoder calls whose ``keep`` is set, concatenated. The kept counts are read back once
+    for the batch, not once per call and field (a boolean index waits for the GPU each time); each field is then
+    gathered into its place in one preallocated tensor."""
+    counts = torch.stack([c["keep"].sum() for c in chunks]).tolist()
+    out: dict[str, torch.Tensor] = {}
+    for key in ("masks", "iou", "stability", "image", "point"):
+        first = chunks[0][key]
+        out[key] = torch.empty((sum(counts), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    start = 0
+    for chunk, count in zip(chunks, counts, strict=True):
+        index = torch.nonzero_static(chunk["keep"], size=count).squeeze(1)
+        for key, values in out.items():
+            torch.index_select(chunk[key], 0, index, out=values[start:start + count])
+        start += count
+    return out
+
+
 @cache
 def compiled_decoding():
     """:func:`decode_outputs` and :func:`multimask_logits` through torch.compile, built once per process (the
@@ -321,24 +339,23 @@ class SamAnchor(AnchorModel):
         n_img, n_pts = emb.shape[0], self.grid_points.shape[0]
         prompts = torch.arange(n_img * n_pts, device=emb.device)
         decode = self._decode_batched if self.decode_mode == "batched" else self._decode_per_image
-        found: dict[str, list[torch.Tensor]] = {k: [] for k in ("masks", "iou", "stability", "image", "point")}
+        chunks: list[dict[str, torch.Tensor]] = []
         for chunk in prompts.split(amg.point_batch_size):
             img, pt = chunk // n_pts, chunk % n_pts
             with autocast(self.device, self.decoder_bf16):
                 stats, iou, live = decode(emb, img, pt)
             img, pt = img[live], pt[live]
             m = stats.masks.shape[1]
-            masks, iou = stats.masks.flatten(0, 1), iou.float().flatten()
-            img, pt = img.repeat_interleave(m), pt.repeat_interleave(m)
+            iou = iou.float().flatten()
             stability = stats.inner.flatten() / stats.outer.flatten().clamp_min(1)
             keep = stats.area.flatten() > 0
             if amg.pred_iou_thresh > 0:
                 keep &= iou > amg.pred_iou_thresh
             if amg.stability_score_thresh > 0:
                 keep &= stability >= amg.stability_score_thresh
-            for k, v in (("masks", masks), ("iou", iou), ("stability", stability), ("image", img), ("point", pt)):
-                found[k].append(v[keep])
-        out = {k: torch.cat(v) for k, v in found.items()}
+            chunks.append({"masks": stats.masks.flatten(0, 1), "iou": iou, "stability": stability,
+                           "image": img.repeat_interleave(m), "point": pt.repeat_interleave(m), "keep": keep})
+        out = kept_candidates(chunks)
         out["boxes"] = mask_boxes(out["masks"])
         out["score"] = out["iou"] * out["stability"]
         return out
