@@ -9,8 +9,11 @@ Random image tokens and mask tokens at the real decoder's widths (a mask decoder
 every SAM variant: 64 x 64 tokens of 256 channels, upscaled to 64 then 32 channels, 3 masks per prompt). Each
 configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]``: tokens per block, warps, the first upscaling's
 sub-pixels per program (4 or 1), how many times the sub-pixel loops are unrolled (4: fully, 1: not), and the blocks
-each program runs one after the other (default 1); or, for the grouped kernel, ``gBLOCKxWARPSxGROUP[xSTAGES]``: the
-first upscaling's sub-pixels per product (1, 2 or 4) and the software pipeline's stages (Triton's default 3). For each,
+each program runs one after the other (default 1); or, for the grouped kernel, ``gBLOCKxWARPSxGROUP``: the first
+upscaling's sub-pixels per product (1, 2 or 4). A suffix ``sN`` sets the software pipeline's stages of the kernel's
+loops (``num_stages``, Triton's default 3; 1: not pipelined). ``--no-autotune`` leaves out the autotuned rows (each
+autotuning run compiles and runs every configuration of its list; a configuration that fails takes the process with
+it). For each,
 the CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
 first row (the per-sub-pixel kernel's autotuned choice, then the grouped kernel's, timed the same way), and whether
 its masks and counts equal the first row's. On the CPU
@@ -37,21 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precompute import seconds_per_batch  # noqa: E402
 
 from precompute.anchors.sam import BUILDERS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS, mask_statistics  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, mask_statistics, parse_launch  # noqa: E402
 
 DEFAULT_CONFIGS = ("64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1,"
-                   "64x8x1x1x4,64x4x1x1x4,g32x8x4,g16x4x4,g64x4x1,g64x8x1,g128x8x1,g64x8x2,g32x4x2,g32x8x4x1")
+                   "64x8x1x1x4,64x4x1x1x4,g32x8x4,g16x4x4,g64x4x1,g64x8x1,g128x8x1,g64x8x2,g32x4x2,g32x8x4s1")
 QUICK_CONFIGS = "4096x4x4x4,4096x4x1x1,2048x4x1x1x2,g1024x4x4,g2048x4x1"
 KERNEL_OF_ROW = {"autotuned": "subpixels", "autotuned grouped": "grouped"}
-
-
-def parse_config(text: str) -> dict:
-    if text.startswith("g"):
-        block, warps, group, *stages = [int(v) for v in text[1:].split("x")]
-        return {"BLOCK": block, "num_warps": warps, "GROUP": group, **({"num_stages": stages[0]} if stages else {})}
-    block, warps, subpixels, unroll, token_blocks = ([int(v) for v in text.split("x")] + [1])[:5]
-    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll,
-            "TOKEN_BLOCKS": token_blocks}
 
 
 def upscaling_flops(prompts: int, tokens: int, c: int, c1: int, c2: int, columns: int) -> float:
@@ -71,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="the image tokens' dtype: the products' (fp32 in TF32)")
     ap.add_argument("--configs", default=None, help="BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] and "
-                                                    f"gBLOCKxWARPSxGROUP[xSTAGES] list (default {DEFAULT_CONFIGS}; "
-                                                    f"quick: {QUICK_CONFIGS})")
+                                                    "gBLOCKxWARPSxGROUP, each [sSTAGES], list (default "
+                                                    f"{DEFAULT_CONFIGS}; quick: {QUICK_CONFIGS})")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
+    ap.add_argument("--no-autotune", dest="autotune", action="store_false",
+                    help="time the configurations given only (the first is the masks' reference)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
@@ -104,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     with torch.no_grad():
         # each first call compiles (the autotuner's also tunes) and gives the masks compared
-        if device.type == "cuda":
+        if device.type == "cuda" and args.autotune:
             reference = call(None)
             for row, kernel in KERNEL_OF_ROW.items():
                 stats = call(None, kernel)
                 t = seconds_per_batch(lambda kernel=kernel: call(None, kernel), device, 0, iters)
                 rows[row] = {"s": t, "config": str(MASK_KERNELS[kernel][1].best_config), "same": same(stats, reference)}
         else:
-            reference = call(parse_config(configs[0]))
+            reference = call(parse_launch(configs[0]))
         for text in configs:
-            launch = parse_config(text)
+            launch = parse_launch(text)
             try:
                 stats = call(launch)
             except OutOfResources as e:  # more shared memory or registers than the GPU has: no row

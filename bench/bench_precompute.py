@@ -45,7 +45,7 @@ from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, parse_launch  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
@@ -284,6 +284,9 @@ def main(argv=None) -> int:
                          "logits' path")
     ap.add_argument("--mask-kernel", choices=["subpixels", "grouped"], default="subpixels",
                     help="precompute.sam.mask_kernel: the Triton kernel --fused-masks runs")
+    ap.add_argument("--mask-launch", default=None, metavar="CONFIG",
+                    help="a fixed launch configuration of the fused mask kernel instead of its autotuner's (named as "
+                         "in bench_mask_kernel.py: BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] or gBLOCKxWARPSxGROUP)")
     ap.add_argument("--decoder-variants", nargs="?", const=",".join(DECODER_ATTENTIONS), default=None,
                     metavar="ATTENTIONS",
                     help="time SAM's mask generation with each precompute.sam.decoder_attention (all, or the "
@@ -320,6 +323,9 @@ def main(argv=None) -> int:
     anchors["sam"].compile_encoder = args.compile_encoder
     anchors["sam"].fused_masks = args.fused_masks
     anchors["sam"].mask_kernel = args.mask_kernel
+    if args.mask_launch:
+        anchors["sam"].mask_launch = parse_launch(args.mask_launch)
+        anchors["sam"].mask_kernel = "grouped" if "GROUP" in anchors["sam"].mask_launch else "subpixels"
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
     if args.point_batch_size:
@@ -327,8 +333,8 @@ def main(argv=None) -> int:
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
           f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
-          f"fused masks {args.fused_masks} ({args.mask_kernel}), {anchors['sam'].amg.point_batch_size} prompts per "
-          "decoder call")
+          f"fused masks {args.fused_masks} ({anchors['sam'].mask_kernel}), "
+          f"{anchors['sam'].amg.point_batch_size} prompts per decoder call")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
                      "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
@@ -379,7 +385,7 @@ def main(argv=None) -> int:
           f"per-step rate; target at {points} points per side >= {target:.0f} images/s on one GPU: "
           f"{'met' if best >= target else 'NOT met'}"
           f"{' (quick run: tiny models, not comparable)' if args.quick else ''}")
-    if args.fused_masks and device.type == "cuda":
+    if args.fused_masks and device.type == "cuda" and not args.mask_launch:
         results["mask_kernel_config"] = str(MASK_KERNELS[args.mask_kernel][1].best_config)
         print(f"the fused mask kernel ({args.mask_kernel}) autotuned launch: {results['mask_kernel_config']}")
     if args.json:

@@ -239,6 +239,7 @@ class SamAnchor(AnchorModel):
         # on CUDA, the masks' upscaling and their statistics in one Triton kernel (sam_masks.py), no logits written
         self.fused_masks = amg.fused_masks
         self.mask_kernel = amg.mask_kernel
+        self.mask_launch: dict | None = None  # a fixed launch configuration instead of the autotuner's (bench)
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -311,7 +312,7 @@ class SamAnchor(AnchorModel):
                 mask_tokens, keys, iou = mask_tokens[live], keys[live], iou[live]
         if fused:
             stats = mask_statistics(self.sam, keys, mask_tokens, self.sam.mask_threshold, STABILITY_OFFSET,
-                                    kernel=self.mask_kernel)
+                                    launch=self.mask_launch, kernel=self.mask_kernel)
         else:
             stats = statistics_of_logits(logits(self.sam, keys, mask_tokens), self.sam.mask_threshold,
                                          STABILITY_OFFSET)

@@ -199,6 +199,19 @@ def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, ...]:
     return (prompts, triton.cdiv(tokens, launch["BLOCK"] * launch.get("TOKEN_BLOCKS", 1)), 4 // launch["SUBPIXELS"])
 
 
+def parse_launch(text: str) -> dict:
+    """A launch configuration from its name: ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]`` (the per-sub-pixel
+    kernel) or ``gBLOCKxWARPSxGROUP`` (grouped), either with an optional ``sSTAGES`` suffix (``num_stages``)."""
+    text, _, stages = text.partition("s")
+    pipeline = {"num_stages": int(stages)} if stages else {}
+    if text.startswith("g"):
+        block, warps, group = [int(v) for v in text[1:].split("x")]
+        return {"BLOCK": block, "num_warps": warps, "GROUP": group, **pipeline}
+    block, warps, subpixels, unroll, token_blocks = ([int(v) for v in text.split("x")] + [1])[:5]
+    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll,
+            "TOKEN_BLOCKS": token_blocks, **pipeline}
+
+
 def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
     """The hypernetwork outputs ``(n, M, C2)`` as ``kernel`` reads them, and its width constant: ``(n, C2, MP)``
     zero-padded to MP columns; grouped, block-diagonal over the second upscaling's 4 sub-pixels, ``(n, 4 * C2, 4 *
