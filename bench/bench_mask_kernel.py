@@ -2,22 +2,19 @@
 
     python bench/bench_mask_kernel.py                          # CUDA: 1,024 prompts (one image at 32 points per side)
     python bench/bench_mask_kernel.py --prompts 4096 --dtype fp32
-    python bench/bench_mask_kernel.py --configs 64x4x4x1,128x8x1x1
+    python bench/bench_mask_kernel.py --no-autotune --configs 64x4x4,g32x8x4
     python bench/bench_mask_kernel.py --quick                  # CPU: Triton's interpreter, one prompt
 
 Random image tokens and mask tokens at the real decoder's widths (a mask decoder with random weights, the same in
 every SAM variant: 64 x 64 tokens of 256 channels, upscaled to 64 then 32 channels, 3 masks per prompt). Each
-configuration is ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]``: tokens per block, warps, the first upscaling's
-sub-pixels per program (4 or 1), how many times the sub-pixel loops are unrolled (4: fully, 1: not), and the blocks
-each program runs one after the other (default 1); or, for the grouped kernel, ``gBLOCKxWARPSxGROUP``: the first
-upscaling's sub-pixels per product (1, 2 or 4). A suffix ``sN`` sets the software pipeline's stages of the kernel's
-loops (``num_stages``, Triton's default 3; 1: not pipelined). ``--no-autotune`` leaves out the autotuned rows (each
-autotuning run compiles and runs every configuration of its list; a configuration that fails takes the process with
-it). For each,
-the CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
+configuration is ``BLOCKxWARPSxSUBPIXELS`` (the per-sub-pixel kernel: tokens per program, warps, the first
+upscaling's sub-pixels per program, 4 or 1) or ``gBLOCKxWARPSxGROUP`` (the grouped kernel: the first upscaling's
+sub-pixels per product, 1, 2 or 4); a suffix ``sN`` sets ``num_stages`` (Triton's default 3). For each, the
+CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
 first row (the per-sub-pixel kernel's autotuned choice, then the grouped kernel's, timed the same way), and whether
-its masks and counts equal the first row's. On the CPU
-(``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
+its masks and counts equal the first row's. ``--no-autotune`` leaves the autotuned rows out: an autotuning run
+compiles and runs every configuration of its list, and one that fails on the GPU takes the process with it. On the
+CPU (``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
 """
 from __future__ import annotations
 
@@ -42,9 +39,8 @@ from bench_precompute import seconds_per_batch  # noqa: E402
 from precompute.anchors.sam import BUILDERS  # noqa: E402
 from precompute.anchors.sam_masks import MASK_KERNELS, mask_statistics, parse_launch  # noqa: E402
 
-DEFAULT_CONFIGS = ("64x4x4x4,64x4x4x1,128x8x4x4,128x8x4x1,64x8x1x4,64x8x1x1,128x8x1x1,64x4x1x1,32x4x1x1,"
-                   "64x8x1x1x4,64x4x1x1x4,g32x8x4,g16x4x4,g64x4x1,g64x8x1,g128x8x1,g64x8x2,g32x4x2,g32x8x4s1")
-QUICK_CONFIGS = "4096x4x4x4,4096x4x1x1,2048x4x1x1x2,g1024x4x4,g2048x4x1"
+DEFAULT_CONFIGS = "64x4x4,64x8x4,128x8x4,64x8x1,128x8x1,32x4x1,g32x8x4,g64x8x4,g64x8x2,g64x8x1,g128x8x1,g32x8x4s1"
+QUICK_CONFIGS = "4096x4x4,4096x4x1,2048x4x4,g1024x4x4,g2048x4x1"
 KERNEL_OF_ROW = {"autotuned": "subpixels", "autotuned grouped": "grouped"}
 
 
@@ -64,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="prompts per call (default 1,024; quick: 1)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="the image tokens' dtype: the products' (fp32 in TF32)")
-    ap.add_argument("--configs", default=None, help="BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] and "
-                                                    "gBLOCKxWARPSxGROUP, each [sSTAGES], list (default "
-                                                    f"{DEFAULT_CONFIGS}; quick: {QUICK_CONFIGS})")
+    ap.add_argument("--configs", default=None, help="BLOCKxWARPSxSUBPIXELS and gBLOCKxWARPSxGROUP, each [sSTAGES], "
+                                                    f"list (default {DEFAULT_CONFIGS}; quick: {QUICK_CONFIGS})")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
     ap.add_argument("--no-autotune", dest="autotune", action="store_false",
                     help="time the configurations given only (the first is the masks' reference)")

@@ -286,7 +286,7 @@ def main(argv=None) -> int:
                     help="precompute.sam.mask_kernel: the Triton kernel --fused-masks runs")
     ap.add_argument("--mask-launch", default=None, metavar="CONFIG",
                     help="a fixed launch configuration of the fused mask kernel instead of its autotuner's (named as "
-                         "in bench_mask_kernel.py: BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS] or gBLOCKxWARPSxGROUP)")
+                         "in bench_mask_kernel.py: BLOCKxWARPSxSUBPIXELS or gBLOCKxWARPSxGROUP)")
     ap.add_argument("--decoder-variants", nargs="?", const=",".join(DECODER_ATTENTIONS), default=None,
                     metavar="ATTENTIONS",
                     help="time SAM's mask generation with each precompute.sam.decoder_attention (all, or the "

@@ -380,7 +380,7 @@ with torch.no_grad():
     ref = statistics_of_logits(multimask_logits(sam, keys, tokens), 0.0, 1.0)
     got = mask_statistics(sam, keys, tokens, 0.0, 1.0)
     split = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"SUBPIXELS": 1})  # a program per sub-pixel
-    blocks = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"BLOCK": 1024, "TOKEN_BLOCKS": 2})  # 2 programs
+    blocks = mask_statistics(sam, keys, tokens, 0.0, 1.0, launch={"BLOCK": 2048})  # 2 programs of 2,048 tokens
     grouped = [mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel="grouped")  # 4 and 2 programs
                for launch in ({"BLOCK": 1024, "GROUP": 4}, {"BLOCK": 2048, "GROUP": 1})]
 out["real_widths"] = {"flipped": int((ref.masks != got.masks).sum()), "pixels": ref.masks.numel(),
@@ -425,8 +425,8 @@ def test_fused_mask_statistics_equal_the_logits_path():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     real = out["real_widths"]
     assert real["flipped"] <= 2 and real["pixels"] == 3 * 256 * 256
-    # one program per sub-pixel of the first upscaling, two blocks of tokens per program, and the grouped kernel (4 and
-    # 2 programs; 4 and 1 sub-pixels per product): the same sums
+    # one program per sub-pixel of the first upscaling, two programs per prompt, and the grouped kernel (4 and 2
+    # programs; 4 and 1 sub-pixels per product): the same sums
     assert real["split_same"] == [True, True, True, True]
     ref_counts, got_counts = real["counts"]
     for ref, got in zip(ref_counts, got_counts, strict=True):
@@ -466,10 +466,9 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype, kernel):
         assert float(((a - b).abs() / a.clamp_min(1)).max()) < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.mark.parametrize("tokens, precision, block, subpixels, unroll, token_blocks", [
-    ("*bf16", "tf32", 64, 4, 4, 1), ("*bf16", "tf32", 128, 1, 1, 1), ("*fp32", "tf32", 32, 4, 1, 1),
-    ("*bf16", "tf32", 64, 1, 1, 4)])
-def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels, unroll, token_blocks):
+@pytest.mark.parametrize("tokens, precision, block, subpixels", [
+    ("*bf16", "tf32", 64, 4), ("*bf16", "tf32", 128, 1), ("*fp32", "tf32", 32, 4), ("*fp32", "tf32x3", 64, 1)])
+def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels):
     """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
     decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
     from triton.backends.compiler import GPUTarget
@@ -483,14 +482,14 @@ def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, s
                  "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
                  "offset": "fp32"}
     constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision,
-                 "SUBPIXELS": subpixels, "UNROLL": unroll, "TOKEN_BLOCKS": token_blocks}
+                 "SUBPIXELS": subpixels}
     signature.update(dict.fromkeys(constants, "constexpr"))
     source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
 
 
-@pytest.mark.parametrize("tokens, block, group, warps", [("*bf16", 32, 4, 8), ("*bf16", 64, 1, 8), ("*fp32", 32, 2, 4)])
+@pytest.mark.parametrize("tokens, block, group, warps", [("*bf16", 32, 4, 8), ("*bf16", 64, 1, 8), ("*fp32", 64, 1, 8)])
 def test_grouped_mask_kernel_compiles_for_a_hopper_gpu(tokens, block, group, warps):
     """precompute.sam.mask_kernel: grouped, through Triton's compiler for sm_90 at the real decoder's widths."""
     from triton.backends.compiler import GPUTarget

@@ -37,12 +37,11 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
                            masks_ptr, counts_ptr, n_tokens, width, eps, threshold, offset,
                            C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr,
                            MP: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                           SUBPIXELS: tl.constexpr = 4, UNROLL: tl.constexpr = 4, TOKEN_BLOCKS: tl.constexpr = 1):
-    """Program (prompt, token blocks, part): ``TOKEN_BLOCKS`` blocks of ``BLOCK`` tokens one after the other (the
-    weights that do not change between them loaded once), and ``SUBPIXELS`` of the first upscaling's 4 sub-pixels,
-    from ``part * SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). ``UNROLL``: the
-    sub-pixel loops unrolled that many times (unrolled, the compiler schedules their weights' loads early and may run
-    out of registers)."""
+                           SUBPIXELS: tl.constexpr = 4):
+    """Program (prompt, token block, part): ``BLOCK`` tokens, and ``SUBPIXELS`` of the first upscaling's 4 sub-pixels,
+    from ``part * SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). The sub-pixel loops
+    are unrolled at compile time (``tl.static_range``): the kernel's loops as ``tl.range`` (pipelined, or unrolled by
+    a factor) made autotuning runs stop on an illegal memory access on an H100 (BENCHMARKS.md)."""
     prompt = tl.program_id(0)
     dtype = tokens_ptr.dtype.element_ty  # the products'
     rc, rc1, rc2, rm = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, C2), tl.arange(0, MP)
@@ -52,34 +51,33 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     area = tl.zeros((MP,), dtype=tl.int32)
     inner = tl.zeros((MP,), dtype=tl.int32)
     outer = tl.zeros((MP,), dtype=tl.int32)
-    for b in tl.range(TOKEN_BLOCKS):
-        t = (tl.program_id(1) * TOKEN_BLOCKS + b) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
-        valid = t < n_tokens
-        x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
-        y, xx = t // width, t % width
-        for k in tl.range(SUBPIXELS, loop_unroll_factor=UNROLL):
-            s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
-            w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
-            h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
-            mean = tl.sum(h, axis=1) / C1
-            centred = h - mean[:, None]
-            var = tl.sum(centred * centred, axis=1) / C1
-            h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
-            h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
-            for s2 in tl.range(4, loop_unroll_factor=UNROLL):  # second upscaling's sub-pixel (ei, ej)
-                w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
-                g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
-                g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
-                logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
-                row = 4 * y + 2 * (s1 // 2) + s2 // 2
-                col = 4 * xx + 2 * (s1 % 2) + s2 % 2
-                keep = valid[:, None] & (rm[None, :] < M)
-                on = logits > threshold
-                pixel = masks_ptr + prompt * M * side * side + rm[None, :] * side * side + (row * side + col)[:, None]
-                tl.store(pixel, on.to(tl.int8), mask=keep)
-                area += tl.sum((on & keep).to(tl.int32), axis=0)
-                inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
-                outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # token index y * width + x
+    valid = t < n_tokens
+    x = tl.load(tokens_ptr + prompt * n_tokens * C + t[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
+    y, xx = t // width, t % width
+    for k in tl.static_range(SUBPIXELS):
+        s1 = tl.program_id(2) * SUBPIXELS + k  # the first upscaling's sub-pixel (di, dj)
+        w1 = tl.load(w1_ptr + s1 * C * C1 + rc[:, None] * C1 + rc1[None, :])  # (C, C1)
+        h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + s1 * C1 + rc1)[None, :]
+        mean = tl.sum(h, axis=1) / C1
+        centred = h - mean[:, None]
+        var = tl.sum(centred * centred, axis=1) / C1
+        h = centred / tl.sqrt(var + eps)[:, None] * norm_w[None, :] + norm_b[None, :]
+        h = (0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))).to(dtype)  # GELU (erf), as nn.GELU
+        for s2 in tl.static_range(4):  # second upscaling's sub-pixel (ei, ej)
+            w2 = tl.load(w2_ptr + s2 * C1 * C2 + rc1[:, None] * C2 + rc2[None, :])  # (C1, C2)
+            g = tl.dot(h, w2, input_precision=PRECISION) + tl.load(b2_ptr + s2 * C2 + rc2)[None, :]
+            g = (0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))).to(dtype)
+            logits = tl.dot(g, hyper, input_precision=PRECISION)  # (BLOCK, MP): columns past M are padding
+            row = 4 * y + 2 * (s1 // 2) + s2 // 2
+            col = 4 * xx + 2 * (s1 % 2) + s2 % 2
+            keep = valid[:, None] & (rm[None, :] < M)
+            on = logits > threshold
+            pixel = masks_ptr + prompt * M * side * side + rm[None, :] * side * side + (row * side + col)[:, None]
+            tl.store(pixel, on.to(tl.int8), mask=keep)
+            area += tl.sum((on & keep).to(tl.int32), axis=0)
+            inner += tl.sum(((logits > offset) & keep).to(tl.int32), axis=0)
+            outer += tl.sum(((logits > -offset) & keep).to(tl.int32), axis=0)
     counts = counts_ptr + prompt * 3 * M
     tl.atomic_add(counts + rm, area, mask=rm < M)
     tl.atomic_add(counts + M + rm, inner, mask=rm < M)
@@ -115,7 +113,7 @@ def grouped_mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_
     area = tl.zeros((4 * MG,), dtype=tl.int32)
     inner = tl.zeros((4 * MG,), dtype=tl.int32)
     outer = tl.zeros((4 * MG,), dtype=tl.int32)
-    for first in tl.range(0, 4, GROUP):  # the group's first sub-pixel of the first upscaling
+    for first in tl.static_range(0, 4, GROUP):  # the group's first sub-pixel of the first upscaling
         w1 = tl.load(w1_ptr + (first + rg1 // C1)[None, :] * C * C1 + rc[:, None] * C1 + (rg1 % C1)[None, :])
         h = tl.dot(x, w1, input_precision=PRECISION) + tl.load(b1_ptr + first * C1 + rg1)[None, :]
         h = tl.reshape(h, (BLOCK, GROUP, C1))
@@ -148,23 +146,20 @@ def runs_on(device: torch.device) -> bool:
 
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
-# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. With the 4 sub-pixels in
-# one program and the loops unrolled, ptxas (sm_90a, bf16) gives 255 registers and 1.1-1.5 KB of spills per thread
-# at 32-128 tokens; not unrolled, none. Several token blocks per program load a sub-pixel's weights once for all of
-# them. Tuning runs the kernel several times, so the counts it adds into are zeroed before each run.
-MASK_KERNEL_CONFIGS = (
-    [({"BLOCK": block, "SUBPIXELS": subpixels}, warps)
-     for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)]
-    + [({"BLOCK": block, "SUBPIXELS": 4, "UNROLL": 1}, warps) for block, warps in ((64, 4), (64, 8), (128, 8))]
-    + [({"BLOCK": 64, "SUBPIXELS": 1, "UNROLL": 1, "TOKEN_BLOCKS": 4}, warps) for warps in (4, 8)])
+# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. ptxas (sm_90a, bf16):
+# with the 4 sub-pixels in one program, 255 registers and 0.2-1.4 KB of spills per thread at 16-128 tokens; with one
+# sub-pixel per program, 127-216 registers and none. Tuning runs the kernel several times, so the counts it adds into
+# are zeroed before each run.
+MASK_KERNEL_CONFIGS = [({"BLOCK": block, "SUBPIXELS": subpixels}, warps)
+                       for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)]
 tuned_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in MASK_KERNEL_CONFIGS],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
-# The grouped kernel's: ptxas (sm_90a, bf16) gives 255 registers and 0.1-0.4 KB of spills at 64-128 tokens x 8 warps,
-# 254 and none at 32 x 8 with the 4 sub-pixels in one product.
+# The grouped kernel's (ptxas, sm_90a, bf16): 214 registers and no spills at 32 tokens x 8 warps with the 4 sub-pixels
+# in one product; 255 and 0.2-0.4 KB of spills at 64-128 x 8 (16 x 4 and 32 x 4 spill 1.3-1.5 KB: left out).
 GROUPED_KERNEL_CONFIGS = [({"BLOCK": block, "GROUP": group}, warps) for block, group, warps in (
-    (32, 4, 8), (16, 4, 4), (64, 4, 8), (32, 2, 4), (64, 2, 8), (64, 1, 4), (64, 1, 8), (128, 1, 8))]
+    (32, 4, 8), (64, 4, 8), (64, 2, 8), (64, 1, 8), (128, 1, 8))]
 tuned_grouped_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in GROUPED_KERNEL_CONFIGS],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
@@ -192,24 +187,23 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
 
 
 def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, ...]:
-    """The kernel's programs: per prompt, per ``BLOCK x TOKEN_BLOCKS`` tokens, per ``SUBPIXELS`` of the 4 (the grouped
-    kernel: per prompt, per ``BLOCK`` tokens)."""
+    """The kernel's programs: per prompt, per ``BLOCK`` tokens, per ``SUBPIXELS`` of the 4 (grouped: per prompt, per
+    ``BLOCK`` tokens)."""
     if "GROUP" in launch:
         return (prompts, triton.cdiv(tokens, launch["BLOCK"]))
-    return (prompts, triton.cdiv(tokens, launch["BLOCK"] * launch.get("TOKEN_BLOCKS", 1)), 4 // launch["SUBPIXELS"])
+    return (prompts, triton.cdiv(tokens, launch["BLOCK"]), 4 // launch["SUBPIXELS"])
 
 
 def parse_launch(text: str) -> dict:
-    """A launch configuration from its name: ``BLOCKxWARPSxSUBPIXELSxUNROLL[xTOKEN_BLOCKS]`` (the per-sub-pixel
-    kernel) or ``gBLOCKxWARPSxGROUP`` (grouped), either with an optional ``sSTAGES`` suffix (``num_stages``)."""
+    """A launch configuration from its name: ``BLOCKxWARPSxSUBPIXELS`` (the per-sub-pixel kernel) or
+    ``gBLOCKxWARPSxGROUP`` (grouped), either with an optional ``sSTAGES`` suffix (``num_stages``)."""
     text, _, stages = text.partition("s")
     pipeline = {"num_stages": int(stages)} if stages else {}
     if text.startswith("g"):
         block, warps, group = [int(v) for v in text[1:].split("x")]
         return {"BLOCK": block, "num_warps": warps, "GROUP": group, **pipeline}
-    block, warps, subpixels, unroll, token_blocks = ([int(v) for v in text.split("x")] + [1])[:5]
-    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, "UNROLL": unroll,
-            "TOKEN_BLOCKS": token_blocks, **pipeline}
+    block, warps, subpixels = [int(v) for v in text.split("x")]
+    return {"BLOCK": block, "num_warps": warps, "SUBPIXELS": subpixels, **pipeline}
 
 
 def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
@@ -231,7 +225,7 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
     ``kernel``: one of :data:`MASK_KERNELS`. ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``,
-    ``UNROLL``, ``TOKEN_BLOCKS``, ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``) in place of the
+    ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``; :func:`parse_launch`) in place of the
     autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
