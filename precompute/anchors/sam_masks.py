@@ -157,7 +157,8 @@ tuned_mask_statistics_kernel = triton.autotune(
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
 # The grouped kernel's (ptxas, sm_90a, bf16): 214 registers and no spills at 32 tokens x 8 warps with the 4 sub-pixels
-# in one product; 255 and 0.2-0.4 KB of spills at 64-128 x 8 (16 x 4 and 32 x 4 spill 1.3-1.5 KB: left out).
+# in one product; 255 and 0.2-0.4 KB of spills at 64-128 x 8 (16 x 4 and 32 x 4 spill 1.3-1.5 KB: left out). With fp32
+# tokens only 64 x 8 with one sub-pixel per product fits in shared memory (172 KB; the autotuner skips the others).
 GROUPED_KERNEL_CONFIGS = [({"BLOCK": block, "GROUP": group}, warps) for block, group, warps in (
     (32, 4, 8), (64, 4, 8), (64, 2, 8), (64, 1, 8), (128, 1, 8))]
 tuned_grouped_mask_statistics_kernel = triton.autotune(
