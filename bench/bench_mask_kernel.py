@@ -1,6 +1,6 @@
 """SAM's fused mask kernel (precompute/anchors/sam_masks.py) per launch configuration, side by side.
 
-    python bench/bench_mask_kernel.py                          # CUDA: 1,024 prompts (one image at 32 points per side)
+    python bench/bench_mask_kernel.py --isolate                # CUDA: 1,024 prompts (one image at 32 points per side)
     python bench/bench_mask_kernel.py --prompts 4096 --dtype fp32
     python bench/bench_mask_kernel.py --no-autotune --configs 64x4x4,g32x8x4
     python bench/bench_mask_kernel.py --quick                  # CPU: Triton's interpreter, one prompt
@@ -12,16 +12,21 @@ upscaling's sub-pixels per program, 4 or 1) or ``gBLOCKxWARPSxGROUP`` (the group
 sub-pixels per product, 1, 2 or 4); a suffix ``sN`` sets ``num_stages`` (Triton's default 3). For each, the
 CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
 first row (the per-sub-pixel kernel's autotuned choice, then the grouped kernel's, timed the same way), and whether
-its masks and counts equal the first row's. ``--no-autotune`` leaves the autotuned rows out: an autotuning run
-compiles and runs every configuration of its list, and one that fails on the GPU takes the process with it. On the
-CPU (``--quick``) the interpreter runs each configuration once on one prompt: a smoke run, its times mean nothing.
+its masks and counts equal the first row's (a fingerprint of them). ``--no-autotune`` leaves the autotuned rows out.
+A launch that fails on the GPU (an illegal memory access) leaves the process's CUDA context unusable, and an
+autotuning run compiles and runs every configuration of its list: ``--isolate`` runs each row in a process of its
+own, so a failure becomes an error row and the others are still timed. On the CPU (``--quick``) the interpreter runs
+each configuration once on one prompt: a smoke run, its times mean nothing.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if "--quick" in sys.argv:
@@ -49,9 +54,55 @@ def upscaling_flops(prompts: int, tokens: int, c: int, c1: int, c2: int, columns
     return 2.0 * prompts * tokens * 4 * (c * c1 + 4 * c1 * c2 + 4 * c2 * columns)
 
 
-def same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in ((a.masks, b.masks), (a.area, b.area), (a.inner, b.inner),
-                                               (a.outer, b.outer)))
+def digest(stats) -> str:
+    """A fingerprint of a call's masks and counts, compared between rows (and between processes with --isolate)."""
+    h = hashlib.sha256()
+    for t in (stats.masks, stats.area, stats.inner, stats.outer):
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def measure(name: str, call, device: torch.device, iters: int) -> dict:
+    """One row: the configuration (or autotuner) ``name`` compiled (tuned) and timed, and its masks' fingerprint."""
+    kernel = KERNEL_OF_ROW.get(name)
+    launch = None if kernel else parse_launch(name)
+    kernel = kernel or ("grouped" if "GROUP" in launch else "subpixels")
+    try:
+        stats = call(launch, kernel)
+    except OutOfResources as e:  # more shared memory or registers than the GPU has
+        return {"error": f"out of resources: {e}"}
+    t = seconds_per_batch(lambda: call(launch, kernel), device, 0, iters)
+    config = str(MASK_KERNELS[kernel][1].best_config) if launch is None else name
+    return {"s": t, "config": config, "digest": digest(stats)}
+
+
+def isolated(name: str, args: argparse.Namespace) -> dict:
+    """:func:`measure` in a process of its own: a launch that fails on the GPU (an illegal memory access leaves the
+    process's CUDA context unusable) becomes an error row instead of ending the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", name, "--no-autotune", "--json", str(out),
+               "--dtype", args.dtype] + ["--quick"] * args.quick
+        cmd += [f"--{k}={v}" for k, v in (("prompts", args.prompts), ("iters", args.iters)) if v]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+            return {"error": (errors or [f"exit status {proc.returncode}"])[-1].strip()[:200]}
+        return json.loads(out.read_text())["rows"][name]
+
+
+def print_rows(rows: dict[str, dict], flops: float) -> None:
+    good = [k for k, r in rows.items() if "error" not in r]
+    if not good:
+        print("no configuration ran")
+    first = rows[good[0]] if good else None
+    print(f"{'configuration':>17} | ms per call | TFLOP/s | vs {good[0] if good else '-'} | masks and counts equal")
+    for key, row in rows.items():
+        if "error" in row:
+            print(f"{key:>17} | failed: {row['error']}")
+            continue
+        print(f"{key:>17} | {row['s'] * 1e3:11.2f} | {flops / row['s'] / 1e12:7.1f} | {first['s'] / row['s']:8.2f}x | "
+              f"{row['digest'] == first['digest']}" + (f"  ({row['config']})" if key in KERNEL_OF_ROW else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"list (default {DEFAULT_CONFIGS}; quick: {QUICK_CONFIGS})")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
     ap.add_argument("--no-autotune", dest="autotune", action="store_false",
-                    help="time the configurations given only (the first is the masks' reference)")
+                    help="time the configurations given only, not the two autotuners first")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each row in a process of its own: one that fails on the GPU becomes an error row")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
@@ -74,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompts or (1 if args.quick else 1024)
     iters = args.iters or (1 if args.quick else 10)
     configs = (args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)).split(",")
+    names = (list(KERNEL_OF_ROW) if device.type == "cuda" and args.autotune else []) + configs
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
 
@@ -86,37 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     conv1, _, _, conv2, _ = sam.mask_decoder.output_upscaling
     flops = upscaling_flops(prompts, h * w, keys.shape[-1], conv1.out_channels, conv2.out_channels, 16)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
-    print(f"device: {name}, torch {torch.__version__}, {prompts} prompts, tokens {str(dtype).split('.')[-1]}")
+    print(f"device: {name}, torch {torch.__version__}, {prompts} prompts, tokens {str(dtype).split('.')[-1]}"
+          + (", each row in its own process" if args.isolate else ""))
 
-    def call(launch: dict | None, kernel: str = "subpixels"):
-        kernel = "grouped" if launch and "GROUP" in launch else kernel
+    def call(launch: dict | None, kernel: str):
         return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel=kernel)
 
-    rows: dict[str, dict] = {}
-    with torch.no_grad():
-        # each first call compiles (the autotuner's also tunes) and gives the masks compared
-        if device.type == "cuda" and args.autotune:
-            reference = call(None)
-            for row, kernel in KERNEL_OF_ROW.items():
-                stats = call(None, kernel)
-                t = seconds_per_batch(lambda kernel=kernel: call(None, kernel), device, 0, iters)
-                rows[row] = {"s": t, "config": str(MASK_KERNELS[kernel][1].best_config), "same": same(stats, reference)}
-        else:
-            reference = call(parse_launch(configs[0]))
-        for text in configs:
-            launch = parse_launch(text)
-            try:
-                stats = call(launch)
-            except OutOfResources as e:  # more shared memory or registers than the GPU has: no row
-                print(f"{text}: {e}")
-                continue
-            t = seconds_per_batch(lambda launch=launch: call(launch), device, 0, iters)
-            rows[text] = {"s": t, "config": text, "same": same(stats, reference)}
-    first = next(iter(rows.values()))["s"]
-    print(f"{'configuration':>17} | ms per call | TFLOP/s | vs {next(iter(rows))} | masks and counts equal")
-    for key, row in rows.items():
-        print(f"{key:>17} | {row['s'] * 1e3:11.2f} | {flops / row['s'] / 1e12:7.1f} | {first / row['s']:8.2f}x | "
-              f"{row['same']}" + (f"  ({row['config']})" if key in KERNEL_OF_ROW else ""))
+    with torch.no_grad():  # each row's first call compiles (an autotuner's also tunes) and gives its fingerprint
+        rows = {n: isolated(n, args) if args.isolate else measure(n, call, device, iters) for n in names}
+    print_rows(rows, flops)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "prompts": prompts, "dtype": str(dtype).split(".")[-1],
                                          "tflop_per_call": flops / 1e12, "rows": rows}, indent=1))

@@ -19,5 +19,21 @@ def test_the_mask_kernel_bench_times_each_configuration(tmp_path):
     assert result["prompts"] == 1 and result["dtype"] == "float32" and result["tflop_per_call"] > 0
     # the third: 2 programs per prompt; the last two: the grouped kernel
     assert set(result["rows"]) == {"4096x4x4", "4096x4x1", "2048x4x4", "g1024x4x4", "g2048x4x1"}
-    assert all(row["same"] and row["s"] > 0 for row in result["rows"].values())
+    first = result["rows"]["4096x4x4"]["digest"]
+    assert all(row["digest"] == first and row["s"] > 0 for row in result["rows"].values())
     assert "4096x4x1" in proc.stdout and "masks and counts equal" in proc.stdout
+
+
+def test_isolated_rows_survive_a_configuration_that_fails(tmp_path):
+    """--isolate: each row in its own process; a launch the kernel cannot run (here a block over the interpreter's
+    largest tensor) becomes an error row, and the rows after it are still timed and compared."""
+    out = tmp_path / "kernel.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench/bench_mask_kernel.py", "--quick", "--isolate", "--configs",
+                           "4096x4x4,g4096x4x4,g1024x4x4", "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["4096x4x4", "g4096x4x4", "g1024x4x4"]
+    assert "numel" in rows["g4096x4x4"]["error"] and "failed:" in proc.stdout
+    assert rows["4096x4x4"]["digest"] == rows["g1024x4x4"]["digest"] and rows["g1024x4x4"]["s"] > 0
