@@ -146,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     def call(launch: dict | None, kernel: str):
         return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel=kernel)
 
+    rows: dict[str, dict] = {}
     with torch.no_grad():  # each row's first call compiles (an autotuner's also tunes) and gives its fingerprint
-        rows = {n: isolated(n, args) if args.isolate else measure(n, call, device, iters) for n in names}
+        for n in names:
+            rows[n] = row = isolated(n, args) if args.isolate else measure(n, call, device, iters)
+            print(f"  {n}: " + (f"failed: {row['error']}" if "error" in row else f"{row['s'] * 1e3:.2f} ms"),
+                  flush=True)
     print_rows(rows, flops)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "prompts": prompts, "dtype": str(dtype).split(".")[-1],
