@@ -209,25 +209,26 @@ def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: 
 
 
 def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
-                     compiled: tuple[bool, ...], fused: tuple[bool, ...] = (False,)) -> dict[str, dict]:
+                     compiled: tuple[bool, ...], fused: tuple[bool, ...] = (False,),
+                     reads: tuple[str, ...] = ("batch",)) -> dict[str, dict]:
     """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
-    ``compile_decoder`` x ``fused_masks`` setting, side by side: seconds per batch, and how far each one's candidates
-    are from the first setting's (their count, the mean IoU of their masks). Keyed
-    ``<attention>_<eager|compiled>[_fused]``."""
+    ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` setting, side by side: seconds per batch, and
+    how far each one's candidates are from the first setting's (their count, the mean IoU of their masks). Keyed
+    ``<attention>_<eager|compiled>[_fused][_reads_per_call]``."""
     out, first = {}, None
-    for fused_masks in fused:
-        for compile_decoder in compiled:
-            for attention in attentions:
-                with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
-                                  fused_masks=fused_masks):
-                    sam.automatic_masks(emb)  # compiles
-                    seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
-                    masks = sam.mask_candidates(emb)["masks"]
-                first = masks if first is None else first
-                same = masks.shape == first.shape
-                name = f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
-                out[name] = {"s": seconds, "candidates": len(masks),
-                             "mask_iou_vs_first": mask_iou(first, masks) if same else None}
+    settings = [(f, c, a, r) for r in reads for f in fused for c in compiled for a in attentions]
+    for fused_masks, compile_decoder, attention, candidate_reads in settings:
+        with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
+                          fused_masks=fused_masks, candidate_reads=candidate_reads):
+            sam.automatic_masks(emb)  # compiles
+            seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+            masks = sam.mask_candidates(emb)["masks"]
+        first = masks if first is None else first
+        same = masks.shape == first.shape
+        name = (f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
+                f"{'_reads_per_call' if candidate_reads == 'call' else ''}")
+        out[name] = {"s": seconds, "candidates": len(masks),
+                     "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
 
 
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
                     help="time SAM's mask generation with each precompute.sam.decoder_attention (all, or the "
                          "comma-separated ones given; and compiled, with --compile-decoder; and fused, with "
                          "--fused-masks) on the last batch, side by side")
+    ap.add_argument("--candidate-reads", default="batch",
+                    help="comma-separated SamAnchor.candidate_reads for --decoder-variants: batch (the kept "
+                         "candidates read back once per batch), call (after every decoder call)")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")
@@ -360,7 +364,9 @@ def main(argv=None) -> int:
         compiled = (False, True) if args.compile_decoder else (False,)
         fused = (False, True) if args.fused_masks else (False,)
         attentions = tuple(args.decoder_variants.split(","))
-        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, attentions, compiled, fused)
+        reads = tuple(args.candidate_reads.split(","))
+        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, attentions, compiled, fused,
+                                                         reads)
         print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
         print_decoder_variants(len(emb), results["decoder_variants"])
     if args.encoder_variants:

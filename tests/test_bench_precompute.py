@@ -87,3 +87,14 @@ def test_decoder_variants_of_the_attentions_named_with_fused_masks(tmp_path):
     assert set(variants) == {"folded_eager", "folded_eager_fused"}
     assert variants["folded_eager_fused"]["candidates"] == variants["folded_eager"]["candidates"] > 0
     assert "fused masks True" in printed
+
+
+def test_decoder_variants_with_the_candidates_read_per_batch_and_per_call(tmp_path):
+    """--candidate-reads batch,call: the same candidates, read back once per batch or after every decoder call."""
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded",
+                                      "--candidate-reads", "batch,call", "--point-batch-size", "16")
+    variants = result["decoder_variants"]
+    assert set(variants) == {"folded_eager", "folded_eager_reads_per_call"}
+    assert variants["folded_eager_reads_per_call"]["candidates"] == variants["folded_eager"]["candidates"] > 0
+    assert variants["folded_eager_reads_per_call"]["mask_iou_vs_first"] == 1.0
+    assert "reads_per_call" in printed

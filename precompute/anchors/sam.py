@@ -240,6 +240,9 @@ class SamAnchor(AnchorModel):
         self.fused_masks = amg.fused_masks
         self.mask_kernel = amg.mask_kernel
         self.mask_launch: dict | None = None  # a fixed launch configuration instead of the autotuner's (bench)
+        # "batch": the kept candidates' counts read back once per batch; "call": after every decoder call, one wait for
+        # the GPU each (the bench's baseline, bench_precompute.py --candidate-reads)
+        self.candidate_reads = "batch"
         self.input_size = sam.image_encoder.img_size
         grid = point_grid(amg.points_per_side, self.input_size)
         self.register_buffer("grid_points", grid, persistent=False)
@@ -341,6 +344,7 @@ class SamAnchor(AnchorModel):
         prompts = torch.arange(n_img * n_pts, device=emb.device)
         decode = self._decode_batched if self.decode_mode == "batched" else self._decode_per_image
         chunks: list[dict[str, torch.Tensor]] = []
+        read: list[dict[str, torch.Tensor]] = []  # candidates already read back ("call")
         for chunk in prompts.split(amg.point_batch_size):
             img, pt = chunk // n_pts, chunk % n_pts
             with autocast(self.device, self.decoder_bf16):
@@ -356,7 +360,9 @@ class SamAnchor(AnchorModel):
                 keep &= stability >= amg.stability_score_thresh
             chunks.append({"masks": stats.masks.flatten(0, 1), "iou": iou, "stability": stability,
                            "image": img.repeat_interleave(m), "point": pt.repeat_interleave(m), "keep": keep})
-        out = kept_candidates(chunks)
+            if self.candidate_reads == "call":
+                read.append(kept_candidates([chunks.pop()]))
+        out = {k: torch.cat([r[k] for r in read]) for k in read[0]} if read else kept_candidates(chunks)
         out["boxes"] = mask_boxes(out["masks"])
         out["score"] = out["iou"] * out["stability"]
         return out
