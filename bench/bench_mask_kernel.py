@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precompute import seconds_per_batch  # noqa: E402
 
 from precompute.anchors.sam import BUILDERS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS, mask_statistics, parse_launch  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, launch_kernel, mask_statistics, parse_launch  # noqa: E402
 
 DEFAULT_CONFIGS = "64x4x4,64x8x4,128x8x4,64x8x1,128x8x1,32x4x1,g32x8x4,g64x8x4,g64x8x2,g64x8x1,g128x8x1,g32x8x4s1"
 QUICK_CONFIGS = "4096x4x4,4096x4x1,2048x4x4,g1024x4x4,g2048x4x1"
@@ -66,7 +66,7 @@ def measure(name: str, call, device: torch.device, iters: int) -> dict:
     """One row: the configuration (or autotuner) ``name`` compiled (tuned) and timed, and its masks' fingerprint."""
     kernel = KERNEL_OF_ROW.get(name)
     launch = None if kernel else parse_launch(name)
-    kernel = kernel or ("grouped" if "GROUP" in launch else "subpixels")
+    kernel = kernel or launch_kernel(launch)
     try:
         stats = call(launch, kernel)
     except OutOfResources as e:  # more shared memory or registers than the GPU has

@@ -45,7 +45,7 @@ from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS, parse_launch  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, launch_kernel, parse_launch  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     anchors["sam"].mask_kernel = args.mask_kernel
     if args.mask_launch:
         anchors["sam"].mask_launch = parse_launch(args.mask_launch)
-        anchors["sam"].mask_kernel = "grouped" if "GROUP" in anchors["sam"].mask_launch else "subpixels"
+        anchors["sam"].mask_kernel = launch_kernel(anchors["sam"].mask_launch)
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
     if args.point_batch_size:

@@ -471,40 +471,35 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype, kernel):
 def test_fused_mask_kernel_compiles_for_a_hopper_gpu(tokens, precision, block, subpixels):
     """The kernel through Triton's compiler for sm_90 (no GPU needed: it stops at the binary), at the real
     decoder's widths: what the interpreter does not check (constexpr globals, dot shapes, shared memory)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     from precompute.anchors.sam_masks import MASK_COLUMNS, mask_statistics_kernel
 
-    names = mask_statistics_kernel.arg_names
-    pointers = dict.fromkeys(["b1_ptr", "norm_w_ptr", "norm_b_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
-    signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8",
-                 "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
-                 "offset": "fp32"}
     constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MP": MASK_COLUMNS, "BLOCK": block, "PRECISION": precision,
                  "SUBPIXELS": subpixels}
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(mask_statistics_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
-    kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    kernel = compile_for_hopper(mask_statistics_kernel, tokens, constants, {"num_warps": 4})
     assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
 
 
 @pytest.mark.parametrize("tokens, block, group, warps", [("*bf16", 32, 4, 8), ("*bf16", 64, 1, 8), ("*fp32", 64, 1, 8)])
 def test_grouped_mask_kernel_compiles_for_a_hopper_gpu(tokens, block, group, warps):
     """precompute.sam.mask_kernel: grouped, through Triton's compiler for sm_90 at the real decoder's widths."""
+    from precompute.anchors.sam_masks import grouped_mask_statistics_kernel
+
+    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MG": 4, "BLOCK": block, "PRECISION": "tf32", "GROUP": group}
+    kernel = compile_for_hopper(grouped_mask_statistics_kernel, tokens, constants,
+                                {"num_warps": warps, "num_stages": 1})
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
+
+
+def compile_for_hopper(kernel, tokens: str, constants: dict, options: dict):
+    """A mask kernel compiled for sm_90 with ``tokens`` (and the weights) of that pointer type and ``constants``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    from precompute.anchors.sam_masks import grouped_mask_statistics_kernel
-
-    names = grouped_mask_statistics_kernel.arg_names
+    names = kernel.arg_names
     pointers = dict.fromkeys(["b1_ptr", "norm_w_ptr", "norm_b_ptr", "b2_ptr", "hyper_ptr"], "*fp32")
     signature = {"tokens_ptr": tokens, "w1_ptr": tokens, "w2_ptr": tokens, **pointers, "masks_ptr": "*i8",
                  "counts_ptr": "*i32", "n_tokens": "i32", "width": "i32", "eps": "fp32", "threshold": "fp32",
                  "offset": "fp32"}
-    constants = {"C": 256, "C1": 64, "C2": 32, "M": 3, "MG": 4, "BLOCK": block, "PRECISION": "tf32", "GROUP": group}
     signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(grouped_mask_statistics_kernel, signature,
-                       {(names.index(k),): v for k, v in constants.items()})
-    kernel = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-    assert kernel.asm["cubin"] and kernel.metadata.shared <= 227 * 1024
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()})
+    return compile(source, target=GPUTarget("cuda", 90, 32), options=options)

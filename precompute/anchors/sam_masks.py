@@ -187,10 +187,15 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
                           (logits > -offset).sum((-1, -2)))
 
 
+def launch_kernel(launch: dict) -> str:
+    """The kernel (a key of :data:`MASK_KERNELS`) a launch configuration is for: grouped when it sets ``GROUP``."""
+    return "grouped" if "GROUP" in launch else "subpixels"
+
+
 def launch_grid(prompts: int, tokens: int, launch: dict) -> tuple[int, ...]:
     """The kernel's programs: per prompt, per ``BLOCK`` tokens, per ``SUBPIXELS`` of the 4 (grouped: per prompt, per
     ``BLOCK`` tokens)."""
-    if "GROUP" in launch:
+    if launch_kernel(launch) == "grouped":
         return (prompts, triton.cdiv(tokens, launch["BLOCK"]))
     return (prompts, triton.cdiv(tokens, launch["BLOCK"]), 4 // launch["SUBPIXELS"])
 
