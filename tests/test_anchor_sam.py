@@ -334,6 +334,11 @@ def test_encoder_attention_comes_from_the_config(sam_dir):
         tiny_sam(sam_dir, "precompute.sam.encoder_attention=flash")
 
 
+def test_mask_kernel_comes_from_the_config(sam_dir):
+    assert tiny_sam(sam_dir).mask_kernel == "subpixels"
+    assert tiny_sam(sam_dir, "precompute.sam.mask_kernel=grouped").mask_kernel == "grouped"
+
+
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU
 def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected_masks(sam_dir):
     """precompute.sam.compile_encoder / compile_decoder: the image encoder and the batched decoding through
@@ -399,13 +404,17 @@ emb = anchor.embed(torch.randint(0, 256, (2, anchor.input_size, anchor.input_siz
 every = anchor.mask_candidates(emb)  # thresholds at the medians: both bite
 anchor.amg.pred_iou_thresh = float(every["iou"].median())
 anchor.amg.stability_score_thresh = float(every["stability"].median())
-for fused in (True, False):
-    anchor.fused_masks = fused
+# the grouped kernel through the anchor, with a launch of two programs per prompt that only it takes
+for fused, kernel, launch in ((True, "subpixels", None), (False, "subpixels", None), (True, "grouped", {"GROUP": 2})):
+    anchor.fused_masks, anchor.mask_kernel = fused, kernel
+    h, w = anchor.sam.prompt_encoder.image_embedding_size
+    anchor.mask_launch = launch and {**launch, "BLOCK": h * w // 2}
     cand, sel = anchor.mask_candidates(emb), anchor.automatic_masks(emb)
-    out[str(fused)] = {"n": len(cand["iou"]), "image": cand["image"].tolist(), "point": cand["point"].tolist(),
-                       "iou": cand["iou"].tolist(), "stability": cand["stability"].tolist(),
-                       "masks": cand["masks"].flatten().tolist(), "count": sel.count.tolist(),
-                       "points": sel.points.flatten().tolist()}
+    key = kernel if kernel == "grouped" else str(fused)
+    out[key] = {"n": len(cand["iou"]), "image": cand["image"].tolist(), "point": cand["point"].tolist(),
+                "iou": cand["iou"].tolist(), "stability": cand["stability"].tolist(),
+                "masks": cand["masks"].flatten().tolist(), "count": sel.count.tolist(),
+                "points": sel.points.flatten().tolist()}
 print(json.dumps(out))
 """
 
@@ -431,12 +440,14 @@ def test_fused_mask_statistics_equal_the_logits_path():
     ref_counts, got_counts = real["counts"]
     for ref, got in zip(ref_counts, got_counts, strict=True):
         assert all(abs(a - b) <= 2 for a, b in zip(ref[0], got[0], strict=True))
-    fused, plain = out["True"], out["False"]
-    assert 10 < plain["n"] < 2 * 16 * 3 and fused["n"] == plain["n"]  # both thresholds bite
-    for key in ("image", "point", "iou", "count", "points"):
-        assert fused[key] == plain[key], key
-    assert max(abs(a - b) for a, b in zip(fused["stability"], plain["stability"], strict=True)) < 1e-5
-    assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
+    plain = out["False"]
+    assert 10 < plain["n"] < 2 * 16 * 3  # both thresholds bite
+    for fused in (out["True"], out["grouped"]):  # precompute.sam.mask_kernel: subpixels, grouped
+        assert fused["n"] == plain["n"]
+        for key in ("image", "point", "iou", "count", "points"):
+            assert fused[key] == plain[key], key
+        assert max(abs(a - b) for a, b in zip(fused["stability"], plain["stability"], strict=True)) < 1e-5
+        assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton kernel: needs a CUDA device")

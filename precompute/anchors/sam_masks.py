@@ -233,6 +233,8 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     ``kernel``: one of :data:`MASK_KERNELS`. ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``,
     ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``; :func:`parse_launch`) in place of the
     autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
+    if launch is not None and launch_kernel(launch) != kernel:
+        raise ValueError(f"launch {launch} is for the {launch_kernel(launch)} mask kernel, not {kernel}")
     md = sam.mask_decoder
     h, w = sam.prompt_encoder.image_embedding_size
     conv1, norm, _, conv2, _ = md.output_upscaling
