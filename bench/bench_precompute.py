@@ -213,7 +213,8 @@ def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, a
                      reads: tuple[str, ...] = ("batch",)) -> dict[str, dict]:
     """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
     ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` setting, side by side: seconds per batch, and
-    how far each one's candidates are from the first setting's (their count, the mean IoU of their masks). Keyed
+    how far each one's candidates are from the first setting's (their count, the mean IoU of their masks), and on
+    CUDA the peak memory allocated while it was timed. Keyed
     ``<attention>_<eager|compiled>[_fused][_reads_per_call]``."""
     out, first = {}, None
     settings = [(f, c, a, r) for r in reads for f in fused for c in compiled for a in attentions]
@@ -221,13 +222,16 @@ def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, a
         with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
                           fused_masks=fused_masks, candidate_reads=candidate_reads):
             sam.automatic_masks(emb)  # compiles
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = seconds_per_batch(lambda: sam.automatic_masks(emb), device, warmup, iters)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             masks = sam.mask_candidates(emb)["masks"]
         first = masks if first is None else first
         same = masks.shape == first.shape
         name = (f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
                 f"{'_reads_per_call' if candidate_reads == 'call' else ''}")
-        out[name] = {"s": seconds, "candidates": len(masks),
+        out[name] = {"s": seconds, "candidates": len(masks), "peak_gib": peak,
                      "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
 
@@ -238,7 +242,7 @@ def print_decoder_variants(bs: int, variants: dict[str, dict]) -> None:
         iou = "different candidates" if v["mask_iou_vs_first"] is None else f"{v['mask_iou_vs_first']:.4f}"
         print(f"  sam mask generation, decoder {name}: {bs / v['s']:.2f} images/s, "
               f"{variants[first]['s'] / v['s']:.2f}x {first}; {v['candidates']} candidates, mask IoU with {first} "
-              f"{iou}")
+              f"{iou}" + (f"; peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""))
 
 
 def write_cost(name: str, anchor: AnchorModel, outputs: dict[str, np.ndarray]) -> float:
