@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -86,9 +87,17 @@ def isolated(name: str, args: argparse.Namespace) -> dict:
         cmd += [f"--{k}={v}" for k, v in (("prompts", args.prompts), ("iters", args.iters)) if v]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
-            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-            return {"error": (errors or [f"exit status {proc.returncode}"])[-1].strip()[:200]}
+            return {"error": failure(proc.stderr, proc.returncode), "stderr_tail": proc.stderr.splitlines()[-40:]}
         return json.loads(out.read_text())["rows"][name]
+
+
+def failure(stderr: str, returncode: int) -> str:
+    """Why a row's process failed: the CUDA error's own line where there is one (the exception's last line is often
+    only the hint that CUDA reports errors asynchronously), else the last exception raised."""
+    lines = stderr.splitlines()
+    cuda = [line for line in lines if "CUDA error" in line]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (cuda or raised or [f"exit status {returncode}"])[-1].strip()[:300]
 
 
 def print_rows(rows: dict[str, dict], flops: float) -> None:

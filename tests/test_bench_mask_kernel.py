@@ -36,4 +36,21 @@ def test_isolated_rows_survive_a_configuration_that_fails(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert list(rows) == ["4096x4x4", "g4096x4x4", "g1024x4x4"]
     assert "numel" in rows["g4096x4x4"]["error"] and "failed:" in proc.stdout
+    assert any("Traceback" in line for line in rows["g4096x4x4"]["stderr_tail"])
     assert rows["4096x4x4"]["digest"] == rows["g1024x4x4"]["digest"] and rows["g1024x4x4"]["s"] > 0
+
+
+def test_a_failed_row_names_the_cuda_error_not_the_asynchronous_hint():
+    """On a GPU the exception's last line is the hint that CUDA reports errors asynchronously; the row keeps the
+    error's own line. Without one it keeps the last exception raised, and without that the exit status."""
+    from bench.bench_mask_kernel import failure
+
+    stderr = """Traceback (most recent call last):
+  File "bench/bench_mask_kernel.py", line 80, in measure
+torch.AcceleratorError: CUDA error: an illegal memory access was encountered
+Search for `cudaErrorIllegalAddress' in https://docs.nvidia.com/cuda/ for more information.
+CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.
+For debugging consider passing CUDA_LAUNCH_BLOCKING=1"""
+    assert failure(stderr, 1) == "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+    assert failure("Traceback:\nValueError: bad launch\nwarning: after", 1) == "ValueError: bad launch"
+    assert failure("", -9) == "exit status -9"
