@@ -13,6 +13,8 @@ sub-pixels per product, 1, 2 or 4); a suffix ``sN`` sets ``num_stages`` (Triton'
 CUDA-synchronised time of one ``mask_statistics`` call after a warm-up, the upscalings' TFLOP/s, the ratio to the
 first row (the per-sub-pixel kernel's autotuned choice, then the grouped kernel's, timed the same way), and whether
 its masks and counts equal the first row's (a fingerprint of them). ``--no-autotune`` leaves the autotuned rows out.
+With bf16 tokens a GPU refuses the per-sub-pixel kernel (``sam_masks.kernel_for``: it stopped on illegal memory
+accesses on H100s), so the bf16 defaults are the grouped kernel's rows; a refused configuration is an error row.
 A launch that fails on the GPU (an illegal memory access) leaves the process's CUDA context unusable, and an
 autotuning run compiles and runs every configuration of its list: ``--isolate`` runs each row in a process of its
 own, so a failure becomes an error row and the others are still timed. On the CPU (``--quick``) the interpreter runs
@@ -42,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_precompute import seconds_per_batch  # noqa: E402
 
+from covt.compute import use_tf32  # noqa: E402
 from precompute.anchors.sam import BUILDERS  # noqa: E402
 from precompute.anchors.sam_masks import MASK_KERNELS, launch_kernel, mask_statistics, parse_launch  # noqa: E402
 
-DEFAULT_CONFIGS = "64x4x4,64x8x4,128x8x4,64x8x1,128x8x1,32x4x1,g32x8x4,g64x8x4,g64x8x2,g64x8x1,g128x8x1,g32x8x4s1"
+# per tokens' dtype: on a GPU the per-sub-pixel kernel refuses bf16 tokens (sam_masks.kernel_for)
+DEFAULT_CONFIGS = {"bf16": "g32x8x4,g64x8x4,g64x8x2,g64x8x1,g128x8x1,g32x8x4s1",
+                   "fp32": "128x8x1,64x8x1,32x4x1,64x4x1,g64x8x1"}
 QUICK_CONFIGS = "4096x4x4,4096x4x1,2048x4x4,g1024x4x4,g2048x4x1"
 KERNEL_OF_ROW = {"autotuned": "subpixels", "autotuned grouped": "grouped"}
 
@@ -63,6 +68,12 @@ def digest(stats) -> str:
     return h.hexdigest()
 
 
+def autotuned_rows(dtype: str) -> list[str]:
+    """The autotuners' rows on a GPU: each kernel's that runs tokens of ``dtype``."""
+    tokens = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return [row for row, kernel in KERNEL_OF_ROW.items() if kernel == "grouped" or tokens == torch.float32]
+
+
 def measure(name: str, call, device: torch.device, iters: int) -> dict:
     """One row: the configuration (or autotuner) ``name`` compiled (tuned) and timed, and its masks' fingerprint."""
     kernel = KERNEL_OF_ROW.get(name)
@@ -72,6 +83,8 @@ def measure(name: str, call, device: torch.device, iters: int) -> dict:
         stats = call(launch, kernel)
     except OutOfResources as e:  # more shared memory or registers than the GPU has
         return {"error": f"out of resources: {e}"}
+    except ValueError as e:  # a kernel the GPU refuses for these tokens (sam_masks.kernel_for)
+        return {"error": str(e)}
     t = seconds_per_batch(lambda: call(launch, kernel), device, 0, iters)
     config = str(MASK_KERNELS[kernel][1].best_config) if launch is None else name
     return {"s": t, "config": config, "digest": digest(stats)}
@@ -121,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="the image tokens' dtype: the products' (fp32 in TF32)")
     ap.add_argument("--configs", default=None, help="BLOCKxWARPSxSUBPIXELS and gBLOCKxWARPSxGROUP, each [sSTAGES], "
-                                                    f"list (default {DEFAULT_CONFIGS}; quick: {QUICK_CONFIGS})")
+                                                    f"list (default, bf16: {DEFAULT_CONFIGS['bf16']}; fp32: "
+                                                    f"{DEFAULT_CONFIGS['fp32']}; quick: {QUICK_CONFIGS})")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 10; quick: 1)")
     ap.add_argument("--no-autotune", dest="autotune", action="store_false",
                     help="time the configurations given only, not the two autotuners first")
@@ -135,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.quick else "cuda")
     prompts = args.prompts or (1 if args.quick else 1024)
     iters = args.iters or (1 if args.quick else 10)
-    configs = (args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)).split(",")
-    names = (list(KERNEL_OF_ROW) if device.type == "cuda" and args.autotune else []) + configs
-    torch.backends.cuda.matmul.allow_tf32 = True
+    configs = (args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS[args.dtype])).split(",")
+    names = (autotuned_rows(args.dtype) if device.type == "cuda" and args.autotune else []) + configs
+    use_tf32(True)
     dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
 
     torch.manual_seed(0)

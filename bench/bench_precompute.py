@@ -45,7 +45,7 @@ from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
 from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS, launch_kernel, parse_launch  # noqa: E402
+from precompute.anchors.sam_masks import MASK_KERNELS, kernel_for, launch_kernel, parse_launch  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-masks", action="store_true",
                     help="the rows with precompute.sam.fused_masks (CUDA); --decoder-variants times it beside the "
                          "logits' path")
-    ap.add_argument("--mask-kernel", choices=["subpixels", "grouped"], default="subpixels",
+    ap.add_argument("--mask-kernel", choices=["auto", "subpixels", "grouped"], default="auto",
                     help="precompute.sam.mask_kernel: the Triton kernel --fused-masks runs")
     ap.add_argument("--mask-launch", default=None, metavar="CONFIG",
                     help="a fixed launch configuration of the fused mask kernel instead of its autotuner's (named as "
@@ -396,8 +396,9 @@ def main(argv=None) -> int:
           f"{'met' if best >= target else 'NOT met'}"
           f"{' (quick run: tiny models, not comparable)' if args.quick else ''}")
     if args.fused_masks and device.type == "cuda" and not args.mask_launch:
-        results["mask_kernel_config"] = str(MASK_KERNELS[args.mask_kernel][1].best_config)
-        print(f"the fused mask kernel ({args.mask_kernel}) autotuned launch: {results['mask_kernel_config']}")
+        kernel = kernel_for(args.mask_kernel, torch.bfloat16 if args.dtype == "bf16" else torch.float32, True)
+        results["mask_kernel_config"] = str(MASK_KERNELS[kernel][1].best_config)
+        print(f"the fused mask kernel ({kernel}) autotuned launch: {results['mask_kernel_config']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -127,12 +127,13 @@ class SamPrecomputeConfig:
     decoder_attention: Literal["library", "sdpa", "folded"] = option("library",
                                                                      "the mask decoder's attention computation")
     # the two upscalings and the mask/stability counts per prompt in one Triton kernel that writes no logits
-    # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. 1.11x the compiled logits'
-    # path on mask generation in bf16 (H100); off until timed in fp32 with TF32, the 7B configs' precision
+    # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. On an H100 1.22x the compiled
+    # logits' path on mask generation in bf16, 1.11x in fp32 with TF32 (BENCHMARKS.md); on in the 7B configs
     fused_masks: bool = option(False, "on CUDA, SAM's mask upscaling and statistics in one Triton kernel")
     # subpixels: a product per sub-pixel of each upscaling (N = 64, then 32); grouped: the second upscaling's 4
-    # sub-pixels in one product (N = 128) and the masks' contraction block-diagonal over them (bench_mask_kernel.py)
-    mask_kernel: Literal["subpixels", "grouped"] = option("subpixels", "which Triton kernel fused_masks runs")
+    # sub-pixels in one product (N = 128) and the masks' contraction block-diagonal over them (bench_mask_kernel.py);
+    # auto: grouped for bf16 tokens, subpixels for fp32 ones, the faster of the two on an H100 in each
+    mask_kernel: Literal["auto", "subpixels", "grouped"] = option("auto", "which Triton kernel fused_masks runs")
 
 
 @dataclass

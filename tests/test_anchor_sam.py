@@ -335,8 +335,25 @@ def test_encoder_attention_comes_from_the_config(sam_dir):
 
 
 def test_mask_kernel_comes_from_the_config(sam_dir):
-    assert tiny_sam(sam_dir).mask_kernel == "subpixels"
+    assert tiny_sam(sam_dir).mask_kernel == "auto"
     assert tiny_sam(sam_dir, "precompute.sam.mask_kernel=grouped").mask_kernel == "grouped"
+
+
+def test_the_auto_mask_kernel_is_the_faster_form_for_the_tokens_and_a_gpu_refuses_the_one_that_crashed():
+    """auto: grouped for bf16 tokens, per-sub-pixel for fp32 (the faster of the two in each on an H100); the
+    per-sub-pixel kernel with bf16 tokens on a GPU is refused with the switch to use, as it stopped on illegal memory
+    accesses there. The interpreter (not a GPU) runs either form."""
+    from precompute.anchors.sam_masks import kernel_for
+
+    assert kernel_for("auto", torch.bfloat16, True) == "grouped"
+    assert kernel_for("auto", torch.float32, True) == "subpixels"
+    assert kernel_for("grouped", torch.float32, True) == "grouped"
+    assert kernel_for("subpixels", torch.float32, True) == "subpixels"
+    assert kernel_for("subpixels", torch.bfloat16, False) == "subpixels"
+    with pytest.raises(ValueError, match="mask_kernel=auto or grouped"):
+        kernel_for("subpixels", torch.bfloat16, True)
+    with pytest.raises(ValueError, match="unknown mask kernel"):
+        kernel_for("tiled", torch.float32, False)
 
 
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU
@@ -450,6 +467,24 @@ def test_fused_mask_statistics_equal_the_logits_path():
         assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
 
 
+def test_the_mask_kernel_reads_the_tf32_setting_as_use_tf32_writes_it():
+    """precompute.tf32 turns TF32 on through torch's new API (fp32_precision); reading the legacy allow_tf32 after that
+    raises (torch >= 2.9), which stopped the fused masks in fp32 on an H100. Half-precision tokens ignore it."""
+    from covt.compute import use_tf32
+    from precompute.anchors.sam_masks import kernel_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert kernel_precision(torch.float32, True) == "tf32x3" and kernel_precision(torch.float32, False) == "ieee"
+        use_tf32(True)
+        assert kernel_precision(torch.float32, True) == "tf32" and kernel_precision(torch.float32, False) == "ieee"
+        assert kernel_precision(torch.bfloat16, True) == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the Triton kernel: needs a CUDA device")
 @pytest.mark.parametrize("kernel", ["subpixels", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -463,14 +498,15 @@ def test_fused_mask_statistics_on_the_gpu_equal_the_logits_path(dtype, kernel):
     for p in sam.mask_decoder.parameters():
         p.data.normal_(0, 0.3)
     keys, tokens = torch.randn(5, 64 * 64, 256, device="cuda"), torch.randn(5, 3, 256, device="cuda")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE products on both sides in fp32
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"  # IEEE products on both sides in fp32
     try:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             ref = statistics_of_logits(multimask_logits(sam, keys.to(dtype), tokens), 0.0, 1.0)
             got = mask_statistics(sam, keys.to(dtype), tokens, 0.0, 1.0, kernel=kernel)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        matmul.fp32_precision = before
     flipped = float((ref.masks != got.masks).float().mean())
     assert flipped < (1e-5 if dtype == torch.float32 else 2e-2)
     for a, b in ((ref.area, got.area), (ref.inner, got.inner), (ref.outer, got.outer)):

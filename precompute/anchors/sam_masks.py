@@ -11,7 +11,7 @@ they are much of the mask decoder's memory traffic.
 :func:`mask_statistics` computes the same in one pass: each program takes a block of one prompt's tokens, keeps
 both upscalings in registers, and writes only the mask bits and three counts per mask (area, above +1, above
 -1). Its matrix products follow the inputs' dtype: bf16 tokens multiply in bf16, fp32 ones in TF32 where
-``torch.backends.cuda.matmul.allow_tf32`` is on (as the library's products under ``precompute.tf32``), in three
+the process's fp32 products run in TF32 (:func:`covt.compute.tf32_matmuls`, ``precompute.tf32``), in three
 TF32 products each otherwise (near fp32). On the CPU it runs only in Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; slow, for tests; the interpreter's bf16 products are wrong, so its tests run
 fp32): SamAnchor uses it on CUDA devices only.
@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 from segment_anything.modeling import Sam
+
+from covt.compute import tf32_matmuls
 
 from .sam_fast import hypernetwork_outputs, transposed_conv_as_linear
 
@@ -146,19 +148,20 @@ def runs_on(device: torch.device) -> bool:
 
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
-# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. ptxas (sm_90a, bf16):
-# with the 4 sub-pixels in one program, 255 registers and 0.2-1.4 KB of spills per thread at 16-128 tokens; with one
-# sub-pixel per program, 127-216 registers and none. Tuning runs the kernel several times, so the counts it adds into
-# are zeroed before each run.
-MASK_KERNEL_CONFIGS = [({"BLOCK": block, "SUBPIXELS": subpixels}, warps)
-                       for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)) for subpixels in (4, 1)]
+# (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. One of the first
+# upscaling's sub-pixels per program: these three ran on an H100 with fp32 tokens (128 x 8 fastest, 45 TFLOP/s);
+# with the 4 sub-pixels in one program (255 registers and 0.2-1.4 KB of spills per thread, ptxas sm_90a) every
+# configuration stopped on an illegal memory access there (BENCHMARKS.md, issue 19). Tuning runs the kernel several
+# times, so the counts it adds into are zeroed before each run.
+MASK_KERNEL_CONFIGS = [({"BLOCK": block, "SUBPIXELS": 1}, warps) for block, warps in ((32, 4), (64, 8), (128, 8))]
 tuned_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in MASK_KERNEL_CONFIGS],
     key=["n_tokens", "C", "C1", "C2", "PRECISION"], reset_to_zero=["counts_ptr"],
 )(mask_statistics_kernel)
 # The grouped kernel's (ptxas, sm_90a, bf16): 214 registers and no spills at 32 tokens x 8 warps with the 4 sub-pixels
-# in one product; 255 and 0.2-0.4 KB of spills at 64-128 x 8 (16 x 4 and 32 x 4 spill 1.3-1.5 KB: left out). With fp32
-# tokens only 64 x 8 with one sub-pixel per product fits in shared memory (172 KB; the autotuner skips the others).
+# in one product; 255 and 0.2-0.4 KB of spills at 64-128 x 8 (16 x 4 and 32 x 4 spill 1.3-1.5 KB: left out). All five
+# ran on an H100 in bf16, 32 x 8 x 4 fastest (66 TFLOP/s). With fp32 tokens only 64 x 8 with one sub-pixel per
+# product fits in shared memory (172 KB; the autotuner skips the others).
 GROUPED_KERNEL_CONFIGS = [({"BLOCK": block, "GROUP": group}, warps) for block, group, warps in (
     (32, 4, 8), (64, 4, 8), (64, 2, 8), (64, 1, 8), (128, 1, 8))]
 tuned_grouped_mask_statistics_kernel = triton.autotune(
@@ -185,6 +188,23 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
     masks = logits > threshold
     return MaskStatistics(masks, masks.sum((-1, -2)), (logits > offset).sum((-1, -2)),
                           (logits > -offset).sum((-1, -2)))
+
+
+def kernel_for(kernel: str, dtype: torch.dtype, on_gpu: bool) -> str:
+    """The kernel (a key of :data:`MASK_KERNELS`) that ``precompute.sam.mask_kernel`` names for tokens of ``dtype``.
+    ``auto``: grouped for half-precision tokens, per-sub-pixel for fp32 ones (on an H100: bf16 grouped 66 TFLOP/s;
+    fp32 per-sub-pixel 45, grouped 13, as only its narrowest configuration fits in shared memory). The per-sub-pixel
+    kernel with half-precision tokens stopped on an illegal memory access on H100s in every configuration timed
+    (BENCHMARKS.md, issue 19), so a GPU refuses it."""
+    if kernel == "auto":
+        return "subpixels" if dtype == torch.float32 else "grouped"
+    if kernel not in MASK_KERNELS:
+        raise ValueError(f"unknown mask kernel {kernel!r}: one of auto, {', '.join(MASK_KERNELS)}")
+    if kernel == "subpixels" and on_gpu and dtype != torch.float32:
+        raise ValueError(f"precompute.sam.mask_kernel=subpixels with {dtype} tokens: on H100s that kernel stopped on "
+                         "an illegal memory access in every configuration timed (BENCHMARKS.md, issue 19); use "
+                         "precompute.sam.mask_kernel=auto or grouped")
+    return kernel
 
 
 def launch_kernel(launch: dict) -> str:
@@ -226,13 +246,25 @@ def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
     return torch.nn.functional.pad(hyper.transpose(1, 2), (0, MASK_COLUMNS - m)).contiguous(), {"MP": MASK_COLUMNS}
 
 
+def kernel_precision(dtype: torch.dtype, on_gpu: bool) -> str:
+    """The kernel's ``tl.dot`` precision for tokens of ``dtype``. It applies to fp32 operands only (bf16 ones multiply
+    in bf16 either way): TF32 where the process's fp32 products run in TF32 (``precompute.tf32``). Without TF32 a GPU
+    runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products unroll to FMAs
+    that ptxas took over ten minutes to compile at 64 tokens per program; the interpreter runs "ieee"."""
+    if dtype != torch.float32 or (on_gpu and tf32_matmuls()):
+        return "tf32"
+    return "tf32x3" if on_gpu else "ieee"
+
+
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
-                    offset: float, launch: dict | None = None, kernel: str = "subpixels") -> MaskStatistics:
+                    offset: float, launch: dict | None = None, kernel: str = "auto") -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
-    ``kernel``: one of :data:`MASK_KERNELS`. ``launch``: the kernel's launch configuration (``BLOCK``, ``SUBPIXELS``,
-    ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``; :func:`parse_launch`) in place of the
-    autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per prompt in the interpreter."""
+    ``kernel``: one of :data:`MASK_KERNELS`, or ``auto`` (:func:`kernel_for`). ``launch``: the kernel's launch
+    configuration (``BLOCK``, ``SUBPIXELS``, ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``;
+    :func:`parse_launch`) in place of the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per
+    prompt in the interpreter."""
+    kernel = kernel_for(kernel, keys.dtype, keys.is_cuda)
     if launch is not None and launch_kernel(launch) != kernel:
         raise ValueError(f"launch {launch} is for the {launch_kernel(launch)} mask kernel, not {kernel}")
     md = sam.mask_decoder
@@ -250,12 +282,7 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
     masks = torch.empty((n, m, 4 * h, 4 * w), dtype=torch.int8, device=keys.device)
     counts = torch.zeros((n, 3, m), dtype=torch.int32, device=keys.device)
     if n:
-        # The products' precision applies to fp32 operands only (bf16 ones multiply in bf16 either way). Without TF32
-        # a GPU runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products
-        # unroll to FMAs that ptxas took over ten minutes to compile at 64 tokens per program.
-        precision = "tf32"
-        if keys.dtype == torch.float32 and not (keys.is_cuda and torch.backends.cuda.matmul.allow_tf32):
-            precision = "tf32x3" if keys.is_cuda else "ieee"
+        precision = kernel_precision(keys.dtype, keys.is_cuda)
         args = (keys.contiguous(), w1, b1.float().contiguous(), norm.weight.float().contiguous(),
                 norm.bias.float().contiguous(), w2, b2.float().contiguous(), hyper, masks,
                 counts, h * w, w, norm.eps, threshold, offset)
