@@ -467,6 +467,21 @@ def test_fused_mask_statistics_equal_the_logits_path():
         assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
 
 
+def test_a_gpu_that_fits_no_mask_kernel_configuration_names_the_switch_to_turn_off():
+    """The autotuner raises OutOfResources when no configuration fits (shared memory or registers); the anchor's
+    error names the GPU, the kernel and precompute.sam.fused_masks, and keeps the cause."""
+    from triton.runtime.errors import OutOfResources
+
+    from precompute.anchors.sam_masks import fitting_launch
+
+    with pytest.raises(RuntimeError, match=r"\(grouped\).*NVIDIA A100.*fused_masks off.*mask_kernel=subpixels") as err:
+        with fitting_launch("grouped", "NVIDIA A100-SXM4-40GB"):
+            raise OutOfResources(173056, 166912, "shared memory")
+    assert isinstance(err.value.__cause__, OutOfResources)
+    with fitting_launch("subpixels", "any"):  # a launch that fits passes through
+        pass
+
+
 def test_the_mask_kernel_reads_the_tf32_setting_as_use_tf32_writes_it():
     """precompute.tf32 turns TF32 on through torch's new API (fp32_precision); reading the legacy allow_tf32 after that
     raises (torch >= 2.9), which stopped the fused masks in fp32 on an H100. Half-precision tokens ignore it."""

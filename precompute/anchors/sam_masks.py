@@ -19,12 +19,14 @@ fp32): SamAnchor uses it on CUDA devices only.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from segment_anything.modeling import Sam
+from triton.runtime.errors import OutOfResources
 
 from covt.compute import tf32_matmuls
 
@@ -256,6 +258,18 @@ def kernel_precision(dtype: torch.dtype, on_gpu: bool) -> str:
     return "tf32x3" if on_gpu else "ieee"
 
 
+@contextmanager
+def fitting_launch(kernel: str, device: str):
+    """Says which switch to turn off where none of ``kernel``'s autotuned configurations fits the GPU's shared memory
+    or registers (an H100 fits them all; an A100's 164 KB per block misses the widest)."""
+    try:
+        yield
+    except OutOfResources as e:
+        raise RuntimeError(f"the fused mask kernel ({kernel}) has no launch configuration that fits {device}: {e}. "
+                           "Turn precompute.sam.fused_masks off (or try precompute.sam.mask_kernel="
+                           f"{'subpixels' if kernel == 'grouped' else 'grouped'})") from e
+
+
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
                     offset: float, launch: dict | None = None, kernel: str = "auto") -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
@@ -289,7 +303,8 @@ def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, thr
         shape = {"C": c, "C1": c1, "C2": c2, "M": m, "PRECISION": precision, **width}
         plain, tuned = MASK_KERNELS[kernel]
         if keys.is_cuda and launch is None:
-            tuned[lambda meta: launch_grid(n, h * w, meta)](*args, **shape)
+            with fitting_launch(kernel, torch.cuda.get_device_name(keys.device)):
+                tuned[lambda meta: launch_grid(n, h * w, meta)](*args, **shape)
         else:  # the interpreter's cost is per operation, not per element: by default one program per prompt
             # (grouped: at most 1,024 tokens, the interpreter's largest tensor being (4 x BLOCK, 4 x C2))
             whole = triton.next_power_of_2(h * w)
