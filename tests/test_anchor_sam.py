@@ -356,6 +356,19 @@ def test_the_auto_mask_kernel_is_the_faster_form_for_the_tokens_and_a_gpu_refuse
         kernel_for("tiled", torch.float32, False)
 
 
+def test_a_refused_mask_kernel_stops_the_sam_anchor_before_it_loads(sam_dir):
+    """The config's refused combination (bf16 tokens, the per-sub-pixel kernel, a GPU) is an error when the anchor is
+    loaded, before the weights and any batch: checked on the CPU, as the check needs no GPU."""
+    from precompute.anchors import load_anchor
+
+    overrides = ["precompute.dtype=bf16", "precompute.sam.fused_masks=true", "precompute.sam.mask_kernel=subpixels",
+                 f"precompute.checkpoints.sam.path={sam_dir}/absent.pth"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    with pytest.raises(ValueError, match="mask_kernel=subpixels"):
+        load_anchor("sam", cfg.precompute, torch.device("cuda"))
+    assert tiny_sam(sam_dir, *overrides[:3]).fused_masks  # on the CPU the interpreter's path takes either kernel
+
+
 @pytest.mark.slow  # inductor compiles C++ kernels on the CPU
 def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected_masks(sam_dir):
     """precompute.sam.compile_encoder / compile_decoder: the image encoder and the batched decoding through

@@ -43,7 +43,7 @@ from covt.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file, to_host
 from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
-from .sam_masks import mask_statistics, statistics_of_logits
+from .sam_masks import kernel_for, mask_statistics, statistics_of_logits
 from .sam_masks import runs_on as fused_masks_run_on
 
 CHECKPOINT_URLS = {
@@ -412,6 +412,8 @@ def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device
     if variant not in BUILDERS:
         raise ValueError(f"precompute.checkpoints.sam.variant: unknown SAM variant {variant!r} "
                          f"(known: {sorted(BUILDERS)})")
+    if pre.sam.fused_masks:  # a mask kernel the GPU refuses for these tokens says so before any work
+        kernel_for(pre.sam.mask_kernel, torch.bfloat16 if pre.dtype == "bf16" else torch.float32, device.type == "cuda")
     path = checkpoint_file("sam", ckpt, CHECKPOINT_URLS.get(variant, CHECKPOINT_URLS["vit_h"]),
                            lambda p, seed: write_random_checkpoint(p, variant, seed))
     # build on the target device (no slow CPU init of 600M random weights), then load the file
