@@ -68,10 +68,10 @@ def digest(stats) -> str:
     return h.hexdigest()
 
 
-def autotuned_rows(dtype: str) -> list[str]:
-    """The autotuners' rows on a GPU: each kernel's that runs tokens of ``dtype``."""
+def autotuned_rows(dtype: str, unrefused: bool = False) -> list[str]:
+    """The autotuners' rows on a GPU: each kernel's that runs tokens of ``dtype`` (``unrefused``: every kernel's)."""
     tokens = torch.bfloat16 if dtype == "bf16" else torch.float32
-    return [row for row, kernel in KERNEL_OF_ROW.items() if kernel == "grouped" or tokens == torch.float32]
+    return [row for row, kernel in KERNEL_OF_ROW.items() if kernel == "grouped" or tokens == torch.float32 or unrefused]
 
 
 def measure(name: str, call, device: torch.device, iters: int) -> dict:
@@ -98,6 +98,7 @@ def isolated(name: str, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", name, "--no-autotune", "--json", str(out),
                "--dtype", args.dtype] + ["--quick"] * args.quick
         cmd += [f"--{k}={v}" for k, v in (("prompts", args.prompts), ("iters", args.iters)) if v]
+        cmd += ["--unrefused"] * args.unrefused
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             return {"error": failure(proc.stderr, proc.returncode), "stderr_tail": proc.stderr.splitlines()[-40:]}
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time the configurations given only, not the two autotuners first")
     ap.add_argument("--isolate", action="store_true",
                     help="each row in a process of its own: one that fails on the GPU becomes an error row")
+    ap.add_argument("--unrefused", action="store_true",
+                    help="run the configurations a GPU refuses for these tokens (sam_masks.kernel_for), to find their "
+                         "fault, e.g. under compute-sanitizer")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = args.prompts or (1 if args.quick else 1024)
     iters = args.iters or (1 if args.quick else 10)
     configs = (args.configs or (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS[args.dtype])).split(",")
-    names = (autotuned_rows(args.dtype) if device.type == "cuda" and args.autotune else []) + configs
+    names = (autotuned_rows(args.dtype, args.unrefused) if device.type == "cuda" and args.autotune else []) + configs
     use_tf32(True)
     dtype = torch.bfloat16 if args.dtype == "bf16" and not args.quick else torch.float32  # interpreter: fp32 dots
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           + (", each row in its own process" if args.isolate else ""))
 
     def call(launch: dict | None, kernel: str):
-        return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel=kernel)
+        return mask_statistics(sam, keys, tokens, 0.0, 1.0, launch=launch, kernel=kernel, refuse=not args.unrefused)
 
     rows: dict[str, dict] = {}
     with torch.no_grad():  # each row's first call compiles (an autotuner's also tunes) and gives its fingerprint

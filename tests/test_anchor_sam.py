@@ -352,6 +352,7 @@ def test_the_auto_mask_kernel_is_the_faster_form_for_the_tokens_and_a_gpu_refuse
     assert kernel_for("subpixels", torch.bfloat16, False) == "subpixels"
     with pytest.raises(ValueError, match="mask_kernel=auto or grouped"):
         kernel_for("subpixels", torch.bfloat16, True)
+    assert kernel_for("subpixels", torch.bfloat16, True, refuse=False) == "subpixels"  # bench_mask_kernel --unrefused
     with pytest.raises(ValueError, match="unknown mask kernel"):
         kernel_for("tiled", torch.float32, False)
 

@@ -54,3 +54,10 @@ For debugging consider passing CUDA_LAUNCH_BLOCKING=1"""
     assert failure(stderr, 1) == "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
     assert failure("Traceback:\nValueError: bad launch\nwarning: after", 1) == "ValueError: bad launch"
     assert failure("", -9) == "exit status -9"
+
+
+def test_the_autotuned_rows_leave_out_the_kernel_a_gpu_refuses_unless_asked():
+    from bench.bench_mask_kernel import autotuned_rows
+
+    assert autotuned_rows("bf16") == ["autotuned grouped"]
+    assert autotuned_rows("fp32") == autotuned_rows("bf16", unrefused=True) == ["autotuned", "autotuned grouped"]

@@ -192,17 +192,17 @@ def statistics_of_logits(logits: torch.Tensor, threshold: float, offset: float) 
                           (logits > -offset).sum((-1, -2)))
 
 
-def kernel_for(kernel: str, dtype: torch.dtype, on_gpu: bool) -> str:
+def kernel_for(kernel: str, dtype: torch.dtype, on_gpu: bool, refuse: bool = True) -> str:
     """The kernel (a key of :data:`MASK_KERNELS`) that ``precompute.sam.mask_kernel`` names for tokens of ``dtype``.
     ``auto``: grouped for half-precision tokens, per-sub-pixel for fp32 ones (on an H100: bf16 grouped 66 TFLOP/s;
     fp32 per-sub-pixel 45, grouped 13, as only its narrowest configuration fits in shared memory). The per-sub-pixel
     kernel with half-precision tokens stopped on an illegal memory access on H100s in every configuration timed
-    (BENCHMARKS.md, issue 19), so a GPU refuses it."""
+    (BENCHMARKS.md, issue 19), so a GPU refuses it (``refuse=False``: runs it, to find the fault, bench only)."""
     if kernel == "auto":
         return "subpixels" if dtype == torch.float32 else "grouped"
     if kernel not in MASK_KERNELS:
         raise ValueError(f"unknown mask kernel {kernel!r}: one of auto, {', '.join(MASK_KERNELS)}")
-    if kernel == "subpixels" and on_gpu and dtype != torch.float32:
+    if kernel == "subpixels" and on_gpu and dtype != torch.float32 and refuse:
         raise ValueError(f"precompute.sam.mask_kernel=subpixels with {dtype} tokens: on H100s that kernel stopped on "
                          "an illegal memory access in every configuration timed (BENCHMARKS.md, issue 19); use "
                          "precompute.sam.mask_kernel=auto or grouped")
@@ -271,14 +271,15 @@ def fitting_launch(kernel: str, device: str):
 
 
 def mask_statistics(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor, threshold: float,
-                    offset: float, launch: dict | None = None, kernel: str = "auto") -> MaskStatistics:
+                    offset: float, launch: dict | None = None, kernel: str = "auto",
+                    refuse: bool = True) -> MaskStatistics:
     """:func:`statistics_of_logits` of ``multimask_logits(sam, keys, mask_tokens)`` without the logits: ``keys``
     (n, h*w, C) the prompts' image tokens, ``mask_tokens`` (n, M, C) their multimask token outputs.
-    ``kernel``: one of :data:`MASK_KERNELS`, or ``auto`` (:func:`kernel_for`). ``launch``: the kernel's launch
-    configuration (``BLOCK``, ``SUBPIXELS``, ``num_warps``; grouped: ``BLOCK``, ``GROUP``, ``num_warps``;
-    :func:`parse_launch`) in place of the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one program per
-    prompt in the interpreter."""
-    kernel = kernel_for(kernel, keys.dtype, keys.is_cuda)
+    ``kernel``: one of :data:`MASK_KERNELS`, or ``auto`` (:func:`kernel_for`, with ``refuse``). ``launch``: the
+    kernel's launch configuration (``BLOCK``, ``SUBPIXELS``, ``num_warps``; grouped: ``BLOCK``, ``GROUP``,
+    ``num_warps``; :func:`parse_launch`) in place of the autotuner's on a GPU (bench/bench_mask_kernel.py) or of one
+    program per prompt in the interpreter."""
+    kernel = kernel_for(kernel, keys.dtype, keys.is_cuda, refuse)
     if launch is not None and launch_kernel(launch) != kernel:
         raise ValueError(f"launch {launch} is for the {launch_kernel(launch)} mask kernel, not {kernel}")
     md = sam.mask_decoder
