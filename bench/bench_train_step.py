@@ -30,6 +30,8 @@ alternating after warm-up, timed with CUDA events (medians):
            batch layout (trainer.step_graphs; CUDA only, needs _device_matching for CoVT kinds); first prints the
            loss and gradient differences of a replay against the same micro-batch run directly. Their peak memory
            adds the graphs' pool (where a replay's activations live) to the step's own peak.
+  any kind + _recomputed_dropout: the same with train.lora.recompute_dropout (each adapter's dropout made again in
+           the backward pass instead of its dropped input and mask kept: the same masks, less memory).
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -75,7 +77,13 @@ from covt.images import open_rgb  # noqa: E402
 from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
-from trainer.lora import adapter_layers, attach_lora, cast_adapter_inputs, trainable_summary  # noqa: E402
+from trainer.lora import (  # noqa: E402
+    adapter_layers,
+    attach_lora,
+    cast_adapter_inputs,
+    recompute_adapter_dropout,
+    trainable_summary,
+)
 from trainer.model import (  # noqa: E402
     CUDA_GRAPH_MODES,
     CoVTModel,
@@ -221,6 +229,8 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     kind runs those blocks eagerly). ``cuda_graphs``: the blocks replay CUDA graphs (``--compile-mode
     reduce-overhead``), so the step keeps its gradients between micro-batches (trainer.model.keep_gradients).
     """
+    if "_graphed" in kind and "_recomputed_dropout" in kind:
+        raise ValueError(f"{kind}: the recomputed dropout has not run inside a CUDA graph (trainer.step_graphs)")
     if "_model_indices" in kind:
         batches = [without_host_inputs(b) for b in batches]
     optimizer = optimizers["adamw_torch_fused" if "_fused" in kind else "adamw_torch"]
@@ -241,6 +251,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def micro_batches(reads: DeviceReads | None, eager: bool) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
+        recompute_adapter_dropout(adapters, "_recomputed_dropout" in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         if cuda_graphs:
             keep_gradients(trainable)

@@ -55,6 +55,21 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         assert f"| {column} |" in header
 
 
+def test_the_recomputed_dropout_kinds_time_the_same_step_with_the_adapters_dropout_made_again():
+    """_recomputed_dropout: train.lora.recompute_dropout in the bench, with the same FLOPs (the checkpoint stops
+    recomputing once the dropped input is made again: lora_A's product does not run twice), and its plain twin has
+    the same setting."""
+    result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
+                   "--kinds", "plain_recomputed_dropout,covt,covt_recomputed_dropout", "--packing", "off",
+                   "--steps", "1", "--warmup", "0"])
+    row = result["rows"][0]
+    assert row["covt_recomputed_dropout_ms"] > 0
+    assert row["covt_recomputed_dropout_tflop_per_step"] == row["covt_tflop_per_step"]
+    assert "covt_recomputed_dropout_over_plain" in row and "covt_over_plain" not in row
+    with pytest.raises(ValueError, match="has not run inside a CUDA graph"):
+        main(["--device", "cpu", "--tiny", "--kinds", "covt_recomputed_dropout_graphed", "--steps", "1"])
+
+
 def test_each_covt_kind_is_divided_by_the_plain_kind_of_its_settings():
     assert plain_twin("covt") == "plain"
     assert plain_twin("covt_bf16_inputs_compiled_fused") == "plain_bf16_inputs_compiled_fused"

@@ -59,7 +59,7 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_what_train_cuda_graphs_needs_is_said_before_any_work(tmp_path):
-    from covt.config import Config, TrainConfig
+    from covt.config import Config, LoraConfig, TrainConfig
     from trainer.step_graphs import cuda_graph_problems
     from trainer.train import train
 
@@ -71,6 +71,10 @@ def test_what_train_cuda_graphs_needs_is_said_before_any_work(tmp_path):
     said = " | ".join(cuda_graph_problems(wrong, torch.device("cpu"), 2))
     for needed in ("CUDA device", "train.deepspeed=null", "train.packing=false", "train.sam_matching=device"):
         assert needed in said
+    recomputed = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True, lora=LoraConfig(recompute_dropout=True)))
+    assert cuda_graph_problems(recomputed, cuda, 1) == [
+        "the adapters' recomputed dropout reads and restores the CUDA random state in the backward pass and has not "
+        "run inside a graph: set train.lora.recompute_dropout=false"]
     no_sam = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True))
     assert cuda_graph_problems(no_sam, cuda, 1) == []  # the scipy matching is the SAM head's only
 

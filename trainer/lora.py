@@ -19,6 +19,7 @@ trains (the thought-token rows with the rest of their matrices), and merging is 
 """
 from __future__ import annotations
 
+import functools
 import re
 import types
 from collections.abc import Iterable
@@ -26,8 +27,10 @@ from collections.abc import Iterable
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.utils.checkpoint import checkpoint
 
 from covt.config import LoraConfig
 
@@ -101,6 +104,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     )
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
+    recompute_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
     index_token_rows_once(model)
     return model
 
@@ -137,6 +141,41 @@ def cast_adapter_inputs(layers: Iterable[BaseTunerLayer], enabled: bool) -> None
     """Whether these LoRA layers copy their input to their weights' dtype (peft's ``cast_input_dtype_enabled``)."""
     for layer in layers:
         layer.cast_input_dtype_enabled = enabled
+
+
+def dropout_then_linear(linear: torch.nn.Linear, p: float, x: torch.Tensor) -> torch.Tensor:
+    """An adapter's ``lora_A(dropout(x))`` whose dropped input is made again in the backward pass instead of kept:
+    the non-reentrant checkpoint restores the random state, so the masks are the same ones (the same loss and
+    gradients), and only ``x`` stays saved, which the base layer keeps anyway. The recomputation stops once the
+    dropped input is made: the product does not run twice."""
+    if not (linear.training and p and torch.is_grad_enabled()):
+        return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, linear.training), linear.weight,
+                                          linear.bias)
+    return checkpoint(dropped_linear, linear.weight, linear.bias, p, x, use_reentrant=False)
+
+
+def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, True), weight, bias)
+
+
+def recompute_adapter_dropout(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
+    """Whether these LoRA layers' dropout is made again in the backward pass (:func:`dropout_then_linear`) rather
+    than kept: peft's ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input and the mask,
+    ``lora.recompute_dropout``. Reversible; the state dict does not change. Returns the adapters switched."""
+    switched = 0
+    for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
+        for name, lora_a in layer.lora_A.items():
+            patched = isinstance(lora_a.__dict__.get("forward"), functools.partial)
+            dropout = layer.lora_dropout[name]
+            if enabled and not patched and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                lora_a.forward = functools.partial(dropout_then_linear, lora_a, dropout.p)
+                layer.lora_dropout[name] = torch.nn.Identity()
+                switched += 1
+            elif not enabled and patched:
+                layer.lora_dropout[name] = torch.nn.Dropout(lora_a.forward.args[1]).train(lora_a.training)
+                del lora_a.forward
+                switched += 1
+    return switched
 
 
 def keep_trainable_in_fp32(model: torch.nn.Module) -> torch.nn.Module:

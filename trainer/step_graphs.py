@@ -72,6 +72,9 @@ def cuda_graph_problems(cfg: Config, device: torch.device, world: int) -> list[s
     if "sam" in cfg.anchors and t.thoughts and t.sam_matching != "device":
         problems.append("the SAM head's scipy matching reads the GPU from the host, which a graph cannot hold: "
                         "set train.sam_matching=device")
+    if t.lora.recompute_dropout:
+        problems.append("the adapters' recomputed dropout reads and restores the CUDA random state in the backward "
+                        "pass and has not run inside a graph: set train.lora.recompute_dropout=false")
     return problems
 
 
