@@ -151,10 +151,11 @@ def runs_on(device: torch.device) -> bool:
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
 # (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. One of the first
-# upscaling's sub-pixels per program: these three ran on an H100 with fp32 tokens (128 x 8 fastest, 45 TFLOP/s);
-# with the 4 sub-pixels in one program (255 registers and 0.2-1.4 KB of spills per thread, ptxas sm_90a) every
-# configuration stopped on an illegal memory access there (BENCHMARKS.md, issue 19). Tuning runs the kernel several
-# times, so the counts it adds into are zeroed before each run.
+# upscaling's sub-pixels per program: these three ran on an H100 with fp32 tokens (128 x 8 fastest, 45 TFLOP/s).
+# With bf16 tokens every launch with the 4 sub-pixels in one program (255 registers and 0.2-1.4 KB of spills per
+# thread, ptxas sm_90a) stopped on an illegal memory access there, and so did 64 x 8 with one (BENCHMARKS.md, issue
+# 19): kernel_for refuses them. Tuning runs the kernel several times, so the counts it adds into are zeroed before
+# each run.
 MASK_KERNEL_CONFIGS = [({"BLOCK": block, "SUBPIXELS": 1}, warps) for block, warps in ((32, 4), (64, 8), (128, 8))]
 tuned_mask_statistics_kernel = triton.autotune(
     configs=[triton.Config(kwargs, num_warps=warps) for kwargs, warps in MASK_KERNEL_CONFIGS],
@@ -196,15 +197,16 @@ def kernel_for(kernel: str, dtype: torch.dtype, on_gpu: bool, refuse: bool = Tru
     """The kernel (a key of :data:`MASK_KERNELS`) that ``precompute.sam.mask_kernel`` names for tokens of ``dtype``.
     ``auto``: grouped for half-precision tokens, per-sub-pixel for fp32 ones (on an H100: bf16 grouped 66 TFLOP/s;
     fp32 per-sub-pixel 45, grouped 13, as only its narrowest configuration fits in shared memory). The per-sub-pixel
-    kernel with half-precision tokens stopped on an illegal memory access on H100s in every configuration timed
-    (BENCHMARKS.md, issue 19), so a GPU refuses it (``refuse=False``: runs it, to find the fault, bench only)."""
+    kernel with half-precision tokens stopped on an illegal memory access on H100s (its autotuning, and launches
+    with 4 and with 1 sub-pixel per program; BENCHMARKS.md, issue 19), so a GPU refuses it (``refuse=False``: runs
+    it, to find the fault, bench only)."""
     if kernel == "auto":
         return "subpixels" if dtype == torch.float32 else "grouped"
     if kernel not in MASK_KERNELS:
         raise ValueError(f"unknown mask kernel {kernel!r}: one of auto, {', '.join(MASK_KERNELS)}")
     if kernel == "subpixels" and on_gpu and dtype != torch.float32 and refuse:
         raise ValueError(f"precompute.sam.mask_kernel=subpixels with {dtype} tokens: on H100s that kernel stopped on "
-                         "an illegal memory access in every configuration timed (BENCHMARKS.md, issue 19); use "
+                         "an illegal memory access, autotuned and at fixed launches (BENCHMARKS.md, issue 19); use "
                          "precompute.sam.mask_kernel=auto or grouped")
     return kernel
 
