@@ -184,6 +184,12 @@ def select_masks(cand: dict[str, torch.Tensor], n_img: int, grid_points: torch.T
     )
 
 
+def fused_keys_dtype(decoder_bf16: bool, on_gpu: bool) -> torch.dtype:
+    """The image tokens' dtype the fused mask kernel gets (and multiplies in): the decoder's products' dtype under
+    autocast, bf16 only on a GPU."""
+    return torch.bfloat16 if decoder_bf16 and on_gpu else torch.float32
+
+
 def kept_candidates(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The candidates of all decoder calls whose ``keep`` is set, concatenated. The kept counts are read back once
     for the batch, not once per call and field (a boolean index waits for the GPU each time); each field is then
@@ -306,8 +312,7 @@ class SamAnchor(AnchorModel):
         """
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
         fused = self.fused_masks and fused_masks_run_on(emb.device)
-        # the fused kernel multiplies in its input's dtype: the products' dtype under autocast
-        keys_dtype = (torch.bfloat16 if self.decoder_bf16 and emb.is_cuda else torch.float32) if fused else None
+        keys_dtype = fused_keys_dtype(self.decoder_bf16, emb.is_cuda) if fused else None
         mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],
                                          self.decoder_attention, keys_dtype)
         live = torch.arange(len(pt), device=pt.device)
@@ -413,7 +418,8 @@ def load_sam(ckpt: CheckpointConfig, pre: PrecomputeConfig, device: torch.device
         raise ValueError(f"precompute.checkpoints.sam.variant: unknown SAM variant {variant!r} "
                          f"(known: {sorted(BUILDERS)})")
     if pre.sam.fused_masks:  # a mask kernel the GPU refuses for these tokens says so before any work
-        kernel_for(pre.sam.mask_kernel, torch.bfloat16 if pre.dtype == "bf16" else torch.float32, device.type == "cuda")
+        on_gpu = device.type == "cuda"
+        kernel_for(pre.sam.mask_kernel, fused_keys_dtype(pre.dtype == "bf16", on_gpu), on_gpu)
     path = checkpoint_file("sam", ckpt, CHECKPOINT_URLS.get(variant, CHECKPOINT_URLS["vit_h"]),
                            lambda p, seed: write_random_checkpoint(p, variant, seed))
     # build on the target device (no slow CPU init of 600M random weights), then load the file
