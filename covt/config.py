@@ -190,9 +190,9 @@ class LoraConfig:
     # as the reference's adapters compute under DeepSpeed bf16. Equal without dropout (tests/test_trainer_lora.py)
     fp32_inputs: bool = option(True, "adapters cast their bf16 inputs to fp32 (peft's default); false: no cast")
     # peft keeps, for each adapter, its dropped copy of the input and the dropout mask until the backward pass
-    # (eager: 3 bytes per input element in bf16; compiled: the 1-byte mask). true: only the input stays (the base
-    # layer keeps it anyway), and the dropout runs again in the backward pass with the random state restored: the
-    # same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
+    # (eager: 3 bytes per input element in bf16; compiled code may keep only the 1-byte mask). true: only the input
+    # stays (the base layer keeps it anyway), and the dropout runs again in the backward pass with the random state
+    # restored: the same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
     recompute_dropout: bool = option(False, "the adapters' dropout made again in the backward pass, not kept")
     target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],

@@ -148,14 +148,14 @@ def dropout_then_linear(linear: torch.nn.Linear, p: float, x: torch.Tensor) -> t
     the non-reentrant checkpoint restores the random state, so the masks are the same ones (the same loss and
     gradients), and only ``x`` stays saved, which the base layer keeps anyway. The recomputation stops once the
     dropped input is made: the product does not run twice."""
-    if not (linear.training and p and torch.is_grad_enabled()):
-        return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, linear.training), linear.weight,
-                                          linear.bias)
-    return checkpoint(dropped_linear, linear.weight, linear.bias, p, x, use_reentrant=False)
+    if linear.training and p and torch.is_grad_enabled():
+        return checkpoint(dropped_linear, linear.weight, linear.bias, p, x, use_reentrant=False)
+    return dropped_linear(linear.weight, linear.bias, p, x, linear.training)
 
 
-def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, True), weight, bias)
+def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x: torch.Tensor,
+                   training: bool = True) -> torch.Tensor:
+    return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, training), weight, bias)
 
 
 def recompute_adapter_dropout(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
