@@ -173,7 +173,7 @@ def sam_details(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, comp
     return out
 
 
-def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: torch.device, top: int = 15) -> dict:
+def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: torch.device, top: int = 25) -> dict:
     """One ``anchor.compute`` under torch.profiler: the top operators by self device time (CPU time on the CPU),
     printed and returned with the call's total; for SAM also the time of its parts (encoder, mask decoding and
     selection, copies to the host)."""
@@ -210,17 +210,18 @@ def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: 
 
 def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
                      compiled: tuple[bool, ...], fused: tuple[bool, ...] = (False,),
-                     reads: tuple[str, ...] = ("batch",)) -> dict[str, dict]:
+                     reads: tuple[str, ...] = ("batch",), bf16_tokens: tuple[bool, ...] = (False,)) -> dict[str, dict]:
     """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
-    ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` setting, side by side: seconds per batch, and
-    how far each one's candidates are from the first setting's (their count, the mean IoU of their masks), and on
-    CUDA the peak memory allocated while it was timed. Keyed
-    ``<attention>_<eager|compiled>[_fused][_reads_per_call]``."""
+    ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` x ``decoder_tokens_bf16`` setting, side by
+    side: seconds per batch, and how far each one's candidates are from the first setting's (their count, the mean
+    IoU of their masks), and on CUDA the peak memory allocated while it was timed. Keyed
+    ``<attention>_<eager|compiled>[_fused][_reads_per_call][_bf16_tokens]``."""
     out, first = {}, None
-    settings = [(f, c, a, r) for r in reads for f in fused for c in compiled for a in attentions]
-    for fused_masks, compile_decoder, attention, candidate_reads in settings:
+    settings = [(f, c, a, r, t) for t in bf16_tokens for r in reads for f in fused for c in compiled
+                for a in attentions]
+    for fused_masks, compile_decoder, attention, candidate_reads, tokens in settings:
         with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
-                          fused_masks=fused_masks, candidate_reads=candidate_reads):
+                          fused_masks=fused_masks, candidate_reads=candidate_reads, decoder_tokens_bf16=tokens):
             sam.automatic_masks(emb)  # compiles
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -230,7 +231,7 @@ def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, a
         first = masks if first is None else first
         same = masks.shape == first.shape
         name = (f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
-                f"{'_reads_per_call' if candidate_reads == 'call' else ''}")
+                f"{'_reads_per_call' if candidate_reads == 'call' else ''}{'_bf16_tokens' if tokens else ''}")
         out[name] = {"s": seconds, "candidates": len(masks), "peak_gib": peak,
                      "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
@@ -300,6 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--candidate-reads", default="batch",
                     help="comma-separated SamAnchor.candidate_reads for --decoder-variants: batch (the kept "
                          "candidates read back once per batch), call (after every decoder call)")
+    ap.add_argument("--bf16-decoder-tokens", action="store_true",
+                    help="precompute.sam.decoder_tokens_bf16 for the rows (the mask decoder's per-prompt image tokens "
+                         "in bf16 between its layers), and --decoder-variants both ways")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")
@@ -330,6 +334,7 @@ def main(argv=None) -> int:
     anchors["sam"].compile_decoder = args.compile_decoder
     anchors["sam"].compile_encoder = args.compile_encoder
     anchors["sam"].fused_masks = args.fused_masks
+    anchors["sam"].decoder_tokens_bf16 = args.bf16_decoder_tokens
     anchors["sam"].mask_kernel = args.mask_kernel
     if args.mask_launch:
         anchors["sam"].mask_launch = parse_launch(args.mask_launch)
@@ -342,6 +347,7 @@ def main(argv=None) -> int:
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
           f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
           f"fused masks {args.fused_masks} ({anchors['sam'].mask_kernel}), "
+          f"decoder tokens {'bf16' if args.bf16_decoder_tokens else 'autocast'}, "
           f"{anchors['sam'].amg.point_batch_size} prompts per decoder call")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
@@ -369,8 +375,9 @@ def main(argv=None) -> int:
         fused = (False, True) if args.fused_masks else (False,)
         attentions = tuple(args.decoder_variants.split(","))
         reads = tuple(args.candidate_reads.split(","))
+        tokens = (False, True) if args.bf16_decoder_tokens else (False,)
         results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, attentions, compiled, fused,
-                                                         reads)
+                                                         reads, tokens)
         print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
         print_decoder_variants(len(emb), results["decoder_variants"])
     if args.encoder_variants:

@@ -255,6 +255,37 @@ def test_batched_decoding_equals_mask_decoder_forward_per_prompt(sam_dir, how):
             torch.testing.assert_close(iou[j:j + 1], ref_iou, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["library", "folded"])
+def test_decoder_tokens_kept_in_bf16_round_the_tokens_only(sam_dir, how):
+    """precompute.sam.decoder_tokens_bf16: under bf16 autocast (CPU's here) the per-prompt image tokens leave each
+    layer in bf16 instead of the LayerNorm's float32; the outputs stay within bf16 rounding of the fp32 decoding,
+    as close as autocast's own, and the anchor asks for it only where its decoder runs in bf16 on a GPU."""
+    from precompute.anchors.sam import decoder_tokens_dtype
+    from precompute.anchors.sam_fast import decode_outputs
+
+    anchor = tiny_sam(sam_dir)
+    spread_decoder_weights(anchor, 4)
+    sam = anchor.sam
+    emb = torch.randn(2, *sam.image_encoder.neck[-1].weight.shape[:1], *sam.prompt_encoder.image_embedding_size)
+    img = torch.tensor([0, 0, 1, 1, 0])
+    pts = torch.rand(len(img), 1, 2) * anchor.input_size
+    sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(len(img), 1, dtype=torch.int)), boxes=None, masks=None)
+    with torch.no_grad():
+        ref = decode_outputs(sam, emb, img, sparse, how)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = decode_outputs(sam, emb, img, sparse, how)
+            kept = decode_outputs(sam, emb, img, sparse, how, tokens_dtype=torch.bfloat16)
+    assert autocast[1].dtype == torch.float32 and kept[1].dtype == torch.bfloat16
+    for name, r, a, k in zip(("mask tokens", "keys", "iou"), ref, autocast, kept, strict=True):
+        err_autocast = ((a.float() - r).norm() / r.norm()).item()
+        err_kept = ((k.float() - r).norm() / r.norm()).item()
+        assert 0 < err_kept < max(2 * err_autocast, 1e-2), (name, err_kept, err_autocast)
+    assert decoder_tokens_dtype(True, True, on_gpu=True) == torch.bfloat16
+    assert decoder_tokens_dtype(True, False, on_gpu=True) is None  # the switch off
+    assert decoder_tokens_dtype(False, True, on_gpu=True) is None  # an fp32 decoder
+    assert decoder_tokens_dtype(True, True, on_gpu=False) is None  # the CPU decodes in fp32
+
+
 def assert_same_candidates(a: dict, b: dict, a_masks, b_masks) -> None:
     """Two ways of making the candidates agree: the same prompts, IoUs and stabilities within 1e-5 (fp32), at
     most 2 flipped mask pixels (a logit within rounding of 0), and the same selected masks' counts and points."""

@@ -89,6 +89,16 @@ def test_decoder_variants_of_the_attentions_named_with_fused_masks(tmp_path):
     assert "fused masks True" in printed
 
 
+def test_decoder_variants_with_bf16_decoder_tokens(tmp_path):
+    """--bf16-decoder-tokens times the decoder both ways (on the CPU the decoder is fp32, so the same candidates)."""
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded",
+                                      "--bf16-decoder-tokens")
+    variants = result["decoder_variants"]
+    assert set(variants) == {"folded_eager", "folded_eager_bf16_tokens"}
+    assert variants["folded_eager_bf16_tokens"]["candidates"] == variants["folded_eager"]["candidates"] > 0
+    assert "decoder tokens bf16" in printed
+
+
 def test_decoder_variants_with_the_candidates_read_per_batch_and_per_call(tmp_path):
     """--candidate-reads batch,call: the same candidates, read back once per batch or after every decoder call."""
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded",

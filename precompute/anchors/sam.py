@@ -190,6 +190,12 @@ def fused_keys_dtype(decoder_bf16: bool, on_gpu: bool) -> torch.dtype:
     return torch.bfloat16 if decoder_bf16 and on_gpu else torch.float32
 
 
+def decoder_tokens_dtype(decoder_bf16: bool, tokens_bf16: bool, on_gpu: bool) -> torch.dtype | None:
+    """The dtype the mask decoder keeps each prompt's image tokens in between its layers (None: autocast's float32;
+    ``precompute.sam.decoder_tokens_bf16``), bf16 only where the decoder's products are."""
+    return torch.bfloat16 if tokens_bf16 and fused_keys_dtype(decoder_bf16, on_gpu) == torch.bfloat16 else None
+
+
 def kept_candidates(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The candidates of all decoder calls whose ``keep`` is set, concatenated. The kept counts are read back once
     for the batch, not once per call and field (a boolean index waits for the GPU each time); each field is then
@@ -244,6 +250,7 @@ class SamAnchor(AnchorModel):
         # torch.compile the batched prompt decoding (decode_outputs, multimask_logits) on first use
         self.compile_decoder = amg.compile_decoder
         self.decoder_attention = amg.decoder_attention
+        self.decoder_tokens_bf16 = amg.decoder_tokens_bf16
         # on CUDA, the masks' upscaling and their statistics in one Triton kernel (sam_masks.py), no logits written
         self.fused_masks = amg.fused_masks
         self.mask_kernel = amg.mask_kernel
@@ -313,8 +320,9 @@ class SamAnchor(AnchorModel):
         outputs, logits = compiled_decoding() if self.compile_decoder else (decode_outputs, multimask_logits)
         fused = self.fused_masks and fused_masks_run_on(emb.device)
         keys_dtype = fused_keys_dtype(self.decoder_bf16, emb.is_cuda) if fused else None
+        tokens_dtype = decoder_tokens_dtype(self.decoder_bf16, self.decoder_tokens_bf16, emb.is_cuda)
         mask_tokens, keys, iou = outputs(self.sam, emb, img, self.grid_sparse_embeddings()[pt],
-                                         self.decoder_attention, keys_dtype)
+                                         self.decoder_attention, keys_dtype, tokens_dtype)
         live = torch.arange(len(pt), device=pt.device)
         if self.amg.iou_first and self.amg.pred_iou_thresh > 0:
             live = live[(iou > self.amg.pred_iou_thresh).any(1)]

@@ -290,9 +290,14 @@ def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.
     return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), how)
 
 
+def stored(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` kept in ``dtype`` (None: as it is)."""
+    return x if dtype is None else x.to(dtype)
+
+
 def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_pe: torch.Tensor,
-                        groups: list[tuple[int, int]], tokens: torch.Tensor,
-                        how: str = "library") -> tuple[torch.Tensor, torch.Tensor]:
+                        groups: list[tuple[int, int]], tokens: torch.Tensor, how: str = "library",
+                        tokens_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``TwoWayTransformer.forward`` for prompts of several images, image-side work of layer 0 shared.
 
     ``image_tokens`` (U, HW, C) are the images' tokens (dense prompt embedding added),
@@ -303,6 +308,8 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     token-to-image attention runs all of that image's prompts as one query set. Later
     layers and the final attention are the library's modules on per-prompt tokens.
     Returns (queries (n, T, C), keys (n, HW, C)) as the library does. ``how``: see :func:`attention`.
+    ``tokens_dtype``: each prompt's image tokens (and their positional encoding) are kept in that dtype between the
+    layers; under bf16 autocast the LayerNorms that make them give float32, which every later product reads.
     """
     first = t.layers[0]
     if not first.skip_first_layer_pe:
@@ -329,18 +336,20 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
             out = image_to_tokens_folded(i2t, q_image[None], k_i2t[sel], v_i2t[sel], q_projected=True)
         else:
             out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], how)
-        new_keys.append(first.norm4(keys + out))
+        new_keys.append(stored(first.norm4(keys + out), tokens_dtype))
         start += count
-    keys = torch.cat(new_keys)
+    keys, image_pe = torch.cat(new_keys), stored(image_pe, tokens_dtype)
     for layer in t.layers[1:]:
-        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how)
+        queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how, tokens_dtype)
     attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, how)
     return t.norm_final_attn(queries + attn_out), keys
 
 
-def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor,
-                  query_pe: torch.Tensor, key_pe: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TwoWayAttentionBlock.forward`` (a block after the first); ``how``: see :func:`attention`."""
+def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                  key_pe: torch.Tensor, how: str, keys_dtype: torch.dtype | None = None) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """``TwoWayAttentionBlock.forward`` (a block after the first); ``how``: see :func:`attention`; ``keys_dtype``: the
+    dtype of the image tokens it returns (None: the LayerNorm's)."""
     q = queries + query_pe
     queries = layer.norm1(queries + attention(layer.self_attn, q, q, queries, how))
     keys_pe = keys + key_pe  # the library adds it twice; keys do not change in between
@@ -348,11 +357,11 @@ def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torc
                                               how))
     queries = layer.norm3(queries + layer.mlp(queries))
     out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, how)
-    return queries, layer.norm4(keys + out)
+    return queries, stored(layer.norm4(keys + out), keys_dtype)
 
 
 def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch.Tensor, how: str = "library",
-                   keys_dtype: torch.dtype | None = None):
+                   keys_dtype: torch.dtype | None = None, tokens_dtype: torch.dtype | None = None):
     """The mask decoder's transformer for single prompts, no dense prompt, for prompts of many images in one call.
 
     Returns the multimask tokens ``(n, M, C)``, the image keys ``(n, h*w, C)`` (what :func:`multimask_logits`
@@ -360,6 +369,8 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     sparse[j], no_mask_embed, multimask_output=True)`` for each prompt j; consecutive prompts of one image
     share that image's layer-0 work (any order is correct). ``how``: the attention's computation (:func:`attention`).
     ``keys_dtype``: the keys in that dtype (compiled, the cast is fused into the LayerNorm that makes them).
+    ``tokens_dtype``: the prompts' image tokens kept in that dtype between the transformer's layers too
+    (:func:`decoder_transformer`).
     """
     md, pe = sam.mask_decoder, sam.prompt_encoder
     n = sparse.shape[0]
@@ -370,9 +381,9 @@ def decode_outputs(sam: Sam, emb: torch.Tensor, img: torch.Tensor, sparse: torch
     image_tokens = used.flatten(2).transpose(1, 2)
     image_pe = pe.get_dense_pe().flatten(2).transpose(1, 2)
     groups = list(enumerate(counts.tolist()))
-    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, how)
+    hs, keys = decoder_transformer(md.transformer, image_tokens, image_pe, groups, tokens, how, tokens_dtype)
     iou = md.iou_prediction_head(hs[:, 0])[:, 1:]  # token 0 is the single-mask output
-    return hs[:, 2:1 + md.num_mask_tokens], keys if keys_dtype is None else keys.to(keys_dtype), iou
+    return hs[:, 2:1 + md.num_mask_tokens], stored(keys, keys_dtype), iou
 
 
 def multimask_logits(sam: Sam, keys: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
