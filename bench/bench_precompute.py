@@ -24,6 +24,7 @@ side on the same embeddings, with how far each one's candidates move from the fi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -103,7 +104,8 @@ def seconds_per_batch(fn, device: torch.device, warmup: int, iters: int) -> floa
 
 
 @contextmanager
-def sam_settings(sam: SamAnchor, **settings):
+def sam_settings(sam, **settings):
+    """``sam``'s attributes (a SamAnchor's or its config's) set to ``settings`` inside the block."""
     old = {k: getattr(sam, k) for k in settings}
     for k, v in settings.items():
         setattr(sam, k, v)
@@ -210,18 +212,20 @@ def profile_anchor(name: str, anchor: AnchorModel, views: torch.Tensor, device: 
 
 def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, attentions: tuple[str, ...],
                      compiled: tuple[bool, ...], fused: tuple[bool, ...] = (False,),
-                     reads: tuple[str, ...] = ("batch",), bf16_tokens: tuple[bool, ...] = (False,)) -> dict[str, dict]:
+                     reads: tuple[str, ...] = ("batch",), bf16_tokens: tuple[bool, ...] = (False,),
+                     point_batches: tuple[int | None, ...] = (None,)) -> dict[str, dict]:
     """Mask generation of the same embeddings with each ``precompute.sam.decoder_attention`` x
-    ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` x ``decoder_tokens_bf16`` setting, side by
-    side: seconds per batch, and how far each one's candidates are from the first setting's (their count, the mean
-    IoU of their masks), and on CUDA the peak memory allocated while it was timed. Keyed
-    ``<attention>_<eager|compiled>[_fused][_reads_per_call][_bf16_tokens]``."""
+    ``compile_decoder`` x ``fused_masks`` x ``SamAnchor.candidate_reads`` x ``decoder_tokens_bf16`` x
+    ``point_batch_size`` (None: the anchor's) setting, side by side: seconds per batch, and how far each one's
+    candidates are from the first setting's (their count, the mean IoU of their masks), and on CUDA the peak memory
+    allocated while it was timed. Keyed
+    ``<attention>_<eager|compiled>[_fused][_reads_per_call][_bf16_tokens][_pbN]``."""
     out, first = {}, None
-    settings = [(f, c, a, r, t) for t in bf16_tokens for r in reads for f in fused for c in compiled
-                for a in attentions]
-    for fused_masks, compile_decoder, attention, candidate_reads, tokens in settings:
+    settings = itertools.product(point_batches, bf16_tokens, reads, fused, compiled, attentions)
+    for point_batch, tokens, candidate_reads, fused_masks, compile_decoder, attention in settings:
         with sam_settings(sam, decoder_attention=attention, compile_decoder=compile_decoder,
-                          fused_masks=fused_masks, candidate_reads=candidate_reads, decoder_tokens_bf16=tokens):
+                          fused_masks=fused_masks, candidate_reads=candidate_reads, decoder_tokens_bf16=tokens), \
+                sam_settings(sam.amg, point_batch_size=point_batch or sam.amg.point_batch_size):
             sam.automatic_masks(emb)  # compiles
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -231,7 +235,8 @@ def decoder_variants(sam: SamAnchor, emb: torch.Tensor, device, warmup, iters, a
         first = masks if first is None else first
         same = masks.shape == first.shape
         name = (f"{attention}_{'compiled' if compile_decoder else 'eager'}{'_fused' if fused_masks else ''}"
-                f"{'_reads_per_call' if candidate_reads == 'call' else ''}{'_bf16_tokens' if tokens else ''}")
+                f"{'_reads_per_call' if candidate_reads == 'call' else ''}{'_bf16_tokens' if tokens else ''}"
+                f"{f'_pb{point_batch}' if point_batch else ''}")
         out[name] = {"s": seconds, "candidates": len(masks), "peak_gib": peak,
                      "mask_iou_vs_first": mask_iou(first, masks) if same else None}
     return out
@@ -301,6 +306,11 @@ def main(argv=None) -> int:
     ap.add_argument("--candidate-reads", default="batch",
                     help="comma-separated SamAnchor.candidate_reads for --decoder-variants: batch (the kept "
                          "candidates read back once per batch), call (after every decoder call)")
+    ap.add_argument("--variant-point-batch-sizes", default=None, metavar="N,N",
+                    help="for --decoder-variants: each of these precompute.sam.point_batch_size (default: the rows')")
+    ap.add_argument("--variants-at-row-settings", action="store_true",
+                    help="--decoder-variants keep the rows' compiled decoder, fused masks and decoder tokens instead "
+                         "of timing each both ways")
     ap.add_argument("--bf16-decoder-tokens", action="store_true",
                     help="precompute.sam.decoder_tokens_bf16 for the rows (the mask decoder's per-prompt image tokens "
                          "in bf16 between its layers), and --decoder-variants both ways")
@@ -371,13 +381,16 @@ def main(argv=None) -> int:
     if args.decoder_variants:
         sam = anchors["sam"]
         emb = sam.embed(views["sam"])
-        compiled = (False, True) if args.compile_decoder else (False,)
-        fused = (False, True) if args.fused_masks else (False,)
+        def both(on: bool) -> tuple[bool, ...]:  # a setting the rows have on: timed both ways, or as the rows
+            return ((True,) if args.variants_at_row_settings else (False, True)) if on else (False,)
+
         attentions = tuple(args.decoder_variants.split(","))
         reads = tuple(args.candidate_reads.split(","))
-        tokens = (False, True) if args.bf16_decoder_tokens else (False,)
-        results["decoder_variants"] = decoder_variants(sam, emb, device, warmup, iters, attentions, compiled, fused,
-                                                         reads, tokens)
+        point_batches = tuple(int(n) for n in args.variant_point_batch_sizes.split(",")) \
+            if args.variant_point_batch_sizes else (None,)
+        results["decoder_variants"] = decoder_variants(
+            sam, emb, device, warmup, iters, attentions, both(args.compile_decoder), both(args.fused_masks), reads,
+            both(args.bf16_decoder_tokens), point_batches)
         print(f"\nbatch {len(emb)}, SAM's mask generation alone:")
         print_decoder_variants(len(emb), results["decoder_variants"])
     if args.encoder_variants:

@@ -99,6 +99,17 @@ def test_decoder_variants_with_bf16_decoder_tokens(tmp_path):
     assert "decoder tokens bf16" in printed
 
 
+def test_decoder_variants_at_the_rows_settings_over_point_batch_sizes(tmp_path):
+    """--variants-at-row-settings keeps the rows' settings (bf16 tokens here) and --variant-point-batch-sizes times
+    each prompt count per decoder call: the same candidates, whatever the count."""
+    result, _ = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded", "--bf16-decoder-tokens",
+                                "--variants-at-row-settings", "--variant-point-batch-sizes", "7,64")
+    variants = result["decoder_variants"]
+    assert set(variants) == {"folded_eager_bf16_tokens_pb7", "folded_eager_bf16_tokens_pb64"}
+    assert variants["folded_eager_bf16_tokens_pb7"]["candidates"] > 0
+    assert variants["folded_eager_bf16_tokens_pb64"]["mask_iou_vs_first"] == 1.0
+
+
 def test_decoder_variants_with_the_candidates_read_per_batch_and_per_call(tmp_path):
     """--candidate-reads batch,call: the same candidates, read back once per batch or after every decoder call."""
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded",

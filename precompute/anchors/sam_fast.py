@@ -338,7 +338,8 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
             out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], how)
         new_keys.append(stored(first.norm4(keys + out), tokens_dtype))
         start += count
-    keys, image_pe = torch.cat(new_keys), stored(image_pe, tokens_dtype)
+    keys = new_keys[0] if len(new_keys) == 1 else torch.cat(new_keys)  # one image per call: no copy
+    image_pe = stored(image_pe, tokens_dtype)
     for layer in t.layers[1:]:
         queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how, tokens_dtype)
     attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, how)
