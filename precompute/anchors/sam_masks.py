@@ -18,7 +18,6 @@ fp32): SamAnchor uses it on CUDA devices only.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,9 +27,8 @@ import triton.language as tl
 from segment_anything.modeling import Sam
 from triton.runtime.errors import OutOfResources
 
-from covt.compute import tf32_matmuls
-
 from .sam_fast import hypernetwork_outputs, transposed_conv_as_linear
+from .triton_support import kernel_precision
 
 MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr globals
@@ -46,7 +44,7 @@ def mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, w
     from ``part * SUBPIXELS`` on (4: all of them; fewer: more programs, each with less on chip). The sub-pixel loops
     are unrolled at compile time (``tl.static_range``): the kernel's loops as ``tl.range`` (pipelined, or unrolled by
     a factor) made autotuning runs stop on an illegal memory access on an H100 (BENCHMARKS.md)."""
-    prompt = tl.program_id(0)
+    prompt = tl.program_id(0).to(tl.int64)  # prompt * n_tokens * C passes 2**31 from 2,048 prompts per call
     dtype = tokens_ptr.dtype.element_ty  # the products'
     rc, rc1, rc2, rm = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, C2), tl.arange(0, MP)
     hyper = tl.load(hyper_ptr + prompt * C2 * MP + rc2[:, None] * MP + rm[None, :]).to(dtype)  # (C2, MP)
@@ -98,7 +96,7 @@ def grouped_mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_
     sub-pixels per product (N = GROUP * C1); the second upscaling's 4 sub-pixels in one product (N = 4 * C2) over the
     rows (token, sub-pixel of the group); the masks' contraction with the hypernetwork outputs laid out block-diagonal,
     (4 * C2, 4 * MG), one column per (second sub-pixel, mask)."""
-    prompt = tl.program_id(0)
+    prompt = tl.program_id(0).to(tl.int64)  # prompt * n_tokens * C passes 2**31 from 2,048 prompts per call
     dtype = tokens_ptr.dtype.element_ty
     rc, rc1, rg1 = tl.arange(0, C), tl.arange(0, C1), tl.arange(0, GROUP * C1)
     r2, rcol, rm = tl.arange(0, 4 * C2), tl.arange(0, 4 * MG), tl.arange(0, MG)
@@ -142,11 +140,6 @@ def grouped_mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_
     tl.atomic_add(out, tl.sum(tl.reshape(area, (4, MG)), axis=0), mask=rm < M)
     tl.atomic_add(out + M, tl.sum(tl.reshape(inner, (4, MG)), axis=0), mask=rm < M)
     tl.atomic_add(out + 2 * M, tl.sum(tl.reshape(outer, (4, MG)), axis=0), mask=rm < M)
-
-
-def runs_on(device: torch.device) -> bool:
-    """Whether :func:`mask_statistics` runs for tensors on ``device``: CUDA, or anywhere under the interpreter."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
@@ -248,16 +241,6 @@ def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
         eye = torch.eye(4, device=hyper.device, dtype=hyper.dtype)
         return torch.einsum("st,ncj->nsctj", eye, padded).reshape(n, 4 * c2, 4 * mg).contiguous(), {"MG": mg}
     return torch.nn.functional.pad(hyper.transpose(1, 2), (0, MASK_COLUMNS - m)).contiguous(), {"MP": MASK_COLUMNS}
-
-
-def kernel_precision(dtype: torch.dtype, on_gpu: bool) -> str:
-    """The kernel's ``tl.dot`` precision for tokens of ``dtype``. It applies to fp32 operands only (bf16 ones multiply
-    in bf16 either way): TF32 where the process's fp32 products run in TF32 (``precompute.tf32``). Without TF32 a GPU
-    runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products unroll to FMAs
-    that ptxas took over ten minutes to compile at 64 tokens per program; the interpreter runs "ieee"."""
-    if dtype != torch.float32 or (on_gpu and tf32_matmuls()):
-        return "tf32"
-    return "tf32x3" if on_gpu else "ieee"
 
 
 @contextmanager
