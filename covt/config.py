@@ -123,11 +123,9 @@ class SamPrecomputeConfig:
     # as the reference runs it); sdpa: one fused kernel (in fp32 a full-precision one). Every decoder attention has
     # the prompt's 7 tokens on one side, which the fused kernels' 64-row tiles waste; folded: the same function with
     # the image side's projections moved onto the 7 tokens' side (precompute/anchors/sam_fast.py), 2.1x fewer
-    # multiply-adds per prompt in the decoder's transformer (2.01 -> 0.95 GFLOP, BENCHMARKS.md); folded_kernel: folded,
-    # each image-to-token attention with the LayerNorm after it in one Triton kernel on CUDA (sam_attention.py), so a
-    # prompt's image tokens are read once and written once per block
-    decoder_attention: Literal["library", "sdpa", "folded", "folded_kernel"] = option(
-        "library", "the mask decoder's attention computation")
+    # multiply-adds per prompt in the decoder's transformer (2.01 -> 0.95 GFLOP, BENCHMARKS.md)
+    decoder_attention: Literal["library", "sdpa", "folded"] = option("library",
+                                                                     "the mask decoder's attention computation")
     # Under bf16 autocast the decoder's LayerNorms give each prompt's (4096, 256) image tokens in float32, and every
     # later product and norm of the decoder reads them again: kept in bf16 instead, that traffic halves (the tokens
     # rounded to bf16 between the layers; bench_precompute.py --decoder-tokens measures both)

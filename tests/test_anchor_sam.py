@@ -512,70 +512,6 @@ def test_fused_mask_statistics_equal_the_logits_path():
         assert sum(a != b for a, b in zip(fused["masks"], plain["masks"], strict=True)) <= 2
 
 
-IMAGE_ATTENTION_CHECK = """
-import json, torch
-from covt.config import SamPrecomputeConfig
-from precompute.anchors.sam import BUILDERS, SamAnchor
-from precompute.anchors.sam_fast import decode_outputs
-
-torch.manual_seed(0)
-out = {}
-# the real decoder's widths (256 channels, 8 heads, the first block's queries projected to 128), 64 x 64 tokens
-sam = BUILDERS["vit_b"](None).eval()
-for p in sam.mask_decoder.parameters():
-    p.data.normal_(0, 0.3)
-emb = torch.randn(2, 256, 64, 64)
-img = torch.tensor([0, 0, 1])
-pts = torch.rand(3, 1, 2) * 1024
-sparse, _ = sam.prompt_encoder(points=(pts, torch.ones(3, 1, dtype=torch.int)), boxes=None, masks=None)
-with torch.no_grad():
-    ref = decode_outputs(sam, emb, img, sparse, "folded")
-    got = decode_outputs(sam, emb, img, sparse, "folded_kernel")
-out["real_widths"] = [float((g - r).norm() / r.norm()) for g, r in zip(got, ref)]
-# the anchor's candidates and selected masks with the kernel and without, on the tiny SAM, thresholds biting
-anchor = SamAnchor(BUILDERS["vit_tiny"](None), SamPrecomputeConfig(
-    points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, point_batch_size=12,
-    decoder_attention="folded"), variant="vit_tiny", checkpoint="(random)", checkpoint_sha256="", bf16=False)
-for p in anchor.sam.mask_decoder.parameters():
-    p.data.normal_(0, 0.5)
-emb = anchor.embed(torch.randint(0, 256, (2, anchor.input_size, anchor.input_size, 3), dtype=torch.uint8))
-every = anchor.mask_candidates(emb)
-anchor.amg.pred_iou_thresh = float(every["iou"].median())
-anchor.amg.stability_score_thresh = float(every["stability"].median())
-for how in ("folded", "folded_kernel"):
-    anchor.decoder_attention = how
-    cand, sel = anchor.mask_candidates(emb), anchor.automatic_masks(emb)
-    out[how] = {"n": len(cand["iou"]), "image": cand["image"].tolist(), "point": cand["point"].tolist(),
-                "iou": cand["iou"].tolist(), "masks": cand["masks"].flatten().tolist(), "count": sel.count.tolist(),
-                "points": sel.points.flatten().tolist()}
-print(json.dumps(out))
-"""
-
-
-def test_image_attention_kernel_equals_the_folded_decoder():
-    """precompute.sam.decoder_attention=folded_kernel: each image-to-token attention and its LayerNorm in one Triton
-    kernel (Triton's interpreter on the CPU, fp32) gives the folded decoder's mask tokens, image tokens and IoUs at the
-    real decoder's widths (prompts of two images, the first block's shared tokens read in place), and the anchor the
-    same candidates and selected masks."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", IMAGE_ATTENTION_CHECK], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert max(out["real_widths"]) < 1e-5, out["real_widths"]
-    folded, kernel = out["folded"], out["folded_kernel"]
-    assert 5 < folded["n"] < 2 * 16 * 3  # both thresholds bite
-    for key in ("n", "image", "point", "count", "points"):
-        assert kernel[key] == folded[key], key
-    assert max(abs(a - b) for a, b in zip(kernel["iou"], folded["iou"], strict=True)) < 1e-5
-    assert sum(a != b for a, b in zip(kernel["masks"], folded["masks"], strict=True)) <= 2
-
-
 def test_a_gpu_that_fits_no_mask_kernel_configuration_names_the_switch_to_turn_off():
     """The autotuner raises OutOfResources when no configuration fits (shared memory or registers); the anchor's
     error names the GPU, the kernel and precompute.sam.fused_masks, and keeps the cause."""
@@ -595,7 +531,7 @@ def test_the_mask_kernel_reads_the_tf32_setting_as_use_tf32_writes_it():
     """precompute.tf32 turns TF32 on through torch's new API (fp32_precision); reading the legacy allow_tf32 after that
     raises (torch >= 2.9), which stopped the fused masks in fp32 on an H100. Half-precision tokens ignore it."""
     from covt.compute import use_tf32
-    from precompute.anchors.triton_support import kernel_precision
+    from precompute.anchors.sam_masks import kernel_precision
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision

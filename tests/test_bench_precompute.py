@@ -48,7 +48,7 @@ def test_profile_reports_where_each_anchors_time_goes(tmp_path):
     assert set(profiles["depth"]["parts_ms"]) == {"depth.compute"}
     for profile in profiles.values():
         assert all(v > 0 for v in profile["parts_ms"].values()) and profile["total_ms"] > 0
-        assert len(profile["top"]) == 15 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
+        assert len(profile["top"]) == 25 and all(row["ms"] >= 0 and row["calls"] > 0 for row in profile["top"])
     assert "--- profile of one sam.compute of 1 images" in printed
     assert "--- profile of one dino.compute of 1 images" in printed
 

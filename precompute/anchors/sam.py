@@ -44,7 +44,7 @@ from covt.fs import atomic_file, atomic_save
 from .base import AnchorModel, checkpoint_file, to_host
 from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
 from .sam_masks import kernel_for, mask_statistics, statistics_of_logits
-from .triton_support import runs_on as fused_masks_run_on
+from .sam_masks import runs_on as fused_masks_run_on
 
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",

@@ -32,9 +32,6 @@ from segment_anything.modeling.transformer import Attention as TwoWayAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch.nn import functional as F
 
-from .sam_attention import image_to_tokens_norm
-from .triton_support import runs_on
-
 ATTENTION_MODES = ("library", "sdpa_bias", "sdpa_fold")
 # the memory-efficient kernel wants the mask's row stride a multiple of 16 elements
 # (it pads a copy otherwise); key head dims a multiple of 8 keep the fused kernels eligible
@@ -213,14 +210,8 @@ def mask_logits(md: MaskDecoder, src: torch.Tensor, h: int, w: int, mask_tokens:
 # How the mask decoder's attention is computed (precompute.sam.decoder_attention): segment_anything's maths, one
 # fused SDPA call, or "folded": in the attentions between a prompt's few tokens and the 4,096 image tokens, the
 # projections of the image side are moved onto the tokens' side (associativity), so no projection of the image
-# tokens is made per prompt. "folded_kernel": folded, with each image-to-token attention and the LayerNorm after it in
-# one Triton kernel (sam_attention.py) where it runs (CUDA, or the interpreter), folded elsewhere.
-DECODER_ATTENTIONS = ("library", "sdpa", "folded", "folded_kernel")
-
-
-def image_attention_kernel(how: str, device: torch.device) -> bool:
-    """Whether the image-to-token attentions and their LayerNorms run as :func:`image_to_tokens_norm`."""
-    return how == "folded_kernel" and runs_on(device)
+# tokens is made per prompt.
+DECODER_ATTENTIONS = ("library", "sdpa", "folded")
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -292,10 +283,9 @@ def image_to_tokens_folded(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tens
 def attention(attn: TwoWayAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
     """segment_anything's transformer ``Attention.forward(q, k, v)`` (``how``: one of :data:`DECODER_ATTENTIONS`;
     "folded" applies to the attentions between tokens and image, the others are computed as "library")."""
-    folded = how in ("folded", "folded_kernel")
-    if folded and q.shape[-2] < k.shape[-2]:
+    if how == "folded" and q.shape[-2] < k.shape[-2]:
         return tokens_to_image_folded(attn, q, k, v)
-    if folded and q.shape[-2] > k.shape[-2]:
+    if how == "folded" and q.shape[-2] > k.shape[-2]:
         return image_to_tokens_folded(attn, q, attn.k_proj(k), attn.v_proj(v))
     return attend(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v), how)
 
@@ -339,37 +329,21 @@ def decoder_transformer(t: TwoWayTransformer, image_tokens: torch.Tensor, image_
     queries = first.norm2(queries + torch.cat(attn_out).unflatten(0, (-1, n_tok)))
     queries = first.norm3(queries + first.mlp(queries))
     k_i2t, v_i2t = i2t.k_proj(queries + tokens), i2t.v_proj(queries)
-    if image_attention_kernel(how, tokens.device):  # every prompt in one launch, its image's tokens read in place
-        group_of = torch.cat([torch.full((count,), g, dtype=torch.int32, device=tokens.device)
-                              for g, (_, count) in enumerate(groups)])
-        image_of = torch.cat([torch.full((count,), image, dtype=torch.int32, device=tokens.device)
-                              for image, count in groups])
-        keys = image_to_tokens_norm(i2t, first.norm4, torch.stack([q for _, q in shared]), group_of, image_tokens,
-                                    image_of, k_i2t, v_i2t, q_projected=True, out_dtype=tokens_dtype)
-    else:
-        keys = first_image_to_tokens(first, groups, shared, k_i2t, v_i2t, how, tokens_dtype)
+    new_keys, start = [], 0
+    for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
+        sel = slice(start, start + count)
+        if how == "folded":
+            out = image_to_tokens_folded(i2t, q_image[None], k_i2t[sel], v_i2t[sel], q_projected=True)
+        else:
+            out = attend(i2t, q_image.expand(count, -1, -1), k_i2t[sel], v_i2t[sel], how)
+        new_keys.append(stored(first.norm4(keys + out), tokens_dtype))
+        start += count
+    keys = new_keys[0] if len(new_keys) == 1 else torch.cat(new_keys)  # one image per call: no copy
     image_pe = stored(image_pe, tokens_dtype)
     for layer in t.layers[1:]:
         queries, keys = two_way_block(layer, queries, keys, tokens, image_pe, how, tokens_dtype)
     attn_out = attention(t.final_attn_token_to_image, queries + tokens, keys + image_pe, keys, how)
     return t.norm_final_attn(queries + attn_out), keys
-
-
-def first_image_to_tokens(first: TwoWayAttentionBlock, groups: list[tuple[int, int]],
-                          shared: list[tuple[torch.Tensor, torch.Tensor]], k: torch.Tensor, v: torch.Tensor,
-                          how: str, tokens_dtype: torch.dtype | None) -> torch.Tensor:
-    """The first block's image-to-token attention and ``norm4``, image by image: ``shared`` holds each group's image
-    tokens and their projected queries, ``k``, ``v`` the prompts' projected tokens (:func:`decoder_transformer`)."""
-    i2t, new_keys, start = first.cross_attn_image_to_token, [], 0
-    for (_, count), (keys, q_image) in zip(groups, shared, strict=True):
-        sel = slice(start, start + count)
-        if how in ("folded", "folded_kernel"):
-            out = image_to_tokens_folded(i2t, q_image[None], k[sel], v[sel], q_projected=True)
-        else:
-            out = attend(i2t, q_image.expand(count, -1, -1), k[sel], v[sel], how)
-        new_keys.append(stored(first.norm4(keys + out), tokens_dtype))
-        start += count
-    return new_keys[0] if len(new_keys) == 1 else torch.cat(new_keys)  # one image per call: no copy
 
 
 def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
@@ -383,12 +357,7 @@ def two_way_block(layer: TwoWayAttentionBlock, queries: torch.Tensor, keys: torc
     queries = layer.norm2(queries + attention(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys,
                                               how))
     queries = layer.norm3(queries + layer.mlp(queries))
-    i2t = layer.cross_attn_image_to_token
-    if image_attention_kernel(how, keys.device):
-        index = torch.arange(len(keys), dtype=torch.int32, device=keys.device)
-        return queries, image_to_tokens_norm(i2t, layer.norm4, keys, index, keys, index, i2t.k_proj(queries + query_pe),
-                                             i2t.v_proj(queries), pe=key_pe, out_dtype=keys_dtype)
-    out = attention(i2t, keys_pe, queries + query_pe, queries, how)
+    out = attention(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, how)
     return queries, stored(layer.norm4(keys + out), keys_dtype)
 
 

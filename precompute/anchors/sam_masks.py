@@ -18,6 +18,7 @@ fp32): SamAnchor uses it on CUDA devices only.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,8 +28,9 @@ import triton.language as tl
 from segment_anything.modeling import Sam
 from triton.runtime.errors import OutOfResources
 
+from covt.compute import tf32_matmuls
+
 from .sam_fast import hypernetwork_outputs, transposed_conv_as_linear
-from .triton_support import kernel_precision
 
 MASK_COLUMNS = 16  # the hypernetwork outputs padded to the smallest width tl.dot takes
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # a kernel reads only constexpr globals
@@ -142,6 +144,11 @@ def grouped_mask_statistics_kernel(tokens_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_
     tl.atomic_add(out + 2 * M, tl.sum(tl.reshape(outer, (4, MG)), axis=0), mask=rm < M)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether :func:`mask_statistics` runs for tensors on ``device``: CUDA, or anywhere under the interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # On a GPU the block of tokens per program is tuned once per shape: larger blocks load the upscalings' weights
 # (about 150 KB per program in bf16) fewer times, smaller ones keep more programs in flight. One of the first
 # upscaling's sub-pixels per program: these three ran on an H100 with fp32 tokens (128 x 8 fastest, 45 TFLOP/s).
@@ -241,6 +248,16 @@ def kernel_hyper(hyper: torch.Tensor, kernel: str) -> tuple[torch.Tensor, dict]:
         eye = torch.eye(4, device=hyper.device, dtype=hyper.dtype)
         return torch.einsum("st,ncj->nsctj", eye, padded).reshape(n, 4 * c2, 4 * mg).contiguous(), {"MG": mg}
     return torch.nn.functional.pad(hyper.transpose(1, 2), (0, MASK_COLUMNS - m)).contiguous(), {"MP": MASK_COLUMNS}
+
+
+def kernel_precision(dtype: torch.dtype, on_gpu: bool) -> str:
+    """The kernel's ``tl.dot`` precision for tokens of ``dtype``. It applies to fp32 operands only (bf16 ones multiply
+    in bf16 either way): TF32 where the process's fp32 products run in TF32 (``precompute.tf32``). Without TF32 a GPU
+    runs three TF32 products per product ("tf32x3", near fp32): Triton's plain fp32 ("ieee") products unroll to FMAs
+    that ptxas took over ten minutes to compile at 64 tokens per program; the interpreter runs "ieee"."""
+    if dtype != torch.float32 or (on_gpu and tf32_matmuls()):
+        return "tf32"
+    return "tf32x3" if on_gpu else "ieee"
 
 
 @contextmanager
