@@ -313,7 +313,8 @@ def main(argv=None) -> int:
                          "of timing each both ways")
     ap.add_argument("--bf16-decoder-tokens", action="store_true",
                     help="precompute.sam.decoder_tokens_bf16 for the rows (the mask decoder's per-prompt image tokens "
-                         "in bf16 between its layers), and --decoder-variants both ways")
+                         "in bf16 between its layers; on in the config's default, off in the rows unless given), and "
+                         "--decoder-variants both ways")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")

@@ -128,9 +128,10 @@ class SamPrecomputeConfig:
                                                                      "the mask decoder's attention computation")
     # Under bf16 autocast the decoder's LayerNorms give each prompt's (4096, 256) image tokens in float32, and every
     # later product and norm of the decoder reads them again: kept in bf16 instead, that traffic halves (the tokens
-    # rounded to bf16 between the layers; bench_precompute.py --decoder-tokens measures both)
-    decoder_tokens_bf16: bool = option(False, "with precompute.dtype bf16 on CUDA, the mask decoder's per-prompt "
-                                              "image tokens kept in bf16 between its layers")
+    # rounded to bf16 between the layers). Compiled with the fused masks, mask generation 1.12x at 32 points on an H100
+    # (bench_precompute.py --bf16-decoder-tokens, BENCHMARKS.md); no effect with precompute.dtype fp32
+    decoder_tokens_bf16: bool = option(True, "with precompute.dtype bf16 on CUDA, the mask decoder's per-prompt "
+                                             "image tokens kept in bf16 between its layers")
     # the two upscalings and the mask/stability counts per prompt in one Triton kernel that writes no logits
     # (precompute/anchors/sam_masks.py); the same masks and counts as the logits' path. On an H100 1.22x the compiled
     # logits' path on mask generation in bf16, 1.11x in fp32 with TF32 (BENCHMARKS.md); on in the 7B configs
