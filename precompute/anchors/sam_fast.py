@@ -42,13 +42,24 @@ _relative_index: dict[tuple[int, str], torch.Tensor] = {}
 _key_onehots: dict[tuple[int, int, int, torch.dtype, str], torch.Tensor] = {}
 
 
+def per_shape(cache: dict, key: tuple, make) -> torch.Tensor:
+    """``make()``, kept in ``cache`` under ``key`` for eager calls. A compiled graph makes its own (a few small
+    kernels): reading the cache there would guard on its contents, which the first call fills, so the whole encoder
+    would compile a second time on the next batch."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def relative_index(size: int, device: torch.device) -> torch.Tensor:
     """``(size, size)`` index ``i - j + size - 1`` into a ``2 * size - 1`` row rel-pos table."""
-    key = (size, str(device))
-    if key not in _relative_index:
+    def make() -> torch.Tensor:
         ar = torch.arange(size, device=device)
-        _relative_index[key] = ar[:, None] - ar[None, :] + (size - 1)
-    return _relative_index[key]
+        return ar[:, None] - ar[None, :] + (size - 1)
+
+    return per_shape(_relative_index, (size, str(device)), make)
 
 
 def rel_pos_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,13 +113,13 @@ def sdpa_bias_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
 
 def key_onehot(h: int, w: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(h*w, width): key (i, j) has a 1 at column i and at column h + j, zeros after h + w."""
-    key = (h, w, width, dtype, str(device))
-    if key not in _key_onehots:
-        t = torch.zeros(h, w, width, dtype=dtype, device=device)
-        t[torch.arange(h, device=device), :, torch.arange(h, device=device)] = 1
-        t[:, torch.arange(w, device=device), h + torch.arange(w, device=device)] = 1
-        _key_onehots[key] = t.flatten(0, 1)
-    return _key_onehots[key]
+    def make() -> torch.Tensor:
+        column = torch.arange(width, device=device)
+        row = torch.arange(h, device=device)[:, None, None]
+        col = torch.arange(w, device=device)[None, :, None]
+        return ((column == row) | (column == h + col)).to(dtype).flatten(0, 1)
+
+    return per_shape(_key_onehots, (h, w, width, dtype, str(device)), make)
 
 
 def sdpa_fold_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
