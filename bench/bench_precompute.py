@@ -29,7 +29,8 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,29 @@ def sam_settings(sam, **settings):
     finally:
         for k, v in old.items():
             setattr(sam, k, v)
+
+
+def anchors_beside_sam(anchors: dict[str, AnchorModel], views: dict[str, torch.Tensor], device: torch.device):
+    """A call that computes every anchor's targets, SAM in this thread and the others in a second thread on a CUDA
+    stream of their own (each anchor's work stays on its stream; its copies to the host wait on that stream only),
+    so their kernels can run while SAM's mask generation leaves the GPU room. On the CPU the thread alone."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    pool = ThreadPoolExecutor(1)
+
+    def others() -> None:
+        with (torch.cuda.stream(side) if side is not None else nullcontext()), torch.no_grad():
+            for name, anchor in anchors.items():
+                if name != "sam":
+                    anchor.compute(views[name])
+
+    def run() -> None:
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))  # the views are ready before the side stream reads
+        pending = pool.submit(others)
+        anchors["sam"].compute(views["sam"])
+        pending.result()
+
+    return run
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -315,6 +339,9 @@ def main(argv=None) -> int:
                     help="precompute.sam.decoder_tokens_bf16 for the rows (the mask decoder's per-prompt image tokens "
                          "in bf16 between its layers; on in the config's default, off in the rows unless given), and "
                          "--decoder-variants both ways")
+    ap.add_argument("--anchor-streams", action="store_true",
+                    help="also time sam+depth+dino with depth and dino in a second thread on a CUDA stream of their "
+                         "own, beside SAM")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")
@@ -371,6 +398,9 @@ def main(argv=None) -> int:
             row[name] = bs / t
         t = seconds_per_batch(lambda v=views: [a.compute(v[n]) for n, a in anchors.items()], device, warmup, iters)
         row["sam+depth+dino"] = bs / t
+        if args.anchor_streams:
+            t = seconds_per_batch(anchors_beside_sam(anchors, views, device), device, warmup, iters)
+            row["sam+depth+dino, depth and dino beside sam"] = bs / t
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.sam_details:
@@ -431,6 +461,10 @@ def print_row(bs: int, row: dict) -> None:
           + (f"  (peak {row['peak_gib']:.1f} GiB)" if "peak_gib" in row else ""))
     combined = row["sam+depth+dino"]
     print("  share of combined time: " + ", ".join(f"{n} {combined / row[n]:.0%}" for n in anchors[:3]))
+    beside = row.get("sam+depth+dino, depth and dino beside sam")
+    if beside is not None:
+        print(f"  sam+depth+dino with depth and dino beside sam (a second thread and stream): {beside:.2f} images/s, "
+              f"{beside / combined:.2f}x one after another")
     if "sam_details" not in row:
         return
     d = row["sam_details"]

@@ -89,6 +89,30 @@ def test_decoder_variants_of_the_attentions_named_with_fused_masks(tmp_path):
     assert "fused masks True" in printed
 
 
+def test_anchors_beside_sam_compute_every_anchor(tmp_path):
+    """--anchor-streams times sam+depth+dino with depth and dino in a second thread (on a GPU, a stream of their own)
+    beside SAM: each anchor computes once per call, SAM in the calling thread and the others in the second."""
+    import threading
+
+    import torch
+
+    from bench.bench_precompute import anchors_beside_sam, build_anchors, photo_batch
+
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--anchor-streams")
+    assert result["batches"]["1"]["sam+depth+dino, depth and dino beside sam"] > 0
+    assert "beside sam (a second thread and stream)" in printed
+    anchors = build_anchors(torch.device("cpu"), True, "fp32", None)
+    views = {n: photo_batch(a.input_size, 1, torch.device("cpu")) for n, a in anchors.items()}
+    calls: dict[str, list[bool]] = {n: [] for n in anchors}
+    for name, anchor in anchors.items():
+        def compute(v, anchor=anchor, name=name):
+            calls[name].append(threading.current_thread() is threading.main_thread())
+            return type(anchor).compute(anchor, v)
+        anchor.compute = compute
+    anchors_beside_sam(anchors, views, torch.device("cpu"))()
+    assert calls == {"sam": [True], "depth": [False], "dino": [False]}
+
+
 def test_decoder_variants_with_bf16_decoder_tokens(tmp_path):
     """--bf16-decoder-tokens times the decoder both ways (on the CPU the decoder is fp32, so the same candidates)."""
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded",
