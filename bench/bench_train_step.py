@@ -32,6 +32,8 @@ alternating after warm-up, timed with CUDA events (medians):
            adds the graphs' pool (where a replay's activations live) to the step's own peak.
   any kind + _recomputed_dropout: the same with train.lora.recompute_dropout (each adapter's dropout made again in
            the backward pass instead of its dropped input and mask kept: the same masks, less memory).
+  any kind + _compiled_heads: the same with train.compile_heads (each anchor head and its loss through
+           torch.compile; with _compiled in the kind's name the blocks are compiled too).
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -217,6 +219,16 @@ def samples(n: int, targets: dict, text_tokens: int, tokenizer) -> list[dict]:
     return out
 
 
+def blocks_compiled(kind: str) -> bool:
+    """Whether ``kind`` runs train.compile's compiled blocks (``_compiled``, not only ``_compiled_heads``)."""
+    return "_compiled" in kind.replace("_compiled_heads", "")
+
+
+def compiled_kind(kind: str) -> bool:
+    """Whether ``kind`` runs any compiled code (its blocks or its heads)."""
+    return blocks_compiled(kind) or "_compiled_heads" in kind
+
+
 def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: torch.device, kind: str, bf16: bool,
               cuda_graphs: bool = False):
     """One optimizer step over a global batch given as micro-batches, as trainer/train.py runs it.
@@ -244,7 +256,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def step(eager: bool = False, reads: DeviceReads | None = None) -> None:
         """``eager``: the same step with the compiled blocks run eagerly (the FLOP counter sees no compiled kernel);
         ``reads``: only the first micro-batch's forward and backward, eagerly, under that census (no update)."""
-        with torch.compiler.set_stance("default" if "_compiled" in kind and not eager and reads is None
+        with torch.compiler.set_stance("default" if compiled_kind(kind) and not eager and reads is None
                                        else "force_eager"):
             micro_batches(reads, eager)
 
@@ -253,6 +265,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         recompute_adapter_dropout(adapters, "_recomputed_dropout" in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
+        model.compile_heads("_compiled_heads" in kind)
         if cuda_graphs:
             keep_gradients(trainable)
         replay = graphs is not None and not eager and reads is None
@@ -748,7 +761,7 @@ def measure(steps: dict, args, device: torch.device, setting: str, blocks: int) 
     flops = {kind: count_flops(step) for kind, step in steps.items()}
     busy = {kind: profile(step, f"{kind} {setting}", device) for kind, step in steps.items()} if args.profile else {}
     for kind, found in busy.items():
-        if "_compiled" in kind and "_graphed" not in kind and found["compiled_calls"] < blocks:
+        if blocks_compiled(kind) and "_graphed" not in kind and found["compiled_calls"] < blocks:
             print(f"WARNING: {kind} {setting}: {found['compiled_calls']} compiled calls in a step of at least "
                   f"{blocks} block calls: blocks ran eagerly (dynamo's recompile limit?); its times are not "
                   "train.compile's", flush=True)

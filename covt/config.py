@@ -281,6 +281,9 @@ class TrainConfig:
     # the norms, activations, rope and casts between the matrix products fused into few kernels; the first steps
     # of each run compile (a minute or more), later shapes reuse or extend the compiled code
     compile: bool = option(False, "torch.compile each decoder layer and vision block (fused kernels, fewer launches)")
+    # each anchor head with its loss through torch.compile (trainer.model.CoVTModel.compile_heads): the heads' work
+    # runs eagerly otherwise, 7-9% of a 7B CoVT step over the plain one on an H100 (BENCHMARKS.md); not timed yet
+    compile_heads: bool = option(False, "torch.compile each anchor head and its loss")
     # scipy: the reference's linear_sum_assignment on the host, which waits for the GPU at every micro-batch;
     # device: every assignment of the (at most 8) predictions tried on the GPU, the same optimum, no wait
     sam_matching: Literal["scipy", "device"] = option(

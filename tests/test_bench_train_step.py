@@ -112,3 +112,11 @@ def test_host_syncs_says_where_each_sync_was_issued_and_keeps_the_result():
     result, places = host_syncs(reads_twice, torch.device("cpu"))
     assert result == 7
     assert len(places) == 1 and "reads_twice" in places[0] and "test_bench_train_step.py" in places[0]
+
+
+def test_compiled_heads_kinds_compile_the_blocks_only_when_their_name_says_so():
+    from bench.bench_train_step import blocks_compiled, compiled_kind
+
+    assert blocks_compiled("covt_bf16_inputs_compiled_fused_compiled_heads") and compiled_kind("covt_compiled_heads")
+    assert not blocks_compiled("covt_bf16_inputs_fused_compiled_heads")
+    assert not compiled_kind("covt_bf16_inputs_fused") and blocks_compiled("plain_compiled")

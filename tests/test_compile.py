@@ -40,14 +40,9 @@ def calls(profile, name: str) -> int:
     return sum(e.count for e in profile.key_averages() if e.key == name)
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache, mode):
-    """fp32, dropout off. The loss is equal to 1e-6 and every trainable parameter's gradient to 1e-4 of its
-    norm (measured: loss equal, gradients <= 1.2e-5 on this model, 6e-5 with 12 layers per tower: the fused
-    kernels sum in another order, and the anchor heads amplify last-bit differences, tests/test_micro_batches.py).
-    Compiled regions really run, forward and backward, and the state dict keeps its keys. ``reduce-overhead``
-    (CUDA graphs on a GPU; the CPU compiles the same graphs without them): each block's output handed off outside
-    its graph and the gradients kept in place compute the same function."""
+def tiny_covt(tmp_path, synthetic_cache) -> tuple[CoVTModel, list[dict]]:
+    """The tiny VLM with LoRA (dropout off) and the sam, depth and dino heads in fp32, and two micro-batches of
+    different lengths from the synthetic cache."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     base = build_tiny_base_model(tmp_path / "base", seed=0, image_size=112)
@@ -70,6 +65,18 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
     batches = [build_batch(samples[i:i + 2], stage, True, 0, processor, tokens, settings,
                            view_sizes=model.view_sizes()) for i in (0, 2)]
     assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape
+    return model, batches
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache, mode):
+    """fp32, dropout off. The loss is equal to 1e-6 and every trainable parameter's gradient to 1e-4 of its
+    norm (measured: loss equal, gradients <= 1.2e-5 on this model, 6e-5 with 12 layers per tower: the fused
+    kernels sum in another order, and the anchor heads amplify last-bit differences, tests/test_micro_batches.py).
+    Compiled regions really run, forward and backward, and the state dict keeps its keys. ``reduce-overhead``
+    (CUDA graphs on a GPU; the CPU compiles the same graphs without them): each block's output handed off outside
+    its graph and the gradients kept in place compute the same function."""
+    model, batches = tiny_covt(tmp_path, synthetic_cache)
     keys = list(model.state_dict())
 
     eager_loss, eager = loss_and_gradients(model, batches)
@@ -92,3 +99,27 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
     assert compiled.keys() == eager.keys() and len(eager) > 20
     for name, grad in eager.items():
         assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
+
+
+def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache):
+    """train.compile_heads: each anchor head and its loss through torch.compile computes what the eager heads do
+    (fp32: the loss to 1e-6, every trainable gradient to 1e-4 of its norm), compiled regions really run, the state
+    dict keeps its keys, and compile_heads(False) goes back to the eager heads."""
+    model, batches = tiny_covt(tmp_path, synthetic_cache)
+    keys = list(model.state_dict())
+    eager_loss, eager = loss_and_gradients(model, batches)
+    model.compile_heads()
+    loss_and_gradients(model, batches)  # compiles
+    with torch.profiler.profile() as profile:
+        loss, compiled = loss_and_gradients(model, batches)
+    regions = sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region"))
+    assert regions >= 2 * len(ANCHORS)  # every head of both micro-batches
+    assert list(model.state_dict()) == keys
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    assert compiled.keys() == eager.keys()
+    for name, grad in eager.items():
+        assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
+    model.compile_heads(False)
+    with torch.profiler.profile() as profile:
+        loss_and_gradients(model, batches)
+    assert not any(e.key.startswith("Torch-Compiled Region") for e in profile.key_averages())

@@ -78,6 +78,16 @@ class CoVTModel(nn.Module):
         for name, head in heads.items():
             if getattr(head, "hidden_size", hidden) != hidden:
                 raise ValueError(f"head {name!r} expects hidden size {head.hidden_size}, the VLM has {hidden}")
+        self.compiled_heads: dict[str, nn.Module] = {}  # compile_heads: each head through torch.compile
+        self.heads_compiled = False
+
+    def compile_heads(self, enabled: bool = True) -> None:
+        """train.compile_heads: each head's forward (its decoding and loss) runs through ``torch.compile``, which
+        compiles at the head's first shapes; ``enabled=False`` goes back to the eager heads, the compiled code kept.
+        The compiled wrappers share the heads' parameters and are not submodules: the state dict is unchanged."""
+        if enabled and not self.compiled_heads:
+            self.compiled_heads = {name: torch.compile(head) for name, head in self.heads.items()}
+        self.heads_compiled = enabled
 
     def view_sizes(self) -> dict[str, int | None]:
         """anchor -> side of the uint8 views its head wants (for build_batch)."""
@@ -146,8 +156,9 @@ class CoVTModel(nn.Module):
         param = next(head.parameters(), None)
         if param is not None and param.is_floating_point():
             thoughts = thoughts.to(param.dtype)
-        return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
-                    per_row=per_row)
+        run = self.compiled_heads[anchor] if self.heads_compiled else head
+        return run(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
+                   per_row=per_row)
 
 
 def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
