@@ -414,7 +414,7 @@ def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected
     with torch.profiler.profile() as profile:
         compiled_emb = anchor.embed(v)
     assert sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region")) > 0
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the second batch runs the first one's code
+    with torch.compiler.set_stance("fail_on_recompile"):  # the second batch runs the first one's code
         torch.testing.assert_close(anchor.embed(v), compiled_emb, atol=0, rtol=0)
     anchor.compile_encoder = False
     emb = anchor.embed(v)
@@ -424,7 +424,7 @@ def test_compiled_encoder_and_decoder_keep_the_embedding_candidates_and_selected
         compiled = anchor.mask_candidates(emb)
     assert sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region")) > 0
     compiled_masks = anchor.automatic_masks(emb)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch.compiler.set_stance("fail_on_recompile"):
         assert torch.equal(anchor.mask_candidates(emb)["masks"], compiled["masks"])
     anchor.compile_decoder = False
     eager = anchor.mask_candidates(emb)
