@@ -46,7 +46,13 @@ from bench_precompute import seconds_per_batch  # noqa: E402
 
 from covt.compute import use_tf32  # noqa: E402
 from precompute.anchors.sam import BUILDERS  # noqa: E402
-from precompute.anchors.sam_masks import MASK_KERNELS, launch_kernel, mask_statistics, parse_launch  # noqa: E402
+from precompute.anchors.sam_masks import (  # noqa: E402
+    MASK_KERNELS,
+    kernel_for,
+    launch_kernel,
+    mask_statistics,
+    parse_launch,
+)
 
 # per tokens' dtype: on a GPU the per-sub-pixel kernel refuses bf16 tokens (sam_masks.kernel_for)
 DEFAULT_CONFIGS = {"bf16": "g32x8x4,g64x8x4,g64x8x2,g64x8x1,g128x8x1,g32x8x4s1",
@@ -71,7 +77,16 @@ def digest(stats) -> str:
 def autotuned_rows(dtype: str, unrefused: bool = False) -> list[str]:
     """The autotuners' rows on a GPU: each kernel's that runs tokens of ``dtype`` (``unrefused``: every kernel's)."""
     tokens = torch.bfloat16 if dtype == "bf16" else torch.float32
-    return [row for row, kernel in KERNEL_OF_ROW.items() if kernel == "grouped" or tokens == torch.float32 or unrefused]
+    return [row for row, kernel in KERNEL_OF_ROW.items() if unrefused or gpu_runs(kernel, tokens)]
+
+
+def gpu_runs(kernel: str, tokens: torch.dtype) -> bool:
+    """Whether a GPU runs ``kernel`` for tokens of that dtype (``sam_masks.kernel_for`` refuses the others)."""
+    try:
+        kernel_for(kernel, tokens, on_gpu=True)
+    except ValueError:
+        return False
+    return True
 
 
 def measure(name: str, call, device: torch.device, iters: int) -> dict:

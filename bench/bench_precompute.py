@@ -45,7 +45,7 @@ from covt.images import square_view  # noqa: E402
 from precompute.anchors.base import AnchorModel, to_host  # noqa: E402
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2  # noqa: E402
 from precompute.anchors.dino import DinoAnchor, HubDino  # noqa: E402
-from precompute.anchors.sam import BUILDERS, SamAnchor  # noqa: E402
+from precompute.anchors.sam import BUILDERS, SamAnchor, fused_keys_dtype  # noqa: E402
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
 from precompute.anchors.sam_masks import MASK_KERNELS, kernel_for, launch_kernel, parse_launch  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
           f"{'met' if best >= target else 'NOT met'}"
           f"{' (quick run: tiny models, not comparable)' if args.quick else ''}")
     if args.fused_masks and device.type == "cuda" and not args.mask_launch:
-        kernel = kernel_for(args.mask_kernel, torch.bfloat16 if args.dtype == "bf16" else torch.float32, True)
+        kernel = kernel_for(args.mask_kernel, fused_keys_dtype(args.dtype == "bf16", True), True)
         results["mask_kernel_config"] = str(MASK_KERNELS[kernel][1].best_config)
         print(f"the fused mask kernel ({kernel}) autotuned launch: {results['mask_kernel_config']}")
     if args.json:
