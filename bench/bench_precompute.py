@@ -29,8 +29,7 @@ import json
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ from precompute.anchors.sam import BUILDERS, SamAnchor, fused_keys_dtype  # noqa
 from precompute.anchors.sam_fast import ATTENTION_MODES, DECODER_ATTENTIONS  # noqa: E402
 from precompute.anchors.sam_masks import MASK_KERNELS, kernel_for, launch_kernel, parse_launch  # noqa: E402
 from precompute.anchors.vit import DinoVisionTransformer, get_variant, randomize_  # noqa: E402
+from precompute.run import AnchorsBesideSam, AnchorTiming  # noqa: E402
 from shards.samples import Record  # noqa: E402
 
 REFERENCE_SECONDS_PER_IMAGE = 1.1  # the reference recomputes the anchors inside each training step (H100)
@@ -118,26 +118,33 @@ def sam_settings(sam, **settings):
 
 
 def anchors_beside_sam(anchors: dict[str, AnchorModel], views: dict[str, torch.Tensor], device: torch.device):
-    """A call that computes every anchor's targets, SAM in this thread and the others in a second thread on a CUDA
-    stream of their own (each anchor's work stays on its stream; its copies to the host wait on that stream only),
-    so their kernels can run while SAM's mask generation leaves the GPU room. On the CPU the thread alone."""
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    pool = ThreadPoolExecutor(1)
+    """A call that computes every anchor's targets as ``precompute.overlap_anchors`` does
+    (``precompute.run.AnchorsBesideSam``): SAM in this thread, the others in a second thread on a CUDA stream of their
+    own."""
+    beside, timing = AnchorsBesideSam(device), AnchorTiming()
+    return lambda: beside.compute(anchors, views, timing)
 
-    def others() -> None:
-        with (torch.cuda.stream(side) if side is not None else nullcontext()), torch.no_grad():
-            for name, anchor in anchors.items():
-                if name != "sam":
-                    anchor.compute(views[name])
 
-    def run() -> None:
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))  # the views are ready before the side stream reads
-        pending = pool.submit(others)
-        anchors["sam"].compute(views["sam"])
-        pending.result()
-
-    return run
+def compiled_anchors(anchors: dict[str, AnchorModel], names: str, batch: int, device: torch.device, warmup: int,
+                     iters: int) -> dict[str, dict[str, float]]:
+    """``precompute.compile_anchors`` for each of the comma-separated ``names``: the anchor timed eager, then
+    compiled (``AnchorModel.compile_network``), side by side on the same ``batch`` views, with how far each target
+    moves (relative L2). The anchors stay compiled for the rows."""
+    out = {}
+    for name in filter(None, names.split(",")):
+        anchor = anchors[name]
+        views = photo_batch(anchor.input_size, batch, device)
+        run = lambda a=anchor, v=views: a.compute(v)  # noqa: E731
+        eager_s, eager = seconds_per_batch(run, device, warmup, iters), run()
+        anchor.compile_network()
+        compiled_s, compiled = seconds_per_batch(run, device, warmup, iters), run()
+        moved = {k: float(np.linalg.norm(compiled[k] - v) / max(np.linalg.norm(v), 1e-30)) for k, v in eager.items()}
+        out[name] = {"eager_images_per_s": batch / eager_s, "compiled_images_per_s": batch / compiled_s,
+                     **{f"{k}_rel_l2": m for k, m in moved.items()}}
+        print(f"{name} compiled: {batch / compiled_s:.2f} images/s against eager {batch / eager_s:.2f} "
+              f"({eager_s / compiled_s:.2f}x), batch {batch}; targets moved (relative L2): "
+              + ", ".join(f"{k} {m:.2e}" for k, m in moved.items()))
+    return out
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -342,6 +349,9 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor-streams", action="store_true",
                     help="also time sam+depth+dino with depth and dino in a second thread on a CUDA stream of their "
                          "own, beside SAM")
+    ap.add_argument("--compile-anchors", default="", metavar="NAMES",
+                    help="precompute.compile_anchors for the rows (comma-separated, e.g. depth,dino); each is first "
+                         "timed eager and compiled side by side on the largest batch")
     ap.add_argument("--encoder-variants", action="store_true",
                     help="time SAM's image encoder with each precompute.sam.encoder_attention (and compiled, with "
                          "--compile-encoder) on the last batch, side by side")
@@ -377,6 +387,7 @@ def main(argv=None) -> int:
     if args.mask_launch:
         anchors["sam"].mask_launch = parse_launch(args.mask_launch)
         anchors["sam"].mask_kernel = launch_kernel(anchors["sam"].mask_launch)
+    results_compiled = compiled_anchors(anchors, args.compile_anchors, batch_sizes[-1], device, warmup, iters)
     if args.decoder_attention:
         anchors["sam"].decoder_attention = args.decoder_attention
     if args.point_batch_size:
@@ -389,7 +400,8 @@ def main(argv=None) -> int:
           f"{anchors['sam'].amg.point_batch_size} prompts per decoder call")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "quick": args.quick, "dtype": args.dtype, "tf32": tf32_matmuls(),
-                     "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {}}
+                     "sam_points_per_side": anchors["sam"].amg.points_per_side, "batches": {},
+                     "compiled_anchors": results_compiled}
     for bs in batch_sizes:
         views = {n: photo_batch(a.input_size, bs, device) for n, a in anchors.items()}
         row: dict = {}

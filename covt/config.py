@@ -154,6 +154,13 @@ class PrecomputeConfig:
     # square: every anchor from the square view the VLM sees; reference: the reference's own inputs (256 thumbnails,
     # BGR into Depth Anything, zero-padded DINO...: precompute/views.py), to compare with its released checkpoints
     views: Literal["square", "reference"] = option("square", "what the anchors compute from (square / reference)")
+    # each batch's other anchors in a second thread on a CUDA stream of their own while SAM computes
+    # (precompute.run.AnchorsBesideSam): the same targets; their kernels fill what SAM's mask generation leaves
+    overlap_anchors: bool = option(False, "the other anchors on a second CUDA stream beside SAM")
+    # each listed anchor's network through torch.compile (AnchorModel.compile_network), compiled on its first batch;
+    # SAM has its own switches (precompute.sam.compile_encoder, compile_decoder)
+    compile_anchors: list[Literal["depth", "dino", "pidinet", "siglip", "metaclip"]] = option(
+        factory=list, help="anchors whose network runs through torch.compile (not sam: precompute.sam.compile_*)")
     sam: SamPrecomputeConfig = field(default_factory=SamPrecomputeConfig)
 
 

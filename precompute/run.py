@@ -27,6 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from covt.compute import Compute, compute_cleanup, compute_init, tf32_matmuls, use_tf32
-from covt.config import Config
+from covt.config import Config, PrecomputeConfig
 from covt.fs import naming_disk_full
 from covt.images import open_rgb
 from precompute import calibrate
@@ -76,7 +77,10 @@ class AnchorTiming:
 
 
 def time_compute(anchor: AnchorModel, views: torch.Tensor, timing: AnchorTiming) -> dict[str, np.ndarray]:
-    sync = torch.cuda.synchronize if views.device.type == "cuda" else (lambda: None)
+    """``anchor``'s targets for ``views``, its time added to ``timing``: the current stream's, so an anchor timed
+    beside SAM (:class:`AnchorsBesideSam`) waits for its own work only."""
+    cuda = views.device.type == "cuda"
+    sync = torch.cuda.current_stream(views.device).synchronize if cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     with torch.no_grad():
@@ -85,6 +89,34 @@ def time_compute(anchor: AnchorModel, views: torch.Tensor, timing: AnchorTiming)
     timing.seconds[anchor.name] += time.perf_counter() - start
     timing.images[anchor.name] += views.shape[0]
     return out
+
+
+class AnchorsBesideSam:
+    """``precompute.overlap_anchors``: each batch's other anchors in a second thread, on a CUDA stream of their own,
+    while SAM computes in this one, so their kernels fill what SAM's mask generation leaves of the GPU. Each anchor's
+    work and its copies to the host stay on its stream; the targets are the same as one after another."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="anchors-beside-sam")
+
+    def compute(self, models: dict[str, AnchorModel], batches: dict[str, torch.Tensor],
+                timing: AnchorTiming) -> dict[str, dict[str, np.ndarray]]:
+        others = [n for n in models if n != "sam"]
+        if self.stream is not None:  # the views were copied on this thread's stream
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        pending = self.pool.submit(self._compute_on_stream, models, others, batches, timing)
+        out = {"sam": time_compute(models["sam"], batches["sam"], timing)}
+        out.update(pending.result())
+        return {n: out[n] for n in models}
+
+    def _compute_on_stream(self, models, names, batches, timing) -> dict[str, dict[str, np.ndarray]]:
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            return {n: time_compute(models[n], batches[n], timing) for n in names}
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def decode_views(record: Record, keys: list[ViewKey]) -> dict[ViewKey, np.ndarray]:
@@ -165,28 +197,10 @@ def _run(cfg: Config, names: list[str], compute: Compute, started: float, cache_
     samples_todo = [s for s in owned if not writer.shard_done(s)]
     work = [s for s in owned if todo[s] or s in samples_todo]
     images_todo = sum(len(writer.shard_records(s)) for s in work if todo[s])
-    # targets are encoded, compressed and committed in the background while the next shard computes,
-    # one thread per anchor (the writer is thread-safe per shard and anchor, and its heavy parts release
-    # the GIL); at most one shard waits there, so memory stays at two shards of targets
-    committer = ThreadPoolExecutor(max(1, len(names)))
-    committing: list[Future] = []
     bar = progress_bar(images_todo, compute)
     try:
-        for shard in work:
-            if shard in samples_todo:
-                writer.write_samples(shard)
-            if not todo[shard]:
-                continue
-            outputs = compute_shard({n: models[n] for n in todo[shard]}, keys, writer.shard_records(shard), loader,
-                                    pre.batch_size, device, timing, bar)
-            for f in committing:
-                f.result()
-            committing = [committer.submit(commit_targets, writer, shard, name, parts)
-                          for name, parts in outputs.items()]
-        for f in committing:
-            f.result()
+        compute_shards(writer, work, todo, samples_todo, models, keys, loader, pre, device, timing, bar)
     finally:
-        committer.shutdown()
         bar.close()
         loader.close()
 
@@ -205,15 +219,49 @@ def _run(cfg: Config, names: list[str], compute: Compute, started: float, cache_
     return summary
 
 
+def compute_shards(writer: CacheWriter, work: list[int], todo: dict[int, list[str]], samples_todo: list[int],
+                   models: dict[str, AnchorModel], keys: dict, loader: ViewLoader, pre: PrecomputeConfig,
+                   device: torch.device, timing: AnchorTiming, bar: tqdm) -> None:
+    """Each shard of ``work``: its sample tar if not committed yet, then the anchors of ``todo[shard]``. Targets
+    are encoded, compressed and committed in the background while the next shard computes, one thread per anchor
+    (the writer is thread-safe per shard and anchor, and its heavy parts release the GIL); at most one shard waits
+    there, so memory stays at two shards of targets."""
+    committer = ThreadPoolExecutor(max(1, len(models)))
+    committing: list[Future] = []
+    beside = AnchorsBesideSam(device) if pre.overlap_anchors else None
+    try:
+        for shard in work:
+            if shard in samples_todo:
+                writer.write_samples(shard)
+            if not todo[shard]:
+                continue
+            outputs = compute_shard({n: models[n] for n in todo[shard]}, keys, writer.shard_records(shard), loader,
+                                    pre.batch_size, device, timing, bar, beside)
+            for f in committing:
+                f.result()
+            committing = [committer.submit(commit_targets, writer, shard, name, parts)
+                          for name, parts in outputs.items()]
+        for f in committing:
+            f.result()
+    finally:
+        committer.shutdown()
+        if beside is not None:
+            beside.close()
+
+
 def compute_shard(models: dict[str, AnchorModel], keys: dict, recs: list[Record], loader: ViewLoader,
                   batch_size: int, device: torch.device, timing: AnchorTiming, bar: tqdm | None = None,
-                  ) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Every model's targets for ``recs``, batch by batch (a list of per-batch outputs per anchor)."""
+                  beside: AnchorsBesideSam | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every model's targets for ``recs``, batch by batch (a list of per-batch outputs per anchor); with ``beside``,
+    the other anchors of each batch beside SAM."""
     outputs: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in models}
+    overlap = beside is not None and "sam" in models and len(models) > 1
     for views in loader.batches(recs, batch_size):
-        for name, model in models.items():
-            batch = torch.from_numpy(views[keys[name]]).to(device, non_blocking=True)
-            outputs[name].append(time_compute(model, batch, timing))
+        batches = {n: torch.from_numpy(views[keys[n]]).to(device, non_blocking=True) for n in models}
+        done = beside.compute(models, batches, timing) if overlap else \
+            {n: time_compute(m, batches[n], timing) for n, m in models.items()}
+        for name, targets in done.items():
+            outputs[name].append(targets)
         if bar is not None:
             bar.update(len(next(iter(views.values()))))
             bar.set_postfix({n: f"{timing.images_per_second(n):.1f}/s" for n in models}, refresh=False)

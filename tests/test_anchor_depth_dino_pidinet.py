@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from covt.anchors import array_shape, get_anchor
-from covt.config import CheckpointConfig, PrecomputeConfig, load_config
+from covt.config import CheckpointConfig, ConfigError, PrecomputeConfig, load_config
 from precompute.anchors import LOADERS, load_anchor
 from precompute.anchors.base import MissingCheckpointError
 from precompute.anchors.depth import DepthAnchor, DepthAnythingV2, load_depth
@@ -69,6 +69,20 @@ def test_tiny_dino_writes_hub_layout_checkpoint_and_computes_spec_shapes(tmp_pat
     out = anchor.compute(random_views(2, anchor.input_size))
     assert_targets_fit_spec(anchor, out, 2)
     assert anchor.dims()["tokens"] == 1 + (anchor.input_size // 14) ** 2
+
+
+def test_a_compiled_anchor_computes_the_eager_targets_under_the_same_parameter_names(tmp_path):
+    """precompute.compile_anchors: the network through torch.compile in place (its first batch compiles)."""
+    cfg = tiny_config(tmp_path, "dino")
+    eager = load_anchor("dino", PrecomputeConfig(checkpoints={"dino": cfg}), CPU)
+    compiled = load_anchor("dino", PrecomputeConfig(checkpoints={"dino": cfg}, compile_anchors=["dino"]), CPU)
+    views = random_views(2, eager.input_size)
+    np.testing.assert_allclose(compiled.compute(views)["features"], eager.compute(views)["features"],
+                               rtol=1e-4, atol=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert compiled.fingerprint() == eager.fingerprint()
+    with pytest.raises(ConfigError, match=r"precompute.compile_anchors\[0\]: 'sam' is not one of"):
+        load_config(REPO / "configs" / "tiny.yaml", ["precompute.compile_anchors=[sam]"])  # its own switches
 
 
 def test_same_seed_writes_same_random_weights(tmp_path):

@@ -91,16 +91,21 @@ def test_decoder_variants_of_the_attentions_named_with_fused_masks(tmp_path):
 
 def test_anchors_beside_sam_compute_every_anchor(tmp_path):
     """--anchor-streams times sam+depth+dino with depth and dino in a second thread (on a GPU, a stream of their own)
-    beside SAM: each anchor computes once per call, SAM in the calling thread and the others in the second."""
+    beside SAM: each anchor computes once per call, SAM in the calling thread and the others in the second. With
+    --compile-anchors dino, dino is timed eager and compiled first."""
     import threading
 
     import torch
 
     from bench.bench_precompute import anchors_beside_sam, build_anchors, photo_batch
 
-    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--anchor-streams")
+    result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--anchor-streams", "--compile-anchors", "dino")
     assert result["batches"]["1"]["sam+depth+dino, depth and dino beside sam"] > 0
     assert "beside sam (a second thread and stream)" in printed
+    # --compile-anchors: dino timed eager and compiled side by side, the rows then run it compiled
+    compiled = result["compiled_anchors"]["dino"]
+    assert compiled["eager_images_per_s"] > 0 and compiled["compiled_images_per_s"] > 0
+    assert compiled["features_rel_l2"] < 1e-5 and "dino compiled: " in printed
     anchors = build_anchors(torch.device("cpu"), True, "fp32", None)
     views = {n: photo_batch(a.input_size, 1, torch.device("cpu")) for n, a in anchors.items()}
     calls: dict[str, list[bool]] = {n: [] for n in anchors}

@@ -96,8 +96,11 @@ def test_cache_of_all_six_anchors_passes_inspect_verify(full_cache):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(full_cache, work):
+    """Killed and resumed with the other anchors beside SAM (precompute.overlap_anchors, a second thread here): the
+    targets of the run one after another."""
     cache = work / "resumed"
-    proc = subprocess.Popen(precompute_cmd(cache, work / "ckpt", ALL), cwd=REPO, env=env(),
+    beside = "precompute.overlap_anchors=true"
+    proc = subprocess.Popen(precompute_cmd(cache, work / "ckpt", ALL, beside), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # anchors commit in parallel threads, in any order: shard 0 is done when all of them are
     first_shard = [cache / layout.targets_progress_name(0, a) for a in ALL]
@@ -110,7 +113,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(full_cache, work):
     assert not (cache / layout.MANIFEST).exists(), "the run finished before it could be killed"
     done_before = {p.name: p.read_bytes() for p in (cache / layout.PROGRESS_DIR).glob("shard-000000.*.json")}
 
-    out = run(precompute_cmd(cache, work / "ckpt", ALL))
+    out = run(precompute_cmd(cache, work / "ckpt", ALL, beside))
     assert "2 images computed" in out.stdout, "the rerun must only compute the unfinished shard"
     assert {p.name: p.read_bytes() for p in (cache / layout.PROGRESS_DIR).glob("shard-000000.*.json")} == done_before
     assert_same_targets(cache, full_cache, ALL)

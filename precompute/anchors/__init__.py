@@ -37,4 +37,7 @@ def load_anchor(name: str, pre: PrecomputeConfig, device: torch.device) -> Ancho
     if pre.checkpoints[name].input_size is not None and name != "pidinet":
         raise ValueError(f"precompute.checkpoints.{name}.input_size: only pidinet's view size can be set "
                          f"(the others compute at their model's own input size)")
-    return LOADERS[name](pre.checkpoints[name], pre, device)
+    anchor = LOADERS[name](pre.checkpoints[name], pre, device)
+    if name in pre.compile_anchors:
+        anchor.compile_network()
+    return anchor

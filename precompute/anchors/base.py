@@ -54,6 +54,16 @@ class AnchorModel(torch.nn.Module, abc.ABC):
     #: side of the square view this anchor computes from (the driver resizes the
     #: original image straight to it with ``covt.images.square_view``)
     input_size: int
+    #: the attribute holding the network that ``precompute.compile_anchors`` compiles (None: the anchor has
+    #: switches of its own, as SAM's ``precompute.sam.compile_encoder`` / ``compile_decoder``)
+    network: ClassVar[str | None] = "model"
+
+    def compile_network(self) -> None:
+        """The anchor's network through torch.compile, in place (``nn.Module.compile``: the same parameters under
+        the same names), compiled on its first batch."""
+        if self.network is None:
+            raise ValueError(f"precompute.compile_anchors: {self.name} is compiled by switches of its own")
+        getattr(self, self.network).compile()
 
     @abc.abstractmethod
     def dims(self) -> dict[str, int]:

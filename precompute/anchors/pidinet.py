@@ -258,6 +258,7 @@ def build_pidinet(state_dict: dict[str, torch.Tensor], source: str | Path, confi
 # -------------------------------------------------------------------------- anchor
 class PidinetAnchor(AnchorModel):
     name = "pidinet"
+    network = "net"
     input_size = INPUT_SIZE
 
     def __init__(self, net: PiDiNet, config: str, ckpt_path: str):

@@ -225,6 +225,7 @@ def compiled_decoding():
 
 class SamAnchor(AnchorModel):
     name = "sam"
+    network = None  # precompute.sam.compile_encoder and compile_decoder
 
     def __init__(self, sam: Sam, amg: SamPrecomputeConfig, *, variant: str, checkpoint: str,
                  checkpoint_sha256: str | None = None, bf16: bool):
