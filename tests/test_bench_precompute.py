@@ -130,13 +130,15 @@ def test_decoder_variants_with_bf16_decoder_tokens(tmp_path):
 
 def test_decoder_variants_at_the_rows_settings_over_point_batch_sizes(tmp_path):
     """--variants-at-row-settings keeps the rows' settings (bf16 tokens here) and --variant-point-batch-sizes times
-    each prompt count per decoder call: the same candidates, whatever the count."""
+    each prompt count per decoder call: the same masks, whatever the count, up to rounding at the threshold."""
     result, _ = run_quick_bench(tmp_path, "--no-sam-details", "--decoder-variants", "folded", "--bf16-decoder-tokens",
                                 "--variants-at-row-settings", "--variant-point-batch-sizes", "7,64")
     variants = result["decoder_variants"]
     assert set(variants) == {"folded_eager_bf16_tokens_pb7", "folded_eager_bf16_tokens_pb64"}
     assert variants["folded_eager_bf16_tokens_pb7"]["candidates"] > 0
-    assert variants["folded_eager_bf16_tokens_pb64"]["mask_iou_vs_first"] == 1.0
+    # the same masks up to a logit at the threshold: the products' blocking follows the prompt count (a full-suite
+    # run on 2026-12-06 gave IoU 0.99999 where runs alone gave 1.0)
+    assert variants["folded_eager_bf16_tokens_pb64"]["mask_iou_vs_first"] > 0.999
 
 
 def test_decoder_variants_with_the_candidates_read_per_batch_and_per_call(tmp_path):
