@@ -11,6 +11,7 @@ from covt.config import Config, LoraConfig, ModelConfig, StageConfig, TrainConfi
 from shards.reader import Cache
 from trainer.batch import build_batch
 from trainer.heads import build_heads
+from trainer.heads.base import FrozenDecoder
 from trainer.lora import attach_lora
 from trainer.model import CoVTModel, compile_blocks, keep_gradients, text_hidden_size
 from trainer.settings import BatchSettings
@@ -104,11 +105,18 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
 def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache):
     """train.compile_heads: each anchor head and its loss through torch.compile computes what the eager heads do
     (fp32: the loss to 1e-6, every trainable gradient to 1e-4 of its norm), compiled regions really run, the state
-    dict keeps its keys, and compile_heads(False) goes back to the eager heads."""
+    dict keeps its keys, without gradients (evaluation) the eager heads run, and compile_heads(False) goes back to
+    the eager heads. The frozen decoders are built before compiling, not traced (torch.export's unflatten recompiled
+    once per parameter name and passed dynamo's recompile limit in a six-head trainer run)."""
     model, batches = tiny_covt(tmp_path, synthetic_cache)
     keys = list(model.state_dict())
     eager_loss, eager = loss_and_gradients(model, batches)
+    with torch.no_grad():
+        evaluated = float(model(batches[0])["loss"])
+    model.heads["sam"].frozen = FrozenDecoder("sam_decoder", model.heads["sam"].frozen.on)  # a fresh, unbuilt one
+    assert "built on []" in repr(model.heads["sam"].frozen)
     model.compile_heads()
+    assert "built on ['cpu']" in repr(model.heads["sam"].frozen)
     loss_and_gradients(model, batches)  # compiles
     with torch.profiler.profile() as profile:
         loss, compiled = loss_and_gradients(model, batches)
@@ -119,6 +127,9 @@ def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_ca
     assert compiled.keys() == eager.keys()
     for name, grad in eager.items():
         assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        assert float(model(batches[0])["loss"]) == evaluated  # the eager heads, the same operations
+    assert not any(e.key.startswith("Torch-Compiled Region") for e in profile.key_averages())
     model.compile_heads(False)
     with torch.profiler.profile() as profile:
         loss_and_gradients(model, batches)

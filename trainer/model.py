@@ -83,9 +83,14 @@ class CoVTModel(nn.Module):
 
     def compile_heads(self, enabled: bool = True) -> None:
         """train.compile_heads: each head's forward (its decoding and loss) runs through ``torch.compile``, which
-        compiles at the head's first shapes; ``enabled=False`` goes back to the eager heads, the compiled code kept.
+        compiles at the head's first shapes (with gradients only); ``enabled=False`` goes back to the eager heads, the
+        compiled code kept.
         The compiled wrappers share the heads' parameters and are not submodules: the state dict is unchanged."""
         if enabled and not self.compiled_heads:
+            for head in self.heads.values():  # frozen decoders built now, not traced: torch.export's unflatten
+                frozen, param = getattr(head, "frozen", None), next(head.parameters(), None)  # recompiles per name
+                if frozen is not None and param is not None:
+                    frozen.on(param.device)
             self.compiled_heads = {name: torch.compile(head) for name, head in self.heads.items()}
         self.heads_compiled = enabled
 
@@ -156,7 +161,9 @@ class CoVTModel(nn.Module):
         param = next(head.parameters(), None)
         if param is not None and param.is_floating_point():
             thoughts = thoughts.to(param.dtype)
-        run = self.compiled_heads[anchor] if self.heads_compiled else head
+        # without gradients (evaluation) the eager heads: the heads share one forward, and dynamo's recompile limit
+        # (8 per function) counts every head's compiled variant, a grad-mode variant each would pass it at 6 heads
+        run = self.compiled_heads[anchor] if self.heads_compiled and torch.is_grad_enabled() else head
         return run(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
                    per_row=per_row)
 
