@@ -87,10 +87,8 @@ class CoVTModel(nn.Module):
         compiled code kept.
         The compiled wrappers share the heads' parameters and are not submodules: the state dict is unchanged."""
         if enabled and not self.compiled_heads:
-            for head in self.heads.values():  # frozen decoders built now, not traced: torch.export's unflatten
-                frozen, param = getattr(head, "frozen", None), next(head.parameters(), None)  # recompiles per name
-                if frozen is not None and param is not None:
-                    frozen.on(param.device)
+            for head in self.heads.values():
+                head.build_frozen_decoder()
             self.compiled_heads = {name: torch.compile(head) for name, head in self.heads.items()}
         self.heads_compiled = enabled
 

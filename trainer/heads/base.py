@@ -61,6 +61,8 @@ class AnchorHead(nn.Module):
     anchor: str
     #: side of the square uint8 views the head needs (None: no views)
     view_size: int | None = None
+    #: the frozen decoder the head runs (SAM's mask decoder, PIDINet's stage 1), built on first use
+    frozen: FrozenDecoder | None = None
 
     def __init__(self, anchor: str, hidden_size: int, dims: dict[str, int]):
         super().__init__()
@@ -75,6 +77,13 @@ class AnchorHead(nn.Module):
     def decoder_files(self) -> list[Path]:
         """Frozen decoder files this head loads (to copy beside saved heads)."""
         return []
+
+    def build_frozen_decoder(self) -> None:
+        """The frozen decoder built now, on the head's device, rather than at its first use (CoVTModel.compile_heads:
+        traced there, torch.export's unflatten recompiles once per parameter name)."""
+        param = next(self.parameters(), None)
+        if self.frozen is not None and param is not None:
+            self.frozen.on(param.device)
 
     def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views: torch.Tensor | None = None):
         raise NotImplementedError
