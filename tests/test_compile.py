@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_heads import write_tiny_sam_decoder
+from test_heads import write_tiny_pidinet_stage1, write_tiny_sam_decoder
 
 from covt.config import Config, LoraConfig, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
@@ -41,9 +41,10 @@ def calls(profile, name: str) -> int:
     return sum(e.count for e in profile.key_averages() if e.key == name)
 
 
-def tiny_covt(tmp_path, synthetic_cache) -> tuple[CoVTModel, list[dict]]:
-    """The tiny VLM with LoRA (dropout off) and the sam, depth and dino heads in fp32, and two micro-batches of
-    different lengths from the synthetic cache."""
+def tiny_covt(tmp_path, synthetic_cache, anchors: list[str] = ANCHORS, rows: tuple[int, ...] = (2, 2)
+               ) -> tuple[CoVTModel, list[dict]]:
+    """The tiny VLM with LoRA (dropout off) and the ``anchors``' heads (sam, depth and dino) in fp32, and
+    micro-batches of ``rows`` samples each, the first two of different lengths, from the synthetic cache."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     base = build_tiny_base_model(tmp_path / "base", seed=0, image_size=112)
@@ -53,18 +54,20 @@ def tiny_covt(tmp_path, synthetic_cache) -> tuple[CoVTModel, list[dict]]:
     cache.decoders_dir.mkdir(exist_ok=True)
     sam = cache.dims("sam")
     write_tiny_sam_decoder(cache.decoders_dir / "sam_decoder.pt", embed_dim=sam["embed_dim"], embed_hw=sam["embed_h"])
+    if "pidinet" in anchors:
+        write_tiny_pidinet_stage1(cache.decoders_dir)
     processor = AutoProcessor.from_pretrained(base)
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     tokens = add_thought_tokens(processor, vlm, seed=0)
     torch.manual_seed(0)
     vlm = attach_lora(vlm, LoraConfig(dropout=0.0), tokens.ids)
-    model = CoVTModel(vlm, build_heads(ANCHORS, text_hidden_size(vlm), cache), tokens)
-    settings = BatchSettings.from_config(Config(anchors=ANCHORS, model=ModelConfig(image_size=112),
+    model = CoVTModel(vlm, build_heads(anchors, text_hidden_size(vlm), cache), tokens)
+    settings = BatchSettings.from_config(Config(anchors=anchors, model=ModelConfig(image_size=112),
                                                 train=TrainConfig(max_length=1024)))
-    samples = [cache.sample(i) for i in range(4)]
     stage = StageConfig("understanding", 1)
-    batches = [build_batch(samples[i:i + 2], stage, True, 0, processor, tokens, settings,
-                           view_sizes=model.view_sizes()) for i in (0, 2)]
+    starts = [sum(rows[:i]) % 4 for i in range(len(rows))]
+    batches = [build_batch([cache.sample(start + i) for i in range(n)], stage, True, 0, processor, tokens, settings,
+                           view_sizes=model.view_sizes()) for start, n in zip(starts, rows)]
     assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape
     return model, batches
 
@@ -103,12 +106,15 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
 
 
 def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache):
-    """train.compile_heads: each anchor head and its loss through torch.compile computes what the eager heads do
-    (fp32: the loss to 1e-6, every trainable gradient to 1e-4 of its norm), compiled regions really run, the state
-    dict keeps its keys, without gradients (evaluation) the eager heads run, and compile_heads(False) goes back to
-    the eager heads. The frozen decoders are built before compiling, not traced (torch.export's unflatten recompiled
-    once per parameter name and passed dynamo's recompile limit in a six-head trainer run)."""
-    model, batches = tiny_covt(tmp_path, synthetic_cache)
+    """train.compile_heads: each of the six anchor heads' decoding and loss through torch.compile computes what the
+    eager heads do (fp32: the loss to 1e-6, every trainable gradient to 1e-4 of its norm), compiled regions really
+    run for every head in every micro-batch, of 2, 1 and 3 rows (each head's parts its own functions: when the six
+    heads shared one compiled forward, its variants passed dynamo's recompile limit and every head ran eager from
+    the third row count on), the state dict keeps its keys, without gradients (evaluation) the eager heads run, and
+    compile_heads(False) goes back to the eager heads. The frozen decoders are built before compiling, not traced
+    (torch.export's unflatten recompiled once per parameter name and passed the limit in a six-head trainer run)."""
+    anchors = ["sam", "depth", "dino", "pidinet", "siglip", "metaclip"]
+    model, batches = tiny_covt(tmp_path, synthetic_cache, anchors, rows=(2, 2, 1, 3))
     keys = list(model.state_dict())
     eager_loss, eager = loss_and_gradients(model, batches)
     with torch.no_grad():
@@ -121,7 +127,7 @@ def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_ca
     with torch.profiler.profile() as profile:
         loss, compiled = loss_and_gradients(model, batches)
     regions = sum(e.count for e in profile.key_averages() if e.key.startswith("Torch-Compiled Region"))
-    assert regions >= 2 * len(ANCHORS)  # every head of both micro-batches
+    assert regions >= 2 * len(anchors) * len(batches)  # each head's decoding and loss in every micro-batch
     assert list(model.state_dict()) == keys
     assert loss == pytest.approx(eager_loss, rel=1e-6)
     assert compiled.keys() == eager.keys()

@@ -78,18 +78,17 @@ class CoVTModel(nn.Module):
         for name, head in heads.items():
             if getattr(head, "hidden_size", hidden) != hidden:
                 raise ValueError(f"head {name!r} expects hidden size {head.hidden_size}, the VLM has {hidden}")
-        self.compiled_heads: dict[str, nn.Module] = {}  # compile_heads: each head through torch.compile
-        self.heads_compiled = False
+        self.heads_compiled = False  # compile_heads
 
     def compile_heads(self, enabled: bool = True) -> None:
-        """train.compile_heads: each head's forward (its decoding and loss) runs through ``torch.compile``, which
-        compiles at the head's first shapes (with gradients only); ``enabled=False`` goes back to the eager heads, the
-        compiled code kept.
-        The compiled wrappers share the heads' parameters and are not submodules: the state dict is unchanged."""
-        if enabled and not self.compiled_heads:
+        """train.compile_heads: each head's decoding and loss run through ``torch.compile``
+        (``AnchorHead.compile_parts``), which compiles at the head's first shapes (with gradients only);
+        ``enabled=False`` goes back to the eager heads, the compiled code kept.
+        The compiled functions share the heads' parameters and are not submodules: the state dict is unchanged."""
+        if enabled:
             for head in self.heads.values():
-                head.build_frozen_decoder()
-            self.compiled_heads = {name: torch.compile(head) for name, head in self.heads.items()}
+                if head.compiled_parts is None:
+                    head.compile_parts()
         self.heads_compiled = enabled
 
     def view_sizes(self) -> dict[str, int | None]:
@@ -159,11 +158,9 @@ class CoVTModel(nn.Module):
         param = next(head.parameters(), None)
         if param is not None and param.is_floating_point():
             thoughts = thoughts.to(param.dtype)
-        # without gradients (evaluation) the eager heads: the heads share one forward, and dynamo's recompile limit
-        # (8 per function) counts every head's compiled variant, a grad-mode variant each would pass it at 6 heads
-        run = self.compiled_heads[anchor] if self.heads_compiled and torch.is_grad_enabled() else head
-        return run(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
-                   per_row=per_row)
+        # without gradients (evaluation, a few batches) the eager heads: a no-grad variant of each would compile again
+        return head(thoughts, batch_to(part["targets"], hidden.device), batch_to(part.get("views"), hidden.device),
+                    per_row=per_row, compiled=self.heads_compiled and torch.is_grad_enabled())
 
 
 def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

@@ -255,7 +255,7 @@ class RunModel:
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         if t.compile_heads:
             model.compile_heads()
-            job.log.info(f"train.compile_heads: {len(model.compiled_heads)} heads compile at their first shapes")
+            job.log.info(f"train.compile_heads: {len(model.heads)} heads compile at their first shapes")
         optimizer = make_optimizer(model, t)
         scheduler = make_scheduler(optimizer, run.end - run.start, t.warmup_ratio)  # each run its own schedule
         engine = (deepspeed_engine(model, optimizer, scheduler, t, job.settings.grad_accum, job.compute.world, device,

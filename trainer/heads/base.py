@@ -63,6 +63,8 @@ class AnchorHead(nn.Module):
     view_size: int | None = None
     #: the frozen decoder the head runs (SAM's mask decoder, PIDINet's stage 1), built on first use
     frozen: FrozenDecoder | None = None
+    #: train.compile_heads: :meth:`decode` and :meth:`row_losses` through torch.compile (:meth:`compile_parts`)
+    compiled_parts: tuple[Callable, Callable] | None = None
 
     def __init__(self, anchor: str, hidden_size: int, dims: dict[str, int]):
         super().__init__()
@@ -85,6 +87,14 @@ class AnchorHead(nn.Module):
         if self.frozen is not None and param is not None:
             self.frozen.on(param.device)
 
+    def compile_parts(self) -> None:
+        """train.compile_heads: the frozen decoder built, then :meth:`decode` and :meth:`row_losses` compiled, each at
+        its first shapes. They are each head class's own methods: dynamo's recompile limit (8 variants per function)
+        counts every head's variants against the function compiled, which one forward shared by six heads passed
+        (every head then ran eager)."""
+        self.build_frozen_decoder()
+        self.compiled_parts = (torch.compile(self.decode), torch.compile(self.row_losses))
+
     def decode(self, thoughts: torch.Tensor, targets: dict | None = None, views: torch.Tensor | None = None):
         raise NotImplementedError
 
@@ -96,13 +106,17 @@ class AnchorHead(nn.Module):
         return self.row_losses(prediction, targets).mean()
 
     def forward(self, thoughts: torch.Tensor, targets: dict[str, torch.Tensor],
-                views: torch.Tensor | None = None, *, per_row: bool = False) -> torch.Tensor:
-        """The loss, or with ``per_row`` each row's (:meth:`row_losses`)."""
+                views: torch.Tensor | None = None, *, per_row: bool = False, compiled: bool = False) -> torch.Tensor:
+        """The loss, or with ``per_row`` each row's (:meth:`row_losses`); ``compiled``: through the compiled parts
+        (:meth:`compile_parts`, which must have run)."""
         self.check_thoughts(thoughts)
         if thoughts.shape[0] == 0:
             raise ValueError(f"{self.anchor} head: no thoughts to score (a micro-batch without this anchor's "
                              "thoughts runs the head on CoVTModel.placeholder_part instead)")
-        losses = self.row_losses(self.decode(thoughts, targets, views), targets)
+        if compiled and self.compiled_parts is None:
+            raise RuntimeError(f"{self.anchor} head: compiled=True before compile_parts()")
+        decode, row_losses = self.compiled_parts if compiled else (self.decode, self.row_losses)
+        losses = row_losses(decode(thoughts, targets, views), targets)
         return losses if per_row else losses.mean()
 
     def zero_targets(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
