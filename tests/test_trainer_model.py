@@ -33,7 +33,7 @@ class ProbeHead(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
         self.calls = []
 
-    def forward(self, thoughts, targets, views, per_row=False):
+    def forward(self, thoughts, targets, views, *, per_row=False, compiled=False):
         self.calls.append((thoughts.detach().clone(), targets, views))
         if thoughts.shape[0] == 0:
             return self.proj.weight.sum() * 0.0 + thoughts.sum() * 0.0
