@@ -84,8 +84,13 @@ class AnchorHead(nn.Module):
         """The frozen decoder built now, on the head's device, rather than at its first use (CoVTModel.compile_heads:
         traced there, torch.export's unflatten recompiles once per parameter name)."""
         param = next(self.parameters(), None)
-        if self.frozen is not None and param is not None:
-            self.frozen.on(param.device)
+        if param is not None:
+            self.build_on(param.device)
+
+    def build_on(self, device: torch.device) -> None:
+        """What the head would otherwise make at its first forward on ``device``: its frozen decoder."""
+        if self.frozen is not None:
+            self.frozen.on(device)
 
     def compile_parts(self) -> None:
         """train.compile_heads: the frozen decoder built, then :meth:`decode` and :meth:`row_losses` compiled, each at

@@ -76,12 +76,10 @@ class PidinetHead(AnchorHead):
                              f"{self.meta_path} says {self.channels}")
         return features
 
-    def build_frozen_decoder(self) -> None:
-        """Also the views' normalisation on the head's device (compiled, its first use would add a variant)."""
-        super().build_frozen_decoder()
-        param = next(self.parameters(), None)
-        if param is not None:
-            self.normalisation(param.device)
+    def build_on(self, device: torch.device) -> None:
+        """Also the views' normalisation (compiled, its first use would add a variant)."""
+        super().build_on(device)
+        self.normalisation(device)
 
     def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The views' mean and std, (1, 3, 1, 1) fp32 on ``device``, made once per device: a copy from host memory
