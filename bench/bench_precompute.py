@@ -29,7 +29,7 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +117,14 @@ def sam_settings(sam, **settings):
             setattr(sam, k, v)
 
 
-def anchors_beside_sam(anchors: dict[str, AnchorModel], views: dict[str, torch.Tensor], device: torch.device):
-    """A call that computes every anchor's targets as ``precompute.overlap_anchors`` does
+def seconds_beside_sam(anchors: dict[str, AnchorModel], views: dict[str, torch.Tensor], device: torch.device,
+                       warmup: int, iters: int) -> float:
+    """Seconds per batch of every anchor's targets as ``precompute.overlap_anchors`` computes them
     (``precompute.run.AnchorsBesideSam``): SAM in this thread, the others in a second thread on a CUDA stream of their
-    own."""
-    beside, timing = AnchorsBesideSam(device), AnchorTiming()
-    return lambda: beside.compute(anchors, views, timing)
+    own; the thread is shut down after."""
+    timing = AnchorTiming()
+    with closing(AnchorsBesideSam(device)) as beside:
+        return seconds_per_batch(lambda: beside.compute(anchors, views, timing), device, warmup, iters)
 
 
 def compiled_anchors(anchors: dict[str, AnchorModel], names: str, batch: int, device: torch.device, warmup: int,
@@ -411,7 +413,7 @@ def main(argv=None) -> int:
         t = seconds_per_batch(lambda v=views: [a.compute(v[n]) for n, a in anchors.items()], device, warmup, iters)
         row["sam+depth+dino"] = bs / t
         if args.anchor_streams:
-            t = seconds_per_batch(anchors_beside_sam(anchors, views, device), device, warmup, iters)
+            t = seconds_beside_sam(anchors, views, device, warmup, iters)
             row["sam+depth+dino, depth and dino beside sam"] = bs / t
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -97,7 +97,7 @@ def test_anchors_beside_sam_compute_every_anchor(tmp_path):
 
     import torch
 
-    from bench.bench_precompute import anchors_beside_sam, build_anchors, photo_batch
+    from bench.bench_precompute import build_anchors, photo_batch, seconds_beside_sam
 
     result, printed = run_quick_bench(tmp_path, "--no-sam-details", "--anchor-streams", "--compile-anchors", "dino")
     assert result["batches"]["1"]["sam+depth+dino, depth and dino beside sam"] > 0
@@ -114,8 +114,10 @@ def test_anchors_beside_sam_compute_every_anchor(tmp_path):
             calls[name].append(threading.current_thread() is threading.main_thread())
             return type(anchor).compute(anchor, v)
         anchor.compute = compute
-    anchors_beside_sam(anchors, views, torch.device("cpu"))()
-    assert calls == {"sam": [True], "depth": [False], "dino": [False]}
+    threads_before = threading.active_count()
+    assert seconds_beside_sam(anchors, views, torch.device("cpu"), warmup=1, iters=1) > 0
+    assert calls == {"sam": [True, True], "depth": [False, False], "dino": [False, False]}
+    assert threading.active_count() == threads_before  # the second thread is shut down after timing
 
 
 def test_decoder_variants_with_bf16_decoder_tokens(tmp_path):
