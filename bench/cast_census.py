@@ -56,9 +56,12 @@ SEVEN_B_DEPTHS = TinySize(hidden=64, intermediate=128, layers=28, heads=4, kv_he
 
 def source_line() -> str:
     """The innermost frame of model code (below :func:`census`, not torch's own) on the current Python stack;
-    none (a cast the autograd engine issues in backward): :data:`BACKWARD`."""
+    none (a cast the autograd engine issues in backward, on CUDA from its own thread): :data:`BACKWARD`."""
     stack = traceback.extract_stack()[:-2]
-    start = max(i for i, f in enumerate(stack) if f.name == "census" and f.filename.endswith("cast_census.py"))
+    starts = [i for i, f in enumerate(stack) if f.name == "census" and f.filename.endswith("cast_census.py")]
+    if not starts:
+        return BACKWARD
+    start = starts[-1]
     for frame in reversed(stack[start + 1:]):
         if "/torch/" not in frame.filename:
             short = frame.filename.split("site-packages/")[-1].split(f"{REPO}/")[-1]
