@@ -18,8 +18,9 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
   the gradients they leave are put back, so a capture does not change the step it happens in;
 - one memory pool for the warm-ups and all the graphs: a warm-up's forward activations reuse what the graphs
   recorded so far free between replays, so a new layout needs no second activation peak beside theirs (at 7B,
-  micro-batch 2, one pool for the graphs and the warm-ups' activations outside it ran out of an H100's 80 GB; the
-  backward allocates from autograd's own thread, which the pool does not route). The very first warm-up runs
+  micro-batch 2, one pool for the graphs and the warm-ups' activations outside it ran out of an H100's 80 GB). The
+  warm-ups' backward allocates from autograd's own thread, which the pool does not route: what it leaves cached
+  outside the pool is given back to the device before each capture. The very first warm-up runs
   outside the pool, so that what the model makes once on first use lives in ordinary memory. A later warm-up must
   leave nothing allocated that an earlier graph could overwrite: when one does (a cache made on first use), the
   earlier graphs are dropped and recorded again.
@@ -192,6 +193,12 @@ class MicroBatchGraphs:
         for p, grad in zip(self.params, self.gradients):
             p.grad = grad.zero_()
 
+    def release_cached(self) -> None:
+        """Give the caching allocator's free blocks outside the pool back to the device, so that the capture can grow
+        the pool into them. The graphs' pool keeps its own."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
     def record(self, batch: Any, settings: tuple) -> RecordedMicroBatch:
         inputs = self.inputs.like(batch)
         copy_into(inputs, batch)  # what the warm-ups run on
@@ -202,11 +209,11 @@ class MicroBatchGraphs:
             first = self.warmup > 0 and not self.pool_used
             if first:  # what the model makes on first use (frozen decoders on the device...) lands outside the pool
                 self.run(inputs, *settings)
-                torch.cuda.synchronize(self.device)
-                torch.cuda.empty_cache()  # its activations, cached outside the pool, given back for the pool's use
+                self.release_cached()  # its activations, cached outside the pool, given back for the pool's use
             with torch.cuda.use_mem_pool(self.pool):
                 for _ in range(self.warmup - first):
                     self.run(inputs, *settings)
+            self.release_cached()  # the warm-ups' backward allocated outside the pool (autograd's own thread)
         self.pool_used = True
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         for grad, before in zip(self.gradients, saved):  # the warm-ups' gradients are not the step's
