@@ -167,12 +167,16 @@ def encoder_variants(sam: SamAnchor, views: torch.Tensor, device, warmup, iters,
             out[f"encoder_{mode}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
             out[f"encoder_{mode}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
                                                              / emb_library.norm())
-    if compile_encoder:
-        with sam_settings(sam, compile_encoder=True):
+    with sam_settings(sam, unpadded_windows=True, compile_encoder=False):  # precompute.sam.unpadded_windows
+        out[f"encoder_{default}_unpadded_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+        out[f"encoder_{default}_unpadded_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
+                                                                     / emb_library.norm())
+    for unpadded in (False, True) if compile_encoder else ():
+        name = f"encoder_{default}{'_unpadded' if unpadded else ''}_compiled"
+        with sam_settings(sam, compile_encoder=True, unpadded_windows=unpadded):
             sam.embed(views)  # compiles
-            out[f"encoder_{default}_compiled_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
-            out["encoder_compiled_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
-                                                              / emb_library.norm())
+            out[f"{name}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
+            out[f"{name}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm() / emb_library.norm())
     return out
 
 
@@ -316,6 +320,9 @@ def main(argv=None) -> int:
                          "(default: precompute.sam's, 256)")
     ap.add_argument("--sam-attention", choices=ATTENTION_MODES, default=None,
                     help="SAM encoder attention for the per-anchor rows (default: SamAnchor's)")
+    ap.add_argument("--unpadded-windows", action="store_true",
+                    help="the rows with precompute.sam.unpadded_windows; --encoder-variants times it beside the "
+                         "library's padded windows")
     ap.add_argument("--compile-encoder", action="store_true",
                     help="the rows with precompute.sam.compile_encoder (compiles once, minutes at vit_h); the SAM "
                          "details time it against eager")
@@ -383,6 +390,7 @@ def main(argv=None) -> int:
         anchors["sam"].encoder_attention = args.sam_attention
     anchors["sam"].compile_decoder = args.compile_decoder
     anchors["sam"].compile_encoder = args.compile_encoder
+    anchors["sam"].unpadded_windows = args.unpadded_windows
     anchors["sam"].fused_masks = args.fused_masks
     anchors["sam"].decoder_tokens_bf16 = args.bf16_decoder_tokens
     anchors["sam"].mask_kernel = args.mask_kernel
@@ -396,7 +404,8 @@ def main(argv=None) -> int:
         anchors["sam"].amg.point_batch_size = args.point_batch_size
     print(f"sam encoder attention for the rows: {anchors['sam'].encoder_attention}, "
           f"{anchors['sam'].amg.points_per_side} points per side, compiled decoder {args.compile_decoder}, "
-          f"compiled encoder {args.compile_encoder}, decoder attention {anchors['sam'].decoder_attention}, "
+          f"compiled encoder {args.compile_encoder}, unpadded windows {args.unpadded_windows}, "
+          f"decoder attention {anchors['sam'].decoder_attention}, "
           f"fused masks {args.fused_masks} ({anchors['sam'].mask_kernel}), "
           f"decoder tokens {'bf16' if args.bf16_decoder_tokens else 'autocast'}, "
           f"{anchors['sam'].amg.point_batch_size} prompts per decoder call")
@@ -486,10 +495,10 @@ def print_row(bs: int, row: dict) -> None:
     print("  sam encoder img/s (x library): " + ", ".join(
         f"{k[8:-2]} {bs / v:.1f} ({lib / v:.2f}x)" for k, v in d.items()
         if k.startswith("encoder_") and k.endswith("_s") and k != "encoder_s"))
+    drift = "_vs_library_rel_l2"
     print("  sam encoder drift from library attention (rel L2): " + ", ".join(
-        f"{m} {d[f'encoder_{m}_vs_library_rel_l2']:.2g}" for m in ATTENTION_MODES if m != "library")
-        + (f", compiled {d['encoder_compiled_vs_library_rel_l2']:.2g}"
-           if "encoder_compiled_vs_library_rel_l2" in d else ""))
+        f"{k[8:-len(drift)]} {v:.2g}" for k, v in d.items()
+        if k.endswith(drift) and k != f"encoder_library{drift}"))
     print("  sam mask generation img/s: "
           + ", ".join(f"{k[6:-2]} {bs / v:.1f}" for k, v in d.items() if k.startswith("masks_")))
     for dt in ("bf16", "fp32"):

@@ -221,6 +221,50 @@ def test_fast_attention_keeps_the_tiny_encoder_output_and_state_dict(sam_dir):
         anchor.encoder_attention = "flash"
 
 
+@pytest.mark.parametrize("mode", ["library", "sdpa_bias", "sdpa_fold"])
+@pytest.mark.parametrize("side,window", [(16, 6), (14, 14), (10, 4)])  # padded by 2 / none / by 2
+def test_unpadded_windows_equal_segment_anything_block(mode, side, window):
+    """A windowed Block with no projection of the window padding: the library's output, in every attention mode;
+    and the padding matters (projecting zeros instead of the bias changes the border windows)."""
+    from segment_anything.modeling.image_encoder import Attention, Block
+
+    from precompute.anchors.sam_fast import padded_projection, unpadded_window_block_forward, use_encoder_attention
+
+    torch.manual_seed(0)
+    block = Block(32, num_heads=2, use_rel_pos=True, rel_pos_zero_init=False, window_size=window,
+                  input_size=(window, window))
+    torch.nn.init.normal_(block.attn.rel_pos_h)
+    torch.nn.init.normal_(block.attn.rel_pos_w)
+    torch.nn.init.normal_(block.attn.qkv.bias)
+    encoder = torch.nn.Sequential(block)
+    use_encoder_attention(encoder, mode)
+    x = torch.randn(2, side, side, 32)
+    with torch.no_grad():
+        ref = block(x)
+        fast = unpadded_window_block_forward(block, x)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        if side % window:
+            qkv = padded_projection(block.attn.qkv, block.norm1(x), window)
+            assert torch.equal(qkv[:, side:, :], block.attn.qkv.bias.expand_as(qkv[:, side:, :]))
+            block.attn.qkv.bias.zero_()  # the bias is what the padded keys and values carry
+            assert (unpadded_window_block_forward(block, x) - ref).abs().max() > 1e-3
+    assert isinstance(block.attn, Attention)
+
+
+def test_unpadded_windows_switch_keeps_the_tiny_encoder_output(sam_dir):
+    anchor = tiny_sam(sam_dir)
+    assert anchor.unpadded_windows is False
+    assert tiny_sam(sam_dir, "precompute.sam.unpadded_windows=true").unpadded_windows is True
+    keys = list(anchor.sam.state_dict())
+    v = views(anchor, 2)
+    ref = anchor.embed(v)
+    anchor.unpadded_windows = True
+    assert list(anchor.sam.state_dict()) == keys
+    torch.testing.assert_close(anchor.embed(v), ref, atol=1e-5, rtol=1e-5)
+    anchor.unpadded_windows = False
+    assert anchor.unpadded_windows is False
+
+
 # ------------------------------------------------------------ fast mask decoding (sam_fast.py)
 def spread_decoder_weights(anchor: SamAnchor, seed: int) -> None:
     """Larger random decoder weights than the init: logits beyond the +-1 stability offsets, IoUs around 0.5."""

@@ -42,7 +42,14 @@ from covt.config import CheckpointConfig, PrecomputeConfig, SamPrecomputeConfig
 from covt.fs import atomic_file, atomic_save
 
 from .base import AnchorModel, checkpoint_file, to_host
-from .sam_fast import decode_outputs, encoder_attention, multimask_logits, use_encoder_attention
+from .sam_fast import (
+    decode_outputs,
+    encoder_attention,
+    multimask_logits,
+    unpadded_windows,
+    use_encoder_attention,
+    use_unpadded_windows,
+)
 from .sam_masks import kernel_for, mask_statistics, statistics_of_logits
 from .sam_masks import runs_on as fused_masks_run_on
 
@@ -245,6 +252,7 @@ class SamAnchor(AnchorModel):
         # The image encoder's attention: segment_anything's own ("library") or the same function
         # through fused SDPA kernels ("sdpa_bias", "sdpa_fold"; see sam_fast.py). The bench compares.
         self.encoder_attention = amg.encoder_attention
+        self.unpadded_windows = amg.unpadded_windows
         # torch.compile the image encoder on first use (default off: compiling takes minutes at vit_h size)
         self.compile_encoder = amg.compile_encoder
         self._compiled_encoder: tuple | None = None
@@ -281,6 +289,15 @@ class SamAnchor(AnchorModel):
     @encoder_attention.setter
     def encoder_attention(self, mode: str) -> None:
         use_encoder_attention(self.sam.image_encoder, mode)
+        self._compiled_encoder = None
+
+    @property
+    def unpadded_windows(self) -> bool:
+        return unpadded_windows(self.sam.image_encoder)
+
+    @unpadded_windows.setter
+    def unpadded_windows(self, on: bool) -> None:
+        use_unpadded_windows(self.sam.image_encoder, on)
         self._compiled_encoder = None
 
     def _encoder(self):

@@ -27,7 +27,15 @@ import types
 
 import torch
 from segment_anything.modeling import MaskDecoder, Sam, TwoWayTransformer
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    ImageEncoderViT,
+    add_decomposed_rel_pos,
+    get_rel_pos,
+    window_partition,
+    window_unpartition,
+)
 from segment_anything.modeling.transformer import Attention as TwoWayAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch.nn import functional as F
@@ -80,22 +88,45 @@ def rel_pos_terms(attn: Attention, q: torch.Tensor, h: int, w: int) -> tuple[tor
     return rel_h, rel_w
 
 
+def qkv_heads(attn: Attention, qkv: torch.Tensor):
+    """q, k, v as (B, heads, H*W, C) strided views of a qkv projection (B, H, W, 3 * dim)."""
+    b, h, w, _ = qkv.shape
+    return qkv.view(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def split_qkv(attn: Attention, x: torch.Tensor):
     """q, k, v as (B, heads, H*W, C) strided views of one qkv projection of ``x`` (B, H, W, dim)."""
-    b, h, w, _ = x.shape
-    qkv = attn.qkv(x).view(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)
+    return qkv_heads(attn, attn.qkv(x))
+
+
+def heads_merged(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, heads, h*w, C) -> (B, h, w, heads * C), before the output projection."""
+    return out.transpose(1, 2).reshape(out.shape[0], h, w, -1)
 
 
 def merge_heads(attn: Attention, out: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b = out.shape[0]
-    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+    return attn.proj(heads_merged(out, h, w))
+
+
+def library_core(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """segment_anything's attention maths (explicit scores, decomposed rel-pos added, softmax) on split heads."""
+    b, heads, n, c = q.shape
+    q, k, v = (t.reshape(b * heads, n, c) for t in (q, k, v))
+    attn = (q * self.scale) @ k.transpose(-2, -1)
+    if self.use_rel_pos:
+        attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+    return (attn.softmax(dim=-1) @ v).view(b, heads, n, c)
 
 
 def sdpa_bias_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     """Attention.forward with the rel-pos terms as an additive attn_mask."""
     b, h, w, _ = x.shape
-    q, k, v = split_qkv(self, x)
+    return merge_heads(self, sdpa_bias_core(self, *split_qkv(self, x), h, w), h, w)
+
+
+def sdpa_bias_core(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The attention of :func:`sdpa_bias_forward` on split heads, before the output projection."""
+    b = q.shape[0]
     mask = None
     if self.use_rel_pos:
         rel_h, rel_w = rel_pos_terms(self, q, h, w)
@@ -107,8 +138,7 @@ def sdpa_bias_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
             buf = q.new_empty(b, self.num_heads, h, w, -(-n // MASK_ROW_ALIGN) * MASK_ROW_ALIGN)
             torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=buf[..., :n].unflatten(-1, (h, w)))
             mask = buf[..., :n].flatten(2, 3)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-    return merge_heads(self, out, h, w)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 def key_onehot(h: int, w: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -125,10 +155,13 @@ def key_onehot(h: int, w: int, width: int, dtype: torch.dtype, device: torch.dev
 def sdpa_fold_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     """Attention.forward with the rel-pos terms folded into widened queries and keys."""
     b, h, w, _ = x.shape
-    q, k, v = split_qkv(self, x)
+    return merge_heads(self, sdpa_fold_core(self, *split_qkv(self, x), h, w), h, w)
+
+
+def sdpa_fold_core(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The attention of :func:`sdpa_fold_forward` on split heads, before the output projection."""
     if not self.use_rel_pos:
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return merge_heads(self, out, h, w)
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
     rel_h, rel_w = rel_pos_terms(self, q, h, w)
     c = q.shape[-1]
     width = -(-(c + h + w) // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN - c
@@ -139,11 +172,11 @@ def sdpa_fold_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     q_wide = torch.cat([p.to(q.dtype) for p in parts], -1)
     onehot = key_onehot(h, w, width, k.dtype, k.device).expand(*k.shape[:-1], width)
     k_wide = torch.cat([k, onehot], -1)
-    out = F.scaled_dot_product_attention(q_wide, k_wide, v, scale=1.0)
-    return merge_heads(self, out, h, w)
+    return F.scaled_dot_product_attention(q_wide, k_wide, v, scale=1.0)
 
 
 FORWARDS = {"sdpa_bias": sdpa_bias_forward, "sdpa_fold": sdpa_fold_forward}
+CORES = {"library": library_core, "sdpa_bias": sdpa_bias_core, "sdpa_fold": sdpa_fold_core}
 
 
 def use_encoder_attention(encoder: ImageEncoderViT, mode: str) -> None:
@@ -153,6 +186,7 @@ def use_encoder_attention(encoder: ImageEncoderViT, mode: str) -> None:
     for module in encoder.modules():
         if not isinstance(module, Attention):
             continue
+        module.attention_mode = mode  # what an unpadded window block (below) computes its windows with
         if mode == "library":
             module.__dict__.pop("forward", None)
         else:
@@ -165,6 +199,55 @@ def encoder_attention(encoder: ImageEncoderViT) -> str:
     if fwd is None:
         return "library"
     return next(name for name, f in FORWARDS.items() if fwd.__func__ is f)
+
+
+# ------------------------------------------------------------------ encoder windows without padded tokens
+def padded_projection(linear: torch.nn.Linear, x: torch.Tensor, window: int) -> torch.Tensor:
+    """``linear`` of ``window_partition``'s zero-padded tokens, made without projecting the padding: ``x``
+    (B, H, W, dim) is projected, then padded at the bottom and right to multiples of ``window`` with what a zero token
+    projects to, the bias (in the projection's dtype, as autocast's Linear adds it)."""
+    y = linear(x)
+    b, h, w, c = y.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    if not (pad_h or pad_w):
+        return y
+    fill = y.new_zeros(c) if linear.bias is None else linear.bias.to(y.dtype)
+    out = fill.expand(b, h + pad_h, w + pad_w, c).clone()
+    out[:, :h, :w] = y
+    return out
+
+
+def unpadded_window_block_forward(self: Block, x: torch.Tensor) -> torch.Tensor:
+    """``Block.forward`` computing the same function with the windowed blocks' qkv and output projections on the
+    image's tokens only. segment_anything pads the normed tokens to whole windows (ViT-H: 64x64 -> 70x70, 20% more
+    tokens) before both projections; the padded keys and values (the qkv bias) still take part in attention, so the
+    projection is padded with that bias instead, and the padded outputs, which the block drops, are never projected."""
+    if self.window_size == 0:
+        return Block.forward(self, x)
+    attn, size = self.attn, self.window_size
+    shortcut = x
+    x = self.norm1(x)
+    h, w = x.shape[1], x.shape[2]
+    windows, pad_hw = window_partition(padded_projection(attn.qkv, x, size), size)
+    out = CORES[getattr(attn, "attention_mode", "library")](attn, *qkv_heads(attn, windows), size, size)
+    x = shortcut + attn.proj(window_unpartition(heads_merged(out, size, size), size, pad_hw, (h, w)))
+    return x + self.mlp(self.norm2(x))
+
+
+def use_unpadded_windows(encoder: ImageEncoderViT, on: bool) -> None:
+    """Run every windowed Block of ``encoder`` through :func:`unpadded_window_block_forward` (``on``) or the
+    library's ``Block.forward``; parameters untouched."""
+    for module in encoder.modules():
+        if isinstance(module, Block) and module.window_size > 0:
+            if on:
+                module.forward = types.MethodType(unpadded_window_block_forward, module)
+            else:
+                module.__dict__.pop("forward", None)
+
+
+def unpadded_windows(encoder: ImageEncoderViT) -> bool:
+    """Whether ``encoder``'s windowed blocks run :func:`unpadded_window_block_forward`."""
+    return any("forward" in m.__dict__ for m in encoder.modules() if isinstance(m, Block))
 
 
 # ------------------------------------------------------------------ mask decoder output
