@@ -120,7 +120,7 @@ def library_core(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 def sdpa_bias_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     """Attention.forward with the rel-pos terms as an additive attn_mask."""
-    b, h, w, _ = x.shape
+    h, w = x.shape[1], x.shape[2]
     return merge_heads(self, sdpa_bias_core(self, *split_qkv(self, x), h, w), h, w)
 
 
@@ -154,7 +154,7 @@ def key_onehot(h: int, w: int, width: int, dtype: torch.dtype, device: torch.dev
 
 def sdpa_fold_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     """Attention.forward with the rel-pos terms folded into widened queries and keys."""
-    b, h, w, _ = x.shape
+    h, w = x.shape[1], x.shape[2]
     return merge_heads(self, sdpa_fold_core(self, *split_qkv(self, x), h, w), h, w)
 
 
@@ -221,9 +221,8 @@ def unpadded_window_block_forward(self: Block, x: torch.Tensor) -> torch.Tensor:
     """``Block.forward`` computing the same function with the windowed blocks' qkv and output projections on the
     image's tokens only. segment_anything pads the normed tokens to whole windows (ViT-H: 64x64 -> 70x70, 20% more
     tokens) before both projections; the padded keys and values (the qkv bias) still take part in attention, so the
-    projection is padded with that bias instead, and the padded outputs, which the block drops, are never projected."""
-    if self.window_size == 0:
-        return Block.forward(self, x)
+    projection is padded with that bias instead, and the padded outputs, which the block drops, are never projected.
+    For blocks with ``window_size > 0`` (:func:`use_unpadded_windows` installs it on those only)."""
     attn, size = self.attn, self.window_size
     shortcut = x
     x = self.norm1(x)
