@@ -186,19 +186,21 @@ def use_encoder_attention(encoder: ImageEncoderViT, mode: str) -> None:
     for module in encoder.modules():
         if not isinstance(module, Attention):
             continue
-        module.attention_mode = mode  # what an unpadded window block (below) computes its windows with
+        module.attention_mode = mode  # read by attention_mode(): the unpadded window blocks (below) use it too
         if mode == "library":
             module.__dict__.pop("forward", None)
         else:
             module.forward = types.MethodType(FORWARDS[mode], module)
 
 
+def attention_mode(attn: Attention) -> str:
+    """The mode :func:`use_encoder_attention` installed on ``attn`` (``library`` where it never ran)."""
+    return getattr(attn, "attention_mode", "library")
+
+
 def encoder_attention(encoder: ImageEncoderViT) -> str:
     """The mode installed on ``encoder``'s Attention modules."""
-    fwd = next(m for m in encoder.modules() if isinstance(m, Attention)).__dict__.get("forward")
-    if fwd is None:
-        return "library"
-    return next(name for name, f in FORWARDS.items() if fwd.__func__ is f)
+    return attention_mode(next(m for m in encoder.modules() if isinstance(m, Attention)))
 
 
 # ------------------------------------------------------------------ encoder windows without padded tokens
@@ -228,7 +230,7 @@ def unpadded_window_block_forward(self: Block, x: torch.Tensor) -> torch.Tensor:
     x = self.norm1(x)
     h, w = x.shape[1], x.shape[2]
     windows, pad_hw = window_partition(padded_projection(attn.qkv, x, size), size)
-    out = CORES[getattr(attn, "attention_mode", "library")](attn, *qkv_heads(attn, windows), size, size)
+    out = CORES[attention_mode(attn)](attn, *qkv_heads(attn, windows), size, size)
     x = shortcut + attn.proj(window_unpartition(heads_merged(out, size, size), size, pad_hw, (h, w)))
     return x + self.mlp(self.norm2(x))
 
