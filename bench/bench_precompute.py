@@ -157,26 +157,26 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def encoder_variants(sam: SamAnchor, views: torch.Tensor, device, warmup, iters, compile_encoder: bool) -> dict:
     """SAM's image encoder with each attention mode (eager), side by side on the same batch, and how far each
-    embedding moves from segment_anything's attention; with ``compile_encoder`` also the default mode compiled."""
+    embedding moves from segment_anything's attention; the default mode with ``precompute.sam.unpadded_windows``; with
+    ``compile_encoder`` also the default mode compiled, with and without the unpadded windows."""
     out = {}
     default = sam.encoder_attention
     with sam_settings(sam, encoder_attention="library", compile_encoder=False):
         emb_library = sam.embed(views)
-    for mode in ATTENTION_MODES:
-        with sam_settings(sam, encoder_attention=mode, compile_encoder=False):
-            out[f"encoder_{mode}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
-            out[f"encoder_{mode}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
-                                                             / emb_library.norm())
-    with sam_settings(sam, unpadded_windows=True, compile_encoder=False):  # precompute.sam.unpadded_windows
-        out[f"encoder_{default}_unpadded_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
-        out[f"encoder_{default}_unpadded_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm()
-                                                                     / emb_library.norm())
-    for unpadded in (False, True) if compile_encoder else ():
-        name = f"encoder_{default}{'_unpadded' if unpadded else ''}_compiled"
-        with sam_settings(sam, compile_encoder=True, unpadded_windows=unpadded):
-            sam.embed(views)  # compiles
+
+    def timed(name: str, **settings) -> None:
+        with sam_settings(sam, **settings):
+            if settings["compile_encoder"]:
+                sam.embed(views)  # compiles
             out[f"{name}_s"] = seconds_per_batch(lambda: sam.embed(views), device, warmup, iters)
             out[f"{name}_vs_library_rel_l2"] = float((sam.embed(views) - emb_library).norm() / emb_library.norm())
+
+    for mode in ATTENTION_MODES:
+        timed(f"encoder_{mode}", encoder_attention=mode, compile_encoder=False)
+    timed(f"encoder_{default}_unpadded", unpadded_windows=True, compile_encoder=False)  # sam.unpadded_windows
+    for unpadded in (False, True) if compile_encoder else ():
+        timed(f"encoder_{default}{'_unpadded' if unpadded else ''}_compiled", compile_encoder=True,
+              unpadded_windows=unpadded)
     return out
 
 
