@@ -26,3 +26,17 @@ def test_the_census_names_the_lines_that_cast_and_what_fp32_inputs_adds(tmp_path
         assert casts(found, "modeling_qwen2_5_vl.py:70 hidden_states = hidden_states.to(torch.float32)") == norms
         assert casts(found, BACKWARD) > 0
     assert uncast["casts"] < peft["casts"] and uncast["elements"] < peft["elements"] / 2
+
+
+def test_a_cast_from_another_thread_counts_as_the_backward():
+    """On CUDA the autograd engine runs the backward in a thread of its own, whose stack holds no frame of the census:
+    such a cast is the backward's (the device run of 2026-12-07 stopped there before)."""
+    import threading
+
+    from bench.cast_census import source_line
+
+    found = []
+    thread = threading.Thread(target=lambda: found.append(source_line()))
+    thread.start()
+    thread.join()
+    assert found == [BACKWARD]
