@@ -118,8 +118,8 @@ class SamPrecomputeConfig:
     encoder_attention: Literal["library", "sdpa_bias", "sdpa_fold"] = option("sdpa_fold", "SAM image encoder attention")
     # segment_anything pads each windowed block's normed tokens to whole 14x14 windows (ViT-H: 64x64 -> 70x70) and
     # projects the padding too; the same function with the qkv projection padded by its bias and the output
-    # projection on the image's tokens only is 5% fewer encoder FLOPs (precompute/anchors/sam_fast.py); off until a
-    # GPU shows it faster (bench_precompute.py --encoder-variants)
+    # projection on the image's tokens only is 5% fewer encoder FLOPs (precompute/anchors/sam_fast.py): compiled
+    # 1.05x, eager even on an H100 (bench_precompute.py --encoder-variants); on in the 7B configs
     unpadded_windows: bool = option(False, "SAM encoder's windowed blocks: no projection of the window padding")
     compile_encoder: bool = option(False, "torch.compile the image encoder (compiles on the first batch)")
     # the per-prompt work on the 64x64 image tokens (norms, activations, upscaling) fused by inductor

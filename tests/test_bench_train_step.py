@@ -1,10 +1,13 @@
 """bench/bench_train_step.py runs on the CPU (tiny model) and reports its MFU columns; speed is never asserted."""
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from torch._dynamo import config as dynamo_config
+from torch.autograd import DeviceType
 
-from bench.bench_train_step import host_syncs, main, plain_twin
+from bench.bench_train_step import busy_time, host_syncs, main, plain_twin
 
 
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
@@ -120,3 +123,18 @@ def test_compiled_heads_kinds_compile_the_blocks_only_when_their_name_says_so():
     assert blocks_compiled("covt_bf16_inputs_compiled_fused_compiled_heads") and compiled_kind("covt_compiled_heads")
     assert not blocks_compiled("covt_bf16_inputs_fused_compiled_heads")
     assert not compiled_kind("covt_bf16_inputs_fused") and blocks_compiled("plain_compiled")
+
+
+def event(key: str, microseconds: float, device_type=DeviceType.CUDA) -> SimpleNamespace:
+    return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=microseconds,
+                           self_cpu_time_total=0.0, is_user_annotation=False)
+
+
+def test_the_gemm_share_of_a_replayed_graph_comes_from_its_kernels_names():
+    direct = [event("aten::mm", 300.0, DeviceType.CPU), event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_NNT", 300.0),
+              event("triton_poi_fused_add_mul_silu_0", 100.0)]
+    replayed = [event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_NNT", 300.0), event("sm90_xmma_gemm_bf16", 100.0),
+                event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 100.0)]
+    cuda = torch.device("cuda")
+    assert busy_time(direct, cuda)["gemm_share"] == pytest.approx(0.75)  # the operator's, as before
+    assert busy_time(replayed, cuda) == {"busy_ms": 0.5, "gemm_share": pytest.approx(0.8), "compiled_calls": 0}

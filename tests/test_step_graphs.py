@@ -155,6 +155,20 @@ def test_replays_add_the_gradients_direct_runs_do_and_survive_a_cache_made_by_a_
                                       for o in r.outputs.values())
 
 
+@cuda_only
+def test_release_gives_the_pool_back_and_the_next_call_records_again():
+    device = torch.device("cuda")
+    run = CachingRun(device)
+    graphs = MicroBatchGraphs(run, list(run.layer.parameters()), device)
+    batch = {"x": torch.randn(4, 8).pin_memory()}
+    before = float(graphs(batch)["loss"])
+    assert graphs.pool_bytes() > 0
+    graphs.release()
+    assert graphs.graphs == {} and graphs.pool_bytes() == 0
+    assert float(graphs(batch)["loss"]) == pytest.approx(before, rel=1e-6)
+    assert len(graphs.graphs) == 1 and graphs.pool_bytes() > 0
+
+
 def test_train_cuda_graphs_advises_padding_to_few_layouts():
     from covt.config import Config, TrainConfig
     from trainer.step_graphs import cuda_graph_advice

@@ -193,6 +193,13 @@ class MicroBatchGraphs:
         for p, grad in zip(self.params, self.gradients):
             p.grad = grad.zero_()
 
+    def release(self) -> None:
+        """Drop every recorded graph and give their pool's memory back to the device; the next call records again."""
+        self.graphs.clear()
+        self.inputs = InputBuffers(self.device)
+        self.pool, self.pool_used = torch.cuda.MemPool(), False
+        self.release_cached()
+
     def release_cached(self) -> None:
         """Give the caching allocator's free blocks outside the pool back to the device, so that the capture can grow
         the pool into them. The graphs' pool keeps its own."""
