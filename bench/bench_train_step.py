@@ -43,7 +43,9 @@ alternating after warm-up, timed with CUDA events (medians):
 
 Per layout and kind it also reports the FLOPs of one optimizer step (torch's FlopCounterMode, counted once on a
 real step), the achieved TFLOP/s at the median step time and the MFU against the dense matmul rate measured in
-the same process (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU); with --profile, the busy time of one step (kernel
+the same process (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU); and the model MFU, the same with the FLOPs of the
+global batch's samples without padding (each its own micro-batch of one, counted once per kind): padded tokens'
+work, which --pad-to-multiple-of adds, is not the model's; with --profile, the busy time of one step (kernel
 time on CUDA, operator time on the CPU) over the median step time and the share of matrix products in it.
 ``--packing off,on`` times padded micro-batches and packed ones (train.packing: one row per micro-batch), and
 first prints the relative loss and gradient differences of one micro-batch packed vs padded on this device.
@@ -685,6 +687,13 @@ def main(argv=None) -> dict:
             free_memory()
     rate, size = matmul_rate(device, dtype)
     print(f"dense matmul {size}^3 {dtype}: {rate / 1e12:.2f} TFLOP/s")
+    singles = [build_batch(data[i:i + 1], stage, True, 0, processor, tokens,
+                           dataclasses.replace(BatchSettings.from_config(cfg), pad_to_multiple_of=1),
+                           view_sizes=model.view_sizes(), vision=model.vision_geometry())
+               for i in range(args.global_batch)]
+    sample_flops = unpadded_flops(model, optimizers, singles, args.kinds.split(","), device)
+    print("FLOPs of the samples without padding: "
+          + ", ".join(f"{kind} {flops / 1e12:.4g} TFLOP" for kind, flops in sample_flops.items()))
     rows = []
     for checkpointing in [c == "on" for c in args.checkpointing.split(",")]:
         set_checkpointing(model, checkpointing)
@@ -696,7 +705,7 @@ def main(argv=None) -> dict:
                        for i in range(0, args.global_batch, micro)]
             if device.type == "cuda":  # as the trainer's DataLoader hands them over (pin_memory)
                 batches = [pinned(b) for b in batches]
-            row = time_layout(model, optimizers, batches, args, device, rate)
+            row = time_layout(model, optimizers, batches, args, device, rate, sample_flops)
             del batches
             free_memory()
             if row is None:
@@ -710,16 +719,31 @@ def main(argv=None) -> dict:
     print_table(rows, args.kinds.split(","), rate)
     result = {"device": name, "model": "tiny" if args.tiny else "qwen2.5-vl-7b-sized", "stage": args.stage,
               "global_batch": args.global_batch, "matmul_tflops": rate / 1e12, "matmul_size": size,
-              "matmul_dtype": str(dtype), "packing_exactness": exactness, "graph_exactness": graph_exactness,
+              "matmul_dtype": str(dtype), "sample_tflop": {k: f / 1e12 for k, f in sample_flops.items()},
+              "packing_exactness": exactness, "graph_exactness": graph_exactness,
               "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def unpadded_flops(model: CoVTModel, optimizers: dict, singles: list[dict], kinds: list[str],
+                   device: torch.device) -> dict[str, int]:
+    """Each kind's FLOPs of a step over ``singles`` (the global batch's samples, each a micro-batch of one at its
+    own length): the model's work on the samples, no padded token in it."""
+    flops = {}
+    for kind in kinds:
+        flops[kind] = count_flops(make_step(model, optimizers, singles, device, kind.replace("_graphed", ""),
+                                            device.type == "cuda"))
+        model.zero_grad(set_to_none=True)
+    free_memory()
+    return flops
+
+
 def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, device: torch.device,
-                rate: float) -> dict | None:
-    """The columns of one layout (micro-batches of a global batch) for every kind; None when out of memory."""
+                rate: float, sample_flops: dict[str, int]) -> dict | None:
+    """The columns of one layout (micro-batches of a global batch) for every kind; None when out of memory.
+    ``sample_flops``: each kind's FLOPs of the samples without padding (the model MFU's numerator)."""
     bf16 = device.type == "cuda"
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
@@ -736,6 +760,7 @@ def time_layout(model: CoVTModel, optimizers: dict, batches: list[dict], args, d
     for kind in steps:
         row.update(kind_results(kind, times[kind], peaks[kind], flops[kind], busy.get(kind, {}), args.global_batch,
                                 rate))
+        row[f"{kind}_model_mfu"] = sample_flops[kind] / (row[f"{kind}_ms"] / 1000) / rate
     for kind in steps:
         if plain_twin(kind) in steps:
             row[f"{kind}_over_plain"] = row[f"{kind}_ms"] / row[f"{plain_twin(kind)}_ms"]
@@ -793,12 +818,13 @@ def kind_results(kind: str, times: list[float], peak: int, flops: int, busy: dic
 
 def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
     """One table: per layout, each kind's samples/s (peak GiB), TFLOP per step, achieved TFLOP/s, MFU against
-    the measured matmul rate and, with --profile, busy time / step (GEMM share of it)."""
+    the measured matmul rate, model MFU (padding's FLOPs left out) and, with --profile, busy time / step (GEMM
+    share of it)."""
     profiled = any(f"{k}_busy_fraction" in r for r in rows for k in kinds)
     header = ["micro-batch", "checkpointing", "packing", "padding"] + [f"{k} samples/s (GiB)" for k in kinds]
     ratios = [k for k in kinds if plain_twin(k) in kinds]
     header += [f"{k}/plain" for k in ratios] + [f"{k} {c}" for k in kinds for c in
-                                ("TFLOP/step", "TFLOP/s", "MFU") + (("busy (GEMM)",) if profiled else ())]
+                                ("TFLOP/step", "TFLOP/s", "MFU", "model MFU") + (("busy (GEMM)",) if profiled else ())]
     print(f"matmul rate measured in this process: {rate / 1e12:.2f} TFLOP/s (the MFU denominator)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -808,7 +834,8 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
         cells += [f"{r[f'{k}_samples_per_s']:.2f} ({r[f'{k}_peak_gib']:.1f})" for k in kinds]
         cells += [f"{r[f'{k}_over_plain']:.3f}" if f"{k}_over_plain" in r else "" for k in ratios]
         for k in kinds:
-            cells += [f"{r[f'{k}_tflop_per_step']:.4g}", f"{r[f'{k}_tflops']:.4g}", f"{r[f'{k}_mfu']:.1%}"]
+            cells += [f"{r[f'{k}_tflop_per_step']:.4g}", f"{r[f'{k}_tflops']:.4g}", f"{r[f'{k}_mfu']:.1%}",
+                      f"{r[f'{k}_model_mfu']:.1%}"]
             if profiled:
                 cells.append(f"{r[f'{k}_busy_fraction']:.0%} ({r[f'{k}_gemm_share']:.0%})"
                              if f"{k}_busy_fraction" in r else "")

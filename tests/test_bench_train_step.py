@@ -49,11 +49,18 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
         # AdamW, train.optim=adamw_torch_fused), none in the eager kinds
         assert row["covt_compiled_fused_compiled_calls"] >= 4 and row["covt_compiled_calls"] == 0
     assert packed["plain_tflop_per_step"] < padded["plain_tflop_per_step"]
+    # the model MFU counts the samples' own work, each at its length: below the padded step's MFU, the same samples
+    assert result["sample_tflop"]["covt"] > result["sample_tflop"]["plain"] > 0
+    for kind in ("plain", "covt"):
+        assert 0 < padded[f"{kind}_model_mfu"] < padded[f"{kind}_mfu"]
+        assert padded[f"{kind}_model_mfu"] == pytest.approx(
+            result["sample_tflop"][kind] * 1e12 / (padded[f"{kind}_ms"] / 1000) / (result["matmul_tflops"] * 1e12))
     # CoVT over plain where the plain step at the same settings ran: only covt's here
     assert [k for k in padded if k.endswith("_over_plain")] == ["covt_over_plain"]
     assert padded["covt_over_plain"] == padded["covt_ms"] / padded["plain_ms"]
     header = next(line for line in printed.splitlines() if line.startswith("| micro-batch"))
-    for column in ("covt/plain", "packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt busy (GEMM)",
+    for column in ("covt/plain", "packing", "covt TFLOP/step", "covt TFLOP/s", "covt MFU", "covt model MFU",
+                   "covt busy (GEMM)",
                    "plain MFU", "covt_compiled_fused MFU"):
         assert f"| {column} |" in header
 
