@@ -5,9 +5,10 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 from covt.config import load_config
-from trainer.metrics import TRACKERS_FILE, MetricsLogger
+from trainer.metrics import TRACKERS_FILE, MetricsLogger, step_scalars
 from trainer.schedule import Schedule
 
 STAGES = "[{name: understanding, steps: 2, merge_after: true}, {name: generation, steps: 2, merge_after: true}]"
@@ -45,10 +46,10 @@ def test_perf_records_the_wait_for_the_loader_within_the_step(tmp_path, monkeypa
     schedule = Schedule(cfg.train.stages)
     logger = MetricsLogger(cfg, tmp_path, rank=0, total=schedule.total_steps, initial=0, samples_per_step=4)
 
-    def slow_loader():  # each micro-batch takes 0.25 s to arrive
+    def slow_loader():  # each micro-batch takes 0.25 s to arrive: 2 rows, 5 of their 8 tokens the samples'
         while True:
             now[0] += 0.25
-            yield {}
+            yield {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
 
     loader = slow_loader()
     for done, micro_batches in ((1, 2), (2, 1)):
@@ -60,6 +61,10 @@ def test_perf_records_the_wait_for_the_loader_within_the_step(tmp_path, monkeypa
     logger.close()
     perf = [json.loads(line) for line in (tmp_path / "perf-rank0.jsonl").read_text().splitlines()]
     assert [(p["step"], p["seconds"], p["data_seconds"]) for p in perf] == [(1, 1.5, 0.5), (2, 1.25, 0.25)]
+    assert [(p["tokens"], p["padding_fraction"]) for p in perf] == [(10, 0.375), (5, 0.375)]
+    scalars = step_scalars({"loss": 1.0}, {"lr": 1e-3}, 1.0, perf[0], 4, 0)
+    assert scalars["perf/tokens_per_second"] == pytest.approx(10 / 1.5)
+    assert scalars["perf/padding_fraction"] == 0.375 and scalars["perf/samples_per_second"] == pytest.approx(4 / 1.5)
 
 
 # ----------------------------------------------------------------------------- W&B

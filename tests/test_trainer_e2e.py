@@ -82,6 +82,8 @@ def test_every_optimizer_step_records_its_time(uninterrupted):
     perf = [json.loads(line) for line in (uninterrupted / "perf-rank0.jsonl").read_text().splitlines()]
     assert [p["step"] for p in perf] == [r["step"] for r in metrics(uninterrupted)]
     assert all(p["seconds"] > 0 for p in perf)
+    # the samples' own tokens of each step, and the share of the micro-batches' tokens that pad
+    assert all(p["tokens"] > 0 and 0 <= p["padding_fraction"] < 1 for p in perf)
 
 
 def test_final_folder_loads_with_plain_transformers_and_generates(uninterrupted):

@@ -4,7 +4,8 @@
 (one line per optimizer step: stage, losses per anchor, lr per group, grad norm, validation) and the
 trackers named in ``train.report_to`` (:class:`TensorBoardTracker`, :class:`WandbTracker`,
 :class:`MlflowTracker`), which all receive the same scalars: metrics.jsonl's plus the step time,
-samples per second, time waiting for data and peak GPU memory of ``perf-rank0.jsonl``. Every rank writes its
+samples and tokens per second, the padding's share of the tokens, time waiting for data and peak GPU memory of
+``perf-rank0.jsonl``. Every rank writes its
 ``perf-rank{R}.jsonl``, kept apart from the losses so that metrics.jsonl of a resumed run equals an
 uninterrupted one's: resuming at step ``initial`` drops the lines and TensorBoard points a cut-short
 run wrote after it.
@@ -47,6 +48,7 @@ class MetricsLogger:
         self.perf = open(out / f"perf-rank{rank}.jsonl", "a")
         self.last_time = time.perf_counter()
         self.data_seconds = 0.0  # of the step being timed: waiting for the loader's micro-batches
+        self.tokens = self.padded_tokens = 0  # of the step being timed: its micro-batches' tokens, without and with
         self.trackers: list = []
         if not self.active:
             return
@@ -59,13 +61,19 @@ class MetricsLogger:
         """The optimizer step is timed from here (data, forward, backward, optimizer; not checkpoints)."""
         self.last_time = time.perf_counter()
         self.data_seconds = 0.0
+        self.tokens = self.padded_tokens = 0
 
     def next_batch(self, loader):
         """``next(loader)``, its wait counted in the step's ``data_seconds`` (a step that mostly waits is
-        bound by its loader: more ``train.num_workers``)."""
+        bound by its loader: more ``train.num_workers``), its tokens in the step's ``tokens`` (the samples' own;
+        ``padding_fraction``: the share of the micro-batches' tokens that pad, which ``train.pad_to_multiple_of``
+        adds to)."""
         started = time.perf_counter()
         batch = next(loader)
         self.data_seconds += time.perf_counter() - started
+        if "attention_mask" in batch:  # on the host: no wait for the GPU
+            self.tokens += int(batch["attention_mask"].sum())
+            self.padded_tokens += batch["attention_mask"].numel()
         return batch
 
     def info(self, message: str) -> None:
@@ -111,6 +119,8 @@ class MetricsLogger:
     def write_perf(self, done: int) -> dict:
         now = time.perf_counter()
         perf = {"step": done, "seconds": round(now - self.last_time, 4), "data_seconds": round(self.data_seconds, 4)}
+        if self.padded_tokens:
+            perf.update(tokens=self.tokens, padding_fraction=round(1 - self.tokens / self.padded_tokens, 4))
         self.last_time = now
         if torch.cuda.is_available():
             perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -133,6 +143,9 @@ def step_scalars(losses: dict[str, float], lrs: dict[str, float], grad_norm: flo
     scalars = {**{f"loss/{k}": v for k, v in losses.items()}, **{f"lr/{k}": v for k, v in lrs.items()},
                "grad_norm": grad_norm, "perf/step_seconds": perf["seconds"], "perf/data_seconds": perf["data_seconds"],
                "perf/samples_per_second": samples_per_step / perf["seconds"] if perf["seconds"] > 0 else 0.0}
+    if "tokens" in perf:
+        scalars["perf/tokens_per_second"] = perf["tokens"] / perf["seconds"] if perf["seconds"] > 0 else 0.0
+        scalars["perf/padding_fraction"] = perf["padding_fraction"]
     if "peak_gpu_memory_gib" in perf:
         scalars["perf/peak_gpu_memory_gib"] = perf["peak_gpu_memory_gib"]
     if damaged:
