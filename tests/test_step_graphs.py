@@ -176,6 +176,8 @@ def test_train_cuda_graphs_advises_padding_to_few_layouts():
     unpadded = cuda_graph_advice(Config(train=TrainConfig(cuda_graphs=True)))
     assert len(unpadded) == 1 and "train.pad_to_multiple_of" in unpadded[0]
     assert cuda_graph_advice(Config(train=TrainConfig(cuda_graphs=True, pad_to_multiple_of=64))) == []
+    coarse = cuda_graph_advice(Config(train=TrainConfig(cuda_graphs=True, pad_to_multiple_of=128)))
+    assert len(coarse) == 1 and "padding_fraction" in coarse[0]
 
 
 @cuda_only

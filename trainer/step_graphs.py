@@ -41,6 +41,8 @@ from covt.config import Config
 
 logger = logging.getLogger(__name__)
 
+# a train.pad_to_multiple_of from which the padding costs what the graphs save (cuda_graph_advice)
+LARGE_PAD_MULTIPLE = 128
 # entries of a batch that name or count its samples for logs and are not read by the model
 NOT_READ_BY_THE_MODEL = frozenset({"keys", "step", "damaged_skipped"})
 
@@ -81,10 +83,16 @@ def cuda_graph_problems(cfg: Config, device: torch.device, world: int) -> list[s
 
 def cuda_graph_advice(cfg: Config) -> list[str]:
     """What would make train.cuda_graphs run better with ``cfg`` (it runs as it is)."""
-    if cfg.train.pad_to_multiple_of == 1:
+    multiple = cfg.train.pad_to_multiple_of
+    if multiple == 1:
         return ["train.pad_to_multiple_of is 1: every micro-batch token count that occurs is recorded as a graph of "
                 "its own (two warm-ups and a capture each); a multiple such as 64 makes few of them, with the same "
                 "loss and gradients"]
+    if multiple >= LARGE_PAD_MULTIPLE:
+        return [f"train.pad_to_multiple_of is {multiple}: the padded tokens cost what the graphs save (at 7B on an "
+                "H100, multiples of 128 padded micro-batch 4 to 14% of its tokens against 4%, and the graphed step "
+                "ran 0.99x the direct one; BENCHMARKS.md); a smaller multiple records more layouts, each once. "
+                "perf-rank0.jsonl's padding_fraction shows this run's share"]
     return []
 
 
