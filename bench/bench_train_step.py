@@ -357,17 +357,21 @@ def timed(step, device: torch.device) -> tuple[float, int]:
 
 def profile(step, name: str, device: torch.device) -> dict[str, float]:
     """Top operators (self device time, then self CPU time) of one step, printed; returns the busy time of the
-    step (ms of kernel time on CUDA, of operator time on the CPU), the share of it in matrix products, and the host
-    time of each of :data:`STEP_PARTS` (on CUDA the time the host takes to issue that part's work)."""
+    step (ms of kernel time on CUDA, of operator time on the CPU), the share of it in matrix products, the host
+    time of each of :data:`STEP_PARTS` (on CUDA the time the host takes to issue that part's work), and where the
+    time goes (:func:`matmul_split`, :func:`kernel_classes`). Shapes are recorded, which adds host time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     averages = prof.key_averages()
+    split = {**matmul_split(prof.key_averages(group_by_input_shape=True), device), **kernel_classes(averages, device)}
+    print(f"--- where one {name} step's {'kernel' if device.type == 'cuda' else 'operator'} time goes (ms): "
+          + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in split.items()))
     for key in ("self_cuda_time_total", "self_cpu_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
         print(f"--- profile of one {name} step, by {key}")
         print(averages.table(sort_by=key, row_limit=12, max_name_column_width=60))
@@ -377,7 +381,40 @@ def profile(step, name: str, device: torch.device) -> dict[str, float]:
             host[e.key] = max(host.get(e.key, 0.0), e.cpu_time_total / 1000)
     print(f"--- host time of one {name} step (ms, under the profiler): "
           + ", ".join(f"{part} {host.get(part, 0.0):.1f}" for part in STEP_PARTS))
-    return {**busy_time(averages, device), "host_ms": host}
+    return {**busy_time(averages, device), "host_ms": host, "split_ms": split}
+
+
+def matmul_split(by_shape, device: torch.device) -> dict[str, float]:
+    """Time (ms) of the matrix-product operators with a side no wider than the adapters' rank (LoRA's thin
+    products, and the heads' few-row ones), and of the others: from a profile grouped by input shape. Inside a
+    replayed CUDA graph no operator is recorded: both are 0 there."""
+    thin = wide = 0.0
+    for e in by_shape:
+        if e.key not in GEMM_OPS:
+            continue
+        sides = [side for shape in e.input_shapes if len(shape) >= 2 for side in shape[-2:]]
+        spent = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if sides and min(sides) <= LoraConfig().r:
+            thin += spent
+        else:
+            wide += spent
+    return {"thin_matmul_ms": thin / 1000, "wide_matmul_ms": wide / 1000}
+
+
+def kernel_classes(averages, device: torch.device) -> dict[str, float]:
+    """Kernel time (ms) per class of kernel, told apart by name (CUDA only: a replayed graph's kernels too)."""
+    from torch.autograd import DeviceType
+
+    if device.type != "cuda":
+        return {}
+    spent = dict.fromkeys([f"{name}_ms" for name, _ in KERNEL_CLASSES] + ["other_ms"], 0.0)
+    for e in averages:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        name = e.key.lower()
+        group = next((label for label, parts in KERNEL_CLASSES if any(part in name for part in parts)), "other")
+        spent[f"{group}_ms"] += e.self_device_time_total / 1000
+    return spent
 
 
 def busy_time(averages, device: torch.device) -> dict[str, float]:
@@ -404,6 +441,11 @@ def busy_time(averages, device: torch.device) -> dict[str, float]:
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_scaled_mm"}
 # cuBLAS's and CUTLASS's matrix-product kernels on sm90 (nvjet_sm90_tst_..., sm90_xmma_gemm_..., cutlass3x_...)
 GEMM_KERNEL_NAMES = ("nvjet", "gemm", "cutlass", "xmma")
+# kernel classes by name, the first that matches (attention before matrix products: some fused attention kernels
+# are CUTLASS's)
+KERNEL_CLASSES = (("attention", ("flash", "fmha", "sdpa", "attention")), ("matmul", GEMM_KERNEL_NAMES),
+                  ("inductor", ("triton_",)), ("copy", ("copy", "memcpy", "memset")),
+                  ("elementwise", ("elementwise", "vectorized", "unrolled")), ("reduction", ("reduce",)))
 
 
 def grouped_query_sdpa_flops() -> dict:
@@ -813,6 +855,7 @@ def kind_results(kind: str, times: list[float], peak: int, flops: int, busy: dic
         out[f"{kind}_gemm_share"] = busy["gemm_share"]
         out[f"{kind}_compiled_calls"] = busy["compiled_calls"]
         out.update({f"{kind}_host_ms_{part.removeprefix('step.')}": ms for part, ms in busy["host_ms"].items()})
+        out.update({f"{kind}_{part}": ms for part, ms in busy["split_ms"].items()})
     return out
 
 

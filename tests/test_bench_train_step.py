@@ -7,7 +7,7 @@ import torch
 from torch._dynamo import config as dynamo_config
 from torch.autograd import DeviceType
 
-from bench.bench_train_step import busy_time, host_syncs, main, plain_twin
+from bench.bench_train_step import busy_time, host_syncs, kernel_classes, main, plain_twin
 
 
 def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_packed_micro_batches(tmp_path, capsys):
@@ -32,6 +32,8 @@ def test_the_train_step_bench_reports_flops_mfu_and_busy_time_for_padded_and_pac
             assert 0 < row[f"{kind}_mfu"] <= 1
             assert row[f"{kind}_tflops"] == pytest.approx(row[f"{kind}_mfu"] * result["matmul_tflops"])
             assert row[f"{kind}_busy_fraction"] > 0 and 0 < row[f"{kind}_gemm_share"] <= 1
+            # the adapters' rank-16 products apart from the base layers' (the tiny model is 64 wide)
+            assert row[f"{kind}_thin_matmul_ms"] > 0 and row[f"{kind}_wide_matmul_ms"] > 0
         # the anchor heads add work; packing removes the padding's (the same samples, fewer tokens)
         assert row["covt_tflop_per_step"] > row["plain_tflop_per_step"]
         # train.compile's blocks compute the same function: the same FLOPs, counted on its eager run
@@ -145,3 +147,17 @@ def test_the_gemm_share_of_a_replayed_graph_comes_from_its_kernels_names():
     cuda = torch.device("cuda")
     assert busy_time(direct, cuda)["gemm_share"] == pytest.approx(0.75)  # the operator's, as before
     assert busy_time(replayed, cuda) == {"busy_ms": 0.5, "gemm_share": pytest.approx(0.8), "compiled_calls": 0}
+
+
+def test_kernel_time_is_sorted_into_classes_by_the_kernels_names():
+    kernels = [event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_NNT", 300.0),
+               event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", 100.0),
+               event("fmha_cutlassF_bf16_aligned_64x64", 50.0),  # CUTLASS's attention: attention, not a product
+               event("triton_poi_fused_add_mul_native_dropout_silu_0", 40.0),
+               event("void at::native::elementwise_kernel<128, 4>", 20.0), event("Memcpy HtoD (Pinned -> Device)", 5.0),
+               event("void at::native::reduce_kernel<512, 1>", 3.0), event("some_custom_kernel", 2.0),
+               event("aten::mm", 300.0, DeviceType.CPU)]  # an operator row: its kernel is counted already
+    assert kernel_classes(kernels, torch.device("cuda")) == pytest.approx({
+        "attention_ms": 0.15, "matmul_ms": 0.3, "inductor_ms": 0.04, "copy_ms": 0.005, "elementwise_ms": 0.02,
+        "reduction_ms": 0.003, "other_ms": 0.002})
+    assert kernel_classes(kernels, torch.device("cpu")) == {}
