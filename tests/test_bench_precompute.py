@@ -108,6 +108,7 @@ def test_anchors_beside_sam_compute_every_anchor(tmp_path):
     compiled = result["compiled_anchors"]["dino"]
     assert compiled["eager_images_per_s"] > 0 and compiled["compiled_images_per_s"] > 0
     assert compiled["features_rel_l2"] < 1e-5 and "dino compiled: " in printed
+    assert compiled["features_eager_norm"] > 0 and "(eager norm " in printed  # what the relative drift is of
     anchors = build_anchors(torch.device("cpu"), True, "fp32", None)
     views = {n: photo_batch(a.input_size, 1, torch.device("cpu")) for n, a in anchors.items()}
     calls: dict[str, list[bool]] = {n: [] for n in anchors}
