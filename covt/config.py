@@ -250,6 +250,7 @@ class TrainConfig:
     # varlen: every vision window of a micro-batch in one kernel call (trainer/vision_attention.py); sdpa: transformers'
     # one call per window. The same function; varlen is the fast one on a GPU and falls back to sdpa's maths on CPU.
     vision_attention: Literal["varlen", "sdpa"] = option("varlen", "the vision tower's attention")
+    # null on several processes (torchrun): plain data parallel, the gradients averaged once per optimizer step
     deepspeed: str | None = option(None, "path to a DeepSpeed JSON (configs/deepspeed/zero2.json)")
     save_every: int = option(0, "optimizer steps between checkpoints; 0 = only at stage ends")
     # Hugging Face's name; the older checkpoints are deleted once a new one is complete

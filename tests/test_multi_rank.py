@@ -278,6 +278,20 @@ def assert_trains_as_one_process(run_dir: Path, one_process: Path, rel: float = 
 
 
 @pytest.mark.slow
+def test_two_ranks_without_deepspeed_train_as_one_process_without_it_does(workdir):
+    """train.deepspeed: null under torchrun: plain data parallel, each rank's gradients averaged once per optimizer
+    step (trainer.train.average_gradients), every rank stepping the same AdamW. Through all four stages and both
+    merges it equals one process without DeepSpeed over the whole global batch, heads that no rank's micro-batches
+    ran (stage 4's draws, the text-only tail) passed over by AdamW in both."""
+    plain = [*overrides(workdir, "plain-one"), "train.deepspeed=null"]
+    run([sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml", *plain])
+    run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, "plain-two"),
+         "train.deepspeed=null"])
+    assert [r["stage"] for r in metrics(workdir / "plain-two")] == [r["stage"] for r in metrics(workdir / "plain-one")]
+    assert_trains_as_one_process(workdir / "plain-two", workdir / "plain-one")
+
+
+@pytest.mark.slow
 def test_two_ranks_zero3_train_through_stage_4(workdir, one_process):
     """ZeRO-3 partitions every parameter, the heads' too: a head that runs on one rank only would leave the
     other ranks out of its parameters' all-gathers."""

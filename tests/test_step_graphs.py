@@ -65,18 +65,18 @@ def test_what_train_cuda_graphs_needs_is_said_before_any_work(tmp_path):
 
     cuda = torch.device("cuda")
     fine = Config(anchors=["sam", "depth"], train=TrainConfig(cuda_graphs=True, sam_matching="device"))
-    assert cuda_graph_problems(fine, cuda, 1) == []
+    assert cuda_graph_problems(fine, cuda) == []
     wrong = Config(anchors=["sam", "depth"], train=TrainConfig(cuda_graphs=True, packing=True,
                                                                deepspeed="configs/deepspeed/zero2.json"))
-    said = " | ".join(cuda_graph_problems(wrong, torch.device("cpu"), 2))
+    said = " | ".join(cuda_graph_problems(wrong, torch.device("cpu")))
     for needed in ("CUDA device", "train.deepspeed=null", "train.packing=false", "train.sam_matching=device"):
         assert needed in said
     recomputed = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True, lora=LoraConfig(recompute_dropout=True)))
-    assert cuda_graph_problems(recomputed, cuda, 1) == [
+    assert cuda_graph_problems(recomputed, cuda) == [
         "the adapters' recomputed dropout reads and restores the CUDA random state in the backward pass and has not "
         "run inside a graph: set train.lora.recompute_dropout=false"]
     no_sam = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True))
-    assert cuda_graph_problems(no_sam, cuda, 1) == []  # the scipy matching is the SAM head's only
+    assert cuda_graph_problems(no_sam, cuda) == []  # the scipy matching is the SAM head's only
 
     cfg = Config(anchors=["depth"], train=TrainConfig(cuda_graphs=True, device="cpu",
                                                       output_dir=str(tmp_path / "run")))

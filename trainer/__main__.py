@@ -3,7 +3,8 @@
 Resumes from the newest checkpoint in train.output_dir by default; the run folder keeps
 the resolved config it started with as ``config.yaml`` (``--print-config`` prints it and
 exits). Launch several GPUs with ``torchrun --nproc-per-node N -m trainer ...`` or ``deepspeed
---module trainer ...`` (DeepSpeed's launcher has no ``-m``) and train.deepspeed=configs/deepspeed/zero2.json.
+--module trainer ...`` (DeepSpeed's launcher has no ``-m``) and train.deepspeed=configs/deepspeed/zero2.json, or
+under torchrun with train.deepspeed=null: plain data parallel (trainer.train.average_gradients).
 
 ``python -m trainer generate ...`` and ``python -m trainer evaluate ...`` use a trained model: they
 are ``python -m inference`` (inference/cli.py; ``--help`` on each), forwarded from here only.

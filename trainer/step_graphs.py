@@ -61,15 +61,16 @@ def layout(batch: Any) -> tuple:
     return ("value", batch)
 
 
-def cuda_graph_problems(cfg: Config, device: torch.device, world: int) -> list[str]:
-    """Why train.cuda_graphs cannot run with ``cfg`` on ``device`` in ``world`` processes (empty: it can)."""
+def cuda_graph_problems(cfg: Config, device: torch.device) -> list[str]:
+    """Why train.cuda_graphs cannot run with ``cfg`` on ``device`` (empty: it can), in one process or several."""
     t = cfg.train
     problems = []
     if device.type != "cuda":
         problems.append(f"CUDA graphs need a CUDA device (train.device resolves to {device})")
-    if t.deepspeed or world > 1:
-        problems.append("one process without DeepSpeed only (DeepSpeed reduces gradients on the host during the "
-                        "backward): set train.deepspeed=null on one GPU")
+    if t.deepspeed:
+        problems.append("DeepSpeed reduces gradients on the host during the backward, which a graph cannot hold: set "
+                        "train.deepspeed=null (on several GPUs the gradients are then averaged once per optimizer "
+                        "step, after the graphs)")
     if t.packing:
         problems.append("a packed micro-batch's sample lengths make a layout of their own: set train.packing=false")
     if "sam" in cfg.anchors and t.thoughts and t.sam_matching != "device":

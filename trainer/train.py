@@ -78,10 +78,7 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
                            group_of_one=bool(t.deepspeed))
     job = None
     try:
-        if compute.world > 1 and not t.deepspeed:
-            raise ValueError(f"{compute.world} processes but train.deepspeed is not set: several GPUs need "
-                             "train.deepspeed=configs/deepspeed/zero2.json (or zero3.json)")
-        problems = cuda_graph_problems(cfg, compute.device, compute.world) if t.cuda_graphs else []
+        problems = cuda_graph_problems(cfg, compute.device) if t.cuda_graphs else []
         if problems:
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
@@ -266,6 +263,8 @@ class RunModel:
         if resumed_from is not None:
             load_checkpoint(resumed_from, model, optimizer, scheduler, engine, job.compute.rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if engine is None:
+            same_start_on_every_rank(trainable, job.compute.world)
         graphs = (MicroBatchGraphs(functools.partial(graphed_micro_batch, model, job.settings.grad_accum, job.autocast),
                                    trainable, device) if t.cuda_graphs else None)
         return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable, graphs)
@@ -322,6 +321,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
+    if rm.engine is None and job.compute.world > 1:
+        average_gradients(rm.trainable, job.compute.world)
     losses, grad_norm, applied = finish_step(losses, rm.engine, rm.optimizer, rm.scheduler, rm.trainable,
                                              clip_norm(t))
     losses = carried_parts(losses)
@@ -534,6 +535,37 @@ def mean_over_ranks(losses: dict[str, torch.Tensor], names: list[str], world: in
                          + [torch.tensor(float(n in losses), device=device) for n in names])
     torch.distributed.all_reduce(values)
     return {n: values[i] / world for i, n in enumerate(names) if values[len(names) + i] > 0}
+
+
+def average_gradients(trainable: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallel without DeepSpeed (several processes, ``train.deepspeed: null``): each trainable parameter's
+    gradient becomes its mean over the ranks, what one process accumulating every rank's micro-batches holds, in
+    one all-reduce per dtype at the end of the accumulation. A parameter this rank's micro-batches left without a
+    gradient (a head none of them ran) takes part as zeros and receives the mean; one that no rank's did stays
+    without one, so the optimizer passes it over as it does in one process."""
+    had = torch.tensor([float(p.grad is not None) for p in trainable], device=trainable[0].device)
+    torch.distributed.all_reduce(had)
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.grad.dtype for p in trainable}, key=str):
+        grads = [p.grad for p in trainable if p.grad.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(mean.view_as(grad))
+    for p, ranks in zip(trainable, had.tolist()):
+        if ranks == 0:
+            p.grad = None
+
+
+def same_start_on_every_rank(trainable: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallel without DeepSpeed: rank 0's trainable values on every rank (each rank seeds the same fresh
+    LoRA and heads, and a resumed run loads the same checkpoint; this makes sure, as DDP does)."""
+    if world > 1:
+        for p in trainable:
+            torch.distributed.broadcast(p.data, src=0)
 
 
 def finish_step(losses: dict[str, torch.Tensor], engine, optimizer, scheduler,
