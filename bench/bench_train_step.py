@@ -401,16 +401,20 @@ def matmul_split(by_shape, device: torch.device) -> dict[str, float]:
     return {"thin_matmul_ms": thin / 1000, "wide_matmul_ms": wide / 1000}
 
 
-def kernel_classes(averages, device: torch.device) -> dict[str, float]:
-    """Kernel time (ms) per class of kernel, told apart by name (CUDA only: a replayed graph's kernels too)."""
+def kernel_events(averages) -> list:
+    """The kernels of a CUDA profile's averages: device rows, not the device side of a user annotation (a
+    ``record_function`` range, which spans its kernels)."""
     from torch.autograd import DeviceType
 
+    return [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def kernel_classes(averages, device: torch.device) -> dict[str, float]:
+    """Kernel time (ms) per class of kernel, told apart by name (CUDA only: a replayed graph's kernels too)."""
     if device.type != "cuda":
         return {}
     spent = dict.fromkeys([f"{name}_ms" for name, _ in KERNEL_CLASSES] + ["other_ms"], 0.0)
-    for e in averages:
-        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
-            continue
+    for e in kernel_events(averages):
         name = e.key.lower()
         group = next((label for label, parts in KERNEL_CLASSES if any(part in name for part in parts)), "other")
         spent[f"{group}_ms"] += e.self_device_time_total / 1000
@@ -420,16 +424,12 @@ def kernel_classes(averages, device: torch.device) -> dict[str, float]:
 def busy_time(averages, device: torch.device) -> dict[str, float]:
     """Kernel time (CUDA; operator time on the CPU) of a profile, summed as the profiler's own table footer sums
     it (on CUDA: the kernel events, each counted once), and the share of it in matrix-product operators."""
-    from torch.autograd import DeviceType
-
     if device.type == "cuda":
-        kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation",
-                                                                                            False)]
+        kernels = kernel_events(averages)
         busy = sum(e.self_device_time_total for e in kernels)  # microseconds
         gemm = sum(e.self_device_time_total for e in averages if e.key in GEMM_OPS)  # the operators' kernels
         if not gemm:  # a replayed CUDA graph launches kernels with no operator above them: told apart by name
-            gemm = sum(e.self_device_time_total for e in kernels
-                       if any(part in e.key.lower() for part in GEMM_KERNEL_NAMES))
+            gemm = kernel_classes(averages, device)["matmul_ms"] * 1000
     else:
         busy = sum(e.self_cpu_time_total for e in averages)
         gemm = sum(e.self_cpu_time_total for e in averages if e.key in GEMM_OPS)
