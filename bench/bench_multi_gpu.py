@@ -257,16 +257,22 @@ def stage_configs(stages_text: str) -> list:
     return load_config(REPO / "configs/tiny.yaml", [f"train.stages={stages_text}"]).train.stages
 
 
-def per_segment_seconds(stages_text: str, perf: list[dict], warm_up: int = 2) -> dict[str, float]:
+def per_segment_seconds(stages_text: str, perf: list[dict], warm_up: int = 2,
+                        replays_only: bool = False) -> dict[str, float]:
     """segment -> median seconds per optimizer step, the first ``warm_up`` steps of each segment left out (a
-    new run's first step also holds the merge before it and building the run)."""
+    new run's first step also holds the merge before it and building the run). ``replays_only``: only the steps
+    that recorded no micro-batch CUDA graph (train.cuda_graphs; perf's ``graphs_recorded``), the rate once every
+    layout is recorded; a segment whose steps all recorded is left out."""
     from trainer.schedule import Schedule
 
     schedule = Schedule(stage_configs(stages_text))
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, int]]] = {}
     for record in perf:
-        times.setdefault(segment_of(schedule.stage_at(record["step"] - 1)), []).append(record["seconds"])
-    return {name: statistics.median(values[warm_up:]) for name, values in times.items()}
+        times.setdefault(segment_of(schedule.stage_at(record["step"] - 1)), []).append(
+            (record["seconds"], record.get("graphs_recorded", 0)))
+    kept = {name: [t for t, recorded in values[warm_up:] if not (replays_only and recorded)]
+            for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in kept.items() if values}
 
 
 def recipe_projection(seconds: dict[str, float]) -> dict:
@@ -290,6 +296,15 @@ def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointi
     launch = launch_trainer("recipe", stages, n, zero, batch_size, checkpointing, work, tiny, "four stages, ",
                             overrides)
     seconds = per_segment_seconds(stages, launch.perf)
+    graphs = {}
+    if any("graphs_recorded" in p for p in launch.perf):  # train.cuda_graphs: also the rate once all are recorded
+        replays = per_segment_seconds(stages, launch.perf, replays_only=True)
+        graphs = {"graphs_recorded": sum(p["graphs_recorded"] for p in launch.perf),
+                  "steps_recording": sum(bool(p["graphs_recorded"]) for p in launch.perf),
+                  "steps_timed": len(launch.perf),
+                  "replay_seconds_per_step": replays, "replay_samples_per_s": {k: 8 / v for k, v in replays.items()}}
+        if set(replays) == set(seconds):
+            graphs["replay_recipe_hours"] = recipe_projection(replays)["recipe_hours"]
     return {"gpus": n, "zero": zero or "none", "micro_batch": batch_size, "grad_accum": launch.grad_accum,
             "checkpointing": checkpointing, "seconds_per_step": seconds,
             "samples_per_s": {k: 8 / v for k, v in seconds.items()},
@@ -297,11 +312,12 @@ def four_stage_throughput(n: int, zero: str | None, batch_size: int, checkpointi
             "run2_first_step_seconds": launch.perf[steps]["seconds"],
             "peak_gpu_memory_gib": launch.peak_gib, "launch_seconds": round(launch.seconds, 1),
             "final_has_heads": (launch.out / "final" / "covt_heads.safetensors").is_file(),
-            **recipe_projection(seconds)}
+            **recipe_projection(seconds), **graphs}
 
 
 def four_stage_table(rows: list[dict]) -> str:
-    """Markdown: samples/s of every stage per run, and the recipe's projected hours."""
+    """Markdown: samples/s of every stage per run, and the recipe's projected hours; under train.cuda_graphs a
+    second line per run of the steps that recorded no graph (a stage where every step recorded: "-")."""
     segments = list(rows[0]["samples_per_s"])
     lines = ["| GPUs x ZeRO x micro-batch | " + " | ".join(segments) + " | recipe hours |",
              "|---|" + "---|" * (len(segments) + 1)]
@@ -309,6 +325,12 @@ def four_stage_table(rows: list[dict]) -> str:
         cells = [f"{r['samples_per_s'][s]:.2f}" for s in segments]
         lines.append(f"| {r['gpus']} x {r['zero']} x {r['micro_batch']} | " + " | ".join(cells) +
                      f" | {r['recipe_hours']:.2f} |")
+        if "replay_samples_per_s" in r:
+            cells = [f"{r['replay_samples_per_s'][s]:.2f}" if s in r["replay_samples_per_s"] else "-"
+                     for s in segments]
+            hours = f"{r['replay_recipe_hours']:.2f}" if "replay_recipe_hours" in r else "-"
+            lines.append(f"| steps that recorded no graph ({r['steps_recording']} of {r['steps_timed']} steps recorded "
+                         f"{r['graphs_recorded']}) | " + " | ".join(cells) + f" | {hours} |")
     return "\n".join(lines)
 
 

@@ -34,6 +34,9 @@ alternating after warm-up, timed with CUDA events (medians):
            the backward pass instead of its dropped input and mask kept: the same masks, less memory).
   any kind + _compiled_heads: the same with train.compile_heads (each anchor head and its loss through
            torch.compile; with _compiled in the kind's name the blocks are compiled too).
+  any kind + _peft_token_rows: the same with train.lora.separate_token_rows false (peft's trainable-token layers:
+           the whole embedding and lm_head copied with the thought-token rows written in at every forward, and the
+           whole matrices' gradients made in the backward).
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -87,6 +90,7 @@ from trainer.lora import (  # noqa: E402
     cast_adapter_inputs,
     recompute_adapter_dropout,
     trainable_summary,
+    use_separate_token_rows,
 )
 from trainer.model import (  # noqa: E402
     CUDA_GRAPH_MODES,
@@ -266,6 +270,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         recompute_adapter_dropout(adapters, "_recomputed_dropout" in kind)
+        use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         model.compile_heads("_compiled_heads" in kind)
         if cuda_graphs:

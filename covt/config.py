@@ -212,6 +212,12 @@ class LoraConfig:
     # stays (the base layer keeps it anyway), and the dropout runs again in the backward pass with the random state
     # restored: the same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
     recompute_dropout: bool = option(False, "the adapters' dropout made again in the backward pass, not kept")
+    # peft's trainable-token layers copy the whole embedding (and untied lm_head) with the thought-token rows written
+    # in at every forward, and make the whole matrix's gradient in the backward to keep those rows'. true: the
+    # frozen matrix runs as it is and only the rows' embeddings and logit columns come from the trained rows: the
+    # same values (logits within the product's rounding), no 1.1 GB copies per forward at the 7B size
+    separate_token_rows: bool = option(True, "thought-token rows computed apart from the frozen embedding/lm_head "
+                                             "(false: peft's merged copy of the whole matrix per forward)")
     target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],
         help="module names that get LoRA (LLM and vision blocks)")

@@ -67,6 +67,24 @@ def test_perf_records_the_wait_for_the_loader_within_the_step(tmp_path, monkeypa
     assert scalars["perf/padding_fraction"] == 0.375 and scalars["perf/samples_per_second"] == pytest.approx(4 / 1.5)
 
 
+def test_perf_records_the_graphs_each_step_recorded_under_cuda_graphs(tmp_path):
+    """train.cuda_graphs: each perf record says how many micro-batch graphs its step recorded (the loop hands the
+    run's running total over), so a step slowed by recording is told apart from a replayed one; without graphs the
+    field is absent."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.report_to=[none]", f"train.stages={STAGES}"])
+    schedule = Schedule(cfg.train.stages)
+    logger = MetricsLogger(cfg, tmp_path, rank=0, total=schedule.total_steps, initial=0, samples_per_step=4)
+    logger.step(1, schedule.stage_at(0), {"loss": 1.0, "text": 1.0}, {"lr": 1e-3}, every=1)  # before any graph
+    for done, total in ((2, 3), (3, 3), (4, 5)):
+        logger.graphs_recorded(total)
+        logger.step(done, schedule.stage_at(done - 1), {"loss": 1.0, "text": 1.0}, {"lr": 1e-3}, every=1)
+    logger.close()
+    perf = [json.loads(line) for line in (tmp_path / "perf-rank0.jsonl").read_text().splitlines()]
+    assert "graphs_recorded" not in perf[0]
+    assert [p["graphs_recorded"] for p in perf[1:]] == [3, 0, 2]
+    assert step_scalars({"loss": 1.0}, {"lr": 1e-3}, 1.0, perf[3], 4, 0)["perf/graphs_recorded"] == 2
+
+
 # ----------------------------------------------------------------------------- W&B
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB log format: 32 KiB blocks of

@@ -105,20 +105,28 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
     recompute_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
-    index_token_rows_once(model)
+    use_separate_token_rows(model, lora.separate_token_rows)
     return model
 
 
-def index_token_rows_once(model: torch.nn.Module) -> int:
-    """Give peft's trainable-token layers (the thought-token rows of the embedding and lm_head) a
-    ``get_merged_weights`` that keeps their row index on the weights' device, made once per device. peft's builds
-    it from a Python list at every forward and copies it from pageable memory: the host waits there for the GPU to
-    finish all queued work, twice per forward, and a CUDA graph (train.cuda_graphs) cannot hold such a copy. The
-    same rows and values otherwise (``tests/test_trainer_lora.py``). Returns the number of layers."""
+def use_separate_token_rows(model: torch.nn.Module, enabled: bool = True) -> int:
+    """How peft's trainable-token layers (the thought-token rows of the embedding and lm_head) run their forward.
+
+    ``enabled`` (``lora.separate_token_rows``): the frozen matrix does the lookup or product as it is, and only the
+    rows' own embeddings or logit columns come from the trained rows (:func:`token_rows_forward`). peft's path
+    copies the whole matrix with the rows written in at every forward (1.1 GB for Qwen2.5-VL-7B's 152k x 3584
+    bf16 embedding, and again for its untied lm_head), and its backward makes the whole matrix's gradient to keep
+    20 of its rows. Disabled, peft's path runs, with its row index kept on the weights' device (made once per
+    device: peft copies it from pageable memory at every forward, where the host waits for the GPU and a CUDA
+    graph cannot hold the copy). The same embeddings and, within the matrix product's rounding, logits and
+    gradients either way (``tests/test_trainer_lora.py``). Reversible. Returns the number of layers."""
     layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
     for layer in layers:
-        layer.row_indices = {}
-        layer.get_merged_weights = types.MethodType(merged_token_rows, layer)
+        if "row_indices" not in vars(layer):
+            layer.row_indices = {}
+            layer.get_merged_weights = types.MethodType(merged_token_rows, layer)
+            layer.forward_adapters = types.MethodType(token_rows_forward, layer)
+        layer.rows_apart = enabled
     return len(layers)
 
 
@@ -126,11 +134,56 @@ def merged_token_rows(layer: TrainableTokensLayer, active_adapters) -> torch.Ten
     """The layer's weight with each active adapter's trained rows written in (what peft's method computes)."""
     weight = layer.base_layer.weight
     for name in active_adapters:
-        key = (name, weight.device)
-        if key not in layer.row_indices:
-            layer.row_indices[key] = torch.tensor(layer.token_indices[name], device=weight.device)
-        weight = weight.index_copy(0, layer.row_indices[key], layer.trainable_tokens_delta[name].to(weight))
+        weight = weight.index_copy(0, token_row_index(layer, name, weight.device),
+                                   layer.trainable_tokens_delta[name].to(weight))
     return weight
+
+
+def token_row_index(layer: TrainableTokensLayer, name: str, device: torch.device) -> torch.Tensor:
+    """The adapter's row numbers in the matrix, on ``device`` (made once per device)."""
+    key = (name, device)
+    if key not in layer.row_indices:
+        layer.row_indices[key] = torch.tensor(layer.token_indices[name], device=device)
+    return layer.row_indices[key]
+
+
+def token_row_slots(layer: TrainableTokensLayer, name: str, device: torch.device) -> torch.Tensor:
+    """For each row of the matrix, its place among the adapter's trained rows, or -1 (made once per device)."""
+    key = ("slots", name, device)
+    if key not in layer.row_indices:
+        slots = torch.full((layer.base_layer.weight.shape[0],), -1, dtype=torch.long, device=device)
+        rows = token_row_index(layer, name, device)
+        layer.row_indices[key] = slots.index_copy(0, rows, torch.arange(len(rows), device=device))
+    return layer.row_indices[key]
+
+
+def rows_apart_apply(layer: TrainableTokensLayer, active_adapters) -> bool:
+    """Whether :func:`token_rows_forward` computes what peft's forward would: one active, unmerged adapter on a
+    plain embedding (no max_norm renormalising rows, no sparse or frequency-scaled gradient, no embed_scale) or a
+    Linear without bias (peft's own path drops a bias)."""
+    base = layer.base_layer
+    if not layer.rows_apart or layer.disable_adapters or layer.merged or len(active_adapters) != 1:
+        return False
+    if isinstance(base, torch.nn.Embedding):
+        return (base.max_norm is None and not base.sparse and not base.scale_grad_by_freq
+                and getattr(base, "embed_scale", None) is None)
+    return isinstance(base, torch.nn.Linear) and base.bias is None
+
+
+def token_rows_forward(layer: TrainableTokensLayer, x: torch.Tensor, active_adapters, *args, **kwargs):
+    """peft's trainable-token forward without the merged matrix (:func:`use_separate_token_rows`)."""
+    if not rows_apart_apply(layer, active_adapters):
+        return TrainableTokensLayer.forward_adapters(layer, x, active_adapters, *args, **kwargs)
+    name = active_adapters[0]
+    base = layer.base_layer
+    rows = layer.trainable_tokens_delta[name].to(base.weight)
+    out = base(x)  # the frozen matrix, as loaded: no gradient, no copy
+    if isinstance(base, torch.nn.Embedding):
+        slots = token_row_slots(layer, name, x.device).index_select(0, x.reshape(-1)).view_as(x)
+        trained = torch.nn.functional.embedding(slots.clamp(min=0), rows)
+        return torch.where(slots.unsqueeze(-1) >= 0, trained, out)
+    columns = torch.nn.functional.linear(x, rows)
+    return out.index_copy(out.dim() - 1, token_row_index(layer, name, out.device), columns.to(out.dtype))
 
 
 def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:

@@ -4,8 +4,8 @@
 (one line per optimizer step: stage, losses per anchor, lr per group, grad norm, validation) and the
 trackers named in ``train.report_to`` (:class:`TensorBoardTracker`, :class:`WandbTracker`,
 :class:`MlflowTracker`), which all receive the same scalars: metrics.jsonl's plus the step time,
-samples and tokens per second, the padding's share of the tokens, time waiting for data and peak GPU memory of
-``perf-rank0.jsonl``. Every rank writes its
+samples and tokens per second, the padding's share of the tokens, time waiting for data, peak GPU memory and,
+under train.cuda_graphs, the micro-batch graphs the step recorded, of ``perf-rank0.jsonl``. Every rank writes its
 ``perf-rank{R}.jsonl``, kept apart from the losses so that metrics.jsonl of a resumed run equals an
 uninterrupted one's: resuming at step ``initial`` drops the lines and TensorBoard points a cut-short
 run wrote after it.
@@ -49,6 +49,8 @@ class MetricsLogger:
         self.last_time = time.perf_counter()
         self.data_seconds = 0.0  # of the step being timed: waiting for the loader's micro-batches
         self.tokens = self.padded_tokens = 0  # of the step being timed: its micro-batches' tokens, without and with
+        self.recordings: int | None = None  # train.cuda_graphs: the run's micro-batch graphs recorded so far
+        self.recordings_logged = 0  # ... as of the last perf record
         self.trackers: list = []
         if not self.active:
             return
@@ -75,6 +77,12 @@ class MetricsLogger:
             self.tokens += int(batch["attention_mask"].sum())
             self.padded_tokens += batch["attention_mask"].numel()
         return batch
+
+    def graphs_recorded(self, total: int) -> None:
+        """Under train.cuda_graphs: the micro-batch graphs the run has recorded so far. The step's perf record gets
+        ``graphs_recorded``, those recorded in that step: a step that records runs its micro-batch's warm-ups too,
+        several times slower than a replay, so the steady rate is that of the steps that record none."""
+        self.recordings = total
 
     def info(self, message: str) -> None:
         if self.active:
@@ -121,6 +129,9 @@ class MetricsLogger:
         perf = {"step": done, "seconds": round(now - self.last_time, 4), "data_seconds": round(self.data_seconds, 4)}
         if self.padded_tokens:
             perf.update(tokens=self.tokens, padding_fraction=round(1 - self.tokens / self.padded_tokens, 4))
+        if self.recordings is not None:
+            perf["graphs_recorded"] = self.recordings - self.recordings_logged
+            self.recordings_logged = self.recordings
         self.last_time = now
         if torch.cuda.is_available():
             perf["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -146,6 +157,8 @@ def step_scalars(losses: dict[str, float], lrs: dict[str, float], grad_norm: flo
     if "tokens" in perf:
         scalars["perf/tokens_per_second"] = perf["tokens"] / perf["seconds"] if perf["seconds"] > 0 else 0.0
         scalars["perf/padding_fraction"] = perf["padding_fraction"]
+    if "graphs_recorded" in perf:
+        scalars["perf/graphs_recorded"] = perf["graphs_recorded"]
     if "peak_gpu_memory_gib" in perf:
         scalars["perf/peak_gpu_memory_gib"] = perf["peak_gpu_memory_gib"]
     if damaged:

@@ -10,8 +10,8 @@ the whole forward and backward is one launch. What a graph needs, and what :clas
   layouts: tokens padded to ``train.pad_to_multiple_of``, and each anchor's part over every row of the micro-batch
   (``BatchSettings.every_anchor_row``), so which samples drew thoughts changes values, not shapes;
 - no read of the GPU by the host inside it, and no copy from pageable host memory (capture fails on either): the
-  loader's inputs (trainer.host_inputs), ``train.sam_matching: device``, the thought-token rows' index made once
-  (trainer.lora.index_token_rows_once); what is made once per device is made in the warm-ups;
+  loader's inputs (trainer.host_inputs), ``train.sam_matching: device``, the thought-token rows' indices made once
+  (trainer.lora.use_separate_token_rows); what is made once per device is made in the warm-ups;
 - the gradients in place: the graphs add into gradient tensors this module owns and gives the parameters, so
   the backward accumulates micro-batches as a direct one does (a ``zero_grad()`` to None gets them back zeroed);
 - warm-up runs before the capture (the compiled blocks compile, cuBLAS makes its workspaces) on a side stream;
@@ -160,6 +160,7 @@ class MicroBatchGraphs:
         self.pool_used = False  # the first recording's first warm-up runs outside the pool
         self.stream = torch.cuda.Stream(device)  # warm-ups and captures: where the pool's freed blocks are reused
         self.inputs = InputBuffers(device)
+        self.recordings = 0  # graphs recorded so far (a layout recorded again counts again): each costs warm-ups
 
     def __call__(self, batch: Any, *settings) -> dict[str, torch.Tensor]:
         """The outputs of ``run(batch, *settings)`` on ``batch`` (a host batch, pinned for an asynchronous copy), as
@@ -170,6 +171,7 @@ class MicroBatchGraphs:
         if recorded is None:
             try:
                 recorded = self.graphs[key] = self.record(batch, settings)  # its inputs hold the batch already
+                self.recordings += 1
             except torch.OutOfMemoryError as error:
                 raise torch.OutOfMemoryError(
                     f"{error}\nwhile recording micro-batch CUDA graph {len(self.graphs) + 1} (train.cuda_graphs), its "

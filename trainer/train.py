@@ -320,6 +320,8 @@ def optimizer_step(job: Job, rm: RunModel, loader, step: int) -> None:
             backward(result, rm.engine, grad_accum)
         for name, value in result.items():
             losses[name] = losses.get(name, 0) + value.detach().float() / grad_accum
+    if rm.graphs is not None:
+        log.graphs_recorded(rm.graphs.recordings)
     losses = mean_over_ranks(losses, ["loss", "text", *rm.model.heads], job.compute.world)
     if rm.engine is None and job.compute.world > 1:
         average_gradients(rm.trainable, job.compute.world)
