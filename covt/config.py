@@ -215,9 +215,10 @@ class LoraConfig:
     # peft's trainable-token layers copy the whole embedding (and untied lm_head) with the thought-token rows written
     # in at every forward, and make the whole matrix's gradient in the backward to keep those rows'. true: the
     # frozen matrix runs as it is and only the rows' embeddings and logit columns come from the trained rows: the
-    # same values (logits within the product's rounding), no 1.1 GB copies per forward at the 7B size
-    separate_token_rows: bool = option(True, "thought-token rows computed apart from the frozen embedding/lm_head "
-                                             "(false: peft's merged copy of the whole matrix per forward)")
+    # same values (logits within the product's rounding), no 1.1 GB copies per forward at the 7B size; on in the 7B
+    # configs. Off by default, as peft computes: the rounding differs, and a run's path with it
+    separate_token_rows: bool = option(False, "thought-token rows computed apart from the frozen embedding/lm_head "
+                                              "(false: peft's merged copy of the whole matrix per forward)")
     target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],
         help="module names that get LoRA (LLM and vision blocks)")
@@ -300,8 +301,15 @@ class TrainConfig:
     # the norms, activations, rope and casts between the matrix products fused into few kernels; the first steps
     # of each run compile (a minute or more), later shapes reuse or extend the compiled code
     compile: bool = option(False, "torch.compile each decoder layer and vision block (fused kernels, fewer launches)")
+    # Hugging Face TrainingArguments' torch_compile_mode, for the blocks train.compile compiles. max-autotune-no-
+    # cudagraphs times each matrix product against inductor's Triton templates, which can take the adapters'
+    # dropout into the product's loads (inductor's prologue fusion); the first steps compile much longer. Modes
+    # that replay CUDA graphs are train.cuda_graphs' job (a whole micro-batch as one graph)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = option(
+        "default", "torch.compile mode of train.compile's blocks (max-autotune-no-cudagraphs: products autotuned)")
     # each anchor head with its loss through torch.compile (trainer.model.CoVTModel.compile_heads): the heads' work
-    # runs eagerly otherwise, 7-9% of a 7B CoVT step over the plain one on an H100 (BENCHMARKS.md); not timed yet
+    # runs eagerly otherwise, 7-9% of a 7B CoVT step over the plain one on an H100; compiled, 1.045x the eager heads
+    # at micro-batch 4 in the bench on an H100 (BENCHMARKS.md)
     compile_heads: bool = option(False, "torch.compile each anchor head and its loss")
     # scipy: the reference's linear_sum_assignment on the host, which waits for the GPU at every micro-batch;
     # device: every assignment of the (at most 8) predictions tried on the GPU, the same optimum, no wait

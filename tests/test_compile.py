@@ -13,7 +13,7 @@ from trainer.batch import build_batch
 from trainer.heads import build_heads
 from trainer.heads.base import FrozenDecoder
 from trainer.lora import attach_lora
-from trainer.model import CoVTModel, compile_blocks, keep_gradients, text_hidden_size
+from trainer.model import CUDA_GRAPH_MODES, CoVTModel, compile_blocks, keep_gradients, text_hidden_size
 from trainer.settings import BatchSettings
 from trainer.tiny_model import build_tiny_base_model
 from trainer.tokens import add_thought_tokens
@@ -72,21 +72,22 @@ def tiny_covt(tmp_path, synthetic_cache, anchors: list[str] = ANCHORS, rows: tup
     return model, batches
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune-no-cudagraphs"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache, mode):
     """fp32, dropout off. The loss is equal to 1e-6 and every trainable parameter's gradient to 1e-4 of its
     norm (measured: loss equal, gradients <= 1.2e-5 on this model, 6e-5 with 12 layers per tower: the fused
     kernels sum in another order, and the anchor heads amplify last-bit differences, tests/test_micro_batches.py).
     Compiled regions really run, forward and backward, and the state dict keeps its keys. ``reduce-overhead``
     (CUDA graphs on a GPU; the CPU compiles the same graphs without them): each block's output handed off outside
-    its graph and the gradients kept in place compute the same function."""
+    its graph and the gradients kept in place compute the same function. ``max-autotune-no-cudagraphs``
+    (train.compile_mode): the products autotuned against inductor's templates, the same function again."""
     model, batches = tiny_covt(tmp_path, synthetic_cache)
     keys = list(model.state_dict())
 
     eager_loss, eager = loss_and_gradients(model, batches)
     blocks = compile_blocks(model.vlm, mode)
     assert len(blocks) == 4  # 2 decoder layers + 2 vision blocks
-    keep = mode is not None
+    keep = mode in CUDA_GRAPH_MODES
     assert all(("forward" in vars(block)) == keep for block in blocks)  # CUDA graphs: the forward compiled alone
     loss_and_gradients(model, batches, keep)  # compiles
     kept = [p.grad for p in model.parameters() if p.requires_grad]

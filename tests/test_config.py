@@ -101,6 +101,16 @@ def test_override_errors_name_the_key():
         load_config(None, ["anchors=[sam,segment]"])
 
 
+def test_compile_mode_takes_the_modes_the_trainer_runs_and_names_the_key_otherwise():
+    """train.compile_mode (Hugging Face's torch_compile_mode): torch.compile's modes without CUDA graphs; those with
+    them are refused at load (train.cuda_graphs records whole micro-batches instead)."""
+    assert load_config(None, ["train.compile_mode=max-autotune-no-cudagraphs"]).train.compile_mode == \
+        "max-autotune-no-cudagraphs"
+    assert load_config(None).train.compile_mode == "default"
+    with pytest.raises(ConfigError, match=r"train\.compile_mode"):
+        load_config(None, ["train.compile_mode=reduce-overhead"])
+
+
 def test_bundled_tiny_config_loads(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     assert cfg.data.path.endswith("conversations.json")

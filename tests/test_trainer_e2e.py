@@ -233,7 +233,7 @@ def test_compiled_blocks_train_every_stage_as_eager_ones_do(workdir, uninterrupt
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # each of the two runs: 2 decoder layers + 2 vision blocks
-    assert (proc.stdout + proc.stderr).count("train.compile: 4 blocks compile") == 2
+    assert (proc.stdout + proc.stderr).count("train.compile: 4 blocks compile at their first shapes (default)") == 2
     assert "recompile_limit" not in proc.stderr  # dynamo's warning when a block falls back to eager code
     compiled, eager = metrics(out), metrics(uninterrupted)
     assert [r["stage"] for r in compiled] == [r["stage"] for r in eager]

@@ -236,10 +236,10 @@ def test_separate_token_rows_give_peft_own_outputs_and_gradients_without_the_who
         vlm.config.tie_word_embeddings = True
         vlm.tie_weights()
     inputs = image_inputs(base_dir, new_ids)
-    peft_model = attach_lora(vlm, LoraConfig(), new_ids).eval()  # no dropout: two forwards compare
+    peft_model = attach_lora(vlm, LoraConfig(separate_token_rows=True), new_ids).eval()  # eval: no dropout
     randomise_adapters(peft_model)
     layers = [m for m in peft_model.modules() if isinstance(m, TrainableTokensLayer)]
-    assert len(layers) == 2 and all(layer.rows_apart for layer in layers)  # the default
+    assert len(layers) == 2 and all(layer.rows_apart for layer in layers)
     rows = [p for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n]
     matrix = vlm.get_input_embeddings().weight.shape
 

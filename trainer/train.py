@@ -83,6 +83,8 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
             logger.warning("train.cuda_graphs: %s", advice)
+        if t.compile_mode != "default" and not t.compile:
+            logger.warning("train.compile_mode=%s has no effect without train.compile=true", t.compile_mode)
         use_tf32(t.tf32)
         lock.acquire()
         job = start_job(cfg, RunSettings.resolve(cfg, compute.world), compute, resume, allow_config_change)
@@ -247,7 +249,8 @@ class RunModel:
         if t.new_token_rows == "first_run" and run.index > 0:
             stop_token_row_gradients(vlm)  # the reference's row mask is empty after the first merge: decay only
         if t.compile:
-            job.log.info(f"train.compile: {len(compile_blocks(vlm))} blocks compile at their first shapes")
+            blocks = compile_blocks(vlm, None if t.compile_mode == "default" else t.compile_mode)
+            job.log.info(f"train.compile: {len(blocks)} blocks compile at their first shapes ({t.compile_mode})")
         # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
         if t.compile_heads:
