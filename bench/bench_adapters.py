@@ -1,0 +1,147 @@
+"""What a LoRA adapter costs beside the frozen product it adapts, per projection of the 7B model, eager and compiled.
+
+A CoVT step at micro-batch 4 spends 63 ms of its 457 ms of kernels in the adapters' rank-16 products and more in
+their dropout and adds (bench_train_step.py --profile, BENCHMARKS.md): memory-bound work around the model's own
+products. This isolates it. For each adapted projection of Qwen2.5-VL-7B (the language model's q, k, v, o, gate,
+up and down; the vision blocks' qkv, proj, gate, up and down) at the token counts of the recipe's micro-batches,
+it times one forward and backward (the input's gradient and the adapter's) of:
+
+  base:   the frozen bf16 Linear alone (what the model's own product costs: the floor);
+  <mode>: peft's lora.Linear over it, as the 7B configs attach it (r 16, alpha 32, dropout 0.01, fp32 adapter
+          weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
+          through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
+          Triton templates against cuBLAS and can fuse the dropout into a product's loads).
+
+bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
+adapter's cost over base, and their sums over one decoder layer and one vision block.
+
+    python bench/bench_adapters.py                                    # H100/H200, ~1 min per compiled mode
+    python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from covt.compute import autocast  # noqa: E402
+from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32  # noqa: E402
+
+# (in, out, bias) of each adapted projection: Qwen2.5-VL-7B's language model and vision blocks
+LANGUAGE = {"q": (3584, 3584, True), "k": (3584, 512, True), "v": (3584, 512, True), "o": (3584, 3584, False),
+            "gate": (3584, 18944, False), "up": (3584, 18944, False), "down": (18944, 3584, False)}
+VISION = {"qkv": (1280, 3840, True), "proj": (1280, 1280, True), "gate": (1280, 3420, True),
+          "up": (1280, 3420, True), "down": (3420, 1280, True)}
+# tokens per micro-batch of the bench's samples (~607 text tokens, 1024 patches per 448x448 image)
+TOWERS = {"language": (LANGUAGE, "608,2432"), "vision": (VISION, "1024,4096")}
+
+
+class Projection(torch.nn.Module):
+    def __init__(self, fan_in: int, fan_out: int, bias: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(fan_in, fan_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def build(shape: tuple[int, int, bool], lora: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The frozen projection in the model's dtype, with the recipe's adapter (trainable, fp32) when ``lora``."""
+    module = Projection(*shape).to(device, dtype).requires_grad_(False)
+    if not lora:
+        return module
+    model = get_peft_model(module, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.01, target_modules=["proj"]))
+    with torch.no_grad():  # peft starts B at zero; a trained adapter's B is not
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    keep_trainable_in_fp32(model)
+    cast_adapter_inputs(adapter_layers(model), False)
+    return model.train()
+
+
+def median_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):  # compiles, autotunes, picks cuBLAS kernels
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: int) -> float:
+    """Median ms of one forward and backward; ``mode`` None: the frozen projection alone."""
+    module = build(shape, mode is not None, device, dtype)
+    if mode not in (None, "eager"):
+        torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
+    run = module if mode in (None, "eager") else torch.compile(module, mode=None if mode == "default" else mode)
+    x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
+
+    def step() -> None:
+        with autocast(device, dtype == torch.bfloat16):
+            out = run(x)
+        out.backward(grad)
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+
+    return median_ms(step, device, iters)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--modes", default="eager,default", help="eager, default, max-autotune-no-cudagraphs")
+    parser.add_argument("--towers", default="language,vision")
+    parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width by this factor (smoke test)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    modes = args.modes.split(",")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), {dtype}, LoRA r16 dropout 0.01, one forward and backward, median of "
+          f"{args.iters}")
+    print("| tower | tokens | projection | base ms | " + " | ".join(f"{m} ms (over base)" for m in modes) + " |")
+    print("|---|---|---|---|" + "---|" * len(modes))
+    results: dict[str, dict] = {}
+    for tower in args.towers.split(","):
+        shapes, default_tokens = TOWERS[tower]
+        for tokens in (int(t) for t in (args.tokens or default_tokens).split(",")):
+            rows = {}
+            for proj, (fan_in, fan_out, bias) in shapes.items():
+                shape = (max(16, int(fan_in * args.scale)), max(16, int(fan_out * args.scale)), bias)
+                rows[proj] = {"base": time_projection(shape, tokens, None, device, dtype, args.iters),
+                              **{m: time_projection(shape, tokens, m, device, dtype, args.iters) for m in modes}}
+            rows["all"] = {k: sum(r[k] for r in rows.values()) for k in ["base", *modes]}
+            for proj, r in rows.items():
+                cells = " | ".join(f"{r[m]:.3f} ({r[m] - r['base']:+.3f})" for m in modes)
+                print(f"| {tower} | {tokens} | {proj} | {r['base']:.3f} | {cells} |")
+            results[f"{tower}_{tokens}"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
