@@ -20,10 +20,8 @@ adapter's cost over base, and their sums over one decoder layer and one vision b
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
 from covt.compute import autocast  # noqa: E402
 from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32  # noqa: E402
 
@@ -68,25 +67,6 @@ def build(shape: tuple[int, int, bool], lora: bool, device: torch.device, dtype:
     return model.train()
 
 
-def median_ms(fn, device: torch.device, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):  # compiles, autotunes, picks cuBLAS kernels
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
-
-
 def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: int) -> float:
     """Median ms of one forward and backward; ``mode`` None: the frozen projection alone."""
     module = build(shape, mode is not None, device, dtype)
@@ -103,23 +83,17 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
         x.grad = None
         module.zero_grad(set_to_none=True)
 
-    return median_ms(step, device, iters)
+    return median_ms(step, device, iters, warmup=2)  # compiles, autotunes, picks cuBLAS kernels
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
+    parser = products_parser(__doc__.split("\n")[0], iters=10)
     parser.add_argument("--modes", default="eager,default", help="eager, default, max-autotune-no-cudagraphs")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width by this factor (smoke test)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype, name = device_dtype_name(args.device)
     modes = args.modes.split(",")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), {dtype}, LoRA r16 dropout 0.01, one forward and backward, median of "
           f"{args.iters}")
     print("| tower | tokens | projection | base ms | " + " | ".join(f"{m} ms (over base)" for m in modes) + " |")

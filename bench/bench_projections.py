@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,8 +24,11 @@ HIDDEN, KV, INTERMEDIATE = 3584, 512, 18944  # Qwen2.5-VL-7B's language model
 GROUPS = {"qkv": (HIDDEN, KV, KV), "gate_up": (INTERMEDIATE, INTERMEDIATE)}
 
 
-def median_ms(fn, device: torch.device, iters: int) -> float:
-    fn()  # cuBLAS picks and caches its kernel
+def median_ms(fn, device: torch.device, iters: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn`` over ``iters`` calls, after ``warmup`` (cuBLAS picks its kernels, torch.compile
+    compiles and autotunes); CUDA events on a GPU."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -35,7 +39,6 @@ def median_ms(fn, device: torch.device, iters: int) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
             t0 = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
@@ -66,19 +69,31 @@ def time_group(tokens: int, widths: tuple[int, ...], hidden: int, device, dtype,
     return out
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def products_parser(description: str, iters: int) -> argparse.ArgumentParser:
+    """The options this bench and bench_adapters.py share: device, widths scaled down, calls timed, JSON out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width by this factor (smoke test)")
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--json", type=Path)
+    return parser
+
+
+def device_dtype_name(device: str) -> tuple[torch.device, torch.dtype, str]:
+    """The device, the dtype timed there (bf16 on CUDA, fp32 on the CPU) and the device's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return device, torch.bfloat16, torch.cuda.get_device_name(device)
+    return device, torch.float32, "cpu"
+
+
+def main(argv=None) -> dict:
+    parser = products_parser(__doc__.split("\n")[0], iters=20)
     parser.add_argument("--tokens", default="608,1216,2432,4864",
                         help="tokens per micro-batch (the bench's samples: ~607 each, micro-batches of 1, 2, 4, 8)")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width by this factor (smoke test)")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype, name = device_dtype_name(args.device)
     hidden = int(HIDDEN * args.scale)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), {dtype}, hidden {hidden}, {args.iters} timed calls each (median)")
     print("| tokens | group | forward separate | concatenated | ratio | input gradient separate | concatenated "
           "| ratio |")
