@@ -216,7 +216,8 @@ class LoraConfig:
     # in at every forward, and make the whole matrix's gradient in the backward to keep those rows'. true: the
     # frozen matrix runs as it is and only the rows' embeddings and logit columns come from the trained rows: the
     # same values (logits within the product's rounding), no 1.1 GB copies per forward at the 7B size; on in the 7B
-    # configs. Off by default, as peft computes: the rounding differs, and a run's path with it
+    # configs. Off by default, as peft computes it: the rounding differs, and a small run's outcome can follow the
+    # rounding (make learn-quick's did: BENCHMARKS.md, nineteenth session)
     separate_token_rows: bool = option(False, "thought-token rows computed apart from the frozen embedding/lm_head "
                                               "(false: peft's merged copy of the whole matrix per forward)")
     target_modules: list[str] = option(
