@@ -10,16 +10,19 @@ it times one forward and backward (the input's gradient and the adapter's) of:
   <mode>: peft's lora.Linear over it, as the 7B configs attach it (r 16, alpha 32, dropout 0.01, fp32 adapter
           weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
           through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
-          Triton templates against cuBLAS and can fuse the dropout into a product's loads).
+          Triton templates against cuBLAS and can fuse the dropout into a product's loads), or eagerly with its
+          dropout and rank-r product through bench/fused_adapter.py's kernels (``fused``: no dropped copy of the
+          input, no mask stored; a prototype).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
 
-    python bench/bench_adapters.py                                    # H100/H200, ~1 min per compiled mode
+    python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs,fused   # H100/H200
     python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -41,6 +44,7 @@ VISION = {"qkv": (1280, 3840, True), "proj": (1280, 1280, True), "gate": (1280, 
           "up": (1280, 3420, True), "down": (3420, 1280, True)}
 # tokens per micro-batch of the bench's samples (~607 text tokens, 1024 patches per 448x448 image)
 TOWERS = {"language": (LANGUAGE, "608,2432"), "vision": (VISION, "1024,4096")}
+EAGER_MODES = (None, "eager", "fused")  # None: the frozen projection alone
 
 
 class Projection(torch.nn.Module):
@@ -52,10 +56,12 @@ class Projection(torch.nn.Module):
         return self.proj(x)
 
 
-def build(shape: tuple[int, int, bool], lora: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen projection in the model's dtype, with the recipe's adapter (trainable, fp32) when ``lora``."""
+def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, dtype: torch.dtype
+          ) -> torch.nn.Module:
+    """The frozen projection in the model's dtype, with the recipe's adapter (trainable, fp32) unless ``mode`` is
+    None; ``fused``: its dropout and rank-r product through bench/fused_adapter.py's kernels."""
     module = Projection(*shape).to(device, dtype).requires_grad_(False)
-    if not lora:
+    if mode is None:
         return module
     model = get_peft_model(module, PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.01, target_modules=["proj"]))
     with torch.no_grad():  # peft starts B at zero; a trained adapter's B is not
@@ -64,15 +70,22 @@ def build(shape: tuple[int, int, bool], lora: bool, device: torch.device, dtype:
                 p.normal_(std=0.02)
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
+    if mode == "fused":
+        from bench.fused_adapter import fused_lora_a
+
+        layer = model.base_model.model.proj
+        layer.lora_A["default"].forward = functools.partial(fused_lora_a, layer.lora_A["default"], 0.01)
+        layer.lora_dropout["default"] = torch.nn.Identity()
     return model.train()
 
 
 def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: int) -> float:
     """Median ms of one forward and backward; ``mode`` None: the frozen projection alone."""
-    module = build(shape, mode is not None, device, dtype)
-    if mode not in (None, "eager"):
+    module = build(shape, mode, device, dtype)
+    compiled = mode not in EAGER_MODES
+    if compiled:
         torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
-    run = module if mode in (None, "eager") else torch.compile(module, mode=None if mode == "default" else mode)
+    run = torch.compile(module, mode=None if mode == "default" else mode) if compiled else module
     x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
 
@@ -88,7 +101,8 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
 
 def main(argv=None) -> dict:
     parser = products_parser(__doc__.split("\n")[0], iters=10)
-    parser.add_argument("--modes", default="eager,default", help="eager, default, max-autotune-no-cudagraphs")
+    parser.add_argument("--modes", default="eager,default,fused",
+                        help="eager, default, max-autotune-no-cudagraphs, fused (Triton: on CUDA, or the interpreter)")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
     args = parser.parse_args(argv)

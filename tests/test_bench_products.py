@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", *args], cwd=REPO, env=ENV,
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--device", "cpu", *args], cwd=REPO, env=env or ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -30,13 +30,14 @@ def test_the_projection_bench_times_each_group_separate_and_concatenated(tmp_pat
 
 
 def test_the_adapter_bench_times_the_frozen_product_and_peft_adapter_over_it(tmp_path):
+    """Eagerly and with the prototype kernels (``fused``, in Triton's interpreter here)."""
     out = tmp_path / "adapters.json"
-    proc = run("bench_adapters.py", "--tokens", "32", "--scale", "0.03125", "--modes", "eager", "--iters", "2",
-               "--json", str(out))
+    proc = run("bench_adapters.py", "--tokens", "32", "--scale", "0.03125", "--modes", "eager,fused", "--iters", "2",
+               "--json", str(out), env={**ENV, "TRITON_INTERPRET": "1"})
     result = json.loads(out.read_text())
     assert set(result) == {"language_32", "vision_32"}
     language = result["language_32"]
     assert set(language) == {"q", "k", "v", "o", "gate", "up", "down", "all"}
     assert language["all"]["base"] == sum(r["base"] for name, r in language.items() if name != "all")
-    assert all(r["base"] > 0 and r["eager"] > 0 for r in language.values())
+    assert all(r["base"] > 0 and r["eager"] > 0 and r["fused"] > 0 for r in language.values())
     assert "| vision | 32 | qkv |" in proc.stdout
