@@ -109,7 +109,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     return model
 
 
-def use_separate_token_rows(model: torch.nn.Module, enabled: bool = True) -> int:
+def use_separate_token_rows(model: torch.nn.Module, enabled: bool) -> int:
     """How peft's trainable-token layers (the thought-token rows of the embedding and lm_head) run their forward.
 
     ``enabled`` (``lora.separate_token_rows``): the frozen matrix does the lookup or product as it is, and only the

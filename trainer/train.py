@@ -249,7 +249,7 @@ class RunModel:
         if t.new_token_rows == "first_run" and run.index > 0:
             stop_token_row_gradients(vlm)  # the reference's row mask is empty after the first merge: decay only
         if t.compile:
-            blocks = compile_blocks(vlm, None if t.compile_mode == "default" else t.compile_mode)
+            blocks = compile_blocks(vlm, t.compile_mode)
             job.log.info(f"train.compile: {len(blocks)} blocks compile at their first shapes ({t.compile_mode})")
         # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
