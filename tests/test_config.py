@@ -111,6 +111,25 @@ def test_compile_mode_takes_the_modes_the_trainer_runs_and_names_the_key_otherwi
         load_config(None, ["train.compile_mode=reduce-overhead"])
 
 
+@pytest.mark.parametrize("compile_on", [False, True])
+def test_compile_mode_without_compile_is_said_before_any_work(tmp_path, caplog, compile_on):
+    """The trainer warns that train.compile_mode does nothing without train.compile, before it reads anything (the
+    run here stops at its empty schedule); with train.compile on it says nothing."""
+    import logging
+
+    from trainer.schedule import ScheduleError
+    from trainer.train import train
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}",
+                             "train.device=cpu", "train.compile_mode=max-autotune-no-cudagraphs",
+                             f"train.compile={str(compile_on).lower()}"])
+    with caplog.at_level(logging.WARNING, logger="trainer.train"), pytest.raises(ScheduleError):
+        train(cfg)
+    warning = "train.compile_mode=max-autotune-no-cudagraphs has no effect"
+    said = [r for r in caplog.records if warning in r.getMessage()]
+    assert len(said) == (0 if compile_on else 1)
+
+
 def test_bundled_tiny_config_loads(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     assert cfg.data.path.endswith("conversations.json")
