@@ -11,8 +11,9 @@ it times one forward and backward (the input's gradient and the adapter's) of:
           weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
           through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
           Triton templates against cuBLAS and can fuse the dropout into a product's loads), or eagerly with its
-          dropout and rank-r product through bench/fused_adapter.py's kernels (``fused``: no dropped copy of the
-          input, no mask stored; a prototype).
+          dropout and rank-r product through trainer/dropped_product.py's kernels (``fused``: no dropped copy of the
+          input, no mask stored; ``train.lora.fused_dropout``), or those kernels inside torch.compile's code
+          (``fused-compiled``: as the trainer's compiled blocks run them).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
@@ -59,7 +60,7 @@ class Projection(torch.nn.Module):
 def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, dtype: torch.dtype
           ) -> torch.nn.Module:
     """The frozen projection in the model's dtype, with the recipe's adapter (trainable, fp32) unless ``mode`` is
-    None; ``fused``: its dropout and rank-r product through bench/fused_adapter.py's kernels."""
+    None; ``fused``: its dropout and rank-r product through trainer/dropped_product.py's kernels."""
     module = Projection(*shape).to(device, dtype).requires_grad_(False)
     if mode is None:
         return module
@@ -70,8 +71,8 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
                 p.normal_(std=0.02)
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
-    if mode == "fused":
-        from bench.fused_adapter import fused_lora_a
+    if mode.startswith("fused"):
+        from trainer.dropped_product import fused_lora_a
 
         layer = model.base_model.model.proj
         layer.lora_A["default"].forward = functools.partial(fused_lora_a, layer.lora_A["default"], 0.01)
@@ -85,7 +86,7 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
     compiled = mode not in EAGER_MODES
     if compiled:
         torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
-    run = torch.compile(module, mode=None if mode == "default" else mode) if compiled else module
+    run = torch.compile(module, mode=None if mode in ("default", "fused-compiled") else mode) if compiled else module
     x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
 
@@ -102,7 +103,7 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
 def main(argv=None) -> dict:
     parser = products_parser(__doc__.split("\n")[0], iters=10)
     parser.add_argument("--modes", default="eager,default,fused",
-                        help="eager, default, max-autotune-no-cudagraphs, fused (Triton: on CUDA, or the interpreter)")
+                        help="eager, default, max-autotune-no-cudagraphs, fused, fused-compiled (fused: on CUDA)")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
     args = parser.parse_args(argv)

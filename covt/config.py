@@ -212,6 +212,11 @@ class LoraConfig:
     # stays (the base layer keeps it anyway), and the dropout runs again in the backward pass with the random state
     # restored: the same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
     recompute_dropout: bool = option(False, "the adapters' dropout made again in the backward pass, not kept")
+    # the same, and faster on CUDA: each adapter's dropout drawn inside its rank-r product's Triton kernels, forward
+    # and backward (trainer/dropped_product.py), so neither the dropped copy nor the mask is written at all. The
+    # same function as dropout then the product, with other random bits than torch's dropout; CUDA only
+    fused_dropout: bool = option(False, "the adapters' dropout drawn inside their rank-r products' Triton kernels "
+                                        "(CUDA): no dropped copy or mask written or kept")
     # peft's trainable-token layers copy the whole embedding (and untied lm_head) with the thought-token rows written
     # in at every forward, and make the whole matrix's gradient in the backward to keep those rows'. true: the
     # frozen matrix runs as it is and only the rows' embeddings and logit columns come from the trained rows: the

@@ -130,6 +130,19 @@ def test_compile_mode_without_compile_is_said_before_any_work(tmp_path, caplog, 
     assert len(said) == (0 if compile_on else 1)
 
 
+def test_fused_dropout_on_the_cpu_is_refused_before_any_work(tmp_path):
+    """train.lora.fused_dropout's kernels run on CUDA: on the CPU the trainer says so, naming the key, before it reads
+    anything (without the switch the same run goes on to its empty schedule)."""
+    from trainer.schedule import ScheduleError
+    from trainer.train import train
+
+    settings = [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}", "train.device=cpu"]
+    with pytest.raises(ValueError, match=r"train\.lora\.fused_dropout: its Triton kernels run on CUDA"):
+        train(load_config(None, [*settings, "train.lora.fused_dropout=true"]))
+    with pytest.raises(ScheduleError):
+        train(load_config(None, settings))
+
+
 def test_bundled_tiny_config_loads(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     assert cfg.data.path.endswith("conversations.json")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import re
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -104,7 +104,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     )
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
-    recompute_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
+    replace_adapter_dropout(adapter_layers(model), adapter_dropout(lora))
     use_separate_token_rows(model, lora.separate_token_rows)
     return model
 
@@ -211,22 +211,37 @@ def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x:
     return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, training), weight, bias)
 
 
-def recompute_adapter_dropout(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
-    """Whether these LoRA layers' dropout is made again in the backward pass (:func:`dropout_then_linear`) rather
-    than kept: peft's ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input and the mask,
-    ``lora.recompute_dropout``. Reversible; the state dict does not change. Returns the adapters switched."""
+def adapter_dropout(lora: LoraConfig) -> Callable | None:
+    """What computes each adapter's ``lora_A(dropout(x))`` under these settings: :func:`dropout_then_linear`
+    (``lora.recompute_dropout``), the Triton kernels of :mod:`trainer.dropped_product` (``lora.fused_dropout``), or
+    None: peft's dropout module then ``lora_A``."""
+    if lora.fused_dropout and lora.recompute_dropout:
+        raise ValueError("train.lora.fused_dropout and train.lora.recompute_dropout both replace the adapters' "
+                         "dropout: set one of them")
+    if lora.fused_dropout:
+        from trainer.dropped_product import fused_lora_a  # imports triton: only where the switch is on
+
+        return fused_lora_a
+    return dropout_then_linear if lora.recompute_dropout else None
+
+
+def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], forward: Callable | None) -> int:
+    """Computes these LoRA layers' ``lora_A(dropout(x))`` with ``forward(lora_A, p, x)`` (see
+    :func:`adapter_dropout`), or with peft's dropout module again where ``forward`` is None. peft's
+    ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input and the mask for the backward
+    pass; the replacements do not. Reversible; the state dict does not change. Returns the adapters switched."""
     switched = 0
     for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
         for name, lora_a in layer.lora_A.items():
-            patched = isinstance(lora_a.__dict__.get("forward"), functools.partial)
-            dropout = layer.lora_dropout[name]
-            if enabled and not patched and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                lora_a.forward = functools.partial(dropout_then_linear, lora_a, dropout.p)
-                layer.lora_dropout[name] = torch.nn.Identity()
-                switched += 1
-            elif not enabled and patched:
-                layer.lora_dropout[name] = torch.nn.Dropout(lora_a.forward.args[1]).train(lora_a.training)
+            patch = lora_a.__dict__.get("forward")
+            if isinstance(patch, functools.partial) and patch.func is not forward:
+                layer.lora_dropout[name] = torch.nn.Dropout(patch.args[1]).train(lora_a.training)
                 del lora_a.forward
+                switched += forward is None
+            dropout = layer.lora_dropout[name]
+            if forward is not None and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                lora_a.forward = functools.partial(forward, lora_a, dropout.p)
+                layer.lora_dropout[name] = torch.nn.Identity()
                 switched += 1
     return switched
 

@@ -83,6 +83,9 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
             logger.warning("train.cuda_graphs: %s", advice)
+        if t.lora.fused_dropout and compute.device.type != "cuda":
+            raise ValueError(f"train.lora.fused_dropout: its Triton kernels run on CUDA (train.device resolves to "
+                             f"{compute.device}): set train.lora.fused_dropout=false")
         if t.compile_mode != "default" and not t.compile:
             logger.warning("train.compile_mode=%s has no effect without train.compile=true", t.compile_mode)
         use_tf32(t.tf32)

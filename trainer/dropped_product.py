@@ -1,27 +1,33 @@
-"""A prototype, timed by bench_adapters.py before any use in the trainer: a LoRA adapter's ``lora_A(dropout(x))``
-as two Triton kernels that never store the dropped input or its mask.
+"""An adapter's ``lora_A(dropout(x))`` as two Triton kernels that never store the dropped input or its mask
+(``train.lora.fused_dropout``).
 
 peft computes ``lora_B(lora_A(dropout(x)))``. Its dropout writes a dropped copy of the adapter's input and a mask,
-and keeps both for the backward pass, and then the rank-16 product reads the copy again: per input element about
-5 bytes moved in the forward and 7 in the backward (bf16), for almost no arithmetic. Here:
+keeps both for the backward pass, and the rank-r product then reads the copy again: per input element about 5 bytes
+moved in the forward and 7 in the backward (bf16), for almost no arithmetic. Here:
 
-- the forward reads ``x`` once, draws each element's keep/drop from Philox (``tl.rand``) with a seed from torch's
-  generator, and accumulates the rank-r product (fp32) in registers;
-- the backward draws the same bits again from the same seed and offsets. One kernel reads ``x`` and the
-  gradient of the product, and writes the input's gradient (dropped as the forward dropped) while it adds the
-  weight's gradient (fp32, atomically) per tile.
+- the forward reads ``x`` once, draws each element's keep/drop from Philox (``tl.rand``) with a seed drawn from
+  torch's generator, and accumulates the rank-r product (fp32) in registers;
+- the backward draws the same bits again from the same seed and offsets. One kernel reads ``x`` and the gradient of
+  the product, writes the input's gradient (dropped as the forward dropped) and adds the weight's gradient (fp32,
+  atomically) per tile.
 
-It is the same function as dropout then the product (the same masks: :func:`keep_mask` draws them for the
-checks), in other random bits than torch's dropout. On the CPU it runs only in Triton's interpreter
-(``TRITON_INTERPRET=1`` set before import; tests in fp32: the interpreter's bf16 products are wrong).
+The same function as dropout then the product, with the same masks (:func:`keep_mask` draws them for the checks), in
+other random bits than torch's dropout. The kernels are registered as ``torch.library.triton_op``\\ s, so
+``torch.compile`` keeps them inside a compiled block and a CUDA graph replays them (a fresh seed per replay: the seed
+comes from torch's generator, which graphs advance). On the CPU they run only in Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 BLOCK_M, BLOCK_K = 32, 64
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at its import
 
 
 @triton.jit
@@ -93,42 +99,55 @@ def keep_mask(shape: tuple[int, int], seed: torch.Tensor, p: float) -> torch.Ten
     return out.bool()
 
 
-class DroppedProduct(torch.autograd.Function):
-    """``F.linear(F.dropout(x, p), weight)`` (no bias) without the dropped input or mask kept; ``seed`` a one-element
-    int64 tensor on ``x``'s device. The product in ``x``'s dtype with fp32 sums, as under autocast; the weight's
-    gradient in fp32."""
+@triton_op("covt::dropped_product", mutates_args=())
+def dropped_product(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.linear(F.dropout(x, p), weight)`` for a contiguous (rows, features) ``x`` and a (rank, features) weight
+    without bias; ``seed`` a one-element int64 tensor on ``x``'s device. The product in ``x``'s dtype with fp32
+    sums, as under autocast."""
+    (m, k), r = x.shape, weight.shape[0]
+    out = torch.zeros(m, r, dtype=torch.float32, device=x.device)
+    chunk = triton.cdiv(triton.cdiv(k, k_chunks(m, k, x.device)), BLOCK_K) * BLOCK_K
+    wrap_triton(dropped_product_forward)[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, chunk))](
+        x, weight, seed, out, m, k, r, chunk, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
+    return out.to(x.dtype)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        (m, k), r = flat.shape, weight.shape[0]
-        out = torch.zeros(m, r, dtype=torch.float32, device=x.device)
-        chunks = k_chunks(m, k, x.device)
-        chunk = triton.cdiv(triton.cdiv(k, chunks), BLOCK_K) * BLOCK_K
-        dropped_product_forward[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, chunk))](
-            flat, weight.contiguous(), seed, out, m, k, r, chunk, p, 1.0 / (1.0 - p),
-            BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
-        ctx.save_for_backward(flat, weight, seed)
-        ctx.p, ctx.shape = p, x.shape
-        return out.to(x.dtype).view(*x.shape[:-1], r)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        flat, weight, seed = ctx.saved_tensors
-        (m, k), r = flat.shape, weight.shape[0]
-        dx = torch.empty_like(flat)
-        dw = torch.zeros(r, k, dtype=torch.float32, device=flat.device)
-        dropped_product_backward[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))](
-            flat, weight.contiguous(), grad.reshape(m, r).contiguous(), seed, dx, dw, m, k, r, ctx.p,
-            1.0 / (1.0 - ctx.p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
-        return dx.view(ctx.shape), dw.to(weight.dtype), None, None
+@triton_op("covt::dropped_product_backward", mutates_args=())
+def dropped_product_gradients(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, seed: torch.Tensor,
+                              p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`dropped_product` for its input (``x``'s dtype) and its weight (the weight's)."""
+    (m, k), r = x.shape, weight.shape[0]
+    dx = torch.empty_like(x)
+    dw = torch.zeros(r, k, dtype=torch.float32, device=x.device)
+    wrap_triton(dropped_product_backward)[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))](
+        x, weight, grad, seed, dx, dw, m, k, r, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
+    return dx, dw.to(weight.dtype)
+
+
+def keep_for_backward(ctx, inputs, output) -> None:
+    x, weight, seed, p = inputs
+    ctx.save_for_backward(x, weight, seed)
+    ctx.p = p
+
+
+def backward(ctx, grad: torch.Tensor):
+    x, weight, seed = ctx.saved_tensors
+    dx, dw = dropped_product_gradients(x, weight, grad.contiguous(), seed, ctx.p)
+    return dx, dw, None, None
+
+
+dropped_product.register_autograd(backward, setup_context=keep_for_backward)
 
 
 def fused_lora_a(linear: torch.nn.Linear, p: float, x: torch.Tensor) -> torch.Tensor:
-    """An adapter's ``lora_A(dropout(x))`` through :class:`DroppedProduct` while training (a fresh seed from torch's
-    generator on ``x``'s device each call); the plain product otherwise."""
+    """An adapter's ``lora_A(dropout(x))`` through :func:`dropped_product` while training (a fresh seed from
+    torch's generator on ``x``'s device each call); the plain product otherwise (evaluation, no gradients)."""
     if not (linear.training and p and torch.is_grad_enabled()) or linear.bias is not None:
         return linear(torch.nn.functional.dropout(x, p, linear.training))
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(f"train.lora.fused_dropout: the adapters' dropout kernels run on CUDA, and this input is "
+                           f"on {x.device.type}: set train.lora.fused_dropout=false")
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return DroppedProduct.apply(x.to(dtype), linear.weight, seed, p)
+    flat = x.to(dtype).reshape(-1, x.shape[-1]).contiguous()
+    return dropped_product(flat, linear.weight.contiguous(), seed, p).view(*x.shape[:-1], linear.weight.shape[0])

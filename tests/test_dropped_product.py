@@ -1,0 +1,131 @@
+"""trainer/dropped_product.py (train.lora.fused_dropout): the dropout drawn inside the rank-r product's Triton
+kernels is dropout then the product, forward and backward, with the masks the kernels draw; and the tiny VLM with
+the switch on trains as peft computes it. Run in Triton's interpreter on the CPU (fp32: the interpreter's bf16
+products are wrong), each check in a process of its own (the interpreter is chosen when triton is imported)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+KERNELS = r"""
+import json, sys
+import torch
+sys.path.insert(0, ".")
+from trainer.dropped_product import dropped_product, fused_lora_a, keep_mask
+
+def reference(x, weight, keep, p):
+    return torch.nn.functional.linear(torch.where(keep, x / (1 - p), torch.zeros_like(x)), weight)
+
+out = {}
+g = torch.Generator().manual_seed(0)
+for rows, features, rank, p in [(40, 70, 16, 0.3), (33, 150, 8, 0.01), (64, 64, 24, 0.5)]:
+    x = torch.randn(rows, features, generator=g, requires_grad=True)
+    weight = torch.randn(rank, features, generator=g, requires_grad=True)
+    grad = torch.randn(rows, rank, generator=g)
+    seed = torch.tensor([1234 + rows], dtype=torch.int64)
+    keep = keep_mask((rows, features), seed, p)
+    h = dropped_product(x, weight, seed, p)
+    h.backward(grad)
+    dx, dw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    ref = reference(x, weight, keep, p)
+    ref.backward(grad)
+    errors = [float((a - b).abs().max() / b.abs().max()) for a, b in ((h, ref), (dx, x.grad), (dw, weight.grad))]
+    out[f"{rows}x{features}x{rank}"] = {"errors": errors, "kept": float(keep.float().mean())}
+seed = torch.tensor([7], dtype=torch.int64)
+big = keep_mask((300, 1000), seed, 0.3)
+out["keep_rate"] = float(big.float().mean())
+out["same_seed_same_bits"] = bool(torch.equal(big, keep_mask((300, 1000), seed, 0.3)))
+out["other_seed_other_bits"] = float((big != keep_mask((300, 1000), torch.tensor([8]), 0.3)).float().mean())
+linear = torch.nn.Linear(70, 16, bias=False)
+x = torch.randn(5, 7, 70, generator=g)
+torch.manual_seed(3)
+first = fused_lora_a(linear.train(), 0.3, x)
+torch.manual_seed(3)
+out["seeded_by_torch"] = bool(torch.equal(first, fused_lora_a(linear, 0.3, x)))
+out["shape"] = list(first.shape)
+out["eval_is_the_product"] = bool(torch.equal(fused_lora_a(linear.eval(), 0.3, x), linear(x)))
+print(json.dumps(out))
+"""
+
+# The tiny VLM's forward and backward with the switch on against peft's dropout module, at a dropout rate so small
+# that neither drops anything (the kernels' masks are checked above): the same loss and gradients through every
+# adapter of the language model and the vision tower; and at 0.3, where it drops, back to peft's modules.
+MODEL = r"""
+import json, sys
+import torch
+sys.path.insert(0, ".")
+sys.path.insert(0, "tests")
+from covt.config import LoraConfig
+from test_trainer_lora import image_inputs, load_with_new_rows, randomise_adapters
+from trainer.lora import adapter_dropout, adapter_layers, attach_lora, replace_adapter_dropout
+
+base_dir = sys.argv[1]
+
+def step(p, fused, seed=0):
+    vlm, new_ids = load_with_new_rows(base_dir)
+    model = attach_lora(vlm, LoraConfig(dropout=p, fused_dropout=fused), new_ids).train()
+    randomise_adapters(model)
+    torch.manual_seed(seed)
+    loss = model(**image_inputs(base_dir, new_ids)).logits.float().square().mean()
+    loss.backward()
+    return model, float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+out = {}
+_, loss, grads = step(1e-12, False)
+model, loss_f, grads_f = step(1e-12, True)
+out["loss"] = [loss, loss_f]
+out["grad_errors"] = {n: float((grads_f[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)) for n, g in grads.items()
+                      if "lora_" in n}
+layers = [l for l in adapter_layers(model) if hasattr(l, "lora_A")]
+out["fused_adapters"] = sum(a.forward.func.__name__ == "fused_lora_a" for l in layers for a in l.lora_A.values())
+out["adapters"] = sum(len(l.lora_A) for l in layers)
+model, loss_a, _ = step(0.3, True)
+out["dropping"] = [loss_a, step(0.3, True)[1], step(0.3, True, seed=1)[1]]
+out["back_to_peft"] = replace_adapter_dropout(layers, None)
+try:
+    adapter_dropout(LoraConfig(fused_dropout=True, recompute_dropout=True))
+except ValueError as e:
+    out["both"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def interpreted(script: str, *args: str) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=REPO,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_dropped_product_kernels_are_dropout_then_the_product():
+    out = interpreted(KERNELS)
+    for shape in ("40x70x16", "33x150x8", "64x64x24"):  # odd sizes: partial tiles, ranks padded to 16 and 32
+        assert max(out[shape]["errors"]) < 1e-5, (shape, out[shape])
+    assert 0.55 < out["40x70x16"]["kept"] < 0.85 and out["33x150x8"]["kept"] > 0.95
+    assert abs(out["keep_rate"] - 0.7) < 0.01  # 300k draws
+    assert out["same_seed_same_bits"] and 0.3 < out["other_seed_other_bits"] < 0.5
+    assert out["seeded_by_torch"] and out["shape"] == [5, 7, 16] and out["eval_is_the_product"]
+
+
+@pytest.mark.slow
+def test_the_tiny_vlm_with_fused_dropout_trains_as_peft_computes_it(tmp_path):
+    from trainer.tiny_model import build_tiny_base_model
+
+    base_dir = build_tiny_base_model(tmp_path / "base", seed=0, image_size=112)
+    out = interpreted(MODEL, str(base_dir))
+    assert out["fused_adapters"] == out["adapters"] > 0, out
+    loss, loss_f = out["loss"]
+    assert abs(loss_f - loss) <= 1e-5 * abs(loss), out["loss"]
+    assert len(out["grad_errors"]) == 2 * out["adapters"]  # every lora_A and lora_B
+    assert max(out["grad_errors"].values()) < 1e-4, out["grad_errors"]
+    same_seed, again, other_seed = out["dropping"]
+    assert same_seed == again and other_seed != same_seed and same_seed != loss_f  # the seed from torch's generator
+    assert out["back_to_peft"] == out["adapters"]
+    assert "set one of them" in out["both"]
