@@ -129,3 +129,76 @@ def test_the_tiny_vlm_with_fused_dropout_trains_as_peft_computes_it(tmp_path):
     assert same_seed == again and other_seed != same_seed and same_seed != loss_f  # the seed from torch's generator
     assert out["back_to_peft"] == out["adapters"]
     assert "set one of them" in out["both"]
+
+
+needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                                reason="the kernels compiled for a GPU: needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows, features, rank, p, dtype", [
+    (2432, 3584, 16, 0.01, "bfloat16"),  # micro-batch 4's tokens into the 7B language model's q/k/v/o, gate, up
+    (2432, 18944, 16, 0.01, "bfloat16"),  # ... and into its down projection
+    (333, 1000, 8, 0.5, "bfloat16"),
+    (608, 3584, 16, 0.3, "float32"),
+])
+def test_on_cuda_the_kernels_are_dropout_then_the_product(rows, features, rank, p, dtype):
+    """On the GPU, in the model's dtype: within bf16 rounding of dropout then the product in float64, with the
+    kernels' own masks (sums in fp32; the input's gradient rounded once to its dtype)."""
+    import torch
+
+    from trainer.dropped_product import dropped_product, keep_mask
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, features, generator=g, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(rank, features, generator=g, device="cuda", requires_grad=True)
+    grad = torch.randn(rows, rank, generator=g, device="cuda", dtype=dtype)
+    seed = torch.tensor([1234 + rows], dtype=torch.int64, device="cuda")
+    keep = keep_mask((rows, features), seed, p)
+    dropped_product(x, weight, seed, p).backward(grad)  # the output checked below, from the same seed
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    ref = torch.nn.functional.linear(torch.where(keep, x64 / (1 - p), torch.zeros_like(x64)), w64.to(dtype).double())
+    ref.backward(grad.double())
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5  # the weight is cast to bf16 as autocast casts it
+    for name, got, want in (("output", dropped_product(x, weight, seed, p), ref), ("dx", x.grad, x64.grad),
+                            ("dw", weight.grad, w64.grad)):
+        error = float((got.double() - want).abs().max() / want.abs().max())
+        assert error < tolerance, (name, error)
+    assert abs(float(keep.float().mean()) - (1 - p)) < 0.01
+
+
+@needs_cuda
+def test_on_cuda_it_compiles_whole_and_replays_in_a_cuda_graph_with_fresh_masks():
+    """As the trainer runs it: inside torch.compile's code without a graph break (fullgraph), and inside a CUDA
+    graph, where each replay draws a new seed from torch's generator (other masks, so other outputs)."""
+    import torch
+
+    from trainer.dropped_product import fused_lora_a
+
+    linear = torch.nn.Linear(3584, 16, bias=False, device="cuda").train()
+    x = torch.randn(608, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def adapter(x):
+        with torch.autocast("cuda", torch.bfloat16):
+            return fused_lora_a(linear, 0.01, x) * 2
+
+    torch.compiler.reset()
+    compiled = torch.compile(adapter, fullgraph=True)
+    compiled(x).float().sum().backward()
+    assert linear.weight.grad is not None and x.grad is not None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the graph
+            adapter(x).float().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = adapter(x)
+        out.float().sum().backward()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+    assert float((first - out).abs().max() / first.abs().max()) < 0.5  # 1% of the inputs dropped differently
