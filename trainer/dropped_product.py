@@ -8,8 +8,8 @@ moved in the forward and 7 in the backward (bf16), for almost no arithmetic. Her
 - the forward reads ``x`` once, draws each element's keep/drop from Philox (``tl.rand``) with a seed drawn from
   torch's generator, and accumulates the rank-r product (fp32) in registers;
 - the backward draws the same bits again from the same seed and offsets. One kernel reads ``x`` and the gradient of
-  the product, writes the input's gradient (dropped as the forward dropped) and adds the weight's gradient (fp32,
-  atomically) per tile.
+  the product, writes the input's gradient (dropped as the forward dropped), and sums the weight's gradient over
+  a group of row blocks in registers before adding it (fp32, atomically) once per group.
 
 The same function as dropout then the product, with the same masks (:func:`keep_mask` draws them for the checks), in
 other random bits than torch's dropout. The kernels are registered as ``torch.library.triton_op``\\ s, so
@@ -51,24 +51,28 @@ def dropped_product_forward(x_ptr, w_ptr, seed_ptr, out_ptr, M, K, R, chunk, p, 
 
 
 @triton.jit
-def dropped_product_backward(x_ptr, w_ptr, grad_ptr, seed_ptr, dx_ptr, dw_ptr, M, K, R, p, scale,
+def dropped_product_backward(x_ptr, w_ptr, grad_ptr, seed_ptr, dx_ptr, dw_ptr, M, K, R, group, p, scale,
                              BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    """One (BM, BK) tile: dx = (grad @ w) * keep * scale, and dw[:, tile] += grad.T @ dropout(x) (fp32, atomic)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    """``group`` row blocks of one BK-wide column block: dx = (grad @ w) * keep * scale for each, and
+    dw[:, columns] += grad.T @ dropout(x) summed over them in registers, then added once (fp32, atomic)."""
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     ranks = tl.arange(0, BR)
-    inside = (rows[:, None] < M) & (cols[None, :] < K)
-    keep = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :]) >= p
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
-    grad = tl.load(grad_ptr + rows[:, None] * R + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
-                   other=0.0).to(x.dtype)
+    seed = tl.load(seed_ptr)
     w = tl.load(w_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
-                other=0.0).to(x.dtype)
-    dx = tl.where(keep, tl.dot(grad, w) * scale, 0.0)
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx.to(x.dtype), mask=inside)
-    dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
-    tl.atomic_add(dw_ptr + ranks[:, None] * K + cols[None, :], tl.dot(tl.trans(grad), dropped),
-                  mask=(ranks[:, None] < R) & (cols[None, :] < K))
+                other=0.0)
+    dw = tl.zeros((BR, BK), dtype=tl.float32)
+    for block in range(tl.program_id(0) * group, tl.minimum((tl.program_id(0) + 1) * group, tl.cdiv(M, BM))):
+        rows = block * BM + tl.arange(0, BM)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        keep = tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+        grad = tl.load(grad_ptr + rows[:, None] * R + ranks[None, :],
+                       mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(x.dtype)
+        dx = tl.where(keep, tl.dot(grad, w.to(x.dtype)) * scale, 0.0)
+        tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx.to(x.dtype), mask=inside)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+        dw += tl.dot(tl.trans(grad), dropped)
+    tl.atomic_add(dw_ptr + ranks[:, None] * K + cols[None, :], dw, mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
 @triton.jit
@@ -84,11 +88,21 @@ def rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot takes dimensions of 16 or more
 
 
+def programs_wanted(device: torch.device) -> int:
+    """Four programs per multiprocessor, so that loads in flight hide memory's latency (4 in all where there is no
+    GPU: the interpreter)."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def k_chunks(rows: int, k: int, device: torch.device) -> int:
-    """How many programs share each row block's K: enough row blocks x chunks to fill the GPU's multiprocessors."""
-    blocks = triton.cdiv(rows, BLOCK_M)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(k, BLOCK_K), triton.cdiv(2 * sms, blocks)))
+    """How many programs share each row block's K in the forward: enough programs to fill the GPU."""
+    return max(1, min(triton.cdiv(k, BLOCK_K), triton.cdiv(programs_wanted(device), triton.cdiv(rows, BLOCK_M))))
+
+
+def row_group(rows: int, k: int, device: torch.device) -> int:
+    """How many row blocks each backward program takes (one atomic sum of the weight's gradient per program, not
+    per tile): as many as keep the GPU filled."""
+    return max(1, triton.cdiv(rows, BLOCK_M) * triton.cdiv(k, BLOCK_K) // programs_wanted(device))
 
 
 def keep_mask(shape: tuple[int, int], seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -119,8 +133,10 @@ def dropped_product_gradients(x: torch.Tensor, weight: torch.Tensor, grad: torch
     (m, k), r = x.shape, weight.shape[0]
     dx = torch.empty_like(x)
     dw = torch.zeros(r, k, dtype=torch.float32, device=x.device)
-    wrap_triton(dropped_product_backward)[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))](
-        x, weight, grad, seed, dx, dw, m, k, r, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
+    group = row_group(m, k, x.device)
+    wrap_triton(dropped_product_backward)[(triton.cdiv(triton.cdiv(m, BLOCK_M), group), triton.cdiv(k, BLOCK_K))](
+        x, weight, grad, seed, dx, dw, m, k, r, group, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K,
+        BR=rank_block(r))
     return dx, dw.to(weight.dtype)
 
 
