@@ -50,6 +50,13 @@ torch.manual_seed(3)
 out["seeded_by_torch"] = bool(torch.equal(first, fused_lora_a(linear, 0.3, x)))
 out["shape"] = list(first.shape)
 out["eval_is_the_product"] = bool(torch.equal(fused_lora_a(linear.eval(), 0.3, x), linear(x)))
+from torch.utils.flop_counter import FlopCounterMode
+x = torch.randn(40, 70, requires_grad=True)
+with FlopCounterMode(display=False) as counted:
+    fused_lora_a(linear.train(), 0.3, x).sum().backward()
+with FlopCounterMode(display=False) as plain:
+    linear(torch.nn.functional.dropout(x, 0.3)).sum().backward()
+out["flops"] = [counted.get_total_flops(), plain.get_total_flops()]
 print(json.dumps(out))
 """
 
@@ -114,6 +121,7 @@ def test_dropped_product_kernels_are_dropout_then_the_product():
     assert abs(out["keep_rate"] - 0.7) < 0.01  # 300k draws
     assert out["same_seed_same_bits"] and 0.3 < out["other_seed_other_bits"] < 0.5
     assert out["seeded_by_torch"] and out["shape"] == [5, 7, 16] and out["eval_is_the_product"]
+    assert out["flops"][0] == out["flops"][1] == 3 * 2 * 40 * 70 * 16  # the bench's MFU counts the kernels' products
 
 
 @pytest.mark.slow

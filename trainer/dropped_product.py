@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 BLOCK_M, BLOCK_K = 32, 64
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once, at its import
@@ -32,7 +33,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton reads it once,
 
 @triton.jit
 def dropped_product_forward(x_ptr, w_ptr, seed_ptr, out_ptr, M, K, R, chunk, p, scale,
-                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
     """out[m, r] += sum over this program's K chunk of dropout(x)[m, k] * w[r, k] (out: fp32, zeroed)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     ranks = tl.arange(0, BR)
@@ -46,13 +47,13 @@ def dropped_product_forward(x_ptr, w_ptr, seed_ptr, out_ptr, M, K, R, chunk, p, 
         dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         w = tl.load(w_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
                     other=0.0)
-        acc += tl.dot(dropped, w.to(x.dtype))
+        acc += tl.dot(dropped, w.to(x.dtype), input_precision=PRECISION)
     tl.atomic_add(out_ptr + rows[:, None] * R + ranks[None, :], acc, mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
 @triton.jit
 def dropped_product_backward(x_ptr, w_ptr, grad_ptr, seed_ptr, dx_ptr, dw_ptr, M, K, R, group, p, scale,
-                             BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                             BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
     """``group`` row blocks of one BK-wide column block: dx = (grad @ w) * keep * scale for each, and
     dw[:, columns] += grad.T @ dropout(x) summed over them in registers, then added once (fp32, atomic)."""
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -68,10 +69,10 @@ def dropped_product_backward(x_ptr, w_ptr, grad_ptr, seed_ptr, dx_ptr, dw_ptr, M
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
         grad = tl.load(grad_ptr + rows[:, None] * R + ranks[None, :],
                        mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(x.dtype)
-        dx = tl.where(keep, tl.dot(grad, w.to(x.dtype)) * scale, 0.0)
+        dx = tl.where(keep, tl.dot(grad, w.to(x.dtype), input_precision=PRECISION) * scale, 0.0)
         tl.store(dx_ptr + rows[:, None] * K + cols[None, :], dx.to(x.dtype), mask=inside)
         dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
-        dw += tl.dot(tl.trans(grad), dropped)
+        dw += tl.dot(tl.trans(grad), dropped, input_precision=PRECISION)
     tl.atomic_add(dw_ptr + ranks[:, None] * K + cols[None, :], dw, mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
@@ -82,6 +83,12 @@ def keep_bits(seed_ptr, out_ptr, M, K, p, BM: tl.constexpr, BK: tl.constexpr):
     keep = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :]) >= p
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+def dot_precision() -> str:
+    """How the kernels multiply fp32 inputs: in TF32 only where torch's own fp32 products may
+    (``torch.backends.cuda.matmul.allow_tf32``, which ``train.tf32`` sets); bf16 inputs are multiplied as they are."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def rank_block(rank: int) -> int:
@@ -122,7 +129,8 @@ def dropped_product(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p
     out = torch.zeros(m, r, dtype=torch.float32, device=x.device)
     chunk = triton.cdiv(triton.cdiv(k, k_chunks(m, k, x.device)), BLOCK_K) * BLOCK_K
     wrap_triton(dropped_product_forward)[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, chunk))](
-        x, weight, seed, out, m, k, r, chunk, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r))
+        x, weight, seed, out, m, k, r, chunk, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K, BR=rank_block(r),
+        PRECISION=dot_precision())
     return out.to(x.dtype)
 
 
@@ -136,7 +144,7 @@ def dropped_product_gradients(x: torch.Tensor, weight: torch.Tensor, grad: torch
     group = row_group(m, k, x.device)
     wrap_triton(dropped_product_backward)[(triton.cdiv(triton.cdiv(m, BLOCK_M), group), triton.cdiv(k, BLOCK_K))](
         x, weight, grad, seed, dx, dw, m, k, r, group, p, 1.0 / (1.0 - p), BM=BLOCK_M, BK=BLOCK_K,
-        BR=rank_block(r))
+        BR=rank_block(r), PRECISION=dot_precision())
     return dx, dw.to(weight.dtype)
 
 
@@ -153,6 +161,18 @@ def backward(ctx, grad: torch.Tensor):
 
 
 dropped_product.register_autograd(backward, setup_context=keep_for_backward)
+
+
+@register_flop_formula(torch.ops.covt.dropped_product)
+def product_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """What torch's FlopCounterMode counts for the forward: the rank-r product's, as for ``F.linear``."""
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
+
+
+@register_flop_formula(torch.ops.covt.dropped_product_backward)
+def gradient_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """The backward's two products, the input's gradient and the weight's."""
+    return 4 * x_shape[0] * x_shape[1] * weight_shape[0]
 
 
 def fused_lora_a(linear: torch.nn.Linear, p: float, x: torch.Tensor) -> torch.Tensor:
