@@ -19,6 +19,7 @@ bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each pr
 adapter's cost over base, and their sums over one decoder layer and one vision block.
 
     python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs,fused   # H100/H200
+    python bench/bench_adapters.py --modes eager,fused,default,fused-compiled --graphed  # the GPU's time alone
     python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
 """
 from __future__ import annotations
@@ -80,8 +81,26 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
     return model.train()
 
 
-def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: int) -> float:
-    """Median ms of one forward and backward; ``mode`` None: the frozen projection alone."""
+def replayed(step, warmup: int = 3):
+    """``step`` recorded as one CUDA graph after ``warmup`` calls on a side stream; returns its replay. The replays
+    take the GPU's time alone: one projection's work is a fraction of a millisecond, less than the host takes to
+    launch its kernels one by one, so events around direct calls time the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: int, graphed: bool = False
+                    ) -> float:
+    """Median ms of one forward and backward; ``mode`` None: the frozen projection alone; ``graphed``: of its
+    replays as a CUDA graph (:func:`replayed`)."""
     module = build(shape, mode, device, dtype)
     compiled = mode not in EAGER_MODES
     if compiled:
@@ -97,6 +116,8 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
         x.grad = None
         module.zero_grad(set_to_none=True)
 
+    if graphed:
+        return median_ms(replayed(step), device, iters)
     return median_ms(step, device, iters, warmup=2)  # compiles, autotunes, picks cuBLAS kernels
 
 
@@ -106,11 +127,17 @@ def main(argv=None) -> dict:
                         help="eager, default, max-autotune-no-cudagraphs, fused, fused-compiled (fused: on CUDA)")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
+    parser.add_argument("--graphed", action="store_true",
+                        help="time each forward and backward replayed as a CUDA graph: the GPU's time without the "
+                             "host's (CUDA only)")
     args = parser.parse_args(argv)
     device, dtype, name = device_dtype_name(args.device)
+    if args.graphed and device.type != "cuda":
+        parser.error("--graphed records CUDA graphs: it needs --device cuda")
     modes = args.modes.split(",")
-    print(f"device {device} ({name}), {dtype}, LoRA r16 dropout 0.01, one forward and backward, median of "
-          f"{args.iters}")
+    time = functools.partial(time_projection, device=device, dtype=dtype, iters=args.iters, graphed=args.graphed)
+    print(f"device {device} ({name}), {dtype}, LoRA r16 dropout 0.01, one forward and backward"
+          f"{' replayed as a CUDA graph' if args.graphed else ''}, median of {args.iters}")
     print("| tower | tokens | projection | base ms | " + " | ".join(f"{m} ms (over base)" for m in modes) + " |")
     print("|---|---|---|---|" + "---|" * len(modes))
     results: dict[str, dict] = {}
@@ -120,8 +147,7 @@ def main(argv=None) -> dict:
             rows = {}
             for proj, (fan_in, fan_out, bias) in shapes.items():
                 shape = (max(16, int(fan_in * args.scale)), max(16, int(fan_out * args.scale)), bias)
-                rows[proj] = {"base": time_projection(shape, tokens, None, device, dtype, args.iters),
-                              **{m: time_projection(shape, tokens, m, device, dtype, args.iters) for m in modes}}
+                rows[proj] = {"base": time(shape, tokens, None), **{m: time(shape, tokens, m) for m in modes}}
             rows["all"] = {k: sum(r[k] for r in rows.values()) for k in ["base", *modes]}
             for proj, r in rows.items():
                 cells = " | ".join(f"{r[m]:.3f} ({r[m] - r['base']:+.3f})" for m in modes)
