@@ -212,3 +212,29 @@ def test_on_cuda_it_compiles_whole_and_replays_in_a_cuda_graph_with_fresh_masks(
     graph.replay()
     assert not torch.equal(first, out)
     assert float((first - out).abs().max() / first.abs().max()) < 0.5  # 1% of the inputs dropped differently
+
+
+@needs_cuda
+def test_on_cuda_compiled_code_takes_new_token_counts():
+    """The trainer's compiled blocks see a new token count at nearly every micro-batch, and dynamo then compiles
+    them for symbolic sizes: the kernels' grids and groups follow the sizes (an interpreter cannot check this: its
+    kernels are not the JIT functions that fake tensors trace past)."""
+    import torch
+
+    from trainer.dropped_product import fused_lora_a
+
+    linear = torch.nn.Linear(3584, 16, bias=False, device="cuda").train()
+
+    def adapter(x):
+        with torch.autocast("cuda", torch.bfloat16):
+            return fused_lora_a(linear, 0.01, x)
+
+    torch.compiler.reset()
+    compiled = torch.compile(adapter, dynamic=True, fullgraph=True)
+    for tokens in (608, 1233, 2432):
+        x = torch.randn(tokens, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = compiled(x)
+        out.float().sum().backward()
+        plain = x.detach() @ linear.weight.detach().to(torch.bfloat16).t()  # what 1% dropout barely changes
+        assert out.shape == (tokens, 16) and x.grad.shape == x.shape
+        assert float((out.float() - plain.float()).norm() / plain.float().norm()) < 0.2
