@@ -37,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
 from covt.compute import autocast  # noqa: E402
-from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32  # noqa: E402
+from covt.config import LoraConfig  # noqa: E402
+from trainer.lora import (  # noqa: E402
+    adapter_dropout,
+    adapter_layers,
+    cast_adapter_inputs,
+    keep_trainable_in_fp32,
+    replace_adapter_dropout,
+)
 
 # (in, out, bias) of each adapted projection: Qwen2.5-VL-7B's language model and vision blocks
 LANGUAGE = {"q": (3584, 3584, True), "k": (3584, 512, True), "v": (3584, 512, True), "o": (3584, 3584, False),
@@ -72,12 +79,7 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
                 p.normal_(std=0.02)
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
-    if mode.startswith("fused"):
-        from trainer.dropped_product import fused_lora_a
-
-        layer = model.base_model.model.proj
-        layer.lora_A["default"].forward = functools.partial(fused_lora_a, layer.lora_A["default"], 0.01)
-        layer.lora_dropout["default"] = torch.nn.Identity()
+    replace_adapter_dropout(adapter_layers(model), adapter_dropout(LoraConfig(fused_dropout=mode.startswith("fused"))))
     return model.train()
 
 

@@ -30,7 +30,7 @@ def test_the_projection_bench_times_each_group_separate_and_concatenated(tmp_pat
 
 
 def test_the_adapter_bench_times_the_frozen_product_and_peft_adapter_over_it(tmp_path):
-    """Eagerly and with the prototype kernels (``fused``, in Triton's interpreter here)."""
+    """Eagerly and with train.lora.fused_dropout's kernels (``fused``, in Triton's interpreter here)."""
     out = tmp_path / "adapters.json"
     proc = run("bench_adapters.py", "--tokens", "32", "--scale", "0.03125", "--modes", "eager,fused", "--iters", "2",
                "--json", str(out), env={**ENV, "TRITON_INTERPRET": "1"})
