@@ -13,13 +13,17 @@ it times one forward and backward (the input's gradient and the adapter's) of:
           Triton templates against cuBLAS and can fuse the dropout into a product's loads), or eagerly with its
           dropout and rank-r product through trainer/dropped_product.py's kernels (``fused``: no dropped copy of the
           input, no mask stored; ``train.lora.fused_dropout``), or those kernels inside torch.compile's code
-          (``fused-compiled``: as the trainer's compiled blocks run them).
+          (``fused-compiled``: as the trainer's compiled blocks run them), or each LoRA layer as one autograd function
+          whose adapter accumulates into the frozen product's output and input gradient in place (``accumulate``,
+          trainer/adapted_linear.py, ``train.lora.accumulate_in_place``; ``accumulate-compiled`` inside
+          torch.compile's code).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
 
     python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs,fused   # H100/H200
     python bench/bench_adapters.py --modes eager,fused,default,fused-compiled --graphed  # the GPU's time alone
+    python bench/bench_adapters.py --modes eager,accumulate,default,accumulate-compiled --graphed
     python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from bench.bench_projections import device_dtype_name, median_ms, products_parse
 from covt.compute import autocast  # noqa: E402
 from covt.config import LoraConfig  # noqa: E402
 from trainer.lora import (  # noqa: E402
+    accumulate_in_place,
     adapter_dropout,
     adapter_layers,
     cast_adapter_inputs,
@@ -53,7 +58,8 @@ VISION = {"qkv": (1280, 3840, True), "proj": (1280, 1280, True), "gate": (1280, 
           "up": (1280, 3420, True), "down": (3420, 1280, True)}
 # tokens per micro-batch of the bench's samples (~607 text tokens, 1024 patches per 448x448 image)
 TOWERS = {"language": (LANGUAGE, "608,2432"), "vision": (VISION, "1024,4096")}
-EAGER_MODES = (None, "eager", "fused")  # None: the frozen projection alone
+EAGER_MODES = (None, "eager", "fused", "accumulate")  # None: the frozen projection alone
+COMPILED_DEFAULT = ("default", "fused-compiled", "accumulate-compiled")  # torch.compile's default mode
 
 
 class Projection(torch.nn.Module):
@@ -80,6 +86,7 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
     replace_adapter_dropout(adapter_layers(model), adapter_dropout(LoraConfig(fused_dropout=mode.startswith("fused"))))
+    accumulate_in_place(adapter_layers(model), mode.startswith("accumulate"))
     return model.train()
 
 
@@ -107,7 +114,7 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
     compiled = mode not in EAGER_MODES
     if compiled:
         torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
-    run = torch.compile(module, mode=None if mode in ("default", "fused-compiled") else mode) if compiled else module
+    run = torch.compile(module, mode=None if mode in COMPILED_DEFAULT else mode) if compiled else module
     x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
 
@@ -126,7 +133,8 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
 def main(argv=None) -> dict:
     parser = products_parser(__doc__.split("\n")[0], iters=10)
     parser.add_argument("--modes", default="eager,default,fused",
-                        help="eager, default, max-autotune-no-cudagraphs, fused, fused-compiled (fused: on CUDA)")
+                        help="eager, default, max-autotune-no-cudagraphs, fused, fused-compiled (fused: on CUDA), "
+                             "accumulate, accumulate-compiled")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
     parser.add_argument("--graphed", action="store_true",

@@ -34,6 +34,9 @@ alternating after warm-up, timed with CUDA events (medians):
            the backward pass instead of its dropped input and mask kept: the same masks, less memory).
   any kind + _kernel_dropout: the same with train.lora.fused_dropout (each adapter's dropout drawn inside its
            rank-r product's Triton kernels, trainer/dropped_product.py: no dropped copy or mask written; CUDA only).
+  any kind + _accumulated: the same with train.lora.accumulate_in_place (each LoRA layer as one autograd function
+           whose adapter accumulates into the frozen product's output and input gradient in place,
+           trainer/adapted_linear.py).
   any kind + _compiled_heads: the same with train.compile_heads (each anchor head and its loss through
            torch.compile; with _compiled in the kind's name the blocks are compiled too).
   any kind + _peft_token_rows: the same with train.lora.separate_token_rows false (peft's trainable-token layers:
@@ -87,6 +90,7 @@ from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import (  # noqa: E402
+    accumulate_in_place,
     adapter_dropout,
     adapter_layers,
     attach_lora,
@@ -274,6 +278,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         replace_adapter_dropout(adapters, adapter_dropout(LoraConfig(recompute_dropout="_recomputed_dropout" in kind,
                                                                      fused_dropout="_kernel_dropout" in kind)))
+        accumulate_in_place(adapters, "_accumulated" in kind)
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         model.compile_heads("_compiled_heads" in kind)

@@ -16,6 +16,7 @@ for a valid file, not used.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from typing import Any
 
@@ -52,6 +53,12 @@ def resolve_deepspeed_config(raw: dict, t: TrainConfig, world: int, bf16: bool, 
     if left:
         raise DeepSpeedConfigError(f"{where}: no config value fills {', '.join(left)} = \"auto\"; write a number")
     return ds
+
+
+def zero_stage(path: str) -> int:
+    """The ZeRO stage of the DeepSpeed JSON at ``path`` (0 where it names none)."""
+    with open(path) as f:
+        return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
 
 
 def fill_optimizer_and_scheduler(fill: Filler, t: TrainConfig, run_steps: int) -> None:

@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterable
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.checkpoint import checkpoint
 
 from covt.config import LoraConfig
+from trainer.adapted_linear import accumulating_forward
 
 
 def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -105,6 +107,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
     replace_adapter_dropout(adapter_layers(model), adapter_dropout(lora))
+    accumulate_in_place(adapter_layers(model), lora.accumulate_in_place)
     use_separate_token_rows(model, lora.separate_token_rows)
     return model
 
@@ -215,9 +218,10 @@ def adapter_dropout(lora: LoraConfig) -> Callable | None:
     """What computes each adapter's ``lora_A(dropout(x))`` under these settings: :func:`dropout_then_linear`
     (``lora.recompute_dropout``), the Triton kernels of :mod:`trainer.dropped_product` (``lora.fused_dropout``), or
     None: peft's dropout module then ``lora_A``."""
-    if lora.fused_dropout and lora.recompute_dropout:
-        raise ValueError("train.lora.fused_dropout and train.lora.recompute_dropout both replace the adapters' "
-                         "dropout: set one of them")
+    replacing = [key for key in ("fused_dropout", "recompute_dropout", "accumulate_in_place") if getattr(lora, key)]
+    if len(replacing) > 1:
+        raise ValueError(f"train.lora.{' and train.lora.'.join(replacing)} each replace the adapters' dropout: set "
+                         f"one of them")
     if lora.fused_dropout:
         from trainer.dropped_product import fused_lora_a  # imports triton: only where the switch is on
 
@@ -243,6 +247,21 @@ def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], forward: Callable 
                 lora_a.forward = functools.partial(forward, lora_a, dropout.p)
                 layer.lora_dropout[name] = torch.nn.Identity()
                 switched += 1
+    return switched
+
+
+def accumulate_in_place(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
+    """Whether these LoRA Linear layers run as :class:`trainer.adapted_linear.AdaptedLinear`
+    (``lora.accumulate_in_place``) or as peft computes them. Reversible; the state dict does not change. Returns
+    the layers switched."""
+    switched = 0
+    for layer in (layer for layer in layers if isinstance(layer, LoraLinear)):
+        patched = isinstance(layer.__dict__.get("forward"), functools.partial)
+        if enabled and not patched:
+            layer.forward = functools.partial(accumulating_forward, layer)
+        elif patched and not enabled:
+            del layer.forward
+        switched += enabled != patched
     return switched
 
 

@@ -45,7 +45,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from trainer.deepspeed_config import resolve_deepspeed_config
+from trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
 from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
 from trainer.loading import load_processor, load_vlm
@@ -83,9 +83,7 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
             logger.warning("train.cuda_graphs: %s", advice)
-        if t.lora.fused_dropout and compute.device.type != "cuda":
-            raise ValueError(f"train.lora.fused_dropout: its Triton kernels run on CUDA (train.device resolves to "
-                             f"{compute.device}): set train.lora.fused_dropout=false")
+        check_lora_switches(t, compute.device)
         if t.compile_mode != "default" and not t.compile:
             logger.warning("train.compile_mode=%s has no effect without train.compile=true", t.compile_mode)
         use_tf32(t.tf32)
@@ -461,6 +459,17 @@ def load_vlm_config(path: Path):
 
 def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
+
+
+def check_lora_switches(t: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any work, the adapters' fast paths where they cannot run."""
+    if t.lora.fused_dropout and device.type != "cuda":
+        raise ValueError(f"train.lora.fused_dropout: its Triton kernels run on CUDA (train.device resolves to "
+                         f"{device}): set train.lora.fused_dropout=false")
+    if t.lora.accumulate_in_place and t.deepspeed and zero_stage(t.deepspeed) == 3:
+        raise ValueError(f"train.lora.accumulate_in_place reads each LoRA layer's frozen weight directly, and "
+                         f"ZeRO-3 ({t.deepspeed}) gathers it only for the frozen layer's own forward: set "
+                         f"train.lora.accumulate_in_place=false or use ZeRO-2")
 
 
 def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, grad_accum: int, world: int,
