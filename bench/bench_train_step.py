@@ -32,8 +32,6 @@ alternating after warm-up, timed with CUDA events (medians):
            adds the graphs' pool (where a replay's activations live) to the step's own peak.
   any kind + _recomputed_dropout: the same with train.lora.recompute_dropout (each adapter's dropout made again in
            the backward pass instead of its dropped input and mask kept: the same masks, less memory).
-  any kind + _kernel_dropout: the same with train.lora.fused_dropout (each adapter's dropout drawn inside its
-           rank-r product's Triton kernels, trainer/dropped_product.py: no dropped copy or mask written; CUDA only).
   any kind + _accumulated: the same with train.lora.accumulate_in_place (each LoRA layer as one autograd function
            whose adapter accumulates into the frozen product's output and input gradient in place,
            trainer/adapted_linear.py).
@@ -276,8 +274,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def micro_batches(reads: DeviceReads | None, eager: bool) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
-        replace_adapter_dropout(adapters, adapter_dropout(LoraConfig(recompute_dropout="_recomputed_dropout" in kind,
-                                                                     fused_dropout="_kernel_dropout" in kind)))
+        replace_adapter_dropout(adapters, adapter_dropout(LoraConfig(recompute_dropout="_recomputed_dropout" in kind)))
         accumulate_in_place(adapters, "_accumulated" in kind)
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"

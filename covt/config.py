@@ -212,11 +212,6 @@ class LoraConfig:
     # stays (the base layer keeps it anyway), and the dropout runs again in the backward pass with the random state
     # restored: the same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
     recompute_dropout: bool = option(False, "the adapters' dropout made again in the backward pass, not kept")
-    # the same, and faster on CUDA: each adapter's dropout drawn inside its rank-r product's Triton kernels, forward
-    # and backward (trainer/dropped_product.py), so neither the dropped copy nor the mask is written at all. The
-    # same function as dropout then the product, with other random bits than torch's dropout; CUDA only
-    fused_dropout: bool = option(False, "the adapters' dropout drawn inside their rank-r products' Triton kernels "
-                                        "(CUDA): no dropped copy or mask written or kept")
     # peft's lora.Linear writes the adapter's output, scales it and adds it to the frozen product's, and its backward
     # pass scales, drops out and sums activation-sized gradients in passes of their own. true: each LoRA layer is one
     # autograd function (trainer/adapted_linear.py) whose adapter product goes into the frozen product's output

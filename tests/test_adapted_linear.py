@@ -7,10 +7,16 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from covt.config import LoraConfig
-from tests.test_trainer_lora import base_dir, image_inputs, load_with_new_rows, lora_modules, randomise_adapters  # noqa: F401
+from tests.test_trainer_lora import image_inputs, load_with_new_rows, lora_modules, randomise_adapters
 from trainer.lora import accumulate_in_place, adapter_dropout, adapter_layers, attach_lora, cast_adapter_inputs
+from trainer.tiny_model import build_tiny_base_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the 7B shapes in bf16 run on CUDA")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return build_tiny_base_model(tmp_path_factory.mktemp("adapted") / "base", seed=0, image_size=112)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,6 +119,22 @@ def test_one_projection_equals_peft_in_fp32_and_under_bf16_autocast(p, bias, inp
             assert a.dtype == b.dtype and relative(a, b) < bound, (dtype, name, relative(a, b))
 
 
+@pytest.mark.parametrize("p", [0.3, 0.0])
+def test_flop_counter_sees_the_products_peft_makes(p):
+    """The bench's MFU counts the same products either way (an in-place ``addmm_`` would go uncounted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = projection(24, 40, p)
+    x = torch.randn(3, 24, requires_grad=True)
+    counts = []
+    for accumulate in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(model, x, torch.randn(3, 40), accumulate)
+        counts.append(counter.get_total_flops())
+    # forward: the frozen product, A, B; backward: the input's gradient through W, B's and A's products
+    assert counts[1] == counts[0] == 2 * 3 * (24 * 40 + 24 * 4 + 4 * 40) + 2 * 3 * (40 * 24 + 2 * 40 * 4 + 2 * 4 * 24)
+
+
 def test_it_compiles_whole_to_what_it_computes_eagerly():
     """Inside torch.compile (train.compile's blocks) as one graph, without dropout: the eager function's values.
     (With dropout the compiled code draws its own masks, as compiled peft does.)"""
@@ -125,10 +147,9 @@ def test_it_compiles_whole_to_what_it_computes_eagerly():
         assert relative(a, b) < 1e-5
 
 
-def test_it_replaces_the_dropout_alone_so_not_with_the_other_dropout_switches():
-    for other in ("recompute_dropout", "fused_dropout"):
-        with pytest.raises(ValueError, match=rf"train\.lora\.{other} and train\.lora\.accumulate_in_place"):
-            adapter_dropout(LoraConfig(accumulate_in_place=True, **{other: True}))
+def test_it_draws_its_own_dropout_so_not_with_the_recomputed_one():
+    with pytest.raises(ValueError, match=r"train\.lora\.recompute_dropout and train\.lora\.accumulate_in_place"):
+        adapter_dropout(LoraConfig(accumulate_in_place=True, recompute_dropout=True))
 
 
 @needs_cuda

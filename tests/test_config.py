@@ -130,17 +130,21 @@ def test_compile_mode_without_compile_is_said_before_any_work(tmp_path, caplog, 
     assert len(said) == (0 if compile_on else 1)
 
 
-def test_fused_dropout_on_the_cpu_is_refused_before_any_work(tmp_path):
-    """train.lora.fused_dropout's kernels run on CUDA: on the CPU the trainer says so, naming the key, before it reads
-    anything (without the switch the same run goes on to its empty schedule)."""
+def test_adapters_accumulating_in_place_are_refused_with_zero3_before_any_work(tmp_path, repo_root):
+    """train.lora.accumulate_in_place reads the frozen weights that ZeRO-3 gathers only for the frozen layers' own
+    forward: the trainer says so, naming both, before it reads anything (with ZeRO-2 the same run goes on to its
+    empty schedule)."""
+    pytest.importorskip("deepspeed")
     from trainer.schedule import ScheduleError
     from trainer.train import train
 
-    settings = [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}", "train.device=cpu"]
-    with pytest.raises(ValueError, match=r"train\.lora\.fused_dropout: its Triton kernels run on CUDA"):
-        train(load_config(None, [*settings, "train.lora.fused_dropout=true"]))
+    settings = [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}", "train.device=cpu",
+                "train.lora.accumulate_in_place=true"]
+    zero = lambda stage: f"train.deepspeed={repo_root / 'configs' / 'deepspeed' / f'zero{stage}.json'}"  # noqa: E731
+    with pytest.raises(ValueError, match=r"train\.lora\.accumulate_in_place reads .* ZeRO-3 \(.*zero3\.json\)"):
+        train(load_config(None, [*settings, zero(3)]))
     with pytest.raises(ScheduleError):
-        train(load_config(None, settings))
+        train(load_config(None, [*settings, zero(2)]))
 
 
 def test_bundled_tiny_config_loads(repo_root):

@@ -6,7 +6,7 @@ backward pass scales the gradient, drops out the adapter's input gradient and su
 a pass of its own. At rank 16 these passes, not the products, are what an adapter costs: on an H100 they add about
 70% to the time of the frozen projections of a 7B decoder layer (BENCHMARKS.md, issue 19).
 
-Here the adapter's product goes into the frozen product's output inside the GEMM (``addmm_``, the scaling as its
+Here the adapter's product goes into the frozen product's output inside the GEMM (``addmm``, the scaling as its
 alpha), the scaling moves onto the rank-r tensors, and the adapter's input gradient is masked and added into the
 frozen product's in one pass. The same function with the same dropout masks (each device's own draw, as
 ``torch.nn.functional.dropout`` makes it); the sums round once where peft rounds twice.
@@ -48,7 +48,7 @@ class AdaptedLinear(torch.autograd.Function):
         out = rows @ weight.t() if bias is None else torch.addmm(bias.to(dtype), rows, weight.t())
         rows_dropped, keep, scale = dropped(rows, p)
         low = rows_dropped @ lora_a.t()
-        out.addmm_(low, lora_b.t(), alpha=scaling)
+        out = torch.addmm(out, low, lora_b.t(), alpha=scaling)  # not addmm_: FlopCounterMode counts addmm only
         ctx.save_for_backward(rows_dropped, keep, low, weight, lora_a, lora_b)
         ctx.scaling, ctx.scale, ctx.x_shape, ctx.x_dtype = scaling, scale, x.shape, x.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -62,7 +62,7 @@ class AdaptedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight
             if keep is None:
-                grad_x.addmm_(grad_low, lora_a)
+                grad_x = torch.addmm(grad_x, grad_low, lora_a)
             else:
                 grad_x.addcmul_(grad_low @ lora_a, keep, value=ctx.scale)
             grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)

@@ -216,16 +216,11 @@ def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x:
 
 def adapter_dropout(lora: LoraConfig) -> Callable | None:
     """What computes each adapter's ``lora_A(dropout(x))`` under these settings: :func:`dropout_then_linear`
-    (``lora.recompute_dropout``), the Triton kernels of :mod:`trainer.dropped_product` (``lora.fused_dropout``), or
-    None: peft's dropout module then ``lora_A``."""
-    replacing = [key for key in ("fused_dropout", "recompute_dropout", "accumulate_in_place") if getattr(lora, key)]
-    if len(replacing) > 1:
-        raise ValueError(f"train.lora.{' and train.lora.'.join(replacing)} each replace the adapters' dropout: set "
-                         f"one of them")
-    if lora.fused_dropout:
-        from trainer.dropped_product import fused_lora_a  # imports triton: only where the switch is on
-
-        return fused_lora_a
+    (``lora.recompute_dropout``), or None: peft's dropout module then ``lora_A`` (or, with
+    ``lora.accumulate_in_place``, the dropout inside each layer's one function, :mod:`trainer.adapted_linear`)."""
+    if lora.recompute_dropout and lora.accumulate_in_place:
+        raise ValueError("train.lora.recompute_dropout and train.lora.accumulate_in_place both replace the adapters' "
+                         "dropout: set one of them")
     return dropout_then_linear if lora.recompute_dropout else None
 
 

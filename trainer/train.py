@@ -462,10 +462,7 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
 
 
 def check_lora_switches(t: TrainConfig, device: torch.device) -> None:
-    """Refuse, before any work, the adapters' fast paths where they cannot run."""
-    if t.lora.fused_dropout and device.type != "cuda":
-        raise ValueError(f"train.lora.fused_dropout: its Triton kernels run on CUDA (train.device resolves to "
-                         f"{device}): set train.lora.fused_dropout=false")
+    """Refuse, before any work, an adapters' fast path where it cannot run."""
     if t.lora.accumulate_in_place and t.deepspeed and zero_stage(t.deepspeed) == 3:
         raise ValueError(f"train.lora.accumulate_in_place reads each LoRA layer's frozen weight directly, and "
                          f"ZeRO-3 ({t.deepspeed}) gathers it only for the frozen layer's own forward: set "
