@@ -3,7 +3,8 @@
 The slow test runs ``bench/learn/run.py --quick`` (the CPU variant of ``make learn``) with one more arm whose
 anchor losses are off (every anchor's ``train.loss_weights`` 0): what it asserts is what a pipeline that stopped
 learning cannot reach, and the broken arm shows it is not reached for free. One thread per process, so the
-numbers do not depend on the machine's core count. It runs in CI: about 6 minutes on an idle 2-core machine.
+numbers do not depend on the machine's core count, and the independent runs go side by side. It runs in CI: about
+4 minutes on an idle 2-core machine.
 """
 import json
 import os

@@ -75,9 +75,11 @@ FULL = Plan(train=12000, covt_samples=None, held_out=128, bench=300, base_steps=
             device="auto", side_by_side=True, workers=4, base_workers=8,
             model=TinySize(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4, vision_hidden=256,
                            vision_intermediate=768, vision_depth=4, vision_heads=4))
+# side by side: each process runs one thread (make learn-quick sets OMP_NUM_THREADS=1), so the arms compute the
+# same numbers at the same time as one after the other, on as many cores as there are
 QUICK = Plan(train=600, covt_samples=128, held_out=24, bench=60, base_steps=500, stage_steps=(60, 40, 250, 100),
              batch=4, base_batch=8, base_lr=2e-3, lr=5e-3, validate_every=75, device="cpu", pidinet_size=56,
-             max_new_tokens=96, pictures=1)
+             max_new_tokens=96, pictures=1, side_by_side=True)
 
 
 def base_config(out: Path, plan: Plan) -> dict:
