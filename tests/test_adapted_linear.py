@@ -165,3 +165,27 @@ def test_on_cuda_at_the_7b_shapes_it_equals_peft_with_the_same_masks(fan_in, fan
         assert relative(a, b) < 1e-2, (name, relative(a, b))
     other_masks = forward_backward(model, x, grad, True, autocast=True, seed=6)
     assert relative(other_masks[1], peft[1]) > 1e-2  # lora_A's gradient follows the masks
+
+
+@pytest.mark.slow
+def test_a_run_with_the_switch_logs_peft_losses_through_a_merge(e2e_workdir, e2e_overrides, run_trainer):
+    """python -m trainer with train.lora.accumulate_in_place, LoRA dropout 0.3: a first run of two steps and a second
+    after its merge (the switch applied again to the new adapters) draw peft's masks and log the losses of the run
+    without the switch (each anchor's too; fp32 sums in another order), and export."""
+    import json
+
+    stages = ("train.stages=[{name: understanding, steps: 2, merge_after: true}, "
+              "{name: generation, steps: 1, merge_after: true}]")
+
+    def logged(name: str, *extra: str) -> list[dict]:
+        run_trainer(["--config", "configs/tiny.yaml", *e2e_overrides(e2e_workdir, name), stages, "train.save_every=0",
+                     "train.lora.dropout=0.3", *extra])
+        assert (e2e_workdir / name / "final" / "config.json").is_file()
+        return [json.loads(line) for line in (e2e_workdir / name / "metrics.jsonl").read_text().splitlines()]
+
+    peft = logged("adapters-peft")
+    ours = logged("adapters-accumulated", "train.lora.accumulate_in_place=true")
+    assert [row["step"] for row in ours] == [1, 2, 3] and all({"loss", "sam"} <= set(row) for row in ours)
+    for a, b in zip(ours, peft, strict=True):
+        for key in ("loss", "text", "sam", "depth", "dino", "grad_norm"):  # grad_norm: B's gradients follow the masks
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)

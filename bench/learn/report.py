@@ -330,8 +330,8 @@ def markdown(report: dict) -> str:
 
 
 def speed_markdown(report: dict) -> list[str]:
-    lines = ["", "## Training speed per run (medians over its steps; the GPU plan trains the arms side by side on "
-             "one card)", "",
+    lines = ["", "## Training speed per run (medians over its steps; the arms train side by side: on one card in "
+             "the GPU plan, one thread each in the CPU plan)", "",
              "| run | steps | seconds per step | of which waiting for data | steps/s |", "|---|---|---|---|---|"]
     for run, speed in report.get("speed", {}).items():
         if speed:
