@@ -11,10 +11,9 @@ it times one forward and backward (the input's gradient and the adapter's) of:
           weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
           through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
           Triton templates against cuBLAS and can fuse the dropout into a product's loads), or each LoRA layer as
-          one autograd function
-          whose adapter accumulates into the frozen product's output and input gradient in place (``accumulate``,
-          trainer/adapted_linear.py, ``train.lora.accumulate_in_place``; ``accumulate-compiled`` inside
-          torch.compile's code).
+          one autograd function whose adapter accumulates into the frozen product's output and input gradient in
+          place (``accumulate``, trainer/adapted_linear.py, ``train.lora.accumulate_in_place``;
+          ``accumulate-compiled`` inside torch.compile's code).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
