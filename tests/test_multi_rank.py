@@ -391,10 +391,12 @@ def tiny_base(workdir):
 
 
 def runnable(command: str, workdir: Path, out: Path) -> list[str]:
-    """``command`` as written, on the tiny model and cache, writing to ``out``, stopping after step 1."""
+    """``command`` as written, on the tiny model and cache, writing to ``out``, stopping after step 1. Its blocks run
+    eagerly: compiled, the 7B configs' first step takes half a minute per command on a 2-core CPU, and compiled
+    blocks under these launchers are test_two_ranks_zero2_with_compiled_blocks_train_as_one_eager_process_does's."""
     extra = [f"model.path={workdir / 'base'}", f"cache.dir={workdir / 'cache'}", f"train.output_dir={out}",
              f"data.path={workdir / 'records.json'}", "model.image_size=112", "train.num_workers=0",
-             "train.device=cpu", "--stop-after", "1"]
+             "train.device=cpu", "train.compile=false", "--stop-after", "1"]
     words = shlex.split(command)
     bin_dir = Path(sys.executable).parent
     if words[0] == "make":
