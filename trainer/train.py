@@ -83,7 +83,7 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
             logger.warning("train.cuda_graphs: %s", advice)
-        check_lora_switches(t, compute.device)
+        check_lora_switches(t)
         if t.compile_mode != "default" and not t.compile:
             logger.warning("train.compile_mode=%s has no effect without train.compile=true", t.compile_mode)
         use_tf32(t.tf32)
@@ -461,7 +461,7 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
 
 
-def check_lora_switches(t: TrainConfig, device: torch.device) -> None:
+def check_lora_switches(t: TrainConfig) -> None:
     """Refuse, before any work, an adapters' fast path where it cannot run."""
     if t.lora.accumulate_in_place and t.deepspeed and zero_stage(t.deepspeed) == 3:
         raise ValueError(f"train.lora.accumulate_in_place reads each LoRA layer's frozen weight directly, and "
