@@ -73,7 +73,7 @@ class AdaptedLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def plain_adapter(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+def plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None:
     """The active adapter of ``layer`` where :class:`AdaptedLinear` computes what peft's forward would: one plain
     LoRA adapter (no DoRA or other variant, no bias of its own) over a frozen, unmerged ``nn.Linear``, called with
     the input alone; else None."""
@@ -88,7 +88,7 @@ def plain_adapter(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict)
 
 def accumulating_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``layer``'s forward through :class:`AdaptedLinear` where it applies (:func:`plain_adapter`), else peft's."""
-    name = plain_adapter(layer, x, args, kwargs)
+    name = plain_adapter(layer, args, kwargs)
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     dropout = layer.lora_dropout[name]

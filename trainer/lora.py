@@ -251,7 +251,8 @@ def accumulate_in_place(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
     the layers switched."""
     switched = 0
     for layer in (layer for layer in layers if isinstance(layer, LoraLinear)):
-        patched = isinstance(layer.__dict__.get("forward"), functools.partial)
+        patch = layer.__dict__.get("forward")
+        patched = isinstance(patch, functools.partial) and patch.func is accumulating_forward
         if enabled and not patched:
             layer.forward = functools.partial(accumulating_forward, layer)
         elif patched and not enabled:
