@@ -8,6 +8,7 @@ from peft import get_peft_model
 
 from covt.config import LoraConfig
 from tests.test_trainer_lora import image_inputs, load_with_new_rows, lora_modules, randomise_adapters
+from trainer.adapted_linear import AccumulatingLoraLinear
 from trainer.lora import accumulate_in_place, adapter_dropout, adapter_layers, attach_lora, cast_adapter_inputs
 from trainer.tiny_model import build_tiny_base_model
 
@@ -53,13 +54,13 @@ def test_it_switches_back_falls_back_to_peft_where_it_does_not_apply_and_drops_n
     randomise_adapters(model)
     layers = adapter_layers(model)
     adapters = len(lora_modules(model))
-    assert sum("forward" in vars(layer) for layer in layers) == adapters  # every LoRA Linear, no token layer
+    assert sum(type(layer) is AccumulatingLoraLinear for layer in layers) == adapters  # no token layer
     with torch.no_grad():
         accumulated = model(**inputs).logits
         with model.disable_adapter():  # peft's own forward: the frozen model alone
             base = model(**inputs).logits
         assert accumulate_in_place(layers, False) == adapters
-        assert all("forward" not in vars(layer) for layer in layers)
+        assert not any(isinstance(layer, AccumulatingLoraLinear) for layer in layers)
         torch.testing.assert_close(model(**inputs).logits, accumulated, rtol=1e-5, atol=1e-5)
         assert accumulate_in_place(layers, True) == adapters and accumulate_in_place(layers, True) == 0
         with model.disable_adapter():

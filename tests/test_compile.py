@@ -41,9 +41,9 @@ def calls(profile, name: str) -> int:
     return sum(e.count for e in profile.key_averages() if e.key == name)
 
 
-def tiny_covt(tmp_path, synthetic_cache, anchors: list[str] = ANCHORS, rows: tuple[int, ...] = (2, 2)
-               ) -> tuple[CoVTModel, list[dict]]:
-    """The tiny VLM with LoRA (dropout off) and the ``anchors``' heads (sam, depth and dino) in fp32, and
+def tiny_covt(tmp_path, synthetic_cache, anchors: list[str] = ANCHORS, rows: tuple[int, ...] = (2, 2),
+              lora: LoraConfig | None = None) -> tuple[CoVTModel, list[dict]]:
+    """The tiny VLM with LoRA (by default dropout off) and the ``anchors``' heads (sam, depth and dino) in fp32, and
     micro-batches of ``rows`` samples each, the first two of different lengths, from the synthetic cache."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -60,7 +60,7 @@ def tiny_covt(tmp_path, synthetic_cache, anchors: list[str] = ANCHORS, rows: tup
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     tokens = add_thought_tokens(processor, vlm, seed=0)
     torch.manual_seed(0)
-    vlm = attach_lora(vlm, LoraConfig(dropout=0.0), tokens.ids)
+    vlm = attach_lora(vlm, lora or LoraConfig(dropout=0.0), tokens.ids)
     model = CoVTModel(vlm, build_heads(anchors, text_hidden_size(vlm), cache), tokens)
     settings = BatchSettings.from_config(Config(anchors=anchors, model=ModelConfig(image_size=112),
                                                 train=TrainConfig(max_length=1024)))
@@ -104,6 +104,33 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
     assert compiled.keys() == eager.keys() and len(eager) > 20
     for name, grad in eager.items():
         assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
+
+
+@pytest.mark.parametrize("switch", ["accumulate_in_place", "recompute_dropout"])
+def test_every_block_runs_the_code_compiled_for_the_first_with_the_lora_switches(tmp_path, synthetic_cache, switch):
+    """The LoRA switches that replace peft's adapter forward do it by class, so each decoder layer and vision block
+    passes the guards of the code compiled for the first. A forward bound to each layer failed them: every block
+    recompiled, and on the 7B model (60 blocks) dynamo's limit of 64 left the last ones eager. The recompilations left
+    are the towers' own: the vision tower's second block, the first whose input needs a gradient, and the decoder's
+    first layer, whose input has another rank than the vision blocks' (both run transformers' checkpointing wrapper)."""
+    import logging
+
+    model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, **{switch: True}))
+    compile_blocks(model.vlm, None)
+    reasons: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reasons.append(record.getMessage())
+    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+    logger.addHandler(handler)
+    torch._logging.set_logs(recompiles=True)
+    try:
+        model(batches[0])["loss"].backward()
+    finally:
+        torch._logging.set_logs()
+        logger.removeHandler(handler)
+    failures = [line.strip() for message in reasons for line in message.splitlines() if line.strip().startswith("- ")]
+    assert failures, "no recompilation logged: the vision tower's has to be"
+    assert all("requires_grad mismatch" in line or "rank mismatch" in line for line in failures), failures
 
 
 def test_compiled_heads_give_the_eager_loss_and_gradients(tmp_path, synthetic_cache):

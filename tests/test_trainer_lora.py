@@ -306,7 +306,7 @@ def test_recomputed_adapter_dropout_gives_the_same_loss_and_gradients_and_keeps_
 
 
 def test_recomputed_adapter_dropout_switches_back_and_drops_nothing_in_eval(base_dir):
-    from trainer.lora import adapter_layers, dropout_then_linear, replace_adapter_dropout
+    from trainer.lora import DropoutThenLinear, adapter_layers, replace_adapter_dropout
 
     vlm, new_ids = load_with_new_rows(base_dir)
     inputs = image_inputs(base_dir, new_ids)
@@ -318,12 +318,14 @@ def test_recomputed_adapter_dropout_switches_back_and_drops_nothing_in_eval(base
     assert len(dropouts()) == adapters and all(isinstance(m, torch.nn.Identity) for m in dropouts())
     with torch.no_grad():
         recomputed = model.eval()(**inputs).logits
-        assert replace_adapter_dropout(layers, None) == adapters
+        assert replace_adapter_dropout(layers, False) == adapters
         assert all(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in dropouts())
-        assert all("forward" not in vars(a) for layer in layers for a in getattr(layer, "lora_A", {}).values())
+        assert all(type(a) is torch.nn.Linear for layer in layers for a in getattr(layer, "lora_A", {}).values())
         torch.testing.assert_close(model(**inputs).logits, recomputed, rtol=0, atol=0)  # eval: no dropout either way
-    assert replace_adapter_dropout(layers, dropout_then_linear) == adapters
-    assert replace_adapter_dropout(layers, dropout_then_linear) == 0  # switched once
+    assert replace_adapter_dropout(layers, True) == adapters
+    assert replace_adapter_dropout(layers, True) == 0  # switched once
+    assert sum(type(a) is DropoutThenLinear for layer in layers for a in getattr(layer, "lora_A", {}).values()
+               ) == adapters
 
 
 def test_recomputed_adapter_dropout_compiles_to_the_same_gradients():
@@ -332,7 +334,7 @@ def test_recomputed_adapter_dropout_compiles_to_the_same_gradients():
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from trainer.lora import adapter_layers, dropout_then_linear, replace_adapter_dropout
+    from trainer.lora import adapter_layers, replace_adapter_dropout
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -346,7 +348,7 @@ def test_recomputed_adapter_dropout_compiles_to_the_same_gradients():
         torch.manual_seed(0)
         model = get_peft_model(Block(), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
                                                        target_modules=["q", "up", "down"]))
-        replaced = replace_adapter_dropout(adapter_layers(model), dropout_then_linear if recompute else None)
+        replaced = replace_adapter_dropout(adapter_layers(model), recompute)
         assert replaced == 3 * recompute
         torch.manual_seed(1)
         x = torch.randn(20, 32, requires_grad=True)

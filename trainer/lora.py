@@ -19,10 +19,9 @@ trains (the thought-token rows with the rest of their matrices), and merging is 
 """
 from __future__ import annotations
 
-import functools
 import re
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -34,7 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.checkpoint import checkpoint
 
 from covt.config import LoraConfig
-from trainer.adapted_linear import accumulating_forward
+from trainer.adapted_linear import AccumulatingLoraLinear
 
 
 def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -214,34 +213,47 @@ def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x:
     return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, training), weight, bias)
 
 
-def adapter_dropout(lora: LoraConfig) -> Callable | None:
-    """What computes each adapter's ``lora_A(dropout(x))`` under these settings: :func:`dropout_then_linear`
-    (``lora.recompute_dropout``), or None: peft's dropout module then ``lora_A`` (or, with
-    ``lora.accumulate_in_place``, the dropout inside each layer's one function, :mod:`trainer.adapted_linear`)."""
+class DropoutThenLinear(torch.nn.Linear):
+    """An adapter's ``lora_A`` that drops out its own input with :func:`dropout_then_linear`, in place of peft's
+    dropout module in front of it (``lora.recompute_dropout``). Adapters take this class in place
+    (``lora_A.__class__``), as :class:`trainer.adapted_linear.AccumulatingLoraLinear` does and for its reason: one
+    forward for every layer's compiled block to guard on."""
+
+    dropout_p: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout_then_linear(self, self.dropout_p, x)
+
+
+def adapter_dropout(lora: LoraConfig) -> bool:
+    """Whether each adapter's ``lora_A(dropout(x))`` is :class:`DropoutThenLinear` (``lora.recompute_dropout``) or
+    peft's dropout module then ``lora_A`` (or, with ``lora.accumulate_in_place``, the dropout inside each layer's one
+    function, :mod:`trainer.adapted_linear`)."""
     if lora.recompute_dropout and lora.accumulate_in_place:
         raise ValueError("train.lora.recompute_dropout and train.lora.accumulate_in_place both replace the adapters' "
                          "dropout: set one of them")
-    return dropout_then_linear if lora.recompute_dropout else None
+    return lora.recompute_dropout
 
 
-def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], forward: Callable | None) -> int:
-    """Computes these LoRA layers' ``lora_A(dropout(x))`` with ``forward(lora_A, p, x)`` (see
-    :func:`adapter_dropout`), or with peft's dropout module again where ``forward`` is None. peft's
-    ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input and the mask for the backward
-    pass; the replacements do not. Reversible; the state dict does not change. Returns the adapters switched."""
+def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -> int:
+    """Computes these LoRA layers' ``lora_A(dropout(x))`` as :class:`DropoutThenLinear` (``recompute``), or with
+    peft's dropout module again. peft's ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input
+    and the mask for the backward pass; the replacement does not. Reversible; the state dict does not change. Returns
+    the adapters switched."""
     switched = 0
     for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
         for name, lora_a in layer.lora_A.items():
-            patch = lora_a.__dict__.get("forward")
-            if isinstance(patch, functools.partial) and patch.func is not forward:
-                layer.lora_dropout[name] = torch.nn.Dropout(patch.args[1]).train(lora_a.training)
-                del lora_a.forward
-                switched += forward is None
             dropout = layer.lora_dropout[name]
-            if forward is not None and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                lora_a.forward = functools.partial(forward, lora_a, dropout.p)
+            if recompute and type(lora_a) is torch.nn.Linear and isinstance(dropout, torch.nn.Dropout) and dropout.p:
+                lora_a.__class__, lora_a.dropout_p = DropoutThenLinear, dropout.p
                 layer.lora_dropout[name] = torch.nn.Identity()
-                switched += 1
+            elif not recompute and type(lora_a) is DropoutThenLinear:
+                layer.lora_dropout[name] = torch.nn.Dropout(lora_a.dropout_p).train(lora_a.training)
+                lora_a.__class__ = torch.nn.Linear
+                del lora_a.dropout_p
+            else:
+                continue
+            switched += 1
     return switched
 
 
@@ -249,15 +261,12 @@ def accumulate_in_place(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
     """Whether these LoRA Linear layers run as :class:`trainer.adapted_linear.AdaptedLinear`
     (``lora.accumulate_in_place``) or as peft computes them. Reversible; the state dict does not change. Returns
     the layers switched."""
+    before, after = (LoraLinear, AccumulatingLoraLinear) if enabled else (AccumulatingLoraLinear, LoraLinear)
     switched = 0
-    for layer in (layer for layer in layers if isinstance(layer, LoraLinear)):
-        patch = layer.__dict__.get("forward")
-        patched = isinstance(patch, functools.partial) and patch.func is accumulating_forward
-        if enabled and not patched:
-            layer.forward = functools.partial(accumulating_forward, layer)
-        elif patched and not enabled:
-            del layer.forward
-        switched += enabled != patched
+    for layer in layers:
+        if type(layer) is before:  # peft's subclasses (quantized, other backends) keep their own forward
+            layer.__class__ = after
+            switched += 1
     return switched
 
 
