@@ -897,4 +897,7 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # blocks past dynamo's recompile limit would run eagerly with only a log warning and be timed as compiled (the
+    # twenty-second session's first accumulate_in_place figures): a kind that gets there stops the bench instead
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        main()
