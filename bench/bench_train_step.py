@@ -74,6 +74,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch._dynamo import config as dynamo_config
 from torch.profiler import record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -899,5 +900,5 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
 if __name__ == "__main__":
     # blocks past dynamo's recompile limit would run eagerly with only a log warning and be timed as compiled (the
     # twenty-second session's first accumulate_in_place figures): a kind that gets there stops the bench instead
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
         main()

@@ -117,6 +117,8 @@ def test_every_block_runs_the_code_compiled_for_the_first_with_the_lora_switches
     first layer, whose input has another rank than the vision blocks' (both run transformers' checkpointing wrapper)."""
     import logging
 
+    from torch._logging import set_logs
+
     model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, **{switch: True}))
     compile_blocks(model.vlm, None)
     reasons: list[str] = []
@@ -124,11 +126,11 @@ def test_every_block_runs_the_code_compiled_for_the_first_with_the_lora_switches
     handler.emit = lambda record: reasons.append(record.getMessage())
     logger = logging.getLogger("torch._dynamo.guards.__recompiles")
     logger.addHandler(handler)
-    torch._logging.set_logs(recompiles=True)
+    set_logs(recompiles=True)
     try:
         model(batches[0])["loss"].backward()
     finally:
-        torch._logging.set_logs()
+        set_logs()
         logger.removeHandler(handler)
     failures = [line.strip() for message in reasons for line in message.splitlines() if line.strip().startswith("- ")]
     assert failures, "no recompilation logged: the vision tower's has to be"
