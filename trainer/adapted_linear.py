@@ -89,8 +89,8 @@ def plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None:
 class AccumulatingLoraLinear(LoraLinear):
     """peft's LoRA Linear computing through :class:`AdaptedLinear` where that applies (:func:`plain_adapter`), else
     as peft does. Layers take this class in place (``layer.__class__``) rather than a forward of their own: compiled
-    blocks then guard on one function for every layer, where a forward bound to each layer failed the guards of every
-    block compiled before it (60 blocks past dynamo's limit of 64 recompilations, the rest eager)."""
+    blocks then guard on one function for every layer. Under torch 2.11 a forward bound to each layer failed the
+    guards of every block compiled before it (60 blocks past dynamo's limit of 64 recompilations, the rest eager)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = plain_adapter(self, args, kwargs)
