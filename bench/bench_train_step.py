@@ -90,7 +90,6 @@ from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import (  # noqa: E402
     accumulate_in_place,
-    adapter_dropout,
     adapter_layers,
     attach_lora,
     cast_adapter_inputs,
@@ -275,7 +274,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
     def micro_batches(reads: DeviceReads | None, eager: bool) -> None:
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
-        replace_adapter_dropout(adapters, adapter_dropout(LoraConfig(recompute_dropout="_recomputed_dropout" in kind)))
+        replace_adapter_dropout(adapters, "_recomputed_dropout" in kind)
         accumulate_in_place(adapters, "_accumulated" in kind)
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"

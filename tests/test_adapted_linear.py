@@ -9,7 +9,7 @@ from peft import get_peft_model
 from covt.config import LoraConfig
 from tests.test_trainer_lora import image_inputs, load_with_new_rows, lora_modules, randomise_adapters
 from trainer.adapted_linear import AccumulatingLoraLinear
-from trainer.lora import accumulate_in_place, adapter_dropout, adapter_layers, attach_lora, cast_adapter_inputs
+from trainer.lora import accumulate_in_place, adapter_layers, attach_lora, cast_adapter_inputs, check_adapter_switches
 from trainer.tiny_model import build_tiny_base_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the 7B shapes in bf16 run on CUDA")
@@ -150,7 +150,7 @@ def test_it_compiles_whole_to_what_it_computes_eagerly():
 
 def test_it_draws_its_own_dropout_so_not_with_the_recomputed_one():
     with pytest.raises(ValueError, match=r"train\.lora\.recompute_dropout and train\.lora\.accumulate_in_place"):
-        adapter_dropout(LoraConfig(accumulate_in_place=True, recompute_dropout=True))
+        check_adapter_switches(LoraConfig(accumulate_in_place=True, recompute_dropout=True))
 
 
 @needs_cuda

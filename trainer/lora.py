@@ -87,6 +87,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     if not lora.enabled:
         vlm.requires_grad_(True)
         return keep_trainable_in_fp32(vlm)
+    check_adapter_switches(lora)
     token_ids = sorted(set(int(i) for i in new_token_ids))
     tied = bool(getattr(vlm.config, "tie_word_embeddings", False))
     if not token_ids:
@@ -105,7 +106,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     )
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
-    replace_adapter_dropout(adapter_layers(model), adapter_dropout(lora))
+    replace_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
     accumulate_in_place(adapter_layers(model), lora.accumulate_in_place)
     use_separate_token_rows(model, lora.separate_token_rows)
     return model
@@ -225,14 +226,12 @@ class DropoutThenLinear(torch.nn.Linear):
         return dropout_then_linear(self, self.dropout_p, x)
 
 
-def adapter_dropout(lora: LoraConfig) -> bool:
-    """Whether each adapter's ``lora_A(dropout(x))`` is :class:`DropoutThenLinear` (``lora.recompute_dropout``) or
-    peft's dropout module then ``lora_A`` (or, with ``lora.accumulate_in_place``, the dropout inside each layer's one
-    function, :mod:`trainer.adapted_linear`)."""
+def check_adapter_switches(lora: LoraConfig) -> None:
+    """Refuse LoRA switches that cannot go together: ``lora.recompute_dropout`` (:class:`DropoutThenLinear`) and
+    ``lora.accumulate_in_place`` (the dropout inside each layer's one function, :mod:`trainer.adapted_linear`)."""
     if lora.recompute_dropout and lora.accumulate_in_place:
         raise ValueError("train.lora.recompute_dropout and train.lora.accumulate_in_place both replace the adapters' "
                          "dropout: set one of them")
-    return lora.recompute_dropout
 
 
 def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -> int:

@@ -49,7 +49,7 @@ from trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
 from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
 from trainer.loading import load_processor, load_vlm
-from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
+from trainer.lora import attach_lora, check_adapter_switches, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
 from trainer.model import CARRIED_ROWS, CoVTModel, compile_blocks
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
@@ -463,6 +463,7 @@ def use_bf16(t: TrainConfig, device: torch.device) -> bool:
 
 def check_lora_switches(t: TrainConfig) -> None:
     """Refuse, before any work, an adapters' fast path where it cannot run."""
+    check_adapter_switches(t.lora)
     if t.lora.accumulate_in_place and t.deepspeed and zero_stage(t.deepspeed) == 3:
         raise ValueError(f"train.lora.accumulate_in_place reads each LoRA layer's frozen weight directly, and "
                          f"ZeRO-3 ({t.deepspeed}) gathers it only for the frozen layer's own forward: set "
