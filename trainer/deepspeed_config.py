@@ -55,10 +55,15 @@ def resolve_deepspeed_config(raw: dict, t: TrainConfig, world: int, bf16: bool, 
     return ds
 
 
+def read_deepspeed_json(path: str) -> dict:
+    """train.deepspeed's file as written (its "auto" values unfilled)."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def zero_stage(path: str) -> int:
     """The ZeRO stage of the DeepSpeed JSON at ``path`` (0 where it names none)."""
-    with open(path) as f:
-        return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+    return int(read_deepspeed_json(path).get("zero_optimization", {}).get("stage", 0))
 
 
 def fill_optimizer_and_scheduler(fill: Filler, t: TrainConfig, run_steps: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import logging
 import math
 import random
@@ -45,7 +44,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from trainer.deepspeed_config import resolve_deepspeed_config, zero_stage
+from trainer.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config, zero_stage
 from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
 from trainer.loading import load_processor, load_vlm
@@ -484,10 +483,8 @@ def deepspeed_config(t: TrainConfig, world: int, device: torch.device, hidden_si
     """train.deepspeed's JSON with the batch sizes, clipping and bf16 this config says ("auto" filled as Hugging
     Face Trainer fills it). train.max_grad_norm owns clipping; off, the engine still clips at inf: it computes
     the gradient norm only when it clips, and its non-finite check (our skip) needs that norm."""
-    with open(t.deepspeed) as f:
-        raw = json.load(f)
-    return resolve_deepspeed_config(raw, t, world, use_bf16(t, device), clip_norm(t), hidden_size, run_steps,
-                                    grad_accum=grad_accum)
+    return resolve_deepspeed_config(read_deepspeed_json(t.deepspeed), t, world, use_bf16(t, device), clip_norm(t),
+                                    hidden_size, run_steps, grad_accum=grad_accum)
 
 
 def position(schedule: Schedule, done: int) -> dict:
