@@ -7,7 +7,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from covt.config import LoraConfig
-from tests.test_trainer_lora import image_inputs, load_with_new_rows, lora_modules, randomise_adapters
+from tests.test_trainer_lora import dropout_step, image_inputs, load_with_new_rows, lora_modules, randomise_adapters
 from trainer.adapted_linear import AccumulatingLoraLinear
 from trainer.lora import accumulate_in_place, adapter_layers, attach_lora, cast_adapter_inputs, check_adapter_switches
 from trainer.tiny_model import build_tiny_base_model
@@ -24,26 +24,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-def vlm_step(base_dir, accumulate: bool, seed: int = 5):
-    """One training forward and backward of the tiny VLM with LoRA dropout 0.3 (fp32, the CPU): loss, gradients."""
-    vlm, new_ids = load_with_new_rows(base_dir)
-    inputs = image_inputs(base_dir, new_ids)
-    model = attach_lora(vlm, LoraConfig(dropout=0.3, accumulate_in_place=accumulate), new_ids).train()
-    randomise_adapters(model)
-    torch.manual_seed(seed)
-    loss = model(**inputs).logits.float().pow(2).mean()
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, model
-
-
 def test_the_tiny_vlm_gives_peft_loss_and_gradients_with_the_same_dropout_masks(base_dir):
-    loss, grads, plain = vlm_step(base_dir, accumulate=False)
-    loss_a, grads_a, model = vlm_step(base_dir, accumulate=True)
+    loss, grads, _, plain = dropout_step(base_dir, accumulate_in_place=False)
+    loss_a, grads_a, _, model = dropout_step(base_dir, accumulate_in_place=True)
     assert loss_a == pytest.approx(loss, rel=1e-6)
     assert grads_a.keys() == grads.keys()
     for name, g in grads.items():  # a mask drawn differently moves whole rows: far past fp32 rounding
         assert relative(grads_a[name], g) < 1e-5, name
-    assert vlm_step(base_dir, accumulate=True, seed=6)[0] != loss_a  # the masks change with the seed
+    assert dropout_step(base_dir, seed=6, accumulate_in_place=True)[0] != loss_a  # the masks change with the seed
     assert list(model.state_dict()) == list(plain.state_dict())  # checkpoints and merging see the same tensors
 
 

@@ -270,12 +270,13 @@ def test_separate_token_rows_give_peft_own_outputs_and_gradients_without_the_who
             ids, merged_token_rows(embedding, embedding.active_adapters)), rtol=0, atol=0)
 
 
-def dropout_step(base_dir, recompute: bool, seed: int = 5):
-    """One training forward and backward of the tiny VLM with LoRA dropout 0.3: loss, gradients, and the bytes of
-    the distinct storages autograd keeps for the backward pass."""
+def dropout_step(base_dir, seed: int = 5, **switches):
+    """One training forward and backward of the tiny VLM with LoRA dropout 0.3 and these ``train.lora`` switches
+    (fp32, the CPU): loss, gradients, the bytes of the distinct storages autograd keeps for the backward pass, and
+    the model."""
     vlm, new_ids = load_with_new_rows(base_dir)
     inputs = image_inputs(base_dir, new_ids)
-    model = attach_lora(vlm, LoraConfig(dropout=0.3, recompute_dropout=recompute), new_ids).train()
+    model = attach_lora(vlm, LoraConfig(dropout=0.3, **switches), new_ids).train()
     randomise_adapters(model)
     kept: dict[int, int] = {}
 
@@ -294,14 +295,14 @@ def dropout_step(base_dir, recompute: bool, seed: int = 5):
 def test_recomputed_adapter_dropout_gives_the_same_loss_and_gradients_and_keeps_less(base_dir):
     """train.lora.recompute_dropout: the same dropout masks (the random state restored in the backward pass), so the
     same loss and gradients bit for bit, without each adapter's dropped copy of its input and its mask."""
-    loss, grads, kept, plain = dropout_step(base_dir, recompute=False)
-    loss_r, grads_r, kept_r, model = dropout_step(base_dir, recompute=True)
+    loss, grads, kept, plain = dropout_step(base_dir, recompute_dropout=False)
+    loss_r, grads_r, kept_r, model = dropout_step(base_dir, recompute_dropout=True)
     assert loss_r == loss
     assert grads_r.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_r[name], g, rtol=0, atol=0, msg=name)
     assert kept_r < 0.9 * kept, (kept_r, kept)  # 0.84 on this model in fp32
-    assert dropout_step(base_dir, recompute=True, seed=6)[0] != loss_r  # the masks do change with the seed
+    assert dropout_step(base_dir, seed=6, recompute_dropout=True)[0] != loss_r  # the masks do change with the seed
     assert list(model.state_dict()) == list(plain.state_dict())  # checkpoints and merging see the same tensors
 
 
