@@ -303,6 +303,11 @@ class TrainConfig:
         "per_sample", "stage-4 format draws: one per sample, or one per optimizer step shared by its samples")
     data_order: Literal["continue", "restart_each_run"] = option(
         "continue", "each run continues the data stream, or restarts it from the first sample")
+    # with grad_accum > 1: each optimizer step's samples cut into micro-batches by token count, not in stream order,
+    # so each pads to a length near its own; the same samples make each step, so the loss and gradients are the
+    # same up to fp32 summation order (the adapters' dropout masks fall on other samples). Hugging Face's
+    # group_by_length regroups across steps (another order of training); this keeps the reference's order of steps
+    sort_step_by_length: bool = option(False, "cut each optimizer step's samples into micro-batches by length")
     # several samples in one row per micro-batch, each with its own rope positions, attention kept within a sample
     packing: bool = option(False, "concatenate a micro-batch's samples into one row (no padding), attention per sample")
     # regional compilation: each decoder layer and vision block through torch.compile (trainer.model.compile_blocks),

@@ -18,10 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from covt.config import Config, ModelConfig, StageConfig, TrainConfig
 from shards.reader import Cache
-from trainer.batch import build_batch, sample_count
+from trainer.batch import BatchBuilder, build_batch, sample_count
 from trainer.heads import build_heads
 from trainer.host_inputs import HOST_INPUT_KEYS, without_host_inputs
 from trainer.model import CARRIED_ROWS, CoVTModel, last_hidden_states, text_hidden_size, unwrap_vlm
+from trainer.schedule import Schedule
 from trainer.settings import BatchSettings, RunSettings
 from trainer.step_graphs import layout
 from trainer.text_attention import TEXT_ATTENTION, use_packed_text_attention, use_sdpa_text_attention
@@ -95,6 +96,43 @@ def test_global_batch_cut_8x1_4x2_2x4_1x8_gives_one_loss_and_gradient(setup, sta
         assert loss == pytest.approx(loss_1, rel=1e-5), micro
         assert float((grads - grads_1).norm() / grads_1.norm()) < tolerance, micro
         assert float((grads - grads_1).abs().max()) < tolerance * float(grads_1.abs().max()), micro
+
+
+@pytest.mark.parametrize("stage,step", [("understanding", 0), ("efficient_reasoning", 3)])
+def test_a_step_cut_by_length_pads_less_and_gives_the_stream_orders_loss_and_gradients(setup, stage, step):
+    """train.sort_step_by_length: the trainer's collate_fn gets a whole step's samples and cuts them into
+    micro-batches longest first. The step holds the same samples, so the loss and every gradient are those of
+    the micro-batches in stream order (fp32 summation order only, as the cuts above), with fewer padded tokens."""
+    model, processor, tokens, settings, samples = setup
+    stage = StageConfig(stage, step + 1, merge_after=True)
+    schedule = Schedule((stage,))
+    for micro in (2, 4):
+        builder = BatchBuilder(schedule, GLOBAL_BATCH, processor, tokens, settings, model.view_sizes(),
+                               micro_batches=GLOBAL_BATCH // micro)
+        # the stream's slots of optimizer step ``step``, as StreamingDataset.read numbers them
+        slotted = [{**s, "position": step * GLOBAL_BATCH + i} for i, s in enumerate(samples)]
+        by_length = builder(slotted)
+        assert [b["step"] for b in by_length] == [step] * (GLOBAL_BATCH // micro)
+        assert sorted(k for b in by_length for k in b["keys"]) == sorted(s["key"] for s in samples)
+        in_order = [build_batch(samples[i:i + micro], stage, True, step, processor, tokens, settings,
+                                view_sizes=model.view_sizes()) for i in range(0, GLOBAL_BATCH, micro)]
+        padded = {name: sum(b["attention_mask"].numel() for b in batches)
+                  for name, batches in (("by_length", by_length), ("in_order", in_order))}
+        assert padded["by_length"] < padded["in_order"], padded
+        assert sum(int(b["attention_mask"].sum()) for b in by_length) == sum(
+            int(b["attention_mask"].sum()) for b in in_order)
+        results = {}
+        for name, batches in (("by_length", by_length), ("in_order", in_order)):
+            model.zero_grad(set_to_none=True)
+            total = 0.0
+            for batch in batches:
+                loss = model(batch)["loss"] / len(batches)
+                loss.backward()
+                total += loss.item()
+            results[name] = total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        (loss, grads), (loss_in_order, grads_in_order) = results["by_length"], results["in_order"]
+        assert loss == pytest.approx(loss_in_order, rel=1e-5), micro
+        assert float((grads - grads_in_order).norm() / grads_in_order.norm()) < 1e-5, micro
 
 
 @pytest.mark.parametrize("stage,step", [("understanding", 0), ("efficient_reasoning", 3)])

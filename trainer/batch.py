@@ -1,8 +1,8 @@
 """Raw cache samples -> model tensors for one optimizer step's stage.
 
-The DataLoader hands over lists of raw samples (``collate_fn=list``); the main process
-calls :func:`build_batch` with the stage of the current optimizer step, so a sample's
-format depends only on (stage, train.seed, global step, sample index).
+:class:`BatchBuilder`, the DataLoader's ``collate_fn``, runs in the loader's workers and calls
+:func:`build_batch` with the stage of the samples' optimizer step, so a sample's format depends
+only on (stage, train.seed, global step, sample index), not on the micro-batch it lands in.
 
 Per sample: the stage's training text (trainer.formats: prompt + labelled part, the
 reference's texts), the processor on the prompt with the square view of image 0 at
@@ -174,10 +174,32 @@ def build_batch(samples: list[dict], stage, anchors_on: bool, step: int, process
     for every active anchor when ``anchors_on`` (rows may be empty), else {}; ``text``: :func:`text_targets`;
     ``keys``. With ``settings.packing`` the samples are one row instead (:func:`pack`).
     """
+    encoded = encode_samples(samples, stage, step, processor, tokens, settings)
+    return _assemble(samples, encoded, anchors_on, processor, tokens, settings, view_sizes, vision)
+
+
+def encode_samples(samples: list[dict], stage, step: int, processor, tokens: ThoughtTokens,
+                   settings: BatchSettings) -> list[tuple]:
+    """Each sample's training text and view through the processor: (token rows, pixel values, grid)."""
     if not samples:
         raise BatchError("empty batch")
+    return [_encode(s, stage.name, list(settings.anchors), step, processor, tokens, settings) for s in samples]
+
+
+def cut_by_length(encoded: list[tuple], micro_batches: int) -> list[list[int]]:
+    """The indices of each of ``micro_batches`` micro-batches of one optimizer step's samples
+    (train.sort_step_by_length): the samples by token count, longest first, so that each micro-batch pads to a
+    length near its own samples'. The same samples make the step, so its loss (the mean over them) is unchanged."""
+    order = sorted(range(len(encoded)), key=lambda i: -encoded[i][0]["input_ids"].numel())  # stable: ties in order
+    size = -(-len(order) // micro_batches)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _assemble(samples: list[dict], encoded: list[tuple], anchors_on: bool, processor, tokens: ThoughtTokens,
+              settings: BatchSettings, view_sizes: dict[str, int | None] | None,
+              vision: VisionGeometry | None) -> dict[str, Any]:
+    """:func:`build_batch`'s micro-batch from its samples' :func:`_encode` results."""
     anchors = list(settings.anchors)
-    encoded = [_encode(s, stage.name, anchors, step, processor, tokens, settings) for s in samples]
     rows = [e[0] for e in encoded]
     pad_id = processor.tokenizer.pad_token_id
     batch: dict[str, Any] = {
@@ -243,7 +265,9 @@ def sample_count(batch: dict[str, Any]) -> int:
 
 @dataclass
 class BatchBuilder:
-    """The training DataLoader's ``collate_fn``: one micro-batch of raw samples -> model tensors.
+    """The training DataLoader's ``collate_fn``: one micro-batch of raw samples -> model tensors; with
+    ``micro_batches`` (train.sort_step_by_length), one optimizer step's samples -> a list of that many
+    micro-batches (:func:`build_step`).
 
     It runs in the loader's worker processes, so tokenising, image processing and stacking targets overlap
     with the GPU's work. The optimizer step of a micro-batch follows from its samples' positions in the
@@ -258,15 +282,22 @@ class BatchBuilder:
     view_sizes: dict[str, int | None]
     first_step: int = 0  # the optimizer step at the stream's position 0 (train.data_order)
     vision: VisionGeometry | None = None  # the model's (CoVTModel.vision_geometry): its index tensors made here
+    micro_batches: int | None = None  # set: each call gets a whole step's samples and cuts them by length
 
-    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+    def __call__(self, samples: list[dict]) -> dict[str, Any] | list[dict[str, Any]]:
         step = self.first_step + samples[0]["position"] // self.samples_per_step
         at = self.schedule.stage_at(step)
-        batch = build_batch(samples, at.stage, at.anchor_losses_on, step, self.processor, self.tokens, self.settings,
-                            view_sizes=self.view_sizes, vision=self.vision)
-        batch["step"] = step
-        batch["damaged_skipped"] = [problem for s in samples for problem in s.get("damaged_skipped", ())]
-        return batch
+        encoded = encode_samples(samples, at.stage, step, self.processor, self.tokens, self.settings)
+        cuts = [list(range(len(samples)))] if self.micro_batches is None else cut_by_length(encoded, self.micro_batches)
+        batches = []
+        for cut in cuts:
+            part = [samples[i] for i in cut]
+            batch = _assemble(part, [encoded[i] for i in cut], at.anchor_losses_on, self.processor, self.tokens,
+                              self.settings, self.view_sizes, self.vision)
+            batch["step"] = step
+            batch["damaged_skipped"] = [problem for s in part for problem in s.get("damaged_skipped", ())]
+            batches.append(batch)
+        return batches[0] if self.micro_batches is None else batches
 
 
 def text_targets(labels: torch.Tensor, multiple: int = 1) -> dict[str, torch.Tensor]:

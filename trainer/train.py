@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import logging
 import math
 import random
@@ -273,16 +274,17 @@ class RunModel:
         return cls(processor, tokens, model, optimizer, scheduler, engine, resumed_from, trainable, graphs)
 
 
-def run_stream(cfg: Config, per_step: int, rank: int, world: int, step: int,
-               run: Run) -> tuple[StreamingDataset, int]:
-    """This rank's sample stream from optimizer ``step`` of ``run`` on, and the step at its position 0.
+def run_stream(cfg: Config, per_step: int, rank: int, world: int, step: int, run: Run,
+               per_item: int | None = None) -> tuple[StreamingDataset, int]:
+    """This rank's sample stream from optimizer ``step`` of ``run`` on, and the step at its position 0; each
+    loader worker reads ``per_item`` samples in turn (train.batch_size unless given).
 
     train.data_order restart_each_run: each run reads the stream from its first sample, as each of the
     reference's run.sh calls shuffles the data anew with the same seed (data.py 393, 426-429)."""
     t = cfg.train
     stream_start = run.start if t.data_order == "restart_each_run" else 0
     dataset = StreamingDataset(cfg.cache.dir, cfg.anchors, seed=t.seed, rank=rank, world_size=world,
-                               start=(step - stream_start) * per_step, batch_size=t.batch_size,
+                               start=(step - stream_start) * per_step, batch_size=per_item or t.batch_size,
                                on_damaged=t.on_damaged_sample, cache_kwargs=cfg.cache.cache_kwargs())
     return dataset, stream_start
 
@@ -291,12 +293,19 @@ def data_stream(job: Job, rm: RunModel, run: Run):
     """This rank's micro-batches, from the first sample the next optimizer step needs."""
     t, c = job.cfg.train, job.compute
     per_step = t.batch_size * job.settings.grad_accum
-    dataset, stream_start = run_stream(job.cfg, per_step, c.rank, c.world, job.step, run)
+    by_length = t.sort_step_by_length and job.settings.grad_accum > 1  # a loader item: a step's micro-batches
+    if t.sort_step_by_length and not by_length:
+        job.log.info("train.sort_step_by_length: one micro-batch per optimizer step on each GPU, nothing to sort")
+    per_item = per_step if by_length else t.batch_size
+    dataset, stream_start = run_stream(job.cfg, per_step, c.rank, c.world, job.step, run, per_item)
     # micro-batches are built in the loader's workers; the step and stage follow from each sample's position
     collate = BatchBuilder(job.schedule, per_step, rm.processor, rm.tokens, job.settings.batch,
-                           rm.model.view_sizes(), first_step=stream_start, vision=rm.model.vision_geometry())
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, num_workers=t.num_workers,
+                           rm.model.view_sizes(), first_step=stream_start, vision=rm.model.vision_geometry(),
+                           micro_batches=job.settings.grad_accum if by_length else None)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=per_item, num_workers=t.num_workers,
                                               collate_fn=collate, pin_memory=c.device.type == "cuda"))
+    if by_length:
+        loader = itertools.chain.from_iterable(loader)
     if rm.resumed_from is not None:  # after the loader took its seed, as the uninterrupted run's loader did
         load_rng(rm.resumed_from, c.rank)
     return loader
