@@ -428,8 +428,50 @@ def _build_dataclass(tp: type, value: Any, key: str) -> Any:
         raise ConfigError(f"{key or 'config'}: {e}") from None
 
 
+# the reference's scripts/run.sh flags (Hugging Face TrainingArguments and its own), with their run.sh line, and
+# the key that sets the same thing here: an override by such a name is answered with the key
+REFERENCE_FLAGS: dict[str, tuple[int, str]] = {
+    "vision_lora": (37, "train.lora.vision_tower"),
+    "lora_rank": (40, "train.lora.r"),
+    "lora_alpha": (41, "train.lora.alpha"),
+    "lora_dropout": (42, "train.lora.dropout"),
+    "model_path": (45, "model.path"),
+    "data_path": (46, "data.path"),
+    "image_folder": (47, "data.image_folder"),
+    "bf16": (52, "train.bf16"),
+    "output_dir": (55, "train.output_dir"),
+    "max_steps": (56, "train.stages"),
+    "per_device_train_batch_size": (57, "train.batch_size"),
+    "gradient_accumulation_steps": (58, "train.grad_accum"),
+    "image_resized_width": (61, "model.image_size"),
+    "image_resized_height": (62, "model.image_size"),
+    "learning_rate": (63, "train.lr"),
+    "projection_layer_lr": (64, "train.projection_lr"),
+    "weight_decay": (65, "train.weight_decay"),
+    "warmup_ratio": (66, "train.warmup_ratio"),
+    "lr_scheduler_type": (67, "train.lr_scheduler"),
+    "logging_steps": (68, "train.log_every"),
+    "tf32": (69, "train.tf32"),
+    "gradient_checkpointing": (70, "train.gradient_checkpointing"),
+    "save_steps": (73, "train.save_every"),
+    "save_total_limit": (74, "train.save_total_limit"),
+    "dataloader_num_workers": (75, "train.num_workers"),
+    "deepspeed": (76, "train.deepspeed"),
+    "report_to": (77, "train.report_to"),
+    "run_name": (78, "train.run_name"),
+    "anchor_model_id": (79, "anchors"),
+    "stage_0_step": (81, "train.stages"),
+    "stage_1_step": (82, "train.stages"),
+    "stage_2_step": (83, "train.stages"),
+}
+
+
 def did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
-    """'; did you mean train.lr?' for the closest known key (difflib), or '' when none is close."""
+    """'; did you mean train.lr?': the key of a flag of the reference's run.sh, else the closest known key
+    (difflib), or '' when none is close."""
+    if name in REFERENCE_FLAGS:
+        line, key = REFERENCE_FLAGS[name]
+        return f"; did you mean {key}? (the reference's --{name}, scripts/run.sh {line})"
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
@@ -672,11 +714,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def reference_markdown() -> str:
-    """The config reference table of the README, generated from the dataclasses above."""
+    """The config reference tables of the README, generated from the dataclasses and REFERENCE_FLAGS above."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, meaning in config_keys():
         type_name, meaning = (text.replace("|", "\\|") for text in (type_name, meaning))
         rows.append(f"| `{key}` | {type_name} | `{default}` | {meaning} |")
+    rows += ["", "The reference's `scripts/run.sh` flags and the keys that set the same here (an override named like "
+             "the flag is answered with its key):", "", "| flag | `run.sh` line | key |", "|---|---|---|"]
+    rows += [f"| `--{flag}` | {line} | `{key}` |" for flag, (line, key) in REFERENCE_FLAGS.items()]
     return "\n".join(rows)
 
 

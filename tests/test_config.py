@@ -5,7 +5,7 @@ import typing
 
 import pytest
 
-from covt.config import ConfigError, load_config
+from covt.config import REFERENCE_FLAGS, ConfigError, config_keys, load_config, reference_markdown
 
 
 def write(tmp_path, text):
@@ -32,6 +32,22 @@ def test_a_mistyped_key_suggests_the_closest_known_one(tmp_path):
     with pytest.raises(ConfigError) as far:
         load_config(None, ["train.zzz=1"])
     assert "did you mean" not in str(far.value)
+
+
+def test_an_override_named_like_a_reference_flag_is_answered_with_its_key(tmp_path):
+    """Users of the reference's run.sh (Hugging Face TrainingArguments' names) type its flags: the error names the
+    key that sets the same thing here, wherever the flag was typed; every such key is one of this config's."""
+    with pytest.raises(ConfigError, match=r"train\.learning_rate; did you mean train\.lr\? \(the reference's "
+                                          r"--learning_rate, scripts/run\.sh 63\)"):
+        load_config(None, ["train.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"did you mean train\.grad_accum\?"):
+        load_config(None, ["gradient_accumulation_steps=2"])
+    with pytest.raises(ConfigError, match=r"train\.lora\.lora_rank; did you mean train\.lora\.r\?"):
+        load_config(write(tmp_path, "train: {lora: {lora_rank: 8}}\n"))
+    keys = [key for key, *_ in config_keys()]
+    for flag, (_, key) in REFERENCE_FLAGS.items():
+        assert any(k == key or k.startswith(key + ".") for k in keys), (flag, key)
+    assert reference_markdown().count("| `--") == len(REFERENCE_FLAGS)
 
 
 def test_adam_betas_and_epsilon_reach_the_optimizer():
