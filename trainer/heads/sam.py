@@ -184,19 +184,22 @@ def row_orders(n: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long, device=device)
 
 
-def match_masks_on_device(cost: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def match_masks_on_device(cost: torch.Tensor, counts: torch.Tensor, orders: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`match_masks` without leaving the device (train.sam_matching: device): the cheapest assignment by
     trying every one, summed in float64, so no host read stops the step. At most ``DEVICE_MATCHING_MAX``
     predictions and no more reference masks than predictions. The assignment is scipy's wherever the cheapest
     one is unique; between assignments of exactly equal cost it may pick another (the first in
     :func:`row_orders`). Order k gives reference mask j to prediction ``orders[k, j]``; columns past an image's
     count add nothing, so each image's minimum is over its own injections of masks into predictions.
+    ``orders``: :func:`row_orders` of the predictions, made by the caller where this runs compiled (the SAM
+    head's buffer): traced by dynamo, the 8! Python tuples took 146 s to compile on a CPU, at every recompile.
     """
     b, p, m = cost.shape
     if p > DEVICE_MATCHING_MAX or m > p:
         raise ValueError(f"device matching takes at most {DEVICE_MATCHING_MAX} predictions and no more reference "
                          f"masks than predictions; got {p} predictions and {m} masks (train.sam_matching: scipy)")
-    orders, columns = row_orders(p, cost.device), torch.arange(p, device=cost.device)
+    orders = row_orders(p, cost.device) if orders is None else orders
+    columns = torch.arange(p, device=cost.device)
     square = F.pad(cost.detach().double(), (0, p - m))  # (B, P, P): columns past m are never real
     real = columns < counts.to(cost.device).clamp(0, m)[:, None]  # (B, P)
     picked = square[:, orders, columns]  # (B, orders, P): the cost of giving mask j to prediction orders[k, j]
@@ -212,19 +215,19 @@ def sam_token_loss(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tens
 
 
 def sam_image_losses(logits: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor,
-                     matching: str = "scipy") -> torch.Tensor:
+                     matching: str = "scipy", orders: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's SAM loss of each image, ``(B,)``.
 
     ``logits`` (B, P, H, W) predicted masks, ``masks`` (B, M, H, W) reference masks of which
     the first ``counts[b]`` are real. Per image: match on 1 - dice; matched predictions
     ``1 - mean dice + mean BCE``; unmatched ones ``0.1 x mean BCE`` to an empty mask (if any);
     no reference mask: 0. ``matching``: ``scipy`` (:func:`match_masks`, the reference's) or ``device``
-    (:func:`match_masks_on_device`).
+    (:func:`match_masks_on_device`, with ``orders``).
     """
     logits, masks = logits.float(), masks.float()
     with torch.no_grad():
-        match = match_masks_on_device if matching == "device" else match_masks
-        assignment = match(1 - dice_coefficients(logits, masks), counts)
+        cost = 1 - dice_coefficients(logits, masks)
+        assignment = match_masks_on_device(cost, counts, orders) if matching == "device" else match_masks(cost, counts)
     matched = assignment >= 0
     target = torch.gather(masks, 1, assignment.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
     target = target * matched[:, :, None, None]  # unmatched -> the empty mask
@@ -262,6 +265,13 @@ class SamHead(AnchorHead):
         self.attend = ThoughtQueries(self.hidden_size, d["embed_dim"], num_queries=self.num_tokens,
                                      num_heads=NUM_HEADS)
         self.frozen = FrozenDecoder("sam_decoder", lambda device: SamDecoder(spec).to(device).eval())
+        # train.sam_matching device: every order of the predictions, a buffer so that compiled code reads it as an
+        # input instead of tracing how it is made (not saved: it follows from num_tokens)
+        if self.num_tokens <= DEVICE_MATCHING_MAX:
+            self.register_buffer("row_orders", row_orders(self.num_tokens, torch.device("cpu")).clone(),
+                                 persistent=False)
+        else:
+            self.row_orders = None
 
     @property
     def decoder_files(self) -> list[Path]:
@@ -288,4 +298,4 @@ class SamHead(AnchorHead):
     def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         b = prediction.shape[0]
         return sam_image_losses(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b),
-                              self.matching)
+                                self.matching, self.row_orders)
