@@ -146,7 +146,7 @@ def test_the_compiled_sam_head_matches_on_the_device_without_tracing_every_order
     model, batches = tiny_covt(tmp_path, synthetic_cache, ["sam"], rows=(2, 3))
     head = model.heads["sam"]
     head.matching = "device"
-    assert head.row_orders.shape == (40320, 8) and "heads.sam.row_orders" not in model.state_dict()
+    assert head.prediction_orders.shape == (40320, 8) and "heads.sam.prediction_orders" not in model.state_dict()
     eager_loss, eager = loss_and_gradients(model, batches)
     model.compile_heads()
     with warnings.catch_warnings(record=True) as caught:

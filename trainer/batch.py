@@ -267,7 +267,7 @@ def sample_count(batch: dict[str, Any]) -> int:
 class BatchBuilder:
     """The training DataLoader's ``collate_fn``: one micro-batch of raw samples -> model tensors; with
     ``micro_batches`` (train.sort_step_by_length), one optimizer step's samples -> a list of that many
-    micro-batches (:func:`build_step`).
+    micro-batches (:func:`cut_by_length`).
 
     It runs in the loader's worker processes, so tokenising, image processing and stacking targets overlap
     with the GPU's work. The optimizer step of a micro-batch follows from its samples' positions in the

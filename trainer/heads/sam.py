@@ -268,10 +268,10 @@ class SamHead(AnchorHead):
         # train.sam_matching device: every order of the predictions, a buffer so that compiled code reads it as an
         # input instead of tracing how it is made (not saved: it follows from num_tokens)
         if self.num_tokens <= DEVICE_MATCHING_MAX:
-            self.register_buffer("row_orders", row_orders(self.num_tokens, torch.device("cpu")).clone(),
+            self.register_buffer("prediction_orders", row_orders(self.num_tokens, torch.device("cpu")).clone(),
                                  persistent=False)
         else:
-            self.row_orders = None
+            self.prediction_orders = None
 
     @property
     def decoder_files(self) -> list[Path]:
@@ -298,4 +298,4 @@ class SamHead(AnchorHead):
     def row_losses(self, prediction: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         b = prediction.shape[0]
         return sam_image_losses(prediction, self.target(targets, "masks", b), self.target(targets, "mask_count", b),
-                                self.matching, self.row_orders)
+                                self.matching, self.prediction_orders)
