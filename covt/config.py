@@ -216,7 +216,8 @@ class LoraConfig:
     # pass scales, drops out and sums activation-sized gradients in passes of their own. true: each LoRA layer is one
     # autograd function (trainer/adapted_linear.py) whose adapter product goes into the frozen product's output
     # inside the GEMM and whose masked input gradient is added into the frozen one's in one pass: the same function
-    # and dropout masks, the sums rounded once. Reads the frozen weights directly: not with ZeRO-3
+    # and dropout masks, the sums rounded once. Reads the frozen weights directly: not with ZeRO-3. In the compiled
+    # step on an H100 0.95x direct and 0.99x as CUDA graphs at micro-batch 4 (BENCHMARKS.md, issue 19): off
     accumulate_in_place: bool = option(False, "each LoRA layer as one autograd function whose adapter accumulates into "
                                               "the frozen product's output and input gradient in place")
     # peft's trainable-token layers copy the whole embedding (and untied lm_head) with the thought-token rows written
