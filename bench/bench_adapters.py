@@ -10,16 +10,13 @@ it times one forward and backward (the input's gradient and the adapter's) of:
   <mode>: peft's lora.Linear over it, as the 7B configs attach it (r 16, alpha 32, dropout 0.01, fp32 adapter
           weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
           through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
-          Triton templates against cuBLAS and can fuse the dropout into a product's loads), or each LoRA layer as
-          one autograd function whose adapter accumulates into the frozen product's output and input gradient in
-          place (``accumulate``, trainer/adapted_linear.py, ``train.lora.accumulate_in_place``;
-          ``accumulate-compiled`` inside torch.compile's code).
+          Triton templates against cuBLAS and can fuse the dropout into a product's loads).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
 
-    python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs,accumulate   # H100/H200
-    python bench/bench_adapters.py --modes eager,accumulate,default,accumulate-compiled --graphed  # the GPU alone
+    python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs   # H100/H200
+    python bench/bench_adapters.py --modes eager,default --graphed  # the GPU alone
     python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
 """
 from __future__ import annotations
@@ -37,12 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
 from covt.compute import autocast  # noqa: E402
-from trainer.lora import (  # noqa: E402
-    accumulate_in_place,
-    adapter_layers,
-    cast_adapter_inputs,
-    keep_trainable_in_fp32,
-)
+from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32  # noqa: E402
 
 # (in, out, bias) of each adapted projection: Qwen2.5-VL-7B's language model and vision blocks
 LANGUAGE = {"q": (3584, 3584, True), "k": (3584, 512, True), "v": (3584, 512, True), "o": (3584, 3584, False),
@@ -51,8 +43,7 @@ VISION = {"qkv": (1280, 3840, True), "proj": (1280, 1280, True), "gate": (1280, 
           "up": (1280, 3420, True), "down": (3420, 1280, True)}
 # tokens per micro-batch of the bench's samples (~607 text tokens, 1024 patches per 448x448 image)
 TOWERS = {"language": (LANGUAGE, "608,2432"), "vision": (VISION, "1024,4096")}
-EAGER_MODES = (None, "eager", "accumulate")  # None: the frozen projection alone
-COMPILED_DEFAULT = ("default", "accumulate-compiled")  # torch.compile's default mode
+EAGER_MODES = (None, "eager")  # None: the frozen projection alone
 
 
 class Projection(torch.nn.Module):
@@ -67,7 +58,7 @@ class Projection(torch.nn.Module):
 def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, dtype: torch.dtype
           ) -> torch.nn.Module:
     """The frozen projection in the model's dtype, with the recipe's adapter (trainable, fp32) unless ``mode`` is
-    None; ``accumulate``: as one autograd function (trainer/adapted_linear.py)."""
+    None."""
     module = Projection(*shape).to(device, dtype).requires_grad_(False)
     if mode is None:
         return module
@@ -78,7 +69,6 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
                 p.normal_(std=0.02)
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
-    accumulate_in_place(adapter_layers(model), mode.startswith("accumulate"))
     return model.train()
 
 
@@ -106,7 +96,7 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
     compiled = mode not in EAGER_MODES
     if compiled:
         torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
-    run = torch.compile(module, mode=None if mode in COMPILED_DEFAULT else mode) if compiled else module
+    run = torch.compile(module, mode=None if mode == "default" else mode) if compiled else module
     x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
 
@@ -124,8 +114,7 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
 
 def main(argv=None) -> dict:
     parser = products_parser(__doc__.split("\n")[0], iters=10)
-    parser.add_argument("--modes", default="eager,default,accumulate",
-                        help="eager, default, max-autotune-no-cudagraphs, accumulate, accumulate-compiled")
+    parser.add_argument("--modes", default="eager,default", help="eager, default, max-autotune-no-cudagraphs")
     parser.add_argument("--towers", default="language,vision")
     parser.add_argument("--tokens", help="tokens per micro-batch for every tower (default: each tower's own)")
     parser.add_argument("--graphed", action="store_true",

@@ -32,9 +32,6 @@ alternating after warm-up, timed with CUDA events (medians):
            adds the graphs' pool (where a replay's activations live) to the step's own peak.
   any kind + _recomputed_dropout: the same with train.lora.recompute_dropout (each adapter's dropout made again in
            the backward pass instead of its dropped input and mask kept: the same masks, less memory).
-  any kind + _accumulated: the same with train.lora.accumulate_in_place (each LoRA layer as one autograd function
-           whose adapter accumulates into the frozen product's output and input gradient in place,
-           trainer/adapted_linear.py).
   any kind + _compiled_heads: the same with train.compile_heads (each anchor head and its loss through
            torch.compile; with _compiled in the kind's name the blocks are compiled too).
   any kind + _peft_token_rows: the same with train.lora.separate_token_rows false (peft's trainable-token layers:
@@ -89,7 +86,6 @@ from trainer.batch import batch_to, build_batch, pinned  # noqa: E402
 from trainer.heads import CacheDims, build_heads  # noqa: E402
 from trainer.host_inputs import without_host_inputs  # noqa: E402
 from trainer.lora import (  # noqa: E402
-    accumulate_in_place,
     adapter_layers,
     attach_lora,
     cast_adapter_inputs,
@@ -275,7 +271,6 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         visual.config._attn_implementation = "sdpa" if kind == "library" else VISION_ATTENTION
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         replace_adapter_dropout(adapters, "_recomputed_dropout" in kind)
-        accumulate_in_place(adapters, "_accumulated" in kind)
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         model.compile_heads("_compiled_heads" in kind)
@@ -898,6 +893,7 @@ def print_table(rows: list[dict], kinds: list[str], rate: float) -> None:
 
 if __name__ == "__main__":
     # blocks past dynamo's recompile limit would run eagerly with only a log warning and be timed as compiled (the
-    # twenty-second session's first accumulate_in_place figures): a kind that gets there stops the bench instead
+    # twenty-second session's first figures of a LoRA switch since removed): a kind that gets there stops the bench
+    # instead
     with dynamo_config.patch(fail_on_recompile_limit_hit=True):
         main()

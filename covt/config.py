@@ -212,14 +212,6 @@ class LoraConfig:
     # stays (the base layer keeps it anyway), and the dropout runs again in the backward pass with the random state
     # restored: the same masks, loss and gradients (tests/test_trainer_lora.py), less memory for one elementwise pass
     recompute_dropout: bool = option(False, "the adapters' dropout made again in the backward pass, not kept")
-    # peft's lora.Linear writes the adapter's output, scales it and adds it to the frozen product's, and its backward
-    # pass scales, drops out and sums activation-sized gradients in passes of their own. true: each LoRA layer is one
-    # autograd function (trainer/adapted_linear.py) whose adapter product goes into the frozen product's output
-    # inside the GEMM and whose masked input gradient is added into the frozen one's in one pass: the same function
-    # and dropout masks, the sums rounded once. Reads the frozen weights directly: not with ZeRO-3. In the compiled
-    # step on an H100 0.95x direct and 0.99x as CUDA graphs at micro-batch 4 (BENCHMARKS.md, issue 19): off
-    accumulate_in_place: bool = option(False, "each LoRA layer as one autograd function whose adapter accumulates into "
-                                              "the frozen product's output and input gradient in place")
     # peft's trainable-token layers copy the whole embedding (and untied lm_head) with the thought-token rows written
     # in at every forward, and make the whole matrix's gradient in the backward to keep those rows'. true: the
     # frozen matrix runs as it is and only the rows' embeddings and logit columns come from the trained rows: the

@@ -30,14 +30,14 @@ def test_the_projection_bench_times_each_group_separate_and_concatenated(tmp_pat
 
 
 def test_the_adapter_bench_times_the_frozen_product_and_peft_adapter_over_it(tmp_path):
-    """Eagerly and as one autograd function (``accumulate``, train.lora.accumulate_in_place)."""
+    """Eagerly and through torch.compile (``default``)."""
     out = tmp_path / "adapters.json"
-    proc = run("bench_adapters.py", "--tokens", "32", "--scale", "0.03125", "--modes", "eager,accumulate", "--iters",
+    proc = run("bench_adapters.py", "--tokens", "32", "--scale", "0.03125", "--modes", "eager,default", "--iters",
                "2", "--json", str(out))
     result = json.loads(out.read_text())
     assert set(result) == {"language_32", "vision_32"}
     language = result["language_32"]
     assert set(language) == {"q", "k", "v", "o", "gate", "up", "down", "all"}
     assert language["all"]["base"] == sum(r["base"] for name, r in language.items() if name != "all")
-    assert all(r["base"] > 0 and r["eager"] > 0 and r["accumulate"] > 0 for r in language.values())
+    assert all(r["base"] > 0 and r["eager"] > 0 and r["default"] > 0 for r in language.values())
     assert "| vision | 32 | qkv |" in proc.stdout

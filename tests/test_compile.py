@@ -107,20 +107,19 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
         assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
 
 
-@pytest.mark.parametrize("switch", ["accumulate_in_place", "recompute_dropout"])
-def test_every_block_runs_the_code_compiled_for_the_first_with_the_lora_switches(tmp_path, synthetic_cache, switch):
-    """The LoRA switches that replace peft's adapter forward do it by class, so each decoder layer and vision block
-    passes the guards of the code compiled for the first. Under the device's torch 2.11 a forward bound to each layer
-    failed them: every block recompiled, and on the 7B model (60 blocks) dynamo's limit of 64 left the last ones eager
-    (torch 2.14 here guards such a forward by what it calls, so this keeps the property rather than replaying that
-    failure). The recompilations left
+def test_every_block_runs_the_code_compiled_for_the_first_with_recompute_dropout(tmp_path, synthetic_cache):
+    """train.lora.recompute_dropout replaces each adapter's forward by class (DropoutThenLinear), so each decoder
+    layer and vision block passes the guards of the code compiled for the first. Under the device's torch 2.11 a
+    forward bound to each layer failed them: every block recompiled, and on the 7B model (60 blocks) dynamo's limit
+    of 64 left the last ones eager (torch 2.14 here guards such a forward by what it calls, so this keeps the
+    property rather than replaying that failure). The recompilations left
     are the towers' own: the vision tower's second block, the first whose input needs a gradient, and the decoder's
     first layer, whose input has another rank than the vision blocks' (both run transformers' checkpointing wrapper)."""
     import logging
 
     from torch._logging import set_logs
 
-    model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, **{switch: True}))
+    model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, recompute_dropout=True))
     compile_blocks(model.vlm, None)
     reasons: list[str] = []
     handler = logging.Handler()

@@ -146,34 +146,6 @@ def test_compile_mode_without_compile_is_said_before_any_work(tmp_path, caplog, 
     assert len(said) == (0 if compile_on else 1)
 
 
-def test_adapters_accumulating_in_place_are_refused_with_zero3_before_any_work(tmp_path, repo_root):
-    """train.lora.accumulate_in_place reads the frozen weights that ZeRO-3 gathers only for the frozen layers' own
-    forward: the trainer says so, naming both, before it reads anything (with ZeRO-2 the same run goes on to its
-    empty schedule)."""
-    pytest.importorskip("deepspeed")
-    from trainer.schedule import ScheduleError
-    from trainer.train import train
-
-    settings = [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}", "train.device=cpu",
-                "train.lora.accumulate_in_place=true"]
-    zero = lambda stage: f"train.deepspeed={repo_root / 'configs' / 'deepspeed' / f'zero{stage}.json'}"  # noqa: E731
-    with pytest.raises(ValueError, match=r"train\.lora\.accumulate_in_place reads .* ZeRO-3 \(.*zero3\.json\)"):
-        train(load_config(None, [*settings, zero(3)]))
-    with pytest.raises(ScheduleError):
-        train(load_config(None, [*settings, zero(2)]))
-
-
-def test_two_replacements_of_the_adapters_dropout_are_refused_before_any_work(tmp_path):
-    """train.lora.recompute_dropout and train.lora.accumulate_in_place both replace the adapters' dropout: the trainer
-    names both before it loads a model or reads the cache (there is none here)."""
-    from trainer.train import train
-
-    settings = [f"train.output_dir={tmp_path / 'out'}", f"cache.dir={tmp_path / 'none'}", "train.device=cpu",
-                "train.lora.accumulate_in_place=true", "train.lora.recompute_dropout=true"]
-    with pytest.raises(ValueError, match=r"train\.lora\.recompute_dropout and train\.lora\.accumulate_in_place"):
-        train(load_config(None, settings))
-
-
 def test_bundled_tiny_config_loads(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     assert cfg.data.path.endswith("conversations.json")

@@ -61,11 +61,6 @@ def read_deepspeed_json(path: str) -> dict:
         return json.load(f)
 
 
-def zero_stage(path: str) -> int:
-    """The ZeRO stage of the DeepSpeed JSON at ``path`` (0 where it names none)."""
-    return int(read_deepspeed_json(path).get("zero_optimization", {}).get("stage", 0))
-
-
 def fill_optimizer_and_scheduler(fill: Filler, t: TrainConfig, run_steps: int) -> None:
     if "optimizer" in fill.ds:
         fill.match("optimizer.params.lr", t.lr, "train.lr")

@@ -26,14 +26,12 @@ from collections.abc import Iterable
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.checkpoint import checkpoint
 
 from covt.config import LoraConfig
-from trainer.adapted_linear import AccumulatingLoraLinear
 
 
 def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -87,7 +85,6 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     if not lora.enabled:
         vlm.requires_grad_(True)
         return keep_trainable_in_fp32(vlm)
-    check_adapter_switches(lora)
     token_ids = sorted(set(int(i) for i in new_token_ids))
     tied = bool(getattr(vlm.config, "tie_word_embeddings", False))
     if not token_ids:
@@ -107,7 +104,6 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
     replace_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
-    accumulate_in_place(adapter_layers(model), lora.accumulate_in_place)
     use_separate_token_rows(model, lora.separate_token_rows)
     return model
 
@@ -217,21 +213,14 @@ def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x:
 class DropoutThenLinear(torch.nn.Linear):
     """An adapter's ``lora_A`` that drops out its own input with :func:`dropout_then_linear`, in place of peft's
     dropout module in front of it (``lora.recompute_dropout``). Adapters take this class in place
-    (``lora_A.__class__``), as :class:`trainer.adapted_linear.AccumulatingLoraLinear` does and for its reason: one
-    forward for every layer's compiled block to guard on."""
+    (``lora_A.__class__``) rather than a forward of their own: compiled blocks then guard on one function for every
+    layer. Under torch 2.11 a forward bound to each layer failed the guards of every block compiled before it, and
+    on the 7B model's 60 blocks dynamo's limit of 64 recompilations left the last ones eager (tests/test_compile.py)."""
 
     dropout_p: float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout_then_linear(self, self.dropout_p, x)
-
-
-def check_adapter_switches(lora: LoraConfig) -> None:
-    """Refuse LoRA switches that cannot go together: ``lora.recompute_dropout`` (:class:`DropoutThenLinear`) and
-    ``lora.accumulate_in_place`` (the dropout inside each layer's one function, :mod:`trainer.adapted_linear`)."""
-    if lora.recompute_dropout and lora.accumulate_in_place:
-        raise ValueError("train.lora.recompute_dropout and train.lora.accumulate_in_place both replace the adapters' "
-                         "dropout: set one of them")
 
 
 def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -> int:
@@ -252,19 +241,6 @@ def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -
                 del lora_a.dropout_p
             else:
                 continue
-            switched += 1
-    return switched
-
-
-def accumulate_in_place(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
-    """Whether these LoRA Linear layers run as :class:`trainer.adapted_linear.AdaptedLinear`
-    (``lora.accumulate_in_place``) or as peft computes them. Reversible; the state dict does not change. Returns
-    the layers switched."""
-    before, after = (LoraLinear, AccumulatingLoraLinear) if enabled else (AccumulatingLoraLinear, LoraLinear)
-    switched = 0
-    for layer in layers:
-        if type(layer) is before:  # peft's subclasses (quantized, other backends) keep their own forward
-            layer.__class__ = after
             switched += 1
     return switched
 

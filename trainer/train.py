@@ -45,11 +45,11 @@ from trainer.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from trainer.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config, zero_stage
+from trainer.deepspeed_config import read_deepspeed_json, resolve_deepspeed_config
 from trainer.export import export_final, merge_to_folder, remove_interrupted_writes
 from trainer.heads import build_heads, init_like_missing_keys, uses_projection_lr
 from trainer.loading import load_processor, load_vlm
-from trainer.lora import attach_lora, check_adapter_switches, stop_token_row_gradients, trainable_summary
+from trainer.lora import attach_lora, stop_token_row_gradients, trainable_summary
 from trainer.metrics import MetricsLogger
 from trainer.model import CARRIED_ROWS, CoVTModel, compile_blocks
 from trainer.optim import learning_rates, make_optimizer, make_scheduler
@@ -83,7 +83,6 @@ def train(cfg: Config, resume: bool | str | Path = True, stop_after: int | None 
             raise ValueError("train.cuda_graphs: " + "; ".join(problems))
         for advice in cuda_graph_advice(cfg) if t.cuda_graphs else []:
             logger.warning("train.cuda_graphs: %s", advice)
-        check_lora_switches(t)
         if t.compile_mode != "default" and not t.compile:
             logger.warning("train.compile_mode=%s has no effect without train.compile=true", t.compile_mode)
         use_tf32(t.tf32)
@@ -467,15 +466,6 @@ def load_vlm_config(path: Path):
 
 def use_bf16(t: TrainConfig, device: torch.device) -> bool:
     return t.bf16 and device.type == "cuda"
-
-
-def check_lora_switches(t: TrainConfig) -> None:
-    """Refuse, before any work, an adapters' fast path where it cannot run."""
-    check_adapter_switches(t.lora)
-    if t.lora.accumulate_in_place and t.deepspeed and zero_stage(t.deepspeed) == 3:
-        raise ValueError(f"train.lora.accumulate_in_place reads each LoRA layer's frozen weight directly, and "
-                         f"ZeRO-3 ({t.deepspeed}) gathers it only for the frozen layer's own forward: set "
-                         f"train.lora.accumulate_in_place=false or use ZeRO-2")
 
 
 def deepspeed_engine(model, optimizer, scheduler, t: TrainConfig, grad_accum: int, world: int,
