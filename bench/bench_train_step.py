@@ -37,6 +37,8 @@ alternating after warm-up, timed with CUDA events (medians):
   any kind + _peft_token_rows: the same with train.lora.separate_token_rows false (peft's trainable-token layers:
            the whole embedding and lm_head copied with the thought-token rows written in at every forward, and the
            whole matrices' gradients made in the backward).
+  any kind + _causal_only: the same with train.padding_mask false (a padded micro-batch's text attention causal
+           only, with no mask over its right padding: the same output at every real token).
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
            (trainer/host_inputs.py: rope positions, vision indices, image token places, packed boundaries), which
            the model then computes itself at each forward, reading them back from the GPU (the code before them).
@@ -274,6 +276,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         model.compile_heads("_compiled_heads" in kind)
+        model.padding_mask = "_causal_only" not in kind
         if cuda_graphs:
             keep_gradients(trainable)
         replay = graphs is not None and not eager and reads is None

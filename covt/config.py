@@ -301,6 +301,11 @@ class TrainConfig:
     # same up to fp32 summation order (the adapters' dropout masks fall on other samples). Hugging Face's
     # group_by_length regroups across steps (another order of training); this keeps the reference's order of steps
     sort_step_by_length: bool = option(False, "cut each optimizer step's samples into micro-batches by length")
+    # a micro-batch is right-padded, so under causal attention no real token sees a padded one: without the mask
+    # every real token's output (and so the loss and gradients) is the same, and sdpa runs its causal flash kernel
+    # instead of a kernel that reads a (B, 1, T, T) mask; the padded positions' own outputs differ and are unused
+    padding_mask: bool = option(True, "mask a padded micro-batch's padding in the language model's attention "
+                                      "(false: causal attention only, the same output at every real token)")
     # several samples in one row per micro-batch, each with its own rope positions, attention kept within a sample
     packing: bool = option(False, "concatenate a micro-batch's samples into one row (no padding), attention per sample")
     # regional compilation: each decoder layer and vision block through torch.compile (trainer.model.compile_blocks),

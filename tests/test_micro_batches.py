@@ -154,6 +154,40 @@ def test_padding_to_a_multiple_changes_shapes_not_the_loss_or_gradients(setup, s
         assert float((flat_padded - flat).norm() / flat.norm()) < 1e-5, micro
 
 
+@pytest.mark.parametrize("stage,step", [("understanding", 0), ("efficient_reasoning", 3)])
+def test_causal_attention_without_the_padding_mask_gives_the_same_loss_and_gradients(setup, stage, step):
+    """train.padding_mask false: a right-padded micro-batch's text attention gets no mask (sdpa's causal kernel),
+    and since no real token comes after the padding, the loss and gradients are the padded mask's. The padded
+    positions' own hidden states do change (what the mask did), and nothing reads them."""
+    model, processor, tokens, settings, samples = setup
+    stage = StageConfig(stage, 1)
+    batch = build_batch(samples[:4], stage, True, step, processor, tokens, settings, view_sizes=model.view_sizes())
+    assert batch["has_padding"]
+    masks, hidden = [], {}
+    attention = unwrap_vlm(model.vlm).model.language_model.layers[0].self_attn
+    hook = attention.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")),
+                                               with_kwargs=True)
+    results = {}
+    try:
+        for padding_mask in (True, False):
+            model.padding_mask = padding_mask
+            with torch.no_grad():
+                hidden[padding_mask] = last_hidden_states(model.vlm, batch, padding_mask)
+            results[padding_mask] = named_loss_and_gradients(setup, 4, stage, step)
+    finally:
+        hook.remove()
+        model.padding_mask = True
+    assert isinstance(masks[0], torch.Tensor) and masks[-1] is None
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(hidden[False][real], hidden[True][real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hidden[False][~real], hidden[True][~real], rtol=1e-3, atol=1e-3)
+    (loss, grads), (loss_causal, grads_causal) = results[True], results[False]
+    assert loss_causal == pytest.approx(loss, rel=1e-5)
+    assert grads_causal.keys() == grads.keys()
+    flat, flat_causal = (torch.cat([g.flatten() for g in gs.values()]) for gs in (grads, grads_causal))
+    assert float((flat_causal - flat).norm() / flat.norm()) < 1e-5
+
+
 def test_anchor_parts_over_every_row_give_one_layout_and_the_same_loss_and_gradients(setup):
     """Under train.cuda_graphs each anchor's part spans every row of the micro-batch, with ``carries`` marking the
     rows that drew its thoughts: stage 4's subsets and the plain answers then change values, not shapes (one

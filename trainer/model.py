@@ -79,6 +79,7 @@ class CoVTModel(nn.Module):
             if getattr(head, "hidden_size", hidden) != hidden:
                 raise ValueError(f"head {name!r} expects hidden size {head.hidden_size}, the VLM has {hidden}")
         self.heads_compiled = False  # compile_heads
+        self.padding_mask = True  # train.padding_mask
 
     def compile_heads(self, enabled: bool = True) -> None:
         """train.compile_heads: each head's decoding and loss run through ``torch.compile``
@@ -105,7 +106,7 @@ class CoVTModel(nn.Module):
         averaging micro-batches (gradient accumulation, ranks) gives the same number however a global batch
         is cut; the logged parts (``text``, one per anchor that has thoughts in the micro-batch) are detached
         tensors, read by the caller once per optimizer step (no device sync here)."""
-        hidden = last_hidden_states(self.vlm, batch)
+        hidden = last_hidden_states(self.vlm, batch, self.padding_mask)
         size = sample_count(batch)
         text_loss = labelled_text_loss(hidden, batch["text"], unwrap_vlm(self.vlm).lm_head) / size
         total = text_loss
@@ -163,16 +164,18 @@ class CoVTModel(nn.Module):
                     per_row=per_row, compiled=self.heads_compiled and torch.is_grad_enabled())
 
 
-def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any], padding_mask: bool = True) -> torch.Tensor:
     """The last-layer hidden states of a (peft-wrapped) Qwen2.5-VL: the output of the language model's final
     norm, what lm_head reads and the heads are trained on, ``(B, T, hidden)``. Runs the model without its
-    lm_head (no logits); ``inputs`` may hold labels and other keys, only the VLM's inputs are passed."""
+    lm_head (no logits); ``inputs`` may hold labels and other keys, only the VLM's inputs are passed.
+    ``padding_mask=False`` (train.padding_mask): a right-padded batch from the loader attends causally only, which
+    gives every real token the same hidden state; the padded positions' differ."""
     model = unwrap_vlm(vlm).model
     kwargs = vlm_inputs(vlm, inputs)
     if "image_token_index" in inputs and "pixel_values" in kwargs:
         kwargs = with_image_features(model, kwargs, inputs["image_token_index"])
         if "has_padding" in inputs and isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs["attention_mask"] = text_masks(model.language_model, kwargs, inputs["has_padding"])
+            kwargs["attention_mask"] = text_masks(model.language_model, kwargs, inputs["has_padding"] and padding_mask)
     return model(**kwargs, use_cache=False).last_hidden_state
 
 

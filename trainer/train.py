@@ -253,6 +253,7 @@ class RunModel:
             job.log.info(f"train.compile: {len(blocks)} blocks compile at their first shapes ({t.compile_mode})")
         # under DeepSpeed every head runs at every micro-batch (CoVTModel.placeholder_part says why)
         model = CoVTModel(vlm, job.heads, tokens, t.loss_weights, every_head=bool(t.deepspeed)).to(device)
+        model.padding_mask = t.padding_mask
         if t.compile_heads:
             model.compile_heads()
             job.log.info(f"train.compile_heads: {len(model.heads)} heads compile at their first shapes")
