@@ -235,9 +235,10 @@ def test_two_ranks_zero2_train_all_four_stages_and_both_merges_as_one_process_do
 
 @pytest.mark.slow
 def test_two_ranks_zero2_with_compiled_blocks_train_as_one_eager_process_does(workdir, one_process):
-    """train.compile, train.optim=adamw_torch_fused and train.sam_matching=device (the 7B configs' speed settings)
-    under torchrun + DeepSpeed ZeRO-2: each rank compiles its blocks (and again after the merge), the engine steps
-    the fused AdamW over its flat fp32 partitions, each rank matches its SAM masks on its device, and the run equals
+    """train.compile, train.optim=adamw_torch_fused, train.sam_matching=device and train.padding_mask=false (the 7B
+    configs' speed settings) under torchrun + DeepSpeed ZeRO-2: each rank compiles its blocks (and again after the
+    merge), the engine steps the fused AdamW over its flat fp32 partitions, each rank matches its SAM masks on its
+    device and attends causally over its micro-batches' right padding, and the run equals
     the eager multi-tensor one-process run: final weights within the same 1e-6, the losses within 1e-3 (measured:
     1.1e-4 for the SigLIP loss at step 6, every other loss within 1.1e-5 of the eager run's: the fused kernels sum
     in another order, which the heads amplify, tests/test_micro_batches.py). The final weights within 1e-5, not
@@ -247,7 +248,7 @@ def test_two_ranks_zero2_with_compiled_blocks_train_as_one_eager_process_does(wo
     head's weights by its learning rate (1e-5) at every step."""
     proc = run([*torchrun(WORLD), "-m", "trainer", "--config", "configs/tiny.yaml",
                 *overrides(workdir, "two-compiled"), "train.compile=true", "train.optim=adamw_torch_fused",
-                "train.sam_matching=device"])
+                "train.sam_matching=device", "train.padding_mask=false"])
     assert (proc.stdout + proc.stderr).count("blocks compile at their first shapes") == 2  # rank 0 logs, each run
     assert_trains_as_one_process(workdir / "two-compiled", one_process, rel=1e-3, weights_atol=1e-5)
 
