@@ -546,25 +546,72 @@ def compare_vision_attention(model: CoVTModel, batch: dict, device: torch.device
     return errors
 
 
-def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.device) -> dict[str, float]:
-    """Relative differences of the CoVT loss and of the trainable parameters' gradient (all of them, as one
-    vector) between one micro-batch padded and the same samples packed, in this run's dtype, dropout off (the
-    exactness of train.packing on this device; the CPU tests bound it in fp32)."""
+def loss_and_gradient(model: CoVTModel, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CoVT loss of one micro-batch and the trainable parameters' gradient (all of them, as one vector)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    model.eval()  # no dropout: both passes compute the same function
-    results = []
-    for batch in (padded, packed):
-        model.zero_grad(set_to_none=True)
-        with autocast(device, device.type == "cuda"):
-            loss = model(batch_to(batch, device), anchor_losses=True)["loss"]
-        loss.backward()
-        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in trainable])
-        results.append((loss.detach().float(), grad))
     model.zero_grad(set_to_none=True)
-    model.train()
-    (loss_a, grad_a), (loss_b, grad_b) = results
+    with autocast(device, device.type == "cuda"):
+        loss = model(batch_to(batch, device), anchor_losses=True)["loss"]
+    loss.backward()
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in trainable])
+    return loss.detach().float(), grad
+
+
+def relative_differences(reference: tuple[torch.Tensor, torch.Tensor],
+                         other: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    (loss_a, grad_a), (loss_b, grad_b) = reference, other
     return {"loss_rel": float((loss_b - loss_a).abs() / loss_a.abs()),
             "grad_rel": float((grad_b - grad_a).norm() / grad_a.norm())}
+
+
+def compare_packing(model: CoVTModel, padded: dict, packed: dict, device: torch.device) -> dict[str, float]:
+    """Relative differences of the CoVT loss and of the trainable parameters' gradient between one micro-batch
+    padded and the same samples packed, in this run's dtype, dropout off (the exactness of train.packing on this
+    device; the CPU tests bound it in fp32)."""
+    model.eval()  # no dropout: both passes compute the same function
+    try:
+        return relative_differences(*(loss_and_gradient(model, batch, device) for batch in (padded, packed)))
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train()
+
+
+def compare_causal_only(model: CoVTModel, padded: dict, device: torch.device) -> dict[str, float]:
+    """The same for train.padding_mask false against the mask, on one right-padded micro-batch; and of two runs
+    with the mask (``grad_rel_masked``: the spread of the backward's atomic sums, the floor to read it against)."""
+    model.eval()
+    try:
+        masked = loss_and_gradient(model, padded, device)
+        model.padding_mask = False
+        causal = loss_and_gradient(model, padded, device)
+        model.padding_mask = True
+        again = loss_and_gradient(model, padded, device)
+    finally:
+        model.padding_mask = True
+        model.zero_grad(set_to_none=True)
+        model.train()
+    return {**relative_differences(masked, causal), "grad_rel_masked": relative_differences(masked, again)["grad_rel"]}
+
+
+def report_causal_only(model: CoVTModel, padded: dict, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Prints and returns :func:`compare_causal_only` for the run's ``_causal_only`` kinds ({} where the
+    micro-batch has no padding, or the eager step does not fit)."""
+    micro = int(padded["input_ids"].shape[0])
+    if not padded["has_padding"]:
+        print(f"causal only vs masked: the micro-batch of {micro} has no padding, nothing to compare")
+        return {}
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            found = compare_causal_only(model, padded, device)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        free_memory()
+        print(f"causal only vs masked micro-batch of {micro}: not compared (out of GPU memory in eager mode)")
+        return {}
+    print(f"causal text attention (train.padding_mask false) vs masked, micro-batch of {micro}, {dtype}, dropout "
+          f"off: loss {found['loss_rel']:.2e}, gradient {found['grad_rel']:.2e} relative difference (two masked "
+          f"runs: gradient {found['grad_rel_masked']:.2e})")
+    return found
 
 
 def host_syncs(fn, device: torch.device) -> tuple:
@@ -736,6 +783,12 @@ def main(argv=None) -> dict:
             args.kinds = ",".join(k for k in args.kinds.split(",") if "_graphed" not in k)
             print(f"ERROR: the micro-batch CUDA graph failed (above); timing the other kinds: {args.kinds}", flush=True)
             free_memory()
+    causal_exactness = {}
+    if any("_causal_only" in k for k in args.kinds.split(",")):
+        micro = min(4, max(int(m) for m in args.micro_batch.split(",")))
+        causal_exactness = report_causal_only(model, build_batch(
+            data[:micro], stage, True, 0, processor, tokens, BatchSettings.from_config(cfg),
+            view_sizes=model.view_sizes(), vision=model.vision_geometry()), device, dtype)
     rate, size = matmul_rate(device, dtype)
     print(f"dense matmul {size}^3 {dtype}: {rate / 1e12:.2f} TFLOP/s")
     singles = [build_batch(data[i:i + 1], stage, True, 0, processor, tokens,
@@ -772,6 +825,7 @@ def main(argv=None) -> dict:
               "global_batch": args.global_batch, "matmul_tflops": rate / 1e12, "matmul_size": size,
               "matmul_dtype": str(dtype), "sample_tflop": {k: f / 1e12 for k, f in sample_flops.items()},
               "packing_exactness": exactness, "graph_exactness": graph_exactness,
+              "causal_exactness": causal_exactness,
               "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -161,3 +161,18 @@ def test_kernel_time_is_sorted_into_classes_by_the_kernels_names():
         "attention_ms": 0.15, "matmul_ms": 0.3, "inductor_ms": 0.04, "copy_ms": 0.005, "elementwise_ms": 0.02,
         "reduction_ms": 0.003, "other_ms": 0.002})
     assert kernel_classes(kernels, torch.device("cpu")) == {}
+
+
+def test_the_causal_only_kinds_time_the_step_without_the_padding_mask_and_report_its_exactness(capsys):
+    """_causal_only: train.padding_mask false in the bench. The bench first compares it with the mask on one
+    right-padded micro-batch (fp32 on the CPU: equal within rounding, as tests/test_micro_batches.py bounds it),
+    then times it; the same FLOPs are counted (the counter counts sdpa's whole product either way)."""
+    result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
+                   "--kinds", "covt,covt_causal_only", "--packing", "off", "--steps", "1", "--warmup", "0"])
+    printed = capsys.readouterr().out
+    found = result["causal_exactness"]
+    assert found["loss_rel"] < 1e-5 and found["grad_rel"] < 1e-5 and found["grad_rel_masked"] < 1e-6
+    assert "causal text attention (train.padding_mask false) vs masked, micro-batch of 2" in printed
+    row = result["rows"][0]
+    assert row["padding_fraction"] > 0 and row["covt_causal_only_ms"] > 0
+    assert row["covt_causal_only_tflop_per_step"] == row["covt_tflop_per_step"]
