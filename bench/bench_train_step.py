@@ -593,6 +593,19 @@ def compare_causal_only(model: CoVTModel, padded: dict, device: torch.device) ->
     return {**relative_differences(masked, causal), "grad_rel_masked": relative_differences(masked, again)["grad_rel"]}
 
 
+def compared_eagerly(model: CoVTModel, what: str, compare) -> dict[str, float]:
+    """``compare()`` with the blocks run eagerly, or {} where that eager step does not fit the GPU (said so: the
+    compiled step of the same micro-batch may still fit)."""
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            return compare()
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        free_memory()
+        print(f"{what}: not compared (out of GPU memory in eager mode)")
+        return {}
+
+
 def report_causal_only(model: CoVTModel, padded: dict, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Prints and returns :func:`compare_causal_only` for the run's ``_causal_only`` kinds ({} where the
     micro-batch has no padding, or the eager step does not fit)."""
@@ -600,13 +613,9 @@ def report_causal_only(model: CoVTModel, padded: dict, device: torch.device, dty
     if not padded["has_padding"]:
         print(f"causal only vs masked: the micro-batch of {micro} has no padding, nothing to compare")
         return {}
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            found = compare_causal_only(model, padded, device)
-    except torch.OutOfMemoryError:
-        model.zero_grad(set_to_none=True)
-        free_memory()
-        print(f"causal only vs masked micro-batch of {micro}: not compared (out of GPU memory in eager mode)")
+    found = compared_eagerly(model, f"causal only vs masked micro-batch of {micro}",
+                             lambda: compare_causal_only(model, padded, device))
+    if not found:
         return {}
     print(f"causal text attention (train.padding_mask false) vs masked, micro-batch of {micro}, {dtype}, dropout "
           f"off: loss {found['loss_rel']:.2e}, gradient {found['grad_rel']:.2e} relative difference (two masked "
@@ -757,15 +766,11 @@ def main(argv=None) -> dict:
                             dataclasses.replace(BatchSettings.from_config(cfg), packing=packing),
                             view_sizes=model.view_sizes(), vision=model.vision_geometry())
                 for packing in (False, True)]
-        try:
-            with torch.compiler.set_stance("force_eager"):
-                exactness = compare_packing(model, *both, device)
+        exactness = compared_eagerly(model, f"packed vs padded micro-batch of {micro}",
+                                     lambda: compare_packing(model, *both, device))
+        if exactness:
             print(f"packed vs padded micro-batch of {micro}, {dtype}: loss {exactness['loss_rel']:.2e}, gradient "
                   f"{exactness['grad_rel']:.2e} relative difference")
-        except torch.OutOfMemoryError:  # the eager step of the largest micro-batch; the compiled one may still fit
-            model.zero_grad(set_to_none=True)
-            free_memory()
-            print(f"packed vs padded micro-batch of {micro}: not compared (out of GPU memory in eager mode)")
     graph_exactness = {}
     if bf16 and any("_graphed" in k for k in args.kinds.split(",")):
         try:

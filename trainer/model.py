@@ -175,22 +175,24 @@ def last_hidden_states(vlm: nn.Module, inputs: dict[str, Any], padding_mask: boo
     if "image_token_index" in inputs and "pixel_values" in kwargs:
         kwargs = with_image_features(model, kwargs, inputs["image_token_index"])
         if "has_padding" in inputs and isinstance(kwargs.get("attention_mask"), torch.Tensor):
-            kwargs["attention_mask"] = text_masks(model.language_model, kwargs, inputs["has_padding"] and padding_mask)
+            mask_padding = inputs["has_padding"] and padding_mask
+            kwargs["attention_mask"] = text_masks(model.language_model, kwargs, mask_padding)
     return model(**kwargs, use_cache=False).last_hidden_state
 
 
-def text_masks(language_model: nn.Module, kwargs: dict[str, Any], has_padding: bool) -> dict | torch.Tensor:
+def text_masks(language_model: nn.Module, kwargs: dict[str, Any], mask_padding: bool) -> dict | torch.Tensor:
     """The language model's attention masks of a right-padded batch, as transformers builds them, without its
-    check of the padding mask on the GPU (which reads it back): the loader said whether any row is padded
-    (``has_padding``). A plain causal mask is none (sdpa's ``is_causal``), as transformers makes it. Models with
-    other layer types than full attention keep the 2-D mask and transformers' own mask building."""
+    check of the padding mask on the GPU (which reads it back): ``mask_padding`` where the loader found a padded
+    row (``has_padding``) and train.padding_mask keeps it masked. Otherwise the causal mask alone, which is none
+    (sdpa's ``is_causal``), as transformers makes it. Models with other layer types than full attention keep the
+    2-D mask and transformers' own mask building."""
     from transformers.masking_utils import create_causal_mask
 
     if set(language_model.config.layer_types) != {"full_attention"}:
         return kwargs["attention_mask"]
     mask = create_causal_mask(config=language_model.config, inputs_embeds=kwargs["inputs_embeds"],
                               attention_mask=kwargs["attention_mask"], past_key_values=None, position_ids=None,
-                              allow_is_causal_skip=False) if has_padding else None
+                              allow_is_causal_skip=False) if mask_padding else None
     return {"full_attention": mask}
 
 
