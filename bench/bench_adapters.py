@@ -10,13 +10,15 @@ it times one forward and backward (the input's gradient and the adapter's) of:
   <mode>: peft's lora.Linear over it, as the 7B configs attach it (r 16, alpha 32, dropout 0.01, fp32 adapter
           weights, the bf16 activations uncast: trainer.lora.attach_lora's settings), run eagerly (``eager``) or
           through torch.compile in that mode (``default``, ``max-autotune-no-cudagraphs``: inductor times its
-          Triton templates against cuBLAS and can fuse the dropout into a product's loads).
+          Triton templates against cuBLAS and can fuse the dropout into a product's loads); a mode ending in
+          ``_split_k`` with the adapter's thin products split (``train.lora.split_k``, trainer/split_k.py).
 
 bf16 autocast on CUDA (fp32 on the CPU), CUDA events, medians; it prints each projection's milliseconds and the
 adapter's cost over base, and their sums over one decoder layer and one vision block.
 
     python bench/bench_adapters.py --modes eager,default,max-autotune-no-cudagraphs   # H100/H200
     python bench/bench_adapters.py --modes eager,default --graphed  # the GPU alone
+    python bench/bench_adapters.py --modes default,default_split_k --graphed
     python bench/bench_adapters.py --device cpu --scale 0.0625 --tokens 64 --modes eager --iters 2   # smoke test
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
 from covt.compute import autocast  # noqa: E402
-from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32  # noqa: E402
+from trainer.lora import adapter_layers, cast_adapter_inputs, keep_trainable_in_fp32, use_split_k  # noqa: E402
 
 # (in, out, bias) of each adapted projection: Qwen2.5-VL-7B's language model and vision blocks
 LANGUAGE = {"q": (3584, 3584, True), "k": (3584, 512, True), "v": (3584, 512, True), "o": (3584, 3584, False),
@@ -44,6 +46,7 @@ VISION = {"qkv": (1280, 3840, True), "proj": (1280, 1280, True), "gate": (1280, 
 # tokens per micro-batch of the bench's samples (~607 text tokens, 1024 patches per 448x448 image)
 TOWERS = {"language": (LANGUAGE, "608,2432"), "vision": (VISION, "1024,4096")}
 EAGER_MODES = (None, "eager")  # None: the frozen projection alone
+SPLIT_K = "_split_k"
 
 
 class Projection(torch.nn.Module):
@@ -69,6 +72,7 @@ def build(shape: tuple[int, int, bool], mode: str | None, device: torch.device, 
                 p.normal_(std=0.02)
     keep_trainable_in_fp32(model)
     cast_adapter_inputs(adapter_layers(model), False)
+    use_split_k(adapter_layers(model), mode.endswith(SPLIT_K))
     return model.train()
 
 
@@ -93,10 +97,11 @@ def time_projection(shape, tokens: int, mode: str | None, device, dtype, iters: 
     """Median ms of one forward and backward; ``mode`` None: the frozen projection alone; ``graphed``: of its
     replays as a CUDA graph (:func:`replayed`)."""
     module = build(shape, mode, device, dtype)
-    compiled = mode not in EAGER_MODES
+    compile_mode = mode.removesuffix(SPLIT_K) if mode else mode
+    compiled = compile_mode not in EAGER_MODES
     if compiled:
         torch.compiler.reset()  # every projection runs peft's one forward: its variants would reach dynamo's limit
-    run = torch.compile(module, mode=None if mode == "default" else mode) if compiled else module
+    run = torch.compile(module, mode=None if compile_mode == "default" else compile_mode) if compiled else module
     x = torch.randn(tokens, shape[0], device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, shape[1], device=device, dtype=dtype)
 

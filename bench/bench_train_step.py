@@ -37,6 +37,8 @@ alternating after warm-up, timed with CUDA events (medians):
   any kind + _peft_token_rows: the same with train.lora.separate_token_rows false (peft's trainable-token layers:
            the whole embedding and lm_head copied with the thought-token rows written in at every forward, and the
            whole matrices' gradients made in the backward).
+  any kind + _split_k: the same with train.lora.split_k (the adapters' 16-wide products with their reductions cut
+           into batched slices summed in fp32: more GEMM tiles for the same products).
   any kind + _causal_only: the same with train.padding_mask false (a padded micro-batch's text attention causal
            only, with no mask over its right padding: the same output at every real token).
   any kind + _model_indices: the same with the batches stripped of what the loader computes for the model
@@ -94,6 +96,7 @@ from trainer.lora import (  # noqa: E402
     replace_adapter_dropout,
     trainable_summary,
     use_separate_token_rows,
+    use_split_k,
 )
 from trainer.model import (  # noqa: E402
     CUDA_GRAPH_MODES,
@@ -274,6 +277,7 @@ def make_step(model: CoVTModel, optimizers: dict, batches: list[dict], device: t
         cast_adapter_inputs(adapters, "bf16_inputs" not in kind)
         replace_adapter_dropout(adapters, "_recomputed_dropout" in kind)
         use_separate_token_rows(model.vlm, "_peft_token_rows" not in kind)
+        use_split_k(adapters, "_split_k" in kind)
         model.heads["sam"].matching = "device" if "_device_matching" in kind else "scipy"
         model.compile_heads("_compiled_heads" in kind)
         model.padding_mask = "_causal_only" not in kind

@@ -220,6 +220,10 @@ class LoraConfig:
     # rounding (make learn-quick's did: BENCHMARKS.md, nineteenth session)
     separate_token_rows: bool = option(False, "thought-token rows computed apart from the frozen embedding/lm_head "
                                               "(false: peft's merged copy of the whole matrix per forward)")
+    # At rank 16, four of each adapter's products have an output 16 wide (lora_A's forward and weight gradient,
+    # lora_B's input and weight gradients), a few GEMM tiles for a whole GPU. true: their reductions are cut into
+    # slices run as one batched product and summed in fp32 (trainer/split_k.py): the same products in more tiles
+    split_k: bool = option(False, "the adapters' 16-wide products computed split-K (sliced reduction, fp32 sum)")
     target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj"],
         help="module names that get LoRA (LLM and vision blocks)")

@@ -176,3 +176,16 @@ def test_the_causal_only_kinds_time_the_step_without_the_padding_mask_and_report
     row = result["rows"][0]
     assert row["padding_fraction"] > 0 and row["covt_causal_only_ms"] > 0
     assert row["covt_causal_only_tflop_per_step"] == row["covt_tflop_per_step"]
+
+
+def test_the_split_k_kinds_time_the_step_with_the_adapters_products_split(monkeypatch):
+    """_split_k: train.lora.split_k in the bench (slices from 8 reduction elements, so that the tiny model's layers
+    split as the 7B's do), the same FLOPs counted: the batched slices are the same products."""
+    from trainer import split_k
+
+    monkeypatch.setattr(split_k, "MIN_SLICE", 8)
+    result = main(["--device", "cpu", "--tiny", "--micro-batch", "2", "--global-batch", "2", "--checkpointing", "off",
+                   "--kinds", "covt,covt_split_k", "--packing", "off", "--steps", "1", "--warmup", "0"])
+    row = result["rows"][0]
+    assert row["covt_split_k_ms"] > 0
+    assert row["covt_split_k_tflop_per_step"] == pytest.approx(row["covt_tflop_per_step"], rel=1e-9)

@@ -107,8 +107,12 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tmp_path, synthetic_c
         assert float((compiled[name] - grad).norm()) <= 1e-4 * float(grad.norm()), name
 
 
-def test_every_block_runs_the_code_compiled_for_the_first_with_recompute_dropout(tmp_path, synthetic_cache):
-    """train.lora.recompute_dropout replaces each adapter's forward by class (DropoutThenLinear), so each decoder
+@pytest.mark.parametrize("switches", [{"recompute_dropout": True}, {"split_k": True},
+                                      {"recompute_dropout": True, "split_k": True}], ids=["recompute", "split", "both"])
+def test_every_block_runs_the_code_compiled_for_the_first_with_the_adapter_switches(tmp_path, synthetic_cache,
+                                                                                   switches):
+    """train.lora.recompute_dropout and train.lora.split_k replace adapters' forwards by class (DropoutThenLinear,
+    SplitKLinear), so each decoder
     layer and vision block passes the guards of the code compiled for the first. Under the device's torch 2.11 a
     forward bound to each layer failed them: every block recompiled, and on the 7B model (60 blocks) dynamo's limit
     of 64 left the last ones eager (torch 2.14 here guards such a forward by what it calls, so this keeps the
@@ -119,7 +123,7 @@ def test_every_block_runs_the_code_compiled_for_the_first_with_recompute_dropout
 
     from torch._logging import set_logs
 
-    model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, recompute_dropout=True))
+    model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, **switches))
     compile_blocks(model.vlm, None)
     reasons: list[str] = []
     handler = logging.Handler()

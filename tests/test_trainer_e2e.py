@@ -251,8 +251,9 @@ def test_compiled_blocks_train_every_stage_as_eager_ones_do(workdir, uninterrupt
     """train.compile (with activation checkpointing on, train.tf32, which changes nothing on the CPU, and the fused
     AdamW, train.optim=adamw_torch_fused, which moves the weights by rounding only, and the SAM head's matching on
     the device, train.sam_matching=device, which matches as scipy does, and causal text attention over the right
-    padding, train.padding_mask=false, which gives every real token the same output) through
-    all four stages, both merges (the model loaded anew and compiled again for the second run) and the export:
+    padding, train.padding_mask=false, which gives every real token the same output, and the adapters' thin
+    products split-K, train.lora.split_k, which sums them in another order) through all four stages, both merges
+    (the model loaded anew and compiled again for the second run) and the export:
     the first two steps' losses are those of the eager run (relative 1e-5; later steps move with any change of
     fp32 summation order, see the packed test above), and the final folder has the keys of the eager run's."""
     from safetensors import safe_open
@@ -261,7 +262,8 @@ def test_compiled_blocks_train_every_stage_as_eager_ones_do(workdir, uninterrupt
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "trainer", "--config", "configs/tiny.yaml", *overrides(workdir, out.name),
            "train.compile=true", "train.gradient_checkpointing=true", "train.tf32=true",  # tf32: CUDA only
-           "train.optim=adamw_torch_fused", "train.sam_matching=device", "train.padding_mask=false"]
+           "train.optim=adamw_torch_fused", "train.sam_matching=device", "train.padding_mask=false",
+           "train.lora.split_k=true"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # each of the two runs: 2 decoder layers + 2 vision blocks

@@ -32,6 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.checkpoint import checkpoint
 
 from covt.config import LoraConfig
+from trainer.split_k import SplitKLinear, thin_linear
 
 
 def _submodule_prefix(vlm: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -104,6 +105,7 @@ def attach_lora(vlm: torch.nn.Module, lora: LoraConfig, new_token_ids: Iterable[
     model = keep_trainable_in_fp32(get_peft_model(vlm, config))
     cast_adapter_inputs(adapter_layers(model), lora.fp32_inputs)
     replace_adapter_dropout(adapter_layers(model), lora.recompute_dropout)
+    use_split_k(adapter_layers(model), lora.split_k)
     use_separate_token_rows(model, lora.separate_token_rows)
     return model
 
@@ -195,19 +197,26 @@ def cast_adapter_inputs(layers: Iterable[BaseTunerLayer], enabled: bool) -> None
         layer.cast_input_dtype_enabled = enabled
 
 
-def dropout_then_linear(linear: torch.nn.Linear, p: float, x: torch.Tensor) -> torch.Tensor:
+PLAIN_LINEARS = (torch.nn.Linear, SplitKLinear)  # an adapter's Linear as peft makes it, or only split-K
+
+
+def dropout_then_linear(linear: torch.nn.Linear, p: float, x: torch.Tensor, split: bool = False) -> torch.Tensor:
     """An adapter's ``lora_A(dropout(x))`` whose dropped input is made again in the backward pass instead of kept:
     the non-reentrant checkpoint restores the random state, so the masks are the same ones (the same loss and
     gradients), and only ``x`` stays saved, which the base layer keeps anyway. The recomputation stops once the
-    dropped input is made: the product does not run twice."""
+    dropped input is made: the product does not run twice. ``split``: the product split-K
+    (:func:`trainer.split_k.thin_linear`)."""
     if linear.training and p and torch.is_grad_enabled():
-        return checkpoint(dropped_linear, linear.weight, linear.bias, p, x, use_reentrant=False)
-    return dropped_linear(linear.weight, linear.bias, p, x, linear.training)
+        return checkpoint(dropped_linear, linear.weight, linear.bias, p, x, True, split, use_reentrant=False)
+    return dropped_linear(linear.weight, linear.bias, p, x, linear.training, split)
 
 
 def dropped_linear(weight: torch.Tensor, bias: torch.Tensor | None, p: float, x: torch.Tensor,
-                   training: bool = True) -> torch.Tensor:
-    return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, training), weight, bias)
+                   training: bool = True, split: bool = False) -> torch.Tensor:
+    dropped = torch.nn.functional.dropout(x, p, training)
+    if split and bias is None:
+        return thin_linear(dropped, weight)
+    return torch.nn.functional.linear(dropped, weight, bias)
 
 
 class DropoutThenLinear(torch.nn.Linear):
@@ -215,32 +224,60 @@ class DropoutThenLinear(torch.nn.Linear):
     dropout module in front of it (``lora.recompute_dropout``). Adapters take this class in place
     (``lora_A.__class__``) rather than a forward of their own: compiled blocks then guard on one function for every
     layer. Under torch 2.11 a forward bound to each layer failed the guards of every block compiled before it, and
-    on the 7B model's 60 blocks dynamo's limit of 64 recompilations left the last ones eager (tests/test_compile.py)."""
+    on the 7B model's 60 blocks dynamo's limit of 64 recompilations left the last ones eager (tests/test_compile.py).
+    ``split_k``: its product split-K as well (``lora.split_k``)."""
 
     dropout_p: float
+    split_k: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout_then_linear(self, self.dropout_p, x)
+        return dropout_then_linear(self, self.dropout_p, x, self.split_k)
 
 
 def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -> int:
     """Computes these LoRA layers' ``lora_A(dropout(x))`` as :class:`DropoutThenLinear` (``recompute``), or with
     peft's dropout module again. peft's ``lora_B(lora_A(dropout(x)))`` keeps each adapter's dropped copy of its input
-    and the mask for the backward pass; the replacement does not. Reversible; the state dict does not change. Returns
-    the adapters switched."""
+    and the mask for the backward pass; the replacement does not. A split-K ``lora_A`` (:func:`use_split_k`) stays
+    split-K either way. Reversible; the state dict does not change. Returns the adapters switched."""
     switched = 0
     for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
         for name, lora_a in layer.lora_A.items():
             dropout = layer.lora_dropout[name]
-            if recompute and type(lora_a) is torch.nn.Linear and isinstance(dropout, torch.nn.Dropout) and dropout.p:
+            if recompute and type(lora_a) in PLAIN_LINEARS and isinstance(dropout, torch.nn.Dropout) and dropout.p:
+                split = type(lora_a) is SplitKLinear
                 lora_a.__class__, lora_a.dropout_p = DropoutThenLinear, dropout.p
+                if split:
+                    lora_a.split_k = True
                 layer.lora_dropout[name] = torch.nn.Identity()
             elif not recompute and type(lora_a) is DropoutThenLinear:
                 layer.lora_dropout[name] = torch.nn.Dropout(lora_a.dropout_p).train(lora_a.training)
-                lora_a.__class__ = torch.nn.Linear
+                lora_a.__class__ = SplitKLinear if lora_a.split_k else torch.nn.Linear
                 del lora_a.dropout_p
+                lora_a.__dict__.pop("split_k", None)
             else:
                 continue
+            switched += 1
+    return switched
+
+
+def use_split_k(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
+    """Computes these LoRA layers' ``lora_A`` and ``lora_B`` products split-K (``enabled``,
+    :class:`trainer.split_k.SplitKLinear`; a ``lora_A`` that drops out its own input, :class:`DropoutThenLinear`,
+    keeps its class and splits its product), or as plain Linears again. Bias-free Linears only. Reversible; the
+    state dict does not change. Returns the Linears switched."""
+    switched = 0
+    for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
+        for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
+            if linear.bias is not None or type(linear) not in (*PLAIN_LINEARS, DropoutThenLinear):
+                continue
+            if type(linear) is DropoutThenLinear:
+                if linear.split_k == enabled:
+                    continue
+                linear.split_k = enabled
+            elif (type(linear) is SplitKLinear) == enabled:
+                continue
+            else:
+                linear.__class__ = SplitKLinear if enabled else torch.nn.Linear
             switched += 1
     return switched
 
