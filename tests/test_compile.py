@@ -119,23 +119,12 @@ def test_every_block_runs_the_code_compiled_for_the_first_with_the_adapter_switc
     property rather than replaying that failure). The recompilations left
     are the towers' own: the vision tower's second block, the first whose input needs a gradient, and the decoder's
     first layer, whose input has another rank than the vision blocks' (both run transformers' checkpointing wrapper)."""
-    import logging
-
-    from torch._logging import set_logs
+    from tests.compiled import recompilations
 
     model, batches = tiny_covt(tmp_path, synthetic_cache, lora=LoraConfig(dropout=0.1, **switches))
     compile_blocks(model.vlm, None)
-    reasons: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: reasons.append(record.getMessage())
-    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
-    logger.addHandler(handler)
-    set_logs(recompiles=True)
-    try:
+    with recompilations() as reasons:
         model(batches[0])["loss"].backward()
-    finally:
-        set_logs()
-        logger.removeHandler(handler)
     failures = [line.strip() for message in reasons for line in message.splitlines() if line.strip().startswith("- ")]
     assert failures, "no recompilation logged: the vision tower's has to be"
     assert all("requires_grad mismatch" in line or "rank mismatch" in line for line in failures), failures

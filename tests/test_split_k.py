@@ -1,14 +1,10 @@
 """train.lora.split_k: the adapters' 16-wide products with their reductions in batched slices (trainer/split_k.py)."""
-import logging
-
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
-from torch._logging import set_logs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from covt.config import LoraConfig
+from tests.compiled import lora_block, recompilations
 from tests.test_trainer_lora import (
     base_dir,  # noqa: F401  (the module's tiny model fixture)
     image_inputs,
@@ -105,32 +101,13 @@ def test_split_k_adapters_compile_to_the_same_gradients_for_any_token_count(monk
     """Under torch.compile (train.compile's blocks), with the token count changing as micro-batches do: the same
     output and gradients as eager, and no recompilation past the one that makes the token count dynamic."""
     monkeypatch.setattr(split_k, "MIN_SLICE", 8)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.up, self.down = torch.nn.Linear(32, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.silu(self.up(x + self.q(x))))
-
     torch.manual_seed(0)
-    model = get_peft_model(Block(), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                   target_modules=["q", "up", "down"]))
+    model = lora_block(dropout=0.0)
     assert use_split_k(adapter_layers(model), True) == 6
     torch.compiler.reset()
     compiled = torch.compile(model)
-    recompiles: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: recompiles.append(record.getMessage())
-    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
-    logger.addHandler(handler)
-    set_logs(recompiles=True)
-    try:
+    with recompilations() as recompiles:
         compare_for_token_counts(model, compiled)
-    finally:
-        set_logs()
-        logger.removeHandler(handler)
     assert len(recompiles) == 1, recompiles  # 37 after 20 makes the token count dynamic; 64 and 51 then reuse it
 
 

@@ -332,23 +332,12 @@ def test_recomputed_adapter_dropout_switches_back_and_drops_nothing_in_eval(base
 def test_recomputed_adapter_dropout_compiles_to_the_same_gradients():
     """Under torch.compile (train.compile's blocks) the recomputed dropout draws the compiled code's masks again:
     the same output and gradients as the compiled code without it."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
+    from tests.compiled import lora_block
     from trainer.lora import adapter_layers, replace_adapter_dropout
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.up, self.down = torch.nn.Linear(32, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.silu(self.up(x + self.q(x))))
 
     def run(recompute: bool):
         torch.manual_seed(0)
-        model = get_peft_model(Block(), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
-                                                       target_modules=["q", "up", "down"]))
+        model = lora_block(dropout=0.3)
         replaced = replace_adapter_dropout(adapter_layers(model), recompute)
         assert replaced == 3 * recompute
         torch.manual_seed(1)
