@@ -37,6 +37,16 @@ def test_a_product_split_k_is_the_product(m, k, n, slices):
     torch.testing.assert_close(split_k.split_k_matmul(a, b, slices), a @ b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 8, 9, 16, 17, 608])
+def test_a_product_split_over_the_tokens_is_the_product_for_any_token_count(tokens):
+    """Over the tokens the rest always runs, 1 to 8 of them, the slices empty below 9 tokens."""
+    g = torch.Generator().manual_seed(tokens)
+    a = torch.randn(tokens, 16, dtype=torch.float64, generator=g).T  # the gradient at the rank side, transposed
+    b = torch.randn(tokens, 48, dtype=torch.float64, generator=g)
+    got = split_k.split_k_matmul(a, b, split_k.TOKEN_SLICES, tokens=True)
+    torch.testing.assert_close(got, a @ b, rtol=1e-12, atol=1e-12)
+
+
 def test_the_slice_counts_follow_the_reduction():
     assert split_k.slice_count(3584) == 14
     assert split_k.slice_count(18944) == split_k.MAX_SLICES
