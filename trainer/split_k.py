@@ -6,7 +6,9 @@ tokens); ``lora_B``'s input gradient (tokens x 16, summed over its output width)
 width x 16, summed over the tokens). A GEMM kernel tiles its output, so a 608 x 16 output is a handful of tiles for
 132 multiprocessors, each walking the whole reduction alone. Here the reduction is cut into slices that run as one
 batched product (views, no copies), and the slices' partial products are summed in fp32: the same product, in
-more tiles. The wide products (``lora_B``'s forward, ``lora_A``'s input gradient) run as before.
+more tiles. The wide products (``lora_B``'s forward, ``lora_A``'s input gradient) run as before. In bf16 each
+slice's partial product is rounded to bf16 before the sum (a GEMM kernel rounds once, at the end): a few more bf16
+roundings of the same size.
 """
 from __future__ import annotations
 
