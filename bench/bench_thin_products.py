@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_adapters import TOWERS  # noqa: E402
+from bench.bench_adapters import TOWERS, replayed  # noqa: E402
 from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
 from trainer.split_k import TOKEN_SLICES, slice_count, split_k_matmul  # noqa: E402
 
@@ -50,17 +50,7 @@ def timed(fn, device: torch.device, iters: int, repeats: int) -> float:
     """Median microseconds of one call of ``fn``: on CUDA of a graph of ``repeats`` calls, replayed."""
     if device.type != "cuda":
         return 1e3 * median_ms(fn, device, iters)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    return 1e3 * median_ms(graph.replay, device, iters) / repeats
+    return 1e3 * median_ms(replayed(lambda: [fn() for _ in range(repeats)]), device, iters) / repeats
 
 
 def time_product(a, b, tokens_k: bool, chosen: int, slice_counts: list[int], device, iters: int, repeats: int

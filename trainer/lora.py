@@ -245,15 +245,12 @@ def replace_adapter_dropout(layers: Iterable[BaseTunerLayer], recompute: bool) -
             dropout = layer.lora_dropout[name]
             if recompute and type(lora_a) in PLAIN_LINEARS and isinstance(dropout, torch.nn.Dropout) and dropout.p:
                 split = type(lora_a) is SplitKLinear
-                lora_a.__class__, lora_a.dropout_p = DropoutThenLinear, dropout.p
-                if split:
-                    lora_a.split_k = True
+                lora_a.__class__, lora_a.dropout_p, lora_a.split_k = DropoutThenLinear, dropout.p, split
                 layer.lora_dropout[name] = torch.nn.Identity()
             elif not recompute and type(lora_a) is DropoutThenLinear:
                 layer.lora_dropout[name] = torch.nn.Dropout(lora_a.dropout_p).train(lora_a.training)
                 lora_a.__class__ = SplitKLinear if lora_a.split_k else torch.nn.Linear
-                del lora_a.dropout_p
-                lora_a.__dict__.pop("split_k", None)
+                del lora_a.dropout_p, lora_a.split_k
             else:
                 continue
             switched += 1
@@ -268,17 +265,14 @@ def use_split_k(layers: Iterable[BaseTunerLayer], enabled: bool) -> int:
     switched = 0
     for layer in (layer for layer in layers if isinstance(layer, LoraLayer)):
         for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
-            if linear.bias is not None or type(linear) not in (*PLAIN_LINEARS, DropoutThenLinear):
+            if linear.bias is not None:
                 continue
             if type(linear) is DropoutThenLinear:
-                if linear.split_k == enabled:
-                    continue
+                switched += linear.split_k != enabled
                 linear.split_k = enabled
-            elif (type(linear) is SplitKLinear) == enabled:
-                continue
-            else:
+            elif type(linear) in PLAIN_LINEARS:
+                switched += (type(linear) is SplitKLinear) != enabled
                 linear.__class__ = SplitKLinear if enabled else torch.nn.Linear
-            switched += 1
     return switched
 
 
