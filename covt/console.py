@@ -1,7 +1,8 @@
 """The console of both phases: leveled ``logging`` that does not break progress bars, and quiet libraries.
 
 ``setup_console(verbose)`` is called once by each entry point (``python -m precompute``, ``python -m
-trainer``). Our packages log through ``logging.getLogger(__name__)``; the handler writes through
+trainer`` and its ``generate``, ``evaluate`` and ``export``), each with the ``--verbose`` flag of
+:func:`add_verbose_argument`. Our packages log through ``logging.getLogger(__name__)``; the handler writes through
 ``tqdm.write`` so a message never cuts the training bar. Without ``--verbose``, the libraries'
 progress bars and the warnings known to be harmless here are silenced (:data:`HARMLESS_WARNINGS`);
 everything our own code warns about stays. ``--verbose`` shows it all, at DEBUG for our packages.
@@ -14,7 +15,7 @@ import warnings
 
 from tqdm import tqdm
 
-OUR_PACKAGES = ("shards", "precompute", "trainer", "bench")
+OUR_PACKAGES = ("covt", "shards", "precompute", "trainer", "inference", "bench")
 # (message regex, category, why it is harmless here)
 HARMLESS_WARNINGS = [
     (r".*is_gradient_checkpointing.*", FutureWarning, "transformers' own attribute, read at every model load"),
@@ -40,6 +41,12 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
+
+
+def add_verbose_argument(parser) -> None:
+    """The entry points' ``--verbose`` flag, for :func:`setup_console`."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library log line, progress bar and warning (quiet by default)")
 
 
 def setup_console(verbose: bool = False) -> None:

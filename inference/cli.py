@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from covt.console import add_verbose_argument, setup_console
 from inference import evaluate, generate
 from inference.generate import (
     add_generation_arguments,
@@ -40,7 +41,9 @@ def generate_main(argv: list[str]) -> int:
                    help="with --thoughts: the anchors' checkpoints and views (precompute.*), "
                         "the training view (model.image_size)")
     add_generation_arguments(p, max_new_tokens=512)
+    add_verbose_argument(p)
     a = p.parse_args(argv)
+    setup_console(a.verbose)
     if a.questions:
         if a.image or a.question or a.thoughts:
             p.error("--questions replaces --image/--question and cannot be combined with --thoughts")

@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from covt.console import add_verbose_argument, setup_console
 from inference.generate import (
     GenerationSettings,
     ImageSizing,
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         "fixed vector")
     add_generation_arguments(p, max_new_tokens=2048)
     p.add_argument("--batch-size", type=int, default=1, help="questions per generate call (default 1, as VLMEvalKit)")
+    add_verbose_argument(p)
     a = p.parse_args(argv)
+    setup_console(a.verbose)
     report = evaluate(a.model, a.benchmark, a.out, sizing_from_args(a), settings_from_args(a),
                       ablate=a.ablate_thoughts, batch_size=a.batch_size, device=a.device)
     print(report["table"])

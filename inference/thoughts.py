@@ -195,6 +195,11 @@ def panels_of(anchor: str, image: Image.Image, decoded: torch.Tensor, target: di
             f"{anchor}'s own embedding", bars(reference))
 
 
+def printable(line: str) -> str:
+    """``line`` with its control characters escaped (``\\x17``): a model's raw output may hold any of them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+
+
 def write_picture(image: Image.Image, answer, rows, out: Path) -> Path:
     import matplotlib
 
@@ -208,7 +213,7 @@ def write_picture(image: Image.Image, answer, rows, out: Path) -> Path:
     axes[0, 0].set_title(Path(answer.image).name, fontsize=9)
     axes[0, 1].axis("off")
     text = f"Q: {answer.question}\n\nchain: {answer.chain}\n\nanswer: {answer.answer}"
-    wrapped = "\n".join(textwrap.fill(line, 48) for line in text.splitlines())
+    wrapped = "\n".join(textwrap.fill(printable(line), 48) for line in text.splitlines())
     axes[0, 1].text(0, 1, wrapped[:1200], va="top", fontsize=8, family="monospace", transform=axes[0, 1].transAxes)
     for (anchor, source, decoded, target), (left, right) in zip(rows, axes[1:]):
         head_title, draw_head, anchor_title, draw_anchor = panels_of(anchor, image, decoded, target)

@@ -6,7 +6,7 @@ import sys
 
 from covt.anchors import ANCHORS
 from covt.config import add_config_arguments, config_from_args
-from covt.console import setup_console
+from covt.console import add_verbose_argument, setup_console
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", default=None,
                         help="comma-separated anchors to compute instead of the config's `anchors`, e.g. "
                              "--anchors pidinet adds PIDINet to an existing cache without touching the others")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show every library log line, progress bar and warning (quiet by default)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     anchors = None

@@ -45,8 +45,9 @@ NOISE = re.compile(r"warn|Loading weights|Writing model shards|Setting accelerat
 
 
 @pytest.mark.slow
-def test_make_train_on_the_embedded_default_prints_no_warning(tmp_path):
-    """`make train` as a user runs it (the default cache is made first when missing), one short stage."""
+def test_make_train_and_demo_on_the_embedded_default_print_no_warning(tmp_path):
+    """`make train` then `make demo` as a user runs them (the default cache is made first when missing), one short
+    stage."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     stages = "[{name: understanding, steps: 1, merge_after: true}]"
@@ -56,5 +57,11 @@ def test_make_train_on_the_embedded_default_prints_no_warning(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert (tmp_path / "train" / "final" / "config.json").is_file()
+    demo = subprocess.run(["make", "demo", f"PYTHON={sys.executable}",
+                           f"ARGS=--model {tmp_path / 'train' / 'final'} --thoughts {tmp_path / 'thoughts.png'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-4000:]
+    assert f"thoughts drawn: {tmp_path / 'thoughts.png'}" in demo.stdout
+    out += demo.stdout + demo.stderr
     noisy = [line for line in re.split(r"[\r\n]", out) if NOISE.search(line)]
     assert noisy == [], "\n".join(noisy)

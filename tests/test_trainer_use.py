@@ -401,3 +401,10 @@ def test_the_training_prompt_layout_is_the_prompt_the_stage_formats_train_on(tmp
     assert PROMPT_LAYOUTS == ("chat_template", "training")
     with pytest.raises(ValueError, match="prompt layout 'other'"):
         prompt_text(processor, question, layout="other")
+
+
+def test_the_thoughts_picture_escapes_control_characters_of_the_generated_text():
+    """A random model's chain held chr(23), which no font draws (matplotlib warned of the missing glyph)."""
+    from inference.thoughts import printable
+
+    assert printable("yer\x17#\té 中") == "yer\\x17#\\té 中"

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(export_main(argv[1:]))
     from covt.config import add_config_arguments, config_from_args
+    from covt.console import add_verbose_argument, setup_console
 
     parser = argparse.ArgumentParser(
         prog="python -m trainer", description=__doc__.split("\n")[0],
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(the change is recorded under train.output_dir/launches/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides + defaults) as YAML and exit")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show every library log line, progress bar and warning (quiet by default)")
+    add_verbose_argument(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> None:
 
         print(config_yaml(cfg), end="")
         return
-
-    from covt.console import setup_console
 
     setup_console(args.verbose)
     from trainer.train import train

@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from covt.config import Config, load_config
+from covt.console import add_verbose_argument, setup_console
 from shards.reader import Cache
 from trainer.checkpoint import read_meta
 from trainer.export import DTYPES, HEADS_JSON, export_final, export_reference, load_processor, merge_to_folder
@@ -84,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                              "checkpoints' layout, which tools written for those checkpoints load")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
                         help="--format reference: the weights' dtype")
-    parser.add_argument("--verbose", action="store_true", help="show every library log line and warning")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    from covt.console import setup_console
-
     setup_console(args.verbose)
     if args.model and args.format != "reference":
         parser.error("--model is already a trained folder: give --format reference, or --checkpoint")
