@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_adapters import TOWERS, replayed  # noqa: E402
 from bench.bench_projections import device_dtype_name, median_ms, products_parser  # noqa: E402
-from trainer.split_k import TOKEN_SLICES, slice_count, split_k_matmul  # noqa: E402
+from trainer.split_k import TOKEN_SLICES, split_k_matmul, width_slices  # noqa: E402
 
 RANK = 16
 
@@ -38,10 +38,12 @@ def thin_products(tokens: int, fan_in: int, fan_out: int, device, dtype) -> dict
     a_weight = torch.randn(RANK, fan_in, device=device, dtype=dtype, generator=g)
     b_weight = torch.randn(fan_out, RANK, device=device, dtype=dtype, generator=g)
     small = torch.randn(tokens, RANK, device=device, dtype=dtype, generator=g)  # h, or the gradient at h
+    a_forward, _ = width_slices(*a_weight.shape)
+    _, b_input_grad = width_slices(*b_weight.shape)
     return {
-        "A forward": (x, a_weight.T, False, slice_count(fan_in)),
+        "A forward": (x, a_weight.T, False, a_forward),
         "A weight grad": (small.T, x, True, TOKEN_SLICES),
-        "B input grad": (grad_out, b_weight, False, slice_count(fan_out)),
+        "B input grad": (grad_out, b_weight, False, b_input_grad),
         "B weight grad": (grad_out.T, small, True, TOKEN_SLICES),
     }
 

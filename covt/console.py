@@ -9,6 +9,7 @@ everything our own code warns about stays. ``--verbose`` shows it all, at DEBUG 
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import warnings
@@ -43,7 +44,7 @@ class ConsoleFormatter(logging.Formatter):
         return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
 
 
-def add_verbose_argument(parser) -> None:
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
     """The entry points' ``--verbose`` flag, for :func:`setup_console`."""
     parser.add_argument("--verbose", action="store_true",
                         help="show every library log line, progress bar and warning (quiet by default)")

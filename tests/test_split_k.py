@@ -51,6 +51,9 @@ def test_the_slice_counts_follow_the_reduction():
     assert split_k.slice_count(3584) == 14
     assert split_k.slice_count(18944) == split_k.MAX_SLICES
     assert split_k.slice_count(200) == 1
+    assert split_k.width_slices(16, 3584) == (14, 1)  # lora_A: its forward is the thin product
+    assert split_k.width_slices(18944, 16) == (1, split_k.MAX_SLICES)  # lora_B: its input gradient is
+    assert split_k.width_slices(16, 16) == (1, 1)
 
 
 def split_k_step(base_dir, monkeypatch, enabled: bool):  # noqa: F811

@@ -25,6 +25,14 @@ def slice_count(length: int) -> int:
     return max(1, min(MAX_SLICES, length // MIN_SLICE))
 
 
+def width_slices(out_features: int, in_features: int) -> tuple[int, int]:
+    """Slices of a Linear's forward and of its input gradient: only the thin one of the two, the product whose
+    output is the narrow side (``lora_A``'s forward, ``lora_B``'s input gradient), is split."""
+    forward = slice_count(in_features) if out_features < in_features else 1
+    input_grad = slice_count(out_features) if in_features < out_features else 1
+    return forward, input_grad
+
+
 def split_k_matmul(a: torch.Tensor, b: torch.Tensor, slices: int, tokens: bool = False) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (m, k) and ``b`` (k, n), the k reduction in ``slices`` batched slices summed in fp32 (or
     wider; what is left of k past a whole number of slices in one more product). ``tokens``: k is the micro-batch's
@@ -52,16 +60,16 @@ class ThinLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        out_features, in_features = weight.shape
-        return split_k_matmul(x, weight.T, slice_count(in_features) if out_features < in_features else 1)
+        forward_slices, _ = width_slices(*weight.shape)
+        return split_k_matmul(x, weight.T, forward_slices)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        out_features, in_features = weight.shape
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = split_k_matmul(grad, weight, slice_count(out_features) if in_features < out_features else 1)
+            _, input_grad_slices = width_slices(*weight.shape)
+            grad_x = split_k_matmul(grad, weight, input_grad_slices)
         if ctx.needs_input_grad[1]:
             grad_w = split_k_matmul(grad.T, x, TOKEN_SLICES, tokens=True)
         return grad_x, grad_w
